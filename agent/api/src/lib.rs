@@ -1,0 +1,19 @@
+//! I/O-free types shared by `clusteragent` and `clusterctl`.
+//!
+//! Nothing here touches the network, the disk or candle, so `clusterctl` builds without the engine.
+//!
+//! # Layout
+//!
+//! - [`layers`]: inclusive layer ranges as people write them (`"0-13"`), and splits of a model into
+//!   stages.
+//! - [`device`]: the device and weight precision a stage asks for.
+//! - [`generation`]: sampling parameters and finish reasons shared by the engine, the ring and the
+//!   inference API.
+
+pub mod device;
+pub mod generation;
+pub mod layers;
+
+pub use device::{DeviceKind, WeightDType};
+pub use generation::{FinishReason, SamplingParams};
+pub use layers::{LayerRange, LayerRangeError, LayerSplit};

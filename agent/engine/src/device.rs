@@ -1,0 +1,99 @@
+//! Choosing the compute device and the weights' precision.
+
+use std::sync::Once;
+
+use candle_core::{DType, Device};
+use cluster_api::{DeviceKind, WeightDType};
+
+use crate::error::{EngineError, Result};
+
+/// Opens the device asked for. `Auto` prefers Metal (when built with it), then CUDA (when built
+/// with it and a GPU answers), then the CPU.
+pub fn open_device(kind: DeviceKind) -> Result<Device> {
+    match kind {
+        DeviceKind::Cpu => Ok(Device::Cpu),
+        DeviceKind::Metal => metal(),
+        DeviceKind::Cuda => cuda(),
+        DeviceKind::Auto => {
+            if cfg!(feature = "metal")
+                && let Ok(d) = metal()
+            {
+                return Ok(d);
+            }
+            if cfg!(feature = "cuda")
+                && let Ok(d) = cuda()
+            {
+                return Ok(d);
+            }
+            Ok(Device::Cpu)
+        }
+    }
+}
+
+#[cfg(feature = "metal")]
+fn metal() -> Result<Device> {
+    Device::new_metal(0).map_err(|e| EngineError::Device {
+        requested: "metal".into(),
+        message: e.to_string(),
+    })
+}
+
+#[cfg(not(feature = "metal"))]
+fn metal() -> Result<Device> {
+    Err(EngineError::Device {
+        requested: "metal".into(),
+        message: "this binary was built without the `metal` feature (cargo build --features metal, on macOS)".into(),
+    })
+}
+
+#[cfg(feature = "cuda")]
+fn cuda() -> Result<Device> {
+    Device::new_cuda(0).map_err(|e| EngineError::Device {
+        requested: "cuda".into(),
+        message: e.to_string(),
+    })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda() -> Result<Device> {
+    Err(EngineError::Device {
+        requested: "cuda".into(),
+        message: "this binary was built without the `cuda` feature (cargo build --features cuda)".into(),
+    })
+}
+
+/// A short name of a device for logs and reports: `cpu`, `metal`, `cuda:0`.
+pub fn device_name(device: &Device) -> String {
+    match device {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(_) => "cuda".into(),
+        Device::Metal(_) => "metal".into(),
+    }
+}
+
+/// The candle dtype of a weight precision.
+pub fn dtype_of(d: WeightDType) -> DType {
+    match d {
+        WeightDType::F32 => DType::F32,
+        WeightDType::F16 => DType::F16,
+        WeightDType::Bf16 => DType::BF16,
+    }
+}
+
+static HALF_ON_CPU: Once = Once::new();
+
+/// Picks the weights' precision: the one asked for, else the checkpoint's, else f32; on the CPU,
+/// logs once that half precision is slow there.
+pub fn choose_dtype(asked: Option<WeightDType>, checkpoint: Option<WeightDType>, device: &Device) -> DType {
+    let chosen = asked.or(checkpoint).unwrap_or(WeightDType::F32);
+    if device.is_cpu() && chosen != WeightDType::F32 {
+        HALF_ON_CPU.call_once(|| {
+            tracing::warn!(
+                dtype = chosen.as_str(),
+                "{} on the CPU works but is several times slower than f32; pass --dtype f32 (or `dtype: f32`) when memory allows",
+                chosen.as_str()
+            );
+        });
+    }
+    dtype_of(chosen)
+}

@@ -1,0 +1,152 @@
+//! A model folder as people download it from Hugging Face: `config.json`, `tokenizer.json`,
+//! `tokenizer_config.json`, `generation_config.json` when present, and the weights.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde_json::{Map, Value};
+
+use crate::chat::ChatTemplate;
+use crate::config::{ModelConfig, read_json_object, read_token_ids};
+use crate::error::{EngineError, Result};
+use crate::tokenizer::TextTokenizer;
+use crate::weights::WeightFiles;
+
+/// What `tokenizer_config.json` (or `chat_template.jinja`) says about chats and special tokens.
+#[derive(Debug, Clone, Default)]
+pub struct TokenizerConfig {
+    /// The Jinja chat template, if the model has one.
+    pub chat_template: Option<String>,
+    /// Text of the begin-of-sequence token, for templates that print it.
+    pub bos_token: Option<String>,
+    /// Text of the end-of-sequence token.
+    pub eos_token: Option<String>,
+}
+
+/// A model folder, opened and checked: config, tokenizer, chat template, weights index.
+pub struct ModelFolder {
+    /// The folder.
+    pub dir: PathBuf,
+    /// Parsed `config.json`.
+    pub config: Arc<ModelConfig>,
+    /// Where each tensor lives.
+    pub weights: WeightFiles,
+    /// The tokenizer.
+    pub tokenizer: TextTokenizer,
+    /// Special tokens and chat template.
+    pub tokenizer_config: TokenizerConfig,
+    /// The compiled chat template, when the model has one.
+    pub chat_template: Option<ChatTemplate>,
+    /// Every id that ends a generation: from config.json, generation_config.json and the
+    /// tokenizer's EOS token.
+    pub eos_token_ids: Vec<u32>,
+}
+
+impl std::fmt::Debug for ModelFolder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelFolder")
+            .field("dir", &self.dir)
+            .field("config", &self.config)
+            .field("eos_token_ids", &self.eos_token_ids)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A special token written as a string or as an added-token object `{"content": ...}`.
+fn token_text(obj: &Map<String, Value>, key: &str) -> Option<String> {
+    match obj.get(key)? {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("content").and_then(Value::as_str).map(str::to_string),
+        _ => None,
+    }
+}
+
+impl TokenizerConfig {
+    /// Reads `tokenizer_config.json` in `dir`, and `chat_template.jinja` when the config has no
+    /// template (transformers 4.43+ saves it apart).
+    pub fn read(dir: &Path) -> Result<Self> {
+        let path = dir.join("tokenizer_config.json");
+        let mut cfg = TokenizerConfig::default();
+        if path.is_file() {
+            let obj = read_json_object(&path)?;
+            cfg.bos_token = token_text(&obj, "bos_token");
+            cfg.eos_token = token_text(&obj, "eos_token");
+            cfg.chat_template = match obj.get("chat_template") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(s)) => Some(s.clone()),
+                // A list of named templates: the one named "default" serves plain chats.
+                Some(Value::Array(list)) => list
+                    .iter()
+                    .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+                    .or(list.first())
+                    .and_then(|t| t.get("template"))
+                    .and_then(Value::as_str)
+                    .map(str::to_string),
+                Some(other) => {
+                    return Err(EngineError::config(
+                        &path,
+                        "chat_template",
+                        format!("expected a string or a list of named templates, got {other}"),
+                    ));
+                }
+            };
+        }
+        if cfg.chat_template.is_none() {
+            let jinja = dir.join("chat_template.jinja");
+            if jinja.is_file() {
+                cfg.chat_template = Some(std::fs::read_to_string(&jinja).map_err(|e| EngineError::io(&jinja, e))?);
+            }
+        }
+        Ok(cfg)
+    }
+}
+
+impl ModelFolder {
+    /// Opens `dir`, reading everything but the weights themselves.
+    pub fn open(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(EngineError::MissingFile {
+                path: dir.to_path_buf(),
+                what: "model folder".into(),
+            });
+        }
+        let config_path = dir.join("config.json");
+        let config = ModelConfig::from_file(&config_path)?;
+        let tokenizer = TextTokenizer::from_file(&dir.join("tokenizer.json"))?;
+        let tokenizer_config = TokenizerConfig::read(dir)?;
+        let chat_template = match &tokenizer_config.chat_template {
+            None => None,
+            Some(src) => Some(
+                ChatTemplate::new(
+                    src,
+                    tokenizer_config.bos_token.as_deref().unwrap_or(""),
+                    tokenizer_config.eos_token.as_deref().unwrap_or(""),
+                )
+                .map_err(|e| EngineError::Template(format!("{}: {e}", dir.join("tokenizer_config.json").display())))?,
+            ),
+        };
+        let mut eos_token_ids = config.eos_token_ids.clone();
+        let gen_path = dir.join("generation_config.json");
+        if gen_path.is_file() {
+            let obj = read_json_object(&gen_path)?;
+            eos_token_ids.extend(read_token_ids(&gen_path, &obj, "eos_token_id")?);
+        }
+        if let Some(eos) = &tokenizer_config.eos_token
+            && let Some(id) = tokenizer.token_id(eos)
+        {
+            eos_token_ids.push(id);
+        }
+        eos_token_ids.sort_unstable();
+        eos_token_ids.dedup();
+        let weights = WeightFiles::open(dir)?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            config: Arc::new(config),
+            weights,
+            tokenizer,
+            tokenizer_config,
+            chat_template,
+            eos_token_ids,
+        })
+    }
+}

@@ -1,0 +1,228 @@
+//! Stages, split every way, against candle-transformers' whole-model forward on the same weights.
+//!
+//! For each family a 4-layer model is split into 1, 2, 3 and 4 stages in every possible way; two
+//! sequences are prefilled (one in chunks) and decoded for 16 steps, interleaved. At every step the
+//! last stage's logits must equal the oracle's within 1e-5 and the greedy tokens must agree.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::{llama, mistral, qwen2, qwen3};
+use cluster_api::LayerSplit;
+use cluster_engine::stage::{Stage, StageInput, StageOutput, StageSpec};
+use cluster_engine::{ModelFolder, SeqId};
+use cluster_fixtures::TinyModel;
+
+const TOLERANCE: f32 = 1e-5;
+const DECODE_STEPS: usize = 16;
+
+/// One sequence's whole-model oracle: each keeps its own KV cache.
+enum Oracle {
+    Llama(Box<llama::Llama>, Box<llama::Cache>),
+    Mistral(Box<mistral::Model>),
+    Qwen2(Box<qwen2::ModelForCausalLM>),
+    Qwen3(Box<qwen3::ModelForCausalLM>),
+}
+
+impl Oracle {
+    fn load(dir: &Path, family: cluster_engine::Family) -> Oracle {
+        let dev = Device::Cpu;
+        let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+        let vb = VarBuilder::from_buffered_safetensors(bytes, DType::F32, &dev).unwrap();
+        let config = std::fs::read_to_string(dir.join("config.json")).unwrap();
+        use cluster_engine::Family::*;
+        match family {
+            Llama => {
+                let cfg: llama::LlamaConfig = serde_json::from_str(&config).unwrap();
+                let cfg = cfg.into_config(false);
+                let cache = llama::Cache::new(true, DType::F32, &cfg, &dev).unwrap();
+                Oracle::Llama(Box::new(llama::Llama::load(vb, &cfg).unwrap()), Box::new(cache))
+            }
+            Mistral => {
+                let cfg: mistral::Config = serde_json::from_str(&config).unwrap();
+                Oracle::Mistral(Box::new(mistral::Model::new(&cfg, vb).unwrap()))
+            }
+            Qwen2 => {
+                let cfg: qwen2::Config = serde_json::from_str(&config).unwrap();
+                Oracle::Qwen2(Box::new(qwen2::ModelForCausalLM::new(&cfg, vb).unwrap()))
+            }
+            Qwen3 => {
+                let cfg: qwen3::Config = serde_json::from_str(&config).unwrap();
+                Oracle::Qwen3(Box::new(qwen3::ModelForCausalLM::new(&cfg, vb).unwrap()))
+            }
+        }
+    }
+
+    /// Logits of the last position of `tokens`, which start at `position`.
+    fn forward(&mut self, tokens: &[u32], position: usize) -> Vec<f32> {
+        let input = Tensor::new(tokens, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let logits = match self {
+            Oracle::Llama(m, cache) => m.forward(&input, position, cache).unwrap(),
+            Oracle::Mistral(m) => m.forward(&input, position).unwrap(),
+            Oracle::Qwen2(m) => m.forward(&input, position).unwrap(),
+            Oracle::Qwen3(m) => m.forward(&input, position).unwrap(),
+        };
+        logits.flatten_all().unwrap().to_vec1().unwrap()
+    }
+}
+
+/// Every way of cutting `layers` layers into contiguous stages, as split strings.
+fn all_splits(layers: usize) -> Vec<String> {
+    (0..1u32 << (layers - 1))
+        .map(|cuts| {
+            let mut ranges = Vec::new();
+            let mut first = 0;
+            for layer in 0..layers {
+                let cut_after = layer + 1 == layers || cuts & (1 << layer) != 0;
+                if cut_after {
+                    ranges.push(format!("{first}-{layer}"));
+                    first = layer + 1;
+                }
+            }
+            ranges.join(",")
+        })
+        .collect()
+}
+
+fn run_stages(stages: &[Stage], seq: SeqId, position: usize, tokens: &[u32]) -> Vec<f32> {
+    let mut input = StageInput::Tokens(tokens.to_vec());
+    for stage in stages {
+        match stage.forward(seq, position, input).unwrap() {
+            StageOutput::Hidden(h) => input = StageInput::Hidden(h),
+            StageOutput::Logits(l) => return l.to_vec1().unwrap(),
+        }
+    }
+    panic!("no stage produced logits");
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, x) in v.iter().enumerate() {
+        if *x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn assert_close(ours: &[f32], oracle: &[f32], what: &str) {
+    assert_eq!(ours.len(), oracle.len(), "{what}: vocabulary sizes differ");
+    let worst = ours
+        .iter()
+        .zip(oracle)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst <= TOLERANCE, "{what}: logits differ by {worst:e} (> {TOLERANCE:e})");
+    assert_eq!(argmax(ours), argmax(oracle), "{what}: greedy tokens differ");
+}
+
+fn load_split(folder: &ModelFolder, split: &str) -> Vec<Stage> {
+    let split = LayerSplit::parse(split, folder.config.num_hidden_layers).unwrap();
+    let n = split.ranges().len();
+    split
+        .ranges()
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let spec = StageSpec {
+                config: folder.config.clone(),
+                weights: &folder.weights,
+                range: *r,
+                first: i == 0,
+                last: i + 1 == n,
+                device: Device::Cpu,
+                dtype: DType::F32,
+            };
+            Stage::load(spec, &mut |_, _| {}).unwrap()
+        })
+        .collect()
+}
+
+fn check_family(model: TinyModel) {
+    let dir = tempfile::tempdir().unwrap();
+    model.write(dir.path()).unwrap();
+    let folder = ModelFolder::open(dir.path()).unwrap();
+    let family = folder.config.family;
+    let prompt_a = folder.tokenizer.encode("The two machines sat side by side on the shelf.", true).unwrap();
+    let prompt_b = folder.tokenizer.encode("What is the capital of France?", true).unwrap();
+    assert!(prompt_a.len() >= 6 && prompt_b.len() >= 4, "prompts too short: {prompt_a:?} {prompt_b:?}");
+
+    // The oracle's tokens and logits, computed once: two independent whole models.
+    let mut oracle_a = Oracle::load(dir.path(), family);
+    let mut oracle_b = Oracle::load(dir.path(), family);
+    let mut expected: Vec<(Vec<f32>, Vec<f32>)> = Vec::new();
+    let (mut ta, mut tb) = (
+        oracle_a.forward(&prompt_a, 0),
+        oracle_b.forward(&prompt_b, 0),
+    );
+    expected.push((ta.clone(), tb.clone()));
+    for step in 0..DECODE_STEPS {
+        ta = oracle_a.forward(&[argmax(&ta)], prompt_a.len() + step);
+        tb = oracle_b.forward(&[argmax(&tb)], prompt_b.len() + step);
+        expected.push((ta.clone(), tb.clone()));
+    }
+
+    let splits = all_splits(folder.config.num_hidden_layers);
+    assert_eq!(splits.len(), 8);
+    for split in &splits {
+        let stages = load_split(&folder, split);
+        let (seq_a, seq_b) = (7, 11);
+        // Sequence A is prefilled in chunks of 3 tokens, B in one go.
+        let mut la = Vec::new();
+        for (i, chunk) in prompt_a.chunks(3).enumerate() {
+            la = run_stages(&stages, seq_a, i * 3, chunk);
+        }
+        let mut lb = run_stages(&stages, seq_b, 0, &prompt_b);
+        assert_close(&la, &expected[0].0, &format!("{family:?} split {split}: prefill A"));
+        assert_close(&lb, &expected[0].1, &format!("{family:?} split {split}: prefill B"));
+        for step in 0..DECODE_STEPS {
+            la = run_stages(&stages, seq_a, prompt_a.len() + step, &[argmax(&la)]);
+            lb = run_stages(&stages, seq_b, prompt_b.len() + step, &[argmax(&lb)]);
+            assert_close(&la, &expected[step + 1].0, &format!("{family:?} split {split}: decode A step {step}"));
+            assert_close(&lb, &expected[step + 1].1, &format!("{family:?} split {split}: decode B step {step}"));
+        }
+        for stage in &stages {
+            assert_eq!(stage.sequences(), 2);
+            assert!(stage.release(seq_a) && stage.release(seq_b));
+            assert_eq!(stage.sequences(), 0);
+        }
+    }
+}
+
+#[test]
+fn llama_stages_match_the_whole_model() {
+    check_family(TinyModel::llama());
+}
+
+#[test]
+fn mistral_stages_match_the_whole_model() {
+    check_family(TinyModel::mistral());
+}
+
+#[test]
+fn qwen2_stages_match_the_whole_model() {
+    check_family(TinyModel::qwen2());
+}
+
+#[test]
+fn qwen3_stages_match_the_whole_model() {
+    check_family(TinyModel::qwen3());
+}
+
+#[test]
+fn qwen3_untied_stages_match_the_whole_model() {
+    check_family(TinyModel {
+        tied: false,
+        seed: 5,
+        ..TinyModel::qwen3()
+    });
+}
+
+#[test]
+fn splits_cover_every_composition() {
+    assert_eq!(all_splits(1), vec!["0-0"]);
+    let mut s = all_splits(3);
+    s.sort();
+    assert_eq!(s, vec!["0-0,1-1,2-2", "0-0,1-2", "0-1,2-2", "0-2"]);
+}
