@@ -1,2 +1,13 @@
-//! placeholder
-pub fn x(){}
+//! `clusteragent`: runs a host's share of a model and, later, the cluster's control plane.
+//!
+//! # Layout
+//!
+//! - [`cli`]: flags, logging, exit codes; dispatches to one module per subcommand.
+//! - [`commands`]: `generate` (one-process generation, the baseline of every pipeline
+//!   benchmark), `make-model` (writes a random-weight model to try things with), and
+//!   `inspect-stage` (loads one stage and reports its weights and resident memory).
+//! - [`memory`]: this process's resident memory, for reports.
+
+pub mod cli;
+pub mod commands;
+pub mod memory;

@@ -43,7 +43,9 @@ pub enum LayerRangeError {
         layers: usize,
     },
     /// A split's ranges do not follow each other without gap or overlap.
-    #[error("stage {index} has layers {range} but should start at layer {expected}: stages must cover the layers in order, without gap or overlap")]
+    #[error(
+        "stage {index} has layers {range} but should start at layer {expected}: stages must cover the layers in order, without gap or overlap"
+    )]
     NotContiguous {
         /// Zero-based index of the stage at fault.
         index: usize,
@@ -217,9 +219,21 @@ mod tests {
 
     #[test]
     fn parses_ranges_as_people_write_them() {
-        assert_eq!("0-13".parse::<LayerRange>(), Ok(LayerRange { first: 0, last: 13 }));
-        assert_eq!(" 14 - 27 ".parse::<LayerRange>(), Ok(LayerRange { first: 14, last: 27 }));
-        assert_eq!("5".parse::<LayerRange>(), Ok(LayerRange { first: 5, last: 5 }));
+        assert_eq!(
+            "0-13".parse::<LayerRange>(),
+            Ok(LayerRange { first: 0, last: 13 })
+        );
+        assert_eq!(
+            " 14 - 27 ".parse::<LayerRange>(),
+            Ok(LayerRange {
+                first: 14,
+                last: 27
+            })
+        );
+        assert_eq!(
+            "5".parse::<LayerRange>(),
+            Ok(LayerRange { first: 5, last: 5 })
+        );
         assert_eq!("0-13".parse::<LayerRange>().map(|r| r.len()), Ok(14));
     }
 
@@ -229,19 +243,35 @@ mod tests {
         assert!(err.to_string().contains("\"13-0\""), "{err}");
         let err = "a-b".parse::<LayerRange>().unwrap_err();
         assert!(err.to_string().contains("\"a-b\""), "{err}");
-        let err = "0-29".parse::<LayerRange>().unwrap().check_within(28).unwrap_err();
-        assert_eq!(err.to_string(), "layer range 0-29 runs past the model's 28 layers (0-27)");
+        let err = "0-29"
+            .parse::<LayerRange>()
+            .unwrap()
+            .check_within(28)
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "layer range 0-29 runs past the model's 28 layers (0-27)"
+        );
     }
 
     #[test]
     fn splits_must_cover_every_layer_once() {
         assert!(LayerSplit::parse("0-13,14-27", 28).is_ok());
         let gap = LayerSplit::parse("0-12,14-27", 28).unwrap_err();
-        assert!(gap.to_string().contains("should start at layer 13"), "{gap}");
+        assert!(
+            gap.to_string().contains("should start at layer 13"),
+            "{gap}"
+        );
         let overlap = LayerSplit::parse("0-14,14-27", 28).unwrap_err();
-        assert!(overlap.to_string().contains("should start at layer 15"), "{overlap}");
+        assert!(
+            overlap.to_string().contains("should start at layer 15"),
+            "{overlap}"
+        );
         let short = LayerSplit::parse("0-13,14-26", 28).unwrap_err();
-        assert!(short.to_string().contains("layers 27-27 are not placed"), "{short}");
+        assert!(
+            short.to_string().contains("layers 27-27 are not placed"),
+            "{short}"
+        );
         let past = LayerSplit::parse("0-13,14-28", 28).unwrap_err();
         assert!(past.to_string().contains("runs past"), "{past}");
     }

@@ -41,9 +41,12 @@ impl ChatTemplate {
             .map_err(|e| EngineError::Template(e.to_string()))?;
         env.set_syntax(syntax);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |message: String| -> Result<Value, Error> {
-            Err(Error::new(ErrorKind::InvalidOperation, message))
-        });
+        env.add_function(
+            "raise_exception",
+            |message: String| -> Result<Value, Error> {
+                Err(Error::new(ErrorKind::InvalidOperation, message))
+            },
+        );
         env.add_function("strftime_now", |format: String| -> Result<Value, Error> {
             Ok(Value::from(strftime_now(&format)))
         });
@@ -151,7 +154,11 @@ impl serde_json::ser::Formatter for PythonJson {
         self.newline(w)?;
         w.write_all(b"]")
     }
-    fn begin_array_value<W: ?Sized + io::Write>(&mut self, w: &mut W, first: bool) -> io::Result<()> {
+    fn begin_array_value<W: ?Sized + io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> io::Result<()> {
         self.separator(w, first)
     }
     fn begin_object<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
@@ -163,7 +170,11 @@ impl serde_json::ser::Formatter for PythonJson {
         self.newline(w)?;
         w.write_all(b"}")
     }
-    fn begin_object_key<W: ?Sized + io::Write>(&mut self, w: &mut W, first: bool) -> io::Result<()> {
+    fn begin_object_key<W: ?Sized + io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> io::Result<()> {
         self.separator(w, first)
     }
     fn begin_object_value<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
@@ -181,8 +192,18 @@ fn strftime_now(format: &str) -> String {
 }
 
 const MONTHS: [&str; 12] = [
-    "January", "February", "March", "April", "May", "June", "July", "August", "September",
-    "October", "November", "December",
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
 ];
 
 fn format_utc(secs: u64, format: &str) -> String {
@@ -234,7 +255,10 @@ mod tests {
     #[test]
     fn formats_dates_as_strftime_does() {
         // 2024-07-23 12:34:56 UTC
-        assert_eq!(format_utc(1_721_738_096, "%d %b %Y %H:%M:%S"), "23 Jul 2024 12:34:56");
+        assert_eq!(
+            format_utc(1_721_738_096, "%d %b %Y %H:%M:%S"),
+            "23 Jul 2024 12:34:56"
+        );
         assert_eq!(format_utc(0, "%Y-%m-%d %B %%"), "1970-01-01 January %");
     }
 
@@ -243,20 +267,30 @@ mod tests {
         let t = ChatTemplate::new("{{ x | tojson }}|{{ x | tojson(indent=2) }}", "", "").unwrap();
         let extra: serde_json::Map<String, serde_json::Value> =
             serde_json::from_str(r#"{"x": {"a": [1, "<b>"], "c": "é"}}"#).unwrap();
-        let out = t.render(&serde_json::json!([]), false, Some(&extra)).unwrap();
-        assert_eq!(out, "{\"a\": [1, \"<b>\"], \"c\": \"é\"}|{\n  \"a\": [\n    1,\n    \"<b>\"\n  ],\n  \"c\": \"é\"\n}");
+        let out = t
+            .render(&serde_json::json!([]), false, Some(&extra))
+            .unwrap();
+        assert_eq!(
+            out,
+            "{\"a\": [1, \"<b>\"], \"c\": \"é\"}|{\n  \"a\": [\n    1,\n    \"<b>\"\n  ],\n  \"c\": \"é\"\n}"
+        );
     }
 
     #[test]
     fn raise_exception_surfaces_the_templates_message() {
         let t = ChatTemplate::new("{{ raise_exception('roles must alternate') }}", "", "").unwrap();
-        let err = t.render(&serde_json::json!([]), false, None).unwrap_err().to_string();
+        let err = t
+            .render(&serde_json::json!([]), false, None)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("roles must alternate"), "{err}");
     }
 
     #[test]
     fn syntax_errors_name_the_line() {
-        let err = ChatTemplate::new("ok\n{% if %}", "", "").unwrap_err().to_string();
+        let err = ChatTemplate::new("ok\n{% if %}", "", "")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("line 2"), "{err}");
     }
 }

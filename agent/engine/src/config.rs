@@ -210,7 +210,12 @@ impl<'a> Fields<'a> {
 
     /// Token ids written as one number or a list of numbers.
     fn token_ids(&self, key: &str) -> Result<Vec<u32>> {
-        let bad = |v: &Value| self.err(key, format!("expected a token id or a list of them, got {v}"));
+        let bad = |v: &Value| {
+            self.err(
+                key,
+                format!("expected a token id or a list of them, got {v}"),
+            )
+        };
         match self.get(key) {
             None => Ok(vec![]),
             Some(Value::Array(items)) => items
@@ -312,18 +317,28 @@ impl ModelConfig {
             }
         };
         if head_dim == 0 || head_dim % 2 != 0 {
-            return Err(f.err("head_dim", format!("must be even and positive for RoPE, got {head_dim}")));
+            return Err(f.err(
+                "head_dim",
+                format!("must be even and positive for RoPE, got {head_dim}"),
+            ));
         }
         if let Some(act) = f.str_opt("hidden_act")?
             && act != "silu"
         {
-            return Err(f.err("hidden_act", format!("{act:?} is not supported; only \"silu\" is")));
+            return Err(f.err(
+                "hidden_act",
+                format!("{act:?} is not supported; only \"silu\" is"),
+            ));
         }
         let (rope_theta, rope_scaling) = Self::rope(&f)?;
         let dtype = match f.str_opt("dtype")?.or(f.str_opt("torch_dtype")?) {
             None => None,
             Some(s) => Some(s.parse::<WeightDType>().map_err(|e| {
-                let key = if f.get("dtype").is_some() { "dtype" } else { "torch_dtype" };
+                let key = if f.get("dtype").is_some() {
+                    "dtype"
+                } else {
+                    "torch_dtype"
+                };
                 f.err(key, e)
             })?),
         };
@@ -427,14 +442,21 @@ impl ModelConfig {
             obj,
             prefix: &prefix,
         };
-        let kind = sf.str_opt("rope_type")?.or(sf.str_opt("type")?).unwrap_or("default");
+        let kind = sf
+            .str_opt("rope_type")?
+            .or(sf.str_opt("type")?)
+            .unwrap_or("default");
         let scaling = match kind {
             "default" => RopeScaling::None,
             "linear" => RopeScaling::Linear {
-                factor: sf.f64_opt("factor")?.ok_or_else(|| sf.err("factor", "missing"))?,
+                factor: sf
+                    .f64_opt("factor")?
+                    .ok_or_else(|| sf.err("factor", "missing"))?,
             },
             "llama3" => RopeScaling::Llama3 {
-                factor: sf.f64_opt("factor")?.ok_or_else(|| sf.err("factor", "missing"))?,
+                factor: sf
+                    .f64_opt("factor")?
+                    .ok_or_else(|| sf.err("factor", "missing"))?,
                 low_freq_factor: sf
                     .f64_opt("low_freq_factor")?
                     .ok_or_else(|| sf.err("low_freq_factor", "missing"))?,
@@ -523,9 +545,14 @@ mod tests {
 
     #[test]
     fn names_the_unsupported_architecture_and_lists_ours() {
-        let err = parse(r#"{"architectures":["GPT2LMHeadModel"]}"#).unwrap_err().to_string();
+        let err = parse(r#"{"architectures":["GPT2LMHeadModel"]}"#)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("\"GPT2LMHeadModel\""), "{err}");
-        assert!(err.contains("Qwen3ForCausalLM") && err.contains("LlamaForCausalLM"), "{err}");
+        assert!(
+            err.contains("Qwen3ForCausalLM") && err.contains("LlamaForCausalLM"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -542,6 +569,9 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(err.contains("rope_scaling.rope_type") && err.contains("\"yarn\""), "{err}");
+        assert!(
+            err.contains("rope_scaling.rope_type") && err.contains("\"yarn\""),
+            "{err}"
+        );
     }
 }

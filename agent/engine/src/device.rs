@@ -58,7 +58,8 @@ fn cuda() -> Result<Device> {
 fn cuda() -> Result<Device> {
     Err(EngineError::Device {
         requested: "cuda".into(),
-        message: "this binary was built without the `cuda` feature (cargo build --features cuda)".into(),
+        message: "this binary was built without the `cuda` feature (cargo build --features cuda)"
+            .into(),
     })
 }
 
@@ -84,7 +85,11 @@ static HALF_ON_CPU: Once = Once::new();
 
 /// Picks the weights' precision: the one asked for, else the checkpoint's, else f32; on the CPU,
 /// logs once that half precision is slow there.
-pub fn choose_dtype(asked: Option<WeightDType>, checkpoint: Option<WeightDType>, device: &Device) -> DType {
+pub fn choose_dtype(
+    asked: Option<WeightDType>,
+    checkpoint: Option<WeightDType>,
+    device: &Device,
+) -> DType {
     let chosen = asked.or(checkpoint).unwrap_or(WeightDType::F32);
     if device.is_cpu() && chosen != WeightDType::F32 {
         HALF_ON_CPU.call_once(|| {

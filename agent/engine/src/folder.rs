@@ -94,7 +94,8 @@ impl TokenizerConfig {
         if cfg.chat_template.is_none() {
             let jinja = dir.join("chat_template.jinja");
             if jinja.is_file() {
-                cfg.chat_template = Some(std::fs::read_to_string(&jinja).map_err(|e| EngineError::io(&jinja, e))?);
+                cfg.chat_template =
+                    Some(std::fs::read_to_string(&jinja).map_err(|e| EngineError::io(&jinja, e))?);
             }
         }
         Ok(cfg)
@@ -122,7 +123,12 @@ impl ModelFolder {
                     tokenizer_config.bos_token.as_deref().unwrap_or(""),
                     tokenizer_config.eos_token.as_deref().unwrap_or(""),
                 )
-                .map_err(|e| EngineError::Template(format!("{}: {e}", dir.join("tokenizer_config.json").display())))?,
+                .map_err(|e| {
+                    EngineError::Template(format!(
+                        "{}: {e}",
+                        dir.join("tokenizer_config.json").display()
+                    ))
+                })?,
             ),
         };
         let mut eos_token_ids = config.eos_token_ids.clone();

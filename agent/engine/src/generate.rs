@@ -91,7 +91,11 @@ pub struct LocalPipeline {
 
 fn rate(count: usize, time: Duration) -> f64 {
     let secs = time.as_secs_f64();
-    if count == 0 || secs <= 0.0 { 0.0 } else { count as f64 / secs }
+    if count == 0 || secs <= 0.0 {
+        0.0
+    } else {
+        count as f64 / secs
+    }
 }
 
 impl LocalPipeline {
@@ -149,7 +153,9 @@ impl LocalPipeline {
                 StageOutput::Logits(l) => return Ok(l),
             }
         }
-        Err(EngineError::InvalidRequest("the pipeline has no last stage".into()))
+        Err(EngineError::InvalidRequest(
+            "the pipeline has no last stage".into(),
+        ))
     }
 
     /// Frees `seq`'s caches in every stage.
@@ -180,10 +186,14 @@ impl LocalPipeline {
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Generation> {
         if prompt_ids.is_empty() {
-            return Err(EngineError::InvalidRequest("the prompt is empty: it encodes to no tokens".into()));
+            return Err(EngineError::InvalidRequest(
+                "the prompt is empty: it encodes to no tokens".into(),
+            ));
         }
         if options.prefill_chunk == 0 {
-            return Err(EngineError::InvalidRequest("prefill chunk must be at least 1 token".into()));
+            return Err(EngineError::InvalidRequest(
+                "prefill chunk must be at least 1 token".into(),
+            ));
         }
         let limit = self.folder.config.max_position_embeddings;
         if prompt_ids.len() >= limit {
@@ -202,7 +212,8 @@ impl LocalPipeline {
             logits = Some(self.step(seq, position, chunk.to_vec())?);
             position += chunk.len();
         }
-        let mut logits = logits.ok_or_else(|| EngineError::InvalidRequest("the prompt is empty".into()))?;
+        let mut logits =
+            logits.ok_or_else(|| EngineError::InvalidRequest("the prompt is empty".into()))?;
         let prefill_time = start.elapsed();
         let mut tokens = Vec::new();
         let mut text = String::new();
@@ -237,7 +248,10 @@ impl LocalPipeline {
             prompt_token_ids: prompt_ids.to_vec(),
             timings: Timings {
                 prompt_tokens_per_s: rate(prompt_ids.len(), prefill_time),
-                decode_tokens_per_s: rate(tokens.len().saturating_sub(1), total.saturating_sub(ttft)),
+                decode_tokens_per_s: rate(
+                    tokens.len().saturating_sub(1),
+                    total.saturating_sub(ttft),
+                ),
                 time_to_first_token_ms: ttft.as_secs_f64() * 1e3,
                 total_ms: total.as_secs_f64() * 1e3,
             },

@@ -52,7 +52,11 @@ impl Sampler {
             logits.clone()
         };
         let logits = if self.params.repetition_penalty != 1.0 && !self.recent.is_empty() {
-            candle_transformers::utils::apply_repeat_penalty(&logits, self.params.repetition_penalty, &self.recent)?
+            candle_transformers::utils::apply_repeat_penalty(
+                &logits,
+                self.params.repetition_penalty,
+                &self.recent,
+            )?
         } else {
             logits
         };
@@ -62,5 +66,80 @@ impl Sampler {
             self.recent.remove(0);
         }
         Ok(id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+
+    use super::*;
+
+    fn logits(v: &[f32]) -> Tensor {
+        Tensor::new(v, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn padded_vocabulary_rows_are_never_sampled() {
+        let mut s = Sampler::new(&SamplingParams::greedy(), 3, &[]).unwrap();
+        assert_eq!(s.sample(&logits(&[0.1, 0.5, 0.2, 9.0, 8.0])).unwrap(), 1);
+        let hot = SamplingParams {
+            temperature: 5.0,
+            ..SamplingParams::default()
+        };
+        let mut s = Sampler::new(&hot, 2, &[]).unwrap();
+        for _ in 0..200 {
+            assert!(s.sample(&logits(&[0.0, 0.0, 50.0])).unwrap() < 2);
+        }
+    }
+
+    #[test]
+    fn a_seed_reproduces_a_sampled_sequence() {
+        let params = |seed| SamplingParams {
+            temperature: 1.0,
+            top_p: Some(0.95),
+            top_k: Some(5),
+            seed,
+            ..SamplingParams::default()
+        };
+        let l = logits(&[0.3, 0.1, 0.2, 0.25, 0.15, 0.05]);
+        let draw = |seed| {
+            let mut s = Sampler::new(&params(seed), 6, &[]).unwrap();
+            (0..64).map(|_| s.sample(&l).unwrap()).collect::<Vec<_>>()
+        };
+        assert_eq!(draw(7), draw(7));
+        assert_ne!(draw(7), draw(8));
+    }
+
+    #[test]
+    fn repetition_penalty_steers_away_from_seen_tokens() {
+        let params = SamplingParams {
+            repetition_penalty: 2.0,
+            ..SamplingParams::default()
+        };
+        let mut s = Sampler::new(&params, 3, &[0]).unwrap();
+        assert_eq!(s.sample(&logits(&[1.0, 0.9, 0.1])).unwrap(), 1);
+        // Token 1 is now seen too: 1.0/2 = 0.5 and 0.9/2 = 0.45 both fall below 0.6.
+        assert_eq!(s.sample(&logits(&[1.0, 0.9, 0.6])).unwrap(), 2);
+    }
+
+    #[test]
+    fn bad_parameters_are_refused_by_name() {
+        let bad = |p: SamplingParams| Sampler::new(&p, 3, &[]).err().unwrap().to_string();
+        let e = bad(SamplingParams {
+            temperature: -1.0,
+            ..SamplingParams::default()
+        });
+        assert!(e.contains("temperature") && e.contains("-1"), "{e}");
+        let e = bad(SamplingParams {
+            top_p: Some(1.5),
+            ..SamplingParams::default()
+        });
+        assert!(e.contains("top_p") && e.contains("1.5"), "{e}");
+        let e = bad(SamplingParams {
+            top_k: Some(0),
+            ..SamplingParams::default()
+        });
+        assert!(e.contains("top_k"), "{e}");
     }
 }

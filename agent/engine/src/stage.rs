@@ -114,10 +114,18 @@ fn layer_prefix(i: usize) -> String {
 
 impl Stage {
     /// Names and shapes of the tensors a stage with this spec reads.
-    pub fn tensor_list(cfg: &ModelConfig, range: LayerRange, first: bool, last: bool) -> Vec<(String, Vec<usize>)> {
+    pub fn tensor_list(
+        cfg: &ModelConfig,
+        range: LayerRange,
+        first: bool,
+        last: bool,
+    ) -> Vec<(String, Vec<usize>)> {
         let h = cfg.hidden_size;
         let mut list: Vec<(String, Vec<usize>)> = Vec::new();
-        let embed = ("model.embed_tokens.weight".to_string(), vec![cfg.vocab_size, h]);
+        let embed = (
+            "model.embed_tokens.weight".to_string(),
+            vec![cfg.vocab_size, h],
+        );
         if first || (last && cfg.tie_word_embeddings) {
             list.push(embed);
         }
@@ -166,7 +174,9 @@ impl Stage {
         let cfg = spec.config;
         spec.range.check_within(cfg.num_hidden_layers)?;
         let list = Self::tensor_list(&cfg, spec.range, spec.first, spec.last);
-        let mut t = spec.weights.load(&list, spec.dtype, &spec.device, progress)?;
+        let mut t = spec
+            .weights
+            .load(&list, spec.dtype, &spec.device, progress)?;
         let eps = cfg.rms_norm_eps;
         let embed_weight = if spec.first || (spec.last && cfg.tie_word_embeddings) {
             Some(t.take("model.embed_tokens.weight")?)
@@ -250,7 +260,10 @@ impl Stage {
 
     /// How many sequences hold a cache here.
     pub fn sequences(&self) -> usize {
-        self.caches.lock().unwrap_or_else(PoisonError::into_inner).len()
+        self.caches
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
     }
 
     /// Tokens cached for `seq`, if the stage holds it.
@@ -289,7 +302,9 @@ impl Stage {
             if position == 0 {
                 caches.remove(&seq);
                 SequenceCache {
-                    layers: (0..self.layers.len()).map(|_| ConcatKvCache::new(2)).collect(),
+                    layers: (0..self.layers.len())
+                        .map(|_| ConcatKvCache::new(2))
+                        .collect(),
                     len: 0,
                 }
             } else {
@@ -301,7 +316,10 @@ impl Stage {
         if cache.len != position {
             return Err(self.seq_err(
                 seq,
-                format!("chunk starts at position {position} but the cache holds {} tokens", cache.len),
+                format!(
+                    "chunk starts at position {position} but the cache holds {} tokens",
+                    cache.len
+                ),
             ));
         }
         let output = self.run(&mut cache, position, input)?;
@@ -310,7 +328,12 @@ impl Stage {
         Ok(output)
     }
 
-    fn run(&self, cache: &mut SequenceCache, position: usize, input: StageInput) -> Result<StageOutput> {
+    fn run(
+        &self,
+        cache: &mut SequenceCache,
+        position: usize,
+        input: StageInput,
+    ) -> Result<StageOutput> {
         let mut x = match (input, &self.embed) {
             (StageInput::Tokens(ids), Some(embed)) => {
                 if ids.is_empty() {
@@ -318,7 +341,9 @@ impl Stage {
                 }
                 let vocab = self.config.vocab_size;
                 if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
-                    return Err(self.input_err(format!("token id {bad} is outside the model's vocabulary of {vocab}")));
+                    return Err(self.input_err(format!(
+                        "token id {bad} is outside the model's vocabulary of {vocab}"
+                    )));
                 }
                 let len = ids.len();
                 let ids = Tensor::from_vec(ids, (1, len), &self.device)?;
@@ -326,7 +351,11 @@ impl Stage {
             }
             (StageInput::Hidden(h), None) => {
                 let dims = h.dims().to_vec();
-                if dims.len() != 3 || dims[0] != 1 || dims[1] == 0 || dims[2] != self.config.hidden_size {
+                if dims.len() != 3
+                    || dims[0] != 1
+                    || dims[1] == 0
+                    || dims[2] != self.config.hidden_size
+                {
                     return Err(self.input_err(format!(
                         "hidden states of shape {dims:?}, expected (1, tokens, {})",
                         self.config.hidden_size
@@ -335,10 +364,13 @@ impl Stage {
                 h.to_device(&self.device)?.to_dtype(self.dtype)?
             }
             (StageInput::Tokens(_), None) => {
-                return Err(self.input_err("token ids given to a stage that does not start the model".into()));
+                return Err(self
+                    .input_err("token ids given to a stage that does not start the model".into()));
             }
             (StageInput::Hidden(_), Some(_)) => {
-                return Err(self.input_err("hidden states given to the first stage, which takes token ids".into()));
+                return Err(self.input_err(
+                    "hidden states given to the first stage, which takes token ids".into(),
+                ));
             }
         };
         let len = x.dim(1)?;
@@ -373,7 +405,9 @@ impl Stage {
             Some(head) => {
                 let last = x.narrow(1, len - 1, 1)?;
                 let logits = head.lm_head.forward(&head.norm.forward(&last)?)?;
-                Ok(StageOutput::Logits(logits.flatten_all()?.to_dtype(DType::F32)?))
+                Ok(StageOutput::Logits(
+                    logits.flatten_all()?.to_dtype(DType::F32)?,
+                ))
             }
         }
     }
@@ -466,7 +500,11 @@ impl Attention {
         kv: &mut ConcatKvCache,
     ) -> Result<Tensor> {
         let (b, len, _) = x.dims3()?;
-        let (heads, kv_heads, d) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+        let (heads, kv_heads, d) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
         let q = self.q_proj.forward(x)?.reshape((b, len, heads, d))?;
         let k = self.k_proj.forward(x)?.reshape((b, len, kv_heads, d))?;
         let v = self.v_proj.forward(x)?.reshape((b, len, kv_heads, d))?;
@@ -485,7 +523,11 @@ impl Attention {
         let v = candle_transformers::utils::repeat_kv(v, groups)?.contiguous()?;
         // Scores and softmax in f32 whatever the weights' precision: bf16 softmax loses tokens.
         let in_dtype = q.dtype();
-        let (q, k, v) = (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?);
+        let (q, k, v) = (
+            q.to_dtype(DType::F32)?,
+            k.to_dtype(DType::F32)?,
+            v.to_dtype(DType::F32)?,
+        );
         let scale = 1.0 / (d as f64).sqrt();
         let mut scores = (q.matmul(&k.t()?)? * scale)?;
         if let Some(m) = mask {

@@ -29,19 +29,24 @@ impl TextTokenizer {
     /// Token ids of `text`; `special` adds what the tokenizer's post-processor adds (a BOS for
     /// Llama). Chat prompts rendered from a template carry their own BOS and pass `false`.
     pub fn encode(&self, text: &str, special: bool) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, special).map_err(|e| EngineError::Tokenizer {
-            context: "encode".into(),
-            message: e.to_string(),
-        })?;
+        let enc = self
+            .inner
+            .encode(text, special)
+            .map_err(|e| EngineError::Tokenizer {
+                context: "encode".into(),
+                message: e.to_string(),
+            })?;
         Ok(enc.get_ids().to_vec())
     }
 
     /// Text of `ids`, skipping special tokens when `skip_special` is set.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
-        self.inner.decode(ids, skip_special).map_err(|e| EngineError::Tokenizer {
-            context: "decode".into(),
-            message: e.to_string(),
-        })
+        self.inner
+            .decode(ids, skip_special)
+            .map_err(|e| EngineError::Tokenizer {
+                context: "decode".into(),
+                message: e.to_string(),
+            })
     }
 
     /// The id of a token given by its text, such as `<|im_end|>`.
@@ -85,9 +90,15 @@ impl IncrementalDecoder {
     /// Adds a token; returns the text it completes, if any.
     pub fn push(&mut self, tokenizer: &TextTokenizer, id: u32) -> Result<Option<String>> {
         self.ids.push(id);
-        let prefix = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset], self.skip_special)?;
+        let prefix = tokenizer.decode(
+            &self.ids[self.prefix_offset..self.read_offset],
+            self.skip_special,
+        )?;
         let full = tokenizer.decode(&self.ids[self.prefix_offset..], self.skip_special)?;
-        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.is_char_boundary(prefix.len()) {
+        if full.len() > prefix.len()
+            && !full.ends_with('\u{FFFD}')
+            && full.is_char_boundary(prefix.len())
+        {
             let piece = full[prefix.len()..].to_string();
             self.prefix_offset = self.read_offset;
             self.read_offset = self.ids.len();
@@ -103,7 +114,10 @@ impl IncrementalDecoder {
         if self.read_offset == self.ids.len() {
             return Ok(None);
         }
-        let prefix = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset], self.skip_special)?;
+        let prefix = tokenizer.decode(
+            &self.ids[self.prefix_offset..self.read_offset],
+            self.skip_special,
+        )?;
         let full = tokenizer.decode(&self.ids[self.prefix_offset..], self.skip_special)?;
         self.read_offset = self.ids.len();
         if full.len() > prefix.len() && full.is_char_boundary(prefix.len()) {

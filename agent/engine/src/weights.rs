@@ -103,13 +103,12 @@ impl WeightFiles {
     fn file_of(&self, name: &str) -> Result<PathBuf> {
         match &self.index {
             None => Ok(self.dir.join(SINGLE_FILE)),
-            Some(index) => index
-                .get(name)
-                .map(|f| self.dir.join(f))
-                .ok_or_else(|| EngineError::MissingTensor {
+            Some(index) => index.get(name).map(|f| self.dir.join(f)).ok_or_else(|| {
+                EngineError::MissingTensor {
                     name: name.to_string(),
                     place: self.dir.join(INDEX_FILE),
-                }),
+                }
+            }),
         }
     }
 
@@ -134,7 +133,10 @@ impl WeightFiles {
         // Group by file so each file is opened, and its header parsed, once.
         let mut by_file: BTreeMap<PathBuf, Vec<&(String, Vec<usize>)>> = BTreeMap::new();
         for item in wanted {
-            by_file.entry(self.file_of(&item.0)?).or_default().push(item);
+            by_file
+                .entry(self.file_of(&item.0)?)
+                .or_default()
+                .push(item);
         }
         let mut headers = Vec::with_capacity(by_file.len());
         let mut total = 0u64;
@@ -180,7 +182,8 @@ impl WeightFiles {
                 file.seek(SeekFrom::Start(entry.start))
                     .and_then(|_| file.read_exact(&mut bytes))
                     .map_err(|e| EngineError::io(path, e))?;
-                let tensor = Tensor::from_raw_buffer(&bytes, entry.dtype, &entry.shape, &Device::Cpu)?;
+                let tensor =
+                    Tensor::from_raw_buffer(&bytes, entry.dtype, &entry.shape, &Device::Cpu)?;
                 drop(bytes);
                 let tensor = tensor.to_dtype(dtype)?.to_device(device)?;
                 loaded.bytes += (tensor.elem_count() * dtype.size_in_bytes()) as u64;
@@ -218,13 +221,19 @@ fn read_header(path: &Path) -> Result<HashMap<String, TensorEntry>> {
     let mut file = File::open(path).map_err(|e| EngineError::io(path, e))?;
     let file_len = file.metadata().map_err(|e| EngineError::io(path, e))?.len();
     let mut len_bytes = [0u8; 8];
-    file.read_exact(&mut len_bytes)
-        .map_err(|_| bad(path, "not a safetensors file: shorter than its 8-byte header length"))?;
+    file.read_exact(&mut len_bytes).map_err(|_| {
+        bad(
+            path,
+            "not a safetensors file: shorter than its 8-byte header length",
+        )
+    })?;
     let header_len = u64::from_le_bytes(len_bytes);
     if header_len > MAX_HEADER_BYTES || 8 + header_len > file_len {
         return Err(bad(
             path,
-            format!("not a safetensors file: header length {header_len} does not fit the file's {file_len} bytes"),
+            format!(
+                "not a safetensors file: header length {header_len} does not fit the file's {file_len} bytes"
+            ),
         ));
     }
     let mut header = vec![0u8; header_len as usize];
@@ -238,7 +247,10 @@ fn read_header(path: &Path) -> Result<HashMap<String, TensorEntry>> {
         if name == "__metadata__" {
             continue;
         }
-        let field = |k: &str| info.get(k).ok_or_else(|| bad(path, format!("tensor {name}: header lacks `{k}`")));
+        let field = |k: &str| {
+            info.get(k)
+                .ok_or_else(|| bad(path, format!("tensor {name}: header lacks `{k}`")))
+        };
         let dtype = match field("dtype")?.as_str() {
             Some("F32") => DType::F32,
             Some("F16") => DType::F16,
@@ -247,14 +259,25 @@ fn read_header(path: &Path) -> Result<HashMap<String, TensorEntry>> {
             other => {
                 return Err(bad(
                     path,
-                    format!("tensor {name}: dtype {other:?} is not supported (F32, F16, BF16, F64)"),
+                    format!(
+                        "tensor {name}: dtype {other:?} is not supported (F32, F16, BF16, F64)"
+                    ),
                 ));
             }
         };
-        let shape: Vec<usize> = serde_json::from_value(field("shape")?.clone())
-            .map_err(|_| bad(path, format!("tensor {name}: `shape` is not a list of sizes")))?;
-        let offsets: [u64; 2] = serde_json::from_value(field("data_offsets")?.clone())
-            .map_err(|_| bad(path, format!("tensor {name}: `data_offsets` is not [start, end]")))?;
+        let shape: Vec<usize> = serde_json::from_value(field("shape")?.clone()).map_err(|_| {
+            bad(
+                path,
+                format!("tensor {name}: `shape` is not a list of sizes"),
+            )
+        })?;
+        let offsets: [u64; 2] =
+            serde_json::from_value(field("data_offsets")?.clone()).map_err(|_| {
+                bad(
+                    path,
+                    format!("tensor {name}: `data_offsets` is not [start, end]"),
+                )
+            })?;
         let expected = shape.iter().product::<usize>() as u64 * dtype.size_in_bytes() as u64;
         if offsets[1] < offsets[0] || offsets[1] - offsets[0] != expected {
             return Err(bad(
@@ -268,7 +291,10 @@ fn read_header(path: &Path) -> Result<HashMap<String, TensorEntry>> {
         if data_start + offsets[1] > file_len {
             return Err(bad(
                 path,
-                format!("tensor {name}: data ends at byte {} past the file's end ({file_len} bytes); the file is truncated", data_start + offsets[1]),
+                format!(
+                    "tensor {name}: data ends at byte {} past the file's end ({file_len} bytes); the file is truncated",
+                    data_start + offsets[1]
+                ),
             ));
         }
         entries.insert(

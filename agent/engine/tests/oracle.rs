@@ -4,6 +4,9 @@
 //! sequences are prefilled (one in chunks) and decoded for 16 steps, interleaved. At every step the
 //! last stage's logits must equal the oracle's within 1e-5 and the greedy tokens must agree.
 
+// A test that cannot unwrap has failed; the panic message is the report.
+#![allow(clippy::unwrap_used)]
+
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
@@ -37,7 +40,10 @@ impl Oracle {
                 let cfg: llama::LlamaConfig = serde_json::from_str(&config).unwrap();
                 let cfg = cfg.into_config(false);
                 let cache = llama::Cache::new(true, DType::F32, &cfg, &dev).unwrap();
-                Oracle::Llama(Box::new(llama::Llama::load(vb, &cfg).unwrap()), Box::new(cache))
+                Oracle::Llama(
+                    Box::new(llama::Llama::load(vb, &cfg).unwrap()),
+                    Box::new(cache),
+                )
             }
             Mistral => {
                 let cfg: mistral::Config = serde_json::from_str(&config).unwrap();
@@ -56,7 +62,10 @@ impl Oracle {
 
     /// Logits of the last position of `tokens`, which start at `position`.
     fn forward(&mut self, tokens: &[u32], position: usize) -> Vec<f32> {
-        let input = Tensor::new(tokens, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let input = Tensor::new(tokens, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
         let logits = match self {
             Oracle::Llama(m, cache) => m.forward(&input, position, cache).unwrap(),
             Oracle::Mistral(m) => m.forward(&input, position).unwrap(),
@@ -113,7 +122,10 @@ fn assert_close(ours: &[f32], oracle: &[f32], what: &str) {
         .zip(oracle)
         .map(|(a, b)| (a - b).abs())
         .fold(0f32, f32::max);
-    assert!(worst <= TOLERANCE, "{what}: logits differ by {worst:e} (> {TOLERANCE:e})");
+    assert!(
+        worst <= TOLERANCE,
+        "{what}: logits differ by {worst:e} (> {TOLERANCE:e})"
+    );
     assert_eq!(argmax(ours), argmax(oracle), "{what}: greedy tokens differ");
 }
 
@@ -144,9 +156,18 @@ fn check_family(model: TinyModel) {
     model.write(dir.path()).unwrap();
     let folder = ModelFolder::open(dir.path()).unwrap();
     let family = folder.config.family;
-    let prompt_a = folder.tokenizer.encode("The two machines sat side by side on the shelf.", true).unwrap();
-    let prompt_b = folder.tokenizer.encode("What is the capital of France?", true).unwrap();
-    assert!(prompt_a.len() >= 6 && prompt_b.len() >= 4, "prompts too short: {prompt_a:?} {prompt_b:?}");
+    let prompt_a = folder
+        .tokenizer
+        .encode("The two machines sat side by side on the shelf.", true)
+        .unwrap();
+    let prompt_b = folder
+        .tokenizer
+        .encode("What is the capital of France?", true)
+        .unwrap();
+    assert!(
+        prompt_a.len() >= 6 && prompt_b.len() >= 4,
+        "prompts too short: {prompt_a:?} {prompt_b:?}"
+    );
 
     // The oracle's tokens and logits, computed once: two independent whole models.
     let mut oracle_a = Oracle::load(dir.path(), family);
@@ -174,13 +195,29 @@ fn check_family(model: TinyModel) {
             la = run_stages(&stages, seq_a, i * 3, chunk);
         }
         let mut lb = run_stages(&stages, seq_b, 0, &prompt_b);
-        assert_close(&la, &expected[0].0, &format!("{family:?} split {split}: prefill A"));
-        assert_close(&lb, &expected[0].1, &format!("{family:?} split {split}: prefill B"));
+        assert_close(
+            &la,
+            &expected[0].0,
+            &format!("{family:?} split {split}: prefill A"),
+        );
+        assert_close(
+            &lb,
+            &expected[0].1,
+            &format!("{family:?} split {split}: prefill B"),
+        );
         for step in 0..DECODE_STEPS {
             la = run_stages(&stages, seq_a, prompt_a.len() + step, &[argmax(&la)]);
             lb = run_stages(&stages, seq_b, prompt_b.len() + step, &[argmax(&lb)]);
-            assert_close(&la, &expected[step + 1].0, &format!("{family:?} split {split}: decode A step {step}"));
-            assert_close(&lb, &expected[step + 1].1, &format!("{family:?} split {split}: decode B step {step}"));
+            assert_close(
+                &la,
+                &expected[step + 1].0,
+                &format!("{family:?} split {split}: decode A step {step}"),
+            );
+            assert_close(
+                &lb,
+                &expected[step + 1].1,
+                &format!("{family:?} split {split}: decode B step {step}"),
+            );
         }
         for stage in &stages {
             assert_eq!(stage.sequences(), 2);

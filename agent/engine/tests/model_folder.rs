@@ -1,0 +1,367 @@
+//! Model folders as users have them: sharded checkpoints, both transformers config layouts,
+//! bf16 weights, EOS lists, and every kind of broken folder, each with a clear error.
+
+// A test that cannot unwrap has failed; the panic message is the report.
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+
+use candle_core::{DType, Device};
+use cluster_api::{DeviceKind, FinishReason, LayerRange, WeightDType};
+use cluster_engine::{
+    EngineError, GenerateOptions, LoadOptions, LocalPipeline, ModelFolder, Stage, StageInput,
+    StageOutput, StageSpec,
+};
+use cluster_fixtures::{ConfigStyle, TinyModel};
+
+fn write(model: &TinyModel) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    model.write(dir.path()).unwrap();
+    dir
+}
+
+fn load(dir: &Path, split: Option<&str>) -> Result<LocalPipeline, EngineError> {
+    LocalPipeline::load(
+        dir,
+        &LoadOptions {
+            split: split.map(str::to_string),
+            device: DeviceKind::Cpu,
+            dtype: Some(WeightDType::F32),
+        },
+    )
+}
+
+fn greedy(p: &LocalPipeline, prompt: &str, max_tokens: usize) -> cluster_engine::Generation {
+    let ids = p.encode_text(prompt).unwrap();
+    let options = GenerateOptions {
+        max_tokens,
+        ..GenerateOptions::default()
+    };
+    p.generate(1, &ids, &options, &mut |_| {}).unwrap()
+}
+
+fn load_stage(folder: &ModelFolder, range: &str) -> Result<Stage, EngineError> {
+    let range: LayerRange = range.parse().unwrap();
+    Stage::load(
+        StageSpec {
+            config: folder.config.clone(),
+            weights: &folder.weights,
+            range,
+            first: range.first == 0,
+            last: range.last + 1 == folder.config.num_hidden_layers,
+            device: Device::Cpu,
+            dtype: DType::F32,
+        },
+        &mut |_, _| {},
+    )
+}
+
+#[test]
+fn sharded_checkpoint_gives_the_same_tokens_and_stages_open_only_their_shards() {
+    let single = write(&TinyModel::qwen3());
+    let sharded = write(&TinyModel {
+        shards: 3,
+        ..TinyModel::qwen3()
+    });
+    assert!(
+        sharded
+            .path()
+            .join("model.safetensors.index.json")
+            .is_file()
+    );
+    let a = greedy(
+        &load(single.path(), None).unwrap(),
+        "The river ran quickly",
+        12,
+    );
+    let b = greedy(
+        &load(sharded.path(), Some("0-1,2-3")).unwrap(),
+        "The river ran quickly",
+        12,
+    );
+    assert_eq!(a.token_ids, b.token_ids);
+
+    // Shards are filled in checkpoint order: the first holds the embedding and layer 0, the last
+    // holds layer 3 and the final norm. A stage of layer 0 must not open the last shard.
+    let folder = ModelFolder::open(sharded.path()).unwrap();
+    let stage = load_stage(&folder, "0-0").unwrap();
+    let names: Vec<String> = stage
+        .files()
+        .iter()
+        .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !names.contains(&"model-00003-of-00003.safetensors".to_string()),
+        "{names:?}"
+    );
+
+    // With that shard gone, the first stage still loads; the last one names the missing file.
+    std::fs::remove_file(sharded.path().join("model-00003-of-00003.safetensors")).unwrap();
+    let folder = ModelFolder::open(sharded.path()).unwrap();
+    load_stage(&folder, "0-0").unwrap();
+    let err = load_stage(&folder, "3-3").err().unwrap().to_string();
+    assert!(
+        err.contains("model-00003-of-00003.safetensors") && err.contains("not found"),
+        "{err}"
+    );
+    assert!(err.contains("model.safetensors.index.json"), "{err}");
+}
+
+#[test]
+fn transformers_4_and_5_configs_give_the_same_model() {
+    for base in [TinyModel::llama(), TinyModel::qwen3()] {
+        let v4 = write(&base);
+        let v5 = write(&TinyModel {
+            style: ConfigStyle::Transformers5,
+            ..base.clone()
+        });
+        let a = ModelFolder::open(v4.path()).unwrap();
+        let b = ModelFolder::open(v5.path()).unwrap();
+        assert_eq!(a.config, b.config);
+        assert_eq!(
+            greedy(&load(v4.path(), None).unwrap(), "Numbers: 1 2 3", 8).token_ids,
+            greedy(&load(v5.path(), None).unwrap(), "Numbers: 1 2 3", 8).token_ids
+        );
+    }
+}
+
+#[test]
+fn bf16_checkpoints_load_in_their_own_precision_or_as_f32() {
+    let dir = write(&TinyModel {
+        bf16: true,
+        ..TinyModel::qwen2()
+    });
+    let folder = ModelFolder::open(dir.path()).unwrap();
+    assert_eq!(folder.config.dtype, Some(WeightDType::Bf16));
+    let native = LocalPipeline::load(
+        dir.path(),
+        &LoadOptions {
+            split: None,
+            device: DeviceKind::Cpu,
+            dtype: None,
+        },
+    )
+    .unwrap();
+    assert_eq!(native.stages[0].dtype(), DType::BF16);
+    let f32_stage = load(dir.path(), None).unwrap();
+    assert_eq!(f32_stage.stages[0].dtype(), DType::F32);
+    // Half the bytes per weight.
+    assert_eq!(
+        native.stages.iter().map(|s| s.weight_bytes()).sum::<u64>() * 2,
+        f32_stage.stages[0].weight_bytes()
+    );
+    let g = greedy(&native, "Hello", 6);
+    assert_eq!(g.token_ids.len(), 6);
+}
+
+#[test]
+fn generation_stops_on_any_eos_id_the_model_lists() {
+    let model = TinyModel::llama();
+    let dir = write(&model);
+    let free = greedy(&load(dir.path(), None).unwrap(), "Good tools tell you", 10);
+    assert_eq!(free.finish_reason, FinishReason::Length);
+    // Declare the 4th generated token an EOS id in generation_config.json (beside the real one).
+    let stop_at = free.token_ids[3];
+    let first = free.token_ids.iter().position(|&t| t == stop_at).unwrap();
+    let gen_path = dir.path().join("generation_config.json");
+    let mut gen_cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&gen_path).unwrap()).unwrap();
+    gen_cfg["eos_token_id"]
+        .as_array_mut()
+        .unwrap()
+        .push(stop_at.into());
+    std::fs::write(&gen_path, gen_cfg.to_string()).unwrap();
+    let stopped = greedy(&load(dir.path(), None).unwrap(), "Good tools tell you", 10);
+    assert_eq!(stopped.finish_reason, FinishReason::Stop);
+    assert_eq!(stopped.token_ids, free.token_ids[..=first].to_vec());
+    // ignore_eos runs to the limit regardless.
+    let p = load(dir.path(), None).unwrap();
+    let ids = p.encode_text("Good tools tell you").unwrap();
+    let options = GenerateOptions {
+        max_tokens: 10,
+        ignore_eos: true,
+        ..GenerateOptions::default()
+    };
+    let all = p.generate(2, &ids, &options, &mut |_| {}).unwrap();
+    assert_eq!(all.token_ids, free.token_ids);
+}
+
+#[test]
+fn a_missing_config_names_the_file() {
+    let dir = write(&TinyModel::qwen2());
+    std::fs::remove_file(dir.path().join("config.json")).unwrap();
+    let err = load(dir.path(), None).err().unwrap().to_string();
+    assert!(
+        err.contains("config.json") && err.contains("not found"),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_weights_are_named() {
+    let dir = write(&TinyModel::qwen2());
+    std::fs::remove_file(dir.path().join("model.safetensors")).unwrap();
+    let err = load(dir.path(), None).err().unwrap().to_string();
+    assert!(
+        err.contains("model.safetensors") && err.contains("model.safetensors.index.json"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_tensor_of_the_wrong_shape_is_named_with_both_shapes() {
+    let dir = write(&TinyModel::llama());
+    let path = dir.path().join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    cfg["intermediate_size"] = 96.into();
+    std::fs::write(&path, cfg.to_string()).unwrap();
+    let err = load(dir.path(), None).err().unwrap().to_string();
+    assert!(err.contains("model.layers.0.mlp.gate_proj.weight"), "{err}");
+    assert!(
+        err.contains("[128, 64]") && err.contains("[96, 64]"),
+        "{err}"
+    );
+    assert!(err.contains("model.safetensors"), "{err}");
+}
+
+#[test]
+fn a_truncated_weights_file_is_reported_not_read_past_its_end() {
+    let dir = write(&TinyModel::qwen3());
+    let path = dir.path().join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() - 100]).unwrap();
+    let err = load(dir.path(), None).err().unwrap().to_string();
+    assert!(
+        err.contains("truncated") && err.contains("model.safetensors"),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_unknown_architecture_is_named_and_ours_are_listed() {
+    let dir = write(&TinyModel::qwen2());
+    let path = dir.path().join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    cfg["architectures"] = serde_json::json!(["GemmaForCausalLM"]);
+    std::fs::write(&path, cfg.to_string()).unwrap();
+    let err = load(dir.path(), None).err().unwrap().to_string();
+    assert!(
+        err.contains("\"GemmaForCausalLM\" is not supported"),
+        "{err}"
+    );
+    for arch in [
+        "LlamaForCausalLM",
+        "MistralForCausalLM",
+        "Qwen2ForCausalLM",
+        "Qwen3ForCausalLM",
+    ] {
+        assert!(err.contains(arch), "{err}");
+    }
+}
+
+#[test]
+fn a_layer_range_past_the_end_is_refused() {
+    let dir = write(&TinyModel::qwen3());
+    let err = load(dir.path(), Some("0-1,2-4")).err().unwrap().to_string();
+    assert_eq!(err, "layer range 2-4 runs past the model's 4 layers (0-3)");
+    let folder = ModelFolder::open(dir.path()).unwrap();
+    let err = load_stage(&folder, "3-5").err().unwrap().to_string();
+    assert!(err.contains("3-5") && err.contains("4 layers"), "{err}");
+    let err = load(dir.path(), Some("0-1,3-3")).err().unwrap().to_string();
+    assert!(err.contains("should start at layer 2"), "{err}");
+}
+
+#[test]
+fn a_prompt_longer_than_the_context_is_refused() {
+    let dir = write(&TinyModel {
+        max_position: 16,
+        ..TinyModel::qwen3()
+    });
+    let p = load(dir.path(), None).unwrap();
+    let ids = p
+        .encode_text(
+            "The weather was cold that morning. The river ran quickly under the old stone bridge.",
+        )
+        .unwrap();
+    assert!(ids.len() > 16);
+    let err = p
+        .generate(1, &ids, &GenerateOptions::default(), &mut |_| {})
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains(&format!("{} tokens", ids.len() + 1)) && err.contains("context length of 16"),
+        "{err}"
+    );
+    // A prompt that fits stops at the context length with finish_reason "length".
+    let short = p.encode_text("The weather").unwrap();
+    let options = GenerateOptions {
+        max_tokens: 100,
+        ignore_eos: true,
+        ..GenerateOptions::default()
+    };
+    let g = p.generate(2, &short, &options, &mut |_| {}).unwrap();
+    assert_eq!(g.finish_reason, FinishReason::Length);
+    assert_eq!(
+        short.len() + g.token_ids.len(),
+        17,
+        "the last token is sampled at position 16"
+    );
+}
+
+#[test]
+fn stages_refuse_inputs_that_do_not_fit_them() {
+    let dir = write(&TinyModel::qwen3());
+    let folder = ModelFolder::open(dir.path()).unwrap();
+    let first = load_stage(&folder, "0-1").unwrap();
+    let second = load_stage(&folder, "2-3").unwrap();
+    let err = second
+        .forward(1, 0, StageInput::Tokens(vec![1, 2]))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("stage 2-3") && err.contains("token ids"),
+        "{err}"
+    );
+    let err = first
+        .forward(1, 0, StageInput::Tokens(vec![100_000]))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("token id 100000"), "{err}");
+    let err = first
+        .forward(9, 5, StageInput::Tokens(vec![1]))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("sequence 9") && err.contains("no cache"),
+        "{err}"
+    );
+    let StageOutput::Hidden(h) = first
+        .forward(3, 0, StageInput::Tokens(vec![1, 2, 3]))
+        .unwrap()
+    else {
+        panic!("first stage of two must output hidden states");
+    };
+    let err = second
+        .forward(3, 1, StageInput::Hidden(h.clone()))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("sequence 3"), "{err}");
+    let wrong = h.narrow(2, 0, 8).unwrap();
+    let err = second
+        .forward(3, 0, StageInput::Hidden(wrong))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("[1, 3, 8]") && err.contains("64"), "{err}");
+    assert!(matches!(
+        second.forward(3, 0, StageInput::Hidden(h)).unwrap(),
+        StageOutput::Logits(_)
+    ));
+}

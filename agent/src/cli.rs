@@ -1,0 +1,76 @@
+//! Command-line entry: parses flags, sets up logging, runs a subcommand, maps errors to exit
+//! codes (0 success, 1 failure, 2 usage error) and prints the whole cause chain.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::commands;
+
+/// clusteragent: runs a host's share of a large language model.
+#[derive(Debug, Parser)]
+#[command(name = "clusteragent", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Generate text from a model folder in this one process (optionally through several
+    /// in-process stages), streaming it as it comes.
+    Generate(commands::generate::GenerateArgs),
+    /// Write a random-weight model folder (config, trained BPE tokenizer, safetensors) to try
+    /// the engine and the cluster without downloading anything.
+    MakeModel(commands::make_model::MakeModelArgs),
+    /// Load one stage of a model and report the bytes of weights it holds and the memory this
+    /// process takes, as JSON.
+    InspectStage(commands::inspect::InspectArgs),
+}
+
+/// Runs the command line and returns the process's exit code.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    init_logging();
+    let result = match cli.command {
+        Command::Generate(args) => commands::generate::run(args),
+        Command::MakeModel(args) => commands::make_model::run(args),
+        Command::InspectStage(args) => commands::inspect::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if is_broken_pipe(&e) {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("clusteragent: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// Logs go to stderr, filtered by `RUST_LOG` (default: warnings and errors).
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

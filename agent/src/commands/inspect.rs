@@ -1,0 +1,71 @@
+//! `clusteragent inspect-stage`: loads one stage and reports what it holds, as JSON.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use cluster_api::{DeviceKind, LayerRange, WeightDType};
+use cluster_engine::device::{choose_dtype, device_name, open_device};
+use cluster_engine::{ModelFolder, Stage, StageSpec};
+use serde_json::json;
+
+use crate::memory::resident_bytes;
+
+/// Flags of `clusteragent inspect-stage`.
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// Model folder.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Inclusive layer range of the stage, e.g. 0-13.
+    #[arg(long)]
+    pub layers: LayerRange,
+    /// auto, cpu, metal or cuda.
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceKind,
+    /// Weight precision (default: the checkpoint's).
+    #[arg(long)]
+    pub dtype: Option<WeightDType>,
+}
+
+/// Runs `clusteragent inspect-stage`.
+pub fn run(args: InspectArgs) -> Result<()> {
+    let folder = ModelFolder::open(&args.model)
+        .with_context(|| format!("opening {}", args.model.display()))?;
+    let device = open_device(args.device)?;
+    let dtype = choose_dtype(args.dtype, folder.config.dtype, &device);
+    let layers = folder.config.num_hidden_layers;
+    let before = resident_bytes();
+    let start = Instant::now();
+    let stage = Stage::load(
+        StageSpec {
+            config: folder.config.clone(),
+            weights: &folder.weights,
+            range: args.layers,
+            first: args.layers.first == 0,
+            last: args.layers.last + 1 == layers,
+            device: device.clone(),
+            dtype,
+        },
+        &mut |_, _| {},
+    )?;
+    let load_ms = start.elapsed().as_secs_f64() * 1e3;
+    let after = resident_bytes();
+    let report = json!({
+        "model": args.model,
+        "layers": args.layers.to_string(),
+        "model_layers": layers,
+        "first": stage.is_first(),
+        "last": stage.is_last(),
+        "device": device_name(&device),
+        "dtype": format!("{:?}", stage.dtype()).to_lowercase(),
+        "weight_bytes": stage.weight_bytes(),
+        "files": stage.files(),
+        "resident_bytes_before_load": before,
+        "resident_bytes_after_load": after,
+        "load_ms": load_ms,
+    });
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}

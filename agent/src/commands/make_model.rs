@@ -1,0 +1,125 @@
+//! `clusteragent make-model`: writes a random-weight model folder in the real formats.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, ValueEnum};
+use cluster_fixtures::{Arch, TinyModel};
+
+/// Architectures `make-model` can write.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ArchArg {
+    /// LlamaForCausalLM with Llama 3.1 rope scaling.
+    Llama,
+    /// MistralForCausalLM.
+    Mistral,
+    /// Qwen2ForCausalLM.
+    Qwen2,
+    /// Qwen3ForCausalLM.
+    Qwen3,
+}
+
+/// Flags of `clusteragent make-model`.
+#[derive(Debug, Args)]
+pub struct MakeModelArgs {
+    /// Folder to write (created; must be empty or absent).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Architecture.
+    #[arg(long, value_enum, default_value = "qwen3")]
+    pub arch: ArchArg,
+    /// Decoder layers.
+    #[arg(long, default_value_t = 4)]
+    pub layers: usize,
+    /// Residual width.
+    #[arg(long, default_value_t = 64)]
+    pub hidden: usize,
+    /// MLP width.
+    #[arg(long, default_value_t = 128)]
+    pub intermediate: usize,
+    /// Query heads.
+    #[arg(long, default_value_t = 4)]
+    pub heads: usize,
+    /// Key/value heads.
+    #[arg(long, default_value_t = 2)]
+    pub kv_heads: usize,
+    /// Head width (Qwen3 only; the others use hidden / heads).
+    #[arg(long)]
+    pub head_dim: Option<usize>,
+    /// Tokens of the trained BPE tokenizer.
+    #[arg(long, default_value_t = 384)]
+    pub vocab: usize,
+    /// Number of safetensors shards (more than one writes model.safetensors.index.json).
+    #[arg(long, default_value_t = 1)]
+    pub shards: usize,
+    /// Store the weights in bf16.
+    #[arg(long)]
+    pub bf16: bool,
+    /// Seed of the random weights.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+}
+
+/// Runs `clusteragent make-model`.
+pub fn run(args: MakeModelArgs) -> Result<()> {
+    if args.out.exists()
+        && std::fs::read_dir(&args.out)
+            .with_context(|| format!("reading {}", args.out.display()))?
+            .next()
+            .is_some()
+    {
+        bail!("{} is not empty; choose a new folder", args.out.display());
+    }
+    if args.layers == 0 || args.heads == 0 || args.kv_heads == 0 || args.heads % args.kv_heads != 0
+    {
+        bail!(
+            "--layers, --heads and --kv-heads must be positive and --kv-heads ({}) must divide --heads ({})",
+            args.kv_heads,
+            args.heads
+        );
+    }
+    let base = match args.arch {
+        ArchArg::Llama => TinyModel::llama(),
+        ArchArg::Mistral => TinyModel::mistral(),
+        ArchArg::Qwen2 => TinyModel::qwen2(),
+        ArchArg::Qwen3 => TinyModel::qwen3(),
+    };
+    let model = TinyModel {
+        hidden: args.hidden,
+        intermediate: args.intermediate,
+        layers: args.layers,
+        heads: args.heads,
+        kv_heads: args.kv_heads,
+        head_dim: args.head_dim.unwrap_or(args.hidden / args.heads),
+        tokenizer_vocab: args.vocab,
+        shards: args.shards,
+        bf16: args.bf16,
+        seed: args.seed,
+        max_position: 4096,
+        ..base
+    };
+    if model.arch != Arch::Qwen3 && args.hidden % args.heads != 0 {
+        bail!(
+            "--hidden ({}) must be a multiple of --heads ({})",
+            args.hidden,
+            args.heads
+        );
+    }
+    model
+        .write(&args.out)
+        .with_context(|| format!("writing model to {}", args.out.display()))?;
+    let bytes: u64 = std::fs::read_dir(&args.out)?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    println!(
+        "wrote {:?} model with {} layers ({:.1} MB of weights) to {}",
+        args.arch,
+        args.layers,
+        bytes as f64 / 1e6,
+        args.out.display()
+    );
+    Ok(())
+}

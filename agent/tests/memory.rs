@@ -1,0 +1,120 @@
+//! The seed's promise: a host holding half the layers holds half the weights, not the whole
+//! model. Loads stages of a generated ~220 MB model in separate processes and compares the
+//! weights each reports and the resident memory each process gains while loading.
+
+// A test that cannot unwrap has failed; the panic message is the report.
+#![allow(clippy::unwrap_used)]
+
+use std::process::Command;
+
+fn agent(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_clusteragent"))
+        .args(args)
+        .output()
+        .expect("clusteragent runs");
+    assert!(
+        out.status.success(),
+        "clusteragent {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+const MB: f64 = 1e6;
+
+#[test]
+fn half_the_layers_hold_half_the_weights_and_half_the_memory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m");
+    let m = model.to_str().unwrap();
+    agent(&[
+        "make-model",
+        "--out",
+        m,
+        "--arch",
+        "llama",
+        "--layers",
+        "16",
+        "--hidden",
+        "512",
+        "--intermediate",
+        "1536",
+        "--heads",
+        "8",
+        "--kv-heads",
+        "8",
+        "--shards",
+        "4",
+    ]);
+    let file_bytes: u64 = std::fs::read_dir(&model)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
+        .map(|e| e.metadata().unwrap().len())
+        .sum();
+    assert!(
+        file_bytes as f64 > 200.0 * MB,
+        "model is only {file_bytes} bytes"
+    );
+    let inspect = |layers: &str| -> serde_json::Value {
+        serde_json::from_str(&agent(&[
+            "inspect-stage",
+            "--model",
+            m,
+            "--layers",
+            layers,
+            "--device",
+            "cpu",
+        ]))
+        .unwrap()
+    };
+    let whole = inspect("0-15");
+    let first = inspect("0-7");
+    let second = inspect("8-15");
+    let bytes = |v: &serde_json::Value| v["weight_bytes"].as_u64().unwrap() as f64;
+    let gained = |v: &serde_json::Value| {
+        v["resident_bytes_after_load"].as_u64().unwrap() as f64
+            - v["resident_bytes_before_load"].as_u64().unwrap() as f64
+    };
+    // Each half holds half the layers plus its end of the model (embedding or head).
+    let embedding = 400.0 * 512.0 * 4.0;
+    for half in [&first, &second] {
+        let share = bytes(half) / bytes(&whole);
+        assert!(
+            (0.48..0.52).contains(&share),
+            "a half stage holds {share:.3} of the weights"
+        );
+        assert!((bytes(half) - bytes(&whole) / 2.0).abs() < 2.0 * embedding);
+        // Resident memory: its own weights plus a small overhead, far from the whole model.
+        let overhead = gained(half) - bytes(half);
+        assert!(
+            overhead < 40.0 * MB,
+            "half stage gained {:.0} MB for {:.0} MB of weights",
+            gained(half) / MB,
+            bytes(half) / MB
+        );
+        assert!(
+            gained(half) < 0.65 * bytes(&whole),
+            "half stage gained {:.0} MB",
+            gained(half) / MB
+        );
+    }
+    eprintln!(
+        "memory: model {:.0} MB on disk; whole stage {:.0} MB weights, +{:.0} MB resident; \
+         layers 0-7 {:.0} MB weights, +{:.0} MB resident; layers 8-15 {:.0} MB weights, +{:.0} MB resident",
+        file_bytes as f64 / MB,
+        bytes(&whole) / MB,
+        gained(&whole) / MB,
+        bytes(&first) / MB,
+        gained(&first) / MB,
+        bytes(&second) / MB,
+        gained(&second) / MB,
+    );
+    // Only the shards holding a stage's tensors are opened.
+    let files = |v: &serde_json::Value| v["files"].as_array().unwrap().len();
+    assert_eq!(files(&whole), 4);
+    assert!(
+        files(&first) <= 3 && files(&second) <= 3,
+        "{first} {second}"
+    );
+}
