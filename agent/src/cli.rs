@@ -28,6 +28,8 @@ pub enum Command {
     /// Load one stage of a model and report the bytes of weights it holds and the memory this
     /// process takes, as JSON.
     InspectStage(commands::inspect::InspectArgs),
+    /// Run one stage of a pipeline ring (stage 0 also runs the generation loop and its API).
+    Stage(commands::stage::StageArgs),
 }
 
 /// Runs the command line and returns the process's exit code.
@@ -45,6 +47,7 @@ pub fn main() -> ExitCode {
         Command::Generate(args) => commands::generate::run(args),
         Command::MakeModel(args) => commands::make_model::run(args),
         Command::InspectStage(args) => commands::inspect::run(args),
+        Command::Stage(args) => commands::stage::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -6,8 +6,11 @@
 //! - [`commands`]: `generate` (one-process generation, the baseline of every pipeline
 //!   benchmark), `make-model` (writes a random-weight model to try things with), and
 //!   `inspect-stage` (loads one stage and reports its weights and resident memory).
+//! - [`ring`]: the pipeline ring: frames, handshake, compute thread, the head's generation
+//!   loop, and `clusteragent stage`, which runs one stage of a ring.
 //! - [`memory`]: this process's resident memory, for reports.
 
 pub mod cli;
 pub mod commands;
 pub mod memory;
+pub mod ring;

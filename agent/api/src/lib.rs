@@ -9,11 +9,14 @@
 //! - [`device`]: the device and weight precision a stage asks for.
 //! - [`generation`]: sampling parameters and finish reasons shared by the engine, the ring and the
 //!   inference API.
+//! - [`ring`]: the typed configuration a pipeline ring starts from.
 
 pub mod device;
 pub mod generation;
 pub mod layers;
+pub mod ring;
 
 pub use device::{DeviceKind, WeightDType};
 pub use generation::{FinishReason, SamplingParams};
 pub use layers::{LayerRange, LayerRangeError, LayerSplit};
+pub use ring::{RingConfig, RingStage};

@@ -28,6 +28,7 @@ pub mod stage;
 pub mod tokenizer;
 pub mod weights;
 
+pub use candle_core;
 pub use config::{Family, ModelConfig};
 pub use error::{EngineError, Result};
 pub use folder::ModelFolder;

@@ -284,6 +284,15 @@ impl Stage {
             .is_some()
     }
 
+    /// Frees every sequence's cache (a link of the ring went down: they are all lost); returns
+    /// how many there were.
+    pub fn release_all(&self) -> usize {
+        let mut caches = self.caches.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = caches.len();
+        caches.clear();
+        n
+    }
+
     fn seq_err(&self, seq: SeqId, message: String) -> EngineError {
         EngineError::Sequence {
             range: self.range,

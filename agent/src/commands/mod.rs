@@ -3,3 +3,4 @@
 pub mod generate;
 pub mod inspect;
 pub mod make_model;
+pub mod stage;

@@ -1,0 +1,147 @@
+//! Stage 0's HTTP API for callers of the ring: `POST /generate` streams newline-delimited JSON
+//! events (one per token, then `done` or `error`); `GET /health` reports whether the ring is
+//! whole. The OpenAI-compatible endpoint is built on the same head.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use cluster_api::SamplingParams;
+use serde::Deserialize;
+use serde_json::json;
+use tokio::net::TcpListener;
+use warp::Filter;
+use warp::http::StatusCode;
+
+use super::head::{Event, Request};
+use super::node::Shared;
+
+/// Body of `POST /generate`: exactly one of `prompt`, `messages` or `prompt_ids`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerateBody {
+    /// Plain text, encoded with the tokenizer's special tokens.
+    pub prompt: Option<String>,
+    /// A chat, rendered with the model's template.
+    pub messages: Option<serde_json::Value>,
+    /// Token ids as they are.
+    pub prompt_ids: Option<Vec<u32>>,
+    /// Most tokens to generate.
+    #[serde(default = "default_max_tokens")]
+    pub max_tokens: usize,
+    /// Keep going past EOS tokens.
+    #[serde(default)]
+    pub ignore_eos: bool,
+    /// Sampling parameters (greedy when absent).
+    #[serde(default)]
+    pub sampling: SamplingParams,
+}
+
+fn default_max_tokens() -> usize {
+    128
+}
+
+fn error_reply(status: u16, message: String) -> warp::reply::Response {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    warp::reply::with_status(warp::reply::json(&json!({"error": message})), status).into_response()
+}
+
+use warp::Reply;
+
+fn prompt_ids(shared: &Shared, body: &GenerateBody) -> Result<Vec<u32>, String> {
+    let head = shared.head.as_ref().ok_or("this stage is not stage 0")?;
+    match (&body.prompt, &body.messages, &body.prompt_ids) {
+        (Some(p), None, None) => head.tokenizer().encode(p, true).map_err(|e| e.to_string()),
+        (None, Some(m), None) => {
+            let template = head
+                .folder()
+                .chat_template
+                .as_ref()
+                .ok_or("the model has no chat template; send `prompt` instead")?;
+            let text = template.render(m, true, None).map_err(|e| e.to_string())?;
+            head.tokenizer().encode(&text, false).map_err(|e| e.to_string())
+        }
+        (None, None, Some(ids)) => Ok(ids.clone()),
+        _ => Err("give exactly one of `prompt`, `messages` or `prompt_ids`".into()),
+    }
+}
+
+async fn generate(shared: Arc<Shared>, raw: bytes::Bytes) -> Result<warp::reply::Response, Infallible> {
+    let body: GenerateBody = match serde_json::from_slice(&raw) {
+        Ok(b) => b,
+        Err(e) => return Ok(error_reply(400, format!("request body: {e}"))),
+    };
+    let Some(head) = shared.head.clone() else {
+        return Ok(error_reply(404, "this stage is not stage 0".into()));
+    };
+    let ids = match prompt_ids(&shared, &body) {
+        Ok(ids) => ids,
+        Err(m) => return Ok(error_reply(400, m)),
+    };
+    let request = Request {
+        prompt_ids: ids,
+        max_tokens: body.max_tokens,
+        sampling: body.sampling,
+        ignore_eos: body.ignore_eos,
+    };
+    let mut events = match head.submit(&shared, request) {
+        Ok(rx) => rx,
+        Err(refusal) => return Ok(error_reply(refusal.status, refusal.message)),
+    };
+    // When the caller goes away, this stream (and the receiver in it) is dropped; the head
+    // notices the closed channel and cancels the sequence around the ring.
+    let stream = futures_util::stream::poll_fn(move |cx| {
+        events.poll_recv(cx).map(|e| {
+            e.map(|event: Event| {
+                let mut line = serde_json::to_vec(&event).unwrap_or_default();
+                line.push(b'\n');
+                Ok::<_, Infallible>(bytes::Bytes::from(line))
+            })
+        })
+    });
+    let reply = warp::reply::stream(stream);
+    Ok(warp::reply::with_header(reply, "content-type", "application/x-ndjson").into_response())
+}
+
+fn health(shared: &Shared) -> warp::reply::Response {
+    let head = shared.head.as_ref();
+    let status = head.map(|h| h.ring_status(shared));
+    let up = matches!(status, Some(Ok(())));
+    let body = json!({
+        "pipeline": shared.config.pipeline,
+        "stage": shared.index,
+        "ring": if up { "up" } else { "down" },
+        "detail": status.and_then(|s| s.err()),
+        "sequences": head.map(|h| h.in_flight()),
+        "metrics": shared.metrics.snapshot(),
+    });
+    let code = if up { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    warp::reply::with_status(warp::reply::json(&body), code).into_response()
+}
+
+/// Serves the API on `listener` until `shutdown` resolves.
+pub async fn serve(shared: Arc<Shared>, listener: TcpListener, shutdown: impl std::future::Future<Output = ()> + Send + 'static) {
+    let with_shared = {
+        let shared = shared.clone();
+        warp::any().map(move || shared.clone())
+    };
+    let generate_route = warp::post()
+        .and(warp::path!("generate"))
+        .and(with_shared.clone())
+        .and(warp::body::content_length_limit(16 << 20))
+        .and(warp::body::bytes())
+        .and_then(generate);
+    let health_route = warp::get()
+        .and(warp::path!("health"))
+        .and(with_shared)
+        .map(|shared: Arc<Shared>| health(&shared));
+    let routes = generate_route.or(health_route);
+    warp::serve(routes).incoming(listener).graceful(shutdown).run().await;
+}
+
+/// Binds the API's address, naming it when that fails.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("binding the HTTP API on {addr}: {e}"))
+}

@@ -1,0 +1,21 @@
+//! The pipeline ring: hidden states flow from stage to stage over TCP, the last stage samples,
+//! and the token travels back to stage 0, which runs the generation loop. Many sequences are in
+//! flight at once; each stage computes whichever sequence's frame arrives next.
+//!
+//! # Layout
+//!
+//! - [`frame`]: the wire format (magic, version, size cap, header, raw tensor bytes).
+//! - [`handshake`]: HMAC challenge proving both ends know the cluster token.
+//! - [`compute`]: the compute thread that owns a stage's work, fed by a bounded queue.
+//! - [`head`]: stage 0's generation loop: admission, chunked prefill, stop conditions, events.
+//! - [`node`]: a stage process: listener, connector with backoff, probes, failure handling.
+//! - [`http`]: stage 0's HTTP API for callers (`POST /generate`, `GET /health`).
+
+pub mod compute;
+pub mod frame;
+pub mod handshake;
+pub mod head;
+pub mod http;
+pub mod node;
+
+pub use node::{NodeOptions, RingNode};

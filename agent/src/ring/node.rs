@@ -1,0 +1,470 @@
+//! A stage process: its listener for the predecessor's link, its connector to the successor,
+//! its compute thread, and on stage 0 the head.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use cluster_api::RingConfig;
+use cluster_engine::device::{choose_dtype, open_device};
+use cluster_engine::{ModelFolder, SeqId, Stage, StageSpec};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+
+use super::compute::{self, Job, QUEUE_CAPACITY};
+use super::frame::{Frame, FrameKind, FrameReader, write_frame};
+use super::handshake::{self, RingIdentity};
+use super::head::Head;
+
+/// Longest wait for a TCP connect or a handshake to finish.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Reconnection backoff bounds.
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// How often stage 0 sends a probe around the ring and checks its sequences.
+const PROBE_INTERVAL: Duration = Duration::from_millis(200);
+/// Frames waiting to be written to the successor; past it the compute thread waits, which
+/// slows the stage to the network's pace instead of buffering without bound.
+const OUTBOUND_CAPACITY: usize = 256;
+
+/// Counters a stage keeps about its own work.
+#[derive(Debug, Default)]
+pub struct StageMetrics {
+    compute_nanos: AtomicU64,
+    compute_steps: AtomicU64,
+    frames_sent: AtomicU64,
+    frames_dropped: AtomicU64,
+}
+
+impl StageMetrics {
+    /// Adds one forward pass's duration.
+    pub fn record_compute(&self, d: Duration) {
+        self.compute_nanos.fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
+        self.compute_steps.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The counters as JSON.
+    pub fn snapshot(&self) -> serde_json::Value {
+        serde_json::json!({
+            "compute_seconds": self.compute_nanos.load(Ordering::Relaxed) as f64 / 1e9,
+            "compute_steps": self.compute_steps.load(Ordering::Relaxed),
+            "frames_sent": self.frames_sent.load(Ordering::Relaxed),
+            "frames_dropped": self.frames_dropped.load(Ordering::Relaxed),
+        })
+    }
+}
+
+/// State shared by a stage's tasks and its compute thread.
+pub struct Shared {
+    /// The ring.
+    pub config: RingConfig,
+    /// This stage's index.
+    pub index: usize,
+    identity: RingIdentity,
+    /// Sender to the link toward the successor; `None` while it is down.
+    outbound: Mutex<Option<mpsc::Sender<Frame>>>,
+    /// The compute thread's queue.
+    pub jobs: mpsc::Sender<Job>,
+    /// The head, on stage 0.
+    pub head: Option<Arc<Head>>,
+    /// Counts connections from the predecessor, so an old one's end does not fail the new one.
+    inbound_epoch: AtomicU64,
+    /// Counters.
+    pub metrics: StageMetrics,
+}
+
+impl Shared {
+    /// Whether the link to the successor is up.
+    pub fn outbound_up(&self) -> bool {
+        self.outbound.lock().unwrap_or_else(PoisonError::into_inner).is_some()
+    }
+
+    fn describe_self(&self) -> String {
+        self.config.describe_stage(self.index)
+    }
+
+    /// Sends a frame to the successor, waiting when the link is busy. A frame for a down link
+    /// is dropped: on stage 0 its sequence fails at once; elsewhere the stage that lost its
+    /// predecessor reports the loss toward stage 0.
+    pub fn send(&self, frame: Frame) {
+        let sender = self.outbound.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let seq = frame.seq;
+        let kind = frame.kind;
+        let sent = match sender {
+            Some(tx) => tx.blocking_send(frame).is_ok(),
+            None => false,
+        };
+        if sent {
+            self.metrics.frames_sent.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.metrics.frames_dropped.fetch_add(1, Ordering::Relaxed);
+            if let Some(head) = &self.head
+                && matches!(kind, FrameKind::Prefill | FrameKind::Decode)
+            {
+                let next = self.config.describe_stage(self.config.successor(self.index));
+                head.fail(self, seq, format!("{next} is not connected"));
+            }
+        }
+    }
+
+    /// Delivers a sampled token: to the head when this stage is also stage 0, else to stage 0.
+    pub fn deliver_token(&self, seq: SeqId, id: u32) {
+        match &self.head {
+            Some(head) => head.on_token(self, seq, id),
+            None => self.send(Frame::new(FrameKind::Token, &self.config.pipeline, self.config.generation, seq).with_tokens(&[id])),
+        }
+    }
+
+    /// Fails one sequence because of this stage: on stage 0 directly, elsewhere by an Error
+    /// frame that travels on to stage 0.
+    pub fn fail_sequence(&self, seq: SeqId, message: &str) {
+        let message = format!("{}: {message}", self.describe_self());
+        match &self.head {
+            Some(head) => head.fail(self, seq, message),
+            None => self.send(Frame::new(FrameKind::Error, &self.config.pipeline, self.config.generation, seq).with_meta(message)),
+        }
+    }
+
+    fn set_outbound(&self, tx: Option<mpsc::Sender<Frame>>) {
+        *self.outbound.lock().unwrap_or_else(PoisonError::into_inner) = tx;
+    }
+}
+
+/// What a stage process needs beyond the ring configuration.
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    /// This stage's index in the ring.
+    pub index: usize,
+    /// Sequences with no token for this long fail (stage 0).
+    pub step_timeout: Duration,
+}
+
+/// A running stage; dropping it does not stop the tasks, [`RingNode::shutdown`] does.
+pub struct RingNode {
+    /// State shared with the tasks.
+    pub shared: Arc<Shared>,
+    /// The address the ring listener is bound to.
+    pub ring_addr: SocketAddr,
+    stop: watch::Sender<bool>,
+}
+
+impl RingNode {
+    /// Loads the stage and starts its listener, connector and compute thread.
+    pub async fn start(config: RingConfig, options: NodeOptions) -> Result<Self> {
+        let index = options.index;
+        let Some(me) = config.stages.get(index) else {
+            bail!("pipeline {}: there is no stage {index} (the ring has {} stages)", config.pipeline, config.stages.len());
+        };
+        let listener = TcpListener::bind(&me.address)
+            .await
+            .with_context(|| format!("{}: binding the ring listener on {}", config.describe_stage(index), me.address))?;
+        let ring_addr = listener.local_addr()?;
+        let load_config = config.clone();
+        let (folder, stage) = tokio::task::spawn_blocking(move || load_stage(&load_config, index)).await??;
+        let (jobs_tx, jobs_rx) = mpsc::channel(QUEUE_CAPACITY);
+        let head = (index == 0).then(|| Arc::new(Head::new(folder, options.step_timeout)));
+        let shared = Arc::new(Shared {
+            identity: RingIdentity {
+                pipeline: config.pipeline.clone(),
+                generation: config.generation,
+                token: config.token.clone(),
+            },
+            config,
+            index,
+            outbound: Mutex::new(None),
+            jobs: jobs_tx,
+            head,
+            inbound_epoch: AtomicU64::new(0),
+            metrics: StageMetrics::default(),
+        });
+        let (stop, stop_rx) = watch::channel(false);
+        let compute_shared = shared.clone();
+        std::thread::Builder::new()
+            .name(format!("stage-{index}-compute"))
+            .spawn(move || compute::run(compute_shared, Arc::new(stage), jobs_rx))
+            .context("starting the compute thread")?;
+        tokio::spawn(accept_loop(shared.clone(), listener, stop_rx.clone()));
+        tokio::spawn(connect_loop(shared.clone(), stop_rx.clone()));
+        if shared.head.is_some() {
+            tokio::spawn(probe_loop(shared.clone(), stop_rx));
+        }
+        tracing::info!(stage = index, address = %ring_addr, "stage ready");
+        Ok(Self { shared, ring_addr, stop })
+    }
+
+    /// Stops accepting and connecting; sequences in flight end with an error.
+    pub fn shutdown(&self) {
+        let _ = self.stop.send(true);
+        if let Some(head) = &self.shared.head {
+            head.fail_all(&self.shared, format!("{} is shutting down", self.shared.describe_self()));
+        }
+    }
+}
+
+fn load_stage(config: &RingConfig, index: usize) -> Result<(ModelFolder, Stage)> {
+    let folder = ModelFolder::open(&config.model).with_context(|| format!("opening model {}", config.model.display()))?;
+    config.validate(folder.config.num_hidden_layers).map_err(anyhow::Error::msg)?;
+    let device = open_device(config.device)?;
+    let dtype = choose_dtype(config.dtype, folder.config.dtype, &device);
+    let range = config.stages[index].layers;
+    let started = Instant::now();
+    let stage = Stage::load(
+        StageSpec {
+            config: folder.config.clone(),
+            weights: &folder.weights,
+            range,
+            first: index == 0,
+            last: index + 1 == config.stages.len(),
+            device,
+            dtype,
+        },
+        &mut |_, _| {},
+    )
+    .with_context(|| format!("{}: loading layers {range}", config.describe_stage(index)))?;
+    tracing::info!(
+        stage = index,
+        layers = %range,
+        weight_bytes = stage.weight_bytes(),
+        ms = started.elapsed().as_millis() as u64,
+        "stage loaded"
+    );
+    Ok((folder, stage))
+}
+
+async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = stop.changed() => return,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                backoff = BACKOFF_MIN;
+                tokio::spawn(serve_inbound(shared.clone(), stream, peer));
+            }
+            Err(e) => {
+                // Running out of descriptors is transient: wait and keep accepting.
+                tracing::error!(error = %e, "accepting a ring connection failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+}
+
+/// One connection from the predecessor: handshake, then route its frames until it ends.
+async fn serve_inbound(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    let (read, mut write) = stream.into_split();
+    let mut reader = FrameReader::new(read);
+    let n = shared.config.stages.len();
+    let predecessor = (shared.index + n - 1) % n;
+    let shook = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake::accept(&mut reader, &mut write, &shared.identity, predecessor)).await;
+    match shook {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(%peer, error = %e, "refused a ring connection");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(%peer, "refused a ring connection: no handshake within {} s", HANDSHAKE_TIMEOUT.as_secs());
+            return;
+        }
+    }
+    let epoch = shared.inbound_epoch.fetch_add(1, Ordering::SeqCst) + 1;
+    tracing::info!(%peer, from = predecessor, "predecessor connected");
+    let pred = shared.config.describe_stage(predecessor);
+    let reason = loop {
+        match reader.read_frame().await {
+            Ok(Some(frame)) => {
+                if frame.pipeline != shared.config.pipeline || frame.generation != shared.config.generation {
+                    break format!("sent a frame for pipeline {:?} generation {}", frame.pipeline, frame.generation);
+                }
+                if let Err(why) = route(&shared, frame).await {
+                    break why;
+                }
+            }
+            Ok(None) => break "closed the connection".to_string(),
+            Err(e) => break e.to_string(),
+        }
+    };
+    // Keep the write half until here: dropping it early would half-close the link.
+    drop(write);
+    if shared.inbound_epoch.load(Ordering::SeqCst) != epoch {
+        return; // a newer connection from the predecessor already replaced this one
+    }
+    let message = format!("{pred} went away: {reason}");
+    tracing::warn!(stage = shared.index, "{message}");
+    match &shared.head {
+        Some(head) => head.fail_all(&shared, message),
+        None => {
+            let _ = shared.jobs.send(Job::DropAll).await;
+            let frame = Frame::new(FrameKind::Error, &shared.config.pipeline, shared.config.generation, 0).with_meta(message);
+            let sender = shared.outbound.lock().unwrap_or_else(PoisonError::into_inner).clone();
+            if let Some(tx) = sender {
+                let _ = tx.send(frame).await;
+            }
+        }
+    }
+}
+
+/// Routes one frame from the predecessor; an error closes the connection.
+async fn route(shared: &Arc<Shared>, frame: Frame) -> Result<(), String> {
+    match (&shared.head, frame.kind) {
+        (None, FrameKind::Prefill | FrameKind::Decode) => shared.jobs.send(Job::Frame(frame)).await.map_err(|_| "compute thread stopped".to_string()),
+        (None, FrameKind::Release | FrameKind::Cancel) => shared
+            .jobs
+            .send(Job::Release { seq: frame.seq, kind: frame.kind })
+            .await
+            .map_err(|_| "compute thread stopped".to_string()),
+        (None, FrameKind::Error | FrameKind::Probe) => {
+            forward(shared, frame).await;
+            Ok(())
+        }
+        (Some(head), FrameKind::Token) => {
+            let ids = frame.tokens().map_err(|e| e.to_string())?;
+            let &[id] = ids.as_slice() else {
+                return Err(format!("a token frame carries {} ids", ids.len()));
+            };
+            head.on_token(shared, frame.seq, id);
+            Ok(())
+        }
+        (Some(head), FrameKind::Probe) => {
+            head.probe_returned();
+            Ok(())
+        }
+        (Some(head), FrameKind::Error) => {
+            let message = frame.meta_text();
+            if frame.seq == 0 {
+                head.fail_all(shared, message);
+            } else {
+                head.fail(shared, frame.seq, message);
+            }
+            Ok(())
+        }
+        (_, kind) => Err(format!("sent an unexpected {kind:?} frame")),
+    }
+}
+
+async fn forward(shared: &Shared, frame: Frame) {
+    let sender = shared.outbound.lock().unwrap_or_else(PoisonError::into_inner).clone();
+    if let Some(tx) = sender {
+        let _ = tx.send(frame).await;
+    }
+}
+
+/// Keeps the link to the successor up: connect, handshake, write frames, reconnect with
+/// backoff when it drops.
+async fn connect_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let successor = shared.config.successor(shared.index);
+    let address = shared.config.stages[successor].address.clone();
+    let who = shared.config.describe_stage(successor);
+    let mut backoff = BACKOFF_MIN;
+    let mut logged_down = false;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        match open_link(&shared, &address).await {
+            Ok((reader, writer)) => {
+                backoff = BACKOFF_MIN;
+                logged_down = false;
+                tracing::info!(stage = shared.index, "connected to {who}");
+                let reason = run_link(&shared, reader, writer, &mut stop).await;
+                shared.set_outbound(None);
+                let message = format!("{who} went away: {reason}");
+                tracing::warn!(stage = shared.index, "{message}");
+                match &shared.head {
+                    Some(head) => head.fail_all(&shared, message),
+                    None => {
+                        let _ = shared.jobs.send(Job::DropAll).await;
+                    }
+                }
+            }
+            Err(e) => {
+                if !logged_down {
+                    tracing::info!(stage = shared.index, "cannot reach {who} yet: {e:#}; retrying");
+                    logged_down = true;
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stop.changed() => return,
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+type LinkHalves = (FrameReader<tokio::net::tcp::OwnedReadHalf>, tokio::net::tcp::OwnedWriteHalf);
+
+async fn open_link(shared: &Shared, address: &str) -> Result<LinkHalves> {
+    let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(address))
+        .await
+        .context("connect timed out")??;
+    stream.set_nodelay(true)?;
+    let (read, mut write) = stream.into_split();
+    let mut reader = FrameReader::new(read);
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake::connect(&mut reader, &mut write, &shared.identity, shared.index))
+        .await
+        .context("handshake timed out")??;
+    Ok((reader, write))
+}
+
+/// Writes frames to the successor until the link breaks; returns why it ended.
+async fn run_link(
+    shared: &Shared,
+    mut reader: FrameReader<tokio::net::tcp::OwnedReadHalf>,
+    mut writer: tokio::net::tcp::OwnedWriteHalf,
+    stop: &mut watch::Receiver<bool>,
+) -> String {
+    let (tx, mut rx) = mpsc::channel::<Frame>(OUTBOUND_CAPACITY);
+    shared.set_outbound(Some(tx));
+    loop {
+        tokio::select! {
+            frame = rx.recv() => {
+                let Some(frame) = frame else { return "link closed".into() };
+                if let Err(e) = write_frame(&mut writer, &frame).await {
+                    return format!("writing failed: {e}");
+                }
+            }
+            // The successor never writes on this link: a read that returns means it is gone.
+            r = reader.read_frame() => {
+                return match r {
+                    Ok(None) => "closed the connection".into(),
+                    Ok(Some(f)) => format!("sent an unexpected {:?} frame", f.kind),
+                    Err(e) => e.to_string(),
+                };
+            }
+            _ = stop.changed() => return "this stage is stopping".into(),
+        }
+    }
+}
+
+/// Stage 0: sends a probe around the ring and sweeps stale sequences.
+async fn probe_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let Some(head) = shared.head.clone() else { return };
+    let mut tick = tokio::time::interval(PROBE_INTERVAL);
+    let mut probe_seq = 0u64;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        probe_seq += 1;
+        if shared.config.stages.len() == 1 {
+            head.probe_returned();
+        } else {
+            forward(&shared, Frame::new(FrameKind::Probe, &shared.config.pipeline, shared.config.generation, probe_seq)).await;
+        }
+        if head.in_flight() > 0
+            && let Err(why) = head.ring_status(&shared)
+        {
+            head.fail_all(&shared, why);
+        }
+        head.sweep(&shared);
+    }
+}
