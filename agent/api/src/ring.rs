@@ -68,13 +68,22 @@ impl RingConfig {
         let ranges: Vec<LayerRange> = self.stages.iter().map(|s| s.layers).collect();
         LayerSplit::new(ranges, layers).map_err(|e| format!("pipeline {}: {e}", self.pipeline))?;
         if self.prefill_chunk == 0 {
-            return Err(format!("pipeline {}: prefillChunk must be at least 1", self.pipeline));
+            return Err(format!(
+                "pipeline {}: prefillChunk must be at least 1",
+                self.pipeline
+            ));
         }
         if self.max_sequences == 0 {
-            return Err(format!("pipeline {}: maxSequences must be at least 1", self.pipeline));
+            return Err(format!(
+                "pipeline {}: maxSequences must be at least 1",
+                self.pipeline
+            ));
         }
         if self.token.is_empty() {
-            return Err(format!("pipeline {}: the cluster token is empty", self.pipeline));
+            return Err(format!(
+                "pipeline {}: the cluster token is empty",
+                self.pipeline
+            ));
         }
         Ok(())
     }

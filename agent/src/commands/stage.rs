@@ -32,9 +32,10 @@ pub struct StageArgs {
 
 /// Runs `clusteragent stage` until SIGINT or SIGTERM.
 pub fn run(args: StageArgs) -> Result<()> {
-    let text = std::fs::read_to_string(&args.config).with_context(|| format!("reading {}", args.config.display()))?;
-    let mut config: RingConfig =
-        serde_json::from_str(&text).with_context(|| format!("{}: not a ring configuration", args.config.display()))?;
+    let text = std::fs::read_to_string(&args.config)
+        .with_context(|| format!("reading {}", args.config.display()))?;
+    let mut config: RingConfig = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not a ring configuration", args.config.display()))?;
     if let Some(file) = &args.token_file {
         config.token = std::fs::read_to_string(file)
             .with_context(|| format!("reading the token from {}", file.display()))?
@@ -42,9 +43,12 @@ pub fn run(args: StageArgs) -> Result<()> {
             .to_string();
     }
     if args.http.is_some() && args.index != 0 {
-        bail!("--http is for stage 0, which runs the generation loop; this is stage {}", args.index);
+        bail!(
+            "--http is for stage 0, which runs the generation loop; this is stage {}",
+            args.index
+        );
     }
-    if !(args.step_timeout > 0.0) {
+    if !args.step_timeout.is_finite() || args.step_timeout <= 0.0 {
         bail!("--step-timeout must be positive, got {}", args.step_timeout);
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -61,13 +65,19 @@ pub fn run(args: StageArgs) -> Result<()> {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         if let Some(addr) = args.http {
             let listener = http::bind(addr).await?;
-            eprintln!("stage 0 serving the generation API on http://{}", listener.local_addr()?);
+            eprintln!(
+                "stage 0 serving the generation API on http://{}",
+                listener.local_addr()?
+            );
             let mut stop = stop_rx.clone();
             tokio::spawn(http::serve(node.shared.clone(), listener, async move {
                 let _ = stop.changed().await;
             }));
         }
-        eprintln!("stage {} listening for its predecessor on {}", args.index, node.ring_addr);
+        eprintln!(
+            "stage {} listening for its predecessor on {}",
+            args.index, node.ring_addr
+        );
         wait_for_signal().await;
         let _ = stop_tx.send(true);
         node.shutdown();

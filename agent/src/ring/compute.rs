@@ -74,8 +74,19 @@ pub fn run(shared: Arc<Shared>, stage: Arc<Stage>, mut jobs: mpsc::Receiver<Job>
                         continue;
                     }
                 };
-                let last_chunk = frame.kind == FrameKind::Decode || frame.flags & FLAG_LAST_CHUNK != 0;
-                step(&shared, &stage, &mut samplers, frame.seq, frame.position as usize, input, frame.kind, last_chunk, frame.meta);
+                let last_chunk =
+                    frame.kind == FrameKind::Decode || frame.flags & FLAG_LAST_CHUNK != 0;
+                step(
+                    &shared,
+                    &stage,
+                    &mut samplers,
+                    frame.seq,
+                    frame.position as usize,
+                    input,
+                    frame.kind,
+                    last_chunk,
+                    frame.meta,
+                );
             }
             Job::Tokens {
                 seq,
@@ -86,20 +97,39 @@ pub fn run(shared: Arc<Shared>, stage: Arc<Stage>, mut jobs: mpsc::Receiver<Job>
                 start,
             } => {
                 let meta = start.unwrap_or_default();
-                step(&shared, &stage, &mut samplers, seq, position, StageInput::Tokens(tokens), kind, last_chunk, meta);
+                step(
+                    &shared,
+                    &stage,
+                    &mut samplers,
+                    seq,
+                    position,
+                    StageInput::Tokens(tokens),
+                    kind,
+                    last_chunk,
+                    meta,
+                );
             }
             Job::Release { seq, kind } => {
                 stage.release(seq);
                 samplers.remove(&seq);
                 if !stage.is_last() {
-                    shared.send(Frame::new(kind, &shared.config.pipeline, shared.config.generation, seq));
+                    shared.send(Frame::new(
+                        kind,
+                        &shared.config.pipeline,
+                        shared.config.generation,
+                        seq,
+                    ));
                 }
             }
             Job::DropAll => {
                 let n = stage.release_all();
                 samplers.clear();
                 if n > 0 {
-                    tracing::warn!(stage = shared.index, sequences = n, "freed every sequence's cache after a link went down");
+                    tracing::warn!(
+                        stage = shared.index,
+                        sequences = n,
+                        "freed every sequence's cache after a link went down"
+                    );
                 }
             }
         }
@@ -121,13 +151,17 @@ fn step(
     if position == 0 && stage.is_last() {
         match serde_json::from_slice::<SequenceStart>(&meta)
             .map_err(|e| e.to_string())
-            .and_then(|s| Sampler::new(&s.sampling, s.vocab_limit, &s.context).map_err(|e| e.to_string()))
-        {
+            .and_then(|s| {
+                Sampler::new(&s.sampling, s.vocab_limit, &s.context).map_err(|e| e.to_string())
+            }) {
             Ok(sampler) => {
                 samplers.insert(seq, sampler);
             }
             Err(e) => {
-                shared.fail_sequence(seq, &format!("the first chunk carries no usable sampling parameters: {e}"));
+                shared.fail_sequence(
+                    seq,
+                    &format!("the first chunk carries no usable sampling parameters: {e}"),
+                );
                 return;
             }
         }
@@ -137,7 +171,8 @@ fn step(
     shared.metrics.record_compute(started.elapsed());
     match output {
         Ok(StageOutput::Hidden(h)) => {
-            let mut frame = Frame::new(kind, &shared.config.pipeline, shared.config.generation, seq);
+            let mut frame =
+                Frame::new(kind, &shared.config.pipeline, shared.config.generation, seq);
             frame.position = position as u32;
             frame.flags = if last_chunk { FLAG_LAST_CHUNK } else { 0 };
             frame.meta = meta;
@@ -151,7 +186,10 @@ fn step(
                 return;
             }
             let Some(sampler) = samplers.get_mut(&seq) else {
-                shared.fail_sequence(seq, "no sampler for this sequence (its first chunk never reached the last stage)");
+                shared.fail_sequence(
+                    seq,
+                    "no sampler for this sequence (its first chunk never reached the last stage)",
+                );
                 return;
             };
             match sampler.sample(&logits) {

@@ -210,8 +210,13 @@ impl Frame {
 
     /// Puts a tensor's raw little-endian bytes in the payload.
     pub fn with_tensor(mut self, t: &Tensor) -> Result<Self, FrameError> {
-        let err = |e: cluster_engine::candle_core::Error| FrameError::Malformed(format!("tensor: {e}"));
-        let flat = t.flatten_all().map_err(err)?.to_device(&Device::Cpu).map_err(err)?;
+        let err =
+            |e: cluster_engine::candle_core::Error| FrameError::Malformed(format!("tensor: {e}"));
+        let flat = t
+            .flatten_all()
+            .map_err(err)?
+            .to_device(&Device::Cpu)
+            .map_err(err)?;
         let mut b = BytesMut::with_capacity(flat.elem_count() * t.dtype().size_in_bytes());
         let dtype = match t.dtype() {
             DType::F32 => {
@@ -243,9 +248,16 @@ impl Frame {
     /// The payload as token ids.
     pub fn tokens(&self) -> Result<Vec<u32>, FrameError> {
         if self.dtype != WireDType::U32 {
-            return Err(FrameError::Malformed(format!("expected token ids, got {:?}", self.dtype)));
+            return Err(FrameError::Malformed(format!(
+                "expected token ids, got {:?}",
+                self.dtype
+            )));
         }
-        Ok(self.payload.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+        Ok(self
+            .payload
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
     }
 
     /// The payload as a tensor on the CPU (copied: the bytes need not be aligned for it).
@@ -266,7 +278,17 @@ impl Frame {
 
     /// The whole frame as bytes.
     pub fn encode(&self) -> Bytes {
-        let body_len = 8 + 8 + 4 + 1 + 1 + 4 * self.shape.len() + 2 + self.pipeline.len() + 4 + self.meta.len() + self.payload.len();
+        let body_len = 8
+            + 8
+            + 4
+            + 1
+            + 1
+            + 4 * self.shape.len()
+            + 2
+            + self.pipeline.len()
+            + 4
+            + self.meta.len()
+            + self.payload.len();
         let mut b = BytesMut::with_capacity(PREAMBLE + body_len);
         b.put_slice(&MAGIC);
         b.put_u16_le(PROTOCOL_VERSION);
@@ -316,15 +338,23 @@ impl Frame {
         let flags = buf[7];
         buf.advance(PREAMBLE);
         let mut body = buf.split_to(body_len as usize).freeze();
-        let kind = FrameKind::from_u8(kind_byte).ok_or_else(|| FrameError::Malformed(format!("unknown frame kind {kind_byte}")))?;
+        let kind = FrameKind::from_u8(kind_byte)
+            .ok_or_else(|| FrameError::Malformed(format!("unknown frame kind {kind_byte}")))?;
         let short = || FrameError::Malformed("body shorter than its fields".into());
-        let need = |b: &Bytes, n: usize| if b.remaining() < n { Err(short()) } else { Ok(()) };
+        let need = |b: &Bytes, n: usize| {
+            if b.remaining() < n {
+                Err(short())
+            } else {
+                Ok(())
+            }
+        };
         need(&body, 22)?;
         let generation = body.get_u64_le();
         let seq = body.get_u64_le();
         let position = body.get_u32_le();
         let dtype_byte = body.get_u8();
-        let dtype = WireDType::from_u8(dtype_byte).ok_or_else(|| FrameError::Malformed(format!("unknown dtype {dtype_byte}")))?;
+        let dtype = WireDType::from_u8(dtype_byte)
+            .ok_or_else(|| FrameError::Malformed(format!("unknown dtype {dtype_byte}")))?;
         let ndims = body.get_u8() as usize;
         need(&body, 4 * ndims + 2)?;
         let shape: Vec<u32> = (0..ndims).map(|_| body.get_u32_le()).collect();
@@ -336,8 +366,12 @@ impl Frame {
         need(&body, meta_len)?;
         let meta = body.split_to(meta_len);
         let payload = body;
-        let elements = shape.iter().try_fold(1usize, |acc, d| acc.checked_mul(*d as usize));
-        let expected = elements.and_then(|n| n.checked_mul(dtype.size())).unwrap_or(usize::MAX);
+        let elements = shape
+            .iter()
+            .try_fold(1usize, |acc, d| acc.checked_mul(*d as usize));
+        let expected = elements
+            .and_then(|n| n.checked_mul(dtype.size()))
+            .unwrap_or(usize::MAX);
         if (dtype != WireDType::None || !payload.is_empty()) && expected != payload.len() {
             return Err(FrameError::Malformed(format!(
                 "payload of {} bytes does not match shape {shape:?} of {dtype:?}",
@@ -407,17 +441,26 @@ mod tests {
             .unwrap()
             .unsqueeze(0)
             .unwrap();
-        let mut f = Frame::new(FrameKind::Prefill, "qwen", 3, 42).with_tensor(&t).unwrap().with_meta("{\"a\":1}");
+        let mut f = Frame::new(FrameKind::Prefill, "qwen", 3, 42)
+            .with_tensor(&t)
+            .unwrap()
+            .with_meta("{\"a\":1}");
         f.position = 7;
         f.flags = FLAG_LAST_CHUNK;
         let mut buf = BytesMut::from(&f.encode()[..]);
         let back = Frame::parse(&mut buf).unwrap().unwrap();
         assert!(buf.is_empty());
         assert_eq!(back, f);
-        assert_eq!(back.tensor().unwrap().to_vec3::<f32>().unwrap(), t.to_vec3::<f32>().unwrap());
+        assert_eq!(
+            back.tensor().unwrap().to_vec3::<f32>().unwrap(),
+            t.to_vec3::<f32>().unwrap()
+        );
         let tok = Frame::new(FrameKind::Token, "qwen", 3, 42).with_tokens(&[5, 70000]);
         let mut buf = BytesMut::from(&tok.encode()[..]);
-        assert_eq!(Frame::parse(&mut buf).unwrap().unwrap().tokens().unwrap(), vec![5, 70000]);
+        assert_eq!(
+            Frame::parse(&mut buf).unwrap().unwrap().tokens().unwrap(),
+            vec![5, 70000]
+        );
     }
 
     #[test]
@@ -426,16 +469,28 @@ mod tests {
         let mut buf = BytesMut::from(&bytes[..bytes.len() - 1]);
         assert!(Frame::parse(&mut buf).unwrap().is_none());
         let mut bad = BytesMut::from(&b"HTTP/1.1 200 OK\r\n"[..]);
-        assert!(matches!(Frame::parse(&mut bad), Err(FrameError::BadMagic(_))));
+        assert!(matches!(
+            Frame::parse(&mut bad),
+            Err(FrameError::BadMagic(_))
+        ));
         let mut v = bytes.to_vec();
         v[4] = 9;
-        assert!(matches!(Frame::parse(&mut BytesMut::from(&v[..])), Err(FrameError::Version(9))));
+        assert!(matches!(
+            Frame::parse(&mut BytesMut::from(&v[..])),
+            Err(FrameError::Version(9))
+        ));
         let mut v = bytes.to_vec();
         v[8..12].copy_from_slice(&(MAX_BODY_BYTES + 1).to_le_bytes());
-        assert!(matches!(Frame::parse(&mut BytesMut::from(&v[..])), Err(FrameError::TooLarge(_))));
+        assert!(matches!(
+            Frame::parse(&mut BytesMut::from(&v[..])),
+            Err(FrameError::TooLarge(_))
+        ));
         // A shape that promises more bytes than the payload holds.
         let mut f = Frame::new(FrameKind::Decode, "p", 0, 1).with_tokens(&[1, 2]);
         f.shape = vec![3];
-        assert!(matches!(Frame::parse(&mut BytesMut::from(&f.encode()[..])), Err(FrameError::Malformed(_))));
+        assert!(matches!(
+            Frame::parse(&mut BytesMut::from(&f.encode()[..])),
+            Err(FrameError::Malformed(_))
+        ));
     }
 }

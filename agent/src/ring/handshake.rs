@@ -63,15 +63,26 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
     if s.len() % 2 != 0 {
         return None;
     }
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 /// HMAC over everything the connection is about, with a role label so that a listener's answer
 /// cannot be replayed as a connector's proof.
 fn mac(id: &RingIdentity, role: &str, from: usize, nonce_c: &str, nonce_s: &str) -> HmacSha256 {
     // HMAC accepts keys of any length, so this cannot fail.
-    let mut m = HmacSha256::new_from_slice(id.token.as_bytes()).unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
-    for part in [role, &id.pipeline, &id.generation.to_string(), &from.to_string(), nonce_c, nonce_s] {
+    let mut m = HmacSha256::new_from_slice(id.token.as_bytes())
+        .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+    for part in [
+        role,
+        &id.pipeline,
+        &id.generation.to_string(),
+        &from.to_string(),
+        nonce_c,
+        nonce_s,
+    ] {
         m.update(&(part.len() as u32).to_le_bytes());
         m.update(part.as_bytes());
     }
@@ -88,45 +99,68 @@ fn field<'a>(v: &'a Value, key: &str, kind: FrameKind) -> Result<&'a str, Handsh
         .ok_or_else(|| HandshakeError::Protocol(format!("{kind:?} frame lacks `{key}`")))
 }
 
-async fn expect<R: AsyncRead + Unpin>(reader: &mut FrameReader<R>, kind: FrameKind) -> Result<Frame, HandshakeError> {
-    let frame = reader
-        .read_frame()
-        .await?
-        .ok_or_else(|| HandshakeError::Protocol(format!("connection closed while waiting for {kind:?}")))?;
+async fn expect<R: AsyncRead + Unpin>(
+    reader: &mut FrameReader<R>,
+    kind: FrameKind,
+) -> Result<Frame, HandshakeError> {
+    let frame = reader.read_frame().await?.ok_or_else(|| {
+        HandshakeError::Protocol(format!("connection closed while waiting for {kind:?}"))
+    })?;
     if frame.kind == FrameKind::Refuse {
         return Err(HandshakeError::Refused(frame.meta_text()));
     }
     if frame.kind != kind {
-        return Err(HandshakeError::Protocol(format!("expected {kind:?}, got {:?}", frame.kind)));
+        return Err(HandshakeError::Protocol(format!(
+            "expected {kind:?}, got {:?}",
+            frame.kind
+        )));
     }
     Ok(frame)
 }
 
 /// The connecting side: stage `from` opening its link to its successor.
-pub async fn connect<R, W>(reader: &mut FrameReader<R>, writer: &mut W, id: &RingIdentity, from: usize) -> Result<(), HandshakeError>
+pub async fn connect<R, W>(
+    reader: &mut FrameReader<R>,
+    writer: &mut W,
+    id: &RingIdentity,
+    from: usize,
+) -> Result<(), HandshakeError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let nonce_c = nonce();
-    let hello = Frame::new(FrameKind::Hello, &id.pipeline, id.generation, 0).with_meta(json!({"from": from, "nonce": nonce_c}).to_string());
+    let hello = Frame::new(FrameKind::Hello, &id.pipeline, id.generation, 0)
+        .with_meta(json!({"from": from, "nonce": nonce_c}).to_string());
     write_frame(writer, &hello).await?;
     let challenge = expect(reader, FrameKind::Challenge).await?;
     let nonce_s = field(&meta(&challenge), "nonce", FrameKind::Challenge)?.to_string();
-    let proof = mac(id, "connector", from, &nonce_c, &nonce_s).finalize().into_bytes();
-    let proof = Frame::new(FrameKind::Proof, &id.pipeline, id.generation, 0).with_meta(json!({"mac": hex(&proof)}).to_string());
+    let proof = mac(id, "connector", from, &nonce_c, &nonce_s)
+        .finalize()
+        .into_bytes();
+    let proof = Frame::new(FrameKind::Proof, &id.pipeline, id.generation, 0)
+        .with_meta(json!({"mac": hex(&proof)}).to_string());
     write_frame(writer, &proof).await?;
     let accept = expect(reader, FrameKind::Accept).await?;
     let theirs = unhex(field(&meta(&accept), "mac", FrameKind::Accept)?)
         .ok_or_else(|| HandshakeError::Protocol("Accept mac is not hex".into()))?;
     mac(id, "listener", from, &nonce_c, &nonce_s)
         .verify_slice(&theirs)
-        .map_err(|_| HandshakeError::Protocol("the listener could not prove it knows the cluster token".into()))
+        .map_err(|_| {
+            HandshakeError::Protocol(
+                "the listener could not prove it knows the cluster token".into(),
+            )
+        })
 }
 
 /// The listening side: accepts only stage `expected_from` of the same pipeline and generation.
 /// On refusal it tells the peer why before returning the error.
-pub async fn accept<R, W>(reader: &mut FrameReader<R>, writer: &mut W, id: &RingIdentity, expected_from: usize) -> Result<(), HandshakeError>
+pub async fn accept<R, W>(
+    reader: &mut FrameReader<R>,
+    writer: &mut W,
+    id: &RingIdentity,
+    expected_from: usize,
+) -> Result<(), HandshakeError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -134,14 +168,20 @@ where
     let hello = expect(reader, FrameKind::Hello).await?;
     let m = meta(&hello);
     let refusal = if hello.pipeline != id.pipeline {
-        Some(format!("pipeline {:?} is not served here (this is {:?})", hello.pipeline, id.pipeline))
+        Some(format!(
+            "pipeline {:?} is not served here (this is {:?})",
+            hello.pipeline, id.pipeline
+        ))
     } else if hello.generation != id.generation {
         Some(format!(
             "pipeline {} generation {} does not match this stage's generation {}",
             id.pipeline, hello.generation, id.generation
         ))
     } else if m.get("from").and_then(Value::as_u64) != Some(expected_from as u64) {
-        Some(format!("only stage {expected_from} may connect here, not {}", m.get("from").unwrap_or(&Value::Null)))
+        Some(format!(
+            "only stage {expected_from} may connect here, not {}",
+            m.get("from").unwrap_or(&Value::Null)
+        ))
     } else {
         None
     };
@@ -151,23 +191,31 @@ where
     }
     let nonce_c = field(&m, "nonce", FrameKind::Hello)?.to_string();
     let nonce_s = nonce();
-    let challenge = Frame::new(FrameKind::Challenge, &id.pipeline, id.generation, 0).with_meta(json!({"nonce": nonce_s}).to_string());
+    let challenge = Frame::new(FrameKind::Challenge, &id.pipeline, id.generation, 0)
+        .with_meta(json!({"nonce": nonce_s}).to_string());
     write_frame(writer, &challenge).await?;
     let proof = expect(reader, FrameKind::Proof).await?;
     let theirs = unhex(field(&meta(&proof), "mac", FrameKind::Proof)?).unwrap_or_default();
-    if mac(id, "connector", expected_from, &nonce_c, &nonce_s).verify_slice(&theirs).is_err() {
+    if mac(id, "connector", expected_from, &nonce_c, &nonce_s)
+        .verify_slice(&theirs)
+        .is_err()
+    {
         let reason = "the connecting stage could not prove it knows the cluster token".to_string();
         refuse(writer, id, &reason).await;
         return Err(HandshakeError::Refused(reason));
     }
-    let ours = mac(id, "listener", expected_from, &nonce_c, &nonce_s).finalize().into_bytes();
-    let accept = Frame::new(FrameKind::Accept, &id.pipeline, id.generation, 0).with_meta(json!({"mac": hex(&ours)}).to_string());
+    let ours = mac(id, "listener", expected_from, &nonce_c, &nonce_s)
+        .finalize()
+        .into_bytes();
+    let accept = Frame::new(FrameKind::Accept, &id.pipeline, id.generation, 0)
+        .with_meta(json!({"mac": hex(&ours)}).to_string());
     write_frame(writer, &accept).await?;
     Ok(())
 }
 
 async fn refuse<W: AsyncWrite + Unpin>(writer: &mut W, id: &RingIdentity, reason: &str) {
-    let frame = Frame::new(FrameKind::Refuse, &id.pipeline, id.generation, 0).with_meta(reason.to_string());
+    let frame =
+        Frame::new(FrameKind::Refuse, &id.pipeline, id.generation, 0).with_meta(reason.to_string());
     // The peer may already be gone; the refusal is logged by the caller either way.
     let _ = write_frame(writer, &frame).await;
 }
@@ -184,7 +232,11 @@ mod tests {
         }
     }
 
-    async fn pair(client: RingIdentity, server: RingIdentity, from: usize) -> (Result<(), HandshakeError>, Result<(), HandshakeError>) {
+    async fn pair(
+        client: RingIdentity,
+        server: RingIdentity,
+        from: usize,
+    ) -> (Result<(), HandshakeError>, Result<(), HandshakeError>) {
         let (a, b) = tokio::io::duplex(4096);
         let (ar, mut aw) = tokio::io::split(a);
         let (br, mut bw) = tokio::io::split(b);
@@ -205,8 +257,16 @@ mod tests {
         assert!(c.unwrap_err().to_string().contains("could not prove"));
         assert!(s.is_err());
         let (c, _) = pair(ident("secret", 1), ident("secret", 2), 1).await;
-        assert!(c.unwrap_err().to_string().contains("generation 1 does not match"));
+        assert!(
+            c.unwrap_err()
+                .to_string()
+                .contains("generation 1 does not match")
+        );
         let (c, _) = pair(ident("secret", 2), ident("secret", 2), 0).await;
-        assert!(c.unwrap_err().to_string().contains("only stage 1 may connect"));
+        assert!(
+            c.unwrap_err()
+                .to_string()
+                .contains("only stage 1 may connect")
+        );
     }
 }

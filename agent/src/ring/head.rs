@@ -139,14 +139,22 @@ impl Head {
     /// Whether every link of the ring is up, and if not, why.
     pub fn ring_status(&self, shared: &Shared) -> Result<(), String> {
         if !shared.outbound_up() {
-            return Err(format!("{} is not connected", shared.config.describe_stage(shared.config.successor(0))));
+            return Err(format!(
+                "{} is not connected",
+                shared.config.describe_stage(shared.config.successor(0))
+            ));
         }
         let fresh = lock(&self.last_probe).is_some_and(|t| t.elapsed() < PROBE_FRESH);
         if fresh {
             return Ok(());
         }
-        let detail = lock(&self.last_ring_error).clone().unwrap_or_else(|| "a stage after stage 1 is down or unreachable".into());
-        Err(format!("the ring is incomplete: no probe came back around within {} ms ({detail})", PROBE_FRESH.as_millis()))
+        let detail = lock(&self.last_ring_error)
+            .clone()
+            .unwrap_or_else(|| "a stage after stage 1 is down or unreachable".into());
+        Err(format!(
+            "the ring is incomplete: no probe came back around within {} ms ({detail})",
+            PROBE_FRESH.as_millis()
+        ))
     }
 
     /// A probe came back around: every link is up.
@@ -156,18 +164,33 @@ impl Head {
     }
 
     /// Admits a request and starts its prefill.
-    pub fn submit(&self, shared: &Shared, req: Request) -> Result<mpsc::UnboundedReceiver<Event>, Refusal> {
+    pub fn submit(
+        &self,
+        shared: &Shared,
+        req: Request,
+    ) -> Result<mpsc::UnboundedReceiver<Event>, Refusal> {
         let refuse = |status, message: String| Refusal { status, message };
-        self.ring_status(shared).map_err(|m| refuse(503, format!("pipeline {} is not ready: {m}", shared.config.pipeline)))?;
+        self.ring_status(shared).map_err(|m| {
+            refuse(
+                503,
+                format!("pipeline {} is not ready: {m}", shared.config.pipeline),
+            )
+        })?;
         req.sampling.validate().map_err(|m| refuse(400, m))?;
         if req.prompt_ids.is_empty() {
-            return Err(refuse(400, "the prompt is empty: it encodes to no tokens".into()));
+            return Err(refuse(
+                400,
+                "the prompt is empty: it encodes to no tokens".into(),
+            ));
         }
         let limit = self.folder.config.max_position_embeddings;
         if req.prompt_ids.len() >= limit {
             return Err(refuse(
                 400,
-                format!("the prompt has {} tokens but the model's context is {limit} tokens", req.prompt_ids.len()),
+                format!(
+                    "the prompt has {} tokens but the model's context is {limit} tokens",
+                    req.prompt_ids.len()
+                ),
             ));
         }
         if req.max_tokens == 0 {
@@ -180,7 +203,10 @@ impl Head {
             if seqs.len() >= shared.config.max_sequences {
                 return Err(refuse(
                     429,
-                    format!("pipeline {} is serving its limit of {} sequences; retry shortly", shared.config.pipeline, shared.config.max_sequences),
+                    format!(
+                        "pipeline {} is serving its limit of {} sequences; retry shortly",
+                        shared.config.pipeline, shared.config.max_sequences
+                    ),
                 ));
             }
             let now = Instant::now();
@@ -199,7 +225,10 @@ impl Head {
                 },
             );
         }
-        let context_start = req.prompt_ids.len().saturating_sub(req.sampling.repetition_window);
+        let context_start = req
+            .prompt_ids
+            .len()
+            .saturating_sub(req.sampling.repetition_window);
         let start = SequenceStart {
             sampling: req.sampling.clone(),
             vocab_limit: self.folder.tokenizer.vocab_size(),
@@ -218,7 +247,11 @@ impl Head {
                 start: (i == 0).then(|| start.clone()),
             };
             if shared.jobs.try_send(job).is_err() {
-                self.fail(shared, seq, "stage 0's compute queue is full; retry shortly".into());
+                self.fail(
+                    shared,
+                    seq,
+                    "stage 0's compute queue is full; retry shortly".into(),
+                );
                 break;
             }
         }
@@ -237,26 +270,32 @@ impl Head {
             st.last_progress = now;
             st.first_token_at.get_or_insert(now);
             let eos = !st.ignore_eos && self.folder.eos_token_ids.contains(&id);
-            let text = if eos {
-                String::new()
-            } else {
-                st.decoder.push(&self.folder.tokenizer, id).ok().flatten().unwrap_or_default()
-            };
             let position = st.prompt_len + st.generated - 1;
             let finish = if eos {
                 Some(FinishReason::Stop)
-            } else if st.generated >= st.max_tokens || position + 1 >= self.folder.config.max_position_embeddings {
+            } else if st.generated >= st.max_tokens
+                || position + 1 > self.folder.config.max_position_embeddings
+            {
                 Some(FinishReason::Length)
             } else {
                 None
             };
+            let mut text = if eos {
+                String::new()
+            } else {
+                st.decoder
+                    .push(&self.folder.tokenizer, id)
+                    .ok()
+                    .flatten()
+                    .unwrap_or_default()
+            };
+            if finish.is_some()
+                && let Ok(Some(rest)) = st.decoder.finish(&self.folder.tokenizer)
+            {
+                text.push_str(&rest);
+            }
             let mut alive = st.events.send(Event::Token { id, text }).is_ok();
             if let Some(reason) = finish {
-                if let Ok(Some(rest)) = st.decoder.finish(&self.folder.tokenizer)
-                    && !rest.is_empty()
-                {
-                    let _ = st.events.send(Event::Token { id, text: rest });
-                }
                 let first = st.first_token_at.unwrap_or(now);
                 let decode_secs = now.duration_since(first).as_secs_f64();
                 let _ = st.events.send(Event::Done {
@@ -264,14 +303,22 @@ impl Head {
                     prompt_tokens: st.prompt_len,
                     completion_tokens: st.generated,
                     time_to_first_token_ms: first.duration_since(st.admitted).as_secs_f64() * 1e3,
-                    decode_tokens_per_s: if decode_secs > 0.0 { (st.generated - 1) as f64 / decode_secs } else { 0.0 },
+                    decode_tokens_per_s: if decode_secs > 0.0 {
+                        (st.generated - 1) as f64 / decode_secs
+                    } else {
+                        0.0
+                    },
                 });
                 alive = false;
             }
             if alive {
                 Some(position)
             } else {
-                let kind = if finish.is_some() { FrameKind::Release } else { FrameKind::Cancel };
+                let kind = if finish.is_some() {
+                    FrameKind::Release
+                } else {
+                    FrameKind::Cancel
+                };
                 seqs.remove(&seq);
                 let _ = shared.jobs.try_send(Job::Release { seq, kind });
                 None
@@ -296,7 +343,10 @@ impl Head {
     pub fn fail(&self, shared: &Shared, seq: SeqId, message: String) {
         if let Some(st) = lock(&self.sequences).remove(&seq) {
             let _ = st.events.send(Event::Error { message });
-            let _ = shared.jobs.try_send(Job::Release { seq, kind: FrameKind::Cancel });
+            let _ = shared.jobs.try_send(Job::Release {
+                seq,
+                kind: FrameKind::Cancel,
+            });
         }
     }
 
@@ -307,7 +357,9 @@ impl Head {
             tracing::warn!(pipeline = %shared.config.pipeline, sequences = failed.len(), "{message}");
         }
         for st in failed {
-            let _ = st.events.send(Event::Error { message: message.clone() });
+            let _ = st.events.send(Event::Error {
+                message: message.clone(),
+            });
         }
         *lock(&self.last_ring_error) = Some(message);
         *lock(&self.last_probe) = None;
@@ -333,13 +385,19 @@ impl Head {
         for (seq, gone) in stale {
             if gone {
                 if lock(&self.sequences).remove(&seq).is_some() {
-                    let _ = shared.jobs.try_send(Job::Release { seq, kind: FrameKind::Cancel });
+                    let _ = shared.jobs.try_send(Job::Release {
+                        seq,
+                        kind: FrameKind::Cancel,
+                    });
                 }
             } else {
                 self.fail(
                     shared,
                     seq,
-                    format!("no token came back around the ring for {} s", self.step_timeout.as_secs_f64()),
+                    format!(
+                        "no token came back around the ring for {} s",
+                        self.step_timeout.as_secs_f64()
+                    ),
                 );
             }
         }

@@ -59,14 +59,19 @@ fn prompt_ids(shared: &Shared, body: &GenerateBody) -> Result<Vec<u32>, String> 
                 .as_ref()
                 .ok_or("the model has no chat template; send `prompt` instead")?;
             let text = template.render(m, true, None).map_err(|e| e.to_string())?;
-            head.tokenizer().encode(&text, false).map_err(|e| e.to_string())
+            head.tokenizer()
+                .encode(&text, false)
+                .map_err(|e| e.to_string())
         }
         (None, None, Some(ids)) => Ok(ids.clone()),
         _ => Err("give exactly one of `prompt`, `messages` or `prompt_ids`".into()),
     }
 }
 
-async fn generate(shared: Arc<Shared>, raw: bytes::Bytes) -> Result<warp::reply::Response, Infallible> {
+async fn generate(
+    shared: Arc<Shared>,
+    raw: bytes::Bytes,
+) -> Result<warp::reply::Response, Infallible> {
     let body: GenerateBody = match serde_json::from_slice(&raw) {
         Ok(b) => b,
         Err(e) => return Ok(error_reply(400, format!("request body: {e}"))),
@@ -115,12 +120,20 @@ fn health(shared: &Shared) -> warp::reply::Response {
         "sequences": head.map(|h| h.in_flight()),
         "metrics": shared.metrics.snapshot(),
     });
-    let code = if up { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let code = if up {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     warp::reply::with_status(warp::reply::json(&body), code).into_response()
 }
 
 /// Serves the API on `listener` until `shutdown` resolves.
-pub async fn serve(shared: Arc<Shared>, listener: TcpListener, shutdown: impl std::future::Future<Output = ()> + Send + 'static) {
+pub async fn serve(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) {
     let with_shared = {
         let shared = shared.clone();
         warp::any().map(move || shared.clone())
@@ -136,7 +149,11 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, shutdown: impl st
         .and(with_shared)
         .map(|shared: Arc<Shared>| health(&shared));
     let routes = generate_route.or(health_route);
-    warp::serve(routes).incoming(listener).graceful(shutdown).run().await;
+    warp::serve(routes)
+        .incoming(listener)
+        .graceful(shutdown)
+        .run()
+        .await;
 }
 
 /// Binds the API's address, naming it when that fails.

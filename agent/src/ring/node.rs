@@ -41,7 +41,8 @@ pub struct StageMetrics {
 impl StageMetrics {
     /// Adds one forward pass's duration.
     pub fn record_compute(&self, d: Duration) {
-        self.compute_nanos.fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
+        self.compute_nanos
+            .fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
         self.compute_steps.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -71,6 +72,9 @@ pub struct Shared {
     pub head: Option<Arc<Head>>,
     /// Counts connections from the predecessor, so an old one's end does not fail the new one.
     inbound_epoch: AtomicU64,
+    /// Closes the current connection from the predecessor when a newer one is accepted (the
+    /// predecessor restarted while its old connection looked open).
+    inbound_close: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
     /// Counters.
     pub metrics: StageMetrics,
 }
@@ -78,7 +82,10 @@ pub struct Shared {
 impl Shared {
     /// Whether the link to the successor is up.
     pub fn outbound_up(&self) -> bool {
-        self.outbound.lock().unwrap_or_else(PoisonError::into_inner).is_some()
+        self.outbound
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
     }
 
     fn describe_self(&self) -> String {
@@ -89,7 +96,11 @@ impl Shared {
     /// is dropped: on stage 0 its sequence fails at once; elsewhere the stage that lost its
     /// predecessor reports the loss toward stage 0.
     pub fn send(&self, frame: Frame) {
-        let sender = self.outbound.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let sender = self
+            .outbound
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
         let seq = frame.seq;
         let kind = frame.kind;
         let sent = match sender {
@@ -103,7 +114,9 @@ impl Shared {
             if let Some(head) = &self.head
                 && matches!(kind, FrameKind::Prefill | FrameKind::Decode)
             {
-                let next = self.config.describe_stage(self.config.successor(self.index));
+                let next = self
+                    .config
+                    .describe_stage(self.config.successor(self.index));
                 head.fail(self, seq, format!("{next} is not connected"));
             }
         }
@@ -113,7 +126,15 @@ impl Shared {
     pub fn deliver_token(&self, seq: SeqId, id: u32) {
         match &self.head {
             Some(head) => head.on_token(self, seq, id),
-            None => self.send(Frame::new(FrameKind::Token, &self.config.pipeline, self.config.generation, seq).with_tokens(&[id])),
+            None => self.send(
+                Frame::new(
+                    FrameKind::Token,
+                    &self.config.pipeline,
+                    self.config.generation,
+                    seq,
+                )
+                .with_tokens(&[id]),
+            ),
         }
     }
 
@@ -123,7 +144,15 @@ impl Shared {
         let message = format!("{}: {message}", self.describe_self());
         match &self.head {
             Some(head) => head.fail(self, seq, message),
-            None => self.send(Frame::new(FrameKind::Error, &self.config.pipeline, self.config.generation, seq).with_meta(message)),
+            None => self.send(
+                Frame::new(
+                    FrameKind::Error,
+                    &self.config.pipeline,
+                    self.config.generation,
+                    seq,
+                )
+                .with_meta(message),
+            ),
         }
     }
 
@@ -155,14 +184,23 @@ impl RingNode {
     pub async fn start(config: RingConfig, options: NodeOptions) -> Result<Self> {
         let index = options.index;
         let Some(me) = config.stages.get(index) else {
-            bail!("pipeline {}: there is no stage {index} (the ring has {} stages)", config.pipeline, config.stages.len());
+            bail!(
+                "pipeline {}: there is no stage {index} (the ring has {} stages)",
+                config.pipeline,
+                config.stages.len()
+            );
         };
-        let listener = TcpListener::bind(&me.address)
-            .await
-            .with_context(|| format!("{}: binding the ring listener on {}", config.describe_stage(index), me.address))?;
+        let listener = TcpListener::bind(&me.address).await.with_context(|| {
+            format!(
+                "{}: binding the ring listener on {}",
+                config.describe_stage(index),
+                me.address
+            )
+        })?;
         let ring_addr = listener.local_addr()?;
         let load_config = config.clone();
-        let (folder, stage) = tokio::task::spawn_blocking(move || load_stage(&load_config, index)).await??;
+        let (folder, stage) =
+            tokio::task::spawn_blocking(move || load_stage(&load_config, index)).await??;
         let (jobs_tx, jobs_rx) = mpsc::channel(QUEUE_CAPACITY);
         let head = (index == 0).then(|| Arc::new(Head::new(folder, options.step_timeout)));
         let shared = Arc::new(Shared {
@@ -177,6 +215,7 @@ impl RingNode {
             jobs: jobs_tx,
             head,
             inbound_epoch: AtomicU64::new(0),
+            inbound_close: Mutex::new(None),
             metrics: StageMetrics::default(),
         });
         let (stop, stop_rx) = watch::channel(false);
@@ -191,21 +230,31 @@ impl RingNode {
             tokio::spawn(probe_loop(shared.clone(), stop_rx));
         }
         tracing::info!(stage = index, address = %ring_addr, "stage ready");
-        Ok(Self { shared, ring_addr, stop })
+        Ok(Self {
+            shared,
+            ring_addr,
+            stop,
+        })
     }
 
     /// Stops accepting and connecting; sequences in flight end with an error.
     pub fn shutdown(&self) {
         let _ = self.stop.send(true);
         if let Some(head) = &self.shared.head {
-            head.fail_all(&self.shared, format!("{} is shutting down", self.shared.describe_self()));
+            head.fail_all(
+                &self.shared,
+                format!("{} is shutting down", self.shared.describe_self()),
+            );
         }
     }
 }
 
 fn load_stage(config: &RingConfig, index: usize) -> Result<(ModelFolder, Stage)> {
-    let folder = ModelFolder::open(&config.model).with_context(|| format!("opening model {}", config.model.display()))?;
-    config.validate(folder.config.num_hidden_layers).map_err(anyhow::Error::msg)?;
+    let folder = ModelFolder::open(&config.model)
+        .with_context(|| format!("opening model {}", config.model.display()))?;
+    config
+        .validate(folder.config.num_hidden_layers)
+        .map_err(anyhow::Error::msg)?;
     let device = open_device(config.device)?;
     let dtype = choose_dtype(config.dtype, folder.config.dtype, &device);
     let range = config.stages[index].layers;
@@ -262,7 +311,11 @@ async fn serve_inbound(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr)
     let mut reader = FrameReader::new(read);
     let n = shared.config.stages.len();
     let predecessor = (shared.index + n - 1) % n;
-    let shook = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake::accept(&mut reader, &mut write, &shared.identity, predecessor)).await;
+    let shook = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        handshake::accept(&mut reader, &mut write, &shared.identity, predecessor),
+    )
+    .await;
     match shook {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
@@ -275,13 +328,31 @@ async fn serve_inbound(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr)
         }
     }
     let epoch = shared.inbound_epoch.fetch_add(1, Ordering::SeqCst) + 1;
+    let (close_tx, mut close_rx) = tokio::sync::oneshot::channel();
+    if let Some(old) = shared
+        .inbound_close
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .replace(close_tx)
+    {
+        let _ = old.send(());
+    }
     tracing::info!(%peer, from = predecessor, "predecessor connected");
     let pred = shared.config.describe_stage(predecessor);
     let reason = loop {
-        match reader.read_frame().await {
+        let read = tokio::select! {
+            r = reader.read_frame() => r,
+            _ = &mut close_rx => return, // replaced by a newer connection from the predecessor
+        };
+        match read {
             Ok(Some(frame)) => {
-                if frame.pipeline != shared.config.pipeline || frame.generation != shared.config.generation {
-                    break format!("sent a frame for pipeline {:?} generation {}", frame.pipeline, frame.generation);
+                if frame.pipeline != shared.config.pipeline
+                    || frame.generation != shared.config.generation
+                {
+                    break format!(
+                        "sent a frame for pipeline {:?} generation {}",
+                        frame.pipeline, frame.generation
+                    );
                 }
                 if let Err(why) = route(&shared, frame).await {
                     break why;
@@ -302,8 +373,18 @@ async fn serve_inbound(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr)
         Some(head) => head.fail_all(&shared, message),
         None => {
             let _ = shared.jobs.send(Job::DropAll).await;
-            let frame = Frame::new(FrameKind::Error, &shared.config.pipeline, shared.config.generation, 0).with_meta(message);
-            let sender = shared.outbound.lock().unwrap_or_else(PoisonError::into_inner).clone();
+            let frame = Frame::new(
+                FrameKind::Error,
+                &shared.config.pipeline,
+                shared.config.generation,
+                0,
+            )
+            .with_meta(message);
+            let sender = shared
+                .outbound
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
             if let Some(tx) = sender {
                 let _ = tx.send(frame).await;
             }
@@ -314,10 +395,17 @@ async fn serve_inbound(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr)
 /// Routes one frame from the predecessor; an error closes the connection.
 async fn route(shared: &Arc<Shared>, frame: Frame) -> Result<(), String> {
     match (&shared.head, frame.kind) {
-        (None, FrameKind::Prefill | FrameKind::Decode) => shared.jobs.send(Job::Frame(frame)).await.map_err(|_| "compute thread stopped".to_string()),
+        (None, FrameKind::Prefill | FrameKind::Decode) => shared
+            .jobs
+            .send(Job::Frame(frame))
+            .await
+            .map_err(|_| "compute thread stopped".to_string()),
         (None, FrameKind::Release | FrameKind::Cancel) => shared
             .jobs
-            .send(Job::Release { seq: frame.seq, kind: frame.kind })
+            .send(Job::Release {
+                seq: frame.seq,
+                kind: frame.kind,
+            })
             .await
             .map_err(|_| "compute thread stopped".to_string()),
         (None, FrameKind::Error | FrameKind::Probe) => {
@@ -350,7 +438,11 @@ async fn route(shared: &Arc<Shared>, frame: Frame) -> Result<(), String> {
 }
 
 async fn forward(shared: &Shared, frame: Frame) {
-    let sender = shared.outbound.lock().unwrap_or_else(PoisonError::into_inner).clone();
+    let sender = shared
+        .outbound
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
     if let Some(tx) = sender {
         let _ = tx.send(frame).await;
     }
@@ -386,7 +478,10 @@ async fn connect_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             }
             Err(e) => {
                 if !logged_down {
-                    tracing::info!(stage = shared.index, "cannot reach {who} yet: {e:#}; retrying");
+                    tracing::info!(
+                        stage = shared.index,
+                        "cannot reach {who} yet: {e:#}; retrying"
+                    );
                     logged_down = true;
                 }
             }
@@ -399,7 +494,10 @@ async fn connect_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     }
 }
 
-type LinkHalves = (FrameReader<tokio::net::tcp::OwnedReadHalf>, tokio::net::tcp::OwnedWriteHalf);
+type LinkHalves = (
+    FrameReader<tokio::net::tcp::OwnedReadHalf>,
+    tokio::net::tcp::OwnedWriteHalf,
+);
 
 async fn open_link(shared: &Shared, address: &str) -> Result<LinkHalves> {
     let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(address))
@@ -408,9 +506,12 @@ async fn open_link(shared: &Shared, address: &str) -> Result<LinkHalves> {
     stream.set_nodelay(true)?;
     let (read, mut write) = stream.into_split();
     let mut reader = FrameReader::new(read);
-    tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake::connect(&mut reader, &mut write, &shared.identity, shared.index))
-        .await
-        .context("handshake timed out")??;
+    tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        handshake::connect(&mut reader, &mut write, &shared.identity, shared.index),
+    )
+    .await
+    .context("handshake timed out")??;
     Ok((reader, write))
 }
 
@@ -446,7 +547,9 @@ async fn run_link(
 
 /// Stage 0: sends a probe around the ring and sweeps stale sequences.
 async fn probe_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
-    let Some(head) = shared.head.clone() else { return };
+    let Some(head) = shared.head.clone() else {
+        return;
+    };
     let mut tick = tokio::time::interval(PROBE_INTERVAL);
     let mut probe_seq = 0u64;
     loop {
@@ -458,7 +561,16 @@ async fn probe_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         if shared.config.stages.len() == 1 {
             head.probe_returned();
         } else {
-            forward(&shared, Frame::new(FrameKind::Probe, &shared.config.pipeline, shared.config.generation, probe_seq)).await;
+            forward(
+                &shared,
+                Frame::new(
+                    FrameKind::Probe,
+                    &shared.config.pipeline,
+                    shared.config.generation,
+                    probe_seq,
+                ),
+            )
+            .await;
         }
         if head.in_flight() > 0
             && let Err(why) = head.ring_status(&shared)

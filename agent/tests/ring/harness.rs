@@ -1,0 +1,213 @@
+//! Starts rings of real stage processes and talks to them.
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cluster_api::{DeviceKind, WeightDType};
+use cluster_engine::{GenerateOptions, LoadOptions, LocalPipeline};
+use serde_json::{Value, json};
+
+pub const TOKEN: &str = "test-cluster-token";
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Writes a tiny model with the project's own generator.
+pub fn make_model(dir: &Path, arch: &str) {
+    let out = Command::new(env!("CARGO_BIN_EXE_clusteragent"))
+        .args(["make-model", "--out", dir.to_str().unwrap(), "--arch", arch])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Greedy tokens of the one-process engine, the reference every ring must match.
+pub fn one_process(model: &Path, prompt: &str, max_tokens: usize) -> Vec<u32> {
+    let p = LocalPipeline::load(
+        model,
+        &LoadOptions {
+            split: None,
+            device: DeviceKind::Cpu,
+            dtype: Some(WeightDType::F32),
+        },
+    )
+    .unwrap();
+    let ids = p.encode_text(prompt).unwrap();
+    let options = GenerateOptions {
+        max_tokens,
+        ..GenerateOptions::default()
+    };
+    p.generate(1, &ids, &options, &mut |_| {})
+        .unwrap()
+        .token_ids
+}
+
+/// A ring of stage processes.
+pub struct Ring {
+    pub dir: tempfile::TempDir,
+    pub config: Value,
+    pub http: SocketAddr,
+    children: Vec<Option<Child>>,
+}
+
+impl Ring {
+    /// Starts one process per range of `split` and waits until the ring is whole.
+    pub fn start(model: &Path, split: &[&str], prefill_chunk: usize) -> Ring {
+        let dir = tempfile::tempdir().unwrap();
+        let stages: Vec<Value> = split
+            .iter()
+            .enumerate()
+            .map(|(i, layers)| json!({"node": format!("node-{i}"), "address": format!("127.0.0.1:{}", free_port()), "layers": layers}))
+            .collect();
+        let config = json!({
+            "pipeline": "test-ring", "generation": 3, "model": model, "device": "cpu",
+            "dtype": "f32", "prefillChunk": prefill_chunk, "token": TOKEN, "stages": stages,
+        });
+        std::fs::write(dir.path().join("ring.json"), config.to_string()).unwrap();
+        let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut ring = Ring {
+            dir,
+            config,
+            http,
+            children: (0..split.len()).map(|_| None).collect(),
+        };
+        for i in 0..split.len() {
+            ring.spawn_stage(i);
+        }
+        ring.wait_up(Duration::from_secs(30));
+        ring
+    }
+
+    pub fn stage_address(&self, i: usize) -> String {
+        self.config["stages"][i]["address"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    fn log_path(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("stage-{i}.log"))
+    }
+
+    /// The stage's log so far, for failure messages.
+    pub fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(self.log_path(i)).unwrap_or_default()
+    }
+
+    pub fn spawn_stage(&mut self, i: usize) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path(i))
+            .unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_clusteragent"));
+        cmd.args([
+            "stage",
+            "--config",
+            self.dir.path().join("ring.json").to_str().unwrap(),
+            "--index",
+            &i.to_string(),
+        ])
+        .env("RAYON_NUM_THREADS", "1")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log);
+        if i == 0 {
+            cmd.args(["--http", &self.http.to_string()]);
+        }
+        self.children[i] = Some(cmd.spawn().unwrap());
+    }
+
+    /// SIGKILL, as a crash or a pulled power cord would end it.
+    pub fn kill_stage(&mut self, i: usize) {
+        if let Some(mut child) = self.children[i].take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    pub fn health(&self) -> Option<Value> {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_secs(2)))
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let mut resp = agent
+            .get(&format!("http://{}/health", self.http))
+            .call()
+            .ok()?;
+        resp.body_mut().read_json().ok()
+    }
+
+    pub fn wait_up(&self, limit: Duration) {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if self.health().is_some_and(|h| h["ring"] == "up") {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let logs: Vec<String> = (0..self.children.len())
+            .map(|i| format!("--- stage {i}:\n{}", self.log(i)))
+            .collect();
+        panic!(
+            "ring not up within {limit:?}: {:?}\n{}",
+            self.health(),
+            logs.join("\n")
+        );
+    }
+
+    /// Posts a generation and returns the streaming response's lines as they come.
+    pub fn stream(&self, body: &Value) -> (u16, Box<dyn Iterator<Item = Value> + Send>) {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_secs(120)))
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let resp = agent
+            .post(&format!("http://{}/generate", self.http))
+            .send_json(body)
+            .unwrap();
+        let status = resp.status().as_u16();
+        let reader = BufReader::new(resp.into_body().into_reader());
+        let lines = reader
+            .lines()
+            .map_while(Result::ok)
+            .map(|l| serde_json::from_str::<Value>(&l).unwrap());
+        (status, Box::new(lines))
+    }
+
+    /// Generates to the end: the token ids, and the final event.
+    pub fn generate(&self, body: &Value) -> (Vec<u32>, Value) {
+        let (status, lines) = self.stream(body);
+        let events: Vec<Value> = lines.collect();
+        assert_eq!(status, 200, "{events:?}");
+        let ids = events
+            .iter()
+            .filter(|e| e["event"] == "token")
+            .map(|e| e["id"].as_u64().unwrap() as u32)
+            .collect::<Vec<_>>();
+        (ids, events.last().cloned().unwrap_or(Value::Null))
+    }
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        for i in 0..self.children.len() {
+            self.kill_stage(i);
+        }
+    }
+}
