@@ -30,6 +30,8 @@ pub enum Command {
     InspectStage(commands::inspect::InspectArgs),
     /// Run one stage of a pipeline ring (stage 0 also runs the generation loop and its API).
     Stage(commands::stage::StageArgs),
+    /// Benchmark a 2-stage ring against one process, side by side, ratios printed last.
+    BenchRing(commands::bench_ring::BenchRingArgs),
 }
 
 /// Runs the command line and returns the process's exit code.
@@ -48,6 +50,7 @@ pub fn main() -> ExitCode {
         Command::MakeModel(args) => commands::make_model::run(args),
         Command::InspectStage(args) => commands::inspect::run(args),
         Command::Stage(args) => commands::stage::run(args),
+        Command::BenchRing(args) => commands::bench_ring::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

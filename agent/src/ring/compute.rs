@@ -61,10 +61,53 @@ pub struct SequenceStart {
     pub context: Vec<u32>,
 }
 
-/// Runs the compute loop until the queue closes.
+/// Most decode steps run as one batched forward pass: enough to keep a stage busy with many
+/// sequences, few enough that one pass stays short.
+pub const MAX_BATCH: usize = 16;
+
+/// A job's sequence, when it is a decode step (which may join a batch).
+fn decode_seq(job: &Job) -> Option<SeqId> {
+    match job {
+        Job::Frame(f) if f.kind == FrameKind::Decode => Some(f.seq),
+        Job::Tokens {
+            seq,
+            kind: FrameKind::Decode,
+            ..
+        } => Some(*seq),
+        _ => None,
+    }
+}
+
+/// Runs the compute loop until the queue closes. Decode steps waiting together (of different
+/// sequences, with nothing else queued between them) run as one batch.
 pub fn run(shared: Arc<Shared>, stage: Arc<Stage>, mut jobs: mpsc::Receiver<Job>) {
     let mut samplers: HashMap<SeqId, Sampler> = HashMap::new();
-    while let Some(job) = jobs.blocking_recv() {
+    let mut held: Option<Job> = None;
+    loop {
+        let job = match held.take() {
+            Some(j) => j,
+            None => match jobs.blocking_recv() {
+                Some(j) => j,
+                None => return,
+            },
+        };
+        if decode_seq(&job).is_some() {
+            let mut batch = vec![job];
+            while batch.len() < MAX_BATCH {
+                let Ok(next) = jobs.try_recv() else { break };
+                match decode_seq(&next) {
+                    Some(seq) if !batch.iter().any(|b| decode_seq(b) == Some(seq)) => {
+                        batch.push(next)
+                    }
+                    _ => {
+                        held = Some(next);
+                        break;
+                    }
+                }
+            }
+            decode_batch(&shared, &stage, &mut samplers, batch);
+            continue;
+        }
         match job {
             Job::Frame(frame) => {
                 let input = match frame.tensor() {
@@ -76,17 +119,14 @@ pub fn run(shared: Arc<Shared>, stage: Arc<Stage>, mut jobs: mpsc::Receiver<Job>
                 };
                 let last_chunk =
                     frame.kind == FrameKind::Decode || frame.flags & FLAG_LAST_CHUNK != 0;
-                step(
-                    &shared,
-                    &stage,
-                    &mut samplers,
-                    frame.seq,
-                    frame.position as usize,
-                    input,
-                    frame.kind,
+                let step = Step {
+                    seq: frame.seq,
+                    position: frame.position as usize,
+                    kind: frame.kind,
                     last_chunk,
-                    frame.meta,
-                );
+                    meta: frame.meta,
+                };
+                single(&shared, &stage, &mut samplers, step, input);
             }
             Job::Tokens {
                 seq,
@@ -96,17 +136,19 @@ pub fn run(shared: Arc<Shared>, stage: Arc<Stage>, mut jobs: mpsc::Receiver<Job>
                 last_chunk,
                 start,
             } => {
-                let meta = start.unwrap_or_default();
-                step(
+                let step = Step {
+                    seq,
+                    position,
+                    kind,
+                    last_chunk,
+                    meta: start.unwrap_or_default(),
+                };
+                single(
                     &shared,
                     &stage,
                     &mut samplers,
-                    seq,
-                    position,
+                    step,
                     StageInput::Tokens(tokens),
-                    kind,
-                    last_chunk,
-                    meta,
                 );
             }
             Job::Release { seq, kind } => {
@@ -136,30 +178,35 @@ pub fn run(shared: Arc<Shared>, stage: Arc<Stage>, mut jobs: mpsc::Receiver<Job>
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn step(
-    shared: &Shared,
-    stage: &Stage,
-    samplers: &mut HashMap<SeqId, Sampler>,
+/// Where a chunk's result goes.
+struct Step {
     seq: SeqId,
     position: usize,
-    input: StageInput,
     kind: FrameKind,
     last_chunk: bool,
     meta: Bytes,
+}
+
+fn single(
+    shared: &Shared,
+    stage: &Stage,
+    samplers: &mut HashMap<SeqId, Sampler>,
+    step: Step,
+    input: StageInput,
 ) {
-    if position == 0 && stage.is_last() {
-        match serde_json::from_slice::<SequenceStart>(&meta)
+    if step.position == 0 && stage.is_last() {
+        let sampler = serde_json::from_slice::<SequenceStart>(&step.meta)
             .map_err(|e| e.to_string())
             .and_then(|s| {
                 Sampler::new(&s.sampling, s.vocab_limit, &s.context).map_err(|e| e.to_string())
-            }) {
+            });
+        match sampler {
             Ok(sampler) => {
-                samplers.insert(seq, sampler);
+                samplers.insert(step.seq, sampler);
             }
             Err(e) => {
                 shared.fail_sequence(
-                    seq,
+                    step.seq,
                     &format!("the first chunk carries no usable sampling parameters: {e}"),
                 );
                 return;
@@ -167,22 +214,94 @@ fn step(
         }
     }
     let started = std::time::Instant::now();
-    let output = stage.forward(seq, position, input);
-    shared.metrics.record_compute(started.elapsed());
+    let output = stage.forward(step.seq, step.position, input);
+    shared.metrics.record_compute(started.elapsed(), 1);
+    finish(shared, samplers, step, output);
+}
+
+fn decode_batch(
+    shared: &Shared,
+    stage: &Stage,
+    samplers: &mut HashMap<SeqId, Sampler>,
+    jobs: Vec<Job>,
+) {
+    let mut steps = Vec::with_capacity(jobs.len());
+    let mut items = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        let (step, input) = match job {
+            Job::Frame(frame) => match frame.tensor() {
+                Ok(t) => (
+                    Step {
+                        seq: frame.seq,
+                        position: frame.position as usize,
+                        kind: FrameKind::Decode,
+                        last_chunk: true,
+                        meta: Bytes::new(),
+                    },
+                    StageInput::Hidden(t),
+                ),
+                Err(e) => {
+                    shared.fail_sequence(frame.seq, &format!("bad hidden states: {e}"));
+                    continue;
+                }
+            },
+            Job::Tokens {
+                seq,
+                position,
+                tokens,
+                ..
+            } => (
+                Step {
+                    seq,
+                    position,
+                    kind: FrameKind::Decode,
+                    last_chunk: true,
+                    meta: Bytes::new(),
+                },
+                StageInput::Tokens(tokens),
+            ),
+            _ => continue,
+        };
+        items.push((step.seq, step.position, input));
+        steps.push(step);
+    }
+    let started = std::time::Instant::now();
+    let outputs = stage.forward_batch(items);
+    shared
+        .metrics
+        .record_compute(started.elapsed(), steps.len());
+    for (step, output) in steps.into_iter().zip(outputs) {
+        finish(shared, samplers, step, output);
+    }
+}
+
+/// Sends a chunk's result on: hidden states to the successor, a sampled token toward stage 0,
+/// or the error that ends the sequence.
+fn finish(
+    shared: &Shared,
+    samplers: &mut HashMap<SeqId, Sampler>,
+    step: Step,
+    output: cluster_engine::Result<StageOutput>,
+) {
+    let seq = step.seq;
     match output {
         Ok(StageOutput::Hidden(h)) => {
-            let mut frame =
-                Frame::new(kind, &shared.config.pipeline, shared.config.generation, seq);
-            frame.position = position as u32;
-            frame.flags = if last_chunk { FLAG_LAST_CHUNK } else { 0 };
-            frame.meta = meta;
+            let mut frame = Frame::new(
+                step.kind,
+                &shared.config.pipeline,
+                shared.config.generation,
+                seq,
+            );
+            frame.position = step.position as u32;
+            frame.flags = if step.last_chunk { FLAG_LAST_CHUNK } else { 0 };
+            frame.meta = step.meta;
             match frame.with_tensor(&h) {
                 Ok(frame) => shared.send(frame),
                 Err(e) => shared.fail_sequence(seq, &format!("encoding hidden states: {e}")),
             }
         }
         Ok(StageOutput::Logits(logits)) => {
-            if !last_chunk {
+            if !step.last_chunk {
                 return;
             }
             let Some(sampler) = samplers.get_mut(&seq) else {

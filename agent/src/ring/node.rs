@@ -33,23 +33,27 @@ const OUTBOUND_CAPACITY: usize = 256;
 #[derive(Debug, Default)]
 pub struct StageMetrics {
     compute_nanos: AtomicU64,
+    compute_passes: AtomicU64,
     compute_steps: AtomicU64,
     frames_sent: AtomicU64,
     frames_dropped: AtomicU64,
 }
 
 impl StageMetrics {
-    /// Adds one forward pass's duration.
-    pub fn record_compute(&self, d: Duration) {
+    /// Adds one forward pass's duration and how many sequences' steps it computed.
+    pub fn record_compute(&self, d: Duration, steps: usize) {
         self.compute_nanos
             .fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
-        self.compute_steps.fetch_add(1, Ordering::Relaxed);
+        self.compute_passes.fetch_add(1, Ordering::Relaxed);
+        self.compute_steps
+            .fetch_add(steps as u64, Ordering::Relaxed);
     }
 
     /// The counters as JSON.
     pub fn snapshot(&self) -> serde_json::Value {
         serde_json::json!({
             "compute_seconds": self.compute_nanos.load(Ordering::Relaxed) as f64 / 1e9,
+            "compute_passes": self.compute_passes.load(Ordering::Relaxed),
             "compute_steps": self.compute_steps.load(Ordering::Relaxed),
             "frames_sent": self.frames_sent.load(Ordering::Relaxed),
             "frames_dropped": self.frames_dropped.load(Ordering::Relaxed),
