@@ -30,6 +30,8 @@ pub enum Command {
     InspectStage(commands::inspect::InspectArgs),
     /// Run one stage of a pipeline ring (stage 0 also runs the generation loop and its API).
     Stage(commands::stage::StageArgs),
+    /// Send one prompt to a ring's stage 0 and stream the answer.
+    Ask(commands::ask::AskArgs),
     /// Benchmark a 2-stage ring against one process, side by side, ratios printed last.
     BenchRing(commands::bench_ring::BenchRingArgs),
 }
@@ -51,6 +53,7 @@ pub fn main() -> ExitCode {
         Command::InspectStage(args) => commands::inspect::run(args),
         Command::Stage(args) => commands::stage::run(args),
         Command::BenchRing(args) => commands::bench_ring::run(args),
+        Command::Ask(args) => commands::ask::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

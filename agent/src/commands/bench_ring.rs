@@ -25,14 +25,14 @@ pub struct BenchRingArgs {
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Tokens each sequence generates.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 96)]
     pub tokens: usize,
     /// Concurrent sequences for the throughput measurement.
     #[arg(long, default_value_t = 4)]
     pub concurrency: usize,
     /// Rounds of the three measurements, interleaved; medians are reported, since a shared
     /// machine's speed drifts by ±10% from one run to the next.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     pub rounds: usize,
 }
 
@@ -163,18 +163,33 @@ pub fn run(args: BenchRingArgs) -> Result<()> {
         singles.push(one_process(&model, args.tokens)?);
         rings.push(stream(&agent, &http, args.tokens)?.decode_tokens_per_s());
         totals.push(concurrent(&agent, &http, args.tokens, args.concurrency)?);
+        eprintln!(
+            "  one process {:.2} tok/s, ring {:.2} tok/s, ring x{} {:.2} tok/s",
+            singles[round - 1],
+            rings[round - 1],
+            args.concurrency,
+            totals[round - 1]
+        );
     }
     drop(children);
+    // Each round's ratios compare measurements taken seconds apart, so the machine's drift
+    // cancels within a round; the median round is reported, with the spread.
+    let mut ratio_a: Vec<f64> = rings.iter().zip(&singles).map(|(r, s)| r / s).collect();
+    let mut ratio_b: Vec<f64> = totals.iter().zip(&singles).map(|(t, s)| t / s).collect();
+    let spread = |v: &[f64]| {
+        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().copied().fold(0.0, f64::max);
+        format!("{lo:.3}-{hi:.3}")
+    };
+    let (spread_a, spread_b) = (spread(&ratio_a), spread(&ratio_b));
     let one_process_tps = median(&mut singles);
     let ring_tps = median(&mut rings);
     let total_tps = median(&mut totals);
     let step_ms = 1e3 / one_process_tps;
-    let ratio_a = ring_tps / one_process_tps;
-    let ratio_b = total_tps / one_process_tps;
     // Two hops per token (stage 0 → 1, 1 → 0); whatever the ring adds to a step is theirs.
     let hop_ms = (1e3 / ring_tps - step_ms) / 2.0;
     println!(
-        "model: {} ({layers} layers, split 0-{} / {half}-{}), {} tokens per sequence, median of {} interleaved rounds",
+        "model: {} ({layers} layers, split 0-{} / {half}-{}), {} tokens per sequence, {} interleaved rounds",
         model.display(),
         half - 1,
         layers - 1,
@@ -182,20 +197,24 @@ pub fn run(args: BenchRingArgs) -> Result<()> {
         args.rounds.max(1)
     );
     println!(
-        "one process, 1 core:                 {one_process_tps:8.2} tok/s  ({step_ms:.2} ms per decode step)"
+        "one process, 1 core:                  {one_process_tps:8.2} tok/s median ({step_ms:.2} ms per decode step)"
     );
-    println!("2-stage ring, 1 sequence:            {ring_tps:8.2} tok/s");
+    println!("2-stage ring, 1 sequence:             {ring_tps:8.2} tok/s median");
     println!(
-        "2-stage ring, {} sequences (total):   {total_tps:8.2} tok/s",
+        "2-stage ring, {} sequences (total):    {total_tps:8.2} tok/s median",
         args.concurrency
     );
     println!(
-        "network and framing per hop per token: {hop_ms:.3} ms (ring step minus one-process step, over 2 hops)"
+        "ring time per hop per token:          {hop_ms:8.3} ms (ring step minus one-process step, over 2 hops)"
     );
-    println!("ratio (a) ring / one process, 1 sequence:       {ratio_a:.3}  (target >= 0.95)");
     println!(
-        "ratio (b) ring, {} sequences / one process:      {ratio_b:.3}  (target >= 1.8)",
-        args.concurrency
+        "ratio (a) ring / one process, 1 sequence:     {:.3}  (rounds {spread_a}; target >= 0.95)",
+        median(&mut ratio_a)
+    );
+    println!(
+        "ratio (b) ring, {} sequences / one process:    {:.3}  (rounds {spread_b}; target >= 1.8)",
+        args.concurrency,
+        median(&mut ratio_b)
     );
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! One module per subcommand.
 
+pub mod ask;
 pub mod bench_ring;
 pub mod generate;
 pub mod inspect;

@@ -28,6 +28,10 @@ pub struct StageArgs {
     /// Stage 0 only: fail a sequence when no token comes back for this many seconds.
     #[arg(long, default_value_t = 30.0)]
     pub step_timeout: f64,
+    /// Milliseconds the compute thread keeps polling for work before it sleeps: keeps the CPU
+    /// awake between a sequence's steps (faster, notably on virtual machines); 0 sleeps at once.
+    #[arg(long, default_value_t = 20)]
+    pub compute_spin_ms: u64,
 }
 
 /// Runs `clusteragent stage` until SIGINT or SIGTERM.
@@ -60,6 +64,7 @@ pub fn run(args: StageArgs) -> Result<()> {
         let options = NodeOptions {
             index: args.index,
             step_timeout: Duration::from_secs_f64(args.step_timeout),
+            compute_spin: Duration::from_millis(args.compute_spin_ms),
         };
         let node = RingNode::start(config, options).await?;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

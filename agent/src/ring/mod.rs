@@ -8,6 +8,7 @@
 //! - [`handshake`]: HMAC challenge proving both ends know the cluster token.
 //! - [`compute`]: the compute thread that owns a stage's work, fed by a bounded queue.
 //! - [`head`]: stage 0's generation loop: admission, chunked prefill, stop conditions, events.
+//! - [`link`]: the writing end of a link, written straight from the compute thread.
 //! - [`node`]: a stage process: listener, connector with backoff, probes, failure handling.
 //! - [`http`]: stage 0's HTTP API for callers (`POST /generate`, `GET /health`).
 
@@ -16,6 +17,7 @@ pub mod frame;
 pub mod handshake;
 pub mod head;
 pub mod http;
+pub mod link;
 pub mod node;
 
 pub use node::{NodeOptions, RingNode};

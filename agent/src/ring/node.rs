@@ -14,9 +14,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
 use super::compute::{self, Job, QUEUE_CAPACITY};
-use super::frame::{Frame, FrameKind, FrameReader, write_frame};
+use super::frame::{Frame, FrameKind, FrameReader};
 use super::handshake::{self, RingIdentity};
 use super::head::Head;
+use super::link::LinkWriter;
 
 /// Longest wait for a TCP connect or a handshake to finish.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -25,9 +26,6 @@ const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// How often stage 0 sends a probe around the ring and checks its sequences.
 const PROBE_INTERVAL: Duration = Duration::from_millis(200);
-/// Frames waiting to be written to the successor; past it the compute thread waits, which
-/// slows the stage to the network's pace instead of buffering without bound.
-const OUTBOUND_CAPACITY: usize = 256;
 
 /// Counters a stage keeps about its own work.
 #[derive(Debug, Default)]
@@ -68,8 +66,8 @@ pub struct Shared {
     /// This stage's index.
     pub index: usize,
     identity: RingIdentity,
-    /// Sender to the link toward the successor; `None` while it is down.
-    outbound: Mutex<Option<mpsc::Sender<Frame>>>,
+    /// The link toward the successor; `None` while it is down.
+    outbound: Mutex<Option<Arc<LinkWriter>>>,
     /// The compute thread's queue.
     pub jobs: mpsc::Sender<Job>,
     /// The head, on stage 0.
@@ -108,7 +106,7 @@ impl Shared {
         let seq = frame.seq;
         let kind = frame.kind;
         let sent = match sender {
-            Some(tx) => tx.blocking_send(frame).is_ok(),
+            Some(link) => link.send_blocking(&frame),
             None => false,
         };
         if sent {
@@ -160,8 +158,20 @@ impl Shared {
         }
     }
 
-    fn set_outbound(&self, tx: Option<mpsc::Sender<Frame>>) {
-        *self.outbound.lock().unwrap_or_else(PoisonError::into_inner) = tx;
+    fn set_outbound(&self, link: Option<Arc<LinkWriter>>) {
+        *self.outbound.lock().unwrap_or_else(PoisonError::into_inner) = link;
+    }
+
+    /// Sends a frame from async code (forwarded probes, errors): never waits.
+    fn forward(&self, frame: &Frame) {
+        let link = self
+            .outbound
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if let Some(link) = link {
+            link.send(frame);
+        }
     }
 }
 
@@ -172,6 +182,8 @@ pub struct NodeOptions {
     pub index: usize,
     /// Sequences with no token for this long fail (stage 0).
     pub step_timeout: Duration,
+    /// How long the compute thread polls for work before sleeping (see `compute::next_job`).
+    pub compute_spin: Duration,
 }
 
 /// A running stage; dropping it does not stop the tasks, [`RingNode::shutdown`] does.
@@ -224,9 +236,10 @@ impl RingNode {
         });
         let (stop, stop_rx) = watch::channel(false);
         let compute_shared = shared.clone();
+        let spin = options.compute_spin;
         std::thread::Builder::new()
             .name(format!("stage-{index}-compute"))
-            .spawn(move || compute::run(compute_shared, Arc::new(stage), jobs_rx))
+            .spawn(move || compute::run(compute_shared, Arc::new(stage), jobs_rx, spin))
             .context("starting the compute thread")?;
         tokio::spawn(accept_loop(shared.clone(), listener, stop_rx.clone()));
         tokio::spawn(connect_loop(shared.clone(), stop_rx.clone()));
@@ -384,14 +397,7 @@ async fn serve_inbound(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr)
                 0,
             )
             .with_meta(message);
-            let sender = shared
-                .outbound
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .clone();
-            if let Some(tx) = sender {
-                let _ = tx.send(frame).await;
-            }
+            shared.forward(&frame);
         }
     }
 }
@@ -413,7 +419,7 @@ async fn route(shared: &Arc<Shared>, frame: Frame) -> Result<(), String> {
             .await
             .map_err(|_| "compute thread stopped".to_string()),
         (None, FrameKind::Error | FrameKind::Probe) => {
-            forward(shared, frame).await;
+            shared.forward(&frame);
             Ok(())
         }
         (Some(head), FrameKind::Token) => {
@@ -438,17 +444,6 @@ async fn route(shared: &Arc<Shared>, frame: Frame) -> Result<(), String> {
             Ok(())
         }
         (_, kind) => Err(format!("sent an unexpected {kind:?} frame")),
-    }
-}
-
-async fn forward(shared: &Shared, frame: Frame) {
-    let sender = shared
-        .outbound
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .clone();
-    if let Some(tx) = sender {
-        let _ = tx.send(frame).await;
     }
 }
 
@@ -523,29 +518,20 @@ async fn open_link(shared: &Shared, address: &str) -> Result<LinkHalves> {
 async fn run_link(
     shared: &Shared,
     mut reader: FrameReader<tokio::net::tcp::OwnedReadHalf>,
-    mut writer: tokio::net::tcp::OwnedWriteHalf,
+    writer: tokio::net::tcp::OwnedWriteHalf,
     stop: &mut watch::Receiver<bool>,
 ) -> String {
-    let (tx, mut rx) = mpsc::channel::<Frame>(OUTBOUND_CAPACITY);
-    shared.set_outbound(Some(tx));
-    loop {
-        tokio::select! {
-            frame = rx.recv() => {
-                let Some(frame) = frame else { return "link closed".into() };
-                if let Err(e) = write_frame(&mut writer, &frame).await {
-                    return format!("writing failed: {e}");
-                }
-            }
-            // The successor never writes on this link: a read that returns means it is gone.
-            r = reader.read_frame() => {
-                return match r {
-                    Ok(None) => "closed the connection".into(),
-                    Ok(Some(f)) => format!("sent an unexpected {:?} frame", f.kind),
-                    Err(e) => e.to_string(),
-                };
-            }
-            _ = stop.changed() => return "this stage is stopping".into(),
-        }
+    let link = Arc::new(LinkWriter::new(writer));
+    shared.set_outbound(Some(link.clone()));
+    tokio::select! {
+        why = link.flush_forever() => why,
+        // The successor never writes on this link: a read that returns means it is gone.
+        r = reader.read_frame() => match r {
+            Ok(None) => "closed the connection".into(),
+            Ok(Some(f)) => format!("sent an unexpected {:?} frame", f.kind),
+            Err(e) => e.to_string(),
+        },
+        _ = stop.changed() => "this stage is stopping".into(),
     }
 }
 
@@ -565,16 +551,12 @@ async fn probe_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         if shared.config.stages.len() == 1 {
             head.probe_returned();
         } else {
-            forward(
-                &shared,
-                Frame::new(
-                    FrameKind::Probe,
-                    &shared.config.pipeline,
-                    shared.config.generation,
-                    probe_seq,
-                ),
-            )
-            .await;
+            shared.forward(&Frame::new(
+                FrameKind::Probe,
+                &shared.config.pipeline,
+                shared.config.generation,
+                probe_seq,
+            ));
         }
         if head.in_flight() > 0
             && let Err(why) = head.ring_status(&shared)
