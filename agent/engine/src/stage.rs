@@ -452,7 +452,7 @@ impl Stage {
         for (l, layer) in self.layers.iter().enumerate() {
             let mut kvs: Vec<&mut ConcatKvCache> =
                 batch.iter_mut().map(|b| &mut b.cache.layers[l]).collect();
-            x = layer.forward_many(&x, &self.config, &cos, &sin, &masks, &mut kvs)?;
+            x = layer.forward(&x, &self.config, &cos, &sin, &masks, &mut kvs)?;
         }
         for b in batch.iter_mut() {
             b.cache.len += 1;
@@ -553,8 +553,9 @@ impl Stage {
         let (cos, sin) = (cos.to_dtype(self.dtype)?, sin.to_dtype(self.dtype)?);
         let kv_len = position + len;
         let mask = self.mask(len, position)?;
+        let masks = [mask];
         for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            x = layer.forward(&x, &self.config, &cos, &sin, mask.as_ref(), kv)?;
+            x = layer.forward(&x, &self.config, &cos, &sin, &masks, &mut [kv])?;
         }
         cache.len = kv_len;
         match &self.head {
@@ -648,9 +649,10 @@ fn load_layer(t: &mut LoadedTensors, cfg: &ModelConfig, p: &str) -> Result<Decod
 }
 
 impl DecoderLayer {
-    /// One decode position for each of several sequences: `x` is `(n, 1, hidden)`, `cos`/`sin`
-    /// are `(n, 1, head_dim / 2)`, and `kvs[i]` is sequence i's cache for this layer.
-    fn forward_many(
+    /// Runs the layer for `n` sequences at once: `x` is `(n, len, hidden)` (one sequence's chunk,
+    /// or one position of each of several sequences), `cos`/`sin` are `(len, head_dim / 2)` or
+    /// `(n, len, head_dim / 2)`, and `masks[i]`, `kvs[i]` are sequence i's mask and cache.
+    fn forward(
         &self,
         x: &Tensor,
         cfg: &ModelConfig,
@@ -675,23 +677,6 @@ impl DecoderLayer {
         }
         let y = Tensor::cat(&ys, 0)?;
         let h = self.attn.output(&y, cfg)?;
-        let x = (x + h)?;
-        let h = self.post_attention_layernorm.forward(&x)?;
-        let h = self.mlp.forward(&h)?;
-        Ok((x + h)?)
-    }
-
-    fn forward(
-        &self,
-        x: &Tensor,
-        cfg: &ModelConfig,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: Option<&Tensor>,
-        kv: &mut ConcatKvCache,
-    ) -> Result<Tensor> {
-        let h = self.input_layernorm.forward(x)?;
-        let h = self.attn.forward(&h, cfg, cos, sin, mask, kv)?;
         let x = (x + h)?;
         let h = self.post_attention_layernorm.forward(&x)?;
         let h = self.mlp.forward(&h)?;
@@ -773,20 +758,6 @@ impl Attention {
         let (b, _, len, _) = y.dims4()?;
         let y = y.transpose(1, 2)?.reshape((b, len, cfg.q_width()))?;
         linear(&self.o_proj, &y)
-    }
-
-    fn forward(
-        &self,
-        x: &Tensor,
-        cfg: &ModelConfig,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: Option<&Tensor>,
-        kv: &mut ConcatKvCache,
-    ) -> Result<Tensor> {
-        let (q, k, v) = self.project(x, cfg, cos, sin)?;
-        let y = Self::attend(&q, &k, &v, cfg, mask, kv)?;
-        self.output(&y, cfg)
     }
 }
 

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -403,6 +403,3 @@ impl Head {
         }
     }
 }
-
-/// Keeps `Arc<Head>` usable where a reference is wanted.
-pub type SharedHead = Arc<Head>;

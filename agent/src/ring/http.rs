@@ -10,8 +10,8 @@ use cluster_api::SamplingParams;
 use serde::Deserialize;
 use serde_json::json;
 use tokio::net::TcpListener;
-use warp::Filter;
 use warp::http::StatusCode;
+use warp::{Filter, Reply};
 
 use super::head::{Event, Request};
 use super::node::Shared;
@@ -45,8 +45,6 @@ fn error_reply(status: u16, message: String) -> warp::reply::Response {
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     warp::reply::with_status(warp::reply::json(&json!({"error": message})), status).into_response()
 }
-
-use warp::Reply;
 
 fn prompt_ids(shared: &Shared, body: &GenerateBody) -> Result<Vec<u32>, String> {
     let head = shared.head.as_ref().ok_or("this stage is not stage 0")?;
