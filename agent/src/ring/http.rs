@@ -116,6 +116,7 @@ fn health(shared: &Shared) -> warp::reply::Response {
         "ring": if up { "up" } else { "down" },
         "detail": status.and_then(|s| s.err()),
         "sequences": head.map(|h| h.in_flight()),
+        "cached_sequences": shared.stage.sequences(),
         "metrics": shared.metrics.snapshot(),
     });
     let code = if up {

@@ -72,6 +72,8 @@ pub struct Shared {
     pub jobs: mpsc::Sender<Job>,
     /// The head, on stage 0.
     pub head: Option<Arc<Head>>,
+    /// The stage itself, shared with the compute thread (for reports: its cached sequences).
+    pub stage: Arc<Stage>,
     /// Counts connections from the predecessor, so an old one's end does not fail the new one.
     inbound_epoch: AtomicU64,
     /// Closes the current connection from the predecessor when a newer one is accepted (the
@@ -230,16 +232,18 @@ impl RingNode {
             outbound: Mutex::new(None),
             jobs: jobs_tx,
             head,
+            stage: Arc::new(stage),
             inbound_epoch: AtomicU64::new(0),
             inbound_close: Mutex::new(None),
             metrics: StageMetrics::default(),
         });
         let (stop, stop_rx) = watch::channel(false);
         let compute_shared = shared.clone();
+        let compute_stage = shared.stage.clone();
         let spin = options.compute_spin;
         std::thread::Builder::new()
             .name(format!("stage-{index}-compute"))
-            .spawn(move || compute::run(compute_shared, Arc::new(stage), jobs_rx, spin))
+            .spawn(move || compute::run(compute_shared, compute_stage, jobs_rx, spin))
             .context("starting the compute thread")?;
         tokio::spawn(accept_loop(shared.clone(), listener, stop_rx.clone()));
         tokio::spawn(connect_loop(shared.clone(), stop_rx.clone()));

@@ -77,3 +77,36 @@ fn eight_concurrent_sequences_each_match_their_one_process_output() {
     let health = ring.health().unwrap();
     assert_eq!(health["sequences"], 0, "{health}");
 }
+
+#[test]
+fn a_caller_that_goes_away_cancels_its_sequence() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    make_model(&model, "llama");
+    let ring = Ring::start(&model, &["0-1", "2-3"], 64);
+    let (status, mut lines) =
+        ring.stream(&json!({"prompt": "Hi", "max_tokens": 4000, "ignore_eos": true}));
+    assert_eq!(status, 200);
+    for _ in 0..5 {
+        assert_eq!(lines.next().unwrap()["event"], "token");
+    }
+    let during = ring.health().unwrap();
+    assert_eq!(during["sequences"], 1, "{during}");
+    assert_eq!(during["cached_sequences"], 1, "{during}");
+    drop(lines); // closes the connection
+    let start = std::time::Instant::now();
+    loop {
+        let h = ring.health().unwrap();
+        if h["sequences"] == 0 && h["cached_sequences"] == 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(3),
+            "sequence not cancelled: {h}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // The ring serves the next caller as before.
+    let (ids, _) = ring.generate(&json!({"prompt": "Hi", "max_tokens": 8}));
+    assert_eq!(ids, one_process(&model, "Hi", 8));
+}
