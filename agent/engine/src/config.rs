@@ -350,7 +350,10 @@ impl ModelConfig {
             Family::Llama | Family::Mistral => (attention_bias, attention_bias, false),
         };
         let sliding_window = match family {
-            Family::Mistral => f.usize_opt("sliding_window")?,
+            Family::Mistral => match f.usize_opt("sliding_window")? {
+                Some(0) => return Err(f.err("sliding_window", "must be at least 1 token, got 0")),
+                w => w,
+            },
             Family::Qwen2 | Family::Qwen3 => {
                 if f.bool_opt("use_sliding_window")?.unwrap_or(false) {
                     return Err(f.err(

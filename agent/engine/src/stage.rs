@@ -524,8 +524,16 @@ impl Stage {
 
     /// The additive mask of `len` queries starting at `position`, when one is needed: several
     /// queries (causal), or a sliding window shorter than the keys.
+    ///
+    /// A window of `w` lets a query see itself and the `w - 1` keys before it, as transformers'
+    /// Mistral does. (candle-transformers' Mistral shows one key more, and only within a chunk.)
     fn mask(&self, len: usize, position: usize) -> Result<Option<Tensor>> {
-        let window = self.config.sliding_window.filter(|w| *w < position + len);
+        // candle's helper keeps keys within distance `w` of the query: `w + 1` of them.
+        let window = self
+            .config
+            .sliding_window
+            .filter(|w| *w < position + len)
+            .map(|w| w - 1);
         if len == 1 && window.is_none() {
             return Ok(None);
         }

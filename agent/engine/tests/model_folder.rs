@@ -365,3 +365,63 @@ fn stages_refuse_inputs_that_do_not_fit_them() {
         StageOutput::Logits(_)
     ));
 }
+
+#[test]
+fn a_sliding_window_hides_keys_older_than_the_window() {
+    // With one layer and rotary positions (which only see relative distances), a query that can
+    // see the last 4 tokens gives the same logits as a fresh sequence of just those 4 tokens.
+    let dir = write(&TinyModel {
+        layers: 1,
+        sliding_window: Some(4),
+        ..TinyModel::mistral()
+    });
+    let p = load(dir.path(), None).unwrap();
+    let ids = p
+        .encode_text("The weather was cold that morning by the river")
+        .unwrap();
+    assert!(ids.len() > 8, "{ids:?}");
+    let stage = &p.stages[0];
+    let logits = |seq: u64, tokens: &[u32]| -> Vec<f32> {
+        match stage
+            .forward(seq, 0, StageInput::Tokens(tokens.to_vec()))
+            .unwrap()
+        {
+            StageOutput::Logits(l) => l.to_vec1().unwrap(),
+            StageOutput::Hidden(_) => panic!("a one-stage model returns logits"),
+        }
+    };
+    let close = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max)
+    };
+    let whole = logits(1, &ids);
+    let last4 = logits(2, &ids[ids.len() - 4..]);
+    let last3 = logits(3, &ids[ids.len() - 3..]);
+    assert!(
+        close(&whole, &last4) < 1e-4,
+        "window of 4: {}",
+        close(&whole, &last4)
+    );
+    assert!(
+        close(&whole, &last3) > 1e-3,
+        "the 4th token back must still be inside the window"
+    );
+    // The same holds one decode step later, through the cache.
+    let next = 17u32;
+    let step = |seq: u64, pos: usize| match stage
+        .forward(seq, pos, StageInput::Tokens(vec![next]))
+        .unwrap()
+    {
+        StageOutput::Logits(l) => l.to_vec1::<f32>().unwrap(),
+        StageOutput::Hidden(_) => panic!(),
+    };
+    let a = step(1, ids.len());
+    let b = step(2, 4);
+    assert!(
+        close(&a, &b) < 1e-4,
+        "decode with window: {}",
+        close(&a, &b)
+    );
+}
