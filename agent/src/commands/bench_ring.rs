@@ -161,7 +161,13 @@ pub fn run(args: BenchRingArgs) -> Result<()> {
             args.concurrency
         );
         singles.push(one_process(&model, args.tokens)?);
-        rings.push(stream(&agent, &http, args.tokens)?.decode_tokens_per_s());
+        let one = stream(&agent, &http, args.tokens)?;
+        eprintln!(
+            "  ring, 1 sequence: {:.2} tok/s seen by the client, {:.2} by stage 0",
+            one.decode_tokens_per_s(),
+            one.server_rate
+        );
+        rings.push(one.decode_tokens_per_s());
         totals.push(concurrent(&agent, &http, args.tokens, args.concurrency)?);
         eprintln!(
             "  one process {:.2} tok/s, ring {:.2} tok/s, ring x{} {:.2} tok/s",
@@ -308,6 +314,8 @@ fn concurrent(agent: &ureq::Agent, http: &str, tokens: usize, n: usize) -> Resul
 /// Arrival times of one sequence's tokens, as the caller sees them.
 struct Timeline {
     stamps: Vec<Instant>,
+    /// The decode rate stage 0 measured itself, as `generate` does for the one-process run.
+    server_rate: f64,
 }
 
 impl Timeline {
@@ -333,7 +341,13 @@ fn stream(agent: &ureq::Agent, http: &str, tokens: usize) -> Result<Timeline> {
         let event: Value = serde_json::from_str(&line?)?;
         match event["event"].as_str() {
             Some("token") => stamps.push(Instant::now()),
-            Some("done") => return Ok(Timeline { stamps }),
+            Some("done") => {
+                let server_rate = event["decode_tokens_per_s"].as_f64().unwrap_or(0.0);
+                return Ok(Timeline {
+                    stamps,
+                    server_rate,
+                });
+            }
             _ => bail!("the ring failed: {event}"),
         }
     }
