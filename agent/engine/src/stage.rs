@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use candle_core::{DType, Device, Module, Tensor};
@@ -97,6 +98,8 @@ pub struct Stage {
     head: Option<Head>,
     rotary: RotaryTable,
     caches: Mutex<HashMap<SeqId, SequenceCache>>,
+    /// Caches taken out of `caches` by a forward pass in progress; they still count as held.
+    busy: AtomicUsize,
     weight_bytes: u64,
     files: Vec<PathBuf>,
 }
@@ -224,6 +227,7 @@ impl Stage {
             layers,
             head,
             caches: Mutex::new(HashMap::new()),
+            busy: AtomicUsize::new(0),
             weight_bytes: t.bytes,
             files: t.files,
         })
@@ -269,12 +273,14 @@ impl Stage {
         self.dtype
     }
 
-    /// How many sequences hold a cache here.
+    /// How many sequences hold a cache here, those being computed included.
     pub fn sequences(&self) -> usize {
-        self.caches
+        let resting = self
+            .caches
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .len()
+            .len();
+        resting + self.busy.load(Ordering::Acquire)
     }
 
     /// Tokens cached for `seq`, if the stage holds it.
@@ -318,6 +324,7 @@ impl Stage {
         let mut caches = self.caches.lock().unwrap_or_else(PoisonError::into_inner);
         if position == 0 {
             caches.remove(&seq);
+            self.busy.fetch_add(1, Ordering::AcqRel);
             return Ok(SequenceCache {
                 layers: (0..self.layers.len())
                     .map(|_| ConcatKvCache::new(2))
@@ -337,14 +344,20 @@ impl Stage {
                 ),
             ));
         }
+        self.busy.fetch_add(1, Ordering::AcqRel);
         Ok(cache)
     }
 
     fn put_cache(&self, seq: SeqId, cache: SequenceCache) {
-        self.caches
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(seq, cache);
+        let mut caches = self.caches.lock().unwrap_or_else(PoisonError::into_inner);
+        caches.insert(seq, cache);
+        self.busy.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// A cache taken for a pass that failed is dropped: its contents are no longer known.
+    fn drop_cache(&self, cache: SequenceCache) {
+        drop(cache);
+        self.busy.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// Runs a chunk of `seq` starting at `position` through the stage.
@@ -353,9 +366,16 @@ impl Stage {
     /// the cache ends. A failed call drops the sequence's cache: its state is no longer known.
     pub fn forward(&self, seq: SeqId, position: usize, input: StageInput) -> Result<StageOutput> {
         let mut cache = self.take_cache(seq, position)?;
-        let output = self.run(&mut cache, position, input)?;
-        self.put_cache(seq, cache);
-        Ok(output)
+        match self.run(&mut cache, position, input) {
+            Ok(output) => {
+                self.put_cache(seq, cache);
+                Ok(output)
+            }
+            Err(e) => {
+                self.drop_cache(cache);
+                Err(e)
+            }
+        }
     }
 
     /// Runs one decode step (one token, or one position of hidden states) for each of several
@@ -414,6 +434,7 @@ impl Stage {
                     // The caches of the whole batch are in an unknown state: they are dropped.
                     let message = e.to_string();
                     for item in batch {
+                        self.drop_cache(item.cache);
                         results[item.idx] = Some(Err(
                             self.seq_err(item.seq, format!("batched step failed: {message}"))
                         ));

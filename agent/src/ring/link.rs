@@ -20,6 +20,9 @@ use super::frame::Frame;
 /// Past this many bytes waiting, writers on plain threads wait for the flusher: the compute
 /// thread slows to the network's pace instead of buffering without bound.
 const PENDING_CAP: usize = 16 << 20;
+/// A successor that takes nothing for this long while bytes wait is treated as gone, so that a
+/// stalled peer (stopped, not closed) cannot hold this stage's compute thread forever.
+const STALL_LIMIT: Duration = Duration::from_secs(10);
 
 /// A link's writing end.
 pub struct LinkWriter {
@@ -91,12 +94,29 @@ impl LinkWriter {
     }
 
     /// [`LinkWriter::send`], then waits (on a plain thread, never an async one) while too many
-    /// bytes are waiting.
+    /// bytes are waiting; closes the link when the successor takes nothing for [`STALL_LIMIT`].
     pub fn send_blocking(&self, frame: &Frame) -> bool {
         if !self.send(frame) {
             return false;
         }
-        while self.pending().len() > PENDING_CAP && !self.is_closed() {
+        let mut last_len = usize::MAX;
+        let mut since = std::time::Instant::now();
+        loop {
+            let len = self.pending().len();
+            if len <= PENDING_CAP || self.is_closed() {
+                break;
+            }
+            if len < last_len {
+                last_len = len;
+                since = std::time::Instant::now();
+            } else if since.elapsed() > STALL_LIMIT {
+                tracing::warn!(
+                    "the successor took no data for {} s; closing the link",
+                    STALL_LIMIT.as_secs()
+                );
+                self.close();
+                break;
+            }
             std::thread::sleep(Duration::from_millis(1));
         }
         !self.is_closed()

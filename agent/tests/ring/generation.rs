@@ -110,3 +110,55 @@ fn a_caller_that_goes_away_cancels_its_sequence() {
     let (ids, _) = ring.generate(&json!({"prompt": "Hi", "max_tokens": 8}));
     assert_eq!(ids, one_process(&model, "Hi", 8));
 }
+
+#[test]
+fn bad_requests_are_refused_and_a_full_ring_says_so() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    make_model(&model, "qwen3");
+    let mut ring = Ring::start_with(&model, &["0-1", "2-3"], 64, 1);
+    let refused = |body: serde_json::Value| -> (u16, String) {
+        let (status, mut lines) = ring.stream(&body);
+        let first = lines.next().unwrap_or_default();
+        (
+            status,
+            first["error"].as_str().unwrap_or_default().to_string(),
+        )
+    };
+    let (s, m) = refused(json!({"prompt": "", "max_tokens": 4}));
+    assert_eq!((s, m.contains("empty")), (400, true), "{m}");
+    let (s, m) = refused(json!({"prompt": "a", "prompt_ids": [1], "max_tokens": 4}));
+    assert_eq!((s, m.contains("exactly one")), (400, true), "{m}");
+    let (s, m) = refused(json!({"prompt": "a", "max_tokens": 0}));
+    assert_eq!((s, m.contains("max_tokens")), (400, true), "{m}");
+    let (s, m) = refused(json!({"prompt": "a", "sampling": {"temperature": -1}}));
+    assert_eq!((s, m.contains("temperature")), (400, true), "{m}");
+    let (s, m) = refused(json!({"prompt": "a", "max_tokenz": 3}));
+    assert_eq!((s, m.contains("max_tokenz")), (400, true), "{m}");
+
+    // A token the model does not have fails in stage 0's compute: the error names the stage.
+    let (status, lines) = ring.stream(&json!({"prompt_ids": [1, 999_999], "max_tokens": 4}));
+    assert_eq!(status, 200);
+    let events: Vec<_> = lines.collect();
+    let message = events.last().unwrap()["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        message.contains("stage 0 (node-0 at") && message.contains("999999"),
+        "{message}"
+    );
+
+    // maxSequences is 1: while one sequence runs, the next is refused with 429.
+    let (status, mut running) =
+        ring.stream(&json!({"prompt": "Hi", "max_tokens": 4000, "ignore_eos": true}));
+    assert_eq!(status, 200);
+    assert_eq!(running.next().unwrap()["event"], "token");
+    let (s, m) = refused(json!({"prompt": "Hi", "max_tokens": 4}));
+    assert_eq!((s, m.contains("limit of 1 sequences")), (429, true), "{m}");
+    drop(running);
+    ring.wait_idle();
+    let (ids, _) = ring.generate(&json!({"prompt": "Hi", "max_tokens": 6}));
+    assert_eq!(ids, one_process(&model, "Hi", 6));
+    ring.kill_stage(1);
+}

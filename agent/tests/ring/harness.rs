@@ -66,6 +66,16 @@ pub struct Ring {
 impl Ring {
     /// Starts one process per range of `split` and waits until the ring is whole.
     pub fn start(model: &Path, split: &[&str], prefill_chunk: usize) -> Ring {
+        Self::start_with(model, split, prefill_chunk, 64)
+    }
+
+    /// [`Ring::start`] with a limit on sequences in flight.
+    pub fn start_with(
+        model: &Path,
+        split: &[&str],
+        prefill_chunk: usize,
+        max_sequences: usize,
+    ) -> Ring {
         let dir = tempfile::tempdir().unwrap();
         let stages: Vec<Value> = split
             .iter()
@@ -74,7 +84,8 @@ impl Ring {
             .collect();
         let config = json!({
             "pipeline": "test-ring", "generation": 3, "model": model, "device": "cpu",
-            "dtype": "f32", "prefillChunk": prefill_chunk, "token": TOKEN, "stages": stages,
+            "dtype": "f32", "prefillChunk": prefill_chunk, "maxSequences": max_sequences,
+            "token": TOKEN, "stages": stages,
         });
         std::fs::write(dir.path().join("ring.json"), config.to_string()).unwrap();
         let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
@@ -168,6 +179,21 @@ impl Ring {
             self.health(),
             logs.join("\n")
         );
+    }
+
+    /// Waits until stage 0 has no sequence in flight and no cache.
+    pub fn wait_idle(&self) {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(5) {
+            if self
+                .health()
+                .is_some_and(|h| h["sequences"] == 0 && h["cached_sequences"] == 0)
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("stage 0 still busy after 5 s: {:?}", self.health());
     }
 
     /// Posts a generation and returns the streaming response's lines as they come.
