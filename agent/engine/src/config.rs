@@ -123,6 +123,8 @@ pub struct ModelConfig {
     pub bos_token_id: Option<u32>,
     /// End-of-sequence tokens named by the config.
     pub eos_token_ids: Vec<u32>,
+    /// Rotary pairs are adjacent elements (GGUF Llama) rather than the two halves of a head.
+    pub rope_interleaved: bool,
 }
 
 /// Field access on one JSON object that names the file and field in every error.
@@ -387,6 +389,7 @@ impl ModelConfig {
             dtype,
             bos_token_id: f.usize_opt("bos_token_id")?.map(|n| n as u32),
             eos_token_ids: f.token_ids("eos_token_id")?,
+            rope_interleaved: false,
         };
         Ok(cfg)
     }

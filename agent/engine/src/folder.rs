@@ -9,8 +9,9 @@ use serde_json::{Map, Value};
 use crate::chat::ChatTemplate;
 use crate::config::{ModelConfig, read_json_object, read_token_ids};
 use crate::error::{EngineError, Result};
+use crate::gguf::GgufFile;
 use crate::tokenizer::TextTokenizer;
-use crate::weights::WeightFiles;
+use crate::weights::{WeightFiles, Weights};
 
 /// What `tokenizer_config.json` (or `chat_template.jinja`) says about chats and special tokens.
 #[derive(Debug, Clone, Default)]
@@ -30,7 +31,7 @@ pub struct ModelFolder {
     /// Parsed `config.json`.
     pub config: Arc<ModelConfig>,
     /// Where each tensor lives.
-    pub weights: WeightFiles,
+    pub weights: Weights,
     /// The tokenizer.
     pub tokenizer: TextTokenizer,
     /// Special tokens and chat template.
@@ -103,8 +104,66 @@ impl TokenizerConfig {
 }
 
 impl ModelFolder {
-    /// Opens `dir`, reading everything but the weights themselves.
+    /// A GGUF file: config and chat template from its metadata; `tokenizer.json` (and
+    /// `tokenizer_config.json`, when present) from its folder.
+    fn open_gguf(path: &Path) -> Result<Self> {
+        let file = GgufFile::open(path)?;
+        let config = file.config()?;
+        let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let tokenizer_path = dir.join("tokenizer.json");
+        if !tokenizer_path.is_file() {
+            return Err(EngineError::MissingFile {
+                path: tokenizer_path,
+                what: format!(
+                    "the tokenizer of {}: building one from the GGUF's own tokenizer metadata is not supported yet; put the model's tokenizer.json beside the file",
+                    path.display()
+                ),
+            });
+        }
+        let tokenizer = TextTokenizer::from_file(&tokenizer_path)?;
+        let mut tokenizer_config = TokenizerConfig::read(&dir)?;
+        if let Some(template) = file.chat_template() {
+            tokenizer_config.chat_template = Some(template);
+        }
+        let chat_template = match &tokenizer_config.chat_template {
+            None => None,
+            Some(src) => Some(
+                ChatTemplate::new(
+                    src,
+                    tokenizer_config.bos_token.as_deref().unwrap_or(""),
+                    tokenizer_config.eos_token.as_deref().unwrap_or(""),
+                )
+                .map_err(|e| EngineError::Template(format!("{}: {e}", path.display())))?,
+            ),
+        };
+        let mut eos_token_ids = config.eos_token_ids.clone();
+        if let Some(eos) = &tokenizer_config.eos_token
+            && let Some(id) = tokenizer.token_id(eos)
+        {
+            eos_token_ids.push(id);
+        }
+        eos_token_ids.sort_unstable();
+        eos_token_ids.dedup();
+        Ok(Self {
+            dir,
+            config: Arc::new(config),
+            weights: Weights::Gguf(file),
+            tokenizer,
+            tokenizer_config,
+            chat_template,
+            eos_token_ids,
+        })
+    }
+
+    /// Opens `dir`, reading everything but the weights themselves. `dir` may also name a `.gguf`
+    /// file, with its `tokenizer.json` beside it.
     pub fn open(dir: &Path) -> Result<Self> {
+        if dir
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+        {
+            return Self::open_gguf(dir);
+        }
         if !dir.is_dir() {
             return Err(EngineError::MissingFile {
                 path: dir.to_path_buf(),
@@ -144,7 +203,7 @@ impl ModelFolder {
         }
         eos_token_ids.sort_unstable();
         eos_token_ids.dedup();
-        let weights = WeightFiles::open(dir)?;
+        let weights = Weights::Safetensors(WeightFiles::open(dir)?);
         Ok(Self {
             dir: dir.to_path_buf(),
             config: Arc::new(config),

@@ -9,6 +9,7 @@
 //!
 //! - [`config`]: `config.json` as transformers 4 and 5 write it.
 //! - [`weights`]: reading chosen tensors from single-file or sharded safetensors.
+//! - [`gguf`]: GGUF files: metadata as a config, quantized tensors read one by one.
 //! - [`stage`]: the decoder layers, the KV caches, [`Stage::forward`].
 //! - [`rope`]: rotary tables with llama3 and linear scaling.
 //! - [`folder`]: a model folder: config, tokenizer, chat template, EOS ids.
@@ -22,6 +23,7 @@ pub mod device;
 pub mod error;
 pub mod folder;
 pub mod generate;
+pub mod gguf;
 pub mod rope;
 pub mod sampling;
 pub mod stage;

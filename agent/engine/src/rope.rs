@@ -21,9 +21,18 @@ impl RotaryTable {
     /// The frequencies for `cfg`'s head width, base and scaling.
     pub fn new(cfg: &ModelConfig) -> Self {
         let dim = cfg.head_dim;
+        // Llama's references compute the frequencies in f32, Qwen's and Mistral's take the power in
+        // f64 and divide in f32: the
+        // last bit matters once quantized matmuls round their inputs (see `Stage`'s attention).
         let base: Vec<f64> = (0..dim)
             .step_by(2)
-            .map(|i| 1.0 / cfg.rope_theta.powf(i as f64 / dim as f64))
+            .map(|i| {
+                if cfg.family == crate::config::Family::Llama {
+                    f64::from(1f32 / (cfg.rope_theta as f32).powf(i as f32 / dim as f32))
+                } else {
+                    f64::from(1f32 / cfg.rope_theta.powf(i as f64 / dim as f64) as f32)
+                }
+            })
             .collect();
         let inv_freq = match &cfg.rope_scaling {
             RopeScaling::None => base,
@@ -59,20 +68,17 @@ impl RotaryTable {
     }
 
     /// cos and sin of shape `(len, head_dim / 2)` for positions `start..start + len`, in f32.
+    ///
+    /// Computed with the same tensor operations as candle-transformers' references (an outer
+    /// product, then candle's cos and sin), so that the last bits agree: quantized matmuls round
+    /// their inputs and can turn a one-bit difference into a visible one.
     pub fn cos_sin(&self, start: usize, len: usize, device: &Device) -> Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();
-        let mut cos = Vec::with_capacity(len * half);
-        let mut sin = Vec::with_capacity(len * half);
-        for pos in start..start + len {
-            for f in &self.inv_freq {
-                let angle = pos as f32 * f;
-                cos.push(angle.cos());
-                sin.push(angle.sin());
-            }
-        }
-        Ok((
-            Tensor::from_vec(cos, (len, half), device)?,
-            Tensor::from_vec(sin, (len, half), device)?,
-        ))
+        let positions = Tensor::arange(start as u32, (start + len) as u32, device)?
+            .to_dtype(candle_core::DType::F32)?
+            .reshape((len, 1))?;
+        let inv_freq = Tensor::from_slice(&self.inv_freq, (1, half), device)?;
+        let angles = positions.matmul(&inv_freq)?;
+        Ok((angles.cos()?, angles.sin()?))
     }
 }

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::kv_cache::ConcatKvCache;
 use candle_nn::{Embedding, Linear, RmsNorm};
@@ -17,8 +18,16 @@ use cluster_api::LayerRange;
 
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
+use crate::gguf::GgufFile;
 use crate::rope::RotaryTable;
-use crate::weights::{LoadedTensors, WeightFiles};
+use crate::weights::{LoadedTensors, WeightFiles, Weights};
+
+/// A projection's weights: dense (safetensors, in the stage's dtype) or quantized (GGUF, in the
+/// file's block format, multiplied without dequantizing the whole matrix).
+enum Proj {
+    Dense(Linear),
+    Quant(QMatMul, Option<Tensor>),
+}
 
 /// Identifies a sequence across stages.
 pub type SeqId = u64;
@@ -42,18 +51,18 @@ pub enum StageOutput {
 }
 
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
+    q_proj: Proj,
+    k_proj: Proj,
+    v_proj: Proj,
+    o_proj: Proj,
     /// Qwen3 normalises each head of q and k before RoPE.
     qk_norm: Option<(RmsNorm, RmsNorm)>,
 }
 
 struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
+    gate_proj: Proj,
+    up_proj: Proj,
+    down_proj: Proj,
 }
 
 struct DecoderLayer {
@@ -66,7 +75,7 @@ struct DecoderLayer {
 /// The final norm and the LM head of the last stage.
 struct Head {
     norm: RmsNorm,
-    lm_head: Linear,
+    lm_head: Proj,
 }
 
 /// One sequence's keys and values for the stage's layers.
@@ -109,7 +118,7 @@ pub struct StageSpec<'a> {
     /// The model's configuration.
     pub config: Arc<ModelConfig>,
     /// Where its weights are.
-    pub weights: &'a WeightFiles,
+    pub weights: &'a Weights,
     /// Layers to hold.
     pub range: LayerRange,
     /// Whether this stage embeds tokens (holds layer 0's input).
@@ -185,12 +194,21 @@ impl Stage {
 
     /// Loads the stage's tensors, and only those. `progress` gets (bytes read, bytes to read).
     pub fn load(spec: StageSpec<'_>, progress: &mut dyn FnMut(u64, u64)) -> Result<Self> {
+        match spec.weights {
+            Weights::Safetensors(files) => Self::load_safetensors(spec, files, progress),
+            Weights::Gguf(file) => Self::load_gguf(spec, file, progress),
+        }
+    }
+
+    fn load_safetensors(
+        spec: StageSpec<'_>,
+        files: &WeightFiles,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Self> {
         let cfg = spec.config;
         spec.range.check_within(cfg.num_hidden_layers)?;
         let list = Self::tensor_list(&cfg, spec.range, spec.first, spec.last);
-        let mut t = spec
-            .weights
-            .load(&list, spec.dtype, &spec.device, progress)?;
+        let mut t = files.load(&list, spec.dtype, &spec.device, progress)?;
         let eps = cfg.rms_norm_eps;
         let embed_weight = if spec.first || (spec.last && cfg.tie_word_embeddings) {
             Some(t.take("model.embed_tokens.weight")?)
@@ -208,7 +226,7 @@ impl Stage {
             };
             Some(Head {
                 norm: RmsNorm::new(t.take("model.norm.weight")?, eps),
-                lm_head: Linear::new(lm_weight, None),
+                lm_head: Proj::Dense(Linear::new(lm_weight, None)),
             })
         } else {
             None
@@ -230,6 +248,147 @@ impl Stage {
             busy: AtomicUsize::new(0),
             weight_bytes: t.bytes,
             files: t.files,
+        })
+    }
+
+    /// Loads a stage from a GGUF file: projections stay in the file's quantized types; the
+    /// embedding, norms and biases are dequantized to f32, in which GGUF stages compute.
+    fn load_gguf(
+        spec: StageSpec<'_>,
+        file: &GgufFile,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Self> {
+        let cfg = spec.config;
+        spec.range.check_within(cfg.num_hidden_layers)?;
+        let dev = &spec.device;
+        let (h, m) = (cfg.hidden_size, cfg.intermediate_size);
+        // The same tensors as a safetensors stage, under llama.cpp's names.
+        let mut wanted: Vec<(String, Vec<usize>)> = Vec::new();
+        let tied_head = spec.last && cfg.tie_word_embeddings;
+        if spec.first || tied_head {
+            wanted.push(("token_embd.weight".into(), vec![cfg.vocab_size, h]));
+        }
+        for i in spec.range.iter() {
+            let p = format!("blk.{i}");
+            let mut add = |n: &str, shape: Vec<usize>| wanted.push((format!("{p}.{n}"), shape));
+            add("attn_norm.weight", vec![h]);
+            add("ffn_norm.weight", vec![h]);
+            add("attn_q.weight", vec![cfg.q_width(), h]);
+            add("attn_k.weight", vec![cfg.kv_width(), h]);
+            add("attn_v.weight", vec![cfg.kv_width(), h]);
+            add("attn_output.weight", vec![h, cfg.q_width()]);
+            if cfg.qkv_bias {
+                add("attn_q.bias", vec![cfg.q_width()]);
+                add("attn_k.bias", vec![cfg.kv_width()]);
+                add("attn_v.bias", vec![cfg.kv_width()]);
+            }
+            if cfg.qk_norm {
+                add("attn_q_norm.weight", vec![cfg.head_dim]);
+                add("attn_k_norm.weight", vec![cfg.head_dim]);
+            }
+            add("ffn_gate.weight", vec![m, h]);
+            add("ffn_up.weight", vec![m, h]);
+            add("ffn_down.weight", vec![h, m]);
+        }
+        if spec.last {
+            wanted.push(("output_norm.weight".into(), vec![h]));
+            if !cfg.tie_word_embeddings {
+                wanted.push(("output.weight".into(), vec![cfg.vocab_size, h]));
+            }
+        }
+        let total: u64 = wanted.iter().map(|(n, _)| file.tensor_bytes(n)).sum();
+        for (name, expected) in &wanted {
+            match file.tensor_shape(name) {
+                None => {
+                    return Err(EngineError::MissingTensor {
+                        name: name.clone(),
+                        place: file.path().to_path_buf(),
+                    });
+                }
+                Some(actual) if &actual != expected => {
+                    return Err(EngineError::TensorShape {
+                        path: file.path().to_path_buf(),
+                        name: name.clone(),
+                        expected: expected.clone(),
+                        actual,
+                    });
+                }
+                Some(_) => {}
+            }
+        }
+        let mut r = GgufReader {
+            file,
+            device: dev,
+            done: 0,
+            total,
+            held: 0,
+            progress,
+        };
+        let eps = cfg.rms_norm_eps;
+        let embed = if spec.first {
+            Some(Embedding::new(r.dense("token_embd.weight")?, h))
+        } else {
+            None
+        };
+        let mut layers = Vec::with_capacity(spec.range.len());
+        for i in spec.range.iter() {
+            let p = format!("blk.{i}");
+            let qk_norm = if cfg.qk_norm {
+                Some((
+                    RmsNorm::new(r.dense(&format!("{p}.attn_q_norm.weight"))?, eps),
+                    RmsNorm::new(r.dense(&format!("{p}.attn_k_norm.weight"))?, eps),
+                ))
+            } else {
+                None
+            };
+            layers.push(DecoderLayer {
+                input_layernorm: RmsNorm::new(r.dense(&format!("{p}.attn_norm.weight"))?, eps),
+                attn: Attention {
+                    q_proj: r.proj(&format!("{p}.attn_q"), cfg.qkv_bias)?,
+                    k_proj: r.proj(&format!("{p}.attn_k"), cfg.qkv_bias)?,
+                    v_proj: r.proj(&format!("{p}.attn_v"), cfg.qkv_bias)?,
+                    o_proj: r.proj(&format!("{p}.attn_output"), cfg.o_bias)?,
+                    qk_norm,
+                },
+                post_attention_layernorm: RmsNorm::new(
+                    r.dense(&format!("{p}.ffn_norm.weight"))?,
+                    eps,
+                ),
+                mlp: Mlp {
+                    gate_proj: r.proj(&format!("{p}.ffn_gate"), false)?,
+                    up_proj: r.proj(&format!("{p}.ffn_up"), false)?,
+                    down_proj: r.proj(&format!("{p}.ffn_down"), false)?,
+                },
+            });
+        }
+        let head = if spec.last {
+            let norm = RmsNorm::new(r.dense("output_norm.weight")?, eps);
+            let name = if cfg.tie_word_embeddings {
+                "token_embd"
+            } else {
+                "output"
+            };
+            Some(Head {
+                norm,
+                lm_head: r.proj(name, false)?,
+            })
+        } else {
+            None
+        };
+        let held = r.held;
+        Ok(Self {
+            rotary: RotaryTable::new(&cfg),
+            config: cfg,
+            range: spec.range,
+            device: spec.device,
+            dtype: DType::F32,
+            embed,
+            layers,
+            head,
+            caches: Mutex::new(HashMap::new()),
+            busy: AtomicUsize::new(0),
+            weight_bytes: held,
+            files: vec![file.path().to_path_buf()],
         })
     }
 
@@ -591,7 +750,7 @@ impl Stage {
             None => Ok(StageOutput::Hidden(x)),
             Some(head) => {
                 let last = x.narrow(1, len - 1, 1)?;
-                let logits = head.lm_head.forward(&head.norm.forward(&last)?)?;
+                let logits = linear(&head.lm_head, &head.norm.forward(&last)?)?;
                 Ok(StageOutput::Logits(
                     logits.flatten_all()?.to_dtype(DType::F32)?,
                 ))
@@ -615,7 +774,17 @@ const ROWS_AS_GEMM: usize = 5;
 
 /// `lin(x)` for `x` of shape `(b, len, in)`. A decode batch (`len == 1`, several sequences)
 /// avoids the general product that small batches would otherwise get.
-fn linear(lin: &Linear, x: &Tensor) -> Result<Tensor> {
+fn linear(proj: &Proj, x: &Tensor) -> Result<Tensor> {
+    let lin = match proj {
+        Proj::Dense(lin) => lin,
+        Proj::Quant(w, bias) => {
+            let y = w.forward(x)?;
+            return Ok(match bias {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            });
+        }
+    };
     let (b, len, width) = x.dims3()?;
     if len != 1 || b == 1 {
         return Ok(lin.forward(x)?);
@@ -635,14 +804,53 @@ fn linear(lin: &Linear, x: &Tensor) -> Result<Tensor> {
     Ok(y.contiguous()?.unsqueeze(1)?)
 }
 
-fn load_linear(t: &mut LoadedTensors, prefix: &str, bias: bool) -> Result<Linear> {
+/// Reads a GGUF stage's tensors one by one, counting the bytes held and reporting progress.
+struct GgufReader<'a> {
+    file: &'a GgufFile,
+    device: &'a Device,
+    done: u64,
+    total: u64,
+    /// Bytes the stage holds: quantized matrices at their stored size, the rest in f32.
+    held: u64,
+    progress: &'a mut dyn FnMut(u64, u64),
+}
+
+impl GgufReader<'_> {
+    fn read(&mut self, name: &str) -> Result<candle_core::quantized::QTensor> {
+        let t = self.file.qtensor(name, self.device)?;
+        self.done += self.file.tensor_bytes(name);
+        (self.progress)(self.done, self.total);
+        Ok(t)
+    }
+
+    /// A tensor dequantized to f32 (embeddings, norms, biases).
+    fn dense(&mut self, name: &str) -> Result<Tensor> {
+        let t = self.read(name)?.dequantize(self.device)?;
+        self.held += (t.elem_count() * 4) as u64;
+        Ok(t)
+    }
+
+    /// `{prefix}.weight` kept quantized, with `{prefix}.bias` in f32 when `bias`.
+    fn proj(&mut self, prefix: &str, bias: bool) -> Result<Proj> {
+        let w = self.read(&format!("{prefix}.weight"))?;
+        self.held += w.storage_size_in_bytes() as u64;
+        let b = if bias {
+            Some(self.dense(&format!("{prefix}.bias"))?)
+        } else {
+            None
+        };
+        Ok(Proj::Quant(QMatMul::from_qtensor(w)?, b))
+    }
+}
+
+fn load_linear(t: &mut LoadedTensors, prefix: &str, bias: bool) -> Result<Proj> {
     let w = t.take(&format!("{prefix}.weight"))?;
     let b = if bias {
         Some(t.take(&format!("{prefix}.bias"))?)
     } else {
         None
     };
-    Ok(Linear::new(w, b))
+    Ok(Proj::Dense(Linear::new(w, b)))
 }
 
 fn load_layer(t: &mut LoadedTensors, cfg: &ModelConfig, p: &str) -> Result<DecoderLayer> {
@@ -747,8 +955,13 @@ impl Attention {
         let q = q.transpose(1, 2)?.contiguous()?;
         let k = k.transpose(1, 2)?.contiguous()?;
         let v = v.transpose(1, 2)?;
-        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
-        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
+        let rope = if cfg.rope_interleaved {
+            candle_nn::rotary_emb::rope_i
+        } else {
+            candle_nn::rotary_emb::rope
+        };
+        let q = rope(&q, cos, sin)?;
+        let k = rope(&k, cos, sin)?;
         Ok((q, k, v))
     }
 
@@ -763,6 +976,9 @@ impl Attention {
         kv: &mut ConcatKvCache,
     ) -> Result<Tensor> {
         let (k, v) = kv.append(k, v)?;
+        if cfg.family == crate::config::Family::Qwen3 && q.device().is_cpu() {
+            return Self::attend_cpu_flash(q, &k, &v, cfg);
+        }
         let groups = cfg.num_attention_heads / cfg.num_key_value_heads;
         let k = candle_transformers::utils::repeat_kv(k, groups)?.contiguous()?;
         let v = candle_transformers::utils::repeat_kv(v, groups)?.contiguous()?;
@@ -773,13 +989,70 @@ impl Attention {
             k.to_dtype(DType::F32)?,
             v.to_dtype(DType::F32)?,
         );
-        let scale = 1.0 / (cfg.head_dim as f64).sqrt();
-        let mut scores = (q.matmul(&k.t()?)? * scale)?;
+        // Llama's reference implementations divide by √d and the others multiply by 1/√d; the
+        // results differ in the last bit, which quantized matmuls (that round their inputs to
+        // 8 bits) can turn into visible differences, so each family follows its reference.
+        let raw = q.matmul(&k.t()?)?;
+        let mut scores = if cfg.family == crate::config::Family::Llama {
+            (raw / (cfg.head_dim as f64).sqrt())?
+        } else {
+            (raw * (1.0 / (cfg.head_dim as f64).sqrt()))?
+        };
         if let Some(m) = mask {
             scores = scores.broadcast_add(m)?;
         }
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         Ok(probs.matmul(&v)?.to_dtype(in_dtype)?)
+    }
+
+    /// Qwen3 on the CPU: candle's fused flash-attention kernel, causal from the chunk's offset,
+    /// grouped-query heads handled inside. Its references (candle-transformers' Qwen3, whole and
+    /// quantized) use it on the CPU, and its online softmax rounds differently from the plain
+    /// path: with quantized matmuls that rounding must match. Returns `(1, heads, len, head_dim)`.
+    fn attend_cpu_flash(q: &Tensor, k: &Tensor, v: &Tensor, cfg: &ModelConfig) -> Result<Tensor> {
+        use candle_nn::attention::cpu_flash::causal::causal_decode_f32_interleaved;
+        use candle_nn::attention::{AttnMask, flash_attn};
+        let len = q.dim(2)?;
+        let kv_len = k.dim(2)?;
+        let offset = kv_len - len;
+        let in_dtype = q.dtype();
+        if len == 1 && in_dtype == DType::F32 {
+            // The references decode one position with a dedicated kernel over keys and values
+            // interleaved per position, `(positions, kv_heads, 2 * head_dim)`.
+            let (heads, kv_heads, d) = (
+                cfg.num_attention_heads,
+                cfg.num_key_value_heads,
+                cfg.head_dim,
+            );
+            let q_flat: Vec<f32> = q.flatten_all()?.to_vec1()?;
+            let kv = Tensor::cat(
+                &[
+                    k.squeeze(0)?.transpose(0, 1)?,
+                    v.squeeze(0)?.transpose(0, 1)?,
+                ],
+                2,
+            )?;
+            let kv_flat: Vec<f32> = kv.flatten_all()?.to_vec1()?;
+            let scale = 1.0 / (d as f32).sqrt();
+            let y = causal_decode_f32_interleaved(
+                &q_flat, &kv_flat, heads, kv_heads, d, kv_len, scale,
+            )?;
+            return Ok(y.unsqueeze(0)?);
+        }
+        let prep = |t: &Tensor| -> Result<Tensor> {
+            Ok(t.transpose(1, 2)?.contiguous()?.to_dtype(DType::F32)?)
+        };
+        let scale = 1.0 / (cfg.head_dim as f32).sqrt();
+        let y = flash_attn::<f32>(
+            &prep(q)?,
+            &prep(k)?,
+            &prep(v)?,
+            scale,
+            AttnMask::causal_with_offset(offset),
+            None,
+            None,
+        )?;
+        Ok(y.to_dtype(in_dtype)?)
     }
 
     /// Merges the heads of `y` `(b, heads, len, head_dim)` and applies the output projection.
@@ -795,7 +1068,7 @@ mod tests {
     use candle_core::{Device, Tensor};
     use candle_nn::{Linear, Module};
 
-    use super::{ROWS_AS_GEMM, linear};
+    use super::{Proj, ROWS_AS_GEMM, linear};
 
     #[test]
     fn batched_rows_equal_one_row_at_a_time() {
@@ -803,9 +1076,10 @@ mod tests {
         let w = Tensor::randn(0f32, 1.0, (48, 32), &dev).unwrap();
         let b = Tensor::randn(0f32, 1.0, 48, &dev).unwrap();
         let lin = Linear::new(w, Some(b));
+        let proj = Proj::Dense(lin.clone());
         for rows in [2, ROWS_AS_GEMM - 1, ROWS_AS_GEMM, 9] {
             let x = Tensor::randn(0f32, 1.0, (rows, 1, 32), &dev).unwrap();
-            let batched = linear(&lin, &x).unwrap();
+            let batched = linear(&proj, &x).unwrap();
             assert_eq!(batched.dims(), &[rows, 1, 48]);
             for i in 0..rows {
                 let one = lin.forward(&x.narrow(0, i, 1).unwrap()).unwrap();

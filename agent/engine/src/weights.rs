@@ -24,6 +24,23 @@ pub const INDEX_FILE: &str = "model.safetensors.index.json";
 /// Headers bigger than this are refused: real ones are a few hundred kilobytes.
 const MAX_HEADER_BYTES: u64 = 100 * 1024 * 1024;
 
+/// A model's weights: Hugging Face safetensors, or one GGUF file.
+pub enum Weights {
+    /// `model.safetensors` or shards listed in its index.
+    Safetensors(WeightFiles),
+    /// A `.gguf` file, quantized or not.
+    Gguf(crate::gguf::GgufFile),
+}
+
+impl std::fmt::Debug for Weights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Safetensors(w) => w.fmt(f),
+            Self::Gguf(g) => g.fmt(f),
+        }
+    }
+}
+
 /// Where each tensor of a checkpoint lives, before any weights file is opened.
 #[derive(Debug, Clone)]
 pub struct WeightFiles {

@@ -10,13 +10,14 @@
 
 use std::path::Path;
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::{llama, mistral, qwen2, qwen3};
-use cluster_api::LayerSplit;
-use cluster_engine::stage::{Stage, StageInput, StageOutput, StageSpec};
-use cluster_engine::{ModelFolder, SeqId};
+use cluster_engine::ModelFolder;
 use cluster_fixtures::TinyModel;
+use common::{all_splits, argmax, assert_close, load_split, run_stages, run_stages_batched};
 
 const TOLERANCE: f32 = 1e-5;
 const DECODE_STEPS: usize = 16;
@@ -77,118 +78,6 @@ impl Oracle {
     }
 }
 
-/// Every way of cutting `layers` layers into contiguous stages, as split strings.
-fn all_splits(layers: usize) -> Vec<String> {
-    (0..1u32 << (layers - 1))
-        .map(|cuts| {
-            let mut ranges = Vec::new();
-            let mut first = 0;
-            for layer in 0..layers {
-                let cut_after = layer + 1 == layers || cuts & (1 << layer) != 0;
-                if cut_after {
-                    ranges.push(format!("{first}-{layer}"));
-                    first = layer + 1;
-                }
-            }
-            ranges.join(",")
-        })
-        .collect()
-}
-
-fn run_stages(stages: &[Stage], seq: SeqId, position: usize, tokens: &[u32]) -> Vec<f32> {
-    let mut input = StageInput::Tokens(tokens.to_vec());
-    for stage in stages {
-        match stage.forward(seq, position, input).unwrap() {
-            StageOutput::Hidden(h) => input = StageInput::Hidden(h),
-            StageOutput::Logits(l) => return l.to_vec1().unwrap(),
-        }
-    }
-    panic!("no stage produced logits");
-}
-
-/// One decode step of several sequences through every stage, batched at each stage.
-fn run_stages_batched(stages: &[Stage], steps: &[(SeqId, usize, u32)]) -> Vec<Vec<f32>> {
-    let mut inputs: Vec<StageInput> = steps
-        .iter()
-        .map(|s| StageInput::Tokens(vec![s.2]))
-        .collect();
-    for stage in stages {
-        let items = steps
-            .iter()
-            .zip(inputs)
-            .map(|(s, input)| (s.0, s.1, input))
-            .collect();
-        let outputs: Vec<StageOutput> = stage
-            .forward_batch(items)
-            .into_iter()
-            .map(|r| r.unwrap())
-            .collect();
-        if let StageOutput::Logits(_) = outputs[0] {
-            return outputs
-                .into_iter()
-                .map(|o| match o {
-                    StageOutput::Logits(l) => l.to_vec1().unwrap(),
-                    StageOutput::Hidden(_) => panic!("mixed outputs"),
-                })
-                .collect();
-        }
-        inputs = outputs
-            .into_iter()
-            .map(|o| match o {
-                StageOutput::Hidden(h) => StageInput::Hidden(h),
-                StageOutput::Logits(_) => panic!("mixed outputs"),
-            })
-            .collect();
-    }
-    panic!("no stage produced logits");
-}
-
-fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, x) in v.iter().enumerate() {
-        if *x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
-
-fn assert_close(ours: &[f32], oracle: &[f32], what: &str) {
-    assert_eq!(ours.len(), oracle.len(), "{what}: vocabulary sizes differ");
-    let worst = ours
-        .iter()
-        .zip(oracle)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
-    assert!(
-        worst <= TOLERANCE,
-        "{what}: logits differ by {worst:e} (> {TOLERANCE:e})"
-    );
-    assert_eq!(argmax(ours), argmax(oracle), "{what}: greedy tokens differ");
-}
-
-fn load_split(folder: &ModelFolder, split: &str) -> Vec<Stage> {
-    let split = LayerSplit::parse(split, folder.config.num_hidden_layers).unwrap();
-    let n = split.ranges().len();
-    split
-        .ranges()
-        .iter()
-        .enumerate()
-        .map(|(i, r)| {
-            let spec = StageSpec {
-                config: folder.config.clone(),
-                weights: &folder.weights,
-                range: *r,
-                first: i == 0,
-                last: i + 1 == n,
-                device: Device::Cpu,
-                dtype: DType::F32,
-            };
-            Stage::load(spec, &mut |_, _| {}).unwrap()
-        })
-        .collect()
-}
-
 fn check_family(model: TinyModel) {
     let dir = tempfile::tempdir().unwrap();
     model.write(dir.path()).unwrap();
@@ -238,11 +127,13 @@ fn check_family(model: TinyModel) {
         assert_close(
             &la,
             &expected[0].0,
+            TOLERANCE,
             &format!("{family:?} split {split}: prefill A"),
         );
         assert_close(
             &lb,
             &expected[0].1,
+            TOLERANCE,
             &format!("{family:?} split {split}: prefill B"),
         );
         for step in 0..DECODE_STEPS {
@@ -263,11 +154,13 @@ fn check_family(model: TinyModel) {
             assert_close(
                 &la,
                 &expected[step + 1].0,
+                TOLERANCE,
                 &format!("{family:?} split {split}: decode A step {step}"),
             );
             assert_close(
                 &lb,
                 &expected[step + 1].1,
+                TOLERANCE,
                 &format!("{family:?} split {split}: decode B step {step}"),
             );
         }

@@ -58,6 +58,9 @@ pub struct MakeModelArgs {
     /// Seed of the random weights.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Also write the model as `model.gguf`, its matrices quantized: q8_0, q4_k or f32.
+    #[arg(long)]
+    pub gguf: Option<String>,
 }
 
 /// Runs `clusteragent make-model`.
@@ -105,9 +108,24 @@ pub fn run(args: MakeModelArgs) -> Result<()> {
             args.heads
         );
     }
-    model
-        .write(&args.out)
-        .with_context(|| format!("writing model to {}", args.out.display()))?;
+    match &args.gguf {
+        None => model
+            .write(&args.out)
+            .with_context(|| format!("writing model to {}", args.out.display()))?,
+        Some(kind) => {
+            use cluster_engine::candle_core::quantized::GgmlDType;
+            let dtype = match kind.to_ascii_lowercase().as_str() {
+                "q8_0" => GgmlDType::Q8_0,
+                "q4_k" => GgmlDType::Q4K,
+                "f32" => GgmlDType::F32,
+                other => bail!("--gguf {other:?}: expected q8_0, q4_k or f32"),
+            };
+            let path = model
+                .write_gguf(&args.out, dtype)
+                .with_context(|| format!("writing model to {}", args.out.display()))?;
+            println!("wrote {}", path.display());
+        }
+    }
     let bytes: u64 = std::fs::read_dir(&args.out)?
         .filter_map(|e| e.ok())
         .filter(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))

@@ -162,3 +162,34 @@ fn bad_requests_are_refused_and_a_full_ring_says_so() {
     assert_eq!(ids, one_process(&model, "Hi", 6));
     ring.kill_stage(1);
 }
+
+#[test]
+fn a_gguf_model_runs_through_the_ring_as_in_one_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("model");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_clusteragent"))
+        .args([
+            "make-model",
+            "--out",
+            dir.to_str().unwrap(),
+            "--arch",
+            "qwen2",
+            "--hidden",
+            "256",
+        ])
+        .args(["--intermediate", "512", "--gguf", "q4_k"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let gguf = dir.join("model.gguf");
+    let ring = Ring::start(&gguf, &["0-1", "2-3"], 64);
+    for prompt in ["Hi", "What is the capital of France?"] {
+        let (ids, last) = ring.generate(&json!({"prompt": prompt, "max_tokens": 16}));
+        assert_eq!(last["event"], "done", "{last}");
+        assert_eq!(ids, one_process(&gguf, prompt, 16), "prompt {prompt:?}");
+    }
+}

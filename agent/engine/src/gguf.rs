@@ -1,0 +1,251 @@
+//! GGUF files (llama.cpp's format, as Ollama and LM Studio hand models around): the header and
+//! metadata are read once; a stage then reads only its own tensors, kept in their quantized types
+//! and multiplied with candle's quantized matmul.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use candle_core::Device;
+use candle_core::quantized::QTensor;
+use candle_core::quantized::gguf_file::{Content, Value};
+
+use crate::config::{Family, ModelConfig, RopeScaling};
+use crate::error::{EngineError, Result};
+
+/// The GGUF architectures a stage can run.
+pub const SUPPORTED_GGUF_ARCHITECTURES: [&str; 3] = ["llama", "qwen2", "qwen3"];
+
+/// An opened GGUF file: its metadata and where each tensor lies, no weights yet.
+pub struct GgufFile {
+    path: PathBuf,
+    content: Content,
+    file: Mutex<File>,
+}
+
+impl std::fmt::Debug for GgufFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GgufFile")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+fn bad(path: &Path, message: impl Into<String>) -> EngineError {
+    EngineError::BadWeights {
+        path: path.to_path_buf(),
+        message: message.into(),
+    }
+}
+
+impl GgufFile {
+    /// Opens `path` and reads its header.
+    pub fn open(path: &Path) -> Result<Self> {
+        let mut file = File::open(path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                EngineError::MissingFile {
+                    path: path.to_path_buf(),
+                    what: "GGUF model file".into(),
+                }
+            } else {
+                EngineError::io(path, e)
+            }
+        })?;
+        let content = Content::read(&mut file)
+            .map_err(|e| bad(path, format!("not a readable GGUF file: {e}")))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            content,
+            file: Mutex::new(file),
+        })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A metadata value.
+    pub fn metadata(&self, key: &str) -> Option<&Value> {
+        self.content.metadata.get(key)
+    }
+
+    /// Whether the file has a tensor of that name.
+    pub fn has_tensor(&self, name: &str) -> bool {
+        self.content.tensor_infos.contains_key(name)
+    }
+
+    /// Shape of a tensor, outermost dimension first (as candle and Hugging Face write them).
+    pub fn tensor_shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.content
+            .tensor_infos
+            .get(name)
+            .map(|t| t.shape.dims().to_vec())
+    }
+
+    /// Bytes a tensor takes in the file (and in memory, kept in its stored type).
+    pub fn tensor_bytes(&self, name: &str) -> u64 {
+        self.content
+            .tensor_infos
+            .get(name)
+            .map(|t| {
+                (t.shape.elem_count() / t.ggml_dtype.block_size() * t.ggml_dtype.type_size()) as u64
+            })
+            .unwrap_or(0)
+    }
+
+    /// Reads one tensor, in its stored type.
+    pub fn qtensor(&self, name: &str, device: &Device) -> Result<QTensor> {
+        if !self.has_tensor(name) {
+            return Err(EngineError::MissingTensor {
+                name: name.to_string(),
+                place: self.path.clone(),
+            });
+        }
+        let mut file = self
+            .file
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.content
+            .tensor(&mut *file, name, device)
+            .map_err(|e| bad(&self.path, format!("tensor {name}: {e}")))
+    }
+
+    fn arch(&self) -> Result<String> {
+        let arch = self
+            .metadata("general.architecture")
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+            .ok_or_else(|| EngineError::config(&self.path, "general.architecture", "missing"))?;
+        if !SUPPORTED_GGUF_ARCHITECTURES.contains(&arch.as_str()) {
+            return Err(EngineError::UnsupportedArchitecture {
+                path: self.path.clone(),
+                name: arch,
+                supported: SUPPORTED_GGUF_ARCHITECTURES.to_vec(),
+            });
+        }
+        Ok(arch)
+    }
+
+    fn u32_key(&self, key: &str) -> Result<Option<usize>> {
+        match self.metadata(key) {
+            None => Ok(None),
+            Some(v) => v
+                .to_u32()
+                .or_else(|_| v.to_u64().map(|n| n as u32))
+                .map(|n| Some(n as usize))
+                .map_err(|_| {
+                    EngineError::config(&self.path, key, format!("expected an integer, got {v:?}"))
+                }),
+        }
+    }
+
+    fn f32_key(&self, key: &str) -> Result<Option<f64>> {
+        match self.metadata(key) {
+            None => Ok(None),
+            Some(v) => v
+                .to_f32()
+                .map(|x| Some(f64::from(x)))
+                .or_else(|_| v.to_f64().map(Some))
+                .map_err(|_| {
+                    EngineError::config(&self.path, key, format!("expected a number, got {v:?}"))
+                }),
+        }
+    }
+
+    fn required(&self, key: &str) -> Result<usize> {
+        self.u32_key(key)?.ok_or_else(|| {
+            EngineError::config(&self.path, key, "missing (required for this architecture)")
+        })
+    }
+
+    /// The model's configuration, from the `{arch}.*` metadata keys.
+    pub fn config(&self) -> Result<ModelConfig> {
+        let arch = self.arch()?;
+        let k = |s: &str| format!("{arch}.{s}");
+        let family = match arch.as_str() {
+            "llama" => Family::Llama,
+            "qwen2" => Family::Qwen2,
+            _ => Family::Qwen3,
+        };
+        let hidden_size = self.required(&k("embedding_length"))?;
+        let num_attention_heads = self.required(&k("attention.head_count"))?;
+        let num_key_value_heads = self
+            .u32_key(&k("attention.head_count_kv"))?
+            .unwrap_or(num_attention_heads);
+        let head_dim = self
+            .u32_key(&k("attention.key_length"))?
+            .unwrap_or(hidden_size / num_attention_heads.max(1));
+        let vocab_size = self
+            .tensor_shape("token_embd.weight")
+            .map(|s| s[0])
+            .ok_or_else(|| EngineError::MissingTensor {
+                name: "token_embd.weight".into(),
+                place: self.path.clone(),
+            })?;
+        if self.has_tensor("rope_freqs.weight") {
+            return Err(EngineError::config(
+                &self.path,
+                "rope_freqs.weight",
+                "per-frequency rope factors (llama3 rope scaling in GGUF) are not supported yet",
+            ));
+        }
+        let rope_scaling = match self
+            .metadata(&k("rope.scaling.type"))
+            .and_then(|v| v.to_string().ok())
+        {
+            None => RopeScaling::None,
+            Some(t) if t == "none" => RopeScaling::None,
+            Some(t) if t == "linear" => RopeScaling::Linear {
+                factor: self.f32_key(&k("rope.scaling.factor"))?.unwrap_or(1.0),
+            },
+            Some(t) => {
+                return Err(EngineError::config(
+                    &self.path,
+                    k("rope.scaling.type"),
+                    format!("{t:?} is not supported; supported: none, linear"),
+                ));
+            }
+        };
+        let eos = self
+            .u32_key("tokenizer.ggml.eos_token_id")?
+            .map(|n| n as u32);
+        Ok(ModelConfig {
+            family,
+            hidden_size,
+            intermediate_size: self.required(&k("feed_forward_length"))?,
+            vocab_size,
+            num_hidden_layers: self.required(&k("block_count"))?,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            rms_norm_eps: self
+                .f32_key(&k("attention.layer_norm_rms_epsilon"))?
+                .unwrap_or(1e-6),
+            rope_theta: self.f32_key(&k("rope.freq_base"))?.unwrap_or(10_000.0),
+            rope_scaling,
+            max_position_embeddings: self.u32_key(&k("context_length"))?.unwrap_or(4096),
+            tie_word_embeddings: !self.has_tensor("output.weight"),
+            qkv_bias: self.has_tensor("blk.0.attn_q.bias"),
+            o_bias: self.has_tensor("blk.0.attn_output.bias"),
+            mlp_bias: false,
+            qk_norm: self.has_tensor("blk.0.attn_q_norm.weight"),
+            sliding_window: None,
+            dtype: None,
+            bos_token_id: self
+                .u32_key("tokenizer.ggml.bos_token_id")?
+                .map(|n| n as u32),
+            eos_token_ids: eos.into_iter().collect(),
+            // llama.cpp's converter permutes Llama's q and k rows so that rotary pairs are
+            // adjacent; Qwen files keep Hugging Face's halves.
+            rope_interleaved: family == Family::Llama,
+        })
+    }
+
+    /// The chat template stored in the file, if any.
+    pub fn chat_template(&self) -> Option<String> {
+        self.metadata("tokenizer.chat_template")
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+    }
+}

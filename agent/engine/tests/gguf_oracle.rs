@@ -1,0 +1,191 @@
+//! GGUF stages, split every way, against candle-transformers' quantized whole-model forward
+//! (`quantized_llama`, `quantized_qwen2`, `quantized_qwen3`) on the same file, in Q8_0 and Q4_K.
+
+// A test that cannot unwrap has failed; the panic message is the report.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::Path;
+
+use candle_core::quantized::GgmlDType;
+use candle_core::quantized::gguf_file::Content;
+use candle_core::{Device, Tensor};
+use candle_transformers::models::{quantized_llama, quantized_qwen2, quantized_qwen3};
+use cluster_engine::ModelFolder;
+use cluster_engine::weights::Weights;
+use cluster_fixtures::{Arch, TinyModel};
+use common::{all_splits, argmax, assert_close, load_split, run_stages, run_stages_batched};
+
+const TOLERANCE: f32 = 1e-4;
+const DECODE_STEPS: usize = 16;
+
+enum Oracle {
+    Llama(Box<quantized_llama::ModelWeights>),
+    Qwen2(Box<quantized_qwen2::ModelWeights>),
+    Qwen3(Box<quantized_qwen3::ModelWeights>),
+}
+
+impl Oracle {
+    fn load(path: &Path, arch: Arch) -> Oracle {
+        let dev = Device::Cpu;
+        let mut file = std::fs::File::open(path).unwrap();
+        let ct = Content::read(&mut file).unwrap();
+        match arch {
+            Arch::Llama => Oracle::Llama(Box::new(
+                quantized_llama::ModelWeights::from_gguf(ct, &mut file, &dev).unwrap(),
+            )),
+            Arch::Qwen2 => Oracle::Qwen2(Box::new(
+                quantized_qwen2::ModelWeights::from_gguf(ct, &mut file, &dev).unwrap(),
+            )),
+            Arch::Qwen3 => Oracle::Qwen3(Box::new(
+                quantized_qwen3::ModelWeights::from_gguf(ct, &mut file, &dev).unwrap(),
+            )),
+            Arch::Mistral => unreachable!("no GGUF fixture for Mistral"),
+        }
+    }
+
+    fn forward(&mut self, tokens: &[u32], position: usize) -> Vec<f32> {
+        let input = Tensor::new(tokens, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let logits = match self {
+            Oracle::Llama(m) => m.forward(&input, position).unwrap(),
+            Oracle::Qwen2(m) => m.forward(&input, position).unwrap(),
+            Oracle::Qwen3(m) => m.forward(&input, position).unwrap(),
+        };
+        logits.flatten_all().unwrap().to_vec1().unwrap()
+    }
+}
+
+/// Q4_K packs 256 values per block along each row, so every matrix's inner width is 256 or 512.
+fn model(arch: Arch) -> TinyModel {
+    let base = match arch {
+        Arch::Llama => TinyModel::llama(),
+        Arch::Qwen2 => TinyModel::qwen2(),
+        _ => TinyModel::qwen3(),
+    };
+    TinyModel {
+        hidden: 256,
+        intermediate: 512,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 64,
+        ..base
+    }
+}
+
+fn check(arch: Arch, dtype: GgmlDType) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = model(arch).write_gguf(dir.path(), dtype).unwrap();
+    let folder = ModelFolder::open(&path).unwrap();
+    assert!(matches!(folder.weights, Weights::Gguf(_)));
+    assert_eq!(folder.config.num_hidden_layers, 4);
+    let prompt_a = folder
+        .tokenizer
+        .encode("The two machines sat side by side on the shelf.", true)
+        .unwrap();
+    let prompt_b = folder
+        .tokenizer
+        .encode("What is the capital of France?", true)
+        .unwrap();
+    let mut oracle_a = Oracle::load(&path, arch);
+    let mut oracle_b = Oracle::load(&path, arch);
+    let mut expected = Vec::new();
+    let (mut ta, mut tb) = (
+        oracle_a.forward(&prompt_a, 0),
+        oracle_b.forward(&prompt_b, 0),
+    );
+    expected.push((ta.clone(), tb.clone()));
+    for step in 0..DECODE_STEPS {
+        ta = oracle_a.forward(&[argmax(&ta)], prompt_a.len() + step);
+        tb = oracle_b.forward(&[argmax(&tb)], prompt_b.len() + step);
+        expected.push((ta.clone(), tb.clone()));
+    }
+    let what = |split: &str, part: &str| format!("{arch:?} {dtype:?} split {split}: {part}");
+    for (n, split) in all_splits(4).iter().enumerate() {
+        let stages = load_split(&folder, split);
+        let (seq_a, seq_b) = (1, 2);
+        // Prompts go in whole, as the oracle takes them: a chunked prefill computes attention in
+        // other pieces, and the 8-bit rounding of the next matmul's input can turn that last-bit
+        // difference into a visible one (the f32 oracle test covers chunking).
+        let mut la = run_stages(&stages, seq_a, 0, &prompt_a);
+        let mut lb = run_stages(&stages, seq_b, 0, &prompt_b);
+        assert_close(&la, &expected[0].0, TOLERANCE, &what(split, "prefill A"));
+        assert_close(&lb, &expected[0].1, TOLERANCE, &what(split, "prefill B"));
+        for step in 0..DECODE_STEPS {
+            if n % 2 == 1 {
+                let mut both = run_stages_batched(
+                    &stages,
+                    &[
+                        (seq_a, prompt_a.len() + step, argmax(&la)),
+                        (seq_b, prompt_b.len() + step, argmax(&lb)),
+                    ],
+                );
+                lb = both.pop().unwrap();
+                la = both.pop().unwrap();
+            } else {
+                la = run_stages(&stages, seq_a, prompt_a.len() + step, &[argmax(&la)]);
+                lb = run_stages(&stages, seq_b, prompt_b.len() + step, &[argmax(&lb)]);
+            }
+            assert_close(
+                &la,
+                &expected[step + 1].0,
+                TOLERANCE,
+                &what(split, &format!("decode A step {step}")),
+            );
+            assert_close(
+                &lb,
+                &expected[step + 1].1,
+                TOLERANCE,
+                &what(split, &format!("decode B step {step}")),
+            );
+        }
+    }
+    // A stage of half the layers holds about half of the layers' bytes, in their quantized size.
+    let whole = &load_split(&folder, "0-3")[0];
+    let half = &load_split(&folder, "0-1,2-3")[1];
+    let share = half.weight_bytes() as f64 / whole.weight_bytes() as f64;
+    assert!((0.4..0.6).contains(&share), "{share}");
+    // Held quantized: well under the f32 checkpoint the GGUF was made from (the embedding alone
+    // is dequantized, for lookups).
+    let f32_bytes = std::fs::metadata(dir.path().join("model.safetensors"))
+        .unwrap()
+        .len() as f64;
+    let held = whole.weight_bytes() as f64;
+    assert!(
+        held < 0.5 * f32_bytes,
+        "{held} bytes held for a {f32_bytes}-byte f32 model"
+    );
+}
+
+#[test]
+fn llama_gguf_q8_0_matches_quantized_llama() {
+    check(Arch::Llama, GgmlDType::Q8_0);
+}
+
+#[test]
+fn llama_gguf_q4_k_matches_quantized_llama() {
+    check(Arch::Llama, GgmlDType::Q4K);
+}
+
+#[test]
+fn qwen2_gguf_q8_0_matches_quantized_qwen2() {
+    check(Arch::Qwen2, GgmlDType::Q8_0);
+}
+
+#[test]
+fn qwen2_gguf_q4_k_matches_quantized_qwen2() {
+    check(Arch::Qwen2, GgmlDType::Q4K);
+}
+
+#[test]
+fn qwen3_gguf_q8_0_matches_quantized_qwen3() {
+    check(Arch::Qwen3, GgmlDType::Q8_0);
+}
+
+#[test]
+fn qwen3_gguf_q4_k_matches_quantized_qwen3() {
+    check(Arch::Qwen3, GgmlDType::Q4K);
+}
