@@ -778,7 +778,18 @@ fn linear(proj: &Proj, x: &Tensor) -> Result<Tensor> {
     let lin = match proj {
         Proj::Dense(lin) => lin,
         Proj::Quant(w, bias) => {
-            let y = w.forward(x)?;
+            let (b, len, _) = x.dims3()?;
+            // A small decode batch goes row by row: candle picks other kernels for several rows
+            // of some block formats, whose last bits differ from one row's (and 8-bit rounding
+            // of the next input can make that visible); the weights stay in cache meanwhile.
+            let y = if len == 1 && b > 1 && b < ROWS_AS_GEMM {
+                let rows = (0..b)
+                    .map(|i| w.forward(&x.narrow(0, i, 1)?))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                Tensor::cat(&rows, 0)?
+            } else {
+                w.forward(x)?
+            };
             return Ok(match bias {
                 Some(b) => y.broadcast_add(b)?,
                 None => y,

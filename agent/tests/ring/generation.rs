@@ -193,3 +193,67 @@ fn a_gguf_model_runs_through_the_ring_as_in_one_process() {
         assert_eq!(ids, one_process(&gguf, prompt, 16), "prompt {prompt:?}");
     }
 }
+
+/// Whether `python3` can import `module`; under `CI=true` a missing one fails the test.
+fn python_has(module: &str) -> bool {
+    let ok = std::process::Command::new("python3")
+        .args(["-c", &format!("import {module}")])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "python3 with {module} is needed (pip install {module})"
+        );
+        eprintln!("SKIPPED: python3 with {module} not found (pip install {module})");
+    }
+    ok
+}
+
+#[test]
+fn a_gguf_written_by_llama_cpps_own_writer_runs_through_the_ring() {
+    if !python_has("gguf") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("model");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_clusteragent"))
+        .args([
+            "make-model",
+            "--out",
+            dir.to_str().unwrap(),
+            "--arch",
+            "llama",
+            "--hidden",
+            "256",
+        ])
+        .args(["--intermediate", "512"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let gguf = dir.join("llamacpp-q8_0.gguf");
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/tools/hf_to_gguf.py");
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .args([dir.to_str().unwrap(), gguf.to_str().unwrap(), "q8_0"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ring = Ring::start(&gguf, &["0-1", "2-3"], 64);
+    for prompt in ["Hi", "The river ran quickly under the old stone bridge."] {
+        let expected = crate::harness::one_process_with(&gguf, prompt, 16, true);
+        assert_eq!(expected.len(), 16);
+        let (ids, _) =
+            ring.generate(&json!({"prompt": prompt, "max_tokens": 16, "ignore_eos": true}));
+        assert_eq!(ids, expected, "prompt {prompt:?}");
+    }
+}

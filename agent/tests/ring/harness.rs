@@ -36,6 +36,16 @@ pub fn make_model(dir: &Path, arch: &str) {
 
 /// Greedy tokens of the one-process engine, the reference every ring must match.
 pub fn one_process(model: &Path, prompt: &str, max_tokens: usize) -> Vec<u32> {
+    one_process_with(model, prompt, max_tokens, false)
+}
+
+/// [`one_process`], optionally running past EOS tokens.
+pub fn one_process_with(
+    model: &Path,
+    prompt: &str,
+    max_tokens: usize,
+    ignore_eos: bool,
+) -> Vec<u32> {
     let p = LocalPipeline::load(
         model,
         &LoadOptions {
@@ -48,6 +58,7 @@ pub fn one_process(model: &Path, prompt: &str, max_tokens: usize) -> Vec<u32> {
     let ids = p.encode_text(prompt).unwrap();
     let options = GenerateOptions {
         max_tokens,
+        ignore_eos,
         ..GenerateOptions::default()
     };
     p.generate(1, &ids, &options, &mut |_| {})
