@@ -110,18 +110,25 @@ impl ModelFolder {
         let file = GgufFile::open(path)?;
         let config = file.config()?;
         let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        // A tokenizer.json beside the file wins (it is what the model's authors published);
+        // otherwise the file's own metadata builds one.
         let tokenizer_path = dir.join("tokenizer.json");
-        if !tokenizer_path.is_file() {
-            return Err(EngineError::MissingFile {
-                path: tokenizer_path,
-                what: format!(
-                    "the tokenizer of {}: building one from the GGUF's own tokenizer metadata is not supported yet; put the model's tokenizer.json beside the file",
-                    path.display()
-                ),
-            });
-        }
-        let tokenizer = TextTokenizer::from_file(&tokenizer_path)?;
+        let tokenizer = if tokenizer_path.is_file() {
+            TextTokenizer::from_file(&tokenizer_path)?
+        } else {
+            file.tokenizer()?
+        };
         let mut tokenizer_config = TokenizerConfig::read(&dir)?;
+        if tokenizer_config.eos_token.is_none()
+            && let Some(&eos) = config.eos_token_ids.first()
+        {
+            tokenizer_config.eos_token = file.token_text(eos as usize);
+        }
+        if tokenizer_config.bos_token.is_none()
+            && let Some(bos) = config.bos_token_id
+        {
+            tokenizer_config.bos_token = file.token_text(bos as usize);
+        }
         if let Some(template) = file.chat_template() {
             tokenizer_config.chat_template = Some(template);
         }

@@ -26,6 +26,11 @@ impl TextTokenizer {
         Ok(Self { inner })
     }
 
+    /// Wraps a tokenizer built in code (from a GGUF file's metadata, say).
+    pub fn from_tokenizer(inner: tokenizers::Tokenizer) -> Self {
+        Self { inner }
+    }
+
     /// Token ids of `text`; `special` adds what the tokenizer's post-processor adds (a BOS for
     /// Llama). Chat prompts rendered from a template carry their own BOS and pass `false`.
     pub fn encode(&self, text: &str, special: bool) -> Result<Vec<u32>> {

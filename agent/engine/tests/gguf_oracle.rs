@@ -228,17 +228,3 @@ fn an_unsupported_gguf_architecture_is_named_with_the_supported_ones() {
         "{err}"
     );
 }
-
-#[test]
-fn a_gguf_without_a_tokenizer_beside_it_says_what_is_missing() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = model(Arch::Qwen2)
-        .write_gguf(dir.path(), GgmlDType::Q8_0)
-        .unwrap();
-    std::fs::remove_file(dir.path().join("tokenizer.json")).unwrap();
-    let err = ModelFolder::open(&path).err().unwrap().to_string();
-    assert!(
-        err.contains("tokenizer.json") && err.contains("not supported yet"),
-        "{err}"
-    );
-}
