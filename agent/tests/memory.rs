@@ -118,3 +118,76 @@ fn half_the_layers_hold_half_the_weights_and_half_the_memory() {
         "{first} {second}"
     );
 }
+
+#[test]
+fn half_the_layers_of_a_q4_k_gguf_hold_half_its_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m");
+    let m = model.to_str().unwrap();
+    agent(&[
+        "make-model",
+        "--out",
+        m,
+        "--arch",
+        "llama",
+        "--layers",
+        "16",
+        "--hidden",
+        "512",
+        "--intermediate",
+        "1536",
+        "--heads",
+        "8",
+        "--kv-heads",
+        "8",
+        "--gguf",
+        "q4_k",
+    ]);
+    let gguf = model.join("model.gguf");
+    let g = gguf.to_str().unwrap();
+    let file_bytes = std::fs::metadata(&gguf).unwrap().len() as f64;
+    let inspect = |layers: &str| -> serde_json::Value {
+        serde_json::from_str(&agent(&[
+            "inspect-stage",
+            "--model",
+            g,
+            "--layers",
+            layers,
+            "--device",
+            "cpu",
+        ]))
+        .unwrap()
+    };
+    let whole = inspect("0-15");
+    let first = inspect("0-7");
+    let bytes = |v: &serde_json::Value| v["weight_bytes"].as_u64().unwrap() as f64;
+    let gained = |v: &serde_json::Value| {
+        v["resident_bytes_after_load"].as_u64().unwrap() as f64
+            - v["resident_bytes_before_load"].as_u64().unwrap() as f64
+    };
+    // Quantized weights are held at their size in the file (the small embedding is dequantized).
+    assert!(
+        bytes(&whole) < 1.1 * file_bytes,
+        "whole stage holds {} for a {file_bytes}-byte file",
+        bytes(&whole)
+    );
+    let share = bytes(&first) / bytes(&whole);
+    assert!(
+        (0.45..0.55).contains(&share),
+        "half the layers hold {share:.3} of the bytes"
+    );
+    assert!(
+        gained(&first) < bytes(&first) + 40.0 * MB,
+        "gained {:.1} MB for {:.1} MB",
+        gained(&first) / MB,
+        bytes(&first) / MB
+    );
+    eprintln!(
+        "memory (Q4_K GGUF, {:.0} MB file): whole stage {:.1} MB held, +{:.1} MB resident; layers 0-7 {:.1} MB held, +{:.1} MB resident",
+        file_bytes / MB,
+        bytes(&whole) / MB,
+        gained(&whole) / MB,
+        bytes(&first) / MB,
+        gained(&first) / MB
+    );
+}
