@@ -306,9 +306,13 @@ impl GgufFile {
                 .map(|t| t.to_i32().unwrap_or(1))
                 .collect(),
         };
+        // Unused (type 5) tokens only pad the list to the embedding's rows: they have no text,
+        // so they stay out of the vocabulary and the sampler never picks them.
         let mut vocab = Vocab::default();
         for (id, token) in tokens.iter().enumerate() {
-            vocab.insert(token.clone(), id as u32);
+            if types.get(id) != Some(&5) {
+                vocab.insert(token.clone(), id as u32);
+            }
         }
         let pre = self
             .metadata("tokenizer.ggml.pre")

@@ -83,7 +83,7 @@ fn the_qwen_tokenizer_round_trips_through_gguf_metadata() {
     let json = data.join("qwen-tokenizer/tokenizer.json");
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("qwen-vocab.gguf");
-    let mut metadata = tokenizer_metadata(&json, "qwen2").unwrap();
+    let mut metadata = tokenizer_metadata(&json, "qwen2", None).unwrap();
     metadata.push(("general.architecture".into(), Value::String("qwen2".into())));
     let md: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let t = QTensor::quantize(

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One GGUF stage against llama.cpp on the same file, one thread each, side by side: decode
+# tokens/s for F32, Q8_0 and Q4_K, medians of interleaved rounds, ratios printed last.
+# Needs llama-cpp-python (pip install llama-cpp-python builds llama.cpp from its source).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rounds=${ROUNDS:-3}
+tokens=${TOKENS:-96}
+python3 -c "import llama_cpp" 2>/dev/null || { echo "llama-cpp-python is not installed: pip install llama-cpp-python" >&2; exit 1; }
+cargo build --release -p clusteragent
+agent=target/release/clusteragent
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+pin() { if command -v taskset >/dev/null; then taskset -c 0 "$@"; else "$@"; fi; }
+median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+declare -A ours theirs
+for kind in f32 q8_0 q4_k; do
+  "$agent" make-model --out "$work/$kind" --arch llama --layers 8 --hidden 768 --intermediate 2048 \
+    --heads 12 --kv-heads 4 --gguf "$kind" >/dev/null
+  rm "$work/$kind/tokenizer.json"   # both sides tokenize from the GGUF's own metadata
+  for r in $(seq "$rounds"); do
+    a=$(RAYON_NUM_THREADS=1 CANDLE_NUM_THREADS=1 pin "$agent" generate --model "$work/$kind/model.gguf" --device cpu \
+      --prompt "The two machines sat side by side on the shelf, joined by a short cable." \
+      --max-tokens "$tokens" --ignore-eos --json | python3 -c "import json,sys; print(json.load(sys.stdin)['timings']['decode_tokens_per_s'])")
+    b=$(pin python3 tests/tools/llamacpp_decode.py "$work/$kind/model.gguf" "$tokens" | python3 -c "import json,sys; print(json.load(sys.stdin)['decode_tokens_per_s'])")
+    echo "$kind round $r: clusteragent $a tok/s, llama.cpp $b tok/s" >&2
+    ours[$kind]+="$a "
+    theirs[$kind]+="$b "
+  done
+done
+echo "GGUF decode, one thread, 8-layer hidden-768 Llama-shaped model, $tokens tokens, median of $rounds rounds:"
+for kind in f32 q8_0 q4_k; do
+  a=$(echo ${ours[$kind]} | tr ' ' '\n' | median)
+  b=$(echo ${theirs[$kind]} | tr ' ' '\n' | median)
+  printf "%-5s clusteragent %8.2f tok/s   llama.cpp %8.2f tok/s   ratio %.3f (goal >= 1.0)\n" "$kind" "$a" "$b" "$(echo "$a / $b" | bc -l)"
+done

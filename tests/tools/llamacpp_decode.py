@@ -1,0 +1,33 @@
+"""Decode speed of llama.cpp (through llama-cpp-python) on a GGUF file, one thread.
+
+Evaluates a short prompt, then generates N tokens greedily one at a time, ignoring
+end-of-sequence tokens, and prints one JSON object: {"decode_tokens_per_s": ...}.
+The clock covers the decode steps only, as `clusteragent generate --json` reports them.
+
+usage: llamacpp_decode.py MODEL.gguf N
+"""
+
+import json
+import sys
+import time
+
+import numpy as np
+from llama_cpp import Llama
+
+
+def main():
+    path, n = sys.argv[1], int(sys.argv[2])
+    llm = Llama(model_path=path, n_threads=1, n_threads_batch=1, n_ctx=512, n_batch=64, verbose=False, logits_all=True)
+    prompt = llm.tokenize(b"The two machines sat side by side on the shelf, joined by a short cable.", add_bos=True)
+    llm.eval(prompt)
+    token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    start = time.perf_counter()
+    for _ in range(n - 1):
+        llm.eval([token])
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    elapsed = time.perf_counter() - start
+    print(json.dumps({"decode_tokens_per_s": (n - 1) / elapsed, "tokens": n}))
+
+
+if __name__ == "__main__":
+    main()
