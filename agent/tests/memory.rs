@@ -22,6 +22,31 @@ fn agent(args: &[&str]) -> String {
 
 const MB: f64 = 1e6;
 
+/// `inspect-stage` of `model` for `layers`, as JSON.
+fn inspect(model: &str, layers: &str) -> serde_json::Value {
+    serde_json::from_str(&agent(&[
+        "inspect-stage",
+        "--model",
+        model,
+        "--layers",
+        layers,
+        "--device",
+        "cpu",
+    ]))
+    .unwrap()
+}
+
+/// Bytes of weights a stage reports holding.
+fn bytes(v: &serde_json::Value) -> f64 {
+    v["weight_bytes"].as_u64().unwrap() as f64
+}
+
+/// Resident memory the stage's process gained while loading it.
+fn gained(v: &serde_json::Value) -> f64 {
+    v["resident_bytes_after_load"].as_u64().unwrap() as f64
+        - v["resident_bytes_before_load"].as_u64().unwrap() as f64
+}
+
 #[test]
 fn half_the_layers_hold_half_the_weights_and_half_the_memory() {
     let tmp = tempfile::tempdir().unwrap();
@@ -56,26 +81,9 @@ fn half_the_layers_hold_half_the_weights_and_half_the_memory() {
         file_bytes as f64 > 200.0 * MB,
         "model is only {file_bytes} bytes"
     );
-    let inspect = |layers: &str| -> serde_json::Value {
-        serde_json::from_str(&agent(&[
-            "inspect-stage",
-            "--model",
-            m,
-            "--layers",
-            layers,
-            "--device",
-            "cpu",
-        ]))
-        .unwrap()
-    };
-    let whole = inspect("0-15");
-    let first = inspect("0-7");
-    let second = inspect("8-15");
-    let bytes = |v: &serde_json::Value| v["weight_bytes"].as_u64().unwrap() as f64;
-    let gained = |v: &serde_json::Value| {
-        v["resident_bytes_after_load"].as_u64().unwrap() as f64
-            - v["resident_bytes_before_load"].as_u64().unwrap() as f64
-    };
+    let whole = inspect(m, "0-15");
+    let first = inspect(m, "0-7");
+    let second = inspect(m, "8-15");
     // Each half holds half the layers plus its end of the model (embedding or head).
     let embedding = 400.0 * 512.0 * 4.0;
     for half in [&first, &second] {
@@ -146,25 +154,8 @@ fn half_the_layers_of_a_q4_k_gguf_hold_half_its_bytes() {
     let gguf = model.join("model.gguf");
     let g = gguf.to_str().unwrap();
     let file_bytes = std::fs::metadata(&gguf).unwrap().len() as f64;
-    let inspect = |layers: &str| -> serde_json::Value {
-        serde_json::from_str(&agent(&[
-            "inspect-stage",
-            "--model",
-            g,
-            "--layers",
-            layers,
-            "--device",
-            "cpu",
-        ]))
-        .unwrap()
-    };
-    let whole = inspect("0-15");
-    let first = inspect("0-7");
-    let bytes = |v: &serde_json::Value| v["weight_bytes"].as_u64().unwrap() as f64;
-    let gained = |v: &serde_json::Value| {
-        v["resident_bytes_after_load"].as_u64().unwrap() as f64
-            - v["resident_bytes_before_load"].as_u64().unwrap() as f64
-    };
+    let whole = inspect(g, "0-15");
+    let first = inspect(g, "0-7");
     // Quantized weights are held at their size in the file (the small embedding is dequantized).
     assert!(
         bytes(&whole) < 1.1 * file_bytes,

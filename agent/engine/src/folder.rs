@@ -62,7 +62,39 @@ fn token_text(obj: &Map<String, Value>, key: &str) -> Option<String> {
     }
 }
 
+/// Every id that ends a generation: those the config files name, and the tokenizer config's EOS
+/// token, deduplicated.
+fn eos_ids(
+    named: &[u32],
+    tokenizer_config: &TokenizerConfig,
+    tokenizer: &TextTokenizer,
+) -> Vec<u32> {
+    let mut ids = named.to_vec();
+    if let Some(eos) = &tokenizer_config.eos_token
+        && let Some(id) = tokenizer.token_id(eos)
+    {
+        ids.push(id);
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
 impl TokenizerConfig {
+    /// Compiles the chat template, if there is one; errors name `source`, where it came from.
+    fn compile(&self, source: &Path) -> Result<Option<ChatTemplate>> {
+        let Some(src) = &self.chat_template else {
+            return Ok(None);
+        };
+        ChatTemplate::new(
+            src,
+            self.bos_token.as_deref().unwrap_or(""),
+            self.eos_token.as_deref().unwrap_or(""),
+        )
+        .map(Some)
+        .map_err(|e| EngineError::Template(format!("{}: {e}", source.display())))
+    }
+
     /// Reads `tokenizer_config.json` in `dir`, and `chat_template.jinja` when the config has no
     /// template (transformers 4.43+ saves it apart).
     pub fn read(dir: &Path) -> Result<Self> {
@@ -132,25 +164,8 @@ impl ModelFolder {
         if let Some(template) = file.chat_template() {
             tokenizer_config.chat_template = Some(template);
         }
-        let chat_template = match &tokenizer_config.chat_template {
-            None => None,
-            Some(src) => Some(
-                ChatTemplate::new(
-                    src,
-                    tokenizer_config.bos_token.as_deref().unwrap_or(""),
-                    tokenizer_config.eos_token.as_deref().unwrap_or(""),
-                )
-                .map_err(|e| EngineError::Template(format!("{}: {e}", path.display())))?,
-            ),
-        };
-        let mut eos_token_ids = config.eos_token_ids.clone();
-        if let Some(eos) = &tokenizer_config.eos_token
-            && let Some(id) = tokenizer.token_id(eos)
-        {
-            eos_token_ids.push(id);
-        }
-        eos_token_ids.sort_unstable();
-        eos_token_ids.dedup();
+        let chat_template = tokenizer_config.compile(path)?;
+        let eos_token_ids = eos_ids(&config.eos_token_ids, &tokenizer_config, &tokenizer);
         Ok(Self {
             dir,
             config: Arc::new(config),
@@ -181,35 +196,14 @@ impl ModelFolder {
         let config = ModelConfig::from_file(&config_path)?;
         let tokenizer = TextTokenizer::from_file(&dir.join("tokenizer.json"))?;
         let tokenizer_config = TokenizerConfig::read(dir)?;
-        let chat_template = match &tokenizer_config.chat_template {
-            None => None,
-            Some(src) => Some(
-                ChatTemplate::new(
-                    src,
-                    tokenizer_config.bos_token.as_deref().unwrap_or(""),
-                    tokenizer_config.eos_token.as_deref().unwrap_or(""),
-                )
-                .map_err(|e| {
-                    EngineError::Template(format!(
-                        "{}: {e}",
-                        dir.join("tokenizer_config.json").display()
-                    ))
-                })?,
-            ),
-        };
-        let mut eos_token_ids = config.eos_token_ids.clone();
+        let chat_template = tokenizer_config.compile(&dir.join("tokenizer_config.json"))?;
+        let mut named = config.eos_token_ids.clone();
         let gen_path = dir.join("generation_config.json");
         if gen_path.is_file() {
             let obj = read_json_object(&gen_path)?;
-            eos_token_ids.extend(read_token_ids(&gen_path, &obj, "eos_token_id")?);
+            named.extend(read_token_ids(&gen_path, &obj, "eos_token_id")?);
         }
-        if let Some(eos) = &tokenizer_config.eos_token
-            && let Some(id) = tokenizer.token_id(eos)
-        {
-            eos_token_ids.push(id);
-        }
-        eos_token_ids.sort_unstable();
-        eos_token_ids.dedup();
+        let eos_token_ids = eos_ids(&named, &tokenizer_config, &tokenizer);
         let weights = Weights::Safetensors(WeightFiles::open(dir)?);
         Ok(Self {
             dir: dir.to_path_buf(),

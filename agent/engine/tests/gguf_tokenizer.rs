@@ -5,7 +5,7 @@
 // A test that cannot unwrap has failed; the panic message is the report.
 #![allow(clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
+mod common;
 
 use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -14,6 +14,7 @@ use cluster_engine::ModelFolder;
 use cluster_engine::gguf::GgufFile;
 use cluster_engine::tokenizer::TextTokenizer;
 use cluster_fixtures::{TinyModel, tokenizer_metadata};
+use common::shared_data;
 
 const SAMPLES: [&str; 8] = [
     "Hello world",
@@ -59,22 +60,6 @@ fn fixture_tokenizers_round_trip_through_gguf_metadata() {
         );
         assert!(!folder.eos_token_ids.is_empty());
     }
-}
-
-fn shared_data() -> Option<PathBuf> {
-    let dir = std::env::var_os("CLUSTER_SHARED_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data"));
-    if dir.join("qwen-tokenizer/tokenizer.json").is_file() {
-        return Some(dir);
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "shared data not found at {}",
-        dir.display()
-    );
-    eprintln!("SKIPPED: shared data not found at {}", dir.display());
-    None
 }
 
 #[test]

@@ -4,8 +4,10 @@
 // A test that cannot unwrap has failed; the panic message is the report.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 use cluster_api::{DeviceKind, WeightDType};
@@ -14,28 +16,8 @@ use cluster_engine::folder::TokenizerConfig;
 use cluster_engine::tokenizer::{IncrementalDecoder, TextTokenizer};
 use cluster_engine::{GenerateOptions, LoadOptions, LocalPipeline, ModelFolder};
 use cluster_fixtures::TinyModel;
+use common::shared_data;
 use serde_json::{Value, json};
-
-/// `../shared/data` beside the repository (or `$CLUSTER_SHARED_DATA`). CI always has it, so a
-/// missing folder fails there; elsewhere the test says it was skipped.
-fn shared_data() -> Option<PathBuf> {
-    let dir = std::env::var_os("CLUSTER_SHARED_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data"));
-    if dir.join("qwen-tokenizer/tokenizer.json").is_file() {
-        return Some(dir);
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "shared data not found at {}",
-        dir.display()
-    );
-    eprintln!(
-        "SKIPPED: shared data not found at {} (set CLUSTER_SHARED_DATA)",
-        dir.display()
-    );
-    None
-}
 
 const MIXED_TEXT: &str = "Crème brûlée in 東京 costs ¥1200 😀🚀 — naïve façade, Straße. Ω≈π.";
 
