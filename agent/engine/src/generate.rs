@@ -98,6 +98,34 @@ fn rate(count: usize, time: Duration) -> f64 {
     }
 }
 
+/// Loads the stages of `split` from an opened folder, in pipeline order: the first embeds, the
+/// last holds the head.
+pub fn load_stages(
+    folder: &ModelFolder,
+    split: &LayerSplit,
+    device: &candle_core::Device,
+    dtype: candle_core::DType,
+) -> Result<Vec<Stage>> {
+    let count = split.ranges().len();
+    split
+        .ranges()
+        .iter()
+        .enumerate()
+        .map(|(i, range)| {
+            let spec = StageSpec {
+                config: folder.config.clone(),
+                weights: &folder.weights,
+                range: *range,
+                first: i == 0,
+                last: i + 1 == count,
+                device: device.clone(),
+                dtype,
+            };
+            Stage::load(spec, &mut |_, _| {})
+        })
+        .collect()
+}
+
 impl LocalPipeline {
     /// Opens the folder and loads its stages.
     pub fn load(dir: &Path, options: &LoadOptions) -> Result<Self> {
@@ -109,20 +137,7 @@ impl LocalPipeline {
         };
         let device = open_device(options.device)?;
         let dtype = choose_dtype(options.dtype, folder.config.dtype, &device);
-        let count = split.ranges().len();
-        let mut stages = Vec::with_capacity(count);
-        for (i, range) in split.ranges().iter().enumerate() {
-            let spec = StageSpec {
-                config: folder.config.clone(),
-                weights: &folder.weights,
-                range: *range,
-                first: i == 0,
-                last: i + 1 == count,
-                device: device.clone(),
-                dtype,
-            };
-            stages.push(Stage::load(spec, &mut |_, _| {})?);
-        }
+        let stages = load_stages(&folder, &split, &device, dtype)?;
         Ok(Self { folder, stages })
     }
 

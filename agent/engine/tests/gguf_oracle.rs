@@ -15,7 +15,7 @@ use candle_transformers::models::{quantized_llama, quantized_qwen2, quantized_qw
 use cluster_engine::ModelFolder;
 use cluster_engine::weights::Weights;
 use cluster_fixtures::{Arch, TinyModel};
-use common::{all_splits, argmax, assert_close, load_split, run_stages, run_stages_batched};
+use common::{argmax, check_every_split, load_split};
 
 const TOLERANCE: f32 = 1e-4;
 const DECODE_STEPS: usize = 16;
@@ -103,46 +103,18 @@ fn check(arch: Arch, dtype: GgmlDType) {
         tb = oracle_b.forward(&[argmax(&tb)], prompt_b.len() + step);
         expected.push((ta.clone(), tb.clone()));
     }
-    let what = |split: &str, part: &str| format!("{arch:?} {dtype:?} split {split}: {part}");
-    for (n, split) in all_splits(4).iter().enumerate() {
-        let stages = load_split(&folder, split);
-        let (seq_a, seq_b) = (1, 2);
-        // Prompts go in whole, as the oracle takes them: a chunked prefill computes attention in
-        // other pieces, and the 8-bit rounding of the next matmul's input can turn that last-bit
-        // difference into a visible one (the f32 oracle test covers chunking).
-        let mut la = run_stages(&stages, seq_a, 0, &prompt_a);
-        let mut lb = run_stages(&stages, seq_b, 0, &prompt_b);
-        assert_close(&la, &expected[0].0, TOLERANCE, &what(split, "prefill A"));
-        assert_close(&lb, &expected[0].1, TOLERANCE, &what(split, "prefill B"));
-        for step in 0..DECODE_STEPS {
-            if n % 2 == 1 {
-                let mut both = run_stages_batched(
-                    &stages,
-                    &[
-                        (seq_a, prompt_a.len() + step, argmax(&la)),
-                        (seq_b, prompt_b.len() + step, argmax(&lb)),
-                    ],
-                );
-                lb = both.pop().unwrap();
-                la = both.pop().unwrap();
-            } else {
-                la = run_stages(&stages, seq_a, prompt_a.len() + step, &[argmax(&la)]);
-                lb = run_stages(&stages, seq_b, prompt_b.len() + step, &[argmax(&lb)]);
-            }
-            assert_close(
-                &la,
-                &expected[step + 1].0,
-                TOLERANCE,
-                &what(split, &format!("decode A step {step}")),
-            );
-            assert_close(
-                &lb,
-                &expected[step + 1].1,
-                TOLERANCE,
-                &what(split, &format!("decode B step {step}")),
-            );
-        }
-    }
+    // Prompts go in whole, as the oracle takes them: a chunked prefill computes attention in
+    // other pieces, and the 8-bit rounding of the next matmul's input can turn that last-bit
+    // difference into a visible one (the f32 oracle test covers chunking).
+    check_every_split(
+        &folder,
+        &prompt_a,
+        &prompt_b,
+        prompt_a.len(),
+        &expected,
+        TOLERANCE,
+        &format!("{arch:?} {dtype:?}"),
+    );
     // A stage of half the layers holds about half of the layers' bytes, in their quantized size.
     let whole = &load_split(&folder, "0-3")[0];
     let half = &load_split(&folder, "0-1,2-3")[1];

@@ -17,7 +17,7 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::{llama, mistral, qwen2, qwen3};
 use cluster_engine::ModelFolder;
 use cluster_fixtures::TinyModel;
-use common::{all_splits, argmax, assert_close, load_split, run_stages, run_stages_batched};
+use common::{all_splits, argmax, check_every_split};
 
 const TOLERANCE: f32 = 1e-5;
 const DECODE_STEPS: usize = 16;
@@ -111,65 +111,17 @@ fn check_family(model: TinyModel) {
         expected.push((ta.clone(), tb.clone()));
     }
 
-    let splits = all_splits(folder.config.num_hidden_layers);
-    assert_eq!(splits.len(), 8);
-    for (n, split) in splits.iter().enumerate() {
-        // Every other split decodes both sequences as one batch at each stage.
-        let batched = n % 2 == 1;
-        let stages = load_split(&folder, split);
-        let (seq_a, seq_b) = (7, 11);
-        // Sequence A is prefilled in chunks of 3 tokens, B in one go.
-        let mut la = Vec::new();
-        for (i, chunk) in prompt_a.chunks(3).enumerate() {
-            la = run_stages(&stages, seq_a, i * 3, chunk);
-        }
-        let mut lb = run_stages(&stages, seq_b, 0, &prompt_b);
-        assert_close(
-            &la,
-            &expected[0].0,
-            TOLERANCE,
-            &format!("{family:?} split {split}: prefill A"),
-        );
-        assert_close(
-            &lb,
-            &expected[0].1,
-            TOLERANCE,
-            &format!("{family:?} split {split}: prefill B"),
-        );
-        for step in 0..DECODE_STEPS {
-            if batched {
-                let mut both = run_stages_batched(
-                    &stages,
-                    &[
-                        (seq_a, prompt_a.len() + step, argmax(&la)),
-                        (seq_b, prompt_b.len() + step, argmax(&lb)),
-                    ],
-                );
-                lb = both.pop().unwrap();
-                la = both.pop().unwrap();
-            } else {
-                la = run_stages(&stages, seq_a, prompt_a.len() + step, &[argmax(&la)]);
-                lb = run_stages(&stages, seq_b, prompt_b.len() + step, &[argmax(&lb)]);
-            }
-            assert_close(
-                &la,
-                &expected[step + 1].0,
-                TOLERANCE,
-                &format!("{family:?} split {split}: decode A step {step}"),
-            );
-            assert_close(
-                &lb,
-                &expected[step + 1].1,
-                TOLERANCE,
-                &format!("{family:?} split {split}: decode B step {step}"),
-            );
-        }
-        for stage in &stages {
-            assert_eq!(stage.sequences(), 2);
-            assert!(stage.release(seq_a) && stage.release(seq_b));
-            assert_eq!(stage.sequences(), 0);
-        }
-    }
+    assert_eq!(all_splits(folder.config.num_hidden_layers).len(), 8);
+    // Sequence A is prefilled in chunks of 3 tokens, B in one go.
+    check_every_split(
+        &folder,
+        &prompt_a,
+        &prompt_b,
+        3,
+        &expected,
+        TOLERANCE,
+        &format!("{family:?}"),
+    );
 }
 
 #[test]

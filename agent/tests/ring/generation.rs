@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde_json::json;
 
-use crate::harness::{Ring, make_model, one_process};
+use crate::harness::{Ring, make_model, make_model_with, one_process};
 
 const PROMPTS: [&str; 4] = [
     "Hi",
@@ -167,23 +167,10 @@ fn bad_requests_are_refused_and_a_full_ring_says_so() {
 fn a_gguf_model_runs_through_the_ring_as_in_one_process() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("model");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_clusteragent"))
-        .args([
-            "make-model",
-            "--out",
-            dir.to_str().unwrap(),
-            "--arch",
-            "qwen2",
-            "--hidden",
-            "256",
-        ])
-        .args(["--intermediate", "512", "--gguf", "q4_k"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    make_model_with(
+        &dir,
+        "qwen2",
+        &["--hidden", "256", "--intermediate", "512", "--gguf", "q4_k"],
     );
     let gguf = dir.join("model.gguf");
     let ring = Ring::start(&gguf, &["0-1", "2-3"], 64);
@@ -217,24 +204,7 @@ fn a_gguf_written_by_llama_cpps_own_writer_runs_through_the_ring() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("model");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_clusteragent"))
-        .args([
-            "make-model",
-            "--out",
-            dir.to_str().unwrap(),
-            "--arch",
-            "llama",
-            "--hidden",
-            "256",
-        ])
-        .args(["--intermediate", "512"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    make_model_with(&dir, "llama", &["--hidden", "256", "--intermediate", "512"]);
     let gguf = dir.join("llamacpp-q8_0.gguf");
     let script =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/tools/hf_to_gguf.py");

@@ -23,8 +23,14 @@ pub fn free_port() -> u16 {
 
 /// Writes a tiny model with the project's own generator.
 pub fn make_model(dir: &Path, arch: &str) {
+    make_model_with(dir, arch, &[]);
+}
+
+/// [`make_model`] with more `make-model` flags (sizes, `--gguf`).
+pub fn make_model_with(dir: &Path, arch: &str, extra: &[&str]) {
     let out = Command::new(env!("CARGO_BIN_EXE_clusteragent"))
         .args(["make-model", "--out", dir.to_str().unwrap(), "--arch", arch])
+        .args(extra)
         .output()
         .unwrap();
     assert!(

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 use cluster_api::LayerSplit;
-use cluster_engine::stage::{Stage, StageInput, StageOutput, StageSpec};
+use cluster_engine::stage::{Stage, StageInput, StageOutput};
 use cluster_engine::{ModelFolder, SeqId};
 
 /// Every way of cutting `layers` layers into contiguous stages, as split strings.
@@ -87,24 +87,71 @@ pub fn argmax(v: &[f32]) -> u32 {
 
 pub fn load_split(folder: &ModelFolder, split: &str) -> Vec<Stage> {
     let split = LayerSplit::parse(split, folder.config.num_hidden_layers).unwrap();
-    let n = split.ranges().len();
-    split
-        .ranges()
-        .iter()
-        .enumerate()
-        .map(|(i, r)| {
-            let spec = StageSpec {
-                config: folder.config.clone(),
-                weights: &folder.weights,
-                range: *r,
-                first: i == 0,
-                last: i + 1 == n,
-                device: Device::Cpu,
-                dtype: DType::F32,
-            };
-            Stage::load(spec, &mut |_, _| {}).unwrap()
-        })
-        .collect()
+    cluster_engine::generate::load_stages(folder, &split, &Device::Cpu, DType::F32).unwrap()
+}
+
+/// Logits the oracle gave for two sequences: after their prompts, then after each decode step.
+pub type Expected = Vec<(Vec<f32>, Vec<f32>)>;
+
+/// Splits `folder` every way, runs prompts `a` and `b` (a in chunks of `chunk_a` tokens) and
+/// `expected.len() - 1` interleaved decode steps through the stages (both sequences batched at
+/// every stage in every other split), and compares each step's logits with `expected`.
+pub fn check_every_split(
+    folder: &ModelFolder,
+    a: &[u32],
+    b: &[u32],
+    chunk_a: usize,
+    expected: &Expected,
+    tolerance: f32,
+    name: &str,
+) {
+    let splits = all_splits(folder.config.num_hidden_layers);
+    for (n, split) in splits.iter().enumerate() {
+        let batched = n % 2 == 1;
+        let stages = load_split(folder, split);
+        let what = |part: &str| format!("{name} split {split}: {part}");
+        let (seq_a, seq_b) = (7, 11);
+        let mut la = Vec::new();
+        for (i, chunk) in a.chunks(chunk_a).enumerate() {
+            la = run_stages(&stages, seq_a, i * chunk_a, chunk);
+        }
+        let mut lb = run_stages(&stages, seq_b, 0, b);
+        assert_close(&la, &expected[0].0, tolerance, &what("prefill A"));
+        assert_close(&lb, &expected[0].1, tolerance, &what("prefill B"));
+        for step in 0..expected.len() - 1 {
+            if batched {
+                let mut both = run_stages_batched(
+                    &stages,
+                    &[
+                        (seq_a, a.len() + step, argmax(&la)),
+                        (seq_b, b.len() + step, argmax(&lb)),
+                    ],
+                );
+                lb = both.pop().unwrap();
+                la = both.pop().unwrap();
+            } else {
+                la = run_stages(&stages, seq_a, a.len() + step, &[argmax(&la)]);
+                lb = run_stages(&stages, seq_b, b.len() + step, &[argmax(&lb)]);
+            }
+            assert_close(
+                &la,
+                &expected[step + 1].0,
+                tolerance,
+                &what(&format!("decode A step {step}")),
+            );
+            assert_close(
+                &lb,
+                &expected[step + 1].1,
+                tolerance,
+                &what(&format!("decode B step {step}")),
+            );
+        }
+        for stage in &stages {
+            assert_eq!(stage.sequences(), 2);
+            assert!(stage.release(seq_a) && stage.release(seq_b));
+            assert_eq!(stage.sequences(), 0);
+        }
+    }
 }
 
 /// Asserts two logit vectors agree within `tolerance` and pick the same greedy token.
