@@ -7,13 +7,17 @@ use clap::{Parser, Subcommand};
 
 use crate::commands;
 
-/// clusteragent: runs a host's share of a large language model.
+/// clusteragent: runs a host's share of a large language model. With no subcommand it is the
+/// daemon: the control plane, this node's stages and endpoints.
 #[derive(Debug, Parser)]
-#[command(name = "clusteragent", version, about, long_about = None)]
+#[command(name = "clusteragent", version, about, long_about = None, args_conflicts_with_subcommands = true)]
 pub struct Cli {
-    /// What to do.
+    /// A one-process tool instead of the daemon.
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
+    /// The daemon's settings.
+    #[command(flatten)]
+    pub daemon: crate::daemon::DaemonArgs,
 }
 
 /// The subcommands.
@@ -47,7 +51,10 @@ pub fn main() -> ExitCode {
         }
     };
     init_logging();
-    let result = match cli.command {
+    let Some(command) = cli.command else {
+        return finish(crate::daemon::run(cli.daemon));
+    };
+    let result = match command {
         Command::Generate(args) => commands::generate::run(args),
         Command::MakeModel(args) => commands::make_model::run(args),
         Command::InspectStage(args) => commands::inspect::run(args),
@@ -55,6 +62,10 @@ pub fn main() -> ExitCode {
         Command::BenchRing(args) => commands::bench_ring::run(args),
         Command::Ask(args) => commands::ask::run(args),
     };
+    finish(result)
+}
+
+fn finish(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

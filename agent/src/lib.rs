@@ -9,8 +9,14 @@
 //! - [`ring`]: the pipeline ring: frames, handshake, compute thread, the head's generation
 //!   loop, and `clusteragent stage`, which runs one stage of a ring.
 //! - [`memory`]: this process's resident memory, for reports.
+//! - [`daemon`]: the daemon: REST control plane, peers, reconcile loop.
+//! - [`store`]: the sled store of the cluster's desired state.
+//! - [`inventory`]: CPU, memory, OS and GPUs of this host.
 
 pub mod cli;
 pub mod commands;
+pub mod daemon;
+pub mod inventory;
 pub mod memory;
 pub mod ring;
+pub mod store;

@@ -10,10 +10,14 @@
 //! - [`generation`]: sampling parameters and finish reasons shared by the engine, the ring and the
 //!   inference API.
 //! - [`ring`]: the typed configuration a pipeline ring starts from.
+//! - [`manifest`]: the objects users declare, their parsing and the checks that need no I/O.
+//! - [`cluster`]: records, placements, inventories, reports, statuses and REST bodies.
 
+pub mod cluster;
 pub mod device;
 pub mod generation;
 pub mod layers;
+pub mod manifest;
 pub mod ring;
 
 pub use device::{DeviceKind, WeightDType};

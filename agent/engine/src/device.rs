@@ -102,3 +102,39 @@ pub fn choose_dtype(
     }
     dtype_of(chosen)
 }
+
+/// The GPUs this build can use: the Metal device (its name and recommended working-set size)
+/// with the `metal` feature on macOS, the CUDA devices candle can open with `cuda`. Empty on a
+/// CPU-only build.
+pub fn gpus() -> Vec<cluster_api::cluster::Gpu> {
+    #[allow(unused_mut)]
+    let mut found = Vec::new();
+    #[cfg(all(feature = "metal", target_os = "macos"))]
+    {
+        use objc2_metal::MTLDevice;
+        if let Some(device) = objc2_metal::MTLCreateSystemDefaultDevice() {
+            found.push(cluster_api::cluster::Gpu {
+                kind: "metal".into(),
+                index: 0,
+                name: device.name().to_string(),
+                memory_bytes: Some(device.recommendedMaxWorkingSetSize()),
+            });
+        }
+    }
+    #[cfg(feature = "cuda")]
+    {
+        // candle does not expose device names or memory; the ordinal is what a stage uses.
+        for index in 0..16 {
+            if Device::new_cuda(index).is_err() {
+                break;
+            }
+            found.push(cluster_api::cluster::Gpu {
+                kind: "cuda".into(),
+                index,
+                name: format!("CUDA device {index}"),
+                memory_bytes: None,
+            });
+        }
+    }
+    found
+}

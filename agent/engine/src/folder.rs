@@ -177,6 +177,35 @@ impl ModelFolder {
         })
     }
 
+    /// Bytes of weights a stage holding `range` takes: in `dtype` (the checkpoint's when
+    /// absent, f32 when the checkpoint does not say) for safetensors, as stored for GGUF.
+    pub fn stage_bytes(
+        &self,
+        range: cluster_api::LayerRange,
+        first: bool,
+        last: bool,
+        dtype: Option<cluster_api::WeightDType>,
+    ) -> u64 {
+        match &self.weights {
+            crate::weights::Weights::Safetensors(_) => {
+                let size = dtype
+                    .or(self.config.dtype)
+                    .map(|d| crate::device::dtype_of(d).size_in_bytes())
+                    .unwrap_or(4) as u64;
+                crate::Stage::tensor_list(&self.config, range, first, last)
+                    .iter()
+                    .map(|(_, shape)| shape.iter().product::<usize>() as u64 * size)
+                    .sum()
+            }
+            crate::weights::Weights::Gguf(file) => {
+                crate::Stage::gguf_tensor_list(&self.config, range, first, last)
+                    .iter()
+                    .map(|(name, _)| file.tensor_bytes(name))
+                    .sum()
+            }
+        }
+    }
+
     /// Opens `dir`, reading everything but the weights themselves. `dir` may also name a `.gguf`
     /// file, with its `tokenizer.json` beside it.
     pub fn open(dir: &Path) -> Result<Self> {

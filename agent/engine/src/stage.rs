@@ -192,6 +192,52 @@ impl Stage {
         list
     }
 
+    /// Names and shapes of the tensors a GGUF stage with this spec reads: the same tensors as
+    /// [`Stage::tensor_list`], under llama.cpp's names.
+    pub fn gguf_tensor_list(
+        cfg: &ModelConfig,
+        range: LayerRange,
+        first: bool,
+        last: bool,
+    ) -> Vec<(String, Vec<usize>)> {
+        // The same tensors as a safetensors stage, under llama.cpp's names.
+        let (h, m) = (cfg.hidden_size, cfg.intermediate_size);
+        let mut wanted: Vec<(String, Vec<usize>)> = Vec::new();
+        let tied_head = last && cfg.tie_word_embeddings;
+        if first || tied_head {
+            wanted.push(("token_embd.weight".into(), vec![cfg.vocab_size, h]));
+        }
+        for i in range.iter() {
+            let p = format!("blk.{i}");
+            let mut add = |n: &str, shape: Vec<usize>| wanted.push((format!("{p}.{n}"), shape));
+            add("attn_norm.weight", vec![h]);
+            add("ffn_norm.weight", vec![h]);
+            add("attn_q.weight", vec![cfg.q_width(), h]);
+            add("attn_k.weight", vec![cfg.kv_width(), h]);
+            add("attn_v.weight", vec![cfg.kv_width(), h]);
+            add("attn_output.weight", vec![h, cfg.q_width()]);
+            if cfg.qkv_bias {
+                add("attn_q.bias", vec![cfg.q_width()]);
+                add("attn_k.bias", vec![cfg.kv_width()]);
+                add("attn_v.bias", vec![cfg.kv_width()]);
+            }
+            if cfg.qk_norm {
+                add("attn_q_norm.weight", vec![cfg.head_dim]);
+                add("attn_k_norm.weight", vec![cfg.head_dim]);
+            }
+            add("ffn_gate.weight", vec![m, h]);
+            add("ffn_up.weight", vec![m, h]);
+            add("ffn_down.weight", vec![h, m]);
+        }
+        if last {
+            wanted.push(("output_norm.weight".into(), vec![h]));
+            if !cfg.tie_word_embeddings {
+                wanted.push(("output.weight".into(), vec![cfg.vocab_size, h]));
+            }
+        }
+        wanted
+    }
+
     /// Loads the stage's tensors, and only those. `progress` gets (bytes read, bytes to read).
     pub fn load(spec: StageSpec<'_>, progress: &mut dyn FnMut(u64, u64)) -> Result<Self> {
         match spec.weights {
@@ -261,41 +307,8 @@ impl Stage {
         let cfg = spec.config;
         spec.range.check_within(cfg.num_hidden_layers)?;
         let dev = &spec.device;
-        let (h, m) = (cfg.hidden_size, cfg.intermediate_size);
-        // The same tensors as a safetensors stage, under llama.cpp's names.
-        let mut wanted: Vec<(String, Vec<usize>)> = Vec::new();
-        let tied_head = spec.last && cfg.tie_word_embeddings;
-        if spec.first || tied_head {
-            wanted.push(("token_embd.weight".into(), vec![cfg.vocab_size, h]));
-        }
-        for i in spec.range.iter() {
-            let p = format!("blk.{i}");
-            let mut add = |n: &str, shape: Vec<usize>| wanted.push((format!("{p}.{n}"), shape));
-            add("attn_norm.weight", vec![h]);
-            add("ffn_norm.weight", vec![h]);
-            add("attn_q.weight", vec![cfg.q_width(), h]);
-            add("attn_k.weight", vec![cfg.kv_width(), h]);
-            add("attn_v.weight", vec![cfg.kv_width(), h]);
-            add("attn_output.weight", vec![h, cfg.q_width()]);
-            if cfg.qkv_bias {
-                add("attn_q.bias", vec![cfg.q_width()]);
-                add("attn_k.bias", vec![cfg.kv_width()]);
-                add("attn_v.bias", vec![cfg.kv_width()]);
-            }
-            if cfg.qk_norm {
-                add("attn_q_norm.weight", vec![cfg.head_dim]);
-                add("attn_k_norm.weight", vec![cfg.head_dim]);
-            }
-            add("ffn_gate.weight", vec![m, h]);
-            add("ffn_up.weight", vec![m, h]);
-            add("ffn_down.weight", vec![h, m]);
-        }
-        if spec.last {
-            wanted.push(("output_norm.weight".into(), vec![h]));
-            if !cfg.tie_word_embeddings {
-                wanted.push(("output.weight".into(), vec![cfg.vocab_size, h]));
-            }
-        }
+        let h = cfg.hidden_size;
+        let wanted = Self::gguf_tensor_list(&cfg, spec.range, spec.first, spec.last);
         let total: u64 = wanted.iter().map(|(n, _)| file.tensor_bytes(n)).sum();
         for (name, expected) in &wanted {
             match file.tensor_shape(name) {

@@ -75,9 +75,13 @@ pub fn run(args: StageArgs) -> Result<()> {
                 listener.local_addr()?
             );
             let mut stop = stop_rx.clone();
-            tokio::spawn(http::serve(node.shared.clone(), listener, async move {
-                let _ = stop.changed().await;
-            }));
+            tokio::spawn(http::serve(
+                http::fixed(node.shared.clone()),
+                listener,
+                async move {
+                    let _ = stop.changed().await;
+                },
+            ));
         }
         eprintln!(
             "stage {} listening for its predecessor on {}",

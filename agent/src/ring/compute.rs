@@ -45,6 +45,9 @@ pub enum Job {
     },
     /// A link went down: every sequence in flight is lost, free them all.
     DropAll,
+    /// The stage is being unloaded: free everything and end the thread, which drops its
+    /// hold on the weights.
+    Stop,
 }
 
 /// How many jobs may wait: every sequence has at most one decode step queued at a time, so this
@@ -188,6 +191,10 @@ pub fn run(shared: Arc<Shared>, stage: Arc<Stage>, mut jobs: mpsc::Receiver<Job>
                         seq,
                     ));
                 }
+            }
+            Job::Stop => {
+                stage.release_all();
+                return;
             }
             Job::DropAll => {
                 let n = stage.release_all();

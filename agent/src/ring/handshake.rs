@@ -165,7 +165,30 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let hello = expect(reader, FrameKind::Hello).await?;
+    let hello = read_hello(reader).await?;
+    accept_hello(reader, writer, id, expected_from, hello).await
+}
+
+/// Reads the connector's first frame, which names the pipeline it wants: an agent that serves
+/// several pipelines on one port picks the stage by it.
+pub async fn read_hello<R: AsyncRead + Unpin>(
+    reader: &mut FrameReader<R>,
+) -> Result<Frame, HandshakeError> {
+    expect(reader, FrameKind::Hello).await
+}
+
+/// The listening side after [`read_hello`].
+pub async fn accept_hello<R, W>(
+    reader: &mut FrameReader<R>,
+    writer: &mut W,
+    id: &RingIdentity,
+    expected_from: usize,
+    hello: Frame,
+) -> Result<(), HandshakeError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let m = meta(&hello);
     let refusal = if hello.pipeline != id.pipeline {
         Some(format!(
@@ -213,7 +236,8 @@ where
     Ok(())
 }
 
-async fn refuse<W: AsyncWrite + Unpin>(writer: &mut W, id: &RingIdentity, reason: &str) {
+/// Tells the connector why it is refused (best effort: it may be gone already).
+pub async fn refuse<W: AsyncWrite + Unpin>(writer: &mut W, id: &RingIdentity, reason: &str) {
     let frame =
         Frame::new(FrameKind::Refuse, &id.pipeline, id.generation, 0).with_meta(reason.to_string());
     // The peer may already be gone; the refusal is logged by the caller either way.

@@ -66,13 +66,36 @@ fn prompt_ids(shared: &Shared, body: &GenerateBody) -> Result<Vec<u32>, String> 
     }
 }
 
-async fn generate(
-    shared: Arc<Shared>,
-    raw: bytes::Bytes,
-) -> Result<warp::reply::Response, Infallible> {
+/// Finds the stage-0 state a request goes to: always the same one under `clusteragent stage`;
+/// looked up per request in the agent, where the stage may be reloaded (a new placement)
+/// while its endpoint keeps listening. `Err` says why there is none (503).
+#[derive(Clone)]
+pub struct Source(Arc<dyn Fn() -> Result<Arc<Shared>, String> + Send + Sync + 'static>);
+
+impl Source {
+    /// A source that asks `find` on each request.
+    pub fn new(find: impl Fn() -> Result<Arc<Shared>, String> + Send + Sync + 'static) -> Self {
+        Self(Arc::new(find))
+    }
+
+    fn get(&self) -> Result<Arc<Shared>, String> {
+        (self.0)()
+    }
+}
+
+/// A source that always gives `shared`.
+pub fn fixed(shared: Arc<Shared>) -> Source {
+    Source::new(move || Ok(shared.clone()))
+}
+
+async fn generate(source: Source, raw: bytes::Bytes) -> Result<warp::reply::Response, Infallible> {
     let body: GenerateBody = match serde_json::from_slice(&raw) {
         Ok(b) => b,
         Err(e) => return Ok(error_reply(400, format!("request body: {e}"))),
+    };
+    let shared = match source.get() {
+        Ok(s) => s,
+        Err(why) => return Ok(error_reply(503, why)),
     };
     let Some(head) = shared.head.clone() else {
         return Ok(error_reply(404, "this stage is not stage 0".into()));
@@ -106,9 +129,20 @@ async fn generate(
     Ok(warp::reply::with_header(reply, "content-type", "application/x-ndjson").into_response())
 }
 
-fn health(shared: &Shared) -> warp::reply::Response {
+fn health(source: Source) -> warp::reply::Response {
+    let shared = match source.get() {
+        Ok(s) => s,
+        Err(why) => {
+            let body = json!({"ring": "down", "detail": why});
+            return warp::reply::with_status(
+                warp::reply::json(&body),
+                StatusCode::SERVICE_UNAVAILABLE,
+            )
+            .into_response();
+        }
+    };
     let head = shared.head.as_ref();
-    let status = head.map(|h| h.ring_status(shared));
+    let status = head.map(|h| h.ring_status(&shared));
     let up = matches!(status, Some(Ok(())));
     let body = json!({
         "pipeline": shared.config.pipeline,
@@ -129,14 +163,11 @@ fn health(shared: &Shared) -> warp::reply::Response {
 
 /// Serves the API on `listener` until `shutdown` resolves.
 pub async fn serve(
-    shared: Arc<Shared>,
+    source: Source,
     listener: TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
-    let with_shared = {
-        let shared = shared.clone();
-        warp::any().map(move || shared.clone())
-    };
+    let with_shared = warp::any().map(move || source.clone());
     let generate_route = warp::post()
         .and(warp::path!("generate"))
         .and(with_shared.clone())
@@ -146,7 +177,7 @@ pub async fn serve(
     let health_route = warp::get()
         .and(warp::path!("health"))
         .and(with_shared)
-        .map(|shared: Arc<Shared>| health(&shared));
+        .map(health);
     let routes = generate_route.or(health_route);
     warp::serve(routes)
         .incoming(listener)

@@ -20,4 +20,4 @@ pub mod http;
 pub mod link;
 pub mod node;
 
-pub use node::{NodeOptions, RingNode};
+pub use node::{Inbound, LoadProgress, NodeOptions, RingMux, RingNode};

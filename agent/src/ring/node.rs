@@ -81,6 +81,8 @@ pub struct Shared {
     inbound_close: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
     /// Counters.
     pub metrics: StageMetrics,
+    /// Turns true when the stage is shut down.
+    stop_rx: watch::Receiver<bool>,
 }
 
 impl Shared {
@@ -188,6 +190,23 @@ pub struct NodeOptions {
     pub compute_spin: Duration,
 }
 
+/// Where a stage accepts its predecessor's connection.
+pub enum Inbound {
+    /// Its own listener on its stage's address (`clusteragent stage`).
+    Bind,
+    /// The agent's ring port, shared by the stages of every pipeline it runs.
+    Shared(Arc<RingMux>),
+}
+
+/// Bytes of weights read so far and in all, while a stage loads.
+#[derive(Debug, Default)]
+pub struct LoadProgress {
+    /// Read so far.
+    pub loaded: AtomicU64,
+    /// To read.
+    pub total: AtomicU64,
+}
+
 /// A running stage; dropping it does not stop the tasks, [`RingNode::shutdown`] does.
 pub struct RingNode {
     /// State shared with the tasks.
@@ -195,11 +214,23 @@ pub struct RingNode {
     /// The address the ring listener is bound to.
     pub ring_addr: SocketAddr,
     stop: watch::Sender<bool>,
+    mux: Option<Arc<RingMux>>,
 }
 
 impl RingNode {
-    /// Loads the stage and starts its listener, connector and compute thread.
+    /// Loads the stage and starts its own listener, connector and compute thread.
     pub async fn start(config: RingConfig, options: NodeOptions) -> Result<Self> {
+        Self::start_with(config, options, Inbound::Bind, None).await
+    }
+
+    /// Loads the stage (reporting bytes read to `progress`) and starts it, accepting its
+    /// predecessor as `inbound` says.
+    pub async fn start_with(
+        config: RingConfig,
+        options: NodeOptions,
+        inbound: Inbound,
+        progress: Option<Arc<LoadProgress>>,
+    ) -> Result<Self> {
         let index = options.index;
         let Some(me) = config.stages.get(index) else {
             bail!(
@@ -208,17 +239,29 @@ impl RingNode {
                 config.stages.len()
             );
         };
-        let listener = TcpListener::bind(&me.address).await.with_context(|| {
-            format!(
-                "{}: binding the ring listener on {}",
-                config.describe_stage(index),
-                me.address
-            )
-        })?;
-        let ring_addr = listener.local_addr()?;
+        let (listener, mux, ring_addr) = match inbound {
+            Inbound::Bind => {
+                let listener = TcpListener::bind(&me.address).await.with_context(|| {
+                    format!(
+                        "{}: binding the ring listener on {}",
+                        config.describe_stage(index),
+                        me.address
+                    )
+                })?;
+                let addr = listener.local_addr()?;
+                (Some(listener), None, addr)
+            }
+            Inbound::Shared(mux) => {
+                let addr = mux.local_addr();
+                (None, Some(mux), addr)
+            }
+        };
         let load_config = config.clone();
-        let (folder, stage) =
-            tokio::task::spawn_blocking(move || load_stage(&load_config, index)).await??;
+        let (folder, stage) = tokio::task::spawn_blocking(move || {
+            load_stage(&load_config, index, progress.as_deref())
+        })
+        .await??;
+        let (stop, stop_rx) = watch::channel(false);
         let (jobs_tx, jobs_rx) = mpsc::channel(QUEUE_CAPACITY);
         let head = (index == 0).then(|| Arc::new(Head::new(folder, options.step_timeout)));
         let shared = Arc::new(Shared {
@@ -236,8 +279,8 @@ impl RingNode {
             inbound_epoch: AtomicU64::new(0),
             inbound_close: Mutex::new(None),
             metrics: StageMetrics::default(),
+            stop_rx: stop_rx.clone(),
         });
-        let (stop, stop_rx) = watch::channel(false);
         let compute_shared = shared.clone();
         let compute_stage = shared.stage.clone();
         let spin = options.compute_spin;
@@ -245,7 +288,12 @@ impl RingNode {
             .name(format!("stage-{index}-compute"))
             .spawn(move || compute::run(compute_shared, compute_stage, jobs_rx, spin))
             .context("starting the compute thread")?;
-        tokio::spawn(accept_loop(shared.clone(), listener, stop_rx.clone()));
+        if let Some(listener) = listener {
+            tokio::spawn(accept_loop(shared.clone(), listener, stop_rx.clone()));
+        }
+        if let Some(mux) = &mux {
+            mux.register(shared.clone());
+        }
         tokio::spawn(connect_loop(shared.clone(), stop_rx.clone()));
         if shared.head.is_some() {
             tokio::spawn(probe_loop(shared.clone(), stop_rx));
@@ -255,12 +303,31 @@ impl RingNode {
             shared,
             ring_addr,
             stop,
+            mux,
         })
     }
 
-    /// Stops accepting and connecting; sequences in flight end with an error.
+    /// Stops accepting and connecting; sequences in flight end with an error; the compute
+    /// thread frees every cache and ends, so that once the tasks have noticed, nothing holds
+    /// the weights.
     pub fn shutdown(&self) {
         let _ = self.stop.send(true);
+        if let Some(mux) = &self.mux {
+            mux.unregister(&self.shared);
+        }
+        if let Some(close) = self
+            .shared
+            .inbound_close
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            let _ = close.send(());
+        }
+        let jobs = self.shared.jobs.clone();
+        tokio::spawn(async move {
+            let _ = jobs.send(Job::Stop).await;
+        });
         if let Some(head) = &self.shared.head {
             head.fail_all(
                 &self.shared,
@@ -270,7 +337,11 @@ impl RingNode {
     }
 }
 
-fn load_stage(config: &RingConfig, index: usize) -> Result<(ModelFolder, Stage)> {
+fn load_stage(
+    config: &RingConfig,
+    index: usize,
+    progress: Option<&LoadProgress>,
+) -> Result<(ModelFolder, Stage)> {
     let folder = ModelFolder::open(&config.model)
         .with_context(|| format!("opening model {}", config.model.display()))?;
     config
@@ -290,7 +361,12 @@ fn load_stage(config: &RingConfig, index: usize) -> Result<(ModelFolder, Stage)>
             device,
             dtype,
         },
-        &mut |_, _| {},
+        &mut |done, total| {
+            if let Some(p) = progress {
+                p.loaded.store(done, Ordering::Relaxed);
+                p.total.store(total, Ordering::Relaxed);
+            }
+        },
     )
     .with_context(|| format!("{}: loading layers {range}", config.describe_stage(index)))?;
     tracing::info!(
@@ -313,7 +389,15 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, mut stop: watch
         match accepted {
             Ok((stream, peer)) => {
                 backoff = BACKOFF_MIN;
-                tokio::spawn(serve_inbound(shared.clone(), stream, peer));
+                let _ = stream.set_nodelay(true);
+                let (read, write) = stream.into_split();
+                tokio::spawn(serve_inbound(
+                    shared.clone(),
+                    FrameReader::new(read),
+                    write,
+                    peer,
+                    None,
+                ));
             }
             Err(e) => {
                 // Running out of descriptors is transient: wait and keep accepting.
@@ -325,17 +409,31 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, mut stop: watch
     }
 }
 
-/// One connection from the predecessor: handshake, then route its frames until it ends.
-async fn serve_inbound(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
-    let _ = stream.set_nodelay(true);
-    let (read, mut write) = stream.into_split();
-    let mut reader = FrameReader::new(read);
+/// One connection from the predecessor: handshake (its hello already read when the agent's
+/// shared ring port picked this stage by it), then route its frames until it ends.
+async fn serve_inbound(
+    shared: Arc<Shared>,
+    mut reader: FrameReader<tokio::net::tcp::OwnedReadHalf>,
+    mut write: tokio::net::tcp::OwnedWriteHalf,
+    peer: SocketAddr,
+    hello: Option<Frame>,
+) {
     let n = shared.config.stages.len();
     let predecessor = (shared.index + n - 1) % n;
-    let shook = tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
-        handshake::accept(&mut reader, &mut write, &shared.identity, predecessor),
-    )
+    let shook = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+        let hello = match hello {
+            Some(h) => h,
+            None => handshake::read_hello(&mut reader).await?,
+        };
+        handshake::accept_hello(
+            &mut reader,
+            &mut write,
+            &shared.identity,
+            predecessor,
+            hello,
+        )
+        .await
+    })
     .await;
     match shook {
         Ok(Ok(())) => {}
@@ -360,10 +458,12 @@ async fn serve_inbound(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr)
     }
     tracing::info!(%peer, from = predecessor, "predecessor connected");
     let pred = shared.config.describe_stage(predecessor);
+    let mut stop = shared.stop_rx.clone();
     let reason = loop {
         let read = tokio::select! {
             r = reader.read_frame() => r,
-            _ = &mut close_rx => return, // replaced by a newer connection from the predecessor
+            _ = &mut close_rx => return, // replaced by a newer connection, or shut down
+            _ = stop.changed() => return,
         };
         match read {
             Ok(Some(frame)) => {
@@ -568,5 +668,107 @@ async fn probe_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             head.fail_all(&shared, why);
         }
         head.sweep(&shared);
+    }
+}
+
+/// The agent's ring port: one listener for every pipeline stage the agent runs, each connection
+/// handed to the stage its hello names.
+pub struct RingMux {
+    addr: SocketAddr,
+    stages: Mutex<std::collections::HashMap<String, Arc<Shared>>>,
+}
+
+impl RingMux {
+    /// Binds `addr` and starts accepting for as long as the runtime runs.
+    pub async fn bind(addr: &str) -> Result<Arc<Self>> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the ring port on {addr}"))?;
+        let mux = Arc::new(Self {
+            addr: listener.local_addr()?,
+            stages: Mutex::new(std::collections::HashMap::new()),
+        });
+        tokio::spawn(mux.clone().accept_loop(listener));
+        Ok(mux)
+    }
+
+    /// Where it listens.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    fn register(&self, shared: Arc<Shared>) {
+        self.stages
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(shared.config.pipeline.clone(), shared);
+    }
+
+    fn unregister(&self, shared: &Arc<Shared>) {
+        let mut stages = self.stages.lock().unwrap_or_else(PoisonError::into_inner);
+        if stages
+            .get(&shared.config.pipeline)
+            .is_some_and(|s| Arc::ptr_eq(s, shared))
+        {
+            stages.remove(&shared.config.pipeline);
+        }
+    }
+
+    async fn accept_loop(self: Arc<Self>, listener: TcpListener) {
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            match listener.accept().await {
+                Ok((stream, peer)) => {
+                    backoff = BACKOFF_MIN;
+                    tokio::spawn(self.clone().dispatch(stream, peer));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "accepting a ring connection failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+    }
+
+    async fn dispatch(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+        let _ = stream.set_nodelay(true);
+        let (read, mut write) = stream.into_split();
+        let mut reader = FrameReader::new(read);
+        let hello =
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake::read_hello(&mut reader)).await
+            {
+                Ok(Ok(h)) => h,
+                Ok(Err(e)) => {
+                    tracing::warn!(%peer, error = %e, "refused a ring connection");
+                    return;
+                }
+                Err(_) => {
+                    tracing::warn!(%peer, "refused a ring connection: no hello in time");
+                    return;
+                }
+            };
+        let shared = self
+            .stages
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&hello.pipeline)
+            .cloned();
+        match shared {
+            Some(shared) => serve_inbound(shared, reader, write, peer, Some(hello)).await,
+            None => {
+                let reason = format!(
+                    "pipeline {:?} has no stage on this node (yet)",
+                    hello.pipeline
+                );
+                tracing::warn!(%peer, "refused a ring connection: {reason}");
+                let id = RingIdentity {
+                    pipeline: hello.pipeline.clone(),
+                    generation: hello.generation,
+                    token: String::new(),
+                };
+                handshake::refuse(&mut write, &id, &reason).await;
+            }
+        }
     }
 }

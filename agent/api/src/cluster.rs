@@ -1,0 +1,328 @@
+//! What agents store, exchange and report: records with their versions, resolved placements,
+//! node inventories, stage reports and the statuses built from them, and the REST bodies
+//! `clusterctl` reads.
+
+use serde::{Deserialize, Serialize};
+
+use crate::LayerRange;
+use crate::manifest::{Kind, ManifestError, Object};
+
+/// One stored object: the object with its metadata, whether it was deleted (a tombstone keeps
+/// its version so that an agent that was away does not bring it back), and for a pipeline the
+/// placement resolved when it was applied.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Record {
+    /// The object, status left out.
+    pub object: Object,
+    /// A tombstone.
+    #[serde(default)]
+    pub deleted: bool,
+    /// A pipeline's stages as resolved at apply time (explicit or `placement: auto`), so that
+    /// every agent runs the same split.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<ResolvedPlacement>,
+}
+
+impl Record {
+    /// The version that orders two copies of this record: the logical clock, then the writer.
+    pub fn version(&self) -> (u64, String) {
+        (
+            self.object.metadata.resource_version,
+            self.object.metadata.updated_by.clone().unwrap_or_default(),
+        )
+    }
+}
+
+/// A pipeline's stages, decided once and stored with it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ResolvedPlacement {
+    /// The stages in ring order.
+    pub stages: Vec<PlacedStage>,
+    /// The model's layer count.
+    pub layers: usize,
+    /// How the split was chosen, for `describe`.
+    pub reason: String,
+}
+
+/// One resolved stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlacedStage {
+    /// The node that runs it.
+    pub node: String,
+    /// Its layers.
+    pub layers: LayerRange,
+    /// Estimated bytes of weights it holds.
+    pub weight_bytes: u64,
+}
+
+/// One GPU (or other accelerator) the agent can use.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Gpu {
+    /// `metal` or `cuda`.
+    pub kind: String,
+    /// Device index.
+    pub index: usize,
+    /// Its name.
+    pub name: String,
+    /// Memory it may use, when known: Metal's recommended working set, CUDA's total memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+}
+
+/// What a host has.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Inventory {
+    /// Host name.
+    pub hostname: String,
+    /// Operating system and version.
+    pub os: String,
+    /// CPU model.
+    pub cpu_model: String,
+    /// Physical cores.
+    pub cpu_cores: usize,
+    /// Logical CPUs.
+    pub cpu_threads: usize,
+    /// Total memory.
+    pub memory_total_bytes: u64,
+    /// Memory available now.
+    pub memory_available_bytes: u64,
+    /// The agent's own cap on the memory its stages may take (`--max-memory`), if set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_limit_bytes: Option<u64>,
+    /// GPUs.
+    #[serde(default)]
+    pub gpus: Vec<Gpu>,
+}
+
+impl Inventory {
+    /// Memory placement may count on: available memory, capped by the agent's limit, plus
+    /// what this node's own stages already hold (a re-placement frees them).
+    pub fn placeable_bytes(&self, held: u64) -> u64 {
+        let free = self.memory_available_bytes.saturating_add(held);
+        match self.memory_limit_bytes {
+            Some(limit) => free.min(limit),
+            None => free,
+        }
+    }
+}
+
+/// Phase of a stage, a pipeline, an endpoint or a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Phase {
+    /// Declared, nothing done yet.
+    Pending,
+    /// Weights being read.
+    Loading,
+    /// Serving.
+    Ready,
+    /// Serving partly, or not at all because a part is down; the message says which.
+    Degraded,
+    /// Failed; retried with backoff, the message says why.
+    Failed,
+    /// A node that has not been heard from within the bound.
+    NotReady,
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Pending => "Pending",
+            Self::Loading => "Loading",
+            Self::Ready => "Ready",
+            Self::Degraded => "Degraded",
+            Self::Failed => "Failed",
+            Self::NotReady => "NotReady",
+        })
+    }
+}
+
+/// What an agent says about one stage it runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StageReport {
+    /// The pipeline.
+    pub pipeline: String,
+    /// The pipeline generation the stage runs.
+    pub generation: u64,
+    /// Stage index.
+    pub index: usize,
+    /// Its layers.
+    pub layers: LayerRange,
+    /// Loading, Ready or Failed.
+    pub phase: Phase,
+    /// Bytes of weights read so far.
+    pub loaded_bytes: u64,
+    /// Bytes of weights to read.
+    pub total_bytes: u64,
+    /// Bytes of weights held in memory now (zero once unloaded).
+    pub memory_bytes: u64,
+    /// Why it failed, or what it waits for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Stage 0: whether a probe came back around the ring recently.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ring_up: Option<bool>,
+    /// Sequences with a cache on this stage.
+    #[serde(default)]
+    pub sequences: usize,
+    /// Failed attempts so far (reset once it loads).
+    #[serde(default)]
+    pub attempts: u32,
+}
+
+/// What an agent says about an endpoint it hosts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointReport {
+    /// The endpoint.
+    pub endpoint: String,
+    /// Ready once listening.
+    pub phase: Phase,
+    /// `http://host:port`.
+    pub url: String,
+    /// Why it is not listening.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// What an agent says about itself: sent with every state pull, so it is also the heartbeat.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeReport {
+    /// The agent's node name.
+    pub node: String,
+    /// The agent's version.
+    pub version: String,
+    /// Seconds since the agent started.
+    pub uptime_seconds: u64,
+    /// The host.
+    pub inventory: Inventory,
+    /// Its stages.
+    #[serde(default)]
+    pub stages: Vec<StageReport>,
+    /// Its endpoints.
+    #[serde(default)]
+    pub endpoints: Vec<EndpointReport>,
+    /// Bytes of weights its stages hold, counting stages being unloaded until their memory
+    /// is actually freed.
+    #[serde(default)]
+    pub stage_memory_bytes: u64,
+}
+
+/// A node's status as one agent sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeStatus {
+    /// Ready when heard from within the bound.
+    pub phase: Phase,
+    /// Why not Ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Seconds since the last report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen_seconds: Option<f64>,
+    /// The last report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<NodeReport>,
+}
+
+/// One stage of a pipeline's status.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PipelineStageStatus {
+    /// Stage index.
+    pub index: usize,
+    /// Its node.
+    pub node: String,
+    /// Its layers.
+    pub layers: LayerRange,
+    /// Its phase as its node reports it.
+    pub phase: Phase,
+    /// Share of its weights loaded, 0-100.
+    pub progress: f64,
+    /// Bytes of weights held.
+    pub memory_bytes: u64,
+    /// Estimated bytes of weights.
+    pub weight_bytes: u64,
+    /// What is wrong.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// A pipeline's status: its stages' statuses combined.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PipelineStatus {
+    /// Pending, Loading, Ready, Degraded or Failed.
+    pub phase: Phase,
+    /// What is happening or wrong, naming the stage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Share of all stages' weights loaded, 0-100.
+    pub progress: f64,
+    /// How the split was chosen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<String>,
+    /// Per stage.
+    pub stages: Vec<PipelineStageStatus>,
+}
+
+/// What an apply did to one object.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ApplyOutcome {
+    /// Kind.
+    pub kind: Kind,
+    /// Name.
+    pub name: String,
+    /// `created`, `configured` or `unchanged`.
+    pub action: String,
+    /// Generation after the apply.
+    pub generation: u64,
+    /// What changed, for `--dry-run` and messages.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changes: Vec<String>,
+}
+
+/// Error body of every REST route.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// The error.
+    pub error: ErrorDetail,
+}
+
+/// The error inside [`ErrorBody`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    /// HTTP status.
+    pub code: u16,
+    /// What went wrong, in one message.
+    pub message: String,
+    /// For a refused apply: each problem, placed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub details: Vec<ManifestError>,
+}
+
+/// One event: something an agent did or saw.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Event {
+    /// RFC 3339 time.
+    pub time: String,
+    /// The node that recorded it.
+    pub node: String,
+    /// `Pipeline qwen`.
+    pub object: String,
+    /// `Normal` or `Warning`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// A short CamelCase reason: `Applied`, `Loaded`, `LoadFailed`, `NodeNotReady`.
+    pub reason: String,
+    /// Details.
+    pub message: String,
+}

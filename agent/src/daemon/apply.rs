@@ -1,0 +1,604 @@
+//! Applies and deletes: every check runs before anything is written (schema and references,
+//! then the model's files, the split against its layer count and each node's memory), the
+//! placement is resolved once and stored with the pipeline, versions come from the store's
+//! logical clock, and the whole apply is one transaction.
+
+use std::collections::BTreeMap;
+use std::sync::PoisonError;
+
+use cluster_api::LayerRange;
+use cluster_api::cluster::{ApplyOutcome, PlacedStage, Record, ResolvedPlacement};
+use cluster_api::manifest::{
+    Kind, ManifestError, Object, Placement, Spec, check_references, parse_manifests, referrers,
+    split_error,
+};
+use cluster_engine::ModelFolder;
+
+use super::agent::Agent;
+
+/// Why an apply or delete was refused.
+#[derive(Debug)]
+pub enum Refused {
+    /// Invalid input (400), with each problem placed.
+    Invalid(Vec<ManifestError>),
+    /// A version precondition or a reference held (409).
+    Conflict(String),
+    /// Not found (404).
+    NotFound(String),
+    /// The store failed (500).
+    Internal(String),
+}
+
+impl From<anyhow::Error> for Refused {
+    fn from(e: anyhow::Error) -> Self {
+        Self::Internal(format!("{e:#}"))
+    }
+}
+
+/// What this agent learns from a model's files.
+struct ModelFacts {
+    folder: ModelFolder,
+}
+
+fn inspect_model(object: &Object, cache: &mut BTreeMap<String, Result<ModelFacts, String>>) {
+    let Some(spec) = object.as_model() else {
+        return;
+    };
+    let path = &spec.source.path;
+    let facts = ModelFolder::open(path)
+        .map(|folder| ModelFacts { folder })
+        .map_err(|e| {
+            format!(
+                "cannot open the model at {} on this node: {e}",
+                path.display()
+            )
+        });
+    cache.insert(object.name().to_string(), facts);
+}
+
+/// Validates and applies `text`; with `dry_run` only says what would change.
+pub fn apply(agent: &Agent, text: &str, dry_run: bool) -> Result<Vec<ApplyOutcome>, Refused> {
+    let objects = parse_manifests(text).map_err(Refused::Invalid)?;
+    // Positions in the input, for messages about later checks.
+    let position: BTreeMap<(Kind, String), usize> = objects
+        .iter()
+        .enumerate()
+        .map(|(i, o)| ((o.kind, o.name().to_string()), i + 1))
+        .collect();
+    let _guard = agent
+        .write_lock
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    let stored = agent.store.live_objects()?;
+    let mut errors = check_references(&objects, &stored);
+    // Every object as it will be after this apply.
+    let mut after: BTreeMap<(Kind, String), Object> = stored
+        .into_iter()
+        .map(|o| ((o.kind, o.name().to_string()), o))
+        .collect();
+    for o in &objects {
+        after.insert((o.kind, o.name().to_string()), o.clone());
+    }
+    // Models read here: those applied, and those of applied pipelines.
+    let mut models: BTreeMap<String, Result<ModelFacts, String>> = BTreeMap::new();
+    for o in &objects {
+        if o.kind == Kind::Model {
+            inspect_model(o, &mut models);
+            if let Some(Err(why)) = models.get(o.name()) {
+                errors.push(ManifestError::field(o, "spec.source.path", why.clone()));
+            }
+        }
+    }
+    // Pipelines to (re)place: those applied, and those whose model is applied.
+    let mut pipelines: Vec<Object> = objects
+        .iter()
+        .filter(|o| o.kind == Kind::Pipeline)
+        .cloned()
+        .collect();
+    for o in after.values() {
+        if let Some(p) = o.as_pipeline()
+            && objects
+                .iter()
+                .any(|a| a.kind == Kind::Model && a.name() == p.model)
+            && !pipelines.iter().any(|x| x.name() == o.name())
+        {
+            pipelines.push(o.clone());
+        }
+    }
+    let mut placements: BTreeMap<String, ResolvedPlacement> = BTreeMap::new();
+    if errors.is_empty() {
+        for p in &pipelines {
+            let spec = p.as_pipeline().cloned();
+            let Some(spec) = spec else { continue };
+            if !models.contains_key(&spec.model)
+                && let Some(m) = after.get(&(Kind::Model, spec.model.clone()))
+            {
+                inspect_model(m, &mut models);
+            }
+            let facts = match models.get(&spec.model) {
+                Some(Ok(f)) => f,
+                Some(Err(why)) => {
+                    errors.push(ManifestError::field(p, "spec.model", why.clone()));
+                    continue;
+                }
+                None => continue,
+            };
+            let dtype = after
+                .get(&(Kind::Model, spec.model.clone()))
+                .and_then(|m| m.as_model())
+                .and_then(|m| m.dtype);
+            match place(agent, p, facts, dtype) {
+                Ok(placement) => {
+                    placements.insert(p.name().to_string(), placement);
+                }
+                Err(mut e) => errors.append(&mut e),
+            }
+        }
+    }
+    // Endpoints: on the node of their pipeline's stage 0, for now the only node that can
+    // answer for it.
+    if errors.is_empty() {
+        for o in &objects {
+            let Some(e) = o.as_endpoint() else { continue };
+            let stage0 = placements
+                .get(&e.pipeline)
+                .cloned()
+                .or_else(|| {
+                    agent
+                        .store
+                        .get(Kind::Pipeline, &e.pipeline)
+                        .ok()
+                        .flatten()
+                        .and_then(|r| r.placement)
+                })
+                .and_then(|p| p.stages.first().map(|s| s.node.clone()));
+            if let (Some(node), Some(head)) = (&e.node, &stage0)
+                && node != head
+            {
+                errors.push(ManifestError::field(
+                    o,
+                    "spec.node",
+                    format!(
+                        "must be {head}, the node of pipeline {}'s stage 0, which runs the generation loop (or leave it out)",
+                        e.pipeline
+                    ),
+                ));
+            }
+        }
+    }
+    if !errors.is_empty() {
+        let errors = errors
+            .into_iter()
+            .map(|mut e| {
+                if e.document.is_none()
+                    && let Some(o) = &e.object
+                    && let Some((k, n)) = o.split_once(' ')
+                    && let Ok(kind) = Kind::parse(k)
+                {
+                    e.document = position.get(&(kind, n.to_string())).copied();
+                }
+                e
+            })
+            .collect();
+        return Err(Refused::Invalid(errors));
+    }
+    // Versions.
+    let mut clock = agent.store.clock()?;
+    let mut records = Vec::new();
+    let mut outcomes = Vec::new();
+    let mut changed_pipelines: Vec<Object> = pipelines;
+    changed_pipelines.retain(|p| {
+        !objects
+            .iter()
+            .any(|o| o.kind == Kind::Pipeline && o.name() == p.name())
+    });
+    for o in objects.iter().chain(changed_pipelines.iter()) {
+        let existing = agent.store.get(o.kind, o.name())?;
+        let live = existing.as_ref().filter(|r| !r.deleted);
+        let asked = o.metadata.resource_version;
+        if asked != 0 && objects.contains(o) {
+            let have = live
+                .map(|r| r.object.metadata.resource_version)
+                .unwrap_or(0);
+            if have != asked {
+                return Err(Refused::Conflict(format!(
+                    "{}: the apply is based on resourceVersion {asked} but the stored one is {have}; get it again and reapply",
+                    o.describe()
+                )));
+            }
+        }
+        let placement = placements
+            .get(o.name())
+            .filter(|_| o.kind == Kind::Pipeline)
+            .cloned();
+        let mut changes = Vec::new();
+        let action = match live {
+            None => "created",
+            Some(r) => {
+                if r.object.spec != o.spec {
+                    changes.push(spec_diff(&r.object.spec, &o.spec));
+                }
+                if r.object.metadata.labels != o.metadata.labels {
+                    changes.push("labels".into());
+                }
+                if o.kind == Kind::Pipeline && r.placement != placement {
+                    changes.push(format!(
+                        "placement: {} -> {}",
+                        describe_placement(r.placement.as_ref()),
+                        describe_placement(placement.as_ref())
+                    ));
+                }
+                if changes.is_empty() {
+                    "unchanged"
+                } else {
+                    "configured"
+                }
+            }
+        };
+        let mut object = o.clone();
+        object.status = None;
+        let generation = match (action, live) {
+            ("unchanged", Some(r)) => r.object.metadata.generation,
+            (_, Some(r)) => r.object.metadata.generation + 1,
+            // A re-created object continues past its tombstone's generation, so that stages
+            // of the old one never accept the new one's ring.
+            _ => existing
+                .as_ref()
+                .map(|r| r.object.metadata.generation + 1)
+                .unwrap_or(1),
+        };
+        outcomes.push(ApplyOutcome {
+            kind: o.kind,
+            name: o.name().to_string(),
+            action: action.into(),
+            generation,
+            changes,
+        });
+        if action == "unchanged" {
+            continue;
+        }
+        clock += 1;
+        object.metadata.generation = generation;
+        object.metadata.resource_version = clock;
+        object.metadata.updated_by = Some(agent.name().to_string());
+        object.metadata.uid = live
+            .and_then(|r| r.object.metadata.uid.clone())
+            .or_else(|| Some(new_uid()));
+        object.metadata.creation_timestamp = live
+            .and_then(|r| r.object.metadata.creation_timestamp.clone())
+            .or_else(|| Some(crate::inventory::now()));
+        records.push(Record {
+            object,
+            deleted: false,
+            placement,
+        });
+    }
+    if dry_run || records.is_empty() {
+        return Ok(outcomes);
+    }
+    agent.store.write(&records)?;
+    for (r, o) in records
+        .iter()
+        .zip(outcomes.iter().filter(|o| o.action != "unchanged"))
+    {
+        let mut message = format!("{} (generation {})", o.action, o.generation);
+        if let Some(p) = &r.placement {
+            message.push_str(&format!(": {}", p.reason));
+        }
+        agent.event(&r.object.describe(), false, "Applied", message);
+    }
+    drop(_guard);
+    agent.reconcile_now.notify_one();
+    agent.sync_now.notify_one();
+    Ok(outcomes)
+}
+
+fn spec_diff(old: &Spec, new: &Spec) -> String {
+    let a = serde_json::to_value(old).unwrap_or_default();
+    let b = serde_json::to_value(new).unwrap_or_default();
+    let mut fields = Vec::new();
+    if let (Some(a), Some(b)) = (a.as_object(), b.as_object()) {
+        for key in a.keys().chain(b.keys()) {
+            if a.get(key) != b.get(key) && !fields.contains(key) {
+                fields.push(key.clone());
+            }
+        }
+    }
+    format!("spec.{{{}}}", fields.join(","))
+}
+
+fn describe_placement(p: Option<&ResolvedPlacement>) -> String {
+    match p {
+        None => "none".into(),
+        Some(p) => p
+            .stages
+            .iter()
+            .map(|s| format!("{}:{}", s.node, s.layers))
+            .collect::<Vec<_>>()
+            .join(","),
+    }
+}
+
+fn new_uid() -> String {
+    let mut b = [0u8; 16];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut b);
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+fn gib(bytes: u64) -> String {
+    crate::daemon::rest::human_bytes(bytes)
+}
+
+/// Memory a node offers a stage of `pipeline`: its available memory (capped by its limit) plus
+/// what that pipeline's stage already holds there, or `None` when the node has not reported.
+fn offered(agent: &Agent, node: &str, pipeline: &str) -> Option<u64> {
+    let report = agent.fresh_report(node)?;
+    let held: u64 = report
+        .stages
+        .iter()
+        .filter(|s| s.pipeline == pipeline)
+        .map(|s| s.memory_bytes)
+        .sum();
+    Some(report.inventory.placeable_bytes(held))
+}
+
+/// Resolves a pipeline's placement against its model and the nodes' memory.
+fn place(
+    agent: &Agent,
+    p: &Object,
+    facts: &ModelFacts,
+    dtype: Option<cluster_api::WeightDType>,
+) -> Result<ResolvedPlacement, Vec<ManifestError>> {
+    let spec = p.as_pipeline().ok_or_else(Vec::new)?;
+    let folder = &facts.folder;
+    let layers = folder.config.num_hidden_layers;
+    let bytes =
+        |range: LayerRange, first: bool, last: bool| folder.stage_bytes(range, first, last, dtype);
+    match (&spec.stages, spec.placement) {
+        (Some(stages), _) => {
+            let ranges: Vec<LayerRange> = stages.iter().map(|s| s.layers).collect();
+            if let Err(e) = cluster_api::LayerSplit::new(ranges, layers) {
+                return Err(vec![split_error(p, &e)]);
+            }
+            let n = stages.len();
+            let mut placed = Vec::new();
+            let mut errors = Vec::new();
+            let mut unchecked = Vec::new();
+            for (i, s) in stages.iter().enumerate() {
+                let need = bytes(s.layers, i == 0, i + 1 == n);
+                match offered(agent, &s.node, p.name()) {
+                    Some(have) if need > have => errors.push(ManifestError::field(
+                        p,
+                        &format!("spec.stages[{i}]"),
+                        format!(
+                            "layers {} need {} of weights but node {} offers {} (available memory{})",
+                            s.layers,
+                            gib(need),
+                            s.node,
+                            gib(have),
+                            if agent.fresh_report(&s.node).and_then(|r| r.inventory.memory_limit_bytes).is_some() {
+                                ", capped by its --max-memory"
+                            } else {
+                                ""
+                            }
+                        ),
+                    )),
+                    Some(_) => {}
+                    None => unchecked.push(s.node.clone()),
+                }
+                placed.push(PlacedStage {
+                    node: s.node.clone(),
+                    layers: s.layers,
+                    weight_bytes: need,
+                });
+            }
+            if !errors.is_empty() {
+                return Err(errors);
+            }
+            let mut reason = format!("as listed: {n} stage(s) over {layers} layers");
+            if !unchecked.is_empty() {
+                reason.push_str(&format!(
+                    "; memory not checked on {} (not heard from yet)",
+                    unchecked.join(", ")
+                ));
+            }
+            Ok(ResolvedPlacement {
+                stages: placed,
+                layers,
+                reason,
+            })
+        }
+        (None, Some(Placement::Auto)) => auto_place(agent, p, layers, &bytes),
+        (None, None) => Err(vec![ManifestError::field(p, "spec.stages", "missing")]),
+    }
+}
+
+/// `placement: auto`: one node when the whole model fits on the one with the most room;
+/// otherwise as few nodes as hold it, the most roomy first, layers in proportion to each
+/// node's room.
+fn auto_place(
+    agent: &Agent,
+    p: &Object,
+    layers: usize,
+    bytes: &dyn Fn(LayerRange, bool, bool) -> u64,
+) -> Result<ResolvedPlacement, Vec<ManifestError>> {
+    let spec = p.as_pipeline().ok_or_else(Vec::new)?;
+    let candidates: Vec<String> = if spec.nodes.is_empty() {
+        agent
+            .store
+            .live(Kind::Node)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|r| r.object.metadata.name)
+            .collect()
+    } else {
+        spec.nodes.clone()
+    };
+    let mut room: Vec<(String, u64)> = candidates
+        .iter()
+        .filter_map(|n| offered(agent, n, p.name()).map(|b| (n.clone(), b)))
+        .collect();
+    if room.is_empty() {
+        return Err(vec![ManifestError::field(
+            p,
+            "spec.placement",
+            format!(
+                "no node to place on: none of [{}] has reported its memory (are their agents running?)",
+                candidates.join(", ")
+            ),
+        )]);
+    }
+    room.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let whole = LayerRange {
+        first: 0,
+        last: layers - 1,
+    };
+    let total = bytes(whole, true, true);
+    if total <= room[0].1 {
+        let (node, have) = &room[0];
+        return Ok(ResolvedPlacement {
+            stages: vec![PlacedStage {
+                node: node.clone(),
+                layers: whole,
+                weight_bytes: total,
+            }],
+            layers,
+            reason: format!(
+                "auto: the whole model ({}) fits on {node} ({} free), so it stays on one node",
+                gib(total),
+                gib(*have)
+            ),
+        });
+    }
+    // Fewest nodes whose room adds up to the model.
+    let mut k = 0;
+    let mut sum = 0u64;
+    while k < room.len() && sum < total {
+        sum += room[k].1;
+        k += 1;
+    }
+    let chosen = &room[..k];
+    if sum < total || k > layers {
+        return Err(vec![ManifestError::field(
+            p,
+            "spec.placement",
+            format!(
+                "the model needs {} but the nodes offer {} in all ({})",
+                gib(total),
+                gib(sum),
+                room.iter()
+                    .map(|(n, b)| format!("{n}: {}", gib(*b)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )]);
+    }
+    // Layers in proportion to room, each node at least one.
+    let mut counts: Vec<usize> = chosen
+        .iter()
+        .map(|(_, b)| {
+            ((layers as f64) * (*b as f64) / (sum as f64))
+                .floor()
+                .max(1.0) as usize
+        })
+        .collect();
+    while counts.iter().sum::<usize>() > layers {
+        if let Some(i) = (0..counts.len())
+            .filter(|&i| counts[i] > 1)
+            .max_by_key(|&i| counts[i])
+        {
+            counts[i] -= 1;
+        }
+    }
+    let mut i = 0;
+    while counts.iter().sum::<usize>() < layers {
+        counts[i % k] += 1;
+        i += 1;
+    }
+    let mut stages = Vec::new();
+    let mut first = 0;
+    for (j, ((node, have), count)) in chosen.iter().zip(&counts).enumerate() {
+        let range = LayerRange {
+            first,
+            last: first + count - 1,
+        };
+        let need = bytes(range, j == 0, j + 1 == k);
+        if need > *have {
+            return Err(vec![ManifestError::field(
+                p,
+                "spec.placement",
+                format!(
+                    "no split fits: layers {range} need {} but {node} offers {}",
+                    gib(need),
+                    gib(*have)
+                ),
+            )]);
+        }
+        stages.push(PlacedStage {
+            node: node.clone(),
+            layers: range,
+            weight_bytes: need,
+        });
+        first += count;
+    }
+    Ok(ResolvedPlacement {
+        reason: format!(
+            "auto: the model ({}) does not fit on one node; split over {k} nodes in proportion to their free memory",
+            gib(total)
+        ),
+        stages,
+        layers,
+    })
+}
+
+/// Deletes one object (a tombstone with a new version); refused while others refer to it.
+pub fn delete(agent: &Agent, kind: Kind, name: &str, dry_run: bool) -> Result<u64, Refused> {
+    let _guard = agent
+        .write_lock
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    let Some(record) = agent.store.get(kind, name)?.filter(|r| !r.deleted) else {
+        return Err(Refused::NotFound(format!("{kind} {name} does not exist")));
+    };
+    let live = agent.store.live_objects()?;
+    let users = referrers(kind, name, &live);
+    if !users.is_empty() {
+        return Err(Refused::Conflict(format!(
+            "{kind} {name} is used by {}: delete those first",
+            users
+                .iter()
+                .map(|o| o.describe())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    if dry_run {
+        return Ok(record.object.metadata.resource_version);
+    }
+    let mut tomb = record;
+    let version = agent.store.clock()? + 1;
+    tomb.deleted = true;
+    tomb.object.metadata.resource_version = version;
+    tomb.object.metadata.updated_by = Some(agent.name().to_string());
+    agent.store.write(std::slice::from_ref(&tomb))?;
+    agent.event(
+        &tomb.object.describe(),
+        false,
+        "Deleted",
+        format!("version {version}"),
+    );
+    drop(_guard);
+    agent.reconcile_now.notify_one();
+    agent.sync_now.notify_one();
+    Ok(version)
+}

@@ -1,0 +1,106 @@
+//! State exchange between agents. Every heartbeat (and at once after a local change) this
+//! agent sends each peer its records and its report, and gets the peer's back; both sides keep
+//! the higher version of each record. The same exchange propagates applies, lets an agent that
+//! was away catch up, and is the heartbeat that decides Ready and NotReady.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use cluster_api::cluster::{NodeReport, Record};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use super::agent::Agent;
+
+/// Longest wait for one exchange.
+const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Body of `POST /internal/v1/sync`, both ways.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SyncBody {
+    /// The sender's report (its name inside).
+    pub report: NodeReport,
+    /// Every record the sender holds, tombstones included.
+    pub records: Vec<Record>,
+}
+
+/// This agent's side of an exchange.
+pub fn our_side(agent: &Agent) -> Result<SyncBody> {
+    Ok(SyncBody {
+        report: agent.report(),
+        records: agent.store.all_records()?,
+    })
+}
+
+/// Takes a peer's side of an exchange.
+pub fn take_theirs(agent: &Agent, body: SyncBody) -> Result<()> {
+    if body.report.node == agent.name() {
+        bail!(
+            "a peer calls itself {:?}, this node's own name: two agents share a name",
+            body.report.node
+        );
+    }
+    agent.merge(body.records)?;
+    agent.peer_seen(body.report);
+    Ok(())
+}
+
+fn exchange(agent: &Agent, http: &ureq::Agent, name: &str, address: &str) -> Result<()> {
+    let ours = our_side(agent)?;
+    let url = format!("http://{address}/internal/v1/sync");
+    let mut response = http
+        .post(&url)
+        .header("Authorization", &format!("Bearer {}", agent.settings.token))
+        .send_json(&ours)
+        .with_context(|| format!("POST {url}"))?;
+    let status = response.status().as_u16();
+    if status != 200 {
+        let text = response.body_mut().read_to_string().unwrap_or_default();
+        bail!("POST {url}: HTTP {status}: {}", text.trim());
+    }
+    let theirs: SyncBody = response
+        .body_mut()
+        .with_config()
+        .limit(256 << 20)
+        .read_json()
+        .with_context(|| format!("POST {url}: unreadable answer"))?;
+    if theirs.report.node != name {
+        bail!(
+            "{address} answered as node {:?}, not {name}: check the Node's address",
+            theirs.report.node
+        );
+    }
+    take_theirs(agent, theirs)
+}
+
+/// Exchanges state with every peer each heartbeat, or at once when woken, until `stop`.
+pub async fn heartbeat_loop(agent: Arc<Agent>, mut stop: watch::Receiver<bool>) {
+    let http: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(EXCHANGE_TIMEOUT))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    loop {
+        let peers = agent.peer_addresses();
+        let mut tasks = Vec::new();
+        for (name, address) in peers {
+            let agent = agent.clone();
+            let http = http.clone();
+            tasks.push(tokio::task::spawn_blocking(move || {
+                if let Err(e) = exchange(&agent, &http, &name, &address) {
+                    agent.peer_failed(&name, format!("{e:#}"));
+                }
+            }));
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+        agent.check_readiness();
+        tokio::select! {
+            _ = tokio::time::sleep(agent.settings.heartbeat) => {}
+            _ = agent.sync_now.notified() => {}
+            _ = stop.changed() => return,
+        }
+    }
+}

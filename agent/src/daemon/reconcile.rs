@@ -1,0 +1,607 @@
+//! The reconcile loop: compares the stages and endpoints the store places on this node with
+//! those running, and acts: loads a stage (progress as bytes read) and joins its ring, unloads
+//! one that was deleted or changed, retries a failed one with backoff; opens and closes
+//! endpoint listeners. Runs on every change and every half second.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::{Duration, Instant};
+
+use cluster_api::cluster::{EndpointReport, Phase, Record, StageReport};
+use cluster_api::manifest::{Kind, split_host_port};
+use cluster_api::{RingConfig, RingStage};
+use cluster_engine::Stage;
+use tokio::sync::{oneshot, watch};
+
+use super::agent::Agent;
+use crate::ring::{Inbound, LoadProgress, NodeOptions, RingMux, RingNode, http};
+
+const TICK: Duration = Duration::from_millis(500);
+const RETRY_MIN: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+/// Stage 0 fails a sequence whose next token takes longer than this.
+const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Clone, PartialEq)]
+struct StageWant {
+    config: RingConfig,
+    index: usize,
+}
+
+enum StageState {
+    Loading,
+    Ready(Arc<RingNode>),
+    Failed(String),
+}
+
+struct StageSlot {
+    want: StageWant,
+    state: StageState,
+    progress: Arc<LoadProgress>,
+    attempts: u32,
+    retry_at: Instant,
+    /// Distinguishes this load from an earlier one whose task may still finish.
+    epoch: u64,
+}
+
+#[derive(Clone, PartialEq)]
+struct EndpointWant {
+    pipeline: String,
+    address: String,
+}
+
+struct EndpointSlot {
+    want: EndpointWant,
+    /// Closes the listener; `None` while it failed.
+    stop: Option<oneshot::Sender<()>>,
+    message: Option<String>,
+    retry_at: Instant,
+    attempts: u32,
+}
+
+/// Stages and endpoints running on this node.
+pub struct Runtime {
+    mux: Arc<RingMux>,
+    compute_spin: Duration,
+    stages: Mutex<HashMap<String, StageSlot>>,
+    /// Stages unloaded whose memory may still be held by a task finishing.
+    draining: Mutex<Vec<Weak<Stage>>>,
+    endpoints: Mutex<HashMap<String, EndpointSlot>>,
+    epochs: std::sync::atomic::AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn backoff(attempts: u32) -> Duration {
+    (RETRY_MIN * 2u32.saturating_pow(attempts.saturating_sub(1).min(5))).min(RETRY_MAX)
+}
+
+impl Runtime {
+    /// An empty runtime on the agent's ring port.
+    pub fn new(mux: Arc<RingMux>, compute_spin: Duration) -> Self {
+        Self {
+            mux,
+            compute_spin,
+            stages: Mutex::new(HashMap::new()),
+            draining: Mutex::new(Vec::new()),
+            endpoints: Mutex::new(HashMap::new()),
+            epochs: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Where ring connections arrive.
+    pub fn ring_addr(&self) -> std::net::SocketAddr {
+        self.mux.local_addr()
+    }
+
+    /// Stage 0 of `pipeline` when it runs here and is ready.
+    pub fn head_of(&self, pipeline: &str) -> Option<Arc<crate::ring::node::Shared>> {
+        let stages = lock(&self.stages);
+        match stages.get(pipeline) {
+            Some(StageSlot {
+                state: StageState::Ready(node),
+                want,
+                ..
+            }) if want.index == 0 => Some(node.shared.clone()),
+            _ => None,
+        }
+    }
+
+    /// Sequences in flight on the heads running here.
+    pub fn in_flight(&self) -> usize {
+        lock(&self.stages)
+            .values()
+            .filter_map(|s| match &s.state {
+                StageState::Ready(n) => n.shared.head.as_ref().map(|h| h.in_flight()),
+                _ => None,
+            })
+            .sum()
+    }
+
+    /// Reports of the stages here.
+    pub fn stage_reports(&self) -> Vec<StageReport> {
+        let stages = lock(&self.stages);
+        let mut out: Vec<StageReport> = stages
+            .iter()
+            .map(|(name, slot)| {
+                let loaded = slot
+                    .progress
+                    .loaded
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                let total = slot
+                    .progress
+                    .total
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                let mut report = StageReport {
+                    pipeline: name.clone(),
+                    generation: slot.want.config.generation,
+                    index: slot.want.index,
+                    layers: slot.want.config.stages[slot.want.index].layers,
+                    phase: Phase::Loading,
+                    loaded_bytes: loaded,
+                    total_bytes: total,
+                    memory_bytes: 0,
+                    message: None,
+                    ring_up: None,
+                    sequences: 0,
+                    attempts: slot.attempts,
+                };
+                match &slot.state {
+                    StageState::Loading => {}
+                    StageState::Failed(why) => {
+                        report.phase = Phase::Failed;
+                        report.message = Some(format!(
+                            "{why} (attempt {}, retrying in {:.0} s)",
+                            slot.attempts,
+                            slot.retry_at
+                                .saturating_duration_since(Instant::now())
+                                .as_secs_f64()
+                        ));
+                    }
+                    StageState::Ready(node) => {
+                        let shared = &node.shared;
+                        report.phase = Phase::Ready;
+                        report.memory_bytes = shared.stage.weight_bytes();
+                        report.loaded_bytes = report.total_bytes.max(report.memory_bytes);
+                        report.total_bytes = report.loaded_bytes;
+                        report.sequences = shared.stage.sequences();
+                        if let Some(head) = &shared.head {
+                            let status = head.ring_status(shared);
+                            report.ring_up = Some(status.is_ok());
+                            report.message = status.err();
+                        }
+                    }
+                }
+                report
+            })
+            .collect();
+        out.sort_by(|a, b| a.pipeline.cmp(&b.pipeline));
+        out
+    }
+
+    /// Bytes of weights held by stages here, counting unloaded ones until they are freed.
+    pub fn held_bytes(&self) -> u64 {
+        let loaded: u64 = lock(&self.stages)
+            .values()
+            .filter_map(|s| match &s.state {
+                StageState::Ready(n) => Some(n.shared.stage.weight_bytes()),
+                _ => None,
+            })
+            .sum();
+        let mut draining = lock(&self.draining);
+        draining.retain(|w| w.strong_count() > 0);
+        let held: u64 = draining
+            .iter()
+            .filter_map(Weak::upgrade)
+            .map(|s| s.weight_bytes())
+            .sum();
+        loaded + held
+    }
+
+    /// Reports of the endpoints here.
+    pub fn endpoint_reports(&self) -> Vec<EndpointReport> {
+        let mut out: Vec<EndpointReport> = lock(&self.endpoints)
+            .iter()
+            .map(|(name, slot)| EndpointReport {
+                endpoint: name.clone(),
+                phase: if slot.stop.is_some() {
+                    Phase::Ready
+                } else {
+                    Phase::Failed
+                },
+                url: format!("http://{}", slot.want.address),
+                message: slot.message.clone(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.endpoint.cmp(&b.endpoint));
+        out
+    }
+
+    fn unload(&self, name: &str, slot: StageSlot) {
+        if let StageState::Ready(node) = slot.state {
+            node.shutdown();
+            lock(&self.draining).push(Arc::downgrade(&node.shared.stage));
+            tracing::info!(pipeline = name, "stage unloaded");
+        }
+    }
+
+    /// Closes every endpoint listener (SIGTERM: no new requests).
+    pub fn stop_endpoints(&self) {
+        for (_, slot) in lock(&self.endpoints).iter_mut() {
+            if let Some(stop) = slot.stop.take() {
+                let _ = stop.send(());
+            }
+        }
+    }
+
+    /// Unloads every stage.
+    pub fn stop_all(&self) {
+        self.stop_endpoints();
+        let slots: Vec<(String, StageSlot)> = lock(&self.stages).drain().collect();
+        for (name, slot) in slots {
+            self.unload(&name, slot);
+        }
+    }
+}
+
+/// The ring configuration of a pipeline record, from the store's model and nodes.
+pub fn ring_config(agent: &Agent, record: &Record) -> Result<RingConfig, String> {
+    let spec = record.object.as_pipeline().ok_or("not a pipeline")?.clone();
+    let placement = record
+        .placement
+        .as_ref()
+        .ok_or("the pipeline has no placement")?;
+    let model = agent
+        .store
+        .get(Kind::Model, &spec.model)
+        .map_err(|e| e.to_string())?
+        .filter(|r| !r.deleted)
+        .ok_or_else(|| format!("model {} does not exist", spec.model))?;
+    let model = model.object.as_model().ok_or("not a model")?.clone();
+    let mut stages = Vec::new();
+    for st in &placement.stages {
+        let node = agent
+            .store
+            .get(Kind::Node, &st.node)
+            .map_err(|e| e.to_string())?
+            .filter(|r| !r.deleted)
+            .ok_or_else(|| format!("node {} does not exist", st.node))?;
+        let address = node.object.as_node().ok_or("not a node")?.ring_address();
+        stages.push(RingStage {
+            node: st.node.clone(),
+            address,
+            layers: st.layers,
+        });
+    }
+    Ok(RingConfig {
+        pipeline: record.object.metadata.name.clone(),
+        generation: record.object.metadata.generation,
+        model: model.source.path,
+        device: spec.device,
+        dtype: model.dtype,
+        prefill_chunk: spec.prefill_chunk.unwrap_or(128),
+        max_sequences: spec.max_sequences.unwrap_or(64),
+        token: agent.settings.token.clone(),
+        stages,
+    })
+}
+
+/// What the store places on this node.
+fn desired(agent: &Agent) -> (HashMap<String, StageWant>, HashMap<String, EndpointWant>) {
+    let me = agent.name();
+    let mut stages = HashMap::new();
+    for record in agent.store.live(Kind::Pipeline).unwrap_or_default() {
+        let Some(placement) = &record.placement else {
+            continue;
+        };
+        let Some(index) = placement.stages.iter().position(|s| s.node == me) else {
+            continue;
+        };
+        match ring_config(agent, &record) {
+            Ok(config) => {
+                stages.insert(
+                    record.object.metadata.name.clone(),
+                    StageWant { config, index },
+                );
+            }
+            Err(why) => tracing::warn!(pipeline = record.object.name(), "cannot run: {why}"),
+        }
+    }
+    let mut endpoints = HashMap::new();
+    let host = agent
+        .store
+        .get(Kind::Node, me)
+        .ok()
+        .flatten()
+        .and_then(|r| {
+            let a = r.object.as_node()?.address.clone();
+            split_host_port(&a).ok().map(|(h, _)| h.to_string())
+        })
+        .unwrap_or_else(|| "127.0.0.1".into());
+    for record in agent.store.live(Kind::Endpoint).unwrap_or_default() {
+        if agent.endpoint_node(&record.object).as_deref() != Some(me) {
+            continue;
+        }
+        let Some(spec) = record.object.as_endpoint() else {
+            continue;
+        };
+        let address = if host.contains(':') {
+            format!("[{host}]:{}", spec.port)
+        } else {
+            format!("{host}:{}", spec.port)
+        };
+        endpoints.insert(
+            record.object.metadata.name.clone(),
+            EndpointWant {
+                pipeline: spec.pipeline.clone(),
+                address,
+            },
+        );
+    }
+    (stages, endpoints)
+}
+
+/// Runs the reconcile loop until `stop`.
+pub async fn reconcile_loop(agent: Arc<Agent>, mut stop: watch::Receiver<bool>) {
+    loop {
+        if !agent.is_shutting_down() {
+            reconcile_once(&agent);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(TICK) => {}
+            _ = agent.reconcile_now.notified() => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+fn reconcile_once(agent: &Arc<Agent>) {
+    let (want_stages, want_endpoints) = desired(agent);
+    let rt = &agent.runtime;
+    // Stages: unload what is no longer wanted as it is, then start what is missing or due.
+    let mut to_start = Vec::new();
+    {
+        let mut stages = lock(&rt.stages);
+        let stale: Vec<String> = stages
+            .iter()
+            .filter(|(name, slot)| want_stages.get(*name) != Some(&slot.want))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in stale {
+            if let Some(slot) = stages.remove(&name) {
+                let why = if want_stages.contains_key(&name) {
+                    "its placement or model changed"
+                } else {
+                    "it was deleted or moved to another node"
+                };
+                agent.event(
+                    &format!("Pipeline {name}"),
+                    false,
+                    "Unloading",
+                    format!("unloading stage {} here: {why}", slot.want.index),
+                );
+                drop(stages);
+                rt.unload(&name, slot);
+                stages = lock(&rt.stages);
+            }
+        }
+        for (name, want) in &want_stages {
+            let due = match stages.get(name) {
+                None => true,
+                Some(slot) => {
+                    matches!(slot.state, StageState::Failed(_)) && Instant::now() >= slot.retry_at
+                }
+            };
+            if !due {
+                continue;
+            }
+            let epoch = rt.epochs.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            let attempts = stages.get(name).map(|s| s.attempts).unwrap_or(0);
+            let progress = Arc::new(LoadProgress::default());
+            stages.insert(
+                name.clone(),
+                StageSlot {
+                    want: want.clone(),
+                    state: StageState::Loading,
+                    progress: progress.clone(),
+                    attempts,
+                    retry_at: Instant::now(),
+                    epoch,
+                },
+            );
+            to_start.push((name.clone(), want.clone(), progress, epoch));
+        }
+    }
+    for (name, want, progress, epoch) in to_start {
+        agent.event(
+            &format!("Pipeline {name}"),
+            false,
+            "Loading",
+            format!(
+                "loading stage {} (layers {}) of generation {}",
+                want.index, want.config.stages[want.index].layers, want.config.generation
+            ),
+        );
+        tokio::spawn(load_stage(agent.clone(), name, want, progress, epoch));
+    }
+    // Endpoints.
+    let mut endpoints = lock(&rt.endpoints);
+    let stale: Vec<String> = endpoints
+        .iter()
+        .filter(|(name, slot)| want_endpoints.get(*name) != Some(&slot.want))
+        .map(|(name, _)| name.clone())
+        .collect();
+    for name in stale {
+        if let Some(mut slot) = endpoints.remove(&name)
+            && let Some(stop) = slot.stop.take()
+        {
+            let _ = stop.send(());
+            agent.event(
+                &format!("Endpoint {name}"),
+                false,
+                "Closed",
+                "stopped listening",
+            );
+        }
+    }
+    for (name, want) in want_endpoints {
+        let due = match endpoints.get(&name) {
+            None => true,
+            Some(slot) => slot.stop.is_none() && Instant::now() >= slot.retry_at,
+        };
+        if !due {
+            continue;
+        }
+        let attempts = endpoints.get(&name).map(|s| s.attempts).unwrap_or(0);
+        let slot = open_endpoint(agent, &name, want, attempts);
+        endpoints.insert(name, slot);
+    }
+}
+
+async fn load_stage(
+    agent: Arc<Agent>,
+    name: String,
+    want: StageWant,
+    progress: Arc<LoadProgress>,
+    epoch: u64,
+) {
+    let options = NodeOptions {
+        index: want.index,
+        step_timeout: STEP_TIMEOUT,
+        compute_spin: agent.runtime.compute_spin,
+    };
+    let started = Instant::now();
+    let result = RingNode::start_with(
+        want.config.clone(),
+        options,
+        Inbound::Shared(agent.runtime.mux.clone()),
+        Some(progress),
+    )
+    .await;
+    let mut stages = lock(&agent.runtime.stages);
+    let current = stages.get_mut(&name).filter(|s| s.epoch == epoch);
+    match (result, current) {
+        (Ok(node), Some(slot)) => {
+            slot.state = StageState::Ready(Arc::new(node));
+            slot.attempts = 0;
+            drop(stages);
+            agent.event(
+                &format!("Pipeline {name}"),
+                false,
+                "Loaded",
+                format!(
+                    "stage {} loaded in {:.1} s",
+                    want.index,
+                    started.elapsed().as_secs_f64()
+                ),
+            );
+        }
+        (Ok(node), None) => {
+            // Deleted or changed while loading.
+            drop(stages);
+            node.shutdown();
+            lock(&agent.runtime.draining).push(Arc::downgrade(&node.shared.stage));
+        }
+        (Err(e), Some(slot)) => {
+            slot.attempts += 1;
+            let wait = backoff(slot.attempts);
+            slot.retry_at = Instant::now() + wait;
+            let why = format!("{e:#}");
+            slot.state = StageState::Failed(why.clone());
+            drop(stages);
+            agent.event(
+                &format!("Pipeline {name}"),
+                true,
+                "LoadFailed",
+                format!(
+                    "stage {}: {why}; retrying in {:.0} s",
+                    want.index,
+                    wait.as_secs_f64()
+                ),
+            );
+        }
+        (Err(_), None) => {}
+    }
+}
+
+fn open_endpoint(
+    agent: &Arc<Agent>,
+    name: &str,
+    want: EndpointWant,
+    attempts: u32,
+) -> EndpointSlot {
+    let listener = std::net::TcpListener::bind(&want.address).and_then(|l| {
+        l.set_nonblocking(true)?;
+        tokio::net::TcpListener::from_std(l)
+    });
+    match listener {
+        Ok(listener) => {
+            let (tx, rx) = oneshot::channel();
+            let weak = Arc::downgrade(agent);
+            let pipeline = want.pipeline.clone();
+            let source = http::Source::new(move || {
+                let agent = weak.upgrade().ok_or("the agent is stopping")?;
+                if agent.is_shutting_down() {
+                    return Err(format!("node {} is shutting down", agent.name()));
+                }
+                if let Some(shared) = agent.runtime.head_of(&pipeline) {
+                    return Ok(shared);
+                }
+                let status = agent
+                    .store
+                    .get(Kind::Pipeline, &pipeline)
+                    .ok()
+                    .flatten()
+                    .filter(|r| !r.deleted)
+                    .map(|r| agent.pipeline_status(&r));
+                Err(match status {
+                    Some(s) => format!(
+                        "pipeline {pipeline} is {}{}",
+                        s.phase,
+                        s.message.map(|m| format!(": {m}")).unwrap_or_default()
+                    ),
+                    None => format!("pipeline {pipeline} does not exist"),
+                })
+            });
+            tokio::spawn(http::serve(source, listener, async move {
+                let _ = rx.await;
+            }));
+            agent.event(
+                &format!("Endpoint {name}"),
+                false,
+                "Listening",
+                format!(
+                    "serving pipeline {} on http://{}",
+                    want.pipeline, want.address
+                ),
+            );
+            EndpointSlot {
+                want,
+                stop: Some(tx),
+                message: None,
+                retry_at: Instant::now(),
+                attempts: 0,
+            }
+        }
+        Err(e) => {
+            let attempts = attempts + 1;
+            let wait = backoff(attempts);
+            let message = format!("cannot listen on {}: {e}", want.address);
+            agent.event(
+                &format!("Endpoint {name}"),
+                true,
+                "ListenFailed",
+                format!("{message}; retrying in {:.0} s", wait.as_secs_f64()),
+            );
+            EndpointSlot {
+                want,
+                stop: None,
+                message: Some(message),
+                retry_at: Instant::now() + wait,
+                attempts,
+            }
+        }
+    }
+}
