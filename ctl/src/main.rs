@@ -1,11 +1,25 @@
 //! `clusterctl`: the kubectl-style command line of a clusteragent cluster.
 //!
-//! This build carries the verbs' flags and help; the verbs that talk to agents need the control
-//! plane (REST on each agent), which comes with the control-plane work. Until then they say so
-//! and exit with code 1 rather than pretend.
+//! Exit codes: 0 success, 1 the server refused or failed (or could not be reached), 2 usage
+//! error.
+//!
+//! # Layout
+//!
+//! - [`client`]: REST calls with time bounds and the server's error bodies.
+//! - [`config`]: contexts (server URL and token) in the user's config directory.
+//! - [`output`]: tables, ages, sizes, YAML and JSON.
+//! - [`manifests`]: reading manifest files, folders and stdin.
+//! - [`commands`]: one file per verb.
+
+mod client;
+mod commands;
+mod config;
+mod manifests;
+mod output;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
@@ -13,12 +27,22 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "clusterctl", version, about)]
 struct Cli {
-    /// Agent to talk to, e.g. http://192.168.5.1:7070 (or CLUSTERCTL_SERVER).
+    /// Agent to talk to, e.g. http://192.168.5.1:7070 [default: the context's, else
+    /// http://127.0.0.1:7070].
     #[arg(long, global = true, env = "CLUSTERCTL_SERVER")]
     server: Option<String>,
-    /// Cluster token for mutating calls (or CLUSTERCTL_TOKEN).
+    /// Cluster token (needed for changes, and for reads unless the agent opens them).
     #[arg(long, global = true, env = "CLUSTERCTL_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// File holding the cluster token (an agent's DATA_DIR/cluster-token); --token wins.
+    #[arg(long, global = true, env = "CLUSTERCTL_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// Context to use instead of the current one.
+    #[arg(long, global = true)]
+    context: Option<String>,
+    /// Seconds to wait for each answer from the agent.
+    #[arg(long, global = true, default_value_t = 30)]
+    request_timeout: u64,
     #[command(subcommand)]
     command: Verb,
 }
@@ -26,91 +50,57 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Verb {
     /// Create or update objects from manifests (a file, a folder, or - for stdin).
-    Apply {
-        /// Manifest file, folder or -.
-        #[arg(short = 'f', long = "filename")]
-        file: PathBuf,
-        /// Show what would change without changing it.
-        #[arg(long)]
-        dry_run: bool,
-        /// Wait until the applied pipelines are Ready, showing each stage's progress.
-        #[arg(long)]
-        wait: bool,
-    },
+    Apply(commands::apply::ApplyArgs),
     /// List objects of a kind (nodes, models, pipelines, endpoints), or show one.
-    Get {
-        /// Kind of object.
-        kind: String,
-        /// Name of one object.
-        name: Option<String>,
-        /// Output format: wide, yaml or json.
-        #[arg(short = 'o', long)]
-        output: Option<String>,
-    },
+    Get(commands::get::GetArgs),
     /// Show an object's spec, status, stages and recent events.
-    Describe {
-        /// Kind of object.
-        kind: String,
-        /// Its name.
-        name: String,
-    },
-    /// Delete an object, or every object in a manifest.
-    Delete {
-        /// Kind of object.
-        kind: Option<String>,
-        /// Its name.
-        name: Option<String>,
-        /// Delete the objects this manifest declares.
-        #[arg(short = 'f', long = "filename")]
-        file: Option<PathBuf>,
-    },
-    /// Show the nodes' inventory: CPU, memory, GPU.
+    Describe(commands::describe::DescribeArgs),
+    /// Delete an object, or every object a manifest declares.
+    Delete(commands::delete::DeleteArgs),
+    /// Show the nodes' inventory: CPU, memory, GPU, stage memory.
     Nodes,
-    /// Show an agent's logs.
-    Logs {
-        /// Node whose agent's logs to show.
-        node: String,
-    },
-    /// Chat with an endpoint, interactively or with one prompt.
-    Chat {
-        /// Endpoint name.
-        endpoint: String,
-        /// One prompt: print the answer and exit.
-        #[arg(short = 'p', long)]
-        prompt: Option<String>,
-    },
-    /// Measure an endpoint's throughput and latency.
-    Bench {
-        /// Endpoint name.
-        endpoint: String,
-    },
+    /// Show recent events the agent recorded.
+    Events(commands::events::EventsArgs),
     /// Check manifests offline, without a running cluster.
-    Validate {
-        /// Manifest file or folder.
-        #[arg(short = 'f', long = "filename")]
-        file: PathBuf,
-    },
+    Validate(commands::validate::ValidateArgs),
     /// Manage contexts: server URLs and tokens kept in the user's config directory.
-    Config {
-        /// Sub-command: view, use-context, set-context.
-        action: Vec<String>,
-    },
+    #[command(subcommand)]
+    Config(commands::config::ConfigVerb),
 }
 
-impl Verb {
-    fn name(&self) -> &'static str {
-        match self {
-            Verb::Apply { .. } => "apply",
-            Verb::Get { .. } => "get",
-            Verb::Describe { .. } => "describe",
-            Verb::Delete { .. } => "delete",
-            Verb::Nodes => "nodes",
-            Verb::Logs { .. } => "logs",
-            Verb::Chat { .. } => "chat",
-            Verb::Bench { .. } => "bench",
-            Verb::Validate { .. } => "validate",
-            Verb::Config { .. } => "config",
-        }
+/// A usage error (exit code 2) rather than a refusal.
+#[derive(Debug)]
+pub struct Usage(pub String);
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Usage {}
+
+/// How the verbs reach the agent.
+pub struct Env {
+    server: Option<String>,
+    token: Option<String>,
+    context: Option<String>,
+    timeout: Duration,
+}
+
+impl Env {
+    /// A client for the resolved server and token.
+    pub fn client(&self) -> anyhow::Result<client::Client> {
+        let target = config::resolve(
+            self.server.clone(),
+            self.token.clone(),
+            self.context.as_deref(),
+        )?;
+        Ok(client::Client::new(
+            &target.server,
+            target.token,
+            self.timeout,
+        ))
     }
 }
 
@@ -123,10 +113,45 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
-    let _ = (&cli.server, &cli.token);
-    eprintln!(
-        "clusterctl {}: this build has no control plane to talk to yet; run a model in one process with `clusteragent generate` meanwhile",
-        cli.command.name()
-    );
-    ExitCode::from(1)
+    let token = match (&cli.token, &cli.token_file) {
+        (Some(t), _) => Some(t.clone()),
+        (None, Some(f)) => match std::fs::read_to_string(f) {
+            Ok(t) => Some(t.trim().to_string()),
+            Err(e) => {
+                eprintln!(
+                    "clusterctl: error: reading the token file {}: {e}",
+                    f.display()
+                );
+                return ExitCode::from(2);
+            }
+        },
+        (None, None) => None,
+    };
+    let env = Env {
+        server: cli.server,
+        token,
+        context: cli.context,
+        timeout: Duration::from_secs(cli.request_timeout.max(1)),
+    };
+    let result = match cli.command {
+        Verb::Apply(a) => commands::apply::run(&env, a),
+        Verb::Get(a) => commands::get::run(&env, a),
+        Verb::Describe(a) => commands::describe::run(&env, a),
+        Verb::Delete(a) => commands::delete::run(&env, a),
+        Verb::Nodes => commands::nodes::run(&env),
+        Verb::Events(a) => commands::events::run(&env, a),
+        Verb::Validate(a) => commands::validate::run(a),
+        Verb::Config(v) => commands::config::run(v),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("clusterctl: error: {e:#}");
+            if e.downcast_ref::<Usage>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::from(1)
+            }
+        }
+    }
 }

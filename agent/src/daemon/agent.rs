@@ -226,6 +226,19 @@ impl Agent {
         }
     }
 
+    /// Whether a peer has not answered yet, this agent having started within the NotReady
+    /// bound (after that, silence counts as NotReady).
+    pub fn never_heard(&self, node: &str) -> bool {
+        node != self.settings.name
+            && self.started.elapsed() < self.settings.node_timeout
+            && self
+                .peers
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(node)
+                .is_none_or(|p| p.last_seen.is_none())
+    }
+
     /// A node's status as this agent sees it.
     pub fn node_status(&self, node: &str) -> NodeStatus {
         if node == self.settings.name {
@@ -294,6 +307,9 @@ impl Agent {
                 message: None,
             };
             match self.fresh_report(&st.node) {
+                None if self.never_heard(&st.node) => {
+                    status.message = Some(format!("waiting for node {}'s first report", st.node));
+                }
                 None => {
                     status.phase = Phase::NotReady;
                     status.message = Some(

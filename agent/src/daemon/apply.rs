@@ -221,7 +221,15 @@ pub fn apply(agent: &Agent, text: &str, dry_run: bool) -> Result<Vec<ApplyOutcom
                 if r.object.metadata.labels != o.metadata.labels {
                     changes.push("labels".into());
                 }
-                if o.kind == Kind::Pipeline && r.placement != placement {
+                let stages = |p: &Option<ResolvedPlacement>| {
+                    p.as_ref().map(|p| {
+                        p.stages
+                            .iter()
+                            .map(|s| (s.node.clone(), s.layers))
+                            .collect::<Vec<_>>()
+                    })
+                };
+                if o.kind == Kind::Pipeline && stages(&r.placement) != stages(&placement) {
                     changes.push(format!(
                         "placement: {} -> {}",
                         describe_placement(r.placement.as_ref()),

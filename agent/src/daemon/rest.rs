@@ -80,7 +80,7 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn authorized(agent: &Agent, headers: &HeaderMap) -> Result<(), Response> {
+fn authorized(agent: &Agent, headers: &HeaderMap) -> Result<(), Box<Response>> {
     let given = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
@@ -88,16 +88,16 @@ fn authorized(agent: &Agent, headers: &HeaderMap) -> Result<(), Response> {
         .map(str::trim);
     match given {
         Some(t) if same(t.as_bytes(), agent.settings.token.as_bytes()) => Ok(()),
-        Some(_) => Err(reply_error(
+        Some(_) => Err(Box::new(reply_error(
             StatusCode::UNAUTHORIZED,
             "wrong cluster token".into(),
             Vec::new(),
-        )),
-        None => Err(reply_error(
+        ))),
+        None => Err(Box::new(reply_error(
             StatusCode::UNAUTHORIZED,
             "this call needs the cluster token: send `Authorization: Bearer TOKEN` (clusterctl --token or CLUSTERCTL_TOKEN)".into(),
             Vec::new(),
-        )),
+        ))),
     }
 }
 
@@ -135,15 +135,15 @@ async fn handle(
             &json!({"status": "ok", "node": agent.name(), "version": env!("CARGO_PKG_VERSION")}),
         ),
         (&Method::GET, ["api", "v1", "info"]) => match read() {
-            Err(r) => r,
+            Err(r) => *r,
             Ok(()) => reply_json(StatusCode::OK, &agent.report()),
         },
         (&Method::GET, ["api", "v1", "status"]) => match read() {
-            Err(r) => r,
+            Err(r) => *r,
             Ok(()) => status(&agent),
         },
         (&Method::GET, ["api", "v1", "events"]) => match read() {
-            Err(r) => r,
+            Err(r) => *r,
             Ok(()) => {
                 let limit = query
                     .get("limit")
@@ -154,7 +154,7 @@ async fn handle(
             }
         },
         (&Method::POST, ["api", "v1", "apply"]) => match write() {
-            Err(r) => r,
+            Err(r) => *r,
             Ok(()) if agent.is_shutting_down() => reply_error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("node {} is shutting down", agent.name()),
@@ -187,7 +187,7 @@ async fn handle(
             },
         },
         (&Method::GET, ["api", "v1", kind]) => match (read(), Kind::parse(kind)) {
-            (Err(r), _) => r,
+            (Err(r), _) => *r,
             (Ok(()), Err(why)) => reply_error(StatusCode::NOT_FOUND, why, Vec::new()),
             (Ok(()), Ok(kind)) => match agent.store.live(kind) {
                 Ok(records) => {
@@ -202,7 +202,7 @@ async fn handle(
             },
         },
         (&Method::GET, ["api", "v1", kind, name]) => match (read(), Kind::parse(kind)) {
-            (Err(r), _) => r,
+            (Err(r), _) => *r,
             (Ok(()), Err(why)) => reply_error(StatusCode::NOT_FOUND, why, Vec::new()),
             (Ok(()), Ok(kind)) => match agent.store.get(kind, name) {
                 Ok(Some(r)) if !r.deleted => reply_json(StatusCode::OK, &agent.with_status(&r)),
@@ -219,7 +219,7 @@ async fn handle(
             },
         },
         (&Method::DELETE, ["api", "v1", kind, name]) => match (write(), Kind::parse(kind)) {
-            (Err(r), _) => r,
+            (Err(r), _) => *r,
             (Ok(()), Err(why)) => reply_error(StatusCode::NOT_FOUND, why, Vec::new()),
             (Ok(()), Ok(kind)) => {
                 let dry = flag(&query, "dryRun");
@@ -233,7 +233,7 @@ async fn handle(
             }
         },
         (&Method::POST, ["internal", "v1", "sync"]) => match write() {
-            Err(r) => r,
+            Err(r) => *r,
             Ok(()) => match serde_json::from_slice::<peers::SyncBody>(&body) {
                 Err(e) => reply_error(
                     StatusCode::BAD_REQUEST,

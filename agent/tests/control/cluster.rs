@@ -1,0 +1,224 @@
+//! Three agents bring a split model up from one apply, serve it, keep it through a restart,
+//! re-place it when the split changes, and free it on delete.
+
+use std::time::Duration;
+
+use crate::harness::*;
+
+const PROMPTS: [&str; 2] = ["Hello world", "The quick brown fox"];
+
+fn ok(out: &std::process::Output) -> String {
+    assert!(out.status.success(), "{}", shown(out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn three_agents_apply_serve_reapply_resplit_and_delete() {
+    let c = Cluster::start(3, &[]);
+    let model = c.dir.path().join("model");
+    make_model(&model);
+    let expected: Vec<Vec<u32>> = PROMPTS.iter().map(|p| one_process(&model, p, 12)).collect();
+    let port = free_port();
+    let first = format!(
+        "{}{}",
+        c.nodes_yaml(),
+        pipeline_yaml(&model, &[("node-0", "0-1"), ("node-1", "2-3")], port)
+    );
+    let file = c.write("cluster.yaml", &first);
+    let out = ok(&c.ctl(&[
+        "apply",
+        "-f",
+        file.to_str().unwrap(),
+        "--wait",
+        "--timeout",
+        "60",
+    ]));
+    assert!(out.contains("pipeline/tiny-pipe created"), "{out}");
+    assert!(out.contains("pipeline/tiny-pipe ready"), "{out}");
+
+    // get and describe show the stages, their layers and memory.
+    let table = ok(&c.ctl(&["get", "pipelines", "-o", "wide"]));
+    assert!(
+        table.contains("Ready") && table.contains("node-0:0-1,node-1:2-3"),
+        "{table}"
+    );
+    let described = ok(&c.ctl(&["describe", "pipeline", "tiny-pipe"]));
+    for needle in ["node-0", "0-1", "node-1", "2-3", "KiB", "Loaded"] {
+        assert!(described.contains(needle), "{needle} missing:\n{described}");
+    }
+    let memory = c.stage_memory();
+    assert!(
+        memory[0] > 0 && memory[1] > 0 && memory[2] == 0,
+        "{memory:?}"
+    );
+
+    // Generation through the ring = the one-process engine, token for token.
+    for (p, want) in PROMPTS.iter().zip(&expected) {
+        assert_eq!(&generate(port, p, 12).unwrap(), want, "prompt {p:?}");
+    }
+
+    // The same manifest through another agent changes nothing.
+    let before = c.get(2, "/api/v1/pipelines/tiny-pipe")["metadata"].clone();
+    let again = ok(&c.ctl_on(2, &["apply", "-f", file.to_str().unwrap()]));
+    assert_eq!(again.matches("unchanged").count(), 6, "{again}");
+    let after = c.get(2, "/api/v1/pipelines/tiny-pipe")["metadata"].clone();
+    assert_eq!(before, after);
+
+    // A changed split, applied through agent 1, re-places the stages; node-0 lets go.
+    let moved = format!(
+        "{}{}",
+        c.nodes_yaml(),
+        pipeline_yaml(&model, &[("node-1", "0-0"), ("node-2", "1-3")], port)
+    );
+    let file2 = c.write("moved.yaml", &moved);
+    let out = ok(&c.ctl_on(
+        1,
+        &[
+            "apply",
+            "-f",
+            file2.to_str().unwrap(),
+            "--wait",
+            "--timeout",
+            "60",
+        ],
+    ));
+    assert!(out.contains("pipeline/tiny-pipe configured"), "{out}");
+    c.wait_for("node-0 frees its stage", Duration::from_secs(10), || {
+        c.stage_memory()[0] == 0
+    });
+    let wide = ok(&c.ctl_on(0, &["get", "pipelines", "-o", "wide"]));
+    assert!(wide.contains("node-1:0-0,node-2:1-3"), "{wide}");
+    // The endpoint followed stage 0 to node-1 (same host and port here).
+    c.wait_for("the endpoint serves again", Duration::from_secs(15), || {
+        generate(port, PROMPTS[0], 12).is_ok()
+    });
+    for (p, want) in PROMPTS.iter().zip(&expected) {
+        assert_eq!(
+            &generate(port, p, 12).unwrap(),
+            want,
+            "after re-placement, {p:?}"
+        );
+    }
+
+    // Deleting the endpoint and pipeline unloads every stage.
+    ok(&c.ctl(&["delete", "endpoint", "tiny-api"]));
+    ok(&c.ctl(&["delete", "pipeline", "tiny-pipe"]));
+    c.wait_for(
+        "every node reports zero stage memory",
+        Duration::from_secs(10),
+        || c.stage_memory() == vec![0, 0, 0],
+    );
+    let out = c.ctl(&["get", "pipeline", "tiny-pipe"]);
+    assert_eq!(out.status.code(), Some(1), "{}", shown(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
+}
+
+#[test]
+fn a_killed_agent_comes_back_to_ready_without_a_new_apply() {
+    let mut c = Cluster::start(2, &[]);
+    let model = c.dir.path().join("model");
+    make_model(&model);
+    let want = one_process(&model, PROMPTS[1], 10);
+    let port = free_port();
+    let text = format!(
+        "{}{}",
+        c.nodes_yaml(),
+        pipeline_yaml(&model, &[("node-0", "0-2"), ("node-1", "3-3")], port)
+    );
+    let file = c.write("cluster.yaml", &text);
+    ok(&c.ctl(&[
+        "apply",
+        "-f",
+        file.to_str().unwrap(),
+        "--wait",
+        "--timeout",
+        "60",
+    ]));
+    assert_eq!(generate(port, PROMPTS[1], 10).unwrap(), want);
+
+    c.kill(1);
+    c.wait_for(
+        "agent 0 sees the pipeline degraded",
+        Duration::from_secs(10),
+        || c.phase(0, "tiny-pipe") == "Degraded",
+    );
+    let described = ok(&c.ctl(&["describe", "pipeline", "tiny-pipe"]));
+    assert!(described.contains("node-1"), "{described}");
+    // Requests meanwhile fail fast rather than hang.
+    assert!(generate(port, PROMPTS[1], 10).is_err());
+
+    c.spawn(1);
+    c.wait_for(
+        "the pipeline is Ready again",
+        Duration::from_secs(30),
+        || c.phase(0, "tiny-pipe") == "Ready",
+    );
+    c.wait_for("generation works again", Duration::from_secs(10), || {
+        generate(port, PROMPTS[1], 10).is_ok()
+    });
+    assert_eq!(generate(port, PROMPTS[1], 10).unwrap(), want);
+    assert!(
+        c.log(1).contains("loaded"),
+        "node-1 reloaded its stage from its store:\n{}",
+        c.log(1)
+    );
+}
+
+#[test]
+fn changes_need_the_token_and_an_agent_that_was_away_catches_up() {
+    let mut c = Cluster::start(2, &[]);
+    let nodes = c.write("nodes.yaml", &c.nodes_yaml());
+    let path = nodes.to_str().unwrap();
+    for token in [None, Some("wrong")] {
+        let out = c.ctl_with(0, token, &["apply", "-f", path]);
+        assert_eq!(out.status.code(), Some(1), "{}", shown(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("401"),
+            "{}",
+            shown(&out)
+        );
+    }
+    let listed = c.get(0, "/api/v1/nodes");
+    assert_eq!(listed["items"].as_array().unwrap().len(), 0, "{listed}");
+    // The agents' own exchange needs it too.
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let r = agent
+        .post(&format!("http://{}/internal/v1/sync", c.agents[0].listen))
+        .send_json(serde_json::json!({"report": {}, "records": []}))
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+
+    ok(&c.ctl(&["apply", "-f", path]));
+    c.wait_for("node-1 has the nodes", Duration::from_secs(5), || {
+        c.get(1, "/api/v1/nodes")["items"]
+            .as_array()
+            .is_some_and(|a| a.len() == 2)
+    });
+    // node-1 misses an apply while it is down, and catches up when it returns.
+    c.kill(1);
+    let model = c.dir.path().join("model");
+    make_model(&model);
+    let extra = c.write(
+        "model.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Model\nmetadata: {{name: tiny}}\nspec: {{source: {{path: \"{}\"}}}}\n",
+            model.display()
+        ),
+    );
+    ok(&c.ctl(&["apply", "-f", extra.to_str().unwrap()]));
+    c.wait_for(
+        "node-0 marks node-1 NotReady",
+        Duration::from_secs(5),
+        || c.get(0, "/api/v1/nodes/node-1")["status"]["phase"] == "NotReady",
+    );
+    c.spawn(1);
+    c.wait_for("node-1 caught up", Duration::from_secs(5), || {
+        c.get(1, "/api/v1/models/tiny")["metadata"]["name"] == "tiny"
+    });
+    c.wait_for("node-0 sees node-1 Ready", Duration::from_secs(5), || {
+        c.get(0, "/api/v1/nodes/node-1")["status"]["phase"] == "Ready"
+    });
+}

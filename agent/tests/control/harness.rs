@@ -1,0 +1,362 @@
+//! Starts agents, runs `clusterctl` against them, writes manifests.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+pub const TOKEN: &str = "control-test-token";
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The `clusterctl` binary beside `clusteragent`, built first when this test runs alone
+/// (`cargo test --workspace` builds it anyway).
+pub fn clusterctl() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let agent = Path::new(env!("CARGO_BIN_EXE_clusteragent"));
+        let ctl = agent.with_file_name(format!("clusterctl{}", std::env::consts::EXE_SUFFIX));
+        let cargo = option_env!("CARGO").unwrap_or("cargo");
+        let mut build = Command::new(cargo);
+        build.args(["build", "-q", "-p", "clusterctl"]);
+        if agent.components().any(|c| c.as_os_str() == "release") {
+            build.arg("--release");
+        }
+        let out = build.output().unwrap();
+        assert!(
+            out.status.success() && ctl.exists(),
+            "building clusterctl: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        ctl
+    })
+    .clone()
+}
+
+/// Writes a tiny model with the project's own generator.
+pub fn make_model(dir: &Path) {
+    let out = Command::new(env!("CARGO_BIN_EXE_clusteragent"))
+        .args([
+            "make-model",
+            "--out",
+            dir.to_str().unwrap(),
+            "--layers",
+            "4",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Greedy tokens of the one-process engine (`clusteragent generate`), the reference.
+pub fn one_process(model: &Path, prompt: &str, max_tokens: usize) -> Vec<u32> {
+    let out = Command::new(env!("CARGO_BIN_EXE_clusteragent"))
+        .args([
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--device",
+            "cpu",
+        ])
+        .args([
+            "--prompt",
+            prompt,
+            "--max-tokens",
+            &max_tokens.to_string(),
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["token_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// One agent process.
+pub struct Agent {
+    pub name: String,
+    pub listen: String,
+    pub ring: String,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+    pub extra: Vec<String>,
+    child: Option<Child>,
+}
+
+/// Agents sharing a token, in one temporary folder.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub agents: Vec<Agent>,
+    pub token_file: PathBuf,
+}
+
+impl Cluster {
+    /// Starts `n` agents named node-0.. with fast heartbeats; `extra[i]` are more flags.
+    pub fn start(n: usize, extra: &[&[&str]]) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let token_file = dir.path().join("token");
+        std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+        let mut cluster = Cluster {
+            agents: Vec::new(),
+            token_file,
+            dir,
+        };
+        for i in 0..n {
+            let name = format!("node-{i}");
+            let agent = Agent {
+                listen: format!("127.0.0.1:{}", free_port()),
+                ring: format!("127.0.0.1:{}", free_port()),
+                data_dir: cluster.dir.path().join(&name),
+                log: cluster.dir.path().join(format!("{name}.log")),
+                extra: extra
+                    .get(i)
+                    .map(|e| e.iter().map(|s| s.to_string()).collect())
+                    .unwrap_or_default(),
+                name,
+                child: None,
+            };
+            cluster.agents.push(agent);
+            cluster.spawn(i);
+        }
+        cluster
+    }
+
+    /// Starts (or restarts) agent `i` on its data dir and waits until it answers.
+    pub fn spawn(&mut self, i: usize) {
+        let token_file = self.token_file.clone();
+        let a = &mut self.agents[i];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&a.log)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_clusteragent"))
+            .args([
+                "--name",
+                &a.name,
+                "--listen",
+                &a.listen,
+                "--ring-listen",
+                &a.ring,
+            ])
+            .args(["--data-dir", a.data_dir.to_str().unwrap()])
+            .args(["--token-file", token_file.to_str().unwrap()])
+            .args(["--heartbeat-ms", "200", "--node-timeout-ms", "1500"])
+            .args(&a.extra)
+            .env("RUST_LOG", "info")
+            .env("RAYON_NUM_THREADS", "1")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        a.child = Some(child);
+        let url = format!("http://{}/healthz", a.listen);
+        let name = a.name.clone();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(20) {
+            if ureq::get(&url).call().is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("agent {name} did not answer: {}", self.log(i));
+    }
+
+    /// SIGKILL of agent `i`.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.agents[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Agent `i`'s log.
+    pub fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(&self.agents[i].log).unwrap_or_default()
+    }
+
+    /// Every agent's log, for failure messages.
+    pub fn logs(&self) -> String {
+        (0..self.agents.len())
+            .map(|i| format!("--- {} ---\n{}", self.agents[i].name, self.log(i)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Runs clusterctl against agent `i` with the token; `stdin` feeds `-f -`.
+    pub fn ctl_on(&self, i: usize, args: &[&str]) -> Output {
+        self.ctl_with(i, Some(TOKEN), args)
+    }
+
+    /// Runs clusterctl against agent 0 with the token.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        self.ctl_on(0, args)
+    }
+
+    /// Runs clusterctl against agent `i` with `token` (none: no token at all).
+    pub fn ctl_with(&self, i: usize, token: Option<&str>, args: &[&str]) -> Output {
+        let mut cmd = Command::new(clusterctl());
+        cmd.args(args)
+            .env("CLUSTERCTL_SERVER", &self.agents[i].listen)
+            .env("CLUSTERCTL_CONFIG", self.dir.path().join("ctl-config.yaml"))
+            .env_remove("CLUSTERCTL_TOKEN")
+            .env_remove("CLUSTERCTL_TOKEN_FILE");
+        if let Some(t) = token {
+            cmd.env("CLUSTERCTL_TOKEN", t);
+        }
+        cmd.output().unwrap()
+    }
+
+    /// Writes a manifest file in the cluster's folder.
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    /// `GET path` on agent `i`, with the token, as JSON.
+    pub fn get(&self, i: usize, path: &str) -> Value {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_secs(10)))
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let mut r = agent
+            .get(&format!("http://{}{path}", self.agents[i].listen))
+            .header("Authorization", &format!("Bearer {TOKEN}"))
+            .call()
+            .unwrap();
+        r.body_mut().read_json().unwrap_or(Value::Null)
+    }
+
+    /// Waits until `check` holds, or fails with `what` and the logs.
+    pub fn wait_for(&self, what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if check() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("{what}: not within {limit:?}\n{}", self.logs());
+    }
+
+    /// A pipeline's phase as agent `i` reports it.
+    pub fn phase(&self, i: usize, pipeline: &str) -> String {
+        self.get(i, &format!("/api/v1/pipelines/{pipeline}"))["status"]["phase"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    }
+
+    /// Bytes of stage weights each node reports holding, as agent 0 sees them.
+    pub fn stage_memory(&self) -> Vec<u64> {
+        let nodes = self.get(0, "/api/v1/nodes");
+        self.agents
+            .iter()
+            .map(|a| {
+                nodes["items"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|n| n["metadata"]["name"] == a.name.as_str())
+                    .and_then(|n| n["status"]["report"]["stageMemoryBytes"].as_u64())
+                    .unwrap_or(u64::MAX)
+            })
+            .collect()
+    }
+
+    /// The Node documents of every agent.
+    pub fn nodes_yaml(&self) -> String {
+        self.agents
+            .iter()
+            .map(|a| {
+                format!(
+                    "apiVersion: v1\nkind: Node\nmetadata: {{name: {}}}\nspec: {{address: \"{}\", ringAddress: \"{}\"}}\n---\n",
+                    a.name, a.listen, a.ring
+                )
+            })
+            .collect()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..self.agents.len() {
+            self.kill(i);
+        }
+    }
+}
+
+/// A model, a pipeline over `stages` (node, layers) and an endpoint on `port`.
+pub fn pipeline_yaml(model: &Path, stages: &[(&str, &str)], port: u16) -> String {
+    let stages: String = stages
+        .iter()
+        .map(|(n, l)| format!("    - {{node: {n}, layers: \"{l}\"}}\n"))
+        .collect();
+    format!(
+        "apiVersion: v1\nkind: Model\nmetadata: {{name: tiny}}\nspec:\n  source: {{path: \"{}\"}}\n---\napiVersion: v1\nkind: Pipeline\nmetadata: {{name: tiny-pipe}}\nspec:\n  model: tiny\n  device: cpu\n  stages:\n{stages}---\napiVersion: v1\nkind: Endpoint\nmetadata: {{name: tiny-api}}\nspec: {{pipeline: tiny-pipe, port: {port}}}\n",
+        model.display()
+    )
+}
+
+/// Generates through an endpoint's `/generate`: the token ids, or the error status and body.
+pub fn generate(port: u16, prompt: &str, max_tokens: usize) -> Result<Vec<u32>, String> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(60)))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let resp = agent
+        .post(&format!("http://127.0.0.1:{port}/generate"))
+        .send_json(json!({"prompt": prompt, "max_tokens": max_tokens}))
+        .map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let lines: Vec<Value> = BufReader::new(resp.into_body().into_reader())
+        .lines()
+        .map_while(Result::ok)
+        .filter_map(|l| serde_json::from_str(&l).ok())
+        .collect();
+    if status != 200 || lines.last().is_none_or(|l| l["event"] != "done") {
+        return Err(format!("HTTP {status}: {lines:?}"));
+    }
+    Ok(lines
+        .iter()
+        .filter(|e| e["event"] == "token")
+        .map(|e| e["id"].as_u64().unwrap() as u32)
+        .collect())
+}
+
+/// stdout and stderr of a clusterctl run, for messages.
+pub fn shown(out: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}

@@ -1,0 +1,9 @@
+//! End-to-end tests of the control plane: real `clusteragent` daemons on 127.0.0.1, driven
+//! with the real `clusterctl` binary, generating through the rings they bring up.
+
+// A test that cannot unwrap has failed; the panic message is the report.
+#![allow(clippy::unwrap_used)]
+
+mod cluster;
+mod harness;
+mod invalid;

@@ -1,0 +1,104 @@
+//! `clusterctl validate -f FILE|DIR`: checks manifests offline: the schema, references between
+//! the documents given, and each explicit split against its model's layer count when the
+//! model's folder is readable here.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::bail;
+use clap::Args;
+use cluster_api::LayerSplit;
+use cluster_api::manifest::{Kind, ManifestError, check_references, split_error};
+
+use super::Outcome;
+use crate::manifests;
+
+/// Flags of `validate`.
+#[derive(Debug, Args)]
+pub struct ValidateArgs {
+    /// Manifest file, folder or -.
+    #[arg(short = 'f', long = "filename")]
+    pub file: PathBuf,
+}
+
+/// The layer count in a model folder's config.json, when it can be read here.
+fn layer_count(path: &Path) -> Result<Option<usize>, String> {
+    if path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+    {
+        return Ok(None);
+    }
+    let config = path.join("config.json");
+    let Ok(text) = std::fs::read_to_string(&config) else {
+        return Ok(None);
+    };
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| format!("{} is not JSON: {e}", config.display()))?;
+    let n = v
+        .get("num_hidden_layers")
+        .or_else(|| v.pointer("/text_config/num_hidden_layers"))
+        .and_then(serde_json::Value::as_u64)
+        .ok_or_else(|| format!("{} has no num_hidden_layers", config.display()))?;
+    Ok(Some(n as usize))
+}
+
+/// Runs `validate`.
+pub fn run(args: ValidateArgs) -> Outcome {
+    let sources = manifests::read(&args.file)?;
+    let mut problems = Vec::new();
+    let mut notes = Vec::new();
+    let mut all = Vec::new();
+    for s in &sources {
+        match cluster_api::manifest::parse_manifests(&s.text) {
+            Ok(objects) => all.extend(objects.into_iter().map(|o| (s.label.clone(), o))),
+            Err(errors) => problems.extend(errors.iter().map(|e| format!("{}: {e}", s.label))),
+        }
+    }
+    let objects: Vec<_> = all.iter().map(|(_, o)| o.clone()).collect();
+    let label = |e: &ManifestError| {
+        e.object
+            .as_deref()
+            .and_then(|d| all.iter().find(|(_, o)| o.describe() == d))
+            .map(|(l, _)| l.clone())
+            .unwrap_or_default()
+    };
+    for e in check_references(&objects, &[]) {
+        problems.push(format!("{}: {e}", label(&e)));
+    }
+    for (file, o) in &all {
+        let Some(p) = o.as_pipeline() else { continue };
+        let Some(stages) = &p.stages else { continue };
+        let Some(model) = objects
+            .iter()
+            .find(|m| m.kind == Kind::Model && m.name() == p.model)
+            .and_then(|m| m.as_model())
+        else {
+            continue;
+        };
+        match layer_count(&model.source.path) {
+            Ok(Some(n)) => {
+                let ranges = stages.iter().map(|s| s.layers).collect();
+                if let Err(e) = LayerSplit::new(ranges, n) {
+                    problems.push(format!("{file}: {}", split_error(o, &e)));
+                }
+            }
+            Ok(None) => notes.push(format!(
+                "{file}: {}: layer ranges not checked against the model ({} is not readable here)",
+                o.describe(),
+                model.source.path.display()
+            )),
+            Err(why) => problems.push(format!("{file}: {}: spec.model: {why}", o.describe())),
+        }
+    }
+    for n in &notes {
+        eprintln!("note: {n}");
+    }
+    if !problems.is_empty() {
+        bail!("invalid manifests:\n{}", problems.join("\n"));
+    }
+    for s in &sources {
+        let count = all.iter().filter(|(l, _)| *l == s.label).count();
+        println!("{}: {count} object(s) valid", s.label);
+    }
+    Ok(())
+}
