@@ -100,12 +100,13 @@ pub struct Inventory {
 }
 
 impl Inventory {
-    /// Memory placement may count on: available memory, capped by the agent's limit, plus
-    /// what this node's own stages already hold (a re-placement frees them).
-    pub fn placeable_bytes(&self, held: u64) -> u64 {
-        let free = self.memory_available_bytes.saturating_add(held);
+    /// Memory placement may count on for a stage: available memory plus what the same
+    /// pipeline's stage already holds here (a re-placement frees it), within what the agent's
+    /// limit leaves after the stages of other pipelines (`held_other`).
+    pub fn placeable_bytes(&self, held_same: u64, held_other: u64) -> u64 {
+        let free = self.memory_available_bytes.saturating_add(held_same);
         match self.memory_limit_bytes {
-            Some(limit) => free.min(limit),
+            Some(limit) => free.min(limit.saturating_sub(held_other)),
             None => free,
         }
     }

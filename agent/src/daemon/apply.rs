@@ -347,17 +347,19 @@ fn gib(bytes: u64) -> String {
     crate::daemon::rest::human_bytes(bytes)
 }
 
-/// Memory a node offers a stage of `pipeline`: its available memory (capped by its limit) plus
-/// what that pipeline's stage already holds there, or `None` when the node has not reported.
+/// Memory a node offers a stage of `pipeline` (see `Inventory::placeable_bytes`), or `None`
+/// when the node has not reported.
 fn offered(agent: &Agent, node: &str, pipeline: &str) -> Option<u64> {
     let report = agent.fresh_report(node)?;
-    let held: u64 = report
-        .stages
-        .iter()
-        .filter(|s| s.pipeline == pipeline)
-        .map(|s| s.memory_bytes)
-        .sum();
-    Some(report.inventory.placeable_bytes(held))
+    let held = |same: bool| -> u64 {
+        report
+            .stages
+            .iter()
+            .filter(|s| (s.pipeline == pipeline) == same)
+            .map(|s| s.memory_bytes)
+            .sum()
+    };
+    Some(report.inventory.placeable_bytes(held(true), held(false)))
 }
 
 /// Resolves a pipeline's placement against its model and the nodes' memory.

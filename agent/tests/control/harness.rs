@@ -194,6 +194,26 @@ impl Cluster {
         }
     }
 
+    /// SIGTERM to agent `i`; waits (at most `limit`) for it to exit and returns its exit code.
+    pub fn terminate(&mut self, i: usize, limit: Duration) -> Option<i32> {
+        let mut child = self.agents[i].child.take()?;
+        let pid = child.id().to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(sent.success());
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        panic!(
+            "agent {} still running {limit:?} after SIGTERM",
+            self.agents[i].name
+        );
+    }
+
     /// Agent `i`'s log.
     pub fn log(&self, i: usize) -> String {
         std::fs::read_to_string(&self.agents[i].log).unwrap_or_default()

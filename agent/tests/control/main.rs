@@ -5,5 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod cluster;
+mod daemon;
 mod harness;
 mod invalid;
+mod placement;

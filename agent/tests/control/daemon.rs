@@ -1,0 +1,133 @@
+//! The daemon's own behaviour: settings from flags, environment and a config file; SIGTERM
+//! drains the streams in flight before exiting.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::harness::*;
+
+#[test]
+fn sigterm_lets_streams_finish_refuses_new_ones_and_exits_cleanly() {
+    let mut c = Cluster::start(1, &[]);
+    let model = c.dir.path().join("model");
+    make_model(&model);
+    let port = free_port();
+    let text = format!(
+        "{}{}",
+        c.nodes_yaml(),
+        pipeline_yaml(&model, &[("node-0", "0-3")], port)
+    );
+    let file = c.write("one.yaml", &text);
+    let out = c.ctl(&[
+        "apply",
+        "-f",
+        file.to_str().unwrap(),
+        "--wait",
+        "--timeout",
+        "60",
+    ]);
+    assert!(out.status.success(), "{}", shown(&out));
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(60)))
+        .build()
+        .into();
+    let resp = agent
+        .post(&format!("http://127.0.0.1:{port}/generate"))
+        .send_json(json!({"prompt": "Hello", "max_tokens": 1500, "ignore_eos": true}))
+        .unwrap();
+    let mut lines = BufReader::new(resp.into_body().into_reader()).lines();
+    let first: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(first["event"], "token");
+    let started = Instant::now();
+    let waiter = std::thread::spawn(move || {
+        let rest: Vec<Value> = lines
+            .map_while(Result::ok)
+            .map(|l| serde_json::from_str(&l).unwrap())
+            .collect();
+        rest
+    });
+    let code = c.terminate(0, Duration::from_secs(20));
+    let rest = waiter.join().unwrap();
+    let last = rest.last().cloned().unwrap_or(Value::Null);
+    assert_eq!(
+        last["event"], "done",
+        "the stream in flight finished: {last}"
+    );
+    assert_eq!(last["completion_tokens"], 1500);
+    assert_eq!(code, Some(0), "{}", c.log(0));
+    assert!(started.elapsed() < Duration::from_secs(15));
+    let log = c.log(0);
+    assert!(
+        log.contains("waiting up to") && log.contains("stopped"),
+        "{log}"
+    );
+    // Gone: a new request finds nobody listening.
+    assert!(generate(port, "Hello", 3).is_err());
+}
+
+fn healthz_name(listen: &str) -> Option<String> {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(20) {
+        if let Ok(mut r) = ureq::get(&format!("http://{listen}/healthz")).call() {
+            let v: Value = r.body_mut().read_json().ok()?;
+            return v["node"].as_str().map(str::to_string);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+#[test]
+fn settings_come_from_flags_then_environment_then_the_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let config = dir.path().join("agent.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "name: from-file\nlisten: \"{listen}\"\nring-listen: \"127.0.0.1:{}\"\ndata-dir: \"{}\"\n",
+            free_port(),
+            dir.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    let run = |env_name: Option<&str>, flag_name: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_clusteragent"));
+        cmd.args(["--config", config.to_str().unwrap()])
+            .env_remove("CLUSTERAGENT_NAME")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if let Some(n) = env_name {
+            cmd.env("CLUSTERAGENT_NAME", n);
+        }
+        if let Some(n) = flag_name {
+            cmd.args(["--name", n]);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let name = healthz_name(&listen);
+        let _ = child.kill();
+        let _ = child.wait();
+        name
+    };
+    assert_eq!(run(None, None).as_deref(), Some("from-file"));
+    assert_eq!(run(Some("from-env"), None).as_deref(), Some("from-env"));
+    assert_eq!(
+        run(Some("from-env"), Some("from-flag")).as_deref(),
+        Some("from-flag")
+    );
+    // The token was generated on first start and kept.
+    let token = std::fs::read_to_string(dir.path().join("data/cluster-token")).unwrap();
+    assert_eq!(token.trim().len(), 48);
+    // A key the config file does not know is named.
+    std::fs::write(&config, "name: a\nlisen: 127.0.0.1:1\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_clusteragent"))
+        .args(["--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unknown field `lisen`"), "{err}");
+}
