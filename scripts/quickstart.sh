@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# Quick start: build, make a small demo model offline, start a real two-process pipeline ring on
-# 127.0.0.1 (layers 0-1 in one process, 2-3 in the other), and stream a chat answer through it.
-# Safe to run again: the model is made once; stages from an earlier run are stopped first.
+# Quick start: build, make a small demo model offline, start two clusteragent daemons on
+# 127.0.0.1, apply manifests/demo.yaml (the model split across both), wait until the pipeline is
+# Ready, and stream a chat answer through its endpoint.
+# Safe to run again: the model is made once; agents from an earlier run are stopped first and
+# come back with what their stores hold.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 dir=target/demo
 model=$dir/model
 mkdir -p "$dir"
-echo "==> building clusteragent (the first build compiles candle: several minutes on 2 cores)"
-cargo build -p clusteragent
+echo "==> building clusteragent and clusterctl (the first build compiles candle: several minutes on 2 cores)"
+cargo build -p clusteragent -p clusterctl
 agent=target/debug/clusteragent
+ctl=target/debug/clusterctl
 
 if [ ! -f "$model/config.json" ]; then
   echo "==> making a random-weight Qwen3-shaped demo model in $model"
@@ -20,34 +23,40 @@ fi
 
 if [ -f "$dir/pids" ]; then
   kill $(cat "$dir/pids") 2>/dev/null || true
+  sleep 1
   rm -f "$dir/pids"
 fi
-cat > "$dir/ring.json" <<JSON
-{
-  "pipeline": "demo", "generation": 1, "model": "$PWD/$model", "device": "cpu",
-  "token": "demo-cluster-token",
-  "stages": [
-    {"node": "local-a", "address": "127.0.0.1:7101", "layers": "0-1"},
-    {"node": "local-b", "address": "127.0.0.1:7102", "layers": "2-3"}
-  ]
-}
-JSON
+if [ ! -f "$dir/cluster-token" ]; then
+  head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$dir/cluster-token"
+fi
 
-echo "==> starting stage 0 (layers 0-1, API on http://127.0.0.1:7100) and stage 1 (layers 2-3)"
-"$agent" stage --config "$dir/ring.json" --index 0 --http 127.0.0.1:7100 >"$dir/stage-0.log" 2>&1 &
-echo $! >>"$dir/pids"
-"$agent" stage --config "$dir/ring.json" --index 1 >"$dir/stage-1.log" 2>&1 &
-echo $! >>"$dir/pids"
+echo "==> starting agents local-a (http://127.0.0.1:7070) and local-b (http://127.0.0.1:7080)"
+for spec in local-a:7070:7071 local-b:7080:7081; do
+  IFS=: read -r name port ring <<<"$spec"
+  "$agent" --name "$name" --listen "127.0.0.1:$port" --ring-listen "127.0.0.1:$ring" \
+    --data-dir "$dir/$name" --token-file "$dir/cluster-token" >"$dir/$name.log" 2>&1 &
+  echo $! >>"$dir/pids"
+done
+export CLUSTERCTL_SERVER=http://127.0.0.1:7070 CLUSTERCTL_TOKEN_FILE=$dir/cluster-token
+for _ in $(seq 100); do
+  "$ctl" get nodes >/dev/null 2>&1 && break
+  sleep 0.1
+done
 
-echo "==> asking the ring (random weights: the text is noise, the machinery is real)"
+echo "==> clusterctl apply -f manifests/demo.yaml --wait"
+"$ctl" apply -f manifests/demo.yaml --wait --timeout 120
+"$ctl" get pipelines -o wide
+
+echo "==> asking the endpoint (random weights: the text is noise, the machinery is real)"
 "$agent" ask --head http://127.0.0.1:7100 --wait 60 --chat --prompt "What do two machines on a shelf do?" --max-tokens 48
 
 cat <<TXT
 
-The ring is still running. Talk to it:
+The cluster is still running. Talk to it:
+  export CLUSTERCTL_SERVER=$CLUSTERCTL_SERVER CLUSTERCTL_TOKEN_FILE=$PWD/$dir/cluster-token
+  $ctl get nodes            # or: nodes, get pipelines -o wide, describe pipeline demo, events
   $agent ask --head http://127.0.0.1:7100 --chat --prompt "Hello"
   curl -N http://127.0.0.1:7100/generate -d '{"prompt": "Hello", "max_tokens": 32}'
-  curl http://127.0.0.1:7100/health
-Logs: $dir/stage-0.log, $dir/stage-1.log
-Stop it: kill \$(cat $dir/pids) && rm $dir/pids
+Logs: $dir/local-a.log, $dir/local-b.log
+Stop it: kill \$(cat $dir/pids) && rm $dir/pids   (the agents drain their streams and exit)
 TXT

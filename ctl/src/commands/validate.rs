@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::bail;
 use clap::Args;
 use cluster_api::LayerSplit;
-use cluster_api::manifest::{Kind, ManifestError, check_references, split_error};
+use cluster_api::manifest::{Kind, check_references, split_error};
 
 use super::Outcome;
 use crate::manifests;
@@ -55,15 +55,24 @@ pub fn run(args: ValidateArgs) -> Outcome {
         }
     }
     let objects: Vec<_> = all.iter().map(|(_, o)| o.clone()).collect();
-    let label = |e: &ManifestError| {
-        e.object
-            .as_deref()
-            .and_then(|d| all.iter().find(|(_, o)| o.describe() == d))
-            .map(|(l, _)| l.clone())
-            .unwrap_or_default()
-    };
-    for e in check_references(&objects, &[]) {
-        problems.push(format!("{}: {e}", label(&e)));
+    // Each file as if applied alone, finding what it refers to in the other files given (a
+    // folder may split one cluster over several files, or hold independent examples).
+    for s in &sources {
+        let mine: Vec<_> = all
+            .iter()
+            .filter(|(l, _)| *l == s.label)
+            .map(|(_, o)| o.clone())
+            .collect();
+        let others: Vec<_> = all
+            .iter()
+            .filter(|(l, o)| {
+                *l != s.label && !mine.iter().any(|m| m.kind == o.kind && m.name() == o.name())
+            })
+            .map(|(_, o)| o.clone())
+            .collect();
+        for e in check_references(&mine, &others) {
+            problems.push(format!("{}: {e}", s.label));
+        }
     }
     for (file, o) in &all {
         let Some(p) = o.as_pipeline() else { continue };
