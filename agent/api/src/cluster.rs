@@ -58,6 +58,49 @@ pub struct PlacedStage {
     pub weight_bytes: u64,
 }
 
+/// How a model's weight bytes fall across its layers: enough to size any stage without the
+/// files. A node that has the model sends it to the agent placing a pipeline that does not.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ByteProfile {
+    /// Bytes of each layer.
+    pub per_layer: Vec<u64>,
+    /// The embedding, held by stage 0.
+    pub embed: u64,
+    /// The final norm and LM head (the embedding again when tied), held by the last stage.
+    pub head: u64,
+    /// Whether the LM head is the embedding: a single stage holds it once.
+    pub tied: bool,
+}
+
+impl ByteProfile {
+    /// The model's layer count.
+    pub fn layers(&self) -> usize {
+        self.per_layer.len()
+    }
+
+    /// Bytes of weights of a stage holding `range`.
+    pub fn stage_bytes(&self, range: LayerRange, first: bool, last: bool) -> u64 {
+        let layers: u64 = self
+            .per_layer
+            .iter()
+            .skip(range.first)
+            .take(range.len())
+            .sum();
+        let mut bytes = layers;
+        if first {
+            bytes += self.embed;
+        }
+        if last {
+            bytes += self.head;
+            if first && self.tied {
+                bytes -= self.embed.min(self.head);
+            }
+        }
+        bytes
+    }
+}
+
 /// One GPU (or other accelerator) the agent can use.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

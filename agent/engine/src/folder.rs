@@ -206,6 +206,25 @@ impl ModelFolder {
         }
     }
 
+    /// How the weight bytes fall across layers, embedding and head (see [`Self::stage_bytes`]).
+    pub fn byte_profile(
+        &self,
+        dtype: Option<cluster_api::WeightDType>,
+    ) -> cluster_api::cluster::ByteProfile {
+        let n = self.config.num_hidden_layers;
+        let one = |i: usize| cluster_api::LayerRange { first: i, last: i };
+        let per_layer: Vec<u64> = (0..n)
+            .map(|i| self.stage_bytes(one(i), false, false, dtype))
+            .collect();
+        let first_layer = per_layer.first().copied().unwrap_or(0);
+        cluster_api::cluster::ByteProfile {
+            embed: self.stage_bytes(one(0), true, false, dtype) - first_layer,
+            head: self.stage_bytes(one(0), false, true, dtype) - first_layer,
+            tied: self.config.tie_word_embeddings,
+            per_layer,
+        }
+    }
+
     /// Opens `dir`, reading everything but the weights themselves. `dir` may also name a `.gguf`
     /// file, with its `tokenizer.json` beside it.
     pub fn open(dir: &Path) -> Result<Self> {

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::PoisonError;
 
 use cluster_api::LayerRange;
-use cluster_api::cluster::{ApplyOutcome, PlacedStage, Record, ResolvedPlacement};
+use cluster_api::cluster::{ApplyOutcome, ByteProfile, PlacedStage, Record, ResolvedPlacement};
 use cluster_api::manifest::{
     Kind, ManifestError, Object, Placement, Spec, check_references, parse_manifests, referrers,
     split_error,
@@ -35,24 +35,50 @@ impl From<anyhow::Error> for Refused {
     }
 }
 
-/// What this agent learns from a model's files.
+/// What is known of a model's files: how its bytes fall across layers.
 struct ModelFacts {
-    folder: ModelFolder,
+    profile: ByteProfile,
 }
 
-fn inspect_model(object: &Object, cache: &mut BTreeMap<String, Result<ModelFacts, String>>) {
+/// Reads a model's byte profile here or, when its files are not on this node, on the first
+/// peer that has them (they only need to be on the nodes that run stages).
+fn inspect_model(
+    agent: &Agent,
+    object: &Object,
+    cache: &mut BTreeMap<String, Result<ModelFacts, String>>,
+) {
     let Some(spec) = object.as_model() else {
         return;
     };
     let path = &spec.source.path;
-    let facts = ModelFolder::open(path)
-        .map(|folder| ModelFacts { folder })
-        .map_err(|e| {
-            format!(
-                "cannot open the model at {} on this node: {e}",
-                path.display()
-            )
-        });
+    let facts = match ModelFolder::open(path) {
+        Ok(folder) => Ok(ModelFacts {
+            profile: folder.byte_profile(spec.dtype),
+        }),
+        Err(e) => {
+            let mut reasons = vec![format!("on {} (this node): {e}", agent.name())];
+            let mut found = None;
+            for (node, address) in agent.peer_addresses() {
+                if agent.fresh_report(&node).is_none() {
+                    continue;
+                }
+                match super::peers::inspect_remote(agent, &address, spec) {
+                    Ok(profile) => {
+                        found = Some(ModelFacts { profile });
+                        break;
+                    }
+                    Err(why) => reasons.push(format!("on {node}: {why}")),
+                }
+            }
+            found.ok_or_else(|| {
+                format!(
+                    "cannot open the model at {}: {}",
+                    path.display(),
+                    reasons.join("; ")
+                )
+            })
+        }
+    };
     cache.insert(object.name().to_string(), facts);
 }
 
@@ -83,7 +109,7 @@ pub fn apply(agent: &Agent, text: &str, dry_run: bool) -> Result<Vec<ApplyOutcom
     let mut models: BTreeMap<String, Result<ModelFacts, String>> = BTreeMap::new();
     for o in &objects {
         if o.kind == Kind::Model {
-            inspect_model(o, &mut models);
+            inspect_model(agent, o, &mut models);
             if let Some(Err(why)) = models.get(o.name()) {
                 errors.push(ManifestError::field(o, "spec.source.path", why.clone()));
             }
@@ -113,7 +139,7 @@ pub fn apply(agent: &Agent, text: &str, dry_run: bool) -> Result<Vec<ApplyOutcom
             if !models.contains_key(&spec.model)
                 && let Some(m) = after.get(&(Kind::Model, spec.model.clone()))
             {
-                inspect_model(m, &mut models);
+                inspect_model(agent, m, &mut models);
             }
             let facts = match models.get(&spec.model) {
                 Some(Ok(f)) => f,
@@ -123,11 +149,7 @@ pub fn apply(agent: &Agent, text: &str, dry_run: bool) -> Result<Vec<ApplyOutcom
                 }
                 None => continue,
             };
-            let dtype = after
-                .get(&(Kind::Model, spec.model.clone()))
-                .and_then(|m| m.as_model())
-                .and_then(|m| m.dtype);
-            match place(agent, p, facts, dtype) {
+            match place(agent, p, facts) {
                 Ok(placement) => {
                     placements.insert(p.name().to_string(), placement);
                 }
@@ -367,13 +389,12 @@ fn place(
     agent: &Agent,
     p: &Object,
     facts: &ModelFacts,
-    dtype: Option<cluster_api::WeightDType>,
 ) -> Result<ResolvedPlacement, Vec<ManifestError>> {
     let spec = p.as_pipeline().ok_or_else(Vec::new)?;
-    let folder = &facts.folder;
-    let layers = folder.config.num_hidden_layers;
+    let profile = &facts.profile;
+    let layers = profile.layers();
     let bytes =
-        |range: LayerRange, first: bool, last: bool| folder.stage_bytes(range, first, last, dtype);
+        |range: LayerRange, first: bool, last: bool| profile.stage_bytes(range, first, last);
     match (&spec.stages, spec.placement) {
         (Some(stages), _) => {
             let ranges: Vec<LayerRange> = stages.iter().map(|s| s.layers).collect();

@@ -15,6 +15,8 @@ use super::agent::Agent;
 
 /// Longest wait for one exchange.
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest wait for a peer to read a model's headers.
+const INSPECT_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Body of `POST /internal/v1/sync`, both ways.
 #[derive(Debug, Serialize, Deserialize)]
@@ -72,6 +74,35 @@ fn exchange(agent: &Agent, http: &ureq::Agent, name: &str, address: &str) -> Res
         );
     }
     take_theirs(agent, theirs)
+}
+
+/// Asks the agent at `address` for the byte profile of a model it can read.
+pub fn inspect_remote(
+    agent: &Agent,
+    address: &str,
+    model: &cluster_api::manifest::ModelSpec,
+) -> Result<cluster_api::cluster::ByteProfile> {
+    let http: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(INSPECT_TIMEOUT))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let url = format!("http://{address}/internal/v1/inspect-model");
+    let mut response = http
+        .post(&url)
+        .header("Authorization", &format!("Bearer {}", agent.settings.token))
+        .send_json(model)
+        .with_context(|| format!("POST {url}"))?;
+    if response.status().as_u16() != 200 {
+        let body: serde_json::Value = response.body_mut().read_json().unwrap_or_default();
+        bail!(
+            "{}",
+            body["error"]["message"]
+                .as_str()
+                .unwrap_or("refused without a message")
+        );
+    }
+    Ok(response.body_mut().read_json()?)
 }
 
 /// Exchanges state with every peer each heartbeat, or at once when woken, until `stop`.

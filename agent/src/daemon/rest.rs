@@ -5,7 +5,7 @@
 //! | `GET /healthz` | never |
 //! | `GET /api/v1/info`, `/api/v1/status`, `/api/v1/events`, `/api/v1/{kind}[/{name}]` | unless `--open-reads` |
 //! | `POST /api/v1/apply[?dryRun=true]`, `DELETE /api/v1/{kind}/{name}[?dryRun=true]` | always |
-//! | `POST /internal/v1/sync` (agents only) | always |
+//! | `POST /internal/v1/sync`, `POST /internal/v1/inspect-model` (agents only) | always |
 //!
 //! Errors are [`ErrorBody`] JSON with the status chosen in one place ([`reply_error`]).
 
@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use cluster_api::cluster::{ErrorBody, ErrorDetail};
-use cluster_api::manifest::{Kind, ManifestError};
+use cluster_api::manifest::{Kind, ManifestError, ModelSpec};
 use serde_json::json;
 use tokio::net::TcpListener;
 use warp::http::{HeaderMap, Method, StatusCode};
@@ -231,6 +231,33 @@ async fn handle(
                     Err(r) => refused(r),
                 }
             }
+        },
+        (&Method::POST, ["internal", "v1", "inspect-model"]) => match write() {
+            Err(r) => *r,
+            Ok(()) => match serde_json::from_slice::<ModelSpec>(&body) {
+                Err(e) => reply_error(
+                    StatusCode::BAD_REQUEST,
+                    format!("model spec: {e}"),
+                    Vec::new(),
+                ),
+                Ok(spec) => {
+                    let opened = tokio::task::spawn_blocking(move || {
+                        cluster_engine::ModelFolder::open(&spec.source.path)
+                            .map(|f| f.byte_profile(spec.dtype))
+                            .map_err(|e| e.to_string())
+                    })
+                    .await;
+                    match opened {
+                        Ok(Ok(profile)) => reply_json(StatusCode::OK, &profile),
+                        Ok(Err(why)) => reply_error(StatusCode::BAD_REQUEST, why, Vec::new()),
+                        Err(e) => reply_error(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            e.to_string(),
+                            Vec::new(),
+                        ),
+                    }
+                }
+            },
         },
         (&Method::POST, ["internal", "v1", "sync"]) => match write() {
             Err(r) => *r,

@@ -104,6 +104,9 @@ pub struct Agent {
     pub data_dir: PathBuf,
     pub log: PathBuf,
     pub extra: Vec<String>,
+    /// Its working directory, where relative model paths resolve: one per agent, so a test can
+    /// give a model to one node only.
+    pub cwd: PathBuf,
     child: Option<Child>,
 }
 
@@ -136,9 +139,11 @@ impl Cluster {
                     .get(i)
                     .map(|e| e.iter().map(|s| s.to_string()).collect())
                     .unwrap_or_default(),
+                cwd: cluster.dir.path().join(format!("{name}-cwd")),
                 name,
                 child: None,
             };
+            std::fs::create_dir_all(&agent.cwd).unwrap();
             cluster.agents.push(agent);
             cluster.spawn(i);
         }
@@ -167,6 +172,7 @@ impl Cluster {
             .args(["--token-file", token_file.to_str().unwrap()])
             .args(["--heartbeat-ms", "200", "--node-timeout-ms", "1500"])
             .args(&a.extra)
+            .current_dir(&a.cwd)
             .env("RUST_LOG", "info")
             .env("RAYON_NUM_THREADS", "1")
             .stdout(Stdio::null())

@@ -149,3 +149,60 @@ fn two_pipelines_share_each_agents_ring_port() {
         "{endpoints}"
     );
 }
+
+#[test]
+fn a_model_only_on_another_node_is_sized_there_and_a_stage_that_cannot_load_says_why() {
+    let c = Cluster::start(2, &[]);
+    // The model exists only in node-1's working directory, under a relative path.
+    make_model(&c.agents[1].cwd.join("m"));
+    let want = one_process(&c.agents[1].cwd.join("m"), "Hello world", 8);
+    let port = free_port();
+    let nodes = c.write("nodes.yaml", &c.nodes_yaml());
+    assert!(
+        c.ctl(&["apply", "-f", nodes.to_str().unwrap()])
+            .status
+            .success()
+    );
+    c.wait_for("agent 0 hears from node-1", Duration::from_secs(10), || {
+        c.get(0, "/api/v1/nodes/node-1")["status"]["phase"] == "Ready"
+    });
+    let model =
+        "apiVersion: v1\nkind: Model\nmetadata: {name: tiny}\nspec: {source: {path: m}}\n---\n";
+    let one = format!(
+        "{model}apiVersion: v1\nkind: Pipeline\nmetadata: {{name: there}}\nspec:\n  model: tiny\n  device: cpu\n  stages:\n    - {{node: node-1, layers: \"0-3\"}}\n---\n{}",
+        endpoint_doc("there-api", "there", port)
+    );
+    let file = c.write("there.yaml", &one);
+    let out = c.ctl(&[
+        "apply",
+        "-f",
+        file.to_str().unwrap(),
+        "--wait",
+        "--timeout",
+        "60",
+    ]);
+    assert!(out.status.success(), "{}", shown(&out));
+    assert_eq!(generate(port, "Hello world", 8).unwrap(), want);
+
+    // A stage placed where the files are not fails to load, and its status says why.
+    let split = c.write(
+        "split.yaml",
+        "apiVersion: v1\nkind: Pipeline\nmetadata: {name: split}\nspec:\n  model: tiny\n  device: cpu\n  stages:\n    - {node: node-0, layers: \"0-1\"}\n    - {node: node-1, layers: \"2-3\"}\n",
+    );
+    let out = c.ctl(&["apply", "-f", split.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", shown(&out));
+    c.wait_for(
+        "the split pipeline fails on node-0",
+        Duration::from_secs(10),
+        || c.phase(1, "split") == "Failed",
+    );
+    let status = c.get(1, "/api/v1/pipelines/split")["status"].clone();
+    let message = status["message"].as_str().unwrap_or("");
+    assert!(
+        message.contains("stage 0 on node-0") && message.contains("retrying in"),
+        "{status}"
+    );
+    let events = String::from_utf8_lossy(&c.ctl(&["events", "--object", "pipeline/split"]).stdout)
+        .into_owned();
+    assert!(events.contains("LoadFailed"), "{events}");
+}

@@ -66,7 +66,10 @@ pub fn run(args: ValidateArgs) -> Outcome {
         let others: Vec<_> = all
             .iter()
             .filter(|(l, o)| {
-                *l != s.label && !mine.iter().any(|m| m.kind == o.kind && m.name() == o.name())
+                *l != s.label
+                    && !mine
+                        .iter()
+                        .any(|m| m.kind == o.kind && m.name() == o.name())
             })
             .map(|(_, o)| o.clone())
             .collect();
