@@ -69,7 +69,8 @@ pub struct ByteProfile {
     pub embed: u64,
     /// The final norm and LM head (the embedding again when tied), held by the last stage.
     pub head: u64,
-    /// Whether the LM head is the embedding: a single stage holds it once.
+    /// Whether a stage holding both the embedding and the head holds those bytes once (a
+    /// tied head in safetensors).
     pub tied: bool,
 }
 

@@ -198,10 +198,29 @@ impl ModelFolder {
                     .sum()
             }
             crate::weights::Weights::Gguf(file) => {
-                crate::Stage::gguf_tensor_list(&self.config, range, first, last)
-                    .iter()
-                    .map(|(name, _)| file.tensor_bytes(name))
-                    .sum()
+                // As a GGUF stage holds them: projections at their stored size; the embedding,
+                // norms and biases dequantized to f32; a tied head is the quantized embedding,
+                // held besides the dequantized one when a stage has both.
+                let dense = |shape: &[usize]| shape.iter().product::<usize>() as u64 * 4;
+                let tied_head = last && self.config.tie_word_embeddings;
+                let mut bytes = 0;
+                for (name, shape) in
+                    crate::Stage::gguf_tensor_list(&self.config, range, first, last)
+                {
+                    if name == "token_embd.weight" {
+                        if first {
+                            bytes += dense(&shape);
+                        }
+                        if tied_head {
+                            bytes += file.tensor_bytes(&name);
+                        }
+                    } else if name.ends_with("norm.weight") || name.ends_with(".bias") {
+                        bytes += dense(&shape);
+                    } else {
+                        bytes += file.tensor_bytes(&name);
+                    }
+                }
+                bytes
             }
         }
     }
@@ -220,7 +239,9 @@ impl ModelFolder {
         cluster_api::cluster::ByteProfile {
             embed: self.stage_bytes(one(0), true, false, dtype) - first_layer,
             head: self.stage_bytes(one(0), false, true, dtype) - first_layer,
-            tied: self.config.tie_word_embeddings,
+            // A GGUF stage holds the embedding twice (dequantized and as the quantized head).
+            tied: self.config.tie_word_embeddings
+                && matches!(self.weights, crate::weights::Weights::Safetensors(_)),
             per_layer,
         }
     }

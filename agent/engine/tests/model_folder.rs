@@ -425,3 +425,34 @@ fn a_sliding_window_hides_keys_older_than_the_window() {
         close(&a, &b)
     );
 }
+
+#[test]
+fn placement_sizes_every_stage_as_it_loads() {
+    // Tied and untied heads, safetensors and GGUF: the byte profile that placement uses gives
+    // each stage's weight bytes exactly as loading it does.
+    for model in [TinyModel::qwen3(), TinyModel::llama()] {
+        let dir = tempfile::tempdir().unwrap();
+        let gguf = model
+            .write_gguf(dir.path(), candle_core::quantized::GgmlDType::Q8_0)
+            .unwrap();
+        for path in [dir.path().to_path_buf(), gguf] {
+            let folder = ModelFolder::open(&path).unwrap();
+            let profile = folder.byte_profile(Some(WeightDType::F32));
+            let n = folder.config.num_hidden_layers;
+            assert_eq!(profile.layers(), n);
+            for first in 0..n {
+                for last in first..n {
+                    let range = format!("{first}-{last}");
+                    let stage = load_stage(&folder, &range).unwrap();
+                    let r = stage.range();
+                    assert_eq!(
+                        profile.stage_bytes(r, r.first == 0, r.last + 1 == n),
+                        stage.weight_bytes(),
+                        "{} layers {range}",
+                        path.display()
+                    );
+                }
+            }
+        }
+    }
+}
