@@ -10,12 +10,14 @@
 //!   loop, and `clusteragent stage`, which runs one stage of a ring.
 //! - [`memory`]: this process's resident memory, for reports.
 //! - [`daemon`]: the daemon: REST control plane, peers, reconcile loop.
+//! - [`endpoint`]: an Endpoint's server: OpenAI routes, metrics, the ring's API.
 //! - [`store`]: the sled store of the cluster's desired state.
 //! - [`inventory`]: CPU, memory, OS and GPUs of this host.
 
 pub mod cli;
 pub mod commands;
 pub mod daemon;
+pub mod endpoint;
 pub mod inventory;
 pub mod memory;
 pub mod ring;

@@ -59,6 +59,8 @@ enum Verb {
     Delete(commands::delete::DeleteArgs),
     /// Show the nodes' inventory: CPU, memory, GPU, stage memory.
     Nodes,
+    /// Chat with an endpoint through its OpenAI-compatible API (interactive, or -p once).
+    Chat(commands::chat::ChatArgs),
     /// Show recent events the agent recorded.
     Events(commands::events::EventsArgs),
     /// Check manifests offline, without a running cluster.
@@ -140,6 +142,7 @@ fn main() -> ExitCode {
         Verb::Delete(a) => commands::delete::run(&env, a),
         Verb::Nodes => commands::nodes::run(&env),
         Verb::Events(a) => commands::events::run(&env, a),
+        Verb::Chat(a) => commands::chat::run(&env, a),
         Verb::Validate(a) => commands::validate::run(a),
         Verb::Config(v) => commands::config::run(v),
     };

@@ -218,6 +218,12 @@ pub struct StageReport {
     /// Failed attempts so far (reset once it loads).
     #[serde(default)]
     pub attempts: u32,
+    /// Seconds spent in forward passes since it loaded.
+    #[serde(default)]
+    pub compute_seconds: f64,
+    /// Forward passes since it loaded (a batched pass counts once).
+    #[serde(default)]
+    pub forward_passes: u64,
 }
 
 /// What an agent says about an endpoint it hosts.
@@ -294,6 +300,15 @@ pub struct PipelineStageStatus {
     pub memory_bytes: u64,
     /// Estimated bytes of weights.
     pub weight_bytes: u64,
+    /// Sequences holding a cache on it.
+    #[serde(default)]
+    pub sequences: usize,
+    /// Seconds spent in forward passes.
+    #[serde(default)]
+    pub compute_seconds: f64,
+    /// Forward passes.
+    #[serde(default)]
+    pub forward_passes: u64,
     /// What is wrong.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,

@@ -304,6 +304,9 @@ impl Agent {
                 progress: 0.0,
                 memory_bytes: 0,
                 weight_bytes: st.weight_bytes,
+                sequences: 0,
+                compute_seconds: 0.0,
+                forward_passes: 0,
                 message: None,
             };
             match self.fresh_report(&st.node) {
@@ -327,6 +330,9 @@ impl Agent {
                     if let Some(s) = found {
                         status.phase = s.phase;
                         status.memory_bytes = s.memory_bytes;
+                        status.sequences = s.sequences;
+                        status.compute_seconds = s.compute_seconds;
+                        status.forward_passes = s.forward_passes;
                         status.message = s.message.clone();
                         status.progress = if s.total_bytes > 0 {
                             100.0 * s.loaded_bytes as f64 / s.total_bytes as f64

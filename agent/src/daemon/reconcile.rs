@@ -48,6 +48,8 @@ struct StageSlot {
 struct EndpointWant {
     pipeline: String,
     address: String,
+    served_model: String,
+    api_keys: Vec<String>,
 }
 
 struct EndpointSlot {
@@ -147,6 +149,8 @@ impl Runtime {
                     ring_up: None,
                     sequences: 0,
                     attempts: slot.attempts,
+                    compute_seconds: 0.0,
+                    forward_passes: 0,
                 };
                 match &slot.state {
                     StageState::Loading => {}
@@ -167,6 +171,8 @@ impl Runtime {
                         report.loaded_bytes = report.total_bytes.max(report.memory_bytes);
                         report.total_bytes = report.loaded_bytes;
                         report.sequences = shared.stage.sequences();
+                        report.compute_seconds = shared.metrics.compute_seconds();
+                        report.forward_passes = shared.metrics.compute_passes();
                         if let Some(head) = &shared.head {
                             let status = head.ring_status(shared);
                             report.ring_up = Some(status.is_ok());
@@ -337,6 +343,11 @@ fn desired(agent: &Agent) -> (HashMap<String, StageWant>, HashMap<String, Endpoi
             EndpointWant {
                 pipeline: spec.pipeline.clone(),
                 address,
+                served_model: spec
+                    .served_model_name
+                    .clone()
+                    .unwrap_or_else(|| spec.pipeline.clone()),
+                api_keys: spec.api_keys.clone(),
             },
         );
     }
@@ -565,7 +576,44 @@ fn open_endpoint(
                     None => format!("pipeline {pipeline} does not exist"),
                 })
             });
-            tokio::spawn(http::serve(source, listener, async move {
+            let stats_agent = Arc::downgrade(agent);
+            let stats_pipeline = want.pipeline.clone();
+            let stage_stats: crate::endpoint::StageStats = Arc::new(move || {
+                let Some(agent) = stats_agent.upgrade() else {
+                    return Vec::new();
+                };
+                let Ok(Some(record)) = agent.store.get(Kind::Pipeline, &stats_pipeline) else {
+                    return Vec::new();
+                };
+                agent
+                    .pipeline_status(&record)
+                    .stages
+                    .into_iter()
+                    .map(|s| {
+                        (
+                            s.index,
+                            s.node,
+                            s.compute_seconds,
+                            s.forward_passes,
+                            s.sequences,
+                        )
+                    })
+                    .collect()
+            });
+            let state = Arc::new(crate::endpoint::EndpointState {
+                name: name.to_string(),
+                pipeline: want.pipeline.clone(),
+                served_model: want.served_model.clone(),
+                api_keys: want.api_keys.clone(),
+                source,
+                metrics: crate::endpoint::metrics::Metrics::default(),
+                created: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0),
+                stage_stats,
+            });
+            tokio::spawn(crate::endpoint::serve(state, listener, async move {
                 let _ = rx.await;
             }));
             agent.event(

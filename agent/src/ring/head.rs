@@ -95,6 +95,10 @@ pub struct Head {
     next_seq: AtomicU64,
     last_probe: Mutex<Option<Instant>>,
     last_ring_error: Mutex<Option<String>>,
+    /// The probe on its way around the ring and when it left.
+    probe_out: Mutex<Option<(u64, Instant)>>,
+    /// Mean seconds per hop of recent probes (an exponential average), in nanoseconds.
+    hop_nanos: AtomicU64,
     /// A sequence with no token for this long is failed rather than left hanging.
     pub step_timeout: Duration,
 }
@@ -117,6 +121,8 @@ impl Head {
             next_seq: AtomicU64::new(start << 8),
             last_probe: Mutex::new(None),
             last_ring_error: Mutex::new(None),
+            probe_out: Mutex::new(None),
+            hop_nanos: AtomicU64::new(0),
             step_timeout,
         }
     }
@@ -155,6 +161,32 @@ impl Head {
             "the ring is incomplete: no probe came back around within {} ms ({detail})",
             PROBE_FRESH.as_millis()
         ))
+    }
+
+    /// A probe left for the ring.
+    pub fn probe_sent(&self, seq: u64) {
+        *lock(&self.probe_out) = Some((seq, Instant::now()));
+    }
+
+    /// Probe `seq` came back after `hops` hops: every link is up, and its round trip (no
+    /// compute on the way) is the network and framing time of the ring.
+    pub fn probe_back(&self, seq: u64, hops: usize) {
+        if let Some((sent, at)) = *lock(&self.probe_out)
+            && sent == seq
+            && hops > 0
+        {
+            let hop = at.elapsed().as_nanos() as u64 / hops as u64;
+            let old = self.hop_nanos.load(Ordering::Relaxed);
+            let new = if old == 0 { hop } else { (old * 7 + hop) / 8 };
+            self.hop_nanos.store(new, Ordering::Relaxed);
+        }
+        self.probe_returned();
+    }
+
+    /// Mean seconds of one hop around the ring, from recent probes.
+    pub fn hop_seconds(&self) -> Option<f64> {
+        let n = self.hop_nanos.load(Ordering::Relaxed);
+        (n > 0).then(|| n as f64 / 1e9)
     }
 
     /// A probe came back around: every link is up.

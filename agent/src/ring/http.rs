@@ -78,7 +78,8 @@ impl Source {
         Self(Arc::new(find))
     }
 
-    fn get(&self) -> Result<Arc<Shared>, String> {
+    /// Stage 0's state now, or why there is none.
+    pub fn get(&self) -> Result<Arc<Shared>, String> {
         (self.0)()
     }
 }
@@ -88,7 +89,11 @@ pub fn fixed(shared: Arc<Shared>) -> Source {
     Source::new(move || Ok(shared.clone()))
 }
 
-async fn generate(source: Source, raw: bytes::Bytes) -> Result<warp::reply::Response, Infallible> {
+/// `POST /generate`: streams newline-delimited JSON events.
+pub async fn generate(
+    source: Source,
+    raw: bytes::Bytes,
+) -> Result<warp::reply::Response, Infallible> {
     let body: GenerateBody = match serde_json::from_slice(&raw) {
         Ok(b) => b,
         Err(e) => return Ok(error_reply(400, format!("request body: {e}"))),
@@ -129,7 +134,8 @@ async fn generate(source: Source, raw: bytes::Bytes) -> Result<warp::reply::Resp
     Ok(warp::reply::with_header(reply, "content-type", "application/x-ndjson").into_response())
 }
 
-fn health(source: Source) -> warp::reply::Response {
+/// `GET /health`: whether the ring is whole, with stage 0's counters.
+pub fn health(source: Source) -> warp::reply::Response {
     let shared = match source.get() {
         Ok(s) => s,
         Err(why) => {

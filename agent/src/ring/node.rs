@@ -47,6 +47,16 @@ impl StageMetrics {
             .fetch_add(steps as u64, Ordering::Relaxed);
     }
 
+    /// Seconds spent in forward passes.
+    pub fn compute_seconds(&self) -> f64 {
+        self.compute_nanos.load(Ordering::Relaxed) as f64 / 1e9
+    }
+
+    /// Forward passes (a batched pass counts once).
+    pub fn compute_passes(&self) -> u64 {
+        self.compute_passes.load(Ordering::Relaxed)
+    }
+
     /// The counters as JSON.
     pub fn snapshot(&self) -> serde_json::Value {
         serde_json::json!({
@@ -535,7 +545,7 @@ async fn route(shared: &Arc<Shared>, frame: Frame) -> Result<(), String> {
             Ok(())
         }
         (Some(head), FrameKind::Probe) => {
-            head.probe_returned();
+            head.probe_back(frame.seq, shared.config.stages.len());
             Ok(())
         }
         (Some(head), FrameKind::Error) => {
@@ -655,6 +665,7 @@ async fn probe_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         if shared.config.stages.len() == 1 {
             head.probe_returned();
         } else {
+            head.probe_sent(probe_seq);
             shared.forward(&Frame::new(
                 FrameKind::Probe,
                 &shared.config.pipeline,

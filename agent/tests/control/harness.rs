@@ -96,6 +96,52 @@ pub fn one_process(model: &Path, prompt: &str, max_tokens: usize) -> Vec<u32> {
         .collect()
 }
 
+/// The one-process engine's JSON answer (`clusteragent generate --json`), rendering `prompt`
+/// as a one-message chat when `chat`.
+pub fn one_process_json(model: &Path, prompt: &str, max_tokens: usize, chat: bool) -> Value {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_clusteragent"));
+    cmd.args([
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ])
+    .args([
+        "--prompt",
+        prompt,
+        "--max-tokens",
+        &max_tokens.to_string(),
+        "--json",
+    ]);
+    if chat {
+        cmd.arg("--chat");
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Whether `python3` can import `module`; under `CI=true` a missing one fails the test.
+pub fn python_has(module: &str) -> bool {
+    let ok = Command::new("python3")
+        .args(["-c", &format!("import {module}")])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "python3 with {module} is needed (pip install {module})"
+        );
+        eprintln!("SKIPPED: python3 with {module} not found (pip install {module})");
+    }
+    ok
+}
+
 /// One agent process.
 pub struct Agent {
     pub name: String,

@@ -8,4 +8,5 @@ mod cluster;
 mod daemon;
 mod harness;
 mod invalid;
+mod openai;
 mod placement;

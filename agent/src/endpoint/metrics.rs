@@ -1,0 +1,247 @@
+//! An endpoint's Prometheus metrics: requests by route and status, prompt and generated tokens,
+//! time-to-first-token and inter-token-latency histograms, cancellations; gauges of the
+//! pipeline (sequences in flight, queue depth, per-stage compute, per-hop network) are added
+//! when scraped.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Upper bounds of the latency buckets, in seconds.
+const BUCKETS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// A latency histogram.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    counts: [AtomicU64; BUCKETS.len()],
+    sum_nanos: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Histogram {
+    /// Records one observation.
+    pub fn observe(&self, d: Duration) {
+        let s = d.as_secs_f64();
+        for (i, b) in BUCKETS.iter().enumerate() {
+            if s <= *b {
+                self.counts[i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.sum_nanos
+            .fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn write(&self, out: &mut String, name: &str, labels: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (i, b) in BUCKETS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{labels},le=\"{b}\"}} {}",
+                self.counts[i].load(Ordering::Relaxed)
+            );
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
+        let _ = writeln!(
+            out,
+            "{name}_sum{{{labels}}} {}",
+            self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9
+        );
+        let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
+    }
+}
+
+/// Counters of one endpoint.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    requests: Mutex<BTreeMap<(String, u16), u64>>,
+    /// Prompt tokens of admitted requests.
+    pub prompt_tokens: AtomicU64,
+    /// Tokens generated.
+    pub generated_tokens: AtomicU64,
+    /// Streams whose client went away before the end.
+    pub cancelled: AtomicU64,
+    /// Time from admission to the first token.
+    pub ttft: Histogram,
+    /// Time between tokens of a sequence.
+    pub itl: Histogram,
+}
+
+/// Gauges read from the pipeline at scrape time.
+#[derive(Debug, Default)]
+pub struct PipelineGauges {
+    /// Sequences admitted and not finished.
+    pub in_flight: usize,
+    /// Most sequences admitted at once.
+    pub max_sequences: usize,
+    /// Jobs waiting in stage 0's compute queue.
+    pub queue_depth: usize,
+    /// Per stage: index, node, compute seconds, forward passes, sequences cached.
+    pub stages: Vec<(usize, String, f64, u64, usize)>,
+    /// Mean seconds per hop of the last probes around the ring (network and framing only).
+    pub hop_seconds: Option<f64>,
+}
+
+impl Metrics {
+    /// Counts a finished request.
+    pub fn request(&self, route: &str, status: u16) {
+        *self
+            .requests
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry((route.to_string(), status))
+            .or_default() += 1;
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self, endpoint: &str, pipeline: &str, g: &PipelineGauges) -> String {
+        let mut out = String::new();
+        let l = format!("endpoint=\"{endpoint}\",pipeline=\"{pipeline}\"");
+        let _ = writeln!(
+            out,
+            "# HELP clusteragent_requests_total Requests by route and HTTP status.\n# TYPE clusteragent_requests_total counter"
+        );
+        for ((route, status), n) in self
+            .requests
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "clusteragent_requests_total{{{l},route=\"{route}\",status=\"{status}\"}} {n}"
+            );
+        }
+        let counters = [
+            (
+                "clusteragent_prompt_tokens_total",
+                "Prompt tokens of admitted requests.",
+                self.prompt_tokens.load(Ordering::Relaxed),
+            ),
+            (
+                "clusteragent_generation_tokens_total",
+                "Tokens generated.",
+                self.generated_tokens.load(Ordering::Relaxed),
+            ),
+            (
+                "clusteragent_requests_cancelled_total",
+                "Streams whose client went away before the end; their sequences were cancelled around the ring.",
+                self.cancelled.load(Ordering::Relaxed),
+            ),
+        ];
+        for (name, help, v) in counters {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{{l}}} {v}"
+            );
+        }
+        self.ttft.write(
+            &mut out,
+            "clusteragent_time_to_first_token_seconds",
+            &l,
+            "Time from admission to the first generated token.",
+        );
+        self.itl.write(
+            &mut out,
+            "clusteragent_inter_token_latency_seconds",
+            &l,
+            "Time between two tokens of a sequence.",
+        );
+        let gauges = [
+            (
+                "clusteragent_sequences_in_flight",
+                "Sequences admitted and not finished.",
+                g.in_flight as f64,
+            ),
+            (
+                "clusteragent_max_sequences",
+                "Sequences the pipeline admits at once.",
+                g.max_sequences as f64,
+            ),
+            (
+                "clusteragent_queue_depth",
+                "Jobs waiting in stage 0's compute queue.",
+                g.queue_depth as f64,
+            ),
+        ];
+        for (name, help, v) in gauges {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{{l}}} {v}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP clusteragent_stage_compute_seconds_total Time each stage spent in forward passes.\n# TYPE clusteragent_stage_compute_seconds_total counter"
+        );
+        for (i, node, secs, _, _) in &g.stages {
+            let _ = writeln!(
+                out,
+                "clusteragent_stage_compute_seconds_total{{{l},stage=\"{i}\",node=\"{node}\"}} {secs}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP clusteragent_stage_forward_passes_total Forward passes of each stage (a batched pass counts once).\n# TYPE clusteragent_stage_forward_passes_total counter"
+        );
+        for (i, node, _, passes, _) in &g.stages {
+            let _ = writeln!(
+                out,
+                "clusteragent_stage_forward_passes_total{{{l},stage=\"{i}\",node=\"{node}\"}} {passes}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP clusteragent_stage_cached_sequences Sequences holding a KV cache on each stage.\n# TYPE clusteragent_stage_cached_sequences gauge"
+        );
+        for (i, node, _, _, cached) in &g.stages {
+            let _ = writeln!(
+                out,
+                "clusteragent_stage_cached_sequences{{{l},stage=\"{i}\",node=\"{node}\"}} {cached}"
+            );
+        }
+        if let Some(h) = g.hop_seconds {
+            let _ = writeln!(
+                out,
+                "# HELP clusteragent_hop_network_seconds Mean time of one hop around the ring, from probes (network and framing, no compute).\n# TYPE clusteragent_hop_network_seconds gauge\nclusteragent_hop_network_seconds{{{l}}} {h}"
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_exposition_has_counters_histograms_and_gauges() {
+        let m = Metrics::default();
+        m.request("/v1/chat/completions", 200);
+        m.request("/v1/chat/completions", 200);
+        m.ttft.observe(Duration::from_millis(20));
+        let text = m.render(
+            "api",
+            "p",
+            &PipelineGauges {
+                in_flight: 3,
+                stages: vec![(0, "a".into(), 1.5, 10, 2)],
+                ..PipelineGauges::default()
+            },
+        );
+        assert!(text.contains(
+            "clusteragent_requests_total{endpoint=\"api\",pipeline=\"p\",route=\"/v1/chat/completions\",status=\"200\"} 2"
+        ));
+        assert!(text.contains("clusteragent_time_to_first_token_seconds_bucket{endpoint=\"api\",pipeline=\"p\",le=\"0.025\"} 1"));
+        assert!(text.contains("clusteragent_time_to_first_token_seconds_bucket{endpoint=\"api\",pipeline=\"p\",le=\"0.01\"} 0"));
+        assert!(
+            text.contains("clusteragent_sequences_in_flight{endpoint=\"api\",pipeline=\"p\"} 3")
+        );
+        assert!(text.contains("clusteragent_stage_cached_sequences{endpoint=\"api\",pipeline=\"p\",stage=\"0\",node=\"a\"} 2"));
+    }
+}

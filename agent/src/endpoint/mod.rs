@@ -1,0 +1,183 @@
+//! An Endpoint's HTTP server: OpenAI's routes (`/v1/models`, `/v1/chat/completions`,
+//! `/v1/completions`), Prometheus `/metrics`, and the ring's own `/generate` and `/health`.
+//!
+//! # Layout
+//!
+//! - [`openai`]: the OpenAI-compatible routes.
+//! - [`stop`]: stop sequences matched across token boundaries.
+//! - [`metrics`]: counters, histograms and the text exposition.
+
+pub mod metrics;
+pub mod openai;
+pub mod stop;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::net::TcpListener;
+use warp::http::{HeaderMap, Method};
+use warp::reply::Response;
+use warp::{Filter, Reply};
+
+use crate::ring::http::{self, Source};
+
+/// Per-stage statistics of the pipeline, as the agent knows them (index, node, compute
+/// seconds, forward passes, cached sequences).
+pub type StageStats = Arc<dyn Fn() -> Vec<(usize, String, f64, u64, usize)> + Send + Sync>;
+
+/// What an endpoint serves.
+pub struct EndpointState {
+    /// The Endpoint's name.
+    pub name: String,
+    /// Its pipeline.
+    pub pipeline: String,
+    /// The model name clients ask for.
+    pub served_model: String,
+    /// Bearer keys clients must present; empty means open.
+    pub api_keys: Vec<String>,
+    /// Stage 0 of the pipeline, looked up per request.
+    pub source: Source,
+    /// Counters.
+    pub metrics: metrics::Metrics,
+    /// When the endpoint started (Unix seconds), for `/v1/models`.
+    pub created: u64,
+    /// The pipeline's stages' statistics.
+    pub stage_stats: StageStats,
+}
+
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl EndpointState {
+    fn authorized(&self, headers: &HeaderMap) -> Result<(), openai::ApiError> {
+        if self.api_keys.is_empty() {
+            return Ok(());
+        }
+        let given = headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        match given {
+            Some(k)
+                if self
+                    .api_keys
+                    .iter()
+                    .any(|ok| same(ok.as_bytes(), k.as_bytes())) =>
+            {
+                Ok(())
+            }
+            Some(_) => Err(openai::ApiError::new(
+                401,
+                "Incorrect API key provided",
+                "invalid_request_error",
+                None,
+                Some("invalid_api_key"),
+            )),
+            None => Err(openai::ApiError::new(
+                401,
+                "You didn't provide an API key: send `Authorization: Bearer KEY`",
+                "invalid_request_error",
+                None,
+                Some("invalid_api_key"),
+            )),
+        }
+    }
+
+    fn gauges(&self) -> metrics::PipelineGauges {
+        let mut g = metrics::PipelineGauges {
+            stages: (self.stage_stats)(),
+            ..metrics::PipelineGauges::default()
+        };
+        if let Ok(shared) = self.source.get() {
+            g.max_sequences = shared.config.max_sequences;
+            g.queue_depth = shared.jobs.max_capacity() - shared.jobs.capacity();
+            if let Some(head) = &shared.head {
+                g.in_flight = head.in_flight();
+                g.hop_seconds = head.hop_seconds();
+            }
+        }
+        g
+    }
+}
+
+async fn handle(
+    state: Arc<EndpointState>,
+    method: Method,
+    path: warp::path::FullPath,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, Infallible> {
+    let p = path.as_str().trim_end_matches('/');
+    let reply = match (&method, p) {
+        (&Method::GET, "/health") => http::health(state.source.clone()),
+        (&Method::GET, "/metrics") => warp::reply::with_header(
+            state
+                .metrics
+                .render(&state.name, &state.pipeline, &state.gauges()),
+            "content-type",
+            "text/plain; version=0.0.4",
+        )
+        .into_response(),
+        (&Method::GET, "/v1/models") => match state.authorized(&headers) {
+            Err(e) => e.into_response(),
+            Ok(()) => openai::models(&state),
+        },
+        (&Method::POST, "/v1/chat/completions") => match state.authorized(&headers) {
+            Err(e) => {
+                state.metrics.request("/v1/chat/completions", 401);
+                e.into_response()
+            }
+            Ok(()) => openai::complete(state.clone(), true, body).await,
+        },
+        (&Method::POST, "/v1/completions") => match state.authorized(&headers) {
+            Err(e) => {
+                state.metrics.request("/v1/completions", 401);
+                e.into_response()
+            }
+            Ok(()) => openai::complete(state.clone(), false, body).await,
+        },
+        (&Method::POST, "/generate") => match state.authorized(&headers) {
+            Err(e) => e.into_response(),
+            Ok(()) => match http::generate(state.source.clone(), body).await {
+                Ok(r) => r,
+                Err(never) => match never {},
+            },
+        },
+        _ => openai::error(
+            404,
+            format!("no route {method} {}", path.as_str()),
+            "invalid_request_error",
+            None,
+            None,
+        ),
+    };
+    Ok(reply)
+}
+
+/// Serves the endpoint on `listener` until `shutdown`.
+pub async fn serve(
+    state: Arc<EndpointState>,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let routes = warp::any()
+        .map(move || state.clone())
+        .and(warp::method())
+        .and(warp::path::full())
+        .and(warp::header::headers_cloned())
+        .and(
+            warp::body::content_length_limit(16 << 20)
+                .and(warp::body::bytes())
+                .or(warp::any().map(Bytes::new))
+                .unify(),
+        )
+        .and_then(handle);
+    warp::serve(routes)
+        .incoming(listener)
+        .graceful(shutdown)
+        .run()
+        .await;
+}

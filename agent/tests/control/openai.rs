@@ -1,0 +1,499 @@
+//! The OpenAI-compatible endpoint: the engine's tokens through chat and text completions,
+//! streamed or not, with exact SSE framing; stop sequences across tokens; every error with
+//! OpenAI's body and status; many concurrent clients; disconnects; OpenAI's own SDK; and
+//! `clusterctl chat`.
+
+use std::io::{BufRead, BufReader, Read};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::harness::*;
+
+const KEY: &str = "key-1";
+const MODEL: &str = "tiny-model";
+
+/// A 2-agent cluster serving the tiny model split in two, behind an endpoint with an API key.
+fn serve(max_sequences: usize) -> (Cluster, std::path::PathBuf, u16) {
+    let c = Cluster::start(2, &[]);
+    let model = c.dir.path().join("model");
+    make_model(&model);
+    let port = free_port();
+    let text = format!(
+        "{}apiVersion: v1\nkind: Model\nmetadata: {{name: tiny}}\nspec: {{source: {{path: \"{}\"}}}}\n---\napiVersion: v1\nkind: Pipeline\nmetadata: {{name: tiny-pipe}}\nspec:\n  model: tiny\n  device: cpu\n  maxSequences: {max_sequences}\n  stages:\n    - {{node: node-0, layers: \"0-1\"}}\n    - {{node: node-1, layers: \"2-3\"}}\n---\napiVersion: v1\nkind: Endpoint\nmetadata: {{name: tiny-api}}\nspec: {{pipeline: tiny-pipe, port: {port}, servedModelName: {MODEL}, apiKeys: [{KEY}]}}\n",
+        c.nodes_yaml(),
+        model.display()
+    );
+    let file = c.write("openai.yaml", &text);
+    let out = c.ctl(&[
+        "apply",
+        "-f",
+        file.to_str().unwrap(),
+        "--wait",
+        "--timeout",
+        "60",
+    ]);
+    assert!(out.status.success(), "{}", shown(&out));
+    (c, model, port)
+}
+
+fn http() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(60)))
+        .http_status_as_error(false)
+        .build()
+        .into()
+}
+
+/// POSTs `body` to `route` with `key`; returns the status, the content type and the raw body.
+fn post(port: u16, route: &str, key: Option<&str>, body: &Value) -> (u16, String, String) {
+    let mut req = http().post(&format!("http://127.0.0.1:{port}{route}"));
+    if let Some(k) = key {
+        req = req.header("Authorization", &format!("Bearer {k}"));
+    }
+    let mut resp = req.send_json(body).unwrap();
+    let status = resp.status().as_u16();
+    let ctype = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let text = resp.body_mut().read_to_string().unwrap();
+    (status, ctype, text)
+}
+
+fn json_of(port: u16, route: &str, body: &Value) -> (u16, Value) {
+    let (status, _, text) = post(port, route, Some(KEY), body);
+    (status, serde_json::from_str(&text).unwrap())
+}
+
+/// Checks SSE framing byte for byte: `data: {json}\n\n` events ending with `data: [DONE]\n\n`;
+/// returns the JSON events.
+fn sse_events(body: &str) -> Vec<Value> {
+    assert!(body.ends_with("data: [DONE]\n\n"), "{body:?}");
+    let pieces: Vec<&str> = body.split_terminator("\n\n").collect();
+    assert_eq!(pieces.last(), Some(&"data: [DONE]"));
+    pieces[..pieces.len() - 1]
+        .iter()
+        .map(|p| {
+            let json = p
+                .strip_prefix("data: ")
+                .unwrap_or_else(|| panic!("not an SSE data line: {p:?}"));
+            assert!(!json.contains('\n'), "one line per event: {p:?}");
+            serde_json::from_str(json).unwrap()
+        })
+        .collect()
+}
+
+fn chat_body(prompt: &str, max_tokens: usize) -> Value {
+    json!({"model": MODEL, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0})
+}
+
+#[test]
+fn chat_and_completions_give_the_engines_tokens_streamed_or_not() {
+    let (_c, model, port) = serve(64);
+    let prompt = "Tell me about two machines on a shelf";
+    let want_chat = one_process_json(&model, prompt, 24, true);
+    let want_text = one_process_json(&model, prompt, 24, false);
+    let n_chat = want_chat["token_ids"].as_array().unwrap().len();
+    let finish = want_chat["finish_reason"].as_str().unwrap();
+
+    let (status, v) = json_of(port, "/v1/chat/completions", &chat_body(prompt, 24));
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["model"], MODEL);
+    assert_eq!(v["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(v["choices"][0]["message"]["content"], want_chat["text"]);
+    assert_eq!(v["choices"][0]["finish_reason"], finish);
+    assert_eq!(v["usage"]["completion_tokens"], n_chat);
+    assert_eq!(
+        v["usage"]["prompt_tokens"],
+        want_chat["prompt_token_ids"].as_array().unwrap().len()
+    );
+
+    let mut body = chat_body(prompt, 24);
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let (status, ctype, raw) = post(port, "/v1/chat/completions", Some(KEY), &body);
+    assert_eq!(status, 200);
+    assert_eq!(ctype, "text/event-stream");
+    let events = sse_events(&raw);
+    assert_eq!(events[0]["object"], "chat.completion.chunk");
+    assert_eq!(
+        events[0]["choices"][0]["delta"],
+        json!({"role": "assistant", "content": ""})
+    );
+    let id = events[0]["id"].as_str().unwrap();
+    assert!(id.starts_with("chatcmpl-") && events.iter().all(|e| e["id"] == id));
+    let usage = events.last().unwrap();
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"]["completion_tokens"], n_chat);
+    let last = &events[events.len() - 2];
+    assert_eq!(last["choices"][0]["finish_reason"], finish);
+    assert_eq!(last["choices"][0]["delta"], json!({}));
+    let deltas: Vec<&str> = events[1..events.len() - 2]
+        .iter()
+        .map(|e| {
+            assert_eq!(e["choices"][0]["finish_reason"], Value::Null);
+            e["choices"][0]["delta"]["content"].as_str().unwrap()
+        })
+        .collect();
+    assert_eq!(deltas.concat(), want_chat["text"].as_str().unwrap());
+
+    // Text completions, whole and streamed.
+    let tbody = json!({"model": MODEL, "prompt": prompt, "max_tokens": 24, "temperature": 0});
+    let (status, v) = json_of(port, "/v1/completions", &tbody);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["object"], "text_completion");
+    assert_eq!(v["choices"][0]["text"], want_text["text"]);
+    let mut sbody = tbody.clone();
+    sbody["stream"] = json!(true);
+    let (_, _, raw) = post(port, "/v1/completions", Some(KEY), &sbody);
+    let events = sse_events(&raw);
+    let text: String = events
+        .iter()
+        .map(|e| e["choices"][0]["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(text, want_text["text"].as_str().unwrap());
+    assert!(
+        events.iter().all(|e| e.get("usage").is_none()),
+        "no usage unless asked"
+    );
+
+    // A stop sequence made of the end of one token and the start of the next.
+    let k = deltas
+        .windows(2)
+        .position(|w| !w[0].is_empty() && !w[1].is_empty())
+        .expect("two neighbouring tokens with text");
+    let stop: String = deltas[k]
+        .chars()
+        .last()
+        .into_iter()
+        .chain(deltas[k + 1].chars().next())
+        .collect();
+    let full = want_chat["text"].as_str().unwrap();
+    let expected = &full[..full.find(&stop).unwrap()];
+    let mut sb = chat_body(prompt, 24);
+    sb["stop"] = json!([stop, "never-appears"]);
+    let (_, v) = json_of(port, "/v1/chat/completions", &sb);
+    assert_eq!(
+        v["choices"][0]["message"]["content"], expected,
+        "stop {stop:?}"
+    );
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    sb["stream"] = json!(true);
+    let (_, _, raw) = post(port, "/v1/chat/completions", Some(KEY), &sb);
+    let events = sse_events(&raw);
+    let streamed: String = events
+        .iter()
+        .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(streamed, expected);
+    assert_eq!(
+        events.last().unwrap()["choices"][0]["finish_reason"],
+        "stop"
+    );
+
+    // Models, and fields OpenAI's API has that this server does not know are ignored.
+    let mut r = http()
+        .get(&format!("http://127.0.0.1:{port}/v1/models"))
+        .header("Authorization", &format!("Bearer {KEY}"))
+        .call()
+        .unwrap();
+    let models: Value = r.body_mut().read_json().unwrap();
+    assert_eq!(models["data"][0]["id"], MODEL);
+    let mut odd = chat_body(prompt, 4);
+    odd["user"] = json!("someone");
+    odd["frobnicate"] = json!({"x": 1});
+    assert_eq!(json_of(port, "/v1/chat/completions", &odd).0, 200);
+}
+
+#[test]
+fn each_error_has_openais_body_and_status() {
+    let (mut c, _model, port) = serve(1);
+    let body = chat_body("Hello", 4);
+    let check = |status: u16, v: &Value, want: u16, code: Option<&str>, needle: &str| {
+        assert_eq!(status, want, "{v}");
+        let e = &v["error"];
+        assert!(e["message"].as_str().unwrap().contains(needle), "{v}");
+        assert!(e["type"].is_string(), "{v}");
+        if let Some(code) = code {
+            assert_eq!(e["code"], code, "{v}");
+        }
+    };
+    for key in [None, Some("wrong")] {
+        let (status, _, text) = post(port, "/v1/chat/completions", key, &body);
+        check(
+            status,
+            &serde_json::from_str(&text).unwrap(),
+            401,
+            Some("invalid_api_key"),
+            "API key",
+        );
+    }
+    let mut b = body.clone();
+    b["model"] = json!("gpt-4");
+    let (s, v) = json_of(port, "/v1/chat/completions", &b);
+    check(s, &v, 404, Some("model_not_found"), "gpt-4");
+    let mut b = body.clone();
+    b["n"] = json!(2);
+    let (s, v) = json_of(port, "/v1/chat/completions", &b);
+    check(s, &v, 400, None, "n = 2");
+    assert_eq!(v["error"]["param"], "n");
+    let mut b = body.clone();
+    b["temperature"] = json!(3.5);
+    let (s, v) = json_of(port, "/v1/chat/completions", &b);
+    check(s, &v, 400, None, "temperature");
+    let mut b = body.clone();
+    b["max_tokens"] = json!(0);
+    let (s, v) = json_of(port, "/v1/chat/completions", &b);
+    check(s, &v, 400, None, "max_tokens");
+    let long = "word ".repeat(5000);
+    let (s, v) = json_of(
+        port,
+        "/v1/completions",
+        &json!({"model": MODEL, "prompt": long, "max_tokens": 4}),
+    );
+    check(
+        s,
+        &v,
+        400,
+        Some("context_length_exceeded"),
+        "maximum context length",
+    );
+    let (s, v) = json_of(
+        port,
+        "/v1/chat/completions",
+        &json!({"model": MODEL, "messages": []}),
+    );
+    check(s, &v, 400, None, "messages");
+
+    // maxSequences is 1: while one stream runs, another request gets 429 with Retry-After.
+    let mut long_body = chat_body("Hello", 3000);
+    long_body["stream"] = json!(true);
+    long_body["ignore_eos"] = json!(true);
+    let resp = http()
+        .post(&format!("http://127.0.0.1:{port}/v1/chat/completions"))
+        .header("Authorization", &format!("Bearer {KEY}"))
+        .send_json(&long_body)
+        .unwrap();
+    let mut reader = BufReader::new(resp.into_body().into_reader());
+    let mut first = String::new();
+    reader.read_line(&mut first).unwrap();
+    assert!(first.starts_with("data: "), "{first}");
+    let mut r = http()
+        .post(&format!("http://127.0.0.1:{port}/v1/chat/completions"))
+        .header("Authorization", &format!("Bearer {KEY}"))
+        .send_json(&body)
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 429);
+    assert_eq!(r.headers().get("retry-after").unwrap(), "1");
+    let v: Value = r.body_mut().read_json().unwrap();
+    assert_eq!(v["error"]["code"], "rate_limit_exceeded", "{v}");
+    drop(reader);
+
+    // A pipeline that is not Ready: 503 naming the stage that is down.
+    c.kill(1);
+    c.wait_for("the ring notices", Duration::from_secs(10), || {
+        let (s, _) = json_of(port, "/v1/chat/completions", &body);
+        s == 503
+    });
+    let (s, v) = json_of(port, "/v1/chat/completions", &body);
+    check(s, &v, 503, None, "stage 1");
+}
+
+#[test]
+fn sixteen_concurrent_streams_complete_and_a_disconnect_frees_its_sequence() {
+    let (c, model, port) = serve(64);
+    let prompts: Vec<String> = (0..16)
+        .map(|i| format!("Prompt number {i} about shelves"))
+        .collect();
+    let want: Vec<String> = prompts
+        .iter()
+        .map(|p| {
+            one_process_json(&model, p, 16, true)["text"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    let handles: Vec<_> = prompts
+        .iter()
+        .cloned()
+        .map(|p| {
+            std::thread::spawn(move || {
+                let mut body = chat_body(&p, 16);
+                body["stream"] = json!(true);
+                let (status, _, raw) = post(port, "/v1/chat/completions", Some(KEY), &body);
+                assert_eq!(status, 200, "{raw}");
+                sse_events(&raw)
+                    .iter()
+                    .filter_map(|e| {
+                        e["choices"][0]["delta"]["content"]
+                            .as_str()
+                            .map(str::to_string)
+                    })
+                    .collect::<String>()
+            })
+        })
+        .collect();
+    for (h, w) in handles.into_iter().zip(&want) {
+        assert_eq!(&h.join().unwrap(), w);
+    }
+
+    // A client that goes away mid-stream: its sequence is cancelled around the ring.
+    let mut body = chat_body("Hello", 3000);
+    body["stream"] = json!(true);
+    body["ignore_eos"] = json!(true);
+    let resp = http()
+        .post(&format!("http://127.0.0.1:{port}/v1/chat/completions"))
+        .header("Authorization", &format!("Bearer {KEY}"))
+        .send_json(&body)
+        .unwrap();
+    let mut reader = BufReader::new(resp.into_body().into_reader());
+    let mut buf = [0u8; 512];
+    let _ = reader.read(&mut buf).unwrap();
+    drop(reader);
+    let metric = |text: &str, name: &str| -> Vec<f64> {
+        text.lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+            .collect()
+    };
+    c.wait_for(
+        "the disconnect shows in the metrics",
+        Duration::from_secs(10),
+        || {
+            let text = http()
+                .get(&format!("http://127.0.0.1:{port}/metrics"))
+                .call()
+                .unwrap()
+                .body_mut()
+                .read_to_string()
+                .unwrap();
+            metric(&text, "clusteragent_requests_cancelled_total") == vec![1.0]
+                && metric(&text, "clusteragent_sequences_in_flight") == vec![0.0]
+                && metric(&text, "clusteragent_stage_cached_sequences") == vec![0.0, 0.0]
+        },
+    );
+    let text = http()
+        .get(&format!("http://127.0.0.1:{port}/metrics"))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    assert!(
+        text.contains("route=\"/v1/chat/completions\",status=\"200\"} 17"),
+        "{text}"
+    );
+    assert!(
+        metric(&text, "clusteragent_time_to_first_token_seconds_count")[0] >= 16.0,
+        "{text}"
+    );
+    assert!(metric(&text, "clusteragent_hop_network_seconds")[0] > 0.0);
+    assert!(
+        metric(&text, "clusteragent_stage_compute_seconds_total")
+            .iter()
+            .all(|s| *s > 0.0)
+    );
+}
+
+#[test]
+fn openais_python_sdk_and_clusterctl_chat_work_against_an_endpoint() {
+    let (c, model, port) = serve(64);
+    let prompt = "Hello there";
+    let want_chat = one_process_json(&model, prompt, 12, true);
+    let want_text = one_process_json(&model, prompt, 12, false);
+
+    let out = c.ctl(&[
+        "chat",
+        "tiny-api",
+        "-p",
+        prompt,
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "12",
+        "--api-key",
+        KEY,
+    ]);
+    assert!(out.status.success(), "{}", shown(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("{}\n", want_chat["text"].as_str().unwrap())
+    );
+    let out = c.ctl(&["chat", "tiny-api", "-p", prompt]);
+    assert_eq!(out.status.code(), Some(1), "no key: {}", shown(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("401"),
+        "{}",
+        shown(&out)
+    );
+    // Interactive: prompts on stdin, the conversation kept between them.
+    let mut child = std::process::Command::new(clusterctl())
+        .args([
+            "chat",
+            "tiny-api",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "12",
+            "--api-key",
+            KEY,
+        ])
+        .env("CLUSTERCTL_SERVER", &c.agents[0].listen)
+        .env("CLUSTERCTL_TOKEN", TOKEN)
+        .env("CLUSTERCTL_CONFIG", c.dir.path().join("ctl-config.yaml"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(
+        child.stdin.as_mut().unwrap(),
+        format!("{prompt}\nAnd then?\n").as_bytes(),
+    )
+    .unwrap();
+    drop(child.stdin.take());
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.starts_with(&format!("{}\n", want_chat["text"].as_str().unwrap())),
+        "{stdout}"
+    );
+
+    if !python_has("openai") {
+        return;
+    }
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/tools/openai_sdk.py");
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .args([
+            &format!("http://127.0.0.1:{port}"),
+            KEY,
+            MODEL,
+            prompt,
+            "12",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["models"], json!([MODEL]));
+    assert_eq!(v["chat"], want_chat["text"]);
+    assert_eq!(v["stream"], want_chat["text"]);
+    assert_eq!(
+        v["chat_usage"],
+        want_chat["token_ids"].as_array().unwrap().len()
+    );
+    assert_eq!(v["stream_usage"], v["chat_usage"]);
+    assert_eq!(v["completion"], want_text["text"]);
+    assert_eq!(v["unknown_model"], 404);
+}
