@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Quick start: build, make a small demo model offline, start two clusteragent daemons on
 # 127.0.0.1, apply manifests/demo.yaml (the model split across both), wait until the pipeline is
-# Ready, and stream a chat answer through its endpoint.
+# Ready, and stream a chat answer through its OpenAI-compatible endpoint.
 # Safe to run again: the model is made once; agents from an earlier run are stopped first and
 # come back with what their stores hold.
 set -euo pipefail
@@ -47,16 +47,17 @@ echo "==> clusterctl apply -f manifests/demo.yaml --wait"
 "$ctl" apply -f manifests/demo.yaml --wait --timeout 120
 "$ctl" get pipelines -o wide
 
-echo "==> asking the endpoint (random weights: the text is noise, the machinery is real)"
-"$agent" ask --head http://127.0.0.1:7100 --wait 60 --chat --prompt "What do two machines on a shelf do?" --max-tokens 48
+echo "==> clusterctl chat demo-api (random weights: the text is noise, the machinery is real)"
+"$ctl" chat demo-api -p "What do two machines on a shelf do?" --max-tokens 48
 
 cat <<TXT
 
 The cluster is still running. Talk to it:
   export CLUSTERCTL_SERVER=$CLUSTERCTL_SERVER CLUSTERCTL_TOKEN_FILE=$PWD/$dir/cluster-token
   $ctl get nodes            # or: nodes, get pipelines -o wide, describe pipeline demo, events
-  $agent ask --head http://127.0.0.1:7100 --chat --prompt "Hello"
-  curl -N http://127.0.0.1:7100/generate -d '{"prompt": "Hello", "max_tokens": 32}'
+  $ctl chat demo-api                  # interactive; or -p "Hello" for one answer
+  curl -N http://127.0.0.1:7100/v1/chat/completions -d '{"model": "demo", "messages": [{"role": "user", "content": "Hello"}], "stream": true}'
+  curl http://127.0.0.1:7100/metrics
 Logs: $dir/local-a.log, $dir/local-b.log
 Stop it: kill \$(cat $dir/pids) && rm $dir/pids   (the agents drain their streams and exit)
 TXT
