@@ -38,6 +38,10 @@ pub enum Command {
     Ask(commands::ask::AskArgs),
     /// Benchmark a 2-stage ring against one process, side by side, ratios printed last.
     BenchRing(commands::bench_ring::BenchRingArgs),
+    /// Write the launchd plist (macOS) or systemd unit (Linux) that starts the daemon at boot.
+    Install(commands::install::InstallArgs),
+    /// Remove what `install` wrote.
+    Uninstall(commands::install::InstallArgs),
 }
 
 /// Runs the command line and returns the process's exit code.
@@ -61,6 +65,8 @@ pub fn main() -> ExitCode {
         Command::Stage(args) => commands::stage::run(args),
         Command::BenchRing(args) => commands::bench_ring::run(args),
         Command::Ask(args) => commands::ask::run(args),
+        Command::Install(args) => commands::install::install(args),
+        Command::Uninstall(args) => commands::install::uninstall(args),
     };
     finish(result)
 }
