@@ -10,3 +10,4 @@ mod harness;
 mod invalid;
 mod openai;
 mod placement;
+mod reference;

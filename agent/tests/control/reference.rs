@@ -1,0 +1,107 @@
+//! Every route docs/reference.md lists is answered by a running agent or endpoint.
+
+use serde_json::{Value, json};
+
+use crate::harness::*;
+
+/// `(method, path)` of each route in the table under `### {heading}`.
+fn routes(doc: &str, heading: &str) -> Vec<(String, String)> {
+    let start = doc.find(&format!("### {heading}")).unwrap();
+    let rest = &doc[start + 4..];
+    let end = rest.find("\n### ").unwrap_or(rest.len());
+    rest[..end]
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|l| l.split('`').next())
+        .map(|r| {
+            let (m, p) = r.split_once(' ').unwrap();
+            (m.to_string(), p.to_string())
+        })
+        .collect()
+}
+
+fn call(base: &str, method: &str, path: &str, token: &str, body: Option<Value>) -> String {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(std::time::Duration::from_secs(30)))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let url = format!("{base}{path}");
+    let auth = format!("Bearer {token}");
+    let resp = match (method, body) {
+        ("GET", _) => agent.get(&url).header("Authorization", &auth).call(),
+        ("DELETE", _) => agent.delete(&url).header("Authorization", &auth).call(),
+        ("POST", Some(b)) => agent
+            .post(&url)
+            .header("Authorization", &auth)
+            .send_json(&b),
+        ("POST", None) => agent.post(&url).header("Authorization", &auth).send(""),
+        _ => panic!("method {method}"),
+    };
+    resp.unwrap().body_mut().read_to_string().unwrap()
+}
+
+#[test]
+fn every_documented_route_is_served() {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/reference.md"))
+        .unwrap();
+    let c = Cluster::start(1, &[]);
+    let model = c.dir.path().join("model");
+    make_model(&model);
+    let port = free_port();
+    let text = format!(
+        "{}{}",
+        c.nodes_yaml(),
+        pipeline_yaml(&model, &[("node-0", "0-3")], port)
+    );
+    let file = c.write("one.yaml", &text);
+    let out = c.ctl(&[
+        "apply",
+        "-f",
+        file.to_str().unwrap(),
+        "--wait",
+        "--timeout",
+        "60",
+    ]);
+    assert!(out.status.success(), "{}", shown(&out));
+    let base = format!("http://{}", c.agents[0].listen);
+    let agent_routes = routes(&doc, "Agent (control plane");
+    assert!(agent_routes.len() >= 10, "{agent_routes:?}");
+    for (method, path) in &agent_routes {
+        let path = path
+            .replace("{kind}", "nodes")
+            .replace("{name}", "no-such-node");
+        let body = match path.as_str() {
+            "/api/v1/apply" => Some(json!([])),
+            "/internal/v1/sync" => Some(json!({"report": {"node": "someone-else"}, "records": []})),
+            "/internal/v1/inspect-model" => Some(json!({"source": {"path": "/no/such/model"}})),
+            _ => None,
+        };
+        let answer = call(&base, method, &path, TOKEN, body);
+        assert!(!answer.contains("no route"), "{method} {path}: {answer}");
+    }
+    assert!(call(&base, "GET", "/api/v1/undocumented", TOKEN, None).contains("kind"));
+    assert!(call(&base, "GET", "/nothing/here", TOKEN, None).contains("no route"));
+
+    let ep = format!("http://127.0.0.1:{port}");
+    let endpoint_routes = routes(&doc, "Endpoint (on its node");
+    assert_eq!(endpoint_routes.len(), 6, "{endpoint_routes:?}");
+    for (method, path) in &endpoint_routes {
+        let body = match path.as_str() {
+            "/v1/chat/completions" => Some(
+                json!({"model": "tiny-pipe", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+            ),
+            "/v1/completions" => {
+                Some(json!({"model": "tiny-pipe", "prompt": "hi", "max_tokens": 2}))
+            }
+            "/generate" => Some(json!({"prompt": "hi", "max_tokens": 2})),
+            _ => None,
+        };
+        let answer = call(&ep, method, path, "", body);
+        assert!(
+            !answer.contains("no route") && !answer.contains("\"error\""),
+            "{method} {path}: {answer}"
+        );
+    }
+    assert!(call(&ep, "GET", "/v2/other", "", None).contains("no route"));
+}
