@@ -20,13 +20,36 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// The `clusterctl` binary beside `clusteragent`, built first when this test runs alone
-/// (`cargo test --workspace` builds it anyway).
+/// The newest modification time of the files under `dir`.
+fn newest(dir: &Path) -> std::time::SystemTime {
+    let mut t = std::time::UNIX_EPOCH;
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = entry.path();
+        let m = if p.is_dir() {
+            newest(&p)
+        } else {
+            entry.metadata().and_then(|m| m.modified()).unwrap_or(t)
+        };
+        t = t.max(m);
+    }
+    t
+}
+
+/// The `clusterctl` binary beside `clusteragent`. `cargo test --workspace` builds it; when this
+/// test runs alone and the binary is missing or older than its sources, it is built here.
+/// (Building it unconditionally would rebuild it with other feature choices than the
+/// workspace build made, which takes minutes.)
 pub fn clusterctl() -> PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
     PATH.get_or_init(|| {
         let agent = Path::new(env!("CARGO_BIN_EXE_clusteragent"));
         let ctl = agent.with_file_name(format!("clusterctl{}", std::env::consts::EXE_SUFFIX));
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let sources = newest(&root.join("ctl/src")).max(newest(&root.join("agent/api/src")));
+        let built = std::fs::metadata(&ctl).and_then(|m| m.modified()).ok();
+        if built.is_some_and(|b| b >= sources) {
+            return ctl;
+        }
         let cargo = option_env!("CARGO").unwrap_or("cargo");
         let mut build = Command::new(cargo);
         build.args(["build", "-q", "-p", "clusterctl"]);
