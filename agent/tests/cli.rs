@@ -144,3 +144,31 @@ fn errors_name_the_problem_and_set_the_exit_code() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not empty"));
 }
+
+#[test]
+fn the_committed_demo_model_answers_in_the_words_of_the_docs() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let model = root.join("demo/model");
+    let out = ok(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--chat",
+        "--prompt",
+        "What does the ring do?",
+        "--max-tokens",
+        "48",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let text = v["text"].as_str().unwrap();
+    assert!(!text.contains('\u{fffd}'), "{text}");
+    // Legible: words, most of which the documentation uses (random weights give neither).
+    let docs = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let words: Vec<&str> = text
+        .split(|c: char| !c.is_ascii_alphabetic())
+        .filter(|w| w.len() >= 4)
+        .collect();
+    let known = words.iter().filter(|w| docs.contains(*w)).count();
+    assert!(words.len() >= 8 && known * 10 >= words.len() * 8, "{text}");
+}
