@@ -13,6 +13,7 @@
 //! - [`endpoint`]: an Endpoint's server: OpenAI routes, metrics, the ring's API.
 //! - [`store`]: the sled store of the cluster's desired state.
 //! - [`inventory`]: CPU, memory, OS and GPUs of this host.
+//! - [`web`]: what the HTTP servers share: bearer credentials, bodies, signals.
 
 pub mod cli;
 pub mod commands;
@@ -22,3 +23,4 @@ pub mod inventory;
 pub mod memory;
 pub mod ring;
 pub mod store;
+pub mod web;

@@ -33,17 +33,28 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
 
 /// `1.5 GiB`.
 pub fn bytes(n: u64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < units.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
+    cluster_api::human_bytes(n)
+}
+
+/// A node's GPUs from its inventory, `name (memory)`, or `none`.
+pub fn gpus(v: Option<&Value>) -> String {
+    let list: Vec<String> = v
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .map(|g| {
+            let mem = g
+                .get("memoryBytes")
+                .and_then(Value::as_u64)
+                .map(|b| format!(" ({})", bytes(b)))
+                .unwrap_or_default();
+            format!("{}{mem}", text(g, "/name"))
+        })
+        .collect();
+    if list.is_empty() {
+        "none".into()
     } else {
-        format!("{v:.1} {}", units[u])
+        list.join(", ")
     }
 }
 

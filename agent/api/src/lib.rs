@@ -24,3 +24,19 @@ pub use device::{DeviceKind, WeightDType};
 pub use generation::{FinishReason, SamplingParams};
 pub use layers::{LayerRange, LayerRangeError, LayerSplit};
 pub use ring::{RingConfig, RingStage};
+
+/// `1.5 GiB`, `312 MiB`, `4.0 KiB`, `12 B`: sizes as people read them.
+pub fn human_bytes(bytes: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", units[u])
+    }
+}

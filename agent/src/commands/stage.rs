@@ -87,24 +87,9 @@ pub fn run(args: StageArgs) -> Result<()> {
             "stage {} listening for its predecessor on {}",
             args.index, node.ring_addr
         );
-        wait_for_signal().await;
+        crate::web::wait_for_signal().await;
         let _ = stop_tx.send(true);
         node.shutdown();
         Ok(())
     })
-}
-
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
 }

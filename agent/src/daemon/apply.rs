@@ -366,7 +366,7 @@ fn new_uid() -> String {
 }
 
 fn gib(bytes: u64) -> String {
-    crate::daemon::rest::human_bytes(bytes)
+    cluster_api::human_bytes(bytes)
 }
 
 /// Memory a node offers a stage of `pipeline` (see `Inventory::placeable_bytes`), or `None`

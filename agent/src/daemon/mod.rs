@@ -319,10 +319,11 @@ async fn serve(settings: Settings) -> Result<()> {
     tokio::spawn(peers::heartbeat_loop(agent.clone(), stop_rx.clone()));
     tokio::spawn(reconcile::reconcile_loop(agent.clone(), stop_rx.clone()));
     tokio::spawn(agent::inventory_loop(agent.clone(), stop_rx.clone()));
-    wait_for_signal().await;
+    crate::web::wait_for_signal().await;
     eprintln!(
-        "clusteragent: stopping: no new requests; waiting up to {:.0} s for streams in flight",
-        agent.settings.grace_period.as_secs_f64()
+        "clusteragent: stopping: no new requests; waiting up to {:.0} s for {} stream(s) in flight",
+        agent.settings.grace_period.as_secs_f64(),
+        agent.runtime.in_flight()
     );
     agent.begin_shutdown();
     let _ = stop_tx.send(true);
@@ -339,21 +340,6 @@ async fn serve(settings: Settings) -> Result<()> {
     agent.store.flush()?;
     eprintln!("clusteragent: stopped");
     Ok(())
-}
-
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
 }
 
 #[cfg(test)]

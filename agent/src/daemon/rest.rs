@@ -26,22 +26,6 @@ use super::agent::Agent;
 use super::apply::{self, Refused};
 use super::peers;
 
-/// `1.5 GiB`, `312 MiB`, `4.0 KiB`.
-pub fn human_bytes(bytes: u64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < units.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", units[u])
-    }
-}
-
 fn reply_json<T: serde::Serialize>(status: StatusCode, body: &T) -> Response {
     warp::reply::with_status(warp::reply::json(body), status).into_response()
 }
@@ -75,19 +59,9 @@ fn refused(r: Refused) -> Response {
     }
 }
 
-/// Compares without stopping at the first differing byte, so timing does not reveal the token.
-fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 fn authorized(agent: &Agent, headers: &HeaderMap) -> Result<(), Box<Response>> {
-    let given = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    match given {
-        Some(t) if same(t.as_bytes(), agent.settings.token.as_bytes()) => Ok(()),
+    match crate::web::bearer(headers) {
+        Some(t) if crate::web::same(t, &agent.settings.token) => Ok(()),
         Some(_) => Err(Box::new(reply_error(
             StatusCode::UNAUTHORIZED,
             "wrong cluster token".into(),
@@ -336,14 +310,7 @@ pub async fn serve(
         .and(warp::path::full())
         .and(warp::query::<HashMap<String, String>>())
         .and(warp::header::headers_cloned())
-        // Bodies need a length (clusterctl and the agents always send one) and are capped;
-        // bodiless requests (GET, DELETE) send none.
-        .and(
-            warp::body::content_length_limit(64 << 20)
-                .and(warp::body::bytes())
-                .or(warp::any().map(Bytes::new))
-                .unify(),
-        )
+        .and(crate::web::body(64 << 20))
         .and_then(handle);
     warp::serve(routes)
         .incoming(listener)

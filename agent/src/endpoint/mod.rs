@@ -46,29 +46,13 @@ pub struct EndpointState {
     pub stage_stats: StageStats,
 }
 
-fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 impl EndpointState {
     fn authorized(&self, headers: &HeaderMap) -> Result<(), openai::ApiError> {
         if self.api_keys.is_empty() {
             return Ok(());
         }
-        let given = headers
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
-        match given {
-            Some(k)
-                if self
-                    .api_keys
-                    .iter()
-                    .any(|ok| same(ok.as_bytes(), k.as_bytes())) =>
-            {
-                Ok(())
-            }
+        match crate::web::bearer(headers) {
+            Some(k) if self.api_keys.iter().any(|ok| crate::web::same(ok, k)) => Ok(()),
             Some(_) => Err(openai::ApiError::new(
                 401,
                 "Incorrect API key provided",
@@ -168,12 +152,7 @@ pub async fn serve(
         .and(warp::method())
         .and(warp::path::full())
         .and(warp::header::headers_cloned())
-        .and(
-            warp::body::content_length_limit(16 << 20)
-                .and(warp::body::bytes())
-                .or(warp::any().map(Bytes::new))
-                .unify(),
-        )
+        .and(crate::web::body(16 << 20))
         .and_then(handle);
     warp::serve(routes)
         .incoming(listener)

@@ -24,15 +24,8 @@ fn three_agents_apply_serve_reapply_resplit_and_delete() {
         c.nodes_yaml(),
         pipeline_yaml(&model, &[("node-0", "0-1"), ("node-1", "2-3")], port)
     );
-    let file = c.write("cluster.yaml", &first);
-    let out = ok(&c.ctl(&[
-        "apply",
-        "-f",
-        file.to_str().unwrap(),
-        "--wait",
-        "--timeout",
-        "60",
-    ]));
+    let out = c.apply_wait("cluster.yaml", &first);
+    let file = c.dir.path().join("cluster.yaml");
     assert!(out.contains("pipeline/tiny-pipe created"), "{out}");
     assert!(out.contains("pipeline/tiny-pipe ready"), "{out}");
 
@@ -70,18 +63,7 @@ fn three_agents_apply_serve_reapply_resplit_and_delete() {
         c.nodes_yaml(),
         pipeline_yaml(&model, &[("node-1", "0-0"), ("node-2", "1-3")], port)
     );
-    let file2 = c.write("moved.yaml", &moved);
-    let out = ok(&c.ctl_on(
-        1,
-        &[
-            "apply",
-            "-f",
-            file2.to_str().unwrap(),
-            "--wait",
-            "--timeout",
-            "60",
-        ],
-    ));
+    let out = c.apply_wait_on(1, "moved.yaml", &moved);
     assert!(out.contains("pipeline/tiny-pipe configured"), "{out}");
     c.wait_for("node-0 frees its stage", Duration::from_secs(10), || {
         c.stage_memory()[0] == 0
@@ -125,15 +107,7 @@ fn a_killed_agent_comes_back_to_ready_without_a_new_apply() {
         c.nodes_yaml(),
         pipeline_yaml(&model, &[("node-0", "0-2"), ("node-1", "3-3")], port)
     );
-    let file = c.write("cluster.yaml", &text);
-    ok(&c.ctl(&[
-        "apply",
-        "-f",
-        file.to_str().unwrap(),
-        "--wait",
-        "--timeout",
-        "60",
-    ]));
+    c.apply_wait("cluster.yaml", &text);
     assert_eq!(generate(port, PROMPTS[1], 10).unwrap(), want);
 
     c.kill(1);
@@ -181,10 +155,7 @@ fn changes_need_the_token_and_an_agent_that_was_away_catches_up() {
     let listed = c.get(0, "/api/v1/nodes");
     assert_eq!(listed["items"].as_array().unwrap().len(), 0, "{listed}");
     // The agents' own exchange needs it too.
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into();
+    let agent = http_client(Duration::from_secs(30));
     let r = agent
         .post(&format!("http://{}/internal/v1/sync", c.agents[0].listen))
         .send_json(serde_json::json!({"report": {}, "records": []}))

@@ -11,7 +11,9 @@ use crate::harness::*;
 
 #[test]
 fn sigterm_lets_streams_finish_refuses_new_ones_and_exits_cleanly() {
-    let mut c = Cluster::start(1, &[]);
+    // A grace period longer than the stream needs even on a loaded machine: the test is that
+    // the stream finishes, not how fast.
+    let mut c = Cluster::start(1, &[&["--grace-period", "60"]]);
     let model = c.dir.path().join("model");
     make_model(&model);
     let port = free_port();
@@ -20,23 +22,14 @@ fn sigterm_lets_streams_finish_refuses_new_ones_and_exits_cleanly() {
         c.nodes_yaml(),
         pipeline_yaml(&model, &[("node-0", "0-3")], port)
     );
-    let file = c.write("one.yaml", &text);
-    let out = c.ctl(&[
-        "apply",
-        "-f",
-        file.to_str().unwrap(),
-        "--wait",
-        "--timeout",
-        "60",
-    ]);
-    assert!(out.status.success(), "{}", shown(&out));
+    c.apply_wait("one.yaml", &text);
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_secs(60)))
         .build()
         .into();
     let resp = agent
         .post(&format!("http://127.0.0.1:{port}/generate"))
-        .send_json(json!({"prompt": "Hello", "max_tokens": 1500, "ignore_eos": true}))
+        .send_json(json!({"prompt": "Hello", "max_tokens": 1000, "ignore_eos": true}))
         .unwrap();
     let mut lines = BufReader::new(resp.into_body().into_reader()).lines();
     let first: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
@@ -49,16 +42,16 @@ fn sigterm_lets_streams_finish_refuses_new_ones_and_exits_cleanly() {
             .collect();
         rest
     });
-    let code = c.terminate(0, Duration::from_secs(20));
+    let code = c.terminate(0, Duration::from_secs(70));
     let rest = waiter.join().unwrap();
     let last = rest.last().cloned().unwrap_or(Value::Null);
     assert_eq!(
         last["event"], "done",
         "the stream in flight finished: {last}"
     );
-    assert_eq!(last["completion_tokens"], 1500);
+    assert_eq!(last["completion_tokens"], 1000);
     assert_eq!(code, Some(0), "{}", c.log(0));
-    assert!(started.elapsed() < Duration::from_secs(15));
+    assert!(started.elapsed() < Duration::from_secs(70));
     let log = c.log(0);
     assert!(
         log.contains("waiting up to") && log.contains("stopped"),

@@ -326,6 +326,30 @@ impl Cluster {
         cmd.output().unwrap()
     }
 
+    /// Writes `text` as manifest file `name`, applies it through agent `i` with `--wait`, and
+    /// returns clusterctl's output; a failed apply fails the test with clusterctl's output.
+    pub fn apply_wait_on(&self, i: usize, name: &str, text: &str) -> String {
+        let file = self.write(name, text);
+        let out = self.ctl_on(
+            i,
+            &[
+                "apply",
+                "-f",
+                file.to_str().unwrap(),
+                "--wait",
+                "--timeout",
+                "60",
+            ],
+        );
+        assert!(out.status.success(), "{}\n{}", shown(&out), self.logs());
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// [`Cluster::apply_wait_on`] through agent 0.
+    pub fn apply_wait(&self, name: &str, text: &str) -> String {
+        self.apply_wait_on(0, name, text)
+    }
+
     /// Writes a manifest file in the cluster's folder.
     pub fn write(&self, name: &str, text: &str) -> PathBuf {
         let p = self.dir.path().join(name);
@@ -335,11 +359,7 @@ impl Cluster {
 
     /// `GET path` on agent `i`, with the token, as JSON.
     pub fn get(&self, i: usize, path: &str) -> Value {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .timeout_global(Some(Duration::from_secs(10)))
-            .http_status_as_error(false)
-            .build()
-            .into();
+        let agent = http_client(Duration::from_secs(10));
         let mut r = agent
             .get(&format!("http://{}{path}", self.agents[i].listen))
             .header("Authorization", &format!("Bearer {TOKEN}"))
@@ -421,11 +441,7 @@ pub fn pipeline_yaml(model: &Path, stages: &[(&str, &str)], port: u16) -> String
 
 /// Generates through an endpoint's `/generate`: the token ids, or the error status and body.
 pub fn generate(port: u16, prompt: &str, max_tokens: usize) -> Result<Vec<u32>, String> {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(Duration::from_secs(60)))
-        .http_status_as_error(false)
-        .build()
-        .into();
+    let agent = http_client(Duration::from_secs(60));
     let resp = agent
         .post(&format!("http://127.0.0.1:{port}/generate"))
         .send_json(json!({"prompt": prompt, "max_tokens": max_tokens}))
@@ -444,6 +460,15 @@ pub fn generate(port: u16, prompt: &str, max_tokens: usize) -> Result<Vec<u32>, 
         .filter(|e| e["event"] == "token")
         .map(|e| e["id"].as_u64().unwrap() as u32)
         .collect())
+}
+
+/// An HTTP client that hands back error statuses instead of failing on them.
+pub fn http_client(timeout: Duration) -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .timeout_global(Some(timeout))
+        .http_status_as_error(false)
+        .build()
+        .into()
 }
 
 /// stdout and stderr of a clusterctl run, for messages.

@@ -86,10 +86,7 @@ fn invalid_manifests_are_refused_and_nothing_is_stored() {
         ("no documents", "# nothing here\n".into(), "no objects"),
     ];
     assert!(cases.len() >= 15);
-    let http: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into();
+    let http = http_client(Duration::from_secs(30));
     for (what, text, needle) in &cases {
         let file = c.write("bad.yaml", text);
         let out = c.ctl(&["apply", "-f", file.to_str().unwrap()]);

@@ -24,25 +24,12 @@ fn serve(max_sequences: usize) -> (Cluster, std::path::PathBuf, u16) {
         c.nodes_yaml(),
         model.display()
     );
-    let file = c.write("openai.yaml", &text);
-    let out = c.ctl(&[
-        "apply",
-        "-f",
-        file.to_str().unwrap(),
-        "--wait",
-        "--timeout",
-        "60",
-    ]);
-    assert!(out.status.success(), "{}", shown(&out));
+    c.apply_wait("openai.yaml", &text);
     (c, model, port)
 }
 
 fn http() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .timeout_global(Some(Duration::from_secs(60)))
-        .http_status_as_error(false)
-        .build()
-        .into()
+    http_client(Duration::from_secs(60))
 }
 
 /// POSTs `body` to `route` with `key`; returns the status, the content type and the raw body.

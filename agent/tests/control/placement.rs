@@ -62,16 +62,7 @@ fn auto_placement_splits_by_free_memory_or_keeps_one_node() {
                 .is_some_and(|a| a.iter().all(|n| n["status"]["phase"] == "Ready"))
         },
     );
-    let file = c.write("auto.yaml", &text);
-    let out = c.ctl(&[
-        "apply",
-        "-f",
-        file.to_str().unwrap(),
-        "--wait",
-        "--timeout",
-        "60",
-    ]);
-    assert!(out.status.success(), "{}", shown(&out));
+    c.apply_wait("auto.yaml", &text);
     assert_eq!(
         stages_of(&c, "split"),
         vec![
@@ -123,16 +114,7 @@ fn two_pipelines_share_each_agents_ring_port() {
         endpoint_doc("forward-api", "forward", pa),
         endpoint_doc("backward-api", "backward", pb),
     );
-    let file = c.write("two.yaml", &text);
-    let out = c.ctl(&[
-        "apply",
-        "-f",
-        file.to_str().unwrap(),
-        "--wait",
-        "--timeout",
-        "60",
-    ]);
-    assert!(out.status.success(), "{}", shown(&out));
+    c.apply_wait("two.yaml", &text);
     let handles: Vec<_> = [pa, pb]
         .into_iter()
         .flat_map(|port| prompts.iter().map(move |p| (port, *p)))
@@ -172,16 +154,7 @@ fn a_model_only_on_another_node_is_sized_there_and_a_stage_that_cannot_load_says
         "{model}apiVersion: v1\nkind: Pipeline\nmetadata: {{name: there}}\nspec:\n  model: tiny\n  device: cpu\n  stages:\n    - {{node: node-1, layers: \"0-3\"}}\n---\n{}",
         endpoint_doc("there-api", "there", port)
     );
-    let file = c.write("there.yaml", &one);
-    let out = c.ctl(&[
-        "apply",
-        "-f",
-        file.to_str().unwrap(),
-        "--wait",
-        "--timeout",
-        "60",
-    ]);
-    assert!(out.status.success(), "{}", shown(&out));
+    c.apply_wait("there.yaml", &one);
     assert_eq!(generate(port, "Hello world", 8).unwrap(), want);
 
     // A stage placed where the files are not fails to load, and its status says why.

@@ -21,11 +21,7 @@ fn routes(doc: &str, heading: &str) -> Vec<(String, String)> {
 }
 
 fn call(base: &str, method: &str, path: &str, token: &str, body: Option<Value>) -> String {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(std::time::Duration::from_secs(30)))
-        .http_status_as_error(false)
-        .build()
-        .into();
+    let agent = http_client(std::time::Duration::from_secs(30));
     let url = format!("{base}{path}");
     let auth = format!("Bearer {token}");
     let resp = match (method, body) {
@@ -54,16 +50,7 @@ fn every_documented_route_is_served() {
         c.nodes_yaml(),
         pipeline_yaml(&model, &[("node-0", "0-3")], port)
     );
-    let file = c.write("one.yaml", &text);
-    let out = c.ctl(&[
-        "apply",
-        "-f",
-        file.to_str().unwrap(),
-        "--wait",
-        "--timeout",
-        "60",
-    ]);
-    assert!(out.status.success(), "{}", shown(&out));
+    c.apply_wait("one.yaml", &text);
     let base = format!("http://{}", c.agents[0].listen);
     let agent_routes = routes(&doc, "Agent (control plane");
     assert!(agent_routes.len() >= 10, "{agent_routes:?}");

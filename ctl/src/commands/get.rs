@@ -116,7 +116,9 @@ pub fn render(kind: Kind, items: &[Value], wide: bool) -> String {
                         ];
                         if wide {
                             row.push(text(o, &format!("{r}/inventory/os")).to_string());
-                            row.push(gpus(o.pointer(&format!("{r}/inventory/gpus"))));
+                            row.push(crate::output::gpus(
+                                o.pointer(&format!("{r}/inventory/gpus")),
+                            ));
                             row.push(text(o, "/status/message").to_string());
                         }
                         row
@@ -210,26 +212,5 @@ pub fn render(kind: Kind, items: &[Value], wide: bool) -> String {
                 &rows,
             )
         }
-    }
-}
-
-fn gpus(v: Option<&Value>) -> String {
-    let list: Vec<String> = v
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .map(|g| {
-            let mem = g
-                .get("memoryBytes")
-                .and_then(Value::as_u64)
-                .map(|b| format!(" ({})", bytes(b)))
-                .unwrap_or_default();
-            format!("{}{mem}", text(g, "/name"))
-        })
-        .collect();
-    if list.is_empty() {
-        "none".into()
-    } else {
-        list.join(", ")
     }
 }

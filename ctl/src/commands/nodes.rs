@@ -24,20 +24,6 @@ pub fn run(env: &Env) -> Outcome {
         .iter()
         .map(|o| {
             let known = o.pointer(r).is_some();
-            let gpus: Vec<String> = o
-                .pointer(&format!("{r}/gpus"))
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-                .map(|g| {
-                    let mem = g
-                        .get("memoryBytes")
-                        .and_then(Value::as_u64)
-                        .map(|b| format!(" {}", bytes(b)))
-                        .unwrap_or_default();
-                    format!("{}{mem}", text(g, "/name"))
-                })
-                .collect();
             let or_dash = |s: String| if known { s } else { "-".into() };
             vec![
                 text(o, "/metadata/name").to_string(),
@@ -50,11 +36,7 @@ pub fn run(env: &Env) -> Outcome {
                 )),
                 or_dash(bytes(num(o, &format!("{r}/memoryTotalBytes")) as u64)),
                 or_dash(bytes(num(o, &format!("{r}/memoryAvailableBytes")) as u64)),
-                or_dash(if gpus.is_empty() {
-                    "none".into()
-                } else {
-                    gpus.join(", ")
-                }),
+                or_dash(crate::output::gpus(o.pointer(&format!("{r}/gpus")))),
                 or_dash(bytes(num(o, "/status/report/stageMemoryBytes") as u64)),
                 or_dash(text(o, &format!("{r}/os")).to_string()),
             ]
