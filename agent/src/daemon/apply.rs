@@ -157,37 +157,6 @@ pub fn apply(agent: &Agent, text: &str, dry_run: bool) -> Result<Vec<ApplyOutcom
             }
         }
     }
-    // Endpoints: on the node of their pipeline's stage 0, for now the only node that can
-    // answer for it.
-    if errors.is_empty() {
-        for o in &objects {
-            let Some(e) = o.as_endpoint() else { continue };
-            let stage0 = placements
-                .get(&e.pipeline)
-                .cloned()
-                .or_else(|| {
-                    agent
-                        .store
-                        .get(Kind::Pipeline, &e.pipeline)
-                        .ok()
-                        .flatten()
-                        .and_then(|r| r.placement)
-                })
-                .and_then(|p| p.stages.first().map(|s| s.node.clone()));
-            if let (Some(node), Some(head)) = (&e.node, &stage0)
-                && node != head
-            {
-                errors.push(ManifestError::field(
-                    o,
-                    "spec.node",
-                    format!(
-                        "must be {head}, the node of pipeline {}'s stage 0, which runs the generation loop (or leave it out)",
-                        e.pipeline
-                    ),
-                ));
-            }
-        }
-    }
     if !errors.is_empty() {
         let errors = errors
             .into_iter()

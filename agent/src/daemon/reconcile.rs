@@ -50,6 +50,9 @@ struct EndpointWant {
     address: String,
     served_model: String,
     api_keys: Vec<String>,
+    /// The control-plane address of the node running stage 0, when that is another node:
+    /// this node then forwards the endpoint's requests there.
+    head: Option<String>,
 }
 
 struct EndpointSlot {
@@ -69,6 +72,9 @@ pub struct Runtime {
     /// Stages unloaded whose memory may still be held by a task finishing.
     draining: Mutex<Vec<Weak<Stage>>>,
     endpoints: Mutex<HashMap<String, EndpointSlot>>,
+    /// Endpoints listening on other nodes whose requests come here, with the generation of
+    /// the Endpoint they were built from.
+    forwarded: Mutex<HashMap<String, (u64, Arc<crate::endpoint::EndpointState>)>>,
     epochs: std::sync::atomic::AtomicU64,
 }
 
@@ -89,6 +95,7 @@ impl Runtime {
             stages: Mutex::new(HashMap::new()),
             draining: Mutex::new(Vec::new()),
             endpoints: Mutex::new(HashMap::new()),
+            forwarded: Mutex::new(HashMap::new()),
             epochs: std::sync::atomic::AtomicU64::new(0),
         }
     }
@@ -96,6 +103,35 @@ impl Runtime {
     /// Where ring connections arrive.
     pub fn ring_addr(&self) -> std::net::SocketAddr {
         self.mux.local_addr()
+    }
+
+    /// The state answering requests forwarded for endpoint `name` from the node it listens on.
+    pub fn forwarded_endpoint(
+        &self,
+        agent: &Arc<Agent>,
+        name: &str,
+    ) -> Result<Arc<crate::endpoint::EndpointState>, String> {
+        let record = agent
+            .store
+            .get(Kind::Endpoint, name)
+            .map_err(|e| e.to_string())?
+            .filter(|r| !r.deleted)
+            .ok_or_else(|| format!("endpoint {name} does not exist"))?;
+        let spec = record.object.as_endpoint().ok_or("not an endpoint")?;
+        let generation = record.object.metadata.generation;
+        let mut forwarded = lock(&self.forwarded);
+        if let Some((g, state)) = forwarded.get(name)
+            && *g == generation
+        {
+            return Ok(state.clone());
+        }
+        let served = spec
+            .served_model_name
+            .clone()
+            .unwrap_or_else(|| spec.pipeline.clone());
+        let state = endpoint_state(agent, name, &spec.pipeline, &served, &spec.api_keys);
+        forwarded.insert(name.to_string(), (generation, state.clone()));
+        Ok(state)
     }
 
     /// Stage 0 of `pipeline` when it runs here and is ready.
@@ -294,6 +330,17 @@ pub fn ring_config(agent: &Agent, record: &Record) -> Result<RingConfig, String>
     })
 }
 
+/// The control-plane address of the node running `pipeline`'s stage 0, when it is not this one.
+fn head_address(agent: &Agent, pipeline: &str) -> Option<String> {
+    let record = agent.store.get(Kind::Pipeline, pipeline).ok()??;
+    let node = record.placement?.stages.first()?.node.clone();
+    if node == agent.name() {
+        return None;
+    }
+    let node = agent.store.get(Kind::Node, &node).ok()??;
+    Some(node.object.as_node()?.address.clone())
+}
+
 /// What the store places on this node.
 fn desired(agent: &Agent) -> (HashMap<String, StageWant>, HashMap<String, EndpointWant>) {
     let me = agent.name();
@@ -348,6 +395,7 @@ fn desired(agent: &Agent) -> (HashMap<String, StageWant>, HashMap<String, Endpoi
                     .clone()
                     .unwrap_or_else(|| spec.pipeline.clone()),
                 api_keys: spec.api_keys.clone(),
+                head: head_address(agent, &spec.pipeline),
             },
         );
     }
@@ -550,72 +598,34 @@ fn open_endpoint(
     match listener {
         Ok(listener) => {
             let (tx, rx) = oneshot::channel();
-            let weak = Arc::downgrade(agent);
-            let pipeline = want.pipeline.clone();
-            let source = http::Source::new(move || {
-                let agent = weak.upgrade().ok_or("the agent is stopping")?;
-                if agent.is_shutting_down() {
-                    return Err(format!("node {} is shutting down", agent.name()));
+            match &want.head {
+                None => {
+                    let state = endpoint_state(
+                        agent,
+                        name,
+                        &want.pipeline,
+                        &want.served_model,
+                        &want.api_keys,
+                    );
+                    tokio::spawn(crate::endpoint::serve(state, listener, async move {
+                        let _ = rx.await;
+                    }));
                 }
-                if let Some(shared) = agent.runtime.head_of(&pipeline) {
-                    return Ok(shared);
+                Some(head) => {
+                    let target = crate::endpoint::proxy::Target {
+                        endpoint: name.to_string(),
+                        head: head.clone(),
+                        token: agent.settings.token.clone(),
+                    };
+                    tokio::spawn(crate::endpoint::proxy::serve(
+                        target,
+                        listener,
+                        async move {
+                            let _ = rx.await;
+                        },
+                    ));
                 }
-                let status = agent
-                    .store
-                    .get(Kind::Pipeline, &pipeline)
-                    .ok()
-                    .flatten()
-                    .filter(|r| !r.deleted)
-                    .map(|r| agent.pipeline_status(&r));
-                Err(match status {
-                    Some(s) => format!(
-                        "pipeline {pipeline} is {}{}",
-                        s.phase,
-                        s.message.map(|m| format!(": {m}")).unwrap_or_default()
-                    ),
-                    None => format!("pipeline {pipeline} does not exist"),
-                })
-            });
-            let stats_agent = Arc::downgrade(agent);
-            let stats_pipeline = want.pipeline.clone();
-            let stage_stats: crate::endpoint::StageStats = Arc::new(move || {
-                let Some(agent) = stats_agent.upgrade() else {
-                    return Vec::new();
-                };
-                let Ok(Some(record)) = agent.store.get(Kind::Pipeline, &stats_pipeline) else {
-                    return Vec::new();
-                };
-                agent
-                    .pipeline_status(&record)
-                    .stages
-                    .into_iter()
-                    .map(|s| {
-                        (
-                            s.index,
-                            s.node,
-                            s.compute_seconds,
-                            s.forward_passes,
-                            s.sequences,
-                        )
-                    })
-                    .collect()
-            });
-            let state = Arc::new(crate::endpoint::EndpointState {
-                name: name.to_string(),
-                pipeline: want.pipeline.clone(),
-                served_model: want.served_model.clone(),
-                api_keys: want.api_keys.clone(),
-                source,
-                metrics: crate::endpoint::metrics::Metrics::default(),
-                created: std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_secs())
-                    .unwrap_or(0),
-                stage_stats,
-            });
-            tokio::spawn(crate::endpoint::serve(state, listener, async move {
-                let _ = rx.await;
-            }));
+            }
             agent.event(
                 &format!("Endpoint {name}"),
                 false,
@@ -652,4 +662,79 @@ fn open_endpoint(
             }
         }
     }
+}
+
+/// The state of an endpoint served from this node, which runs its pipeline's stage 0: here
+/// when it listens here, or for a peer that listens for it and forwards its requests.
+pub fn endpoint_state(
+    agent: &Arc<Agent>,
+    name: &str,
+    pipeline: &str,
+    served_model: &str,
+    api_keys: &[String],
+) -> Arc<crate::endpoint::EndpointState> {
+    let want_pipeline = pipeline.to_string();
+    let weak = Arc::downgrade(agent);
+    let pipeline = want_pipeline.clone();
+    let source = http::Source::new(move || {
+        let agent = weak.upgrade().ok_or("the agent is stopping")?;
+        if agent.is_shutting_down() {
+            return Err(format!("node {} is shutting down", agent.name()));
+        }
+        if let Some(shared) = agent.runtime.head_of(&pipeline) {
+            return Ok(shared);
+        }
+        let status = agent
+            .store
+            .get(Kind::Pipeline, &pipeline)
+            .ok()
+            .flatten()
+            .filter(|r| !r.deleted)
+            .map(|r| agent.pipeline_status(&r));
+        Err(match status {
+            Some(s) => format!(
+                "pipeline {pipeline} is {}{}",
+                s.phase,
+                s.message.map(|m| format!(": {m}")).unwrap_or_default()
+            ),
+            None => format!("pipeline {pipeline} does not exist"),
+        })
+    });
+    let stats_agent = Arc::downgrade(agent);
+    let stats_pipeline = want_pipeline.clone();
+    let stage_stats: crate::endpoint::StageStats = Arc::new(move || {
+        let Some(agent) = stats_agent.upgrade() else {
+            return Vec::new();
+        };
+        let Ok(Some(record)) = agent.store.get(Kind::Pipeline, &stats_pipeline) else {
+            return Vec::new();
+        };
+        agent
+            .pipeline_status(&record)
+            .stages
+            .into_iter()
+            .map(|s| {
+                (
+                    s.index,
+                    s.node,
+                    s.compute_seconds,
+                    s.forward_passes,
+                    s.sequences,
+                )
+            })
+            .collect()
+    });
+    Arc::new(crate::endpoint::EndpointState {
+        name: name.to_string(),
+        pipeline: want_pipeline.clone(),
+        served_model: served_model.to_string(),
+        api_keys: api_keys.to_vec(),
+        source,
+        metrics: crate::endpoint::metrics::Metrics::default(),
+        created: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        stage_stats,
+    })
 }

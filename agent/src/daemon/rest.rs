@@ -6,6 +6,7 @@
 //! | `GET /api/v1/info`, `/api/v1/status`, `/api/v1/events`, `/api/v1/{kind}[/{name}]` | unless `--open-reads` |
 //! | `POST /api/v1/apply[?dryRun=true]`, `DELETE /api/v1/{kind}/{name}[?dryRun=true]` | always |
 //! | `POST /internal/v1/sync`, `POST /internal/v1/inspect-model` (agents only) | always |
+//! | `/internal/v1/endpoints/{name}/...` (an endpoint's requests forwarded by its node) | always, in `x-cluster-token` |
 //!
 //! Errors are [`ErrorBody`] JSON with the status chosen in one place ([`reply_error`]).
 
@@ -262,6 +263,40 @@ async fn handle(
                 }
             },
         },
+        (_, ["internal", "v1", "endpoints", name, rest @ ..]) => {
+            let token = headers
+                .get(crate::endpoint::proxy::TOKEN_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            if !crate::web::same(token, &agent.settings.token) {
+                reply_error(
+                    StatusCode::UNAUTHORIZED,
+                    "forwarded endpoint requests need the cluster token".into(),
+                    Vec::new(),
+                )
+            } else {
+                match agent.runtime.forwarded_endpoint(&agent, name) {
+                    Ok(state) => {
+                        let path = format!("/{}", rest.join("/"));
+                        crate::endpoint::respond(
+                            state,
+                            method.clone(),
+                            &path,
+                            headers.clone(),
+                            body,
+                        )
+                        .await
+                    }
+                    Err(why) => crate::endpoint::openai::error(
+                        404,
+                        why,
+                        "invalid_request_error",
+                        None,
+                        None,
+                    ),
+                }
+            }
+        }
         _ => reply_error(
             StatusCode::NOT_FOUND,
             format!("no route {method} {}", path.as_str()),

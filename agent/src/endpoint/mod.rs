@@ -6,9 +6,11 @@
 //! - [`openai`]: the OpenAI-compatible routes.
 //! - [`stop`]: stop sequences matched across token boundaries.
 //! - [`metrics`]: counters, histograms and the text exposition.
+//! - [`proxy`]: an endpoint on another node than stage 0's, forwarding to it.
 
 pub mod metrics;
 pub mod openai;
+pub mod proxy;
 pub mod stop;
 
 use std::convert::Infallible;
@@ -94,8 +96,19 @@ async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, Infallible> {
-    let p = path.as_str().trim_end_matches('/');
-    let reply = match (&method, p) {
+    Ok(respond(state, method, path.as_str(), headers, body).await)
+}
+
+/// Answers one request to the endpoint (here, or forwarded from another node).
+pub async fn respond(
+    state: Arc<EndpointState>,
+    method: Method,
+    path: &str,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let p = path.trim_end_matches('/');
+    match (&method, p) {
         (&Method::GET, "/health") => http::health(state.source.clone()),
         (&Method::GET, "/metrics") => warp::reply::with_header(
             state
@@ -132,13 +145,12 @@ async fn handle(
         },
         _ => openai::error(
             404,
-            format!("no route {method} {}", path.as_str()),
+            format!("no route {method} {path}"),
             "invalid_request_error",
             None,
             None,
         ),
-    };
-    Ok(reply)
+    }
 }
 
 /// Serves the endpoint on `listener` until `shutdown`.

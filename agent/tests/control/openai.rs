@@ -484,3 +484,63 @@ fn openais_python_sdk_and_clusterctl_chat_work_against_an_endpoint() {
     assert_eq!(v["completion"], want_text["text"]);
     assert_eq!(v["unknown_model"], 404);
 }
+
+#[test]
+fn an_endpoint_on_another_node_than_stage_0_forwards_to_it() {
+    let c = Cluster::start(2, &[]);
+    let model = c.dir.path().join("model");
+    make_model(&model);
+    let port = free_port();
+    let text = format!(
+        "{}apiVersion: v1\nkind: Model\nmetadata: {{name: tiny}}\nspec: {{source: {{path: \"{}\"}}}}\n---\napiVersion: v1\nkind: Pipeline\nmetadata: {{name: tiny-pipe}}\nspec:\n  model: tiny\n  device: cpu\n  stages:\n    - {{node: node-0, layers: \"0-1\"}}\n    - {{node: node-1, layers: \"2-3\"}}\n---\napiVersion: v1\nkind: Endpoint\nmetadata: {{name: tiny-api}}\nspec: {{pipeline: tiny-pipe, node: node-1, port: {port}, servedModelName: {MODEL}, apiKeys: [{KEY}]}}\n",
+        c.nodes_yaml(),
+        model.display()
+    );
+    c.apply_wait("forwarded.yaml", &text);
+    let ep = c.get(0, "/api/v1/endpoints/tiny-api");
+    assert_eq!(ep["status"]["node"], "node-1", "{ep}");
+    let prompt = "Two machines";
+    let want = one_process_json(&model, prompt, 12, true);
+    c.wait_for(
+        "the forwarding endpoint answers",
+        Duration::from_secs(10),
+        || json_of(port, "/v1/chat/completions", &chat_body(prompt, 12)).0 == 200,
+    );
+    let (_, v) = json_of(port, "/v1/chat/completions", &chat_body(prompt, 12));
+    assert_eq!(v["choices"][0]["message"]["content"], want["text"]);
+    let mut body = chat_body(prompt, 12);
+    body["stream"] = json!(true);
+    let (status, ctype, raw) = post(port, "/v1/chat/completions", Some(KEY), &body);
+    assert_eq!((status, ctype.as_str()), (200, "text/event-stream"));
+    let streamed: String = sse_events(&raw)
+        .iter()
+        .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(streamed, want["text"].as_str().unwrap());
+    let (status, _, text) = post(port, "/v1/chat/completions", Some("wrong"), &body);
+    assert_eq!(status, 401, "{text}");
+    // A client that goes away cancels its sequence on stage 0's node.
+    let mut long = chat_body("Hello", 3000);
+    long["stream"] = json!(true);
+    long["ignore_eos"] = json!(true);
+    let resp = http()
+        .post(&format!("http://127.0.0.1:{port}/v1/chat/completions"))
+        .header("Authorization", &format!("Bearer {KEY}"))
+        .send_json(&long)
+        .unwrap();
+    let mut reader = BufReader::new(resp.into_body().into_reader());
+    let mut first = String::new();
+    reader.read_line(&mut first).unwrap();
+    drop(reader);
+    c.wait_for("the cancel reaches stage 0", Duration::from_secs(10), || {
+        let text = http()
+            .get(&format!("http://127.0.0.1:{port}/metrics"))
+            .call()
+            .unwrap()
+            .body_mut()
+            .read_to_string()
+            .unwrap();
+        text.contains("clusteragent_requests_cancelled_total{endpoint=\"tiny-api\",pipeline=\"tiny-pipe\"} 1")
+            && text.contains("clusteragent_sequences_in_flight{endpoint=\"tiny-api\",pipeline=\"tiny-pipe\"} 0")
+    });
+}
