@@ -73,6 +73,22 @@ fn sse_events(body: &str) -> Vec<Value> {
         .collect()
 }
 
+/// Starts a 3000-token stream and reads its first event line; returns the open stream.
+fn long_stream(port: u16) -> (BufReader<impl Read>, String) {
+    let mut body = chat_body("Hello", 3000);
+    body["stream"] = json!(true);
+    body["ignore_eos"] = json!(true);
+    let resp = http()
+        .post(&format!("http://127.0.0.1:{port}/v1/chat/completions"))
+        .header("Authorization", &format!("Bearer {KEY}"))
+        .send_json(&body)
+        .unwrap();
+    let mut reader = BufReader::new(resp.into_body().into_reader());
+    let mut first = String::new();
+    reader.read_line(&mut first).unwrap();
+    (reader, first)
+}
+
 fn chat_body(prompt: &str, max_tokens: usize) -> Value {
     json!({"model": MODEL, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0})
 }
@@ -257,17 +273,7 @@ fn each_error_has_openais_body_and_status() {
     check(s, &v, 400, None, "messages");
 
     // maxSequences is 1: while one stream runs, another request gets 429 with Retry-After.
-    let mut long_body = chat_body("Hello", 3000);
-    long_body["stream"] = json!(true);
-    long_body["ignore_eos"] = json!(true);
-    let resp = http()
-        .post(&format!("http://127.0.0.1:{port}/v1/chat/completions"))
-        .header("Authorization", &format!("Bearer {KEY}"))
-        .send_json(&long_body)
-        .unwrap();
-    let mut reader = BufReader::new(resp.into_body().into_reader());
-    let mut first = String::new();
-    reader.read_line(&mut first).unwrap();
+    let (reader, first) = long_stream(port);
     assert!(first.starts_with("data: "), "{first}");
     let mut r = http()
         .post(&format!("http://127.0.0.1:{port}/v1/chat/completions"))
@@ -330,17 +336,7 @@ fn sixteen_concurrent_streams_complete_and_a_disconnect_frees_its_sequence() {
     }
 
     // A client that goes away mid-stream: its sequence is cancelled around the ring.
-    let mut body = chat_body("Hello", 3000);
-    body["stream"] = json!(true);
-    body["ignore_eos"] = json!(true);
-    let resp = http()
-        .post(&format!("http://127.0.0.1:{port}/v1/chat/completions"))
-        .header("Authorization", &format!("Bearer {KEY}"))
-        .send_json(&body)
-        .unwrap();
-    let mut reader = BufReader::new(resp.into_body().into_reader());
-    let mut buf = [0u8; 512];
-    let _ = reader.read(&mut buf).unwrap();
+    let (reader, _) = long_stream(port);
     drop(reader);
     let metric = |text: &str, name: &str| -> Vec<f64> {
         text.lines()
@@ -520,17 +516,7 @@ fn an_endpoint_on_another_node_than_stage_0_forwards_to_it() {
     let (status, _, text) = post(port, "/v1/chat/completions", Some("wrong"), &body);
     assert_eq!(status, 401, "{text}");
     // A client that goes away cancels its sequence on stage 0's node.
-    let mut long = chat_body("Hello", 3000);
-    long["stream"] = json!(true);
-    long["ignore_eos"] = json!(true);
-    let resp = http()
-        .post(&format!("http://127.0.0.1:{port}/v1/chat/completions"))
-        .header("Authorization", &format!("Bearer {KEY}"))
-        .send_json(&long)
-        .unwrap();
-    let mut reader = BufReader::new(resp.into_body().into_reader());
-    let mut first = String::new();
-    reader.read_line(&mut first).unwrap();
+    let (reader, _) = long_stream(port);
     drop(reader);
     c.wait_for("the cancel reaches stage 0", Duration::from_secs(10), || {
         let text = http()
