@@ -713,14 +713,13 @@ pub fn endpoint_state(
             .pipeline_status(&record)
             .stages
             .into_iter()
-            .map(|s| {
-                (
-                    s.index,
-                    s.node,
-                    s.compute_seconds,
-                    s.forward_passes,
-                    s.sequences,
-                )
+            .map(|s| crate::endpoint::metrics::StageGauge {
+                index: s.index,
+                node: s.node,
+                compute_seconds: s.compute_seconds,
+                forward_passes: s.forward_passes,
+                cached_sequences: s.sequences,
+                memory_bytes: s.memory_bytes,
             })
             .collect()
     });

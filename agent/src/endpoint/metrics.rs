@@ -72,6 +72,23 @@ pub struct Metrics {
     pub itl: Histogram,
 }
 
+/// One stage's figures, from its node's report.
+#[derive(Debug, Clone, Default)]
+pub struct StageGauge {
+    /// Stage index.
+    pub index: usize,
+    /// Its node.
+    pub node: String,
+    /// Seconds in forward passes.
+    pub compute_seconds: f64,
+    /// Forward passes.
+    pub forward_passes: u64,
+    /// Sequences holding a cache on it.
+    pub cached_sequences: usize,
+    /// Bytes of weights it holds.
+    pub memory_bytes: u64,
+}
+
 /// Gauges read from the pipeline at scrape time.
 #[derive(Debug, Default)]
 pub struct PipelineGauges {
@@ -81,8 +98,8 @@ pub struct PipelineGauges {
     pub max_sequences: usize,
     /// Jobs waiting in stage 0's compute queue.
     pub queue_depth: usize,
-    /// Per stage: index, node, compute seconds, forward passes, sequences cached.
-    pub stages: Vec<(usize, String, f64, u64, usize)>,
+    /// Per stage.
+    pub stages: Vec<StageGauge>,
     /// Mean seconds per hop of the last probes around the ring (network and framing only).
     pub hop_seconds: Option<f64>,
 }
@@ -175,35 +192,49 @@ impl Metrics {
                 "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{{l}}} {v}"
             );
         }
-        let _ = writeln!(
-            out,
-            "# HELP clusteragent_stage_compute_seconds_total Time each stage spent in forward passes.\n# TYPE clusteragent_stage_compute_seconds_total counter"
+        type Series = (
+            &'static str,
+            &'static str,
+            &'static str,
+            fn(&StageGauge) -> f64,
         );
-        for (i, node, secs, _, _) in &g.stages {
-            let _ = writeln!(
-                out,
-                "clusteragent_stage_compute_seconds_total{{{l},stage=\"{i}\",node=\"{node}\"}} {secs}"
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP clusteragent_stage_forward_passes_total Forward passes of each stage (a batched pass counts once).\n# TYPE clusteragent_stage_forward_passes_total counter"
-        );
-        for (i, node, _, passes, _) in &g.stages {
-            let _ = writeln!(
-                out,
-                "clusteragent_stage_forward_passes_total{{{l},stage=\"{i}\",node=\"{node}\"}} {passes}"
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP clusteragent_stage_cached_sequences Sequences holding a KV cache on each stage.\n# TYPE clusteragent_stage_cached_sequences gauge"
-        );
-        for (i, node, _, _, cached) in &g.stages {
-            let _ = writeln!(
-                out,
-                "clusteragent_stage_cached_sequences{{{l},stage=\"{i}\",node=\"{node}\"}} {cached}"
-            );
+        let per_stage: [Series; 4] = [
+            (
+                "clusteragent_stage_compute_seconds_total",
+                "counter",
+                "Time each stage spent in forward passes.",
+                |s| s.compute_seconds,
+            ),
+            (
+                "clusteragent_stage_forward_passes_total",
+                "counter",
+                "Forward passes of each stage (a batched pass counts once).",
+                |s| s.forward_passes as f64,
+            ),
+            (
+                "clusteragent_stage_cached_sequences",
+                "gauge",
+                "Sequences holding a KV cache on each stage.",
+                |s| s.cached_sequences as f64,
+            ),
+            (
+                "clusteragent_stage_memory_bytes",
+                "gauge",
+                "Bytes of weights each stage holds.",
+                |s| s.memory_bytes as f64,
+            ),
+        ];
+        for (name, kind, help, value) in per_stage {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for st in &g.stages {
+                let _ = writeln!(
+                    out,
+                    "{name}{{{l},stage=\"{}\",node=\"{}\"}} {}",
+                    st.index,
+                    st.node,
+                    value(st)
+                );
+            }
         }
         if let Some(h) = g.hop_seconds {
             let _ = writeln!(
@@ -230,7 +261,14 @@ mod tests {
             "p",
             &PipelineGauges {
                 in_flight: 3,
-                stages: vec![(0, "a".into(), 1.5, 10, 2)],
+                stages: vec![StageGauge {
+                    index: 0,
+                    node: "a".into(),
+                    compute_seconds: 1.5,
+                    forward_passes: 10,
+                    cached_sequences: 2,
+                    memory_bytes: 1024,
+                }],
                 ..PipelineGauges::default()
             },
         );
@@ -243,5 +281,6 @@ mod tests {
             text.contains("clusteragent_sequences_in_flight{endpoint=\"api\",pipeline=\"p\"} 3")
         );
         assert!(text.contains("clusteragent_stage_cached_sequences{endpoint=\"api\",pipeline=\"p\",stage=\"0\",node=\"a\"} 2"));
+        assert!(text.contains("clusteragent_stage_memory_bytes{endpoint=\"api\",pipeline=\"p\",stage=\"0\",node=\"a\"} 1024"));
     }
 }

@@ -24,9 +24,8 @@ use warp::{Filter, Reply};
 
 use crate::ring::http::{self, Source};
 
-/// Per-stage statistics of the pipeline, as the agent knows them (index, node, compute
-/// seconds, forward passes, cached sequences).
-pub type StageStats = Arc<dyn Fn() -> Vec<(usize, String, f64, u64, usize)> + Send + Sync>;
+/// Per-stage figures of the pipeline, as the agent knows them from its nodes' reports.
+pub type StageStats = Arc<dyn Fn() -> Vec<metrics::StageGauge> + Send + Sync>;
 
 /// What an endpoint serves.
 pub struct EndpointState {

@@ -376,6 +376,11 @@ fn sixteen_concurrent_streams_complete_and_a_disconnect_frees_its_sequence() {
         "{text}"
     );
     assert!(metric(&text, "clusteragent_hop_network_seconds")[0] > 0.0);
+    let memory = metric(&text, "clusteragent_stage_memory_bytes");
+    assert!(
+        memory.len() == 2 && memory.iter().all(|m| *m > 0.0),
+        "{text}"
+    );
     assert!(
         metric(&text, "clusteragent_stage_compute_seconds_total")
             .iter()
