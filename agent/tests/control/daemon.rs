@@ -124,3 +124,19 @@ fn settings_come_from_flags_then_environment_then_the_config_file() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("unknown field `lisen`"), "{err}");
 }
+
+#[test]
+fn reads_need_the_token_unless_the_agent_opens_them() {
+    let c = Cluster::start(2, &[&["--open-reads"], &[]]);
+    let nodes = c.write("nodes.yaml", &c.nodes_yaml());
+    // Open reads: anyone may look; changing still needs the token.
+    assert!(c.ctl_with(0, None, &["get", "nodes"]).status.success());
+    let out = c.ctl_with(0, None, &["apply", "-f", nodes.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", shown(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
+    // The default: reads need it too.
+    let out = c.ctl_with(1, None, &["get", "nodes"]);
+    assert_eq!(out.status.code(), Some(1), "{}", shown(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
+    assert!(c.ctl_on(1, &["get", "nodes"]).status.success());
+}

@@ -198,6 +198,23 @@ fn chat_and_completions_give_the_engines_tokens_streamed_or_not() {
         "stop"
     );
 
+    // Sampling with a seed is reproducible, and the seed matters.
+    let sampled = |seed: u64| {
+        let mut b = chat_body(prompt, 16);
+        b["temperature"] = json!(1.0);
+        b["seed"] = json!(seed);
+        json_of(port, "/v1/chat/completions", &b).1["choices"][0]["message"]["content"].clone()
+    };
+    assert_eq!(sampled(42), sampled(42));
+    assert_ne!(sampled(42), sampled(43));
+    // max_completion_tokens is max_tokens' newer name.
+    let mut b = chat_body(prompt, 24);
+    b.as_object_mut().unwrap().remove("max_tokens");
+    b["max_completion_tokens"] = json!(3);
+    b["ignore_eos"] = json!(true);
+    let (_, v) = json_of(port, "/v1/chat/completions", &b);
+    assert_eq!(v["usage"]["completion_tokens"], 3, "{v}");
+
     // Models, and fields OpenAI's API has that this server does not know are ignored.
     let mut r = http()
         .get(&format!("http://127.0.0.1:{port}/v1/models"))
