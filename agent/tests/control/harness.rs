@@ -88,30 +88,7 @@ pub fn make_model(dir: &Path) {
 
 /// Greedy tokens of the one-process engine (`clusteragent generate`), the reference.
 pub fn one_process(model: &Path, prompt: &str, max_tokens: usize) -> Vec<u32> {
-    let out = Command::new(env!("CARGO_BIN_EXE_clusteragent"))
-        .args([
-            "generate",
-            "--model",
-            model.to_str().unwrap(),
-            "--device",
-            "cpu",
-        ])
-        .args([
-            "--prompt",
-            prompt,
-            "--max-tokens",
-            &max_tokens.to_string(),
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    v["token_ids"]
+    one_process_json(model, prompt, max_tokens, false)["token_ids"]
         .as_array()
         .unwrap()
         .iter()

@@ -15,14 +15,25 @@ const MODEL: &str = "tiny-model";
 
 /// A 2-agent cluster serving the tiny model split in two, behind an endpoint with an API key.
 fn serve(max_sequences: usize) -> (Cluster, std::path::PathBuf, u16) {
+    serve_on(max_sequences, None)
+}
+
+/// [`serve`] with the endpoint on `endpoint_node` (default: stage 0's node).
+fn serve_on(
+    max_sequences: usize,
+    endpoint_node: Option<&str>,
+) -> (Cluster, std::path::PathBuf, u16) {
     let c = Cluster::start(2, &[]);
     let model = c.dir.path().join("model");
     make_model(&model);
     let port = free_port();
     let text = format!(
-        "{}apiVersion: v1\nkind: Model\nmetadata: {{name: tiny}}\nspec: {{source: {{path: \"{}\"}}}}\n---\napiVersion: v1\nkind: Pipeline\nmetadata: {{name: tiny-pipe}}\nspec:\n  model: tiny\n  device: cpu\n  maxSequences: {max_sequences}\n  stages:\n    - {{node: node-0, layers: \"0-1\"}}\n    - {{node: node-1, layers: \"2-3\"}}\n---\napiVersion: v1\nkind: Endpoint\nmetadata: {{name: tiny-api}}\nspec: {{pipeline: tiny-pipe, port: {port}, servedModelName: {MODEL}, apiKeys: [{KEY}]}}\n",
+        "{}apiVersion: v1\nkind: Model\nmetadata: {{name: tiny}}\nspec: {{source: {{path: \"{}\"}}}}\n---\napiVersion: v1\nkind: Pipeline\nmetadata: {{name: tiny-pipe}}\nspec:\n  model: tiny\n  device: cpu\n  maxSequences: {max_sequences}\n  stages:\n    - {{node: node-0, layers: \"0-1\"}}\n    - {{node: node-1, layers: \"2-3\"}}\n---\napiVersion: v1\nkind: Endpoint\nmetadata: {{name: tiny-api}}\nspec: {{pipeline: tiny-pipe,{node} port: {port}, servedModelName: {MODEL}, apiKeys: [{KEY}]}}\n",
         c.nodes_yaml(),
-        model.display()
+        model.display(),
+        node = endpoint_node
+            .map(|n| format!(" node: {n},"))
+            .unwrap_or_default(),
     );
     c.apply_wait("openai.yaml", &text);
     (c, model, port)
@@ -505,16 +516,7 @@ fn openais_python_sdk_and_clusterctl_chat_work_against_an_endpoint() {
 
 #[test]
 fn an_endpoint_on_another_node_than_stage_0_forwards_to_it() {
-    let c = Cluster::start(2, &[]);
-    let model = c.dir.path().join("model");
-    make_model(&model);
-    let port = free_port();
-    let text = format!(
-        "{}apiVersion: v1\nkind: Model\nmetadata: {{name: tiny}}\nspec: {{source: {{path: \"{}\"}}}}\n---\napiVersion: v1\nkind: Pipeline\nmetadata: {{name: tiny-pipe}}\nspec:\n  model: tiny\n  device: cpu\n  stages:\n    - {{node: node-0, layers: \"0-1\"}}\n    - {{node: node-1, layers: \"2-3\"}}\n---\napiVersion: v1\nkind: Endpoint\nmetadata: {{name: tiny-api}}\nspec: {{pipeline: tiny-pipe, node: node-1, port: {port}, servedModelName: {MODEL}, apiKeys: [{KEY}]}}\n",
-        c.nodes_yaml(),
-        model.display()
-    );
-    c.apply_wait("forwarded.yaml", &text);
+    let (c, model, port) = serve_on(64, Some("node-1"));
     let ep = c.get(0, "/api/v1/endpoints/tiny-api");
     assert_eq!(ep["status"]["node"], "node-1", "{ep}");
     let prompt = "Two machines";
