@@ -1,8 +1,9 @@
-//! The compute thread of a stage: it owns the stage's work, takes jobs from a bounded queue in
-//! arrival order (whichever sequence's frame came first), and hands results to the link toward
+//! The compute thread of a stage: it owns the stage's work, reads its predecessor's frames
+//! itself (see [`super::inbound`]), takes the head's jobs from a bounded queue, serves them in
+//! arrival order (whichever sequence's frame came first), and writes results to the link toward
 //! the successor. Compute never runs on the async runtime's threads.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use super::frame::{FLAG_LAST_CHUNK, Frame, FrameKind};
+use super::inbound::{InboundConn, Sleeper, Wake};
 use super::node::Shared;
 
 /// Jobs for the compute thread; the queue holding them is bounded (see [`QUEUE_CAPACITY`]).
@@ -48,6 +50,8 @@ pub enum Job {
     /// The stage is being unloaded: free everything and end the thread, which drops its
     /// hold on the weights.
     Stop,
+    /// A new connection from the predecessor, handshake done: the compute thread reads it.
+    Inbound(Box<InboundConn>),
 }
 
 /// How many jobs may wait: every sequence has at most one decode step queued at a time, so this
@@ -69,28 +73,57 @@ pub struct SequenceStart {
 /// sequences, few enough that one pass stays short.
 pub const MAX_BATCH: usize = 16;
 
-/// Waits for the next job, first polling for up to `spin` (yielding the core to the threads
-/// that deliver jobs), then sleeping.
-///
-/// Between two steps of a sequence a stage waits for the other stages, a few milliseconds. A
-/// thread that sleeps for that long lets a virtual CPU halt, and waking it costs more than the
-/// network hop: on this project's 2-core VM, polling raised one sequence through a 2-stage ring
-/// from 0.83 to 0.89-0.93 of one process and four sequences from 1.5-1.65x to 2.05-2.15x
-/// (`clusteragent bench-ring`, two runs each). After `spin` without work the thread sleeps, so
-/// an idle stage costs no CPU.
-fn next_job(jobs: &mut mpsc::Receiver<Job>, spin: Duration) -> Option<Job> {
-    let start = Instant::now();
-    loop {
-        match jobs.try_recv() {
-            Ok(job) => return Some(job),
-            Err(mpsc::error::TryRecvError::Disconnected) => return None,
-            Err(mpsc::error::TryRecvError::Empty) => {
-                if start.elapsed() >= spin {
-                    return jobs.blocking_recv();
-                }
-                std::thread::yield_now();
-            }
+/// Why a job was not queued (the job itself is dropped).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotQueued {
+    /// The queue holds [`QUEUE_CAPACITY`] jobs.
+    Full,
+    /// The compute thread has ended.
+    Stopped,
+}
+
+/// The compute thread's queue, and the wake-up for when the thread sleeps: every sender goes
+/// through here so that no job waits for a sleeping thread.
+#[derive(Clone)]
+pub struct JobQueue {
+    tx: mpsc::Sender<Job>,
+    wake: Arc<Wake>,
+}
+
+impl JobQueue {
+    /// A queue over a bounded channel whose receiver the compute thread owns.
+    pub fn new(tx: mpsc::Sender<Job>, wake: Wake) -> Self {
+        Self {
+            tx,
+            wake: Arc::new(wake),
         }
+    }
+
+    /// Queues a job, waiting while the queue is full.
+    pub async fn send(&self, job: Job) -> Result<(), NotQueued> {
+        self.tx.send(job).await.map_err(|_| NotQueued::Stopped)?;
+        self.wake.wake();
+        Ok(())
+    }
+
+    /// Queues a job now, or fails when the queue is full or the thread has ended.
+    pub fn try_send(&self, job: Job) -> Result<(), NotQueued> {
+        self.tx.try_send(job).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => NotQueued::Full,
+            mpsc::error::TrySendError::Closed(_) => NotQueued::Stopped,
+        })?;
+        self.wake.wake();
+        Ok(())
+    }
+
+    /// How many jobs the queue holds at most.
+    pub fn max_capacity(&self) -> usize {
+        self.tx.max_capacity()
+    }
+
+    /// How many more jobs fit now.
+    pub fn capacity(&self) -> usize {
+        self.tx.capacity()
     }
 }
 
@@ -107,43 +140,109 @@ fn decode_seq(job: &Job) -> Option<SeqId> {
     }
 }
 
-/// Runs the compute loop until the queue closes. Decode steps waiting together (of different
-/// sequences, with nothing else queued between them) run as one batch.
-pub fn run(shared: Arc<Shared>, stage: Arc<Stage>, mut jobs: mpsc::Receiver<Job>, spin: Duration) {
-    let mut samplers: HashMap<SeqId, Sampler> = HashMap::new();
-    let mut held: Option<Job> = None;
-    loop {
-        let job = match held.take() {
-            Some(j) => j,
-            None => match next_job(&mut jobs, spin) {
+/// The longest single sleep of an idle compute thread; it looks around and sleeps again.
+const SLEEP_LIMIT: Duration = Duration::from_secs(1);
+
+/// Runs the compute loop until the queue closes or a [`Job::Stop`]. Decode steps waiting
+/// together (of different sequences, with nothing else queued between them) run as one batch.
+///
+/// Between two steps of a sequence a stage waits for the other stages, a few milliseconds. The
+/// thread keeps looking for work (its queue, then its inbound socket) for `spin` before it
+/// sleeps, yielding the core between looks: a thread that sleeps for that long lets a virtual
+/// CPU halt, and waking it costs more than the network hop (on this project's 2-core VM,
+/// polling raised one sequence through a 2-stage ring from 0.83 to 0.89-0.93 of one process,
+/// `clusteragent bench-ring`). After `spin` without work it sleeps, so an idle stage costs no
+/// CPU.
+pub fn run(
+    shared: Arc<Shared>,
+    stage: Arc<Stage>,
+    jobs: mpsc::Receiver<Job>,
+    sleeper: Sleeper,
+    spin: Duration,
+) {
+    Worker {
+        shared,
+        stage,
+        jobs,
+        sleeper,
+        spin,
+        inbound: None,
+        inbox: VecDeque::new(),
+        frames: Vec::new(),
+        samplers: HashMap::new(),
+    }
+    .run();
+}
+
+struct Worker {
+    shared: Arc<Shared>,
+    stage: Arc<Stage>,
+    jobs: mpsc::Receiver<Job>,
+    sleeper: Sleeper,
+    spin: Duration,
+    /// The current connection from the predecessor.
+    inbound: Option<InboundConn>,
+    /// Jobs made from inbound frames, in the order the frames came.
+    inbox: VecDeque<Job>,
+    /// Reused buffer for frames just read.
+    frames: Vec<Frame>,
+    samplers: HashMap<SeqId, Sampler>,
+}
+
+impl Worker {
+    fn run(&mut self) {
+        let mut held: Option<Job> = None;
+        loop {
+            let job = match held.take() {
                 Some(j) => j,
-                None => return,
-            },
-        };
-        if decode_seq(&job).is_some() {
-            let mut batch = vec![job];
-            while batch.len() < MAX_BATCH {
-                let Ok(next) = jobs.try_recv() else { break };
-                match decode_seq(&next) {
-                    Some(seq) if !batch.iter().any(|b| decode_seq(b) == Some(seq)) => {
-                        batch.push(next)
-                    }
-                    _ => {
-                        held = Some(next);
-                        break;
+                None => match self.next_job() {
+                    Some(j) => j,
+                    None => return,
+                },
+            };
+            if decode_seq(&job).is_some() {
+                let mut batch = vec![job];
+                while batch.len() < MAX_BATCH {
+                    let Some(next) = self.ready_job() else { break };
+                    match decode_seq(&next) {
+                        Some(seq) if !batch.iter().any(|b| decode_seq(b) == Some(seq)) => {
+                            batch.push(next)
+                        }
+                        _ => {
+                            held = Some(next);
+                            break;
+                        }
                     }
                 }
+                decode_batch(&self.shared, &self.stage, &mut self.samplers, batch);
+                self.flush_events();
+                continue;
             }
-            decode_batch(&shared, &stage, &mut samplers, batch);
-            continue;
+            if !self.one(job) {
+                return;
+            }
+            self.flush_events();
         }
+    }
+
+    /// Stage 0: sends the token events the head held back while this thread started the next
+    /// steps (see [`super::head::Head::flush_events`]).
+    fn flush_events(&self) {
+        if let Some(head) = &self.shared.head {
+            head.flush_events();
+        }
+    }
+
+    /// Runs one job that is not a decode step; false when the thread must end.
+    fn one(&mut self, job: Job) -> bool {
+        let (shared, stage) = (&self.shared, &self.stage);
         match job {
             Job::Frame(frame) => {
                 let input = match frame.tensor() {
                     Ok(t) => StageInput::Hidden(t),
                     Err(e) => {
                         shared.fail_sequence(frame.seq, &format!("bad hidden states: {e}"));
-                        continue;
+                        return true;
                     }
                 };
                 let last_chunk =
@@ -155,7 +254,7 @@ pub fn run(shared: Arc<Shared>, stage: Arc<Stage>, mut jobs: mpsc::Receiver<Job>
                     last_chunk,
                     meta: frame.meta,
                 };
-                single(&shared, &stage, &mut samplers, step, input);
+                single(shared, stage, &mut self.samplers, step, input);
             }
             Job::Tokens {
                 seq,
@@ -173,16 +272,16 @@ pub fn run(shared: Arc<Shared>, stage: Arc<Stage>, mut jobs: mpsc::Receiver<Job>
                     meta: start.unwrap_or_default(),
                 };
                 single(
-                    &shared,
-                    &stage,
-                    &mut samplers,
+                    shared,
+                    stage,
+                    &mut self.samplers,
                     step,
                     StageInput::Tokens(tokens),
                 );
             }
             Job::Release { seq, kind } => {
                 stage.release(seq);
-                samplers.remove(&seq);
+                self.samplers.remove(&seq);
                 if !stage.is_last() {
                     shared.send(Frame::new(
                         kind,
@@ -192,13 +291,14 @@ pub fn run(shared: Arc<Shared>, stage: Arc<Stage>, mut jobs: mpsc::Receiver<Job>
                     ));
                 }
             }
+            Job::Inbound(conn) => self.install(*conn),
             Job::Stop => {
                 stage.release_all();
-                return;
+                return false;
             }
             Job::DropAll => {
                 let n = stage.release_all();
-                samplers.clear();
+                self.samplers.clear();
                 if n > 0 {
                     tracing::warn!(
                         stage = shared.index,
@@ -206,6 +306,153 @@ pub fn run(shared: Arc<Shared>, stage: Arc<Stage>, mut jobs: mpsc::Receiver<Job>
                         "freed every sequence's cache after a link went down"
                     );
                 }
+            }
+        }
+        true
+    }
+
+    /// A job available now, without waiting: from the inbound frames first, then the queue,
+    /// then whatever the socket has.
+    fn ready_job(&mut self) -> Option<Job> {
+        if let Some(j) = self.inbox.pop_front() {
+            return Some(j);
+        }
+        if let Ok(j) = self.jobs.try_recv() {
+            return Some(j);
+        }
+        self.read_inbound();
+        self.inbox.pop_front()
+    }
+
+    /// Waits for the next job: looks for `spin`, then sleeps. `None` when the queue closed.
+    fn next_job(&mut self) -> Option<Job> {
+        let mut since = Instant::now();
+        loop {
+            if let Some(j) = self.inbox.pop_front() {
+                return Some(j);
+            }
+            match self.jobs.try_recv() {
+                Ok(job) => return Some(job),
+                Err(mpsc::error::TryRecvError::Disconnected) => return None,
+                Err(mpsc::error::TryRecvError::Empty) => {}
+            }
+            if self.read_inbound() {
+                continue;
+            }
+            if since.elapsed() >= self.spin {
+                self.flush_events();
+                let jobs = &self.jobs;
+                // The socket needs no look here: its poller reports bytes that came after the
+                // last read.
+                self.sleeper
+                    .sleep(&self.shared.jobs.wake, SLEEP_LIMIT, || jobs.is_empty());
+                since = Instant::now();
+                continue;
+            }
+            std::thread::yield_now();
+        }
+    }
+
+    /// Takes a new connection from the predecessor; one it replaces (the predecessor restarted
+    /// while the old one still looked open) is closed.
+    fn install(&mut self, mut conn: InboundConn) {
+        if let Some(mut old) = self.inbound.take() {
+            self.sleeper.forget(&mut old);
+        }
+        match self.sleeper.watch(&mut conn) {
+            Ok(()) => self.inbound = Some(conn),
+            // Dropping it closes it; the predecessor reconnects.
+            Err(e) => tracing::error!(error = %e, "cannot watch the predecessor's connection"),
+        }
+    }
+
+    /// Reads and routes the frames the predecessor has sent; true when anything happened.
+    fn read_inbound(&mut self) -> bool {
+        let Some(conn) = self.inbound.as_mut() else {
+            return false;
+        };
+        let mut frames = std::mem::take(&mut self.frames);
+        let read = conn.read_frames(&mut frames);
+        let happened = !frames.is_empty() || read.is_err();
+        let mut broken = read.err().map(|e| e.to_string());
+        for frame in frames.drain(..) {
+            if let Err(why) = self.route(frame) {
+                broken = Some(why);
+                break;
+            }
+        }
+        frames.clear();
+        self.frames = frames;
+        if let Some(why) = broken {
+            self.inbound_lost(why);
+        }
+        happened
+    }
+
+    /// What a frame from the predecessor asks; an error ends the connection.
+    fn route(&mut self, frame: Frame) -> Result<(), String> {
+        let shared = &self.shared;
+        if frame.pipeline != shared.config.pipeline || frame.generation != shared.config.generation
+        {
+            return Err(format!(
+                "sent a frame for pipeline {:?} generation {}",
+                frame.pipeline, frame.generation
+            ));
+        }
+        match (&shared.head, frame.kind) {
+            (None, FrameKind::Prefill | FrameKind::Decode) => {
+                self.inbox.push_back(Job::Frame(frame))
+            }
+            (None, FrameKind::Release | FrameKind::Cancel) => self.inbox.push_back(Job::Release {
+                seq: frame.seq,
+                kind: frame.kind,
+            }),
+            (None, FrameKind::Error | FrameKind::Probe) => shared.forward(&frame),
+            (Some(head), FrameKind::Token) => {
+                let ids = frame.tokens().map_err(|e| e.to_string())?;
+                let &[id] = ids.as_slice() else {
+                    return Err(format!("a token frame carries {} ids", ids.len()));
+                };
+                head.on_token(shared, frame.seq, id);
+            }
+            (Some(head), FrameKind::Probe) => {
+                head.probe_back(frame.seq, shared.config.stages.len())
+            }
+            (Some(head), FrameKind::Error) => {
+                let message = frame.meta_text();
+                if frame.seq == 0 {
+                    head.fail_all(shared, message);
+                } else {
+                    head.fail(shared, frame.seq, message);
+                }
+            }
+            (_, kind) => return Err(format!("sent an unexpected {kind:?} frame")),
+        }
+        Ok(())
+    }
+
+    /// The predecessor's connection ended: every sequence in flight is lost.
+    fn inbound_lost(&mut self, why: String) {
+        let Some(mut conn) = self.inbound.take() else {
+            return;
+        };
+        self.sleeper.forget(&mut conn);
+        let shared = &self.shared;
+        let message = format!("{} went away: {why}", conn.predecessor);
+        tracing::warn!(stage = shared.index, "{message}");
+        match &shared.head {
+            Some(head) => head.fail_all(shared, message),
+            None => {
+                // After the frames already taken from that connection, which came first.
+                self.inbox.push_back(Job::DropAll);
+                let frame = Frame::new(
+                    FrameKind::Error,
+                    &shared.config.pipeline,
+                    shared.config.generation,
+                    0,
+                )
+                .with_meta(message);
+                shared.forward(&frame);
             }
         }
     }

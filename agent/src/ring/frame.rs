@@ -408,6 +408,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
+    /// The stream and the bytes already read from it but not yet parsed.
+    pub fn into_parts(self) -> (R, BytesMut) {
+        (self.stream, self.buf)
+    }
+
     /// The next frame; `Ok(None)` when the peer closed cleanly between frames.
     pub async fn read_frame(&mut self) -> Result<Option<Frame>, FrameError> {
         loop {

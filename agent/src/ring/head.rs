@@ -101,6 +101,9 @@ pub struct Head {
     hop_nanos: AtomicU64,
     /// A sequence with no token for this long is failed rather than left hanging.
     pub step_timeout: Duration,
+    /// Token events held back until stage 0's compute thread has started the sequence's next
+    /// step (see [`Head::flush_events`]).
+    deferred: Mutex<Vec<(mpsc::UnboundedSender<Event>, Event)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -124,6 +127,7 @@ impl Head {
             probe_out: Mutex::new(None),
             hop_nanos: AtomicU64::new(0),
             step_timeout,
+            deferred: Mutex::new(Vec::new()),
         }
     }
 
@@ -326,23 +330,39 @@ impl Head {
             {
                 text.push_str(&rest);
             }
-            let mut alive = st.events.send(Event::Token { id, text }).is_ok();
-            if let Some(reason) = finish {
-                let first = st.first_token_at.unwrap_or(now);
-                let decode_secs = now.duration_since(first).as_secs_f64();
-                let _ = st.events.send(Event::Done {
-                    finish_reason: reason,
-                    prompt_tokens: st.prompt_len,
-                    completion_tokens: st.generated,
-                    time_to_first_token_ms: first.duration_since(st.admitted).as_secs_f64() * 1e3,
-                    decode_tokens_per_s: if decode_secs > 0.0 {
-                        (st.generated - 1) as f64 / decode_secs
-                    } else {
-                        0.0
-                    },
-                });
-                alive = false;
-            }
+            let token = Event::Token { id, text };
+            let alive = match finish {
+                Some(reason) => {
+                    self.flush_events();
+                    let _ = st.events.send(token);
+                    let first = st.first_token_at.unwrap_or(now);
+                    let decode_secs = now.duration_since(first).as_secs_f64();
+                    let _ = st.events.send(Event::Done {
+                        finish_reason: reason,
+                        prompt_tokens: st.prompt_len,
+                        completion_tokens: st.generated,
+                        time_to_first_token_ms: first.duration_since(st.admitted).as_secs_f64()
+                            * 1e3,
+                        decode_tokens_per_s: if decode_secs > 0.0 {
+                            (st.generated - 1) as f64 / decode_secs
+                        } else {
+                            0.0
+                        },
+                    });
+                    false
+                }
+                None if st.events.is_closed() => false,
+                // The first token goes out at once: time to first token is what callers
+                // measure, and the event costs that time only once.
+                None if st.generated == 1 => {
+                    let _ = st.events.send(token);
+                    true
+                }
+                None => {
+                    lock(&self.deferred).push((st.events.clone(), token));
+                    true
+                }
+            };
             if alive {
                 Some(position)
             } else {
@@ -371,9 +391,24 @@ impl Head {
         }
     }
 
+    /// Sends the token events held back since the last call. Stage 0's compute thread calls
+    /// this once it has started the next step of those sequences: handing an event to its
+    /// caller wakes a runtime thread, which on a busy core would run before the next step and
+    /// add its time to every token (150 µs of a 10 ms step on this project's 2-core VM). Held
+    /// here, the event goes out while the other stages compute.
+    pub fn flush_events(&self) {
+        let mut deferred = lock(&self.deferred);
+        // Sent under the lock, so that an error sent after a flush cannot overtake a token.
+        for (tx, event) in deferred.drain(..) {
+            let _ = tx.send(event);
+        }
+    }
+
     /// Ends one sequence with an error and frees it around the ring.
     pub fn fail(&self, shared: &Shared, seq: SeqId, message: String) {
-        if let Some(st) = lock(&self.sequences).remove(&seq) {
+        let removed = lock(&self.sequences).remove(&seq);
+        if let Some(st) = removed {
+            self.flush_events();
             let _ = st.events.send(Event::Error { message });
             let _ = shared.jobs.try_send(Job::Release {
                 seq,
@@ -388,6 +423,7 @@ impl Head {
         if !failed.is_empty() {
             tracing::warn!(pipeline = %shared.config.pipeline, sequences = failed.len(), "{message}");
         }
+        self.flush_events();
         for st in failed {
             let _ = st.events.send(Event::Error {
                 message: message.clone(),

@@ -6,7 +6,9 @@
 //!
 //! - [`frame`]: the wire format (magic, version, size cap, header, raw tensor bytes).
 //! - [`handshake`]: HMAC challenge proving both ends know the cluster token.
-//! - [`compute`]: the compute thread that owns a stage's work, fed by a bounded queue.
+//! - [`compute`]: the compute thread that owns a stage's work, fed by a bounded queue and by
+//!   the predecessor's frames, which it reads itself.
+//! - [`inbound`]: the predecessor's connection as the compute thread reads it, and its sleep.
 //! - [`head`]: stage 0's generation loop: admission, chunked prefill, stop conditions, events.
 //! - [`link`]: the writing end of a link, written straight from the compute thread.
 //! - [`node`]: a stage process: listener, connector with backoff, probes, failure handling.
@@ -17,6 +19,7 @@ pub mod frame;
 pub mod handshake;
 pub mod head;
 pub mod http;
+pub mod inbound;
 pub mod link;
 pub mod node;
 

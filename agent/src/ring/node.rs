@@ -13,10 +13,11 @@ use cluster_engine::{ModelFolder, SeqId, Stage, StageSpec};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
-use super::compute::{self, Job, QUEUE_CAPACITY};
+use super::compute::{self, Job, JobQueue, QUEUE_CAPACITY};
 use super::frame::{Frame, FrameKind, FrameReader};
 use super::handshake::{self, RingIdentity};
 use super::head::Head;
+use super::inbound::{InboundConn, wake_pair};
 use super::link::LinkWriter;
 
 /// Longest wait for a TCP connect or a handshake to finish.
@@ -79,20 +80,13 @@ pub struct Shared {
     /// The link toward the successor; `None` while it is down.
     outbound: Mutex<Option<Arc<LinkWriter>>>,
     /// The compute thread's queue.
-    pub jobs: mpsc::Sender<Job>,
+    pub jobs: JobQueue,
     /// The head, on stage 0.
     pub head: Option<Arc<Head>>,
     /// The stage itself, shared with the compute thread (for reports: its cached sequences).
     pub stage: Arc<Stage>,
-    /// Counts connections from the predecessor, so an old one's end does not fail the new one.
-    inbound_epoch: AtomicU64,
-    /// Closes the current connection from the predecessor when a newer one is accepted (the
-    /// predecessor restarted while its old connection looked open).
-    inbound_close: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
     /// Counters.
     pub metrics: StageMetrics,
-    /// Turns true when the stage is shut down.
-    stop_rx: watch::Receiver<bool>,
 }
 
 impl Shared {
@@ -176,8 +170,9 @@ impl Shared {
         *self.outbound.lock().unwrap_or_else(PoisonError::into_inner) = link;
     }
 
-    /// Sends a frame from async code (forwarded probes, errors): never waits.
-    fn forward(&self, frame: &Frame) {
+    /// Sends a frame on (forwarded probes and errors): never waits, so that neither async code
+    /// nor the compute thread can be held by a slow successor here.
+    pub(super) fn forward(&self, frame: &Frame) {
         let link = self
             .outbound
             .lock()
@@ -273,6 +268,7 @@ impl RingNode {
         .await??;
         let (stop, stop_rx) = watch::channel(false);
         let (jobs_tx, jobs_rx) = mpsc::channel(QUEUE_CAPACITY);
+        let (wake, sleeper) = wake_pair().context("creating the compute thread's poller")?;
         let head = (index == 0).then(|| Arc::new(Head::new(folder, options.step_timeout)));
         let shared = Arc::new(Shared {
             identity: RingIdentity {
@@ -283,20 +279,17 @@ impl RingNode {
             config,
             index,
             outbound: Mutex::new(None),
-            jobs: jobs_tx,
+            jobs: JobQueue::new(jobs_tx, wake),
             head,
             stage: Arc::new(stage),
-            inbound_epoch: AtomicU64::new(0),
-            inbound_close: Mutex::new(None),
             metrics: StageMetrics::default(),
-            stop_rx: stop_rx.clone(),
         });
         let compute_shared = shared.clone();
         let compute_stage = shared.stage.clone();
         let spin = options.compute_spin;
         std::thread::Builder::new()
             .name(format!("stage-{index}-compute"))
-            .spawn(move || compute::run(compute_shared, compute_stage, jobs_rx, spin))
+            .spawn(move || compute::run(compute_shared, compute_stage, jobs_rx, sleeper, spin))
             .context("starting the compute thread")?;
         if let Some(listener) = listener {
             tokio::spawn(accept_loop(shared.clone(), listener, stop_rx.clone()));
@@ -324,15 +317,6 @@ impl RingNode {
         let _ = self.stop.send(true);
         if let Some(mux) = &self.mux {
             mux.unregister(&self.shared);
-        }
-        if let Some(close) = self
-            .shared
-            .inbound_close
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
-        {
-            let _ = close.send(());
         }
         let jobs = self.shared.jobs.clone();
         tokio::spawn(async move {
@@ -420,7 +404,8 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, mut stop: watch
 }
 
 /// One connection from the predecessor: handshake (its hello already read when the agent's
-/// shared ring port picked this stage by it), then route its frames until it ends.
+/// shared ring port picked this stage by it), then hand it to the compute thread, which reads
+/// its frames from then on and notices when it ends.
 async fn serve_inbound(
     shared: Arc<Shared>,
     mut reader: FrameReader<tokio::net::tcp::OwnedReadHalf>,
@@ -456,108 +441,24 @@ async fn serve_inbound(
             return;
         }
     }
-    let epoch = shared.inbound_epoch.fetch_add(1, Ordering::SeqCst) + 1;
-    let (close_tx, mut close_rx) = tokio::sync::oneshot::channel();
-    if let Some(old) = shared
-        .inbound_close
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .replace(close_tx)
-    {
-        let _ = old.send(());
-    }
-    tracing::info!(%peer, from = predecessor, "predecessor connected");
-    let pred = shared.config.describe_stage(predecessor);
-    let mut stop = shared.stop_rx.clone();
-    let reason = loop {
-        let read = tokio::select! {
-            r = reader.read_frame() => r,
-            _ = &mut close_rx => return, // replaced by a newer connection, or shut down
-            _ = stop.changed() => return,
-        };
-        match read {
-            Ok(Some(frame)) => {
-                if frame.pipeline != shared.config.pipeline
-                    || frame.generation != shared.config.generation
-                {
-                    break format!(
-                        "sent a frame for pipeline {:?} generation {}",
-                        frame.pipeline, frame.generation
-                    );
-                }
-                if let Err(why) = route(&shared, frame).await {
-                    break why;
-                }
+    // From here the compute thread reads the connection itself.
+    let (read, buffered) = reader.into_parts();
+    let conn = read
+        .reunite(write)
+        .map_err(|e| e.to_string())
+        .and_then(|stream| stream.into_std().map_err(|e| e.to_string()))
+        .and_then(|stream| {
+            InboundConn::new(stream, buffered, shared.config.describe_stage(predecessor))
+                .map_err(|e| e.to_string())
+        });
+    match conn {
+        Ok(conn) => {
+            tracing::info!(%peer, from = predecessor, "predecessor connected");
+            if shared.jobs.send(Job::Inbound(Box::new(conn))).await.is_err() {
+                tracing::warn!(%peer, "the stage stopped before it could take the connection");
             }
-            Ok(None) => break "closed the connection".to_string(),
-            Err(e) => break e.to_string(),
         }
-    };
-    // Keep the write half until here: dropping it early would half-close the link.
-    drop(write);
-    if shared.inbound_epoch.load(Ordering::SeqCst) != epoch {
-        return; // a newer connection from the predecessor already replaced this one
-    }
-    let message = format!("{pred} went away: {reason}");
-    tracing::warn!(stage = shared.index, "{message}");
-    match &shared.head {
-        Some(head) => head.fail_all(&shared, message),
-        None => {
-            let _ = shared.jobs.send(Job::DropAll).await;
-            let frame = Frame::new(
-                FrameKind::Error,
-                &shared.config.pipeline,
-                shared.config.generation,
-                0,
-            )
-            .with_meta(message);
-            shared.forward(&frame);
-        }
-    }
-}
-
-/// Routes one frame from the predecessor; an error closes the connection.
-async fn route(shared: &Arc<Shared>, frame: Frame) -> Result<(), String> {
-    match (&shared.head, frame.kind) {
-        (None, FrameKind::Prefill | FrameKind::Decode) => shared
-            .jobs
-            .send(Job::Frame(frame))
-            .await
-            .map_err(|_| "compute thread stopped".to_string()),
-        (None, FrameKind::Release | FrameKind::Cancel) => shared
-            .jobs
-            .send(Job::Release {
-                seq: frame.seq,
-                kind: frame.kind,
-            })
-            .await
-            .map_err(|_| "compute thread stopped".to_string()),
-        (None, FrameKind::Error | FrameKind::Probe) => {
-            shared.forward(&frame);
-            Ok(())
-        }
-        (Some(head), FrameKind::Token) => {
-            let ids = frame.tokens().map_err(|e| e.to_string())?;
-            let &[id] = ids.as_slice() else {
-                return Err(format!("a token frame carries {} ids", ids.len()));
-            };
-            head.on_token(shared, frame.seq, id);
-            Ok(())
-        }
-        (Some(head), FrameKind::Probe) => {
-            head.probe_back(frame.seq, shared.config.stages.len());
-            Ok(())
-        }
-        (Some(head), FrameKind::Error) => {
-            let message = frame.meta_text();
-            if frame.seq == 0 {
-                head.fail_all(shared, message);
-            } else {
-                head.fail(shared, frame.seq, message);
-            }
-            Ok(())
-        }
-        (_, kind) => Err(format!("sent an unexpected {kind:?} frame")),
+        Err(e) => tracing::warn!(%peer, error = %e, "cannot take over a ring connection"),
     }
 }
 
