@@ -9,6 +9,7 @@
 //! - [`ring`]: the pipeline ring: frames, handshake, compute thread, the head's generation
 //!   loop, and `clusteragent stage`, which runs one stage of a ring.
 //! - [`memory`]: this process's resident memory, for reports.
+//! - [`hugepages`]: on Linux, the process restarts itself so that weights get huge pages.
 //! - [`daemon`]: the daemon: REST control plane, peers, reconcile loop.
 //! - [`endpoint`]: an Endpoint's server: OpenAI routes, metrics, the ring's API.
 //! - [`store`]: the sled store of the cluster's desired state.
@@ -19,6 +20,7 @@ pub mod cli;
 pub mod commands;
 pub mod daemon;
 pub mod endpoint;
+pub mod hugepages;
 pub mod inventory;
 pub mod memory;
 pub mod ring;
