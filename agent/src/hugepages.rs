@@ -14,8 +14,14 @@
 //! measured), while the main arena did. One arena costs a lock per allocation, uncontended on
 //! the compute path.
 //!
+//! glibc 2.35-2.36 (Debian 12's) takes the tunable only on some starts: it compares the kernel's
+//! mode string without terminating it, so a stray byte on the stack decides (half the starts of
+//! a stage here). After a restart the process checks that a fresh allocation of a few MiB was
+//! marked for huge pages and starts again if not, up to [`MAX_TRIES`] times; children inherit
+//! the tunable and check for themselves.
+//!
 //! Set `CLUSTERAGENT_HUGE_PAGES=off` to keep the process as it started; a `GLIBC_TUNABLES` that
-//! already names `glibc.malloc.hugetlb` is left alone.
+//! already names `glibc.malloc.hugetlb` is left alone unless this chain of restarts set it.
 
 /// What is added to `GLIBC_TUNABLES`.
 pub const TUNABLES: &str = "glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1";
@@ -26,30 +32,94 @@ pub fn madvise_mode(enabled: &str) -> bool {
     enabled.contains("[madvise]")
 }
 
-/// The `GLIBC_TUNABLES` value to start again with, or `None` to keep going as is.
-pub fn tunables_to_add(
+/// How many times the process starts itself again before it gives up on huge pages.
+pub const MAX_TRIES: u32 = 10;
+
+/// What to do at startup, from the environment and the kernel's mode.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Nothing: huge pages are in use, unavailable, or not wanted.
+    Keep,
+    /// Start again with this `GLIBC_TUNABLES` value, as try number `try_number`.
+    Restart {
+        /// The tunables value.
+        tunables: String,
+        /// Which try the new start is.
+        try_number: u32,
+    },
+    /// Tried [`MAX_TRIES`] times; go on with small pages.
+    GiveUp,
+}
+
+/// Decides whether to start again. `try_number` is `CLUSTERAGENT_HUGE_PAGES_TRY` (set by an
+/// earlier start of this chain); `malloc_madvises` says whether this process's malloc asks for
+/// huge pages, which glibc 2.35-2.36 does only on some starts: it compares the kernel's mode
+/// string without terminating it, so whatever byte follows on the stack decides.
+pub fn decide(
     current: Option<&str>,
     opt_out: Option<&str>,
     thp_enabled: &str,
-) -> Option<String> {
+    try_number: Option<u32>,
+    malloc_madvises: impl FnOnce() -> bool,
+) -> Decision {
     if opt_out.is_some_and(|v| matches!(v.trim(), "off" | "0" | "false" | "no")) {
-        return None;
+        return Decision::Keep;
     }
     if !madvise_mode(thp_enabled) {
         // "always" gives every large mapping huge pages already; "never" gives none.
-        return None;
+        return Decision::Keep;
     }
     match current.map(str::trim) {
-        Some(c) if c.contains("glibc.malloc.hugetlb") => None,
-        Some(c) if !c.is_empty() => Some(format!("{c}:{TUNABLES}")),
-        _ => Some(TUNABLES.to_string()),
+        Some(c) if c.contains("glibc.malloc.hugetlb") => match try_number {
+            // Set by the user, not by a restart: theirs to decide.
+            None => Decision::Keep,
+            Some(_) if malloc_madvises() => Decision::Keep,
+            Some(n) if n >= MAX_TRIES => Decision::GiveUp,
+            Some(n) => Decision::Restart {
+                tunables: c.to_string(),
+                try_number: n + 1,
+            },
+        },
+        Some(c) if !c.is_empty() => Decision::Restart {
+            tunables: format!("{c}:{TUNABLES}"),
+            try_number: 1,
+        },
+        _ => Decision::Restart {
+            tunables: TUNABLES.to_string(),
+            try_number: 1,
+        },
     }
 }
 
+/// Whether a fresh allocation of a few MiB was marked for huge pages (`hg` in its mapping's
+/// flags): glibc took the tunable in this process.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn malloc_madvises() -> bool {
+    // Above malloc's mmap threshold: its own mapping, madvised when the tunable is active.
+    let probe: Vec<u8> = Vec::with_capacity(4 << 20);
+    let addr = probe.as_ptr() as usize;
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
+    let mut inside = false;
+    for line in smaps.lines() {
+        if let Some((range, _)) = line.split_once(' ')
+            && let Some((start, end)) = range.split_once('-')
+            && let (Ok(start), Ok(end)) = (
+                usize::from_str_radix(start, 16),
+                usize::from_str_radix(end, 16),
+            )
+        {
+            inside = (start..end).contains(&addr);
+        } else if inside && let Some(flags) = line.strip_prefix("VmFlags:") {
+            return flags.split_whitespace().any(|f| f == "hg");
+        }
+    }
+    false
+}
+
 /// Starts this process again with huge pages for its allocations, when that applies (see the
-/// module docs). Returns only when it does not apply or the new start failed (then with a
-/// warning on stderr: the process runs on, with small pages). Call first thing in `main`,
-/// before any thread exists.
+/// module docs). Returns when it does not apply or a new start failed (then with a warning on
+/// stderr: the process runs on, with small pages). Call first thing in `main`, before any
+/// thread exists.
 pub fn restart_with_huge_pages() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
@@ -59,8 +129,26 @@ pub fn restart_with_huge_pages() {
             .unwrap_or_default();
         let current = std::env::var("GLIBC_TUNABLES").ok();
         let opt_out = std::env::var("CLUSTERAGENT_HUGE_PAGES").ok();
-        let Some(value) = tunables_to_add(current.as_deref(), opt_out.as_deref(), &thp) else {
-            return;
+        let try_number = std::env::var(TRY_VAR).ok().and_then(|v| v.parse().ok());
+        let (tunables, try_number) = match decide(
+            current.as_deref(),
+            opt_out.as_deref(),
+            &thp,
+            try_number,
+            malloc_madvises,
+        ) {
+            Decision::Keep => return,
+            Decision::GiveUp => {
+                eprintln!(
+                    "clusteragent: warning: glibc did not take glibc.malloc.hugetlb in {MAX_TRIES} \
+                     starts; weights are on small pages"
+                );
+                return;
+            }
+            Decision::Restart {
+                tunables,
+                try_number,
+            } => (tunables, try_number),
         };
         let Ok(exe) = std::env::current_exe() else {
             return;
@@ -70,7 +158,8 @@ pub fn restart_with_huge_pages() {
         let err = std::process::Command::new(&exe)
             .arg0(argv0)
             .args(args)
-            .env("GLIBC_TUNABLES", value)
+            .env("GLIBC_TUNABLES", tunables)
+            .env(TRY_VAR, try_number.to_string())
             .exec();
         eprintln!(
             "clusteragent: warning: could not restart {} with huge pages for weights ({err}); \
@@ -80,6 +169,9 @@ pub fn restart_with_huge_pages() {
     }
 }
 
+/// Counts the starts of one chain (see [`decide`]).
+pub const TRY_VAR: &str = "CLUSTERAGENT_HUGE_PAGES_TRY";
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,29 +179,55 @@ mod tests {
     const MADVISE: &str = "always [madvise] never\n";
 
     #[test]
-    fn tunables_are_added_once_only_in_madvise_mode_and_never_against_the_user() {
+    fn a_start_adds_the_tunables_retries_until_malloc_takes_them_and_respects_the_user() {
+        let restart = |tunables: &str, try_number| Decision::Restart {
+            tunables: tunables.into(),
+            try_number,
+        };
+        let never = || -> bool { panic!("not asked") };
         assert_eq!(
-            tunables_to_add(None, None, MADVISE).as_deref(),
-            Some(TUNABLES)
+            decide(None, None, MADVISE, None, never),
+            restart(TUNABLES, 1)
         );
         assert_eq!(
-            tunables_to_add(Some("glibc.malloc.check=3"), None, MADVISE).unwrap(),
-            format!("glibc.malloc.check=3:{TUNABLES}")
+            decide(Some("glibc.malloc.check=3"), None, MADVISE, None, never),
+            restart(&format!("glibc.malloc.check=3:{TUNABLES}"), 1)
         );
-        // After the restart, or set by the user either way: no second restart.
-        assert_eq!(tunables_to_add(Some(TUNABLES), None, MADVISE), None);
+        // After a restart: kept when malloc took the tunable, else tried again, up to a limit.
         assert_eq!(
-            tunables_to_add(Some("glibc.malloc.hugetlb=0"), None, MADVISE),
-            None
+            decide(Some(TUNABLES), None, MADVISE, Some(1), || true),
+            Decision::Keep
         );
-        assert_eq!(tunables_to_add(None, Some("off"), MADVISE), None);
         assert_eq!(
-            tunables_to_add(None, Some("on"), MADVISE).as_deref(),
-            Some(TUNABLES)
+            decide(Some(TUNABLES), None, MADVISE, Some(1), || false),
+            restart(TUNABLES, 2)
         );
-        assert_eq!(tunables_to_add(None, None, "[always] madvise never"), None);
-        assert_eq!(tunables_to_add(None, None, "always madvise [never]"), None);
-        // No sysfs file (not Linux, a container without it): nothing to do.
-        assert_eq!(tunables_to_add(None, None, ""), None);
+        assert_eq!(
+            decide(Some(TUNABLES), None, MADVISE, Some(MAX_TRIES), || false),
+            Decision::GiveUp
+        );
+        // The user's own hugetlb setting, either way, and the opt-out are left alone.
+        assert_eq!(
+            decide(Some("glibc.malloc.hugetlb=0"), None, MADVISE, None, never),
+            Decision::Keep
+        );
+        assert_eq!(
+            decide(None, Some("off"), MADVISE, None, never),
+            Decision::Keep
+        );
+        assert_eq!(
+            decide(None, Some("on"), MADVISE, None, never),
+            restart(TUNABLES, 1)
+        );
+        // Other kernel modes, or no sysfs file at all: nothing to do.
+        assert_eq!(
+            decide(None, None, "[always] madvise never", None, never),
+            Decision::Keep
+        );
+        assert_eq!(
+            decide(None, None, "always madvise [never]", None, never),
+            Decision::Keep
+        );
+        assert_eq!(decide(None, None, "", None, never), Decision::Keep);
     }
 }
