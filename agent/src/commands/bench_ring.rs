@@ -1,10 +1,17 @@
-//! `clusteragent bench-ring`: the pipeline ring against the one-process engine, side by side in
-//! one run, ratios printed last.
+//! `clusteragent bench-ring`: the pipeline ring against one process, side by side in one run,
+//! ratios printed last.
 //!
-//! (a) one sequence: decode tokens/s through a 2-stage ring over loopback ÷ one process, every
-//!     process with one compute thread;
-//! (b) four concurrent sequences through 2 stages, each pinned to its own core ÷ one process
-//!     pinned to one core (which serves one token at a time, whatever the number of callers).
+//! (a) one sequence: decode tokens/s through a 2-stage ring over loopback ÷ one process holding
+//!     the whole model, every process with one compute thread;
+//! (b) four concurrent sequences through the 2 stages, each pinned to its own core ÷ that one
+//!     process decoding one sequence on one core.
+//!
+//! The one process is the same stage server holding every layer (a 1-stage ring), started with
+//! the ring and measured through the same HTTP API, so the ratio is what splitting the model
+//! and the two hops cost, not a difference between a fresh process and a long-lived one (on
+//! this project's VM those differ by up to 20%, with where their memory landed). There is one
+//! on each core, since the ring computes half of each step on either; their step times are
+//! averaged. The `generate` command in a fresh process is printed too, for reference.
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
@@ -121,108 +128,237 @@ pub fn run(args: BenchRingArgs) -> Result<()> {
         eprintln!("note: taskset not found; processes are not pinned to cores");
     }
 
-    // The ring: two stage processes, each on its own core.
+    // The ring, two stage processes, each on its own core; and one process holding the whole
+    // model on each core.
     let half = layers / 2;
-    let http = format!("127.0.0.1:{}", free_port()?);
-    let config = json!({
-        "pipeline": "bench", "generation": 1, "model": model, "device": "cpu", "dtype": "f32",
-        "token": "bench-token",
-        "stages": [
-            {"node": "core0", "address": format!("127.0.0.1:{}", free_port()?), "layers": format!("0-{}", half - 1)},
-            {"node": "core1", "address": format!("127.0.0.1:{}", free_port()?), "layers": format!("{half}-{}", layers - 1)},
-        ],
-    });
-    let config_path = tmp.join("ring.json");
-    std::fs::write(&config_path, config.to_string())?;
     let mut children = Killed(Vec::new());
-    for i in 0..2 {
-        let mut cmd = pinned(Some(i))?;
-        cmd.args(["stage", "--config"])
-            .arg(&config_path)
-            .args(["--index", &i.to_string()]);
-        if i == 0 {
-            cmd.args(["--http", &http]);
-        }
-        children
-            .0
-            .push(cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn()?);
+    let ring_http = format!("127.0.0.1:{}", free_port()?);
+    let ring = start_ring(
+        &tmp,
+        "ring",
+        &model,
+        &[format!("0-{}", half - 1), format!("{half}-{}", layers - 1)],
+        &ring_http,
+        &[0, 1],
+        &mut children,
+    )?;
+    let mut whole_http = Vec::new();
+    let mut whole_pids = Vec::new();
+    for core in 0..2 {
+        let http = format!("127.0.0.1:{}", free_port()?);
+        let pids = start_ring(
+            &tmp,
+            &format!("whole{core}"),
+            &model,
+            &[format!("0-{}", layers - 1)],
+            &http,
+            &[core],
+            &mut children,
+        )?;
+        whole_http.push(http);
+        whole_pids.extend(pids);
     }
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_secs(600)))
         .http_status_as_error(false)
         .build()
         .into();
-    wait_up(&agent, &http)?;
+    for http in whole_http.iter().chain([&ring_http]) {
+        wait_up(&agent, http)?;
+    }
+    let huge = huge_pages_report(&[
+        ("stage 0", ring[0]),
+        ("stage 1", ring[1]),
+        ("one process core 0", whole_pids[0]),
+        ("one process core 1", whole_pids[1]),
+    ]);
 
-    let (mut singles, mut rings, mut totals) = (Vec::new(), Vec::new(), Vec::new());
+    let mut m = Measurements::default();
     for round in 1..=args.rounds.max(1) {
         eprintln!(
-            "round {round}: one process on core 0; the ring with 1 sequence; the ring with {} sequences",
+            "round {round}: one process on core 0 and on core 1; the ring with 1 and {} sequences; \
+             one process with {0} sequences; generate in a fresh process",
             args.concurrency
         );
-        singles.push(one_process(&model, args.tokens)?);
-        let one = stream(&agent, &http, args.tokens)?;
+        let w0 = stream(&agent, &whole_http[0], args.tokens)?.decode_tokens_per_s();
+        let w1 = stream(&agent, &whole_http[1], args.tokens)?.decode_tokens_per_s();
+        let ring1 = stream(&agent, &ring_http, args.tokens)?.decode_tokens_per_s();
+        let ring_n = concurrent(&agent, &ring_http, args.tokens, args.concurrency)?;
+        let whole_n = concurrent(&agent, &whole_http[0], args.tokens, args.concurrency)?;
+        let fresh = one_process(&model, args.tokens)?;
+        // The ring computes half of a step on each core: the baseline step is the mean of the
+        // two cores' steps.
+        let base = 2.0 / (1.0 / w0 + 1.0 / w1);
         eprintln!(
-            "  ring, 1 sequence: {:.2} tok/s seen by the client, {:.2} by stage 0",
-            one.decode_tokens_per_s(),
-            one.server_rate
+            "  one process {w0:.2} / {w1:.2} tok/s (cores 0 / 1), ring {ring1:.2} tok/s, ring x{n} \
+             {ring_n:.2} tok/s, one process x{n} {whole_n:.2} tok/s, generate {fresh:.2} tok/s",
+            n = args.concurrency
         );
-        rings.push(one.decode_tokens_per_s());
-        totals.push(concurrent(&agent, &http, args.tokens, args.concurrency)?);
-        eprintln!(
-            "  one process {:.2} tok/s, ring {:.2} tok/s, ring x{} {:.2} tok/s",
-            singles[round - 1],
-            rings[round - 1],
-            args.concurrency,
-            totals[round - 1]
-        );
+        m.base.push(base);
+        m.ring1.push(ring1);
+        m.ring_n.push(ring_n);
+        m.whole_n.push(whole_n);
+        m.fresh.push(fresh);
+        m.a.push(ring1 / base);
+        m.b.push(ring_n / base);
     }
     drop(children);
-    // Each round's ratios compare measurements taken seconds apart, so the machine's drift
-    // cancels within a round; the median round is reported, with the spread.
-    let mut ratio_a: Vec<f64> = rings.iter().zip(&singles).map(|(r, s)| r / s).collect();
-    let mut ratio_b: Vec<f64> = totals.iter().zip(&singles).map(|(t, s)| t / s).collect();
-    let spread = |v: &[f64]| {
-        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
-        let hi = v.iter().copied().fold(0.0, f64::max);
-        format!("{lo:.3}-{hi:.3}")
-    };
-    let (spread_a, spread_b) = (spread(&ratio_a), spread(&ratio_b));
-    let one_process_tps = median(&mut singles);
-    let ring_tps = median(&mut rings);
-    let total_tps = median(&mut totals);
-    let step_ms = 1e3 / one_process_tps;
-    // Two hops per token (stage 0 → 1, 1 → 0); whatever the ring adds to a step is theirs.
-    let hop_ms = (1e3 / ring_tps - step_ms) / 2.0;
-    println!(
-        "model: {} ({layers} layers, split 0-{} / {half}-{}), {} tokens per sequence, {} interleaved rounds",
-        model.display(),
-        half - 1,
-        layers - 1,
-        args.tokens,
-        args.rounds.max(1)
-    );
-    println!(
-        "one process, 1 core:                  {one_process_tps:8.2} tok/s median ({step_ms:.2} ms per decode step)"
-    );
-    println!("2-stage ring, 1 sequence:             {ring_tps:8.2} tok/s median");
-    println!(
-        "2-stage ring, {} sequences (total):    {total_tps:8.2} tok/s median",
-        args.concurrency
-    );
-    println!(
-        "ring time per hop per token:          {hop_ms:8.3} ms (ring step minus one-process step, over 2 hops)"
-    );
-    println!(
-        "ratio (a) ring / one process, 1 sequence:     {:.3}  (rounds {spread_a}; target >= 0.95)",
-        median(&mut ratio_a)
-    );
-    println!(
-        "ratio (b) ring, {} sequences / one process:    {:.3}  (rounds {spread_b}; target >= 1.8)",
-        args.concurrency,
-        median(&mut ratio_b)
-    );
+    m.print(&model, layers, half, &args, &huge);
     Ok(())
+}
+
+/// Each round's figures; ratios are taken within a round (seconds apart, so the machine's
+/// drift cancels) and the median round is reported with the spread.
+#[derive(Default)]
+struct Measurements {
+    base: Vec<f64>,
+    ring1: Vec<f64>,
+    ring_n: Vec<f64>,
+    whole_n: Vec<f64>,
+    fresh: Vec<f64>,
+    a: Vec<f64>,
+    b: Vec<f64>,
+}
+
+impl Measurements {
+    fn print(
+        &mut self,
+        model: &Path,
+        layers: usize,
+        half: usize,
+        args: &BenchRingArgs,
+        huge: &str,
+    ) {
+        let n = args.concurrency;
+        let spread = |v: &[f64]| {
+            let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = v.iter().copied().fold(0.0, f64::max);
+            format!("{lo:.3}-{hi:.3}")
+        };
+        let (spread_a, spread_b) = (spread(&self.a), spread(&self.b));
+        let batched: Vec<f64> = self
+            .ring_n
+            .iter()
+            .zip(&self.whole_n)
+            .map(|(r, w)| r / w)
+            .collect();
+        let vs_fresh: Vec<f64> = self
+            .ring1
+            .iter()
+            .zip(&self.fresh)
+            .map(|(r, f)| r / f)
+            .collect();
+        let base = median(&mut self.base);
+        let ring1 = median(&mut self.ring1);
+        let step_ms = 1e3 / base;
+        // Two hops per token (stage 0 → 1, 1 → 0); whatever the ring adds to a step is theirs.
+        let hop_ms = (1e3 / ring1 - step_ms) / 2.0;
+        println!(
+            "model: {} ({layers} layers, split 0-{} / {half}-{}), {} tokens per sequence, {} interleaved rounds",
+            model.display(),
+            half - 1,
+            layers - 1,
+            args.tokens,
+            args.rounds.max(1)
+        );
+        println!("huge pages held:                      {huge}");
+        println!(
+            "one process, 1 core:                 {base:8.2} tok/s median ({step_ms:.2} ms per decode step, cores 0 and 1 averaged)"
+        );
+        println!("2-stage ring, 1 sequence:             {ring1:8.2} tok/s median");
+        println!(
+            "2-stage ring, {n} sequences (total):   {:8.2} tok/s median",
+            median(&mut self.ring_n)
+        );
+        println!(
+            "one process, {n} sequences (batched):  {:8.2} tok/s median (core 0)",
+            median(&mut self.whole_n)
+        );
+        println!(
+            "generate, fresh process, core 0:     {:8.2} tok/s median",
+            median(&mut self.fresh)
+        );
+        println!(
+            "ring time per hop per token:          {hop_ms:8.3} ms (ring step minus one-process step, over 2 hops)"
+        );
+        println!(
+            "ring / generate in a fresh process:    {:.3}  (rounds {})",
+            median(&mut vs_fresh.clone()),
+            spread(&vs_fresh)
+        );
+        println!(
+            "ring, {n} sequences / one process, {n} sequences: {:.3}  (rounds {}; both batch)",
+            median(&mut batched.clone()),
+            spread(&batched)
+        );
+        println!(
+            "ratio (a) ring / one process, 1 sequence:     {:.3}  (rounds {spread_a}; target >= 0.95)",
+            median(&mut self.a)
+        );
+        println!(
+            "ratio (b) ring, {n} sequences / one process:    {:.3}  (rounds {spread_b}; target >= 1.8)",
+            median(&mut self.b)
+        );
+    }
+}
+
+/// Starts the stage processes of a ring named `name` (one per range, stage `i` pinned to
+/// `cores[i]`, stage 0 serving `http`) and returns their pids.
+fn start_ring(
+    tmp: &Path,
+    name: &str,
+    model: &Path,
+    ranges: &[String],
+    http: &str,
+    cores: &[usize],
+    children: &mut Killed,
+) -> Result<Vec<u32>> {
+    let stages = ranges
+        .iter()
+        .enumerate()
+        .map(|(i, layers)| {
+            Ok(json!({"node": format!("core{}", cores[i]), "address": format!("127.0.0.1:{}", free_port()?), "layers": layers}))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let config = json!({
+        "pipeline": name, "generation": 1, "model": model, "device": "cpu", "dtype": "f32",
+        "token": "bench-token", "stages": stages,
+    });
+    let config_path = tmp.join(format!("{name}.json"));
+    std::fs::write(&config_path, config.to_string())?;
+    let mut pids = Vec::new();
+    for (i, core) in cores.iter().enumerate() {
+        let mut cmd = pinned(Some(*core))?;
+        cmd.args(["stage", "--config"])
+            .arg(&config_path)
+            .args(["--index", &i.to_string()]);
+        if i == 0 {
+            cmd.args(["--http", http]);
+        }
+        let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
+        pids.push(child.id());
+        children.0.push(child);
+    }
+    Ok(pids)
+}
+
+/// How much of each process's memory sits in transparent huge pages (Linux): a process without
+/// them decodes far more slowly, which would be the whole of a ratio.
+fn huge_pages_report(processes: &[(&str, u32)]) -> String {
+    let field = |pid: u32| -> Option<u64> {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("AnonHugePages:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+    };
+    processes
+        .iter()
+        .map(|(what, pid)| match field(*pid) {
+            Some(kb) => format!("{what} {:.0} MB", kb as f64 / 1024.0),
+            None => format!("{what} unknown"),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -314,8 +450,6 @@ fn concurrent(agent: &ureq::Agent, http: &str, tokens: usize, n: usize) -> Resul
 /// Arrival times of one sequence's tokens, as the caller sees them.
 struct Timeline {
     stamps: Vec<Instant>,
-    /// The decode rate stage 0 measured itself, as `generate` does for the one-process run.
-    server_rate: f64,
 }
 
 impl Timeline {
@@ -341,13 +475,7 @@ fn stream(agent: &ureq::Agent, http: &str, tokens: usize) -> Result<Timeline> {
         let event: Value = serde_json::from_str(&line?)?;
         match event["event"].as_str() {
             Some("token") => stamps.push(Instant::now()),
-            Some("done") => {
-                let server_rate = event["decode_tokens_per_s"].as_f64().unwrap_or(0.0);
-                return Ok(Timeline {
-                    stamps,
-                    server_rate,
-                });
-            }
+            Some("done") => return Ok(Timeline { stamps }),
             _ => bail!("the ring failed: {event}"),
         }
     }

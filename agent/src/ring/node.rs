@@ -454,7 +454,12 @@ async fn serve_inbound(
     match conn {
         Ok(conn) => {
             tracing::info!(%peer, from = predecessor, "predecessor connected");
-            if shared.jobs.send(Job::Inbound(Box::new(conn))).await.is_err() {
+            if shared
+                .jobs
+                .send(Job::Inbound(Box::new(conn)))
+                .await
+                .is_err()
+            {
                 tracing::warn!(%peer, "the stage stopped before it could take the connection");
             }
         }
