@@ -32,6 +32,9 @@ pub struct InboundConn {
     stream: TcpStream,
     buf: BytesMut,
     scratch: Box<[u8]>,
+    /// An error met after frames that were still delivered; the next read reports it (a
+    /// malformed body has already left the buffer, so parsing again would not find it).
+    pending: Option<FrameError>,
     /// The predecessor, as errors name it.
     pub predecessor: String,
 }
@@ -58,6 +61,7 @@ impl InboundConn {
             stream: TcpStream::from_std(stream),
             buf: buffered,
             scratch: vec![0; READ_SIZE].into_boxed_slice(),
+            pending: None,
             predecessor,
         })
     }
@@ -66,6 +70,9 @@ impl InboundConn {
     /// closed, a frame broke the protocol) means the connection is finished; frames parsed
     /// before the error are still delivered, and the error comes with the next call.
     pub fn read_frames(&mut self, out: &mut Vec<Frame>) -> Result<(), FrameError> {
+        if let Some(e) = self.pending.take() {
+            return Err(e);
+        }
         let before = out.len();
         loop {
             loop {
@@ -73,7 +80,10 @@ impl InboundConn {
                     Ok(Some(frame)) => out.push(frame),
                     Ok(None) => break,
                     Err(e) if out.len() == before => return Err(e),
-                    Err(_) => return Ok(()),
+                    Err(e) => {
+                        self.pending = Some(e);
+                        return Ok(());
+                    }
                 }
             }
             if out.len() > before {
@@ -227,6 +237,24 @@ mod tests {
         });
         assert_eq!(frames.len(), 1);
         assert_eq!(frames[0].seq, 9);
+        // A good frame and a malformed one in one read: the good one comes first, then the
+        // error, although the malformed body has already left the buffer.
+        let mut bad = Frame::new(FrameKind::Decode, "p", 1, 2).with_tokens(&[1, 2]);
+        bad.shape = vec![3];
+        let mut two = bytes.to_vec();
+        two.extend_from_slice(&bad.encode());
+        client.write_all(&two).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        let mut got = Vec::new();
+        conn.read_frames(&mut got).unwrap();
+        assert_eq!(got.len(), 1);
+        let err = conn.read_frames(&mut got).unwrap_err();
+        assert!(matches!(err, FrameError::Malformed(_)), "{err}");
+
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        let mut conn = InboundConn::new(server, BytesMut::new(), "stage 0".into()).unwrap();
         client.write_all(&bytes[..7]).unwrap();
         drop(client);
         std::thread::sleep(Duration::from_millis(50));
