@@ -36,6 +36,26 @@ fn inspect(model: &str, layers: &str) -> serde_json::Value {
     .unwrap()
 }
 
+/// A random-weight Llama-shaped model in `dir`: layers, hidden, intermediate, heads, kv heads.
+fn make_llama(dir: &str, shape: [usize; 5], extra: &[&str]) {
+    let shape = shape.map(|n| n.to_string());
+    let mut args = vec!["make-model", "--out", dir, "--arch", "llama"];
+    for (flag, value) in [
+        "--layers",
+        "--hidden",
+        "--intermediate",
+        "--heads",
+        "--kv-heads",
+    ]
+    .into_iter()
+    .zip(&shape)
+    {
+        args.extend([flag, value.as_str()]);
+    }
+    args.extend(extra);
+    agent(&args);
+}
+
 /// Bytes of weights a stage reports holding.
 fn bytes(v: &serde_json::Value) -> f64 {
     v["weight_bytes"].as_u64().unwrap() as f64
@@ -52,25 +72,7 @@ fn half_the_layers_hold_half_the_weights_and_half_the_memory() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("m");
     let m = model.to_str().unwrap();
-    agent(&[
-        "make-model",
-        "--out",
-        m,
-        "--arch",
-        "llama",
-        "--layers",
-        "16",
-        "--hidden",
-        "512",
-        "--intermediate",
-        "1536",
-        "--heads",
-        "8",
-        "--kv-heads",
-        "8",
-        "--shards",
-        "4",
-    ]);
+    make_llama(m, [16, 512, 1536, 8, 8], &["--shards", "4"]);
     let file_bytes: u64 = std::fs::read_dir(&model)
         .unwrap()
         .map(|e| e.unwrap())
@@ -132,25 +134,7 @@ fn half_the_layers_of_a_q4_k_gguf_hold_half_its_bytes() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("m");
     let m = model.to_str().unwrap();
-    agent(&[
-        "make-model",
-        "--out",
-        m,
-        "--arch",
-        "llama",
-        "--layers",
-        "16",
-        "--hidden",
-        "512",
-        "--intermediate",
-        "1536",
-        "--heads",
-        "8",
-        "--kv-heads",
-        "8",
-        "--gguf",
-        "q4_k",
-    ]);
+    make_llama(m, [16, 512, 1536, 8, 8], &["--gguf", "q4_k"]);
     let gguf = model.join("model.gguf");
     let g = gguf.to_str().unwrap();
     let file_bytes = std::fs::metadata(&gguf).unwrap().len() as f64;
@@ -208,23 +192,7 @@ fn a_stage_holds_its_weights_in_huge_pages_when_the_kernel_offers_them() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("m");
     let m = model.to_str().unwrap();
-    agent(&[
-        "make-model",
-        "--out",
-        m,
-        "--arch",
-        "llama",
-        "--layers",
-        "4",
-        "--hidden",
-        "768",
-        "--intermediate",
-        "2048",
-        "--heads",
-        "12",
-        "--kv-heads",
-        "4",
-    ]);
+    make_llama(m, [4, 768, 2048, 12, 4], &[]);
     let weights = std::fs::metadata(model.join("model.safetensors"))
         .unwrap()
         .len();

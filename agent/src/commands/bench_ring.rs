@@ -235,19 +235,10 @@ impl Measurements {
             let hi = v.iter().copied().fold(0.0, f64::max);
             format!("{lo:.3}-{hi:.3}")
         };
-        let (spread_a, spread_b) = (spread(&self.a), spread(&self.b));
-        let batched: Vec<f64> = self
-            .ring_n
-            .iter()
-            .zip(&self.whole_n)
-            .map(|(r, w)| r / w)
-            .collect();
-        let vs_fresh: Vec<f64> = self
-            .ring1
-            .iter()
-            .zip(&self.fresh)
-            .map(|(r, f)| r / f)
-            .collect();
+        let per_round =
+            |a: &[f64], b: &[f64]| -> Vec<f64> { a.iter().zip(b).map(|(x, y)| x / y).collect() };
+        let batched = per_round(&self.ring_n, &self.whole_n);
+        let vs_fresh = per_round(&self.ring1, &self.fresh);
         let base = median(&mut self.base);
         let ring1 = median(&mut self.ring1);
         let step_ms = 1e3 / base;
@@ -281,23 +272,29 @@ impl Measurements {
         println!(
             "ring time per hop per token:          {hop_ms:8.3} ms (ring step minus one-process step, over 2 hops)"
         );
-        println!(
-            "ring / generate in a fresh process:    {:.3}  (rounds {})",
-            median(&mut vs_fresh.clone()),
-            spread(&vs_fresh)
+        // A ratio: its median round, the spread of its rounds, and what goes with it.
+        let ratio = |label: &str, v: &[f64], note: &str| {
+            println!(
+                "{label:<48} {:.3}  (rounds {}{note})",
+                median(&mut v.to_vec()),
+                spread(v)
+            );
+        };
+        ratio("ring / generate in a fresh process:", &vs_fresh, "");
+        ratio(
+            &format!("ring, {n} sequences / one process, {n} sequences:"),
+            &batched,
+            "; both batch",
         );
-        println!(
-            "ring, {n} sequences / one process, {n} sequences: {:.3}  (rounds {}; both batch)",
-            median(&mut batched.clone()),
-            spread(&batched)
+        ratio(
+            "ratio (a) ring / one process, 1 sequence:",
+            &self.a,
+            "; target >= 0.95",
         );
-        println!(
-            "ratio (a) ring / one process, 1 sequence:     {:.3}  (rounds {spread_a}; target >= 0.95)",
-            median(&mut self.a)
-        );
-        println!(
-            "ratio (b) ring, {n} sequences / one process:    {:.3}  (rounds {spread_b}; target >= 1.8)",
-            median(&mut self.b)
+        ratio(
+            &format!("ratio (b) ring, {n} sequences / one process:"),
+            &self.b,
+            "; target >= 1.8",
         );
     }
 }
