@@ -92,13 +92,16 @@ pub fn decide(
 }
 
 /// Whether a fresh allocation of a few MiB was marked for huge pages (`hg` in its mapping's
-/// flags): glibc took the tunable in this process.
+/// flags): glibc took the tunable in this process. Where the mappings cannot be read (a
+/// sandbox without `/proc`), it answers yes: starting again would not tell more.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn malloc_madvises() -> bool {
     // Above malloc's mmap threshold: its own mapping, madvised when the tunable is active.
     let probe: Vec<u8> = Vec::with_capacity(4 << 20);
     let addr = probe.as_ptr() as usize;
-    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
+    let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") else {
+        return true;
+    };
     let mut inside = false;
     for line in smaps.lines() {
         if let Some((range, _)) = line.split_once(' ')
@@ -113,7 +116,8 @@ fn malloc_madvises() -> bool {
             return flags.split_whitespace().any(|f| f == "hg");
         }
     }
-    false
+    // No mapping holds the probe or shows its flags: nothing to learn from another start.
+    true
 }
 
 /// Starts this process again with huge pages for its allocations, when that applies (see the
