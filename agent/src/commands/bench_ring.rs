@@ -348,14 +348,23 @@ fn huge_pages_report(processes: &[(&str, u32)]) -> String {
             .find_map(|l| l.strip_prefix("AnonHugePages:"))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
     };
-    processes
+    let held: Vec<Option<u64>> = processes.iter().map(|(_, pid)| field(*pid)).collect();
+    let mut report = processes
         .iter()
-        .map(|(what, pid)| match field(*pid) {
-            Some(kb) => format!("{what} {:.0} MB", kb as f64 / 1024.0),
+        .zip(&held)
+        .map(|((what, _), kb)| match kb {
+            Some(kb) => format!("{what} {:.0} MB", *kb as f64 / 1024.0),
             None => format!("{what} unknown"),
         })
         .collect::<Vec<_>>()
-        .join(", ")
+        .join(", ");
+    if held.contains(&Some(0)) && held.iter().any(|kb| kb.is_some_and(|kb| kb > 0)) {
+        report.push_str(
+            " (warning: some processes hold none, so the ratios compare unlike processes; \
+             see troubleshooting.md)",
+        );
+    }
+    report
 }
 
 fn median(v: &mut [f64]) -> f64 {
