@@ -326,7 +326,11 @@ impl Worker {
 
     /// Waits for the next job: looks for `spin`, then sleeps. `None` when the queue closed.
     fn next_job(&mut self) -> Option<Job> {
-        let mut since = Instant::now();
+        let since = Instant::now();
+        // Spinning is for the few milliseconds between a sequence's steps, so only right after
+        // a job: a wake-up for something handled on the way (a probe passing through every
+        // 200 ms) sleeps again at once, or an idle stage would spin a tenth of its time.
+        let mut spinning = true;
         loop {
             if let Some(j) = self.inbox.pop_front() {
                 return Some(j);
@@ -339,14 +343,14 @@ impl Worker {
             if self.read_inbound() {
                 continue;
             }
-            if since.elapsed() >= self.spin {
+            if !spinning || since.elapsed() >= self.spin {
                 self.flush_events();
                 let jobs = &self.jobs;
                 // The socket needs no look here: its poller reports bytes that came after the
                 // last read.
                 self.sleeper
                     .sleep(&self.shared.jobs.wake, SLEEP_LIMIT, || jobs.is_empty());
-                since = Instant::now();
+                spinning = false;
                 continue;
             }
             std::thread::yield_now();

@@ -34,6 +34,31 @@ fn a_two_stage_ring_generates_the_one_process_tokens() {
     check_ring(&model, &["0-1", "2-3"]);
 }
 
+/// Between requests a ring costs its hosts nothing: the compute threads poll for work only in
+/// the few milliseconds after a step, not after each probe that passes every 200 ms (which
+/// once kept each idle stage busy a tenth of the time).
+#[cfg(target_os = "linux")]
+#[test]
+fn an_idle_ring_leaves_the_cpu_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    make_model(&model, "llama");
+    let ring = Ring::start(&model, &["0-1", "2-3"], 8);
+    let (ids, _) = ring.generate(&json!({"prompt": "Hi", "max_tokens": 8}));
+    assert_eq!(ids, one_process(&model, "Hi", 8));
+    ring.wait_idle();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let before = [ring.cpu_seconds(0), ring.cpu_seconds(1)];
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    for (i, was) in before.into_iter().enumerate() {
+        let used = ring.cpu_seconds(i) - was;
+        assert!(
+            used < 0.12,
+            "idle stage {i} used {used:.2} s of CPU in 3 s (probes pass every 200 ms)"
+        );
+    }
+}
+
 #[test]
 fn a_three_stage_ring_generates_the_one_process_tokens() {
     let tmp = tempfile::tempdir().unwrap();

@@ -198,6 +198,19 @@ impl Ring {
         );
     }
 
+    /// CPU seconds stage `i`'s process has used so far (Linux: `/proc/PID/stat`, in the
+    /// kernel's clock ticks of 1/100 s).
+    #[cfg(target_os = "linux")]
+    pub fn cpu_seconds(&self, i: usize) -> f64 {
+        let pid = self.children[i].as_ref().expect("stage running").id();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        // Fields after the command's closing parenthesis; utime and stime are 14th and 15th.
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+        ticks as f64 / 100.0
+    }
+
     /// Waits until stage 0 has no sequence in flight and no cache.
     pub fn wait_idle(&self) {
         let start = Instant::now();
