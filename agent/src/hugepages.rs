@@ -51,8 +51,8 @@ pub enum Decision {
     GiveUp,
 }
 
-/// Decides whether to start again. `try_number` is `CLUSTERAGENT_HUGE_PAGES_TRY` (set by an
-/// earlier start of this chain); `malloc_madvises` says whether this process's malloc asks for
+/// Decides whether to start again. `try_number` is how many starts of this process came before
+/// (from [`TRY_VAR`], `None` when absent: the tunable, if any, is the user's); `malloc_madvises` says whether this process's malloc asks for
 /// huge pages, which glibc 2.35-2.36 does only on some starts: it compares the kernel's mode
 /// string without terminating it, so whatever byte follows on the stack decides.
 pub fn decide(
@@ -133,7 +133,9 @@ pub fn restart_with_huge_pages() {
             .unwrap_or_default();
         let current = std::env::var("GLIBC_TUNABLES").ok();
         let opt_out = std::env::var("CLUSTERAGENT_HUGE_PAGES").ok();
-        let try_number = std::env::var(TRY_VAR).ok().and_then(|v| v.parse().ok());
+        let try_number = std::env::var(TRY_VAR)
+            .ok()
+            .map(|v| tries_so_far(&v, std::process::id()));
         let (tunables, try_number) = match decide(
             current.as_deref(),
             opt_out.as_deref(),
@@ -163,7 +165,7 @@ pub fn restart_with_huge_pages() {
             .arg0(argv0)
             .args(args)
             .env("GLIBC_TUNABLES", tunables)
-            .env(TRY_VAR, try_number.to_string())
+            .env(TRY_VAR, format!("{}:{try_number}", std::process::id()))
             .exec();
         eprintln!(
             "clusteragent: warning: could not restart {} with huge pages for weights ({err}); \
@@ -173,8 +175,18 @@ pub fn restart_with_huge_pages() {
     }
 }
 
-/// Counts the starts of one chain (see [`decide`]).
+/// Counts the starts of one chain (see [`decide`]), as `PID:N`: a start keeps its pid, so a
+/// child process that inherited the variable begins its own count.
 pub const TRY_VAR: &str = "CLUSTERAGENT_HUGE_PAGES_TRY";
+
+/// Tries so far for the process `pid`, from the value of [`TRY_VAR`]: 0 when the value was
+/// inherited from a parent (or unreadable), which set the tunable for this process too.
+pub fn tries_so_far(value: &str, pid: u32) -> u32 {
+    match value.split_once(':') {
+        Some((p, n)) if p.parse() == Ok(pid) => n.parse().unwrap_or(0),
+        _ => 0,
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -221,6 +233,14 @@ mod tests {
         );
         assert_eq!(
             decide(None, Some("on"), MADVISE, None, never),
+            restart(TUNABLES, 1)
+        );
+        // The count belongs to one process: a child inherits the tunable and counts afresh.
+        assert_eq!(tries_so_far("41:3", 41), 3);
+        assert_eq!(tries_so_far("41:3", 42), 0);
+        assert_eq!(tries_so_far("garbage", 42), 0);
+        assert_eq!(
+            decide(Some(TUNABLES), None, MADVISE, Some(0), || false),
             restart(TUNABLES, 1)
         );
         // Other kernel modes, or no sysfs file at all: nothing to do.
