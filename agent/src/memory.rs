@@ -7,3 +7,18 @@ pub fn resident_bytes() -> Option<u64> {
     system.refresh_processes(sysinfo::ProcessesToUpdate::Some(&[pid]), true);
     system.process(pid).map(|p| p.memory())
 }
+
+/// Bytes of this process's memory in transparent huge pages (Linux: `AnonHugePages` of
+/// `/proc/self/smaps_rollup`), or `None` where the OS does not tell.
+pub fn huge_page_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/smaps_rollup").ok()?;
+    let kb = text
+        .lines()
+        .find_map(|l| l.strip_prefix("AnonHugePages:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse::<u64>()
+        .ok()?;
+    Some(kb * 1024)
+}

@@ -120,6 +120,13 @@ fn half_the_layers_hold_half_the_weights_and_half_the_memory() {
         bytes(&second) / MB,
         gained(&second) / MB,
     );
+    // On Linux the report says how much sits in huge pages (see the stage test below for what
+    // it should be); elsewhere it says nothing rather than 0.
+    assert_eq!(
+        whole["huge_page_bytes_after_load"].is_u64(),
+        cfg!(target_os = "linux"),
+        "{whole}"
+    );
     // Only the shards holding a stage's tensors are opened.
     let files = |v: &serde_json::Value| v["files"].as_array().unwrap().len();
     assert_eq!(files(&whole), 4);

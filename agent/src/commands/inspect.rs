@@ -10,7 +10,7 @@ use cluster_engine::device::{choose_dtype, device_name, open_device};
 use cluster_engine::{ModelFolder, Stage, StageSpec};
 use serde_json::json;
 
-use crate::memory::resident_bytes;
+use crate::memory::{huge_page_bytes, resident_bytes};
 
 /// Flags of `clusteragent inspect-stage`.
 #[derive(Debug, Args)]
@@ -64,6 +64,7 @@ pub fn run(args: InspectArgs) -> Result<()> {
         "files": stage.files(),
         "resident_bytes_before_load": before,
         "resident_bytes_after_load": after,
+        "huge_page_bytes_after_load": huge_page_bytes(),
         "load_ms": load_ms,
     });
     println!("{}", serde_json::to_string_pretty(&report)?);
