@@ -263,6 +263,10 @@ pub struct NodeReport {
     /// is actually freed.
     #[serde(default)]
     pub stage_memory_bytes: u64,
+    /// Bytes of the agent's memory in transparent huge pages, where the OS tells (Linux): a
+    /// CPU stage decodes markedly faster with its weights there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub huge_page_bytes: Option<u64>,
 }
 
 /// A node's status as one agent sees it.

@@ -143,6 +143,7 @@ impl Agent {
             stages: self.runtime.stage_reports(),
             endpoints: self.runtime.endpoint_reports(),
             stage_memory_bytes: self.runtime.held_bytes(),
+            huge_page_bytes: crate::memory::huge_page_bytes(),
         }
     }
 

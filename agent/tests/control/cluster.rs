@@ -44,6 +44,13 @@ fn three_agents_apply_serve_reapply_resplit_and_delete() {
         memory[0] > 0 && memory[1] > 0 && memory[2] == 0,
         "{memory:?}"
     );
+    // A node's description says how much of the agent sits in huge pages where the OS tells.
+    let node = ok(&c.ctl(&["describe", "node", "node-0"]));
+    assert_eq!(
+        node.contains("Huge pages:"),
+        cfg!(target_os = "linux"),
+        "{node}"
+    );
 
     // Generation through the ring = the one-process engine, token for token.
     for (p, want) in PROMPTS.iter().zip(&expected) {

@@ -98,6 +98,13 @@ pub fn run(env: &Env, args: DescribeArgs) -> Outcome {
                     bytes(num(&inv, "/memoryTotalBytes") as u64),
                     bytes(num(report, "/stageMemoryBytes") as u64),
                 ));
+                if let Some(huge) = report.get("hugePageBytes").and_then(Value::as_u64) {
+                    // Shown where the agent's OS tells: weights on small pages decode slower.
+                    out.push_str(&format!(
+                        "  Huge pages: {} of the agent's memory\n",
+                        bytes(huge)
+                    ));
+                }
                 for s in report
                     .get("stages")
                     .and_then(Value::as_array)
