@@ -61,6 +61,17 @@ fn post(port: u16, route: &str, key: Option<&str>, body: &Value) -> (u16, String
     (status, ctype, text)
 }
 
+/// The endpoint's Prometheus exposition.
+fn metrics(port: u16) -> String {
+    http()
+        .get(&format!("http://127.0.0.1:{port}/metrics"))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap()
+}
+
 fn json_of(port: u16, route: &str, body: &Value) -> (u16, Value) {
     let (status, _, text) = post(port, route, Some(KEY), body);
     (status, serde_json::from_str(&text).unwrap())
@@ -376,25 +387,13 @@ fn sixteen_concurrent_streams_complete_and_a_disconnect_frees_its_sequence() {
         "the disconnect shows in the metrics",
         Duration::from_secs(10),
         || {
-            let text = http()
-                .get(&format!("http://127.0.0.1:{port}/metrics"))
-                .call()
-                .unwrap()
-                .body_mut()
-                .read_to_string()
-                .unwrap();
+            let text = metrics(port);
             metric(&text, "clusteragent_requests_cancelled_total") == vec![1.0]
                 && metric(&text, "clusteragent_sequences_in_flight") == vec![0.0]
                 && metric(&text, "clusteragent_stage_cached_sequences") == vec![0.0, 0.0]
         },
     );
-    let text = http()
-        .get(&format!("http://127.0.0.1:{port}/metrics"))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap();
+    let text = metrics(port);
     assert!(
         text.contains("route=\"/v1/chat/completions\",status=\"200\"} 17"),
         "{text}"
@@ -543,13 +542,7 @@ fn an_endpoint_on_another_node_than_stage_0_forwards_to_it() {
     let (reader, _) = long_stream(port);
     drop(reader);
     c.wait_for("the cancel reaches stage 0", Duration::from_secs(10), || {
-        let text = http()
-            .get(&format!("http://127.0.0.1:{port}/metrics"))
-            .call()
-            .unwrap()
-            .body_mut()
-            .read_to_string()
-            .unwrap();
+        let text = metrics(port);
         text.contains("clusteragent_requests_cancelled_total{endpoint=\"tiny-api\",pipeline=\"tiny-pipe\"} 1")
             && text.contains("clusteragent_sequences_in_flight{endpoint=\"tiny-api\",pipeline=\"tiny-pipe\"} 0")
     });
