@@ -1,7 +1,6 @@
 //! Starts agents, runs `clusterctl` against them, writes manifests.
 
 use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
@@ -11,14 +10,7 @@ use serde_json::{Value, json};
 
 pub const TOKEN: &str = "control-test-token";
 
-/// A port nobody listens on right now.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub use crate::common::{free_port, python_has};
 
 /// The newest modification time of the files under `dir`.
 fn newest(dir: &Path) -> std::time::SystemTime {
@@ -67,23 +59,9 @@ pub fn clusterctl() -> PathBuf {
     .clone()
 }
 
-/// Writes a tiny model with the project's own generator.
+/// Writes a tiny 4-layer model with the project's own generator.
 pub fn make_model(dir: &Path) {
-    let out = Command::new(env!("CARGO_BIN_EXE_clusteragent"))
-        .args([
-            "make-model",
-            "--out",
-            dir.to_str().unwrap(),
-            "--layers",
-            "4",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::common::make_model(dir, &["--layers", "4"]);
 }
 
 /// Greedy tokens of the one-process engine (`clusteragent generate`), the reference.
@@ -124,22 +102,6 @@ pub fn one_process_json(model: &Path, prompt: &str, max_tokens: usize, chat: boo
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).unwrap()
-}
-
-/// Whether `python3` can import `module`; under `CI=true` a missing one fails the test.
-pub fn python_has(module: &str) -> bool {
-    let ok = Command::new("python3")
-        .args(["-c", &format!("import {module}")])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "python3 with {module} is needed (pip install {module})"
-        );
-        eprintln!("SKIPPED: python3 with {module} not found (pip install {module})");
-    }
-    ok
 }
 
 /// One agent process.

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use serde_json::json;
 
+use crate::common::python_has;
 use crate::harness::{Ring, make_model, make_model_with, one_process};
 
 const PROMPTS: [&str; 4] = [
@@ -204,22 +205,6 @@ fn a_gguf_model_runs_through_the_ring_as_in_one_process() {
         assert_eq!(last["event"], "done", "{last}");
         assert_eq!(ids, one_process(&gguf, prompt, 16), "prompt {prompt:?}");
     }
-}
-
-/// Whether `python3` can import `module`; under `CI=true` a missing one fails the test.
-fn python_has(module: &str) -> bool {
-    let ok = std::process::Command::new("python3")
-        .args(["-c", &format!("import {module}")])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "python3 with {module} is needed (pip install {module})"
-        );
-        eprintln!("SKIPPED: python3 with {module} not found (pip install {module})");
-    }
-    ok
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! Starts rings of real stage processes and talks to them.
 
 use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -12,14 +12,7 @@ use serde_json::{Value, json};
 
 pub const TOKEN: &str = "test-cluster-token";
 
-/// A port nobody listens on right now.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub use crate::common::free_port;
 
 /// Writes a tiny model with the project's own generator.
 pub fn make_model(dir: &Path, arch: &str) {
@@ -28,16 +21,7 @@ pub fn make_model(dir: &Path, arch: &str) {
 
 /// [`make_model`] with more `make-model` flags (sizes, `--gguf`).
 pub fn make_model_with(dir: &Path, arch: &str, extra: &[&str]) {
-    let out = Command::new(env!("CARGO_BIN_EXE_clusteragent"))
-        .args(["make-model", "--out", dir.to_str().unwrap(), "--arch", arch])
-        .args(extra)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::common::make_model(dir, &[&["--arch", arch], extra].concat());
 }
 
 /// Greedy tokens of the one-process engine, the reference every ring must match.

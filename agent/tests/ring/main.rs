@@ -4,6 +4,9 @@
 // A test that cannot unwrap has failed; the panic message is the report.
 #![allow(clippy::unwrap_used)]
 
+#[path = "../common/mod.rs"]
+mod common;
+
 mod faults;
 mod generation;
 mod harness;
