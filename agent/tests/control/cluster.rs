@@ -47,7 +47,7 @@ fn three_agents_apply_serve_reapply_resplit_and_delete() {
     // A node's description says how much of the agent sits in huge pages where the OS tells.
     let node = ok(&c.ctl(&["describe", "node", "node-0"]));
     assert_eq!(
-        node.contains("Huge pages:"),
+        node.contains("in huge pages"),
         cfg!(target_os = "linux"),
         "{node}"
     );

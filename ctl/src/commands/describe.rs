@@ -101,7 +101,7 @@ pub fn run(env: &Env, args: DescribeArgs) -> Outcome {
                 if let Some(huge) = report.get("hugePageBytes").and_then(Value::as_u64) {
                     // Shown where the agent's OS tells: weights on small pages decode slower.
                     out.push_str(&format!(
-                        "  Huge pages: {} of the agent's memory\n",
+                        "  Paging:    {} of the agent's memory in huge pages\n",
                         bytes(huge)
                     ));
                 }
