@@ -11,7 +11,16 @@ pub fn resident_bytes() -> Option<u64> {
 /// Bytes of this process's memory in transparent huge pages (Linux: `AnonHugePages` of
 /// `/proc/self/smaps_rollup`), or `None` where the OS does not tell.
 pub fn huge_page_bytes() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/self/smaps_rollup").ok()?;
+    anon_huge_bytes("/proc/self/smaps_rollup")
+}
+
+/// [`huge_page_bytes`] of another process.
+pub fn huge_page_bytes_of(pid: u32) -> Option<u64> {
+    anon_huge_bytes(&format!("/proc/{pid}/smaps_rollup"))
+}
+
+fn anon_huge_bytes(path: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(path).ok()?;
     let kb = text
         .lines()
         .find_map(|l| l.strip_prefix("AnonHugePages:"))?

@@ -342,23 +342,20 @@ fn start_ring(
 /// How much of each process's memory sits in transparent huge pages (Linux): a process without
 /// them decodes far more slowly, which would be the whole of a ratio.
 fn huge_pages_report(processes: &[(&str, u32)]) -> String {
-    let field = |pid: u32| -> Option<u64> {
-        let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
-        text.lines()
-            .find_map(|l| l.strip_prefix("AnonHugePages:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-    };
-    let held: Vec<Option<u64>> = processes.iter().map(|(_, pid)| field(*pid)).collect();
+    let held: Vec<Option<u64>> = processes
+        .iter()
+        .map(|(_, pid)| crate::memory::huge_page_bytes_of(*pid))
+        .collect();
     let mut report = processes
         .iter()
         .zip(&held)
-        .map(|((what, _), kb)| match kb {
-            Some(kb) => format!("{what} {:.0} MB", *kb as f64 / 1024.0),
+        .map(|((what, _), held)| match held {
+            Some(b) => format!("{what} {:.0} MB", *b as f64 / (1 << 20) as f64),
             None => format!("{what} unknown"),
         })
         .collect::<Vec<_>>()
         .join(", ");
-    if held.contains(&Some(0)) && held.iter().any(|kb| kb.is_some_and(|kb| kb > 0)) {
+    if held.contains(&Some(0)) && held.iter().any(|b| b.is_some_and(|b| b > 0)) {
         report.push_str(
             " (warning: some processes hold none, so the ratios compare unlike processes; \
              see troubleshooting.md)",
