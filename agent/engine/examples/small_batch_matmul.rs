@@ -1,6 +1,6 @@
-//! Why batched decode multiplies small batches row by row: times candle's general product, the
-//! transposed product `W · Xᵀ`, and one matrix-vector product per row, for 1 to 8 rows against
-//! 40 weight matrices of 2048 × 768 f32 (250 MB, so weights come from memory as in a real model).
+//! Why decode steps multiply through `matvec`: times candle's general product, one
+//! matrix-vector product per row, and `matvec::rows_times_weights`, for 1 to 8 rows against 40
+//! weight matrices of OUT × IN f32 (250 MB, so weights come from memory as in a real model).
 //!
 //! ```sh
 //! RAYON_NUM_THREADS=1 cargo run --release -p cluster-engine --example small_batch_matmul
@@ -10,20 +10,34 @@ use std::time::Instant;
 
 use candle_nn::{Linear, Module};
 use cluster_engine::candle_core::{Device, Result, Tensor};
+use cluster_engine::matvec::rows_times_weights;
 
 fn main() -> Result<()> {
+    let outputs: usize = std::env::var("OUT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2048);
+    let width: usize = std::env::var("IN")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(768);
     let dev = Device::Cpu;
     let weights: Vec<Tensor> = (0..40)
-        .map(|_| Tensor::randn(0f32, 1.0, (2048, 768), &dev))
+        .map(|_| Tensor::randn(0f32, 1.0, (outputs, width), &dev))
         .collect::<Result<_>>()?;
     let layers: Vec<Linear> = weights
         .iter()
         .map(|w| Linear::new(w.clone(), None))
         .collect();
+    let flat: Vec<Vec<f32>> = weights
+        .iter()
+        .map(|w| w.flatten_all()?.to_vec1::<f32>())
+        .collect::<Result<_>>()?;
     let rounds = 5;
     let per_call = |t: Instant| t.elapsed().as_secs_f64() / (rounds * weights.len()) as f64 * 1e3;
+    let mut one_row = None;
     for rows in [1usize, 2, 3, 4, 6, 8] {
-        let x = Tensor::randn(0f32, 1.0, (rows, 1, 768), &dev)?;
+        let x = Tensor::randn(0f32, 1.0, (rows, 1, width), &dev)?;
         let t = Instant::now();
         for _ in 0..rounds {
             for l in &layers {
@@ -33,14 +47,6 @@ fn main() -> Result<()> {
         let general = per_call(t);
         let t = Instant::now();
         for _ in 0..rounds {
-            for w in &weights {
-                let xt = x.reshape((rows, 768))?.t()?.contiguous()?;
-                w.matmul(&xt)?.t()?.contiguous()?;
-            }
-        }
-        let transposed = per_call(t);
-        let t = Instant::now();
-        for _ in 0..rounds {
             for l in &layers {
                 for i in 0..rows {
                     l.forward(&x.narrow(0, i, 1)?)?;
@@ -48,8 +54,20 @@ fn main() -> Result<()> {
             }
         }
         let by_row = per_call(t);
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let mut out = vec![0f32; rows * outputs];
+        let t = Instant::now();
+        for _ in 0..rounds {
+            for w in &flat {
+                rows_times_weights(&xs, rows, w, width, &mut out);
+            }
+        }
+        let fused = per_call(t);
+        let base = *one_row.get_or_insert(by_row);
         println!(
-            "{rows} rows: general {general:.3} ms, W·Xᵀ {transposed:.3} ms, row by row {by_row:.3} ms"
+            "{rows} rows: general {general:.3} ms, row by row {by_row:.3} ms, matvec {fused:.3} ms \
+             ({:.2}x one row by candle)",
+            fused / base
         );
     }
     Ok(())

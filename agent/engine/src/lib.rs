@@ -11,6 +11,7 @@
 //! - [`weights`]: reading chosen tensors from single-file or sharded safetensors.
 //! - [`gguf`]: GGUF files: metadata as a config, quantized tensors read one by one.
 //! - [`stage`]: the decoder layers, the KV caches, [`Stage::forward`].
+//! - [`matvec`]: decode-step products that read each weight row once for every sequence.
 //! - [`rope`]: rotary tables with llama3 and linear scaling.
 //! - [`folder`]: a model folder: config, tokenizer, chat template, EOS ids.
 //! - [`tokenizer`], [`chat`], [`sampling`]: text in and out, chat templates, next-token choice.
@@ -24,6 +25,7 @@ pub mod error;
 pub mod folder;
 pub mod generate;
 pub mod gguf;
+pub mod matvec;
 pub mod rope;
 pub mod sampling;
 pub mod stage;

@@ -779,10 +779,11 @@ impl Stage {
     }
 }
 
-/// Batches at least this large multiply as `W · Xᵀ` (one pass over the weights, a general
-/// matrix product); smaller ones run one matrix-vector product per row, which re-reads the
-/// weights from cache rather than memory. Measured on x86 with candle's gemm: a 2-row general
-/// product costs almost 3 matrix-vector products, while 2 rows one by one cost 1.45.
+/// Where [`decode_on_cpu`] does not apply (GPU tensors, other dtypes), decode batches at least
+/// this large multiply as `W · Xᵀ` (one pass over the weights, a general matrix product);
+/// smaller ones run one matrix-vector product per row, which re-reads the weights from cache
+/// rather than memory. Measured on x86 with candle's gemm: a 2-row general product costs almost
+/// 3 matrix-vector products, while 2 rows one by one cost 1.45.
 const ROWS_AS_GEMM: usize = 5;
 
 /// `lin(x)` for `x` of shape `(b, len, in)`. A decode batch (`len == 1`, several sequences)
@@ -809,6 +810,9 @@ fn linear(proj: &Proj, x: &Tensor) -> Result<Tensor> {
             });
         }
     };
+    if let Some(y) = decode_on_cpu(lin, x)? {
+        return Ok(y);
+    }
     let (b, len, width) = x.dims3()?;
     if len != 1 || b == 1 {
         return Ok(lin.forward(x)?);
@@ -826,6 +830,40 @@ fn linear(proj: &Proj, x: &Tensor) -> Result<Tensor> {
         None => y,
     };
     Ok(y.contiguous()?.unsqueeze(1)?)
+}
+
+/// A decode step (`len == 1`, any number of sequences) against f32 weights in CPU memory,
+/// through [`matvec`](crate::matvec): each weight row is read once for the whole batch, and a
+/// sequence's result has the same bits whichever batch it came in. `None` for anything else
+/// (prefill chunks, other dtypes, GPU tensors), which takes candle's products.
+fn decode_on_cpu(lin: &Linear, x: &Tensor) -> Result<Option<Tensor>> {
+    let w = lin.weight();
+    let (b, len, width) = x.dims3()?;
+    if len != 1 || !w.device().is_cpu() || w.dtype() != DType::F32 || x.dtype() != DType::F32 {
+        return Ok(None);
+    }
+    let (outputs, w_width) = w.dims2()?;
+    if w_width != width {
+        // candle's product reports the mismatch with both shapes.
+        return Ok(None);
+    }
+    let xs = x.flatten_all()?.to_vec1::<f32>()?;
+    let mut out = vec![0f32; b * outputs];
+    {
+        let (storage, layout) = w.storage_and_layout();
+        let (candle_core::Storage::Cpu(cpu), Some((start, end))) =
+            (&*storage, layout.contiguous_offsets())
+        else {
+            return Ok(None);
+        };
+        let data = cpu.as_slice::<f32>()?;
+        crate::matvec::rows_times_weights(&xs, b, &data[start..end], width, &mut out);
+    }
+    let y = Tensor::from_vec(out, (b, 1, outputs), x.device())?;
+    Ok(Some(match lin.bias() {
+        Some(bias) => y.broadcast_add(bias)?,
+        None => y,
+    }))
 }
 
 /// Reads a GGUF stage's tensors one by one, counting the bytes held and reporting progress.
@@ -1097,15 +1135,24 @@ mod tests {
     #[test]
     fn batched_rows_equal_one_row_at_a_time() {
         let dev = Device::Cpu;
-        let w = Tensor::randn(0f32, 1.0, (48, 32), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (48, 37), &dev).unwrap();
         let b = Tensor::randn(0f32, 1.0, 48, &dev).unwrap();
         let lin = Linear::new(w, Some(b));
         let proj = Proj::Dense(lin.clone());
         for rows in [2, ROWS_AS_GEMM - 1, ROWS_AS_GEMM, 9] {
-            let x = Tensor::randn(0f32, 1.0, (rows, 1, 32), &dev).unwrap();
+            let x = Tensor::randn(0f32, 1.0, (rows, 1, 37), &dev).unwrap();
             let batched = linear(&proj, &x).unwrap();
             assert_eq!(batched.dims(), &[rows, 1, 48]);
             for i in 0..rows {
+                // A sequence's result is the same whether it came alone or in a batch.
+                let alone = linear(&proj, &x.narrow(0, i, 1).unwrap()).unwrap();
+                let row = batched.narrow(0, i, 1).unwrap();
+                assert_eq!(
+                    row.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    alone.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    "{rows} rows: row {i}"
+                );
+                // And within rounding of candle's own product.
                 let one = lin.forward(&x.narrow(0, i, 1).unwrap()).unwrap();
                 let diff = (batched.narrow(0, i, 1).unwrap() - one)
                     .unwrap()

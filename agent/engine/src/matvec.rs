@@ -1,0 +1,231 @@
+//! Decode-step products `x · Wᵀ` for a few rows at once, reading each weight row once.
+//!
+//! A decode step multiplies one row per sequence by every weight matrix of the stage. The
+//! matrices come from memory, so the cost is the bytes read: one row costs one pass over the
+//! weights, and so should four. candle's general product packs the weights before multiplying
+//! (a second pass over them) and one matrix-vector product per row reads them once per row;
+//! measured on x86 (`examples/small_batch_matmul.rs`), 4 rows cost 2.3 times one row that way.
+//! Here every weight row is loaded once and multiplied by all the input rows while it is in
+//! registers.
+//!
+//! A row's result does not depend on how many rows travel with it: every row takes the same
+//! operations in the same order whatever the batch, so a sequence decoded alone and the same
+//! sequence decoded beside others get bit-identical logits. Tests and users rely on that: the
+//! ring batches whichever sequences are ready, the one-process engine does not.
+
+use pulp::{Arch, Simd, WithSimd};
+use rayon::prelude::*;
+
+/// Input rows multiplied together per pass over a weight row; enough to keep the floating
+/// point units busy, few enough that the accumulators stay in registers.
+const ROW_GROUP: usize = 4;
+
+/// Input rows taken together stay within this many bytes, so that they stay in a 32 KiB L1
+/// cache while weights stream past: four rows of 768 floats go together, of 2048 two at a time.
+const INPUT_BYTES: usize = 16 << 10;
+
+/// Weight rows are taken in blocks of about this many bytes, which stay in the L2 cache while
+/// each group of input rows passes over them: the block comes from memory once whatever the
+/// number of groups, and in order, which is how memory is fastest to read.
+const WEIGHT_BYTES: usize = 256 << 10;
+
+/// Weights per parallel task, in floats (1 MiB): handing a task to rayon's pool and waiting for
+/// it costs microseconds, reading this much from memory tens of them. A small matrix (a toy
+/// model's) is one task, done on the caller's thread.
+const FLOATS_PER_TASK: usize = 1 << 18;
+
+/// `out = x · wᵀ` with `x` of `rows × width`, `w` of `outputs × width` (a linear layer's
+/// weight, row-major) and `out` of `rows × outputs`.
+///
+/// # Panics
+/// When a slice's length does not match the shape given; callers check shapes first.
+pub fn rows_times_weights(x: &[f32], rows: usize, w: &[f32], width: usize, out: &mut [f32]) {
+    assert!(
+        width > 0 && x.len() == rows * width,
+        "x is not rows × width"
+    );
+    assert_eq!(w.len() % width, 0, "w is not outputs × width");
+    let outputs = w.len() / width;
+    assert_eq!(out.len(), rows * outputs, "out is not rows × outputs");
+    if rows == 0 || outputs == 0 {
+        return;
+    }
+    // Tasks write output-major (one weight row's results for every input row together), which
+    // keeps each task's writes contiguous; a transpose at the end gives row-major.
+    let mut by_output = vec![0f32; outputs * rows];
+    let arch = Arch::new();
+    let per_task = (FLOATS_PER_TASK / width).max(1);
+    if rayon::current_num_threads() == 1 || outputs <= per_task {
+        arch.dispatch(Block {
+            x,
+            rows,
+            w,
+            width,
+            dst: &mut by_output,
+        });
+    } else {
+        by_output
+            .par_chunks_mut(per_task * rows)
+            .zip(w.par_chunks(per_task * width))
+            .for_each(|(dst, w)| {
+                arch.dispatch(Block {
+                    x,
+                    rows,
+                    w,
+                    width,
+                    dst,
+                })
+            });
+    }
+    for (o, results) in by_output.chunks_exact(rows).enumerate() {
+        for (r, v) in results.iter().enumerate() {
+            out[r * outputs + o] = *v;
+        }
+    }
+}
+
+/// One task: a block of weight rows against every input row.
+struct Block<'a> {
+    x: &'a [f32],
+    rows: usize,
+    w: &'a [f32],
+    width: usize,
+    dst: &'a mut [f32],
+}
+
+impl WithSimd for Block<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) -> Self::Output {
+        let Block {
+            x,
+            rows,
+            w,
+            width,
+            dst,
+        } = self;
+        let row_bytes = width * std::mem::size_of::<f32>();
+        let group = (INPUT_BYTES / row_bytes).clamp(1, ROW_GROUP);
+        let sub = (WEIGHT_BYTES / row_bytes).max(1);
+        for (w, dst) in w.chunks(sub * width).zip(dst.chunks_mut(sub * rows)) {
+            let mut start = 0;
+            while start < rows {
+                let n = (rows - start).min(group);
+                let xs = &x[start * width..(start + n) * width];
+                for (w_row, dst) in w.chunks_exact(width).zip(dst.chunks_exact_mut(rows)) {
+                    let dst = &mut dst[start..start + n];
+                    match n {
+                        1 => dot_rows::<S, 1>(simd, w_row, xs, dst),
+                        2 => dot_rows::<S, 2>(simd, w_row, xs, dst),
+                        3 => dot_rows::<S, 3>(simd, w_row, xs, dst),
+                        _ => dot_rows::<S, ROW_GROUP>(simd, w_row, xs, dst),
+                    }
+                }
+                start += n;
+            }
+        }
+    }
+}
+
+/// Dot products of one weight row with `G` input rows (`xs` holds them back to back).
+///
+/// Each row sums into two vector accumulators (even and odd vectors, so that consecutive
+/// fused multiply-adds do not wait on each other), then adds them, reduces the lanes and
+/// finishes the tail that does not fill a vector, in that order: the same steps for every `G`.
+#[inline(always)]
+fn dot_rows<S: Simd, const G: usize>(simd: S, w_row: &[f32], xs: &[f32], dst: &mut [f32]) {
+    let width = w_row.len();
+    let (w_vec, w_tail) = S::as_simd_f32s(w_row);
+    let split: [(&[S::f32s], &[f32]); G] =
+        std::array::from_fn(|g| S::as_simd_f32s(&xs[g * width..(g + 1) * width]));
+    let zero = simd.splat_f32s(0.0);
+    let mut acc = [[zero; 2]; G];
+    let pairs = w_vec.len() / 2;
+    for j in 0..pairs {
+        let w0 = w_vec[2 * j];
+        let w1 = w_vec[2 * j + 1];
+        for g in 0..G {
+            let xv = split[g].0;
+            acc[g][0] = simd.mul_add_e_f32s(xv[2 * j], w0, acc[g][0]);
+            acc[g][1] = simd.mul_add_e_f32s(xv[2 * j + 1], w1, acc[g][1]);
+        }
+    }
+    if w_vec.len() % 2 == 1 {
+        let last = w_vec.len() - 1;
+        for g in 0..G {
+            acc[g][0] = simd.mul_add_e_f32s(split[g].0[last], w_vec[last], acc[g][0]);
+        }
+    }
+    for g in 0..G {
+        let mut sum = simd.reduce_sum_f32s(simd.add_f32s(acc[g][0], acc[g][1]));
+        for (a, b) in split[g].1.iter().zip(w_tail) {
+            sum += a * b;
+        }
+        dst[g] = sum;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rows_times_weights;
+
+    fn pseudo_random(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (s >> 8) as f32 / (1 << 24) as f32 - 0.5
+            })
+            .collect()
+    }
+
+    #[test]
+    fn matches_a_plain_product() {
+        // Widths around the vector size and its multiples, outputs around the task size.
+        for (rows, width, outputs) in [(1, 1, 1), (3, 7, 5), (5, 33, 130), (9, 64, 64), (4, 100, 3)]
+        {
+            let x = pseudo_random(rows * width, 1);
+            let w = pseudo_random(outputs * width, 2);
+            let mut out = vec![0f32; rows * outputs];
+            rows_times_weights(&x, rows, &w, width, &mut out);
+            for r in 0..rows {
+                for o in 0..outputs {
+                    let want: f64 = (0..width)
+                        .map(|i| x[r * width + i] as f64 * w[o * width + i] as f64)
+                        .sum();
+                    let got = out[r * outputs + o] as f64;
+                    assert!(
+                        (got - want).abs() < 1e-4,
+                        "{rows}×{width}·{outputs}: [{r},{o}] = {got}, want {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_row_gets_the_same_bits_alone_and_in_any_batch() {
+        let (width, outputs) = (200, 70);
+        let w = pseudo_random(outputs * width, 3);
+        let x = pseudo_random(9 * width, 4);
+        let alone: Vec<Vec<f32>> = (0..9)
+            .map(|r| {
+                let mut out = vec![0f32; outputs];
+                rows_times_weights(&x[r * width..(r + 1) * width], 1, &w, width, &mut out);
+                out
+            })
+            .collect();
+        for rows in 2..=9 {
+            let mut out = vec![0f32; rows * outputs];
+            rows_times_weights(&x[..rows * width], rows, &w, width, &mut out);
+            for (r, want) in alone.iter().take(rows).enumerate() {
+                assert_eq!(
+                    &out[r * outputs..(r + 1) * outputs],
+                    want.as_slice(),
+                    "row {r} of {rows}"
+                );
+            }
+        }
+    }
+}
