@@ -14,7 +14,7 @@ use cluster_engine::{SeqId, Stage, StageInput, StageOutput};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use super::frame::{FLAG_LAST_CHUNK, Frame, FrameKind};
+use super::frame::{FLAG_LAST_CHUNK, FLAG_MORE_FOLLOWS, Frame, FrameKind};
 use super::inbound::{InboundConn, Sleeper, Wake};
 use super::node::Shared;
 
@@ -127,6 +127,11 @@ impl JobQueue {
     }
 }
 
+/// Whether the predecessor's pass sent another decode step right behind this one.
+fn more_follows(job: &Job) -> bool {
+    matches!(job, Job::Frame(f) if f.kind == FrameKind::Decode && f.flags & FLAG_MORE_FOLLOWS != 0)
+}
+
 /// A job's sequence, when it is a decode step (which may join a batch).
 fn decode_seq(job: &Job) -> Option<SeqId> {
     match job {
@@ -139,6 +144,10 @@ fn decode_seq(job: &Job) -> Option<SeqId> {
         _ => None,
     }
 }
+
+/// How long a stage waits for a decode step announced by [`FLAG_MORE_FOLLOWS`]: the frames of
+/// one pass are written back to back, so it comes within microseconds unless its link broke.
+const MORE_FOLLOWS_LIMIT: Duration = Duration::from_millis(2);
 
 /// The longest single sleep of an idle compute thread; it looks around and sleeps again.
 const SLEEP_LIMIT: Duration = Duration::from_secs(1);
@@ -170,6 +179,7 @@ pub fn run(
         inbox: VecDeque::new(),
         frames: Vec::new(),
         samplers: HashMap::new(),
+        pass_time: Duration::ZERO,
     }
     .run();
 }
@@ -187,6 +197,8 @@ struct Worker {
     /// Reused buffer for frames just read.
     frames: Vec<Frame>,
     samplers: HashMap<SeqId, Sampler>,
+    /// Moving average of this stage's decode passes.
+    pass_time: Duration,
 }
 
 impl Worker {
@@ -201,20 +213,10 @@ impl Worker {
                 },
             };
             if decode_seq(&job).is_some() {
-                let mut batch = vec![job];
-                while batch.len() < MAX_BATCH {
-                    let Some(next) = self.ready_job() else { break };
-                    match decode_seq(&next) {
-                        Some(seq) if !batch.iter().any(|b| decode_seq(b) == Some(seq)) => {
-                            batch.push(next)
-                        }
-                        _ => {
-                            held = Some(next);
-                            break;
-                        }
-                    }
-                }
+                let batch = self.gather(job, &mut held);
+                let started = Instant::now();
                 decode_batch(&self.shared, &self.stage, &mut self.samplers, batch);
+                self.note_pass(started.elapsed());
                 self.flush_events();
                 continue;
             }
@@ -223,6 +225,78 @@ impl Worker {
             }
             self.flush_events();
         }
+    }
+
+    /// The decode steps to run with `first` as one pass: those ready now, and on stage 0 those
+    /// worth a short wait (see [`Worker::batch_goal`]). A job that cannot join goes to `held`.
+    fn gather(&mut self, first: Job, held: &mut Option<Job>) -> Vec<Job> {
+        let (want, cap) = self.batch_goal();
+        let want_limit = self.gather_limit();
+        let started = Instant::now();
+        let mut more = more_follows(&first);
+        let mut batch = vec![first];
+        while batch.len() < cap {
+            match self.ready_job() {
+                Some(next) => match decode_seq(&next) {
+                    Some(seq) if !batch.iter().any(|b| decode_seq(b) == Some(seq)) => {
+                        more = more_follows(&next);
+                        batch.push(next);
+                    }
+                    _ => {
+                        *held = Some(next);
+                        break;
+                    }
+                },
+                None => {
+                    let waited = started.elapsed();
+                    let wait = (more && waited < MORE_FOLLOWS_LIMIT)
+                        || (batch.len() < want && waited < want_limit);
+                    if !wait {
+                        break;
+                    }
+                    std::thread::yield_now();
+                }
+            }
+        }
+        batch
+    }
+
+    /// How many decode steps a pass should take: `(wait for, at most)`.
+    ///
+    /// Batching costs little (a weight row is read once for the whole batch), so stage 0 groups
+    /// the sequences: as many groups as stages, so that every stage has one to work on, each of
+    /// about `decoding / stages` sequences. Once formed, a group stays together around the ring
+    /// ([`FLAG_MORE_FOLLOWS`]), so the wait for it to gather happens rarely: when sequences come
+    /// and go. Later stages take what comes.
+    fn batch_goal(&self) -> (usize, usize) {
+        match &self.shared.head {
+            Some(head) => {
+                let stages = self.shared.config.stages.len().max(1);
+                let decoding = head.decoding().max(1);
+                (
+                    (decoding / stages).clamp(1, MAX_BATCH),
+                    decoding.div_ceil(stages).clamp(1, MAX_BATCH),
+                )
+            }
+            None => (1, MAX_BATCH),
+        }
+    }
+
+    /// How long stage 0 waits for a group to gather: about the time of a pass elsewhere in the
+    /// ring (stages of a balanced split take about as long as this one), never long.
+    fn gather_limit(&self) -> Duration {
+        self.pass_time
+            .mul_f64(1.5)
+            .clamp(Duration::from_millis(1), Duration::from_millis(50))
+    }
+
+    /// Keeps a moving average of decode passes' time.
+    fn note_pass(&mut self, took: Duration) {
+        self.pass_time = if self.pass_time.is_zero() {
+            took
+        } else {
+            self.pass_time.mul_f64(0.8) + took.mul_f64(0.2)
+        };
     }
 
     /// Stage 0: sends the token events the head held back while this thread started the next
@@ -500,7 +574,7 @@ fn single(
     let started = Instant::now();
     let output = stage.forward(step.seq, step.position, input);
     shared.metrics.record_compute(started.elapsed(), 1);
-    finish(shared, samplers, step, output);
+    finish(shared, samplers, step, output, false);
 }
 
 fn decode_batch(
@@ -554,8 +628,9 @@ fn decode_batch(
     shared
         .metrics
         .record_compute(started.elapsed(), steps.len());
-    for (step, output) in steps.into_iter().zip(outputs) {
-        finish(shared, samplers, step, output);
+    let count = steps.len();
+    for (i, (step, output)) in steps.into_iter().zip(outputs).enumerate() {
+        finish(shared, samplers, step, output, i + 1 < count);
     }
 }
 
@@ -566,6 +641,7 @@ fn finish(
     samplers: &mut HashMap<SeqId, Sampler>,
     step: Step,
     output: cluster_engine::Result<StageOutput>,
+    more_follows: bool,
 ) {
     let seq = step.seq;
     match output {
@@ -578,6 +654,9 @@ fn finish(
             );
             frame.position = step.position as u32;
             frame.flags = if step.last_chunk { FLAG_LAST_CHUNK } else { 0 };
+            if more_follows {
+                frame.flags |= FLAG_MORE_FOLLOWS;
+            }
             frame.meta = step.meta;
             match frame.with_tensor(&h) {
                 Ok(frame) => shared.send(frame),

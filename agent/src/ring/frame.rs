@@ -26,6 +26,9 @@ const PREAMBLE: usize = 12;
 
 /// Flag: this prefill chunk is the prompt's last, so the last stage samples after it.
 pub const FLAG_LAST_CHUNK: u8 = 1;
+/// Flag: another decode step of the same batched pass follows this frame at once, so the
+/// receiver waits for it and keeps the batch together. Older agents ignore it.
+pub const FLAG_MORE_FOLLOWS: u8 = 2;
 
 /// What a frame carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,7 +133,7 @@ impl WireDType {
 pub struct Frame {
     /// What it carries.
     pub kind: FrameKind,
-    /// Bit flags ([`FLAG_LAST_CHUNK`]).
+    /// Bit flags ([`FLAG_LAST_CHUNK`], [`FLAG_MORE_FOLLOWS`]).
     pub flags: u8,
     /// The pipeline's name.
     pub pipeline: String,

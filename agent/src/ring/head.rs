@@ -146,6 +146,14 @@ impl Head {
         lock(&self.sequences).len()
     }
 
+    /// Sequences past their prompt: each has a decode step somewhere in the ring.
+    pub fn decoding(&self) -> usize {
+        lock(&self.sequences)
+            .values()
+            .filter(|st| st.generated > 0)
+            .count()
+    }
+
     /// Whether every link of the ring is up, and if not, why.
     pub fn ring_status(&self, shared: &Shared) -> Result<(), String> {
         if !shared.outbound_up() {

@@ -102,6 +102,17 @@ fn eight_concurrent_sequences_each_match_their_one_process_output() {
     });
     let health = ring.health().unwrap();
     assert_eq!(health["sequences"], 0, "{health}");
+    // Stage 0 groups the sequences' decode steps into batched passes (one pass per chunk or
+    // per group); one step per pass would mean every sequence went alone.
+    let metrics = &health["metrics"];
+    let (passes, steps) = (
+        metrics["compute_passes"].as_f64().unwrap(),
+        metrics["compute_steps"].as_f64().unwrap(),
+    );
+    assert!(
+        steps >= 1.5 * passes,
+        "{steps} steps in {passes} passes: {health}"
+    );
 }
 
 #[test]
