@@ -30,7 +30,7 @@ pub struct StageArgs {
     pub step_timeout: f64,
     /// Milliseconds the compute thread keeps polling for work before it sleeps: keeps the CPU
     /// awake between a sequence's steps (faster, notably on virtual machines); 0 sleeps at once.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, env = "CLUSTERAGENT_COMPUTE_SPIN_MS", default_value_t = 20)]
     pub compute_spin_ms: u64,
 }
 
