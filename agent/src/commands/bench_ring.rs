@@ -183,7 +183,11 @@ pub fn run(args: BenchRingArgs) -> Result<()> {
         let w0 = stream(&agent, &whole_http[0], args.tokens)?.decode_tokens_per_s();
         let w1 = stream(&agent, &whole_http[1], args.tokens)?.decode_tokens_per_s();
         let ring1 = stream(&agent, &ring_http, args.tokens)?.decode_tokens_per_s();
+        let before = pass_counts(&agent, &ring_http)?;
         let ring_n = concurrent(&agent, &ring_http, args.tokens, args.concurrency)?;
+        let after = pass_counts(&agent, &ring_http)?;
+        m.steps += after.0 - before.0;
+        m.passes += after.1 - before.1;
         let whole_n = concurrent(&agent, &whole_http[0], args.tokens, args.concurrency)?;
         let fresh = one_process(&model, args.tokens)?;
         // The ring computes half of a step on each core: the baseline step is the mean of the
@@ -218,6 +222,9 @@ struct Measurements {
     fresh: Vec<f64>,
     a: Vec<f64>,
     b: Vec<f64>,
+    /// Stage 0's steps and forward passes while the ring served several sequences.
+    steps: u64,
+    passes: u64,
 }
 
 impl Measurements {
@@ -260,6 +267,10 @@ impl Measurements {
         println!(
             "2-stage ring, {n} sequences (total):   {:8.2} tok/s median",
             median(&mut self.ring_n)
+        );
+        println!(
+            "stage 0 with {n} sequences:            {:8.2} steps per forward pass (prefill chunks count one each)",
+            self.steps as f64 / self.passes.max(1) as f64
         );
         println!(
             "one process, {n} sequences (batched):  {:8.2} tok/s median (core 0)",
@@ -386,6 +397,21 @@ fn wait_up(agent: &ureq::Agent, http: &str) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Stage 0's `(steps, forward passes)` so far: how much its passes batched.
+fn pass_counts(agent: &ureq::Agent, http: &str) -> Result<(u64, u64)> {
+    let health: Value = agent
+        .get(&format!("http://{http}/health"))
+        .call()?
+        .body_mut()
+        .read_json()?;
+    let count = |key: &str| {
+        health["metrics"][key]
+            .as_u64()
+            .with_context(|| format!("stage 0's /health has no metrics.{key}: {health}"))
+    };
+    Ok((count("compute_steps")?, count("compute_passes")?))
 }
 
 /// Decode tokens/s of `clusteragent generate` pinned to core 0.
