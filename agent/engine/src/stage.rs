@@ -792,6 +792,12 @@ fn linear(proj: &Proj, x: &Tensor) -> Result<Tensor> {
     let lin = match proj {
         Proj::Dense(lin) => lin,
         Proj::Quant(w, bias) => {
+            // F32, F16 and BF16 files are held as plain f32 matrices (candle dequantizes them).
+            if let QMatMul::Tensor(t) = w
+                && let Some(y) = decode_on_cpu(t, bias.as_ref(), x)?
+            {
+                return Ok(y);
+            }
             let (b, len, _) = x.dims3()?;
             // A small decode batch goes row by row: candle picks other kernels for several rows
             // of some block formats, whose last bits differ from one row's (and 8-bit rounding
@@ -810,7 +816,7 @@ fn linear(proj: &Proj, x: &Tensor) -> Result<Tensor> {
             });
         }
     };
-    if let Some(y) = decode_on_cpu(lin, x)? {
+    if let Some(y) = decode_on_cpu(lin.weight(), lin.bias(), x)? {
         return Ok(y);
     }
     let (b, len, width) = x.dims3()?;
@@ -832,12 +838,12 @@ fn linear(proj: &Proj, x: &Tensor) -> Result<Tensor> {
     Ok(y.contiguous()?.unsqueeze(1)?)
 }
 
-/// A decode step (`len == 1`, any number of sequences) against f32 weights in CPU memory,
+/// A decode step (`len == 1`, any number of sequences) against f32 weights in CPU memory (an
+/// f32 checkpoint's, or a GGUF file's F32, F16 and BF16 tensors, which candle holds as f32),
 /// through [`matvec`](crate::matvec): each weight row is read once for the whole batch, and a
 /// sequence's result has the same bits whichever batch it came in. `None` for anything else
 /// (prefill chunks, other dtypes, GPU tensors), which takes candle's products.
-fn decode_on_cpu(lin: &Linear, x: &Tensor) -> Result<Option<Tensor>> {
-    let w = lin.weight();
+fn decode_on_cpu(w: &Tensor, bias: Option<&Tensor>, x: &Tensor) -> Result<Option<Tensor>> {
     let (b, len, width) = x.dims3()?;
     if len != 1 || !w.device().is_cpu() || w.dtype() != DType::F32 || x.dtype() != DType::F32 {
         return Ok(None);
@@ -860,7 +866,7 @@ fn decode_on_cpu(lin: &Linear, x: &Tensor) -> Result<Option<Tensor>> {
         crate::matvec::rows_times_weights(&xs, b, &data[start..end], width, &mut out);
     }
     let y = Tensor::from_vec(out, (b, 1, outputs), x.device())?;
-    Ok(Some(match lin.bias() {
+    Ok(Some(match bias {
         Some(bias) => y.broadcast_add(bias)?,
         None => y,
     }))
