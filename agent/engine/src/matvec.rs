@@ -29,10 +29,10 @@ const INPUT_BYTES: usize = 16 << 10;
 /// number of groups, and in order, which is how memory is fastest to read.
 const WEIGHT_BYTES: usize = 256 << 10;
 
-/// Weights per parallel task, in floats (1 MiB): handing a task to rayon's pool and waiting for
-/// it costs microseconds, reading this much from memory tens of them. A small matrix (a toy
-/// model's) is one task, done on the caller's thread.
-const FLOATS_PER_TASK: usize = 1 << 18;
+/// The least weights per parallel task, in floats (128 KiB): handing a task to rayon's pool and
+/// waiting for it costs microseconds, reading this much from memory about ten. A small matrix
+/// (a toy model's) is one task, done on the caller's thread.
+const MIN_TASK_FLOATS: usize = 1 << 15;
 
 /// `out = x · wᵀ` with `x` of `rows × width`, `w` of `outputs × width` (a linear layer's
 /// weight, row-major) and `out` of `rows × outputs`.
@@ -54,8 +54,13 @@ pub fn rows_times_weights(x: &[f32], rows: usize, w: &[f32], width: usize, out: 
     // keeps each task's writes contiguous; a transpose at the end gives row-major.
     let mut by_output = vec![0f32; outputs * rows];
     let arch = Arch::new();
-    let per_task = (FLOATS_PER_TASK / width).max(1);
-    if rayon::current_num_threads() == 1 || outputs <= per_task {
+    // Two tasks per thread, so that a thread slowed by something else does not hold up the
+    // product, unless that makes tasks too small to be worth handing over.
+    let threads = rayon::current_num_threads();
+    let per_task = outputs
+        .div_ceil(2 * threads)
+        .max(MIN_TASK_FLOATS.div_ceil(width));
+    if threads == 1 || outputs <= per_task {
         arch.dispatch(Block {
             x,
             rows,
@@ -202,6 +207,25 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn threads_split_the_work_without_changing_a_bit() {
+        let (rows, width, outputs) = (3, 100, 1000);
+        let w = pseudo_random(outputs * width, 5);
+        let x = pseudo_random(rows * width, 6);
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let mut out = vec![0f32; rows * outputs];
+            pool.install(|| rows_times_weights(&x, rows, &w, width, &mut out));
+            out
+        };
+        let one = run(1);
+        assert_eq!(run(3), one);
+        assert_eq!(run(8), one);
     }
 
     #[test]
