@@ -51,8 +51,15 @@ pub fn rows_times_weights(x: &[f32], rows: usize, w: &[f32], width: usize, out: 
         return;
     }
     // Tasks write output-major (one weight row's results for every input row together), which
-    // keeps each task's writes contiguous; a transpose at the end gives row-major.
-    let mut by_output = vec![0f32; outputs * rows];
+    // keeps each task's writes contiguous; a transpose at the end gives row-major. One row is
+    // both at once.
+    let mut by_output = Vec::new();
+    let dst: &mut [f32] = if rows == 1 {
+        &mut *out
+    } else {
+        by_output.resize(outputs * rows, 0f32);
+        &mut by_output
+    };
     let arch = Arch::new();
     // Two tasks per thread, so that a thread slowed by something else does not hold up the
     // product, unless that makes tasks too small to be worth handing over.
@@ -66,11 +73,10 @@ pub fn rows_times_weights(x: &[f32], rows: usize, w: &[f32], width: usize, out: 
             rows,
             w,
             width,
-            dst: &mut by_output,
+            dst,
         });
     } else {
-        by_output
-            .par_chunks_mut(per_task * rows)
+        dst.par_chunks_mut(per_task * rows)
             .zip(w.par_chunks(per_task * width))
             .for_each(|(dst, w)| {
                 arch.dispatch(Block {

@@ -853,23 +853,35 @@ fn decode_on_cpu(w: &Tensor, bias: Option<&Tensor>, x: &Tensor) -> Result<Option
         // candle's product reports the mismatch with both shapes.
         return Ok(None);
     }
-    let xs = x.flatten_all()?.to_vec1::<f32>()?;
+    // Attention's output comes transposed; the kernel reads rows in place.
+    let x = x.contiguous()?;
     let mut out = vec![0f32; b * outputs];
     {
-        let (storage, layout) = w.storage_and_layout();
-        let (candle_core::Storage::Cpu(cpu), Some((start, end))) =
-            (&*storage, layout.contiguous_offsets())
+        let (w_storage, w_layout) = w.storage_and_layout();
+        let (x_storage, x_layout) = x.storage_and_layout();
+        let (Some(w), Some(xs)) = (cpu_f32(&w_storage, w_layout), cpu_f32(&x_storage, x_layout))
         else {
             return Ok(None);
         };
-        let data = cpu.as_slice::<f32>()?;
-        crate::matvec::rows_times_weights(&xs, b, &data[start..end], width, &mut out);
+        crate::matvec::rows_times_weights(xs, b, w, width, &mut out);
     }
     let y = Tensor::from_vec(out, (b, 1, outputs), x.device())?;
     Ok(Some(match bias {
         Some(bias) => y.broadcast_add(bias)?,
         None => y,
     }))
+}
+
+/// A contiguous f32 CPU tensor's elements, from its storage and layout; `None` for any other.
+fn cpu_f32<'a>(
+    storage: &'a candle_core::Storage,
+    layout: &candle_core::Layout,
+) -> Option<&'a [f32]> {
+    let (start, end) = layout.contiguous_offsets()?;
+    match storage {
+        candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => v.get(start..end),
+        _ => None,
+    }
 }
 
 /// Reads a GGUF stage's tensors one by one, counting the bytes held and reporting progress.
