@@ -22,6 +22,12 @@
 //!
 //! Set `CLUSTERAGENT_HUGE_PAGES=off` to keep the process as it started; a `GLIBC_TUNABLES` that
 //! already names `glibc.malloc.hugetlb` is left alone unless this chain of restarts set it.
+//!
+//! The same start sets `RAYON_NUM_THREADS` (Linux, when unset) to the CPUs the process may use,
+//! which is rayon's own default: without it candle works out its default thread count on every
+//! CPU matrix product by reading `/proc/cpuinfo`, tens of microseconds each, 10% of a decode
+//! step of the benchmark model (`generate` at 105-115 against 122-125 tokens/s). A process
+//! that needs no huge-page start still starts once more for it.
 
 /// What is added to `GLIBC_TUNABLES`.
 pub const TUNABLES: &str = "glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1";
@@ -120,15 +126,50 @@ fn malloc_madvises() -> bool {
     true
 }
 
-/// Starts this process again with huge pages for its allocations, when that applies (see the
-/// module docs). Returns when it does not apply or a new start failed (then with a warning on
-/// stderr: the process runs on, with small pages). Call first thing in `main`, before any
-/// thread exists.
+/// Starts this process again with huge pages for its allocations and a thread count set, when
+/// either applies (see the module docs). Returns when neither does or a new start failed (then
+/// with a warning on stderr: the process runs on as it is). Call first thing in `main`, before
+/// any thread exists.
 pub fn restart_with_huge_pages() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[cfg(target_os = "linux")]
     {
         use std::os::unix::process::CommandExt;
 
+        let threads = thread_count_to_set(std::env::var_os("RAYON_NUM_THREADS").as_deref(), || {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        });
+        let huge_pages = huge_pages_restart();
+        if huge_pages.is_none() && threads.is_none() {
+            return;
+        }
+        let Ok(exe) = std::env::current_exe() else {
+            return;
+        };
+        let mut args = std::env::args_os();
+        let argv0 = args.next().unwrap_or_else(|| exe.clone().into_os_string());
+        let mut cmd = std::process::Command::new(&exe);
+        cmd.arg0(argv0).args(args);
+        if let Some((tunables, try_number)) = huge_pages {
+            cmd.env("GLIBC_TUNABLES", tunables)
+                .env(TRY_VAR, format!("{}:{try_number}", std::process::id()));
+        }
+        if let Some(n) = threads {
+            cmd.env("RAYON_NUM_THREADS", n.to_string());
+        }
+        let err = cmd.exec();
+        eprintln!(
+            "clusteragent: warning: could not restart {} with huge pages for weights and a thread \
+             count set ({err}); running on as started",
+            exe.display()
+        );
+    }
+}
+
+/// The `GLIBC_TUNABLES` value and try number to start again with, if any (see [`decide`]).
+#[cfg(target_os = "linux")]
+fn huge_pages_restart() -> Option<(String, u32)> {
+    #[cfg(target_env = "gnu")]
+    {
         let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
             .unwrap_or_default();
         let current = std::env::var("GLIBC_TUNABLES").ok();
@@ -136,42 +177,40 @@ pub fn restart_with_huge_pages() {
         let try_number = std::env::var(TRY_VAR)
             .ok()
             .map(|v| tries_so_far(&v, std::process::id()));
-        let (tunables, try_number) = match decide(
+        match decide(
             current.as_deref(),
             opt_out.as_deref(),
             &thp,
             try_number,
             malloc_madvises,
         ) {
-            Decision::Keep => return,
+            Decision::Keep => None,
             Decision::GiveUp => {
                 eprintln!(
                     "clusteragent: warning: glibc did not take glibc.malloc.hugetlb in {MAX_TRIES} \
                      starts; weights are on small pages"
                 );
-                return;
+                None
             }
             Decision::Restart {
                 tunables,
                 try_number,
-            } => (tunables, try_number),
-        };
-        let Ok(exe) = std::env::current_exe() else {
-            return;
-        };
-        let mut args = std::env::args_os();
-        let argv0 = args.next().unwrap_or_else(|| exe.clone().into_os_string());
-        let err = std::process::Command::new(&exe)
-            .arg0(argv0)
-            .args(args)
-            .env("GLIBC_TUNABLES", tunables)
-            .env(TRY_VAR, format!("{}:{try_number}", std::process::id()))
-            .exec();
-        eprintln!(
-            "clusteragent: warning: could not restart {} with huge pages for weights ({err}); \
-             running with small pages",
-            exe.display()
-        );
+            } => Some((tunables, try_number)),
+        }
+    }
+    #[cfg(not(target_env = "gnu"))]
+    None
+}
+
+/// The `RAYON_NUM_THREADS` to start again with: `available()` when the variable is unset or
+/// empty; `None` when the user set it.
+pub fn thread_count_to_set(
+    current: Option<&std::ffi::OsStr>,
+    available: impl FnOnce() -> usize,
+) -> Option<usize> {
+    match current {
+        Some(v) if !v.is_empty() => None,
+        _ => Some(available().max(1)),
     }
 }
 
@@ -253,5 +292,15 @@ mod tests {
             Decision::Keep
         );
         assert_eq!(decide(None, None, "", None, never), Decision::Keep);
+    }
+
+    #[test]
+    fn the_thread_count_is_set_only_when_the_user_did_not() {
+        use std::ffi::OsStr;
+        assert_eq!(thread_count_to_set(None, || 6), Some(6));
+        assert_eq!(thread_count_to_set(Some(OsStr::new("")), || 6), Some(6));
+        assert_eq!(thread_count_to_set(None, || 0), Some(1));
+        assert_eq!(thread_count_to_set(Some(OsStr::new("1")), || 6), None);
+        assert_eq!(thread_count_to_set(Some(OsStr::new("0")), || 6), None);
     }
 }
