@@ -29,7 +29,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let split = LayerSplit::whole(folder.config.num_hidden_layers)?;
     let stages = cluster_engine::generate::load_stages(&folder, &split, &Device::Cpu, DType::F32)?;
     let stage = &stages[0];
-    let (prompt, steps) = (20, 60);
+    let prompt: usize = std::env::var("PROMPT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let steps = 60;
     for (round, n) in counts.into_iter().enumerate() {
         let seqs: Vec<u64> = (0..n as u64).map(|s| ((round as u64) << 32) | s).collect();
         for &s in &seqs {

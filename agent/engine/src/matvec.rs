@@ -177,6 +177,126 @@ fn dot_rows<S: Simd, const G: usize>(simd: S, w_row: &[f32], xs: &[f32], dst: &m
     }
 }
 
+/// How a head's attention scores are scaled by `1 / √head_dim`: divided (Llama's references)
+/// or multiplied by the inverse (the others'), as [`crate::stage`]'s general path does.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ScoreScale {
+    /// `score / sqrt`.
+    Divide(f32),
+    /// `score * inverse`.
+    Multiply(f32),
+}
+
+/// One query position attending over `len` cached positions, every head: `out[h] =
+/// softmax(scale(q[h] · K[g]ᵀ)) · V[g]` where `g = h / (heads / kv_heads)` is the head's key and
+/// value group. `q` is `heads × head_dim`, `k` and `v` are `kv_heads × len × head_dim`, `out` is
+/// `heads × head_dim`. No mask: a decode step sees every cached position.
+///
+/// The heads of a group share their keys and values, so their scores are one
+/// [`rows_times_weights`] over the group's keys (each key read once), and their outputs one
+/// pass over the group's values; candle's path copies the keys and values once per head and
+/// multiplies one row at a time through its general product.
+///
+/// # Panics
+/// When the slices do not have those lengths or `heads` is not a multiple of `kv_heads`.
+#[allow(clippy::too_many_arguments)]
+pub fn decode_attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    len: usize,
+    scale: ScoreScale,
+    out: &mut [f32],
+) {
+    assert!(kv_heads > 0 && heads % kv_heads == 0, "heads not in groups");
+    assert_eq!(q.len(), heads * head_dim, "q is not heads × head_dim");
+    assert_eq!(
+        k.len(),
+        kv_heads * len * head_dim,
+        "k is not kv_heads × len × head_dim"
+    );
+    assert_eq!(v.len(), k.len(), "v is not shaped as k");
+    assert_eq!(out.len(), q.len(), "out is not heads × head_dim");
+    if len == 0 || head_dim == 0 {
+        out.fill(0.0);
+        return;
+    }
+    let group = heads / kv_heads;
+    let mut scores = vec![0f32; group * len];
+    let arch = Arch::new();
+    for g in 0..kv_heads {
+        let block = g * len * head_dim..(g + 1) * len * head_dim;
+        let heads_q = &q[g * group * head_dim..(g + 1) * group * head_dim];
+        rows_times_weights(heads_q, group, &k[block.clone()], head_dim, &mut scores);
+        for row in scores.chunks_exact_mut(len) {
+            let mut max = f32::NEG_INFINITY;
+            for s in row.iter_mut() {
+                *s = match scale {
+                    ScoreScale::Divide(d) => *s / d,
+                    ScoreScale::Multiply(m) => *s * m,
+                };
+                max = max.max(*s);
+            }
+            let mut sum = 0f32;
+            for s in row.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            let inv = 1.0 / sum;
+            for s in row.iter_mut() {
+                *s *= inv;
+            }
+        }
+        arch.dispatch(WeightedRows {
+            p: &scores,
+            v: &v[block],
+            head_dim,
+            out: &mut out[g * group * head_dim..(g + 1) * group * head_dim],
+        });
+    }
+}
+
+/// `out[r] = Σ_t p[r][t] · v[t]`: each value row read once for every row of `p`.
+struct WeightedRows<'a> {
+    p: &'a [f32],
+    v: &'a [f32],
+    head_dim: usize,
+    out: &'a mut [f32],
+}
+
+impl WithSimd for WeightedRows<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) -> Self::Output {
+        let WeightedRows {
+            p,
+            v,
+            head_dim,
+            out,
+        } = self;
+        out.fill(0.0);
+        let len = v.len() / head_dim;
+        for (t, v_row) in v.chunks_exact(head_dim).enumerate() {
+            let (v_vec, v_tail) = S::as_simd_f32s(v_row);
+            for (r, out_row) in out.chunks_exact_mut(head_dim).enumerate() {
+                let weight = p[r * len + t];
+                let w = simd.splat_f32s(weight);
+                let (o_vec, o_tail) = S::as_mut_simd_f32s(out_row);
+                for (o, x) in o_vec.iter_mut().zip(v_vec) {
+                    *o = simd.mul_add_e_f32s(w, *x, *o);
+                }
+                for (o, x) in o_tail.iter_mut().zip(v_tail) {
+                    *o += weight * x;
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::rows_times_weights;
@@ -212,6 +332,60 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn decode_attention_matches_a_plain_softmax_over_each_group() {
+        use super::{ScoreScale, decode_attention};
+        // Three query heads per key/value head, a head size with a tail past the vectors.
+        let (heads, kv_heads, d, len) = (6, 2, 20, 37);
+        let q = pseudo_random(heads * d, 7);
+        let k = pseudo_random(kv_heads * len * d, 8);
+        let v = pseudo_random(kv_heads * len * d, 9);
+        let scale = (d as f32).sqrt();
+        let mut out = vec![0f32; heads * d];
+        decode_attention(
+            &q,
+            &k,
+            &v,
+            heads,
+            kv_heads,
+            d,
+            len,
+            ScoreScale::Divide(scale),
+            &mut out,
+        );
+        for h in 0..heads {
+            let g = h / (heads / kv_heads);
+            let scores: Vec<f64> = (0..len)
+                .map(|t| {
+                    (0..d)
+                        .map(|i| q[h * d + i] as f64 * k[(g * len + t) * d + i] as f64)
+                        .sum::<f64>()
+                        / scale as f64
+                })
+                .collect();
+            let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let exps: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+            let sum: f64 = exps.iter().sum();
+            for i in 0..d {
+                let want: f64 = (0..len)
+                    .map(|t| exps[t] / sum * v[(g * len + t) * d + i] as f64)
+                    .sum();
+                let got = out[h * d + i] as f64;
+                assert!(
+                    (got - want).abs() < 1e-5,
+                    "head {h}, [{i}] = {got}, want {want}"
+                );
+            }
+        }
+        // Multiplying by the inverse gives the same up to rounding.
+        let mut other = vec![0f32; heads * d];
+        let inverse = ScoreScale::Multiply(1.0 / scale);
+        decode_attention(&q, &k, &v, heads, kv_heads, d, len, inverse, &mut other);
+        for (a, b) in out.iter().zip(&other) {
+            assert!((a - b).abs() < 1e-5);
         }
     }
 

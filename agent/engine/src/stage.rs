@@ -983,14 +983,10 @@ impl DecoderLayer {
         let mut ys = Vec::with_capacity(kvs.len());
         for (i, kv) in kvs.iter_mut().enumerate() {
             let (qi, ki, vi) = (q.narrow(0, i, 1)?, k.narrow(0, i, 1)?, v.narrow(0, i, 1)?);
-            ys.push(Attention::attend(
-                &qi,
-                &ki,
-                &vi,
-                cfg,
-                masks[i].as_ref(),
-                kv,
-            )?);
+            ys.push(
+                self.attn
+                    .attend(&qi, &ki, &vi, cfg, masks[i].as_ref(), kv)?,
+            );
         }
         let y = Tensor::cat(&ys, 0)?;
         let h = self.attn.output(&y, cfg)?;
@@ -1048,6 +1044,7 @@ impl Attention {
     /// One sequence's attention: appends its new keys and values to its cache and attends over
     /// all of them. Returns `(1, heads, len, head_dim)`.
     fn attend(
+        &self,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
@@ -1058,6 +1055,18 @@ impl Attention {
         let (k, v) = kv.append(k, v)?;
         if cfg.family == crate::config::Family::Qwen3 && q.device().is_cpu() {
             return Self::attend_cpu_flash(q, &k, &v, cfg);
+        }
+        // A decode step of a dense f32 stage on the CPU: one pass over the cache per group of
+        // heads. Quantized stages keep the path below, whose rounding their references share.
+        if matches!(self.o_proj, Proj::Dense(_))
+            && mask.is_none()
+            && q.dim(2)? == 1
+            && q.device().is_cpu()
+            && q.dtype() == DType::F32
+            && k.dtype() == DType::F32
+            && let Some(y) = Self::attend_decode_cpu(q, &k, &v, cfg)?
+        {
+            return Ok(y);
         }
         let groups = cfg.num_attention_heads / cfg.num_key_value_heads;
         let k = candle_transformers::utils::repeat_kv(k, groups)?.contiguous()?;
@@ -1083,6 +1092,42 @@ impl Attention {
         }
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         Ok(probs.matmul(&v)?.to_dtype(in_dtype)?)
+    }
+
+    /// One position's attention over the whole cache through
+    /// [`decode_attention`](crate::matvec::decode_attention), reading the cache in place: candle's
+    /// path copies the keys and values per head and multiplies one row at a time, which at 1500
+    /// cached positions was half of a decode step. `None` when a tensor is not in CPU memory as
+    /// f32. Returns `(1, heads, 1, head_dim)`.
+    fn attend_decode_cpu(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        cfg: &ModelConfig,
+    ) -> Result<Option<Tensor>> {
+        use crate::matvec::{ScoreScale, decode_attention};
+        let (_, heads, _, d) = q.dims4()?;
+        let (_, kv_heads, len, _) = k.dims4()?;
+        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+        let sqrt = (d as f64).sqrt();
+        let scale = if cfg.family == crate::config::Family::Llama {
+            ScoreScale::Divide(sqrt as f32)
+        } else {
+            ScoreScale::Multiply((1.0 / sqrt) as f32)
+        };
+        let mut out = vec![0f32; heads * d];
+        {
+            let (qs, ql) = q.storage_and_layout();
+            let (ks, kl) = k.storage_and_layout();
+            let (vs, vl) = v.storage_and_layout();
+            let (Some(q), Some(k), Some(v)) =
+                (cpu_f32(&qs, ql), cpu_f32(&ks, kl), cpu_f32(&vs, vl))
+            else {
+                return Ok(None);
+            };
+            decode_attention(q, k, v, heads, kv_heads, d, len, scale, &mut out);
+        }
+        Ok(Some(Tensor::from_vec(out, (1, heads, 1, d), q.device())?))
     }
 
     /// Qwen3 on the CPU: candle's fused flash-attention kernel, causal from the chunk's offset,
