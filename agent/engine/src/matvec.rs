@@ -187,10 +187,24 @@ pub enum ScoreScale {
     Multiply(f32),
 }
 
-/// One query position attending over `len` cached positions, every head: `out[h] =
+/// A layer's cached keys and values, head by head: head `g`'s `len` positions of
+/// `head_dim` floats start at `g * stride` in `k` and in `v`.
+#[derive(Debug, Clone, Copy)]
+pub struct HeadBlocks<'a> {
+    /// Keys.
+    pub k: &'a [f32],
+    /// Values.
+    pub v: &'a [f32],
+    /// Floats from one head's block to the next's (at least `len * head_dim`).
+    pub stride: usize,
+    /// Positions cached.
+    pub len: usize,
+}
+
+/// One query position attending over every cached position, every head: `out[h] =
 /// softmax(scale(q[h] · K[g]ᵀ)) · V[g]` where `g = h / (heads / kv_heads)` is the head's key and
-/// value group. `q` is `heads × head_dim`, `k` and `v` are `kv_heads × len × head_dim`, `out` is
-/// `heads × head_dim`. No mask: a decode step sees every cached position.
+/// value group. `q` and `out` are `heads × head_dim`. No mask: a decode step sees every cached
+/// position.
 ///
 /// The heads of a group share their keys and values, so their scores are one
 /// [`rows_times_weights`] over the group's keys (each key read once), and their outputs one
@@ -198,27 +212,26 @@ pub enum ScoreScale {
 /// multiplies one row at a time through its general product.
 ///
 /// # Panics
-/// When the slices do not have those lengths or `heads` is not a multiple of `kv_heads`.
-#[allow(clippy::too_many_arguments)]
+/// When the slices are shorter than those shapes need or `heads` is not a multiple of
+/// `kv_heads`.
 pub fn decode_attention(
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    cache: HeadBlocks<'_>,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
-    len: usize,
     scale: ScoreScale,
     out: &mut [f32],
 ) {
+    let HeadBlocks { k, v, stride, len } = cache;
     assert!(kv_heads > 0 && heads % kv_heads == 0, "heads not in groups");
     assert_eq!(q.len(), heads * head_dim, "q is not heads × head_dim");
-    assert_eq!(
-        k.len(),
-        kv_heads * len * head_dim,
-        "k is not kv_heads × len × head_dim"
+    assert!(stride >= len * head_dim, "head blocks overlap");
+    let span = (kv_heads - 1) * stride + len * head_dim;
+    assert!(
+        k.len() >= span && v.len() >= span,
+        "the cache is shorter than its heads"
     );
-    assert_eq!(v.len(), k.len(), "v is not shaped as k");
     assert_eq!(out.len(), q.len(), "out is not heads × head_dim");
     if len == 0 || head_dim == 0 {
         out.fill(0.0);
@@ -228,7 +241,7 @@ pub fn decode_attention(
     let mut scores = vec![0f32; group * len];
     let arch = Arch::new();
     for g in 0..kv_heads {
-        let block = g * len * head_dim..(g + 1) * len * head_dim;
+        let block = g * stride..g * stride + len * head_dim;
         let heads_q = &q[g * group * head_dim..(g + 1) * group * head_dim];
         rows_times_weights(heads_q, group, &k[block.clone()], head_dim, &mut scores);
         for row in scores.chunks_exact_mut(len) {
@@ -337,22 +350,37 @@ mod tests {
 
     #[test]
     fn decode_attention_matches_a_plain_softmax_over_each_group() {
-        use super::{ScoreScale, decode_attention};
+        use super::{HeadBlocks, ScoreScale, decode_attention};
         // Three query heads per key/value head, a head size with a tail past the vectors.
         let (heads, kv_heads, d, len) = (6, 2, 20, 37);
         let q = pseudo_random(heads * d, 7);
         let k = pseudo_random(kv_heads * len * d, 8);
         let v = pseudo_random(kv_heads * len * d, 9);
         let scale = (d as f32).sqrt();
+        // The heads' blocks sit apart, as in a cache with room to grow.
+        let stride = (len + 3) * d;
+        let spread = |x: &[f32]| {
+            let mut s = vec![f32::NAN; kv_heads * stride];
+            for g in 0..kv_heads {
+                s[g * stride..g * stride + len * d]
+                    .copy_from_slice(&x[g * len * d..(g + 1) * len * d]);
+            }
+            s
+        };
+        let (ks, vs) = (spread(&k), spread(&v));
+        let cache = HeadBlocks {
+            k: &ks,
+            v: &vs,
+            stride,
+            len,
+        };
         let mut out = vec![0f32; heads * d];
         decode_attention(
             &q,
-            &k,
-            &v,
+            cache,
             heads,
             kv_heads,
             d,
-            len,
             ScoreScale::Divide(scale),
             &mut out,
         );
@@ -383,7 +411,7 @@ mod tests {
         // Multiplying by the inverse gives the same up to rounding.
         let mut other = vec![0f32; heads * d];
         let inverse = ScoreScale::Multiply(1.0 / scale);
-        decode_attention(&q, &k, &v, heads, kv_heads, d, len, inverse, &mut other);
+        decode_attention(&q, cache, heads, kv_heads, d, inverse, &mut other);
         for (a, b) in out.iter().zip(&other) {
             assert!((a - b).abs() < 1e-5);
         }

@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::kv_cache::ConcatKvCache;
 use candle_nn::{Embedding, Linear, RmsNorm};
 use cluster_api::LayerRange;
 
@@ -80,9 +79,59 @@ struct Head {
 
 /// One sequence's keys and values for the stage's layers.
 struct SequenceCache {
-    layers: Vec<ConcatKvCache>,
+    layers: Vec<LayerKv>,
     /// Tokens already in the cache: the position the next chunk must start at.
     len: usize,
+}
+
+/// One layer's keys and values for one sequence: buffers of `(1, kv_heads, capacity, head_dim)`
+/// filled to `len`. A step is written in place; when full, the capacity doubles (at least
+/// [`KV_MIN_CAPACITY`] positions). Concatenating each step onto the cache instead copied all of
+/// it every step, into fresh memory.
+#[derive(Default)]
+struct LayerKv {
+    k: Option<Tensor>,
+    v: Option<Tensor>,
+    len: usize,
+}
+
+/// Positions a layer's cache holds at first: small enough that a short request reserves little.
+const KV_MIN_CAPACITY: usize = 64;
+
+impl LayerKv {
+    /// Appends `k` and `v` (`(1, kv_heads, n, head_dim)`) and returns the keys and values of
+    /// every position so far: views of the buffers, contiguous within each head.
+    fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let need = self.len + k.dim(2)?;
+        let capacity = match &self.k {
+            Some(t) => t.dim(2)?,
+            None => 0,
+        };
+        if need > capacity {
+            let capacity = need.max(2 * capacity).max(KV_MIN_CAPACITY);
+            self.k = Some(Self::grow(self.k.as_ref(), k, self.len, capacity)?);
+            self.v = Some(Self::grow(self.v.as_ref(), v, self.len, capacity)?);
+        }
+        let (Some(kb), Some(vb)) = (&self.k, &self.v) else {
+            unreachable!("the buffers exist once the capacity is above zero");
+        };
+        kb.slice_set(&k.contiguous()?, 2, self.len)?;
+        vb.slice_set(&v.contiguous()?, 2, self.len)?;
+        self.len = need;
+        Ok((kb.narrow(2, 0, need)?, vb.narrow(2, 0, need)?))
+    }
+
+    /// A buffer of `capacity` positions shaped like `like`, holding the first `len` of `old`.
+    fn grow(old: Option<&Tensor>, like: &Tensor, len: usize, capacity: usize) -> Result<Tensor> {
+        let (b, heads, _, d) = like.dims4()?;
+        let buf = Tensor::zeros((b, heads, capacity, d), like.dtype(), like.device())?;
+        if let Some(old) = old
+            && len > 0
+        {
+            buf.slice_set(&old.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+        }
+        Ok(buf)
+    }
 }
 
 /// One sequence's decode step inside [`Stage::forward_batch`].
@@ -498,9 +547,7 @@ impl Stage {
             caches.remove(&seq);
             self.busy.fetch_add(1, Ordering::AcqRel);
             return Ok(SequenceCache {
-                layers: (0..self.layers.len())
-                    .map(|_| ConcatKvCache::new(2))
-                    .collect(),
+                layers: (0..self.layers.len()).map(|_| LayerKv::default()).collect(),
                 len: 0,
             });
         }
@@ -643,7 +690,7 @@ impl Stage {
         let cos = Tensor::cat(&cos, 0)?.to_dtype(self.dtype)?;
         let sin = Tensor::cat(&sin, 0)?.to_dtype(self.dtype)?;
         for (l, layer) in self.layers.iter().enumerate() {
-            let mut kvs: Vec<&mut ConcatKvCache> =
+            let mut kvs: Vec<&mut LayerKv> =
                 batch.iter_mut().map(|b| &mut b.cache.layers[l]).collect();
             x = layer.forward(&x, &self.config, &cos, &sin, &masks, &mut kvs)?;
         }
@@ -884,6 +931,28 @@ fn cpu_f32<'a>(
     }
 }
 
+/// The elements of an f32 CPU tensor `(1, heads, len, head_dim)` whose heads are each one
+/// contiguous block (a [`LayerKv`] view), from the first head's start, with the distance
+/// between heads; `None` for any other tensor.
+fn heads_f32<'a>(
+    storage: &'a candle_core::Storage,
+    layout: &candle_core::Layout,
+) -> Option<(&'a [f32], usize)> {
+    let (&[1, _, len, d], &[_, head_stride, row_stride, 1]) = (layout.dims(), layout.stride())
+    else {
+        return None;
+    };
+    if row_stride != d || head_stride < len * d {
+        return None;
+    }
+    match storage {
+        candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => {
+            v.get(layout.start_offset()..).map(|s| (s, head_stride))
+        }
+        _ => None,
+    }
+}
+
 /// Reads a GGUF stage's tensors one by one, counting the bytes held and reporting progress.
 struct GgufReader<'a> {
     file: &'a GgufFile,
@@ -976,7 +1045,7 @@ impl DecoderLayer {
         cos: &Tensor,
         sin: &Tensor,
         masks: &[Option<Tensor>],
-        kvs: &mut [&mut ConcatKvCache],
+        kvs: &mut [&mut LayerKv],
     ) -> Result<Tensor> {
         let h = self.input_layernorm.forward(x)?;
         let (q, k, v) = self.attn.project(&h, cfg, cos, sin)?;
@@ -1050,11 +1119,11 @@ impl Attention {
         v: &Tensor,
         cfg: &ModelConfig,
         mask: Option<&Tensor>,
-        kv: &mut ConcatKvCache,
+        kv: &mut LayerKv,
     ) -> Result<Tensor> {
         let (k, v) = kv.append(k, v)?;
         if cfg.family == crate::config::Family::Qwen3 && q.device().is_cpu() {
-            return Self::attend_cpu_flash(q, &k, &v, cfg);
+            return Self::attend_cpu_flash(q, &k.contiguous()?, &v.contiguous()?, cfg);
         }
         // A decode step of a dense f32 stage on the CPU: one pass over the cache per group of
         // heads. Quantized stages keep the path below, whose rounding their references share.
@@ -1105,10 +1174,10 @@ impl Attention {
         v: &Tensor,
         cfg: &ModelConfig,
     ) -> Result<Option<Tensor>> {
-        use crate::matvec::{ScoreScale, decode_attention};
+        use crate::matvec::{HeadBlocks, ScoreScale, decode_attention};
         let (_, heads, _, d) = q.dims4()?;
         let (_, kv_heads, len, _) = k.dims4()?;
-        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+        let q = q.contiguous()?;
         let sqrt = (d as f64).sqrt();
         let scale = if cfg.family == crate::config::Family::Llama {
             ScoreScale::Divide(sqrt as f32)
@@ -1120,12 +1189,21 @@ impl Attention {
             let (qs, ql) = q.storage_and_layout();
             let (ks, kl) = k.storage_and_layout();
             let (vs, vl) = v.storage_and_layout();
-            let (Some(q), Some(k), Some(v)) =
-                (cpu_f32(&qs, ql), cpu_f32(&ks, kl), cpu_f32(&vs, vl))
+            let (Some(q), Some((k, k_stride)), Some((v, v_stride))) =
+                (cpu_f32(&qs, ql), heads_f32(&ks, kl), heads_f32(&vs, vl))
             else {
                 return Ok(None);
             };
-            decode_attention(q, k, v, heads, kv_heads, d, len, scale, &mut out);
+            if k_stride != v_stride {
+                return Ok(None);
+            }
+            let cache = HeadBlocks {
+                k,
+                v,
+                stride: k_stride,
+                len,
+            };
+            decode_attention(q, cache, heads, kv_heads, d, scale, &mut out);
         }
         Ok(Some(Tensor::from_vec(out, (1, heads, 1, d), q.device())?))
     }
@@ -1193,7 +1271,37 @@ mod tests {
     use candle_core::{Device, Tensor};
     use candle_nn::{Linear, Module};
 
-    use super::{Proj, ROWS_AS_GEMM, linear};
+    use super::{LayerKv, Proj, ROWS_AS_GEMM, linear};
+
+    #[test]
+    fn the_kv_cache_grows_in_place_and_returns_every_position_in_order() {
+        let dev = Device::Cpu;
+        let mut kv = LayerKv::default();
+        let (mut all_k, mut all_v) = (Vec::new(), Vec::new());
+        // A prefill chunk, then single steps past the first capacity and past its double.
+        for n in std::iter::once(50).chain(std::iter::repeat_n(1, 90)) {
+            let k = Tensor::randn(0f32, 1.0, (1, 2, n, 8), &dev).unwrap();
+            // Values arrive transposed from the projection, as in `Attention::project`.
+            let v = Tensor::randn(0f32, 1.0, (1, n, 2, 8), &dev)
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap();
+            let (ck, cv) = kv.append(&k, &v).unwrap();
+            all_k.push(k);
+            all_v.push(v);
+            let want_k = Tensor::cat(&all_k, 2).unwrap();
+            let want_v = Tensor::cat(&all_v, 2).unwrap();
+            assert_eq!(ck.dims(), want_k.dims());
+            let same = |a: &Tensor, b: &Tensor| {
+                a.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+                    == b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            };
+            assert!(same(&ck, &want_k) && same(&cv, &want_v), "at {}", kv.len);
+        }
+        assert_eq!(kv.len, 140);
+        // 64 positions at first, doubled at 65 and at 129.
+        assert_eq!(kv.k.as_ref().unwrap().dim(2).unwrap(), 256);
+    }
 
     #[test]
     fn batched_rows_equal_one_row_at_a_time() {
