@@ -1122,9 +1122,10 @@ impl Attention {
         kv: &mut LayerKv,
     ) -> Result<Tensor> {
         let (k, v) = kv.append(k, v)?;
+        let dense = matches!(self.o_proj, Proj::Dense(_));
         // A decode step of a dense f32 stage on the CPU: one pass over the cache per group of
         // heads. Quantized stages keep the paths below, whose rounding their references share.
-        if matches!(self.o_proj, Proj::Dense(_))
+        if dense
             && mask.is_none()
             && q.dim(2)? == 1
             && q.device().is_cpu()
@@ -1134,10 +1135,7 @@ impl Attention {
         {
             return Ok(y);
         }
-        if cfg.family == crate::config::Family::Qwen3
-            && q.device().is_cpu()
-            && !matches!(self.o_proj, Proj::Dense(_))
-        {
+        if cfg.family == crate::config::Family::Qwen3 && q.device().is_cpu() && !dense {
             return Self::attend_cpu_flash(q, &k.contiguous()?, &v.contiguous()?, cfg);
         }
         let groups = cfg.num_attention_heads / cfg.num_key_value_heads;
