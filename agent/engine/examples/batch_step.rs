@@ -1,11 +1,13 @@
 //! What a batched decode pass costs against one sequence's: times `Stage::forward_batch` over a
-//! whole model folder with 1, 2 and 4 sequences (or the counts given), after a 20-token prompt
-//! each, on the CPU in f32.
+//! whole model folder with 1, 2 and 4 sequences (or the counts given), after a prompt of
+//! `PROMPT` tokens each (20 by default; long prompts show the attention's share), on the CPU in
+//! f32.
 //!
 //! ```sh
 //! cargo run --release -p clusteragent -- make-model --out /tmp/m --arch llama --layers 8 \
 //!     --hidden 768 --intermediate 2048
 //! RAYON_NUM_THREADS=1 cargo run --release -p cluster-engine --example batch_step -- /tmp/m 1 2 4
+//! PROMPT=1500 RAYON_NUM_THREADS=1 cargo run --release -p cluster-engine --example batch_step -- /tmp/m
 //! ```
 
 use std::path::PathBuf;

@@ -1,9 +1,11 @@
 //! Why decode steps multiply through `matvec`: times candle's general product, one
 //! matrix-vector product per row, and `matvec::rows_times_weights`, for 1 to 8 rows against 40
-//! weight matrices of OUT × IN f32 (250 MB, so weights come from memory as in a real model).
+//! weight matrices of `OUT` × `IN` f32 (environment variables; 2048 × 768 by default, 250 MB,
+//! so weights come from memory as in a real model).
 //!
 //! ```sh
 //! RAYON_NUM_THREADS=1 cargo run --release -p cluster-engine --example small_batch_matmul
+//! OUT=768 IN=2048 RAYON_NUM_THREADS=1 cargo run --release -p cluster-engine --example small_batch_matmul
 //! ```
 
 use std::time::Instant;
