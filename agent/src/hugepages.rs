@@ -1,4 +1,4 @@
-//! Model weights in transparent huge pages on Linux.
+//! The startup restart on Linux: model weights in transparent huge pages, and a thread count set.
 //!
 //! A decode step reads every weight of a stage once, so on a CPU it is bound by memory: with
 //! 4 KiB pages it also walks a page table entry per 4 KiB, which on this project's VM made one
@@ -130,7 +130,7 @@ fn malloc_madvises() -> bool {
 /// either applies (see the module docs). Returns when neither does or a new start failed (then
 /// with a warning on stderr: the process runs on as it is). Call first thing in `main`, before
 /// any thread exists.
-pub fn restart_with_huge_pages() {
+pub fn restart_tuned() {
     #[cfg(target_os = "linux")]
     {
         use std::os::unix::process::CommandExt;
