@@ -209,9 +209,9 @@ pub struct StageReport {
     /// Why it failed, or what it waits for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
-    /// Stage 0: whether a probe came back around the ring recently.
+    /// Stage 0: whether the ring serves, and if not why.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ring_up: Option<bool>,
+    pub ring: Option<RingReport>,
     /// Sequences with a cache on this stage.
     #[serde(default)]
     pub sequences: usize,
@@ -224,6 +224,78 @@ pub struct StageReport {
     /// Forward passes since it loaded (a batched pass counts once).
     #[serde(default)]
     pub forward_passes: u64,
+    /// Its recent forward passes' times.
+    #[serde(default)]
+    pub passes: PassStats,
+}
+
+/// A stage's recent forward passes: what makes a slow stage visible, and a stalled one (a pass
+/// running far longer than its recent ones) detectable.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PassStats {
+    /// Passes since the stage loaded (a batched pass counts once).
+    #[serde(default)]
+    pub passes: u64,
+    /// Seconds of the latest finished pass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seconds: Option<f64>,
+    /// Mean seconds of the recent passes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mean_recent_seconds: Option<f64>,
+    /// Seconds of the slowest recent pass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slowest_recent_seconds: Option<f64>,
+    /// Seconds the pass in progress has run, when one is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running_seconds: Option<f64>,
+    /// Tokens (positions of all its sequences) in the pass in progress.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub running_tokens: usize,
+    /// How long the pass in progress may run before the stage counts as stalled.
+    #[serde(default)]
+    pub stall_after_seconds: f64,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+/// Whether a ring serves, as its stage 0 sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RingState {
+    /// Every link is live, no stage is stalled, and a first pass went through every stage.
+    Serving,
+    /// Every link is live; the first pass through every stage since the ring (re)formed is on
+    /// its way.
+    WarmingUp,
+    /// A link is missing: a stage is not connected or went away.
+    NotConnected,
+    /// A stage is alive but makes no progress: it answers no heartbeat, or its pass runs far
+    /// past its recent ones.
+    Stalled,
+}
+
+impl std::fmt::Display for RingState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Serving => "Serving",
+            Self::WarmingUp => "WarmingUp",
+            Self::NotConnected => "NotConnected",
+            Self::Stalled => "Stalled",
+        })
+    }
+}
+
+/// Stage 0's view of its ring.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RingReport {
+    /// Serving or why not.
+    pub state: RingState,
+    /// What is happening, naming the stage and node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 /// What an agent says about an endpoint it hosts.
@@ -313,6 +385,9 @@ pub struct PipelineStageStatus {
     /// Forward passes.
     #[serde(default)]
     pub forward_passes: u64,
+    /// Its recent forward passes' times.
+    #[serde(default)]
+    pub passes: PassStats,
     /// What is wrong.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,

@@ -7,6 +7,7 @@
 //! - [`layers`]: inclusive layer ranges as people write them (`"0-13"`), and splits of a model into
 //!   stages.
 //! - [`device`]: the device and weight precision a stage asks for.
+//! - [`duration`]: durations as manifests write them (`30s`, `500ms`, `2m`).
 //! - [`generation`]: sampling parameters and finish reasons shared by the engine, the ring and the
 //!   inference API.
 //! - [`ring`]: the typed configuration a pipeline ring starts from.
@@ -15,6 +16,7 @@
 
 pub mod cluster;
 pub mod device;
+pub mod duration;
 pub mod generation;
 pub mod layers;
 pub mod manifest;

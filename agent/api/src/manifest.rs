@@ -194,6 +194,14 @@ pub struct PipelineSpec {
     /// Prompt tokens per prefill chunk.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefill_chunk: Option<usize>,
+    /// A request whose first token has not come within this long fails with an error saying
+    /// so (`30s`, `2m`); absent, requests wait as long as the ring makes progress.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "crate::duration::option"
+    )]
+    pub first_token_timeout: Option<std::time::Duration>,
 }
 
 /// Where a pipeline's inference API listens.

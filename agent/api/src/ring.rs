@@ -46,6 +46,10 @@ pub struct RingConfig {
     /// Sequences admitted at once; more are refused until one ends.
     #[serde(default = "default_max_sequences")]
     pub max_sequences: usize,
+    /// A request whose first token has not come after this many milliseconds fails with an
+    /// error saying so; absent, requests wait as long as the ring makes progress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_token_timeout_ms: Option<u64>,
     /// The cluster token. Never sent on the wire: connections prove they know it by HMAC.
     #[serde(default)]
     pub token: String,

@@ -25,9 +25,6 @@ pub struct StageArgs {
     /// Stage 0 only: where to serve the generation API (POST /generate, GET /health).
     #[arg(long)]
     pub http: Option<SocketAddr>,
-    /// Stage 0 only: fail a sequence when no token comes back for this many seconds.
-    #[arg(long, default_value_t = 30.0)]
-    pub step_timeout: f64,
     /// Milliseconds the compute thread keeps polling for work before it sleeps: keeps the CPU
     /// awake between a sequence's steps (faster, notably on virtual machines); 0 sleeps at once.
     #[arg(long, env = "CLUSTERAGENT_COMPUTE_SPIN_MS", default_value_t = 20)]
@@ -52,9 +49,6 @@ pub fn run(args: StageArgs) -> Result<()> {
             args.index
         );
     }
-    if !args.step_timeout.is_finite() || args.step_timeout <= 0.0 {
-        bail!("--step-timeout must be positive, got {}", args.step_timeout);
-    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -63,8 +57,8 @@ pub fn run(args: StageArgs) -> Result<()> {
     runtime.block_on(async move {
         let options = NodeOptions {
             index: args.index,
-            step_timeout: Duration::from_secs_f64(args.step_timeout),
             compute_spin: Duration::from_millis(args.compute_spin_ms),
+            pass_floor: crate::ring::node::pass_floor_from_env()?,
         };
         let node = RingNode::start(config, options).await?;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use cluster_api::cluster::{
     EndpointReport, Event, Inventory, NodeReport, NodeStatus, Phase, PipelineStageStatus,
-    PipelineStatus, Record,
+    PipelineStatus, Record, RingReport, RingState,
 };
 use cluster_api::manifest::{Kind, Object};
 use tokio::sync::{Notify, watch};
@@ -295,7 +295,7 @@ impl Agent {
         };
         let mut stages = Vec::new();
         let (mut loaded, mut total) = (0u64, 0u64);
-        let mut ring_down: Option<String> = None;
+        let mut ring: Option<RingReport> = None;
         for (i, st) in placement.stages.iter().enumerate() {
             let mut status = PipelineStageStatus {
                 index: i,
@@ -308,6 +308,7 @@ impl Agent {
                 sequences: 0,
                 compute_seconds: 0.0,
                 forward_passes: 0,
+                passes: Default::default(),
                 message: None,
             };
             match self.fresh_report(&st.node) {
@@ -334,6 +335,7 @@ impl Agent {
                         status.sequences = s.sequences;
                         status.compute_seconds = s.compute_seconds;
                         status.forward_passes = s.forward_passes;
+                        status.passes = s.passes.clone();
                         status.message = s.message.clone();
                         status.progress = if s.total_bytes > 0 {
                             100.0 * s.loaded_bytes as f64 / s.total_bytes as f64
@@ -342,12 +344,8 @@ impl Agent {
                         } else {
                             0.0
                         };
-                        if i == 0 && s.phase == Phase::Ready && s.ring_up == Some(false) {
-                            ring_down = Some(
-                                s.message
-                                    .clone()
-                                    .unwrap_or_else(|| "the ring is not connected".into()),
-                            );
+                        if i == 0 && s.phase == Phase::Ready {
+                            ring = s.ring.clone();
                         }
                     }
                 }
@@ -381,9 +379,19 @@ impl Agent {
                 )),
             )
         } else if stages.iter().all(|s| s.phase == Phase::Ready) {
-            match ring_down {
-                Some(why) => (Phase::Degraded, Some(format!("ring not whole: {why}"))),
-                None => (Phase::Ready, None),
+            // Loaded everywhere; whether it serves is stage 0's to say, from its links'
+            // heartbeats: Ready only once a first pass went through every stage.
+            match ring {
+                Some(RingReport {
+                    state: RingState::Serving,
+                    ..
+                })
+                | None => (Phase::Ready, None),
+                Some(RingReport {
+                    state: RingState::WarmingUp,
+                    message,
+                }) => (Phase::Loading, message),
+                Some(RingReport { message, .. }) => (Phase::Degraded, message),
             }
         } else if stages
             .iter()

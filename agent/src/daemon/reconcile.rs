@@ -19,8 +19,6 @@ use crate::ring::{Inbound, LoadProgress, NodeOptions, RingMux, RingNode, http};
 const TICK: Duration = Duration::from_millis(500);
 const RETRY_MIN: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(30);
-/// Stage 0 fails a sequence whose next token takes longer than this.
-const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Clone, PartialEq)]
 struct StageWant {
@@ -182,11 +180,12 @@ impl Runtime {
                     total_bytes: total,
                     memory_bytes: 0,
                     message: None,
-                    ring_up: None,
+                    ring: None,
                     sequences: 0,
                     attempts: slot.attempts,
                     compute_seconds: 0.0,
                     forward_passes: 0,
+                    passes: Default::default(),
                 };
                 match &slot.state {
                     StageState::Loading => {}
@@ -209,10 +208,11 @@ impl Runtime {
                         report.sequences = shared.stage.sequences();
                         report.compute_seconds = shared.metrics.compute_seconds();
                         report.forward_passes = shared.metrics.compute_passes();
+                        report.passes = shared.metrics.passes.stats();
                         if let Some(head) = &shared.head {
-                            let status = head.ring_status(shared);
-                            report.ring_up = Some(status.is_ok());
-                            report.message = status.err();
+                            let ring = head.report(shared);
+                            report.message = ring.message.clone();
+                            report.ring = Some(ring);
                         }
                     }
                 }
@@ -325,6 +325,9 @@ pub fn ring_config(agent: &Agent, record: &Record) -> Result<RingConfig, String>
         dtype: model.dtype,
         prefill_chunk: spec.prefill_chunk.unwrap_or(128),
         max_sequences: spec.max_sequences.unwrap_or(64),
+        first_token_timeout_ms: spec
+            .first_token_timeout
+            .map(|d| d.as_millis().min(u64::MAX as u128) as u64),
         token: agent.settings.token.clone(),
         stages,
     })
@@ -526,19 +529,24 @@ async fn load_stage(
     progress: Arc<LoadProgress>,
     epoch: u64,
 ) {
-    let options = NodeOptions {
-        index: want.index,
-        step_timeout: STEP_TIMEOUT,
-        compute_spin: agent.runtime.compute_spin,
-    };
     let started = Instant::now();
-    let result = RingNode::start_with(
-        want.config.clone(),
-        options,
-        Inbound::Shared(agent.runtime.mux.clone()),
-        Some(progress),
-    )
-    .await;
+    let result = match crate::ring::node::pass_floor_from_env() {
+        Ok(pass_floor) => {
+            let options = NodeOptions {
+                index: want.index,
+                compute_spin: agent.runtime.compute_spin,
+                pass_floor,
+            };
+            RingNode::start_with(
+                want.config.clone(),
+                options,
+                Inbound::Shared(agent.runtime.mux.clone()),
+                Some(progress),
+            )
+            .await
+        }
+        Err(e) => Err(e),
+    };
     let mut stages = lock(&agent.runtime.stages);
     let current = stages.get_mut(&name).filter(|s| s.epoch == epoch);
     match (result, current) {
@@ -720,6 +728,7 @@ pub fn endpoint_state(
                 forward_passes: s.forward_passes,
                 cached_sequences: s.sequences,
                 memory_bytes: s.memory_bytes,
+                passes: s.passes,
             })
             .collect()
     });

@@ -87,6 +87,8 @@ pub struct StageGauge {
     pub cached_sequences: usize,
     /// Bytes of weights it holds.
     pub memory_bytes: u64,
+    /// Its recent forward passes' times.
+    pub passes: cluster_api::cluster::PassStats,
 }
 
 /// Gauges read from the pipeline at scrape time.
@@ -102,6 +104,8 @@ pub struct PipelineGauges {
     pub stages: Vec<StageGauge>,
     /// Mean seconds per hop of the last probes around the ring (network and framing only).
     pub hop_seconds: Option<f64>,
+    /// Whether the ring admits requests, where stage 0 runs here.
+    pub serving: Option<bool>,
 }
 
 impl Metrics {
@@ -198,7 +202,7 @@ impl Metrics {
             &'static str,
             fn(&StageGauge) -> f64,
         );
-        let per_stage: [Series; 4] = [
+        let per_stage: [Series; 9] = [
             (
                 "clusteragent_stage_compute_seconds_total",
                 "counter",
@@ -223,6 +227,36 @@ impl Metrics {
                 "Bytes of weights each stage holds.",
                 |s| s.memory_bytes as f64,
             ),
+            (
+                "clusteragent_stage_last_pass_seconds",
+                "gauge",
+                "Time of each stage's latest forward pass.",
+                |s| s.passes.last_seconds.unwrap_or(0.0),
+            ),
+            (
+                "clusteragent_stage_mean_recent_pass_seconds",
+                "gauge",
+                "Mean time of each stage's recent forward passes (the last 32).",
+                |s| s.passes.mean_recent_seconds.unwrap_or(0.0),
+            ),
+            (
+                "clusteragent_stage_slowest_recent_pass_seconds",
+                "gauge",
+                "Time of each stage's slowest recent forward pass (of the last 32).",
+                |s| s.passes.slowest_recent_seconds.unwrap_or(0.0),
+            ),
+            (
+                "clusteragent_stage_running_pass_seconds",
+                "gauge",
+                "How long each stage's pass in progress has run (0 when idle).",
+                |s| s.passes.running_seconds.unwrap_or(0.0),
+            ),
+            (
+                "clusteragent_stage_stall_after_seconds",
+                "gauge",
+                "How long the pass in progress may run before the stage counts as stalled.",
+                |s| s.passes.stall_after_seconds,
+            ),
         ];
         for (name, kind, help, value) in per_stage {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -235,6 +269,13 @@ impl Metrics {
                     value(st)
                 );
             }
+        }
+        if let Some(serving) = g.serving {
+            let _ = writeln!(
+                out,
+                "# HELP clusteragent_ring_serving Whether the ring admits requests (every link live, no stage stalled, warmed up).\n# TYPE clusteragent_ring_serving gauge\nclusteragent_ring_serving{{{l}}} {}",
+                u8::from(serving)
+            );
         }
         if let Some(h) = g.hop_seconds {
             let _ = writeln!(
@@ -268,7 +309,12 @@ mod tests {
                     forward_passes: 10,
                     cached_sequences: 2,
                     memory_bytes: 1024,
+                    passes: cluster_api::cluster::PassStats {
+                        last_seconds: Some(0.25),
+                        ..Default::default()
+                    },
                 }],
+                serving: Some(true),
                 ..PipelineGauges::default()
             },
         );
@@ -282,5 +328,7 @@ mod tests {
         );
         assert!(text.contains("clusteragent_stage_cached_sequences{endpoint=\"api\",pipeline=\"p\",stage=\"0\",node=\"a\"} 2"));
         assert!(text.contains("clusteragent_stage_memory_bytes{endpoint=\"api\",pipeline=\"p\",stage=\"0\",node=\"a\"} 1024"));
+        assert!(text.contains("clusteragent_stage_last_pass_seconds{endpoint=\"api\",pipeline=\"p\",stage=\"0\",node=\"a\"} 0.25"));
+        assert!(text.contains("clusteragent_ring_serving{endpoint=\"api\",pipeline=\"p\"} 1"));
     }
 }

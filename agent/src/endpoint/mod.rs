@@ -82,6 +82,16 @@ impl EndpointState {
             if let Some(head) = &shared.head {
                 g.in_flight = head.in_flight();
                 g.hop_seconds = head.hop_seconds();
+                g.serving =
+                    Some(head.report(&shared).state == cluster_api::cluster::RingState::Serving);
+            }
+            // Pass times as the heartbeats brought them, fresher than the nodes' reports.
+            let mut beats = vec![shared.own_beat(shared.own_link())];
+            beats.extend(shared.links.with(|d| d.relayed()));
+            for beat in beats {
+                if let Some(st) = g.stages.iter_mut().find(|s| s.index == beat.index) {
+                    st.passes = beat.passes;
+                }
             }
         }
         g

@@ -23,7 +23,18 @@ use super::node::Shared;
 pub enum Job {
     /// A prefill chunk or decode step from the predecessor (stages after the first).
     Frame(Frame),
-    /// A chunk of token ids from the head's generation loop (stage 0 only).
+    /// A prompt from the head (stage 0 only), run chunk by chunk from `next`.
+    Prompt {
+        /// The sequence.
+        seq: SeqId,
+        /// The whole prompt.
+        tokens: Vec<u32>,
+        /// Where the next chunk starts.
+        next: usize,
+        /// How the last stage should sample; sent with the first chunk.
+        start: Bytes,
+    },
+    /// A decode step's token id from the head's generation loop (stage 0 only).
     Tokens {
         /// The sequence.
         seq: SeqId,
@@ -54,9 +65,12 @@ pub enum Job {
     Inbound(Box<InboundConn>),
 }
 
-/// How many jobs may wait: every sequence has at most one decode step queued at a time, so this
-/// bounds the prefill chunks of many long prompts arriving at once; beyond it senders wait.
-pub const QUEUE_CAPACITY: usize = 1024;
+/// How many jobs may wait at a stage whose ring admits `max_sequences` at once. Every sequence
+/// has at most one prompt or decode step and one release queued at a time, so a queue of a few
+/// per sequence is never full while admission holds; beyond it senders wait.
+pub fn queue_capacity(max_sequences: usize) -> usize {
+    max_sequences.saturating_mul(4).max(1024)
+}
 
 /// What the last stage needs to sample a sequence, sent with its first chunk.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -162,12 +176,15 @@ const SLEEP_LIMIT: Duration = Duration::from_secs(1);
 /// polling raised one sequence through a 2-stage ring from 0.83 to 0.89-0.93 of one process,
 /// `clusteragent bench-ring`). After `spin` without work it sleeps, so an idle stage costs no
 /// CPU.
+///
+/// `pace`, a test hook, makes every forward pass take at least that long.
 pub fn run(
     shared: Arc<Shared>,
     stage: Arc<Stage>,
     jobs: mpsc::Receiver<Job>,
     sleeper: Sleeper,
     spin: Duration,
+    pace: Option<Duration>,
 ) {
     Worker {
         shared,
@@ -175,7 +192,9 @@ pub fn run(
         jobs,
         sleeper,
         spin,
+        pace,
         inbound: None,
+        resume: None,
         inbox: VecDeque::new(),
         frames: Vec::new(),
         samplers: HashMap::new(),
@@ -190,8 +209,11 @@ struct Worker {
     jobs: mpsc::Receiver<Job>,
     sleeper: Sleeper,
     spin: Duration,
+    pace: Option<Duration>,
     /// The current connection from the predecessor.
     inbound: Option<InboundConn>,
+    /// The rest of a prompt whose chunks run back to back, before anything else.
+    resume: Option<Job>,
     /// Jobs made from inbound frames, in the order the frames came.
     inbox: VecDeque<Job>,
     /// Reused buffer for frames just read.
@@ -214,17 +236,33 @@ impl Worker {
             };
             if decode_seq(&job).is_some() {
                 let batch = self.gather(job, &mut held);
+                self.publish_backlog(held.is_some());
                 let started = Instant::now();
-                decode_batch(&self.shared, &self.stage, &mut self.samplers, batch);
+                decode_batch(
+                    &self.shared,
+                    &self.stage,
+                    &mut self.samplers,
+                    batch,
+                    self.pace,
+                );
                 self.note_pass(started.elapsed());
                 self.flush_events();
                 continue;
             }
+            self.publish_backlog(held.is_some());
             if !self.one(job) {
                 return;
             }
             self.flush_events();
         }
+    }
+
+    /// Tells the link thread how many frames wait here beyond the queue (for heartbeats).
+    fn publish_backlog(&self, holding: bool) {
+        let n = self.inbox.len() + usize::from(self.resume.is_some()) + usize::from(holding);
+        self.shared
+            .backlog
+            .store(n, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The decode steps to run with `first` as one pass: those ready now, and on stage 0 those
@@ -328,7 +366,44 @@ impl Worker {
                     last_chunk,
                     meta: frame.meta,
                 };
-                single(shared, stage, &mut self.samplers, step, input);
+                single(shared, stage, &mut self.samplers, step, input, self.pace);
+            }
+            Job::Prompt {
+                seq,
+                tokens,
+                next,
+                start,
+            } => {
+                let Some(head) = &shared.head else {
+                    return true;
+                };
+                // A sequence failed or cancelled while its prompt waited: the rest is not run.
+                if !head.is_live(seq) {
+                    return true;
+                }
+                let end = (next + shared.config.prefill_chunk).min(tokens.len());
+                let step = Step {
+                    seq,
+                    position: next,
+                    kind: FrameKind::Prefill,
+                    last_chunk: end == tokens.len(),
+                    meta: if next == 0 {
+                        start.clone()
+                    } else {
+                        Bytes::new()
+                    },
+                };
+                let chunk = StageInput::Tokens(tokens[next..end].to_vec());
+                single(shared, stage, &mut self.samplers, step, chunk, self.pace);
+                head.prefilled(seq, end);
+                if end < tokens.len() {
+                    self.resume = Some(Job::Prompt {
+                        seq,
+                        tokens,
+                        next: end,
+                        start,
+                    });
+                }
             }
             Job::Tokens {
                 seq,
@@ -351,6 +426,7 @@ impl Worker {
                     &mut self.samplers,
                     step,
                     StageInput::Tokens(tokens),
+                    self.pace,
                 );
             }
             Job::Release { seq, kind } => {
@@ -388,6 +464,9 @@ impl Worker {
     /// A job available now, without waiting: from the inbound frames first, then the queue,
     /// then whatever the socket has.
     fn ready_job(&mut self) -> Option<Job> {
+        if let Some(j) = self.resume.take() {
+            return Some(j);
+        }
         if let Some(j) = self.inbox.pop_front() {
             return Some(j);
         }
@@ -406,6 +485,9 @@ impl Worker {
         // 200 ms) sleeps again at once, or an idle stage would spin a tenth of its time.
         let mut spinning = true;
         loop {
+            if let Some(j) = self.resume.take() {
+                return Some(j);
+            }
             if let Some(j) = self.inbox.pop_front() {
                 return Some(j);
             }
@@ -499,7 +581,7 @@ impl Worker {
             (Some(head), FrameKind::Error) => {
                 let message = frame.meta_text();
                 if frame.seq == 0 {
-                    head.fail_all(shared, message);
+                    head.fail_all(shared, message, true);
                 } else {
                     head.fail(shared, frame.seq, message);
                 }
@@ -519,7 +601,7 @@ impl Worker {
         let message = format!("{} went away: {why}", conn.predecessor);
         tracing::warn!(stage = shared.index, "{message}");
         match &shared.head {
-            Some(head) => head.fail_all(shared, message),
+            Some(head) => head.fail_all(shared, message, true),
             None => {
                 // After the frames already taken from that connection, which came first.
                 self.inbox.push_back(Job::DropAll);
@@ -545,12 +627,30 @@ struct Step {
     meta: Bytes,
 }
 
+/// Makes a pass take at least `pace` (a test hook standing in for a slow machine).
+fn pace_pass(started: Instant, pace: Option<Duration>) {
+    if let Some(floor) = pace {
+        let left = floor.saturating_sub(started.elapsed());
+        if !left.is_zero() {
+            std::thread::sleep(left);
+        }
+    }
+}
+
+fn input_tokens(input: &StageInput) -> usize {
+    match input {
+        StageInput::Tokens(t) => t.len(),
+        StageInput::Hidden(h) => h.dims().get(1).copied().unwrap_or(1),
+    }
+}
+
 fn single(
     shared: &Shared,
     stage: &Stage,
     samplers: &mut HashMap<SeqId, Sampler>,
     step: Step,
     input: StageInput,
+    pace: Option<Duration>,
 ) {
     if step.position == 0 && stage.is_last() {
         let sampler = serde_json::from_slice::<SequenceStart>(&step.meta)
@@ -571,9 +671,10 @@ fn single(
             }
         }
     }
-    let started = Instant::now();
+    let timer = shared.metrics.pass(1, input_tokens(&input));
     let output = stage.forward(step.seq, step.position, input);
-    shared.metrics.record_compute(started.elapsed(), 1);
+    pace_pass(timer.started(), pace);
+    drop(timer);
     finish(shared, samplers, step, output, false);
 }
 
@@ -582,6 +683,7 @@ fn decode_batch(
     stage: &Stage,
     samplers: &mut HashMap<SeqId, Sampler>,
     jobs: Vec<Job>,
+    pace: Option<Duration>,
 ) {
     let mut steps = Vec::with_capacity(jobs.len());
     let mut items = Vec::with_capacity(jobs.len());
@@ -623,11 +725,10 @@ fn decode_batch(
         items.push((step.seq, step.position, input));
         steps.push(step);
     }
-    let started = Instant::now();
+    let timer = shared.metrics.pass(steps.len(), steps.len());
     let outputs = stage.forward_batch(items);
-    shared
-        .metrics
-        .record_compute(started.elapsed(), steps.len());
+    pace_pass(timer.started(), pace);
+    drop(timer);
     let count = steps.len();
     for (i, (step, output)) in steps.into_iter().zip(outputs).enumerate() {
         finish(shared, samplers, step, output, i + 1 < count);

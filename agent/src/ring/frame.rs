@@ -17,8 +17,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// First bytes of every frame.
 pub const MAGIC: [u8; 4] = *b"CLRG";
-/// Version of this wire format; a peer speaking another is refused.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// Version of this wire format; a peer speaking another is refused. Version 2 added heartbeats
+/// on each link's return direction.
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Largest body accepted: a 256-token prefill chunk of an 8192-wide f32 model is 8 MiB, so
 /// 64 MiB leaves room while refusing absurd lengths before allocating for them.
 pub const MAX_BODY_BYTES: u32 = 64 << 20;
@@ -56,8 +57,11 @@ pub enum FrameKind {
     Cancel = 14,
     /// A stage failed a sequence (seq set) or lost a link (seq 0); the message is in `meta`.
     Error = 15,
-    /// Travels around the ring so stage 0 knows every link is up.
+    /// Travels around the ring so stage 0 can time the network's share of a step.
     Probe = 16,
+    /// Goes back over a link, from a stage to its predecessor, every few hundred milliseconds:
+    /// the stage and those after it are alive, with their passes and links (JSON in `meta`).
+    Heartbeat = 17,
 }
 
 impl FrameKind {
@@ -76,6 +80,7 @@ impl FrameKind {
             14 => Cancel,
             15 => Error,
             16 => Probe,
+            17 => Heartbeat,
             _ => return None,
         })
     }

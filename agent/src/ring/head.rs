@@ -3,6 +3,12 @@
 //!
 //! No lock is held across a generation: a sequence's state is touched only for the instant a
 //! token arrives, so every sequence advances as soon as its own token is back.
+//!
+//! Whether the ring serves is judged from its links' heartbeats ([`super::watch`]), never from
+//! how long work takes: a request is admitted while every link is live, no stage is stalled,
+//! and the ring has carried one pass through every stage since it formed (the warm-up, which
+//! makes "Ready" mean "serving"). A sequence waits for its tokens as long as the ring makes
+//! progress, unless the pipeline bounds the wait for the first one.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,10 +24,14 @@ use tokio::sync::mpsc;
 
 use super::compute::{Job, SequenceStart};
 use super::frame::FrameKind;
+use super::health::Verdict;
 use super::node::Shared;
+use super::watch::Watch;
 
-/// How recently a probe must have come back around the ring for it to count as whole.
-pub const PROBE_FRESH: Duration = Duration::from_millis(1500);
+/// A sequence that has had no token for this long while no stage had any work (no pass
+/// running, nothing queued anywhere) was lost on the way, by a fault no link showed: it fails
+/// rather than waiting forever.
+const LOST_AFTER: Duration = Duration::from_secs(10);
 
 /// A generation request, already tokenized.
 #[derive(Debug, Clone)]
@@ -76,43 +86,46 @@ pub struct Refusal {
     pub message: String,
 }
 
-struct SeqState {
+pub(super) struct SeqState {
     events: mpsc::UnboundedSender<Event>,
     decoder: IncrementalDecoder,
     prompt_len: usize,
+    /// Prompt tokens stage 0 has run so far.
+    prefilled: usize,
     generated: usize,
     max_tokens: usize,
     ignore_eos: bool,
     admitted: Instant,
     first_token_at: Option<Instant>,
     last_progress: Instant,
+    /// The warm-up rather than a caller's request: not counted against `maxSequences` nor in
+    /// reports.
+    pub(super) internal: bool,
 }
 
 /// Stage 0's sequence table and what it needs to run the loop.
 pub struct Head {
-    folder: ModelFolder,
-    sequences: Mutex<HashMap<SeqId, SeqState>>,
+    pub(super) folder: ModelFolder,
+    pub(super) sequences: Mutex<HashMap<SeqId, SeqState>>,
     next_seq: AtomicU64,
-    last_probe: Mutex<Option<Instant>>,
-    last_ring_error: Mutex<Option<String>>,
     /// The probe on its way around the ring and when it left.
     probe_out: Mutex<Option<(u64, Instant)>>,
     /// Mean seconds per hop of recent probes (an exponential average), in nanoseconds.
     hop_nanos: AtomicU64,
-    /// A sequence with no token for this long is failed rather than left hanging.
-    pub step_timeout: Duration,
+    /// What the link thread last judged of the ring, the warm-up, and whether stages are idle.
+    pub(super) watch: Watch,
     /// Token events held back until stage 0's compute thread has started the sequence's next
     /// step (see [`Head::flush_events`]).
     deferred: Mutex<Vec<(mpsc::UnboundedSender<Event>, Event)>>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Head {
     /// A head over the model folder (tokenizer, template, EOS ids, context length).
-    pub fn new(folder: ModelFolder, step_timeout: Duration) -> Self {
+    pub fn new(folder: ModelFolder) -> Self {
         // Sequence ids from the clock, so a restarted head never reuses a live id downstream.
         let start = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -122,11 +135,9 @@ impl Head {
             folder,
             sequences: Mutex::new(HashMap::new()),
             next_seq: AtomicU64::new(start << 8),
-            last_probe: Mutex::new(None),
-            last_ring_error: Mutex::new(None),
             probe_out: Mutex::new(None),
             hop_nanos: AtomicU64::new(0),
-            step_timeout,
+            watch: Watch::default(),
             deferred: Mutex::new(Vec::new()),
         }
     }
@@ -141,9 +152,12 @@ impl Head {
         &self.folder.tokenizer
     }
 
-    /// Sequences in flight.
+    /// Callers' sequences in flight (the warm-up is not one).
     pub fn in_flight(&self) -> usize {
-        lock(&self.sequences).len()
+        lock(&self.sequences)
+            .values()
+            .filter(|st| !st.internal)
+            .count()
     }
 
     /// Sequences past their prompt: each has a decode step somewhere in the ring.
@@ -154,25 +168,16 @@ impl Head {
             .count()
     }
 
-    /// Whether every link of the ring is up, and if not, why.
-    pub fn ring_status(&self, shared: &Shared) -> Result<(), String> {
-        if !shared.outbound_up() {
-            return Err(format!(
-                "{} is not connected",
-                shared.config.describe_stage(shared.config.successor(0))
-            ));
+    /// Whether `seq` is still in flight, so that the rest of its prompt is worth running.
+    pub fn is_live(&self, seq: SeqId) -> bool {
+        lock(&self.sequences).contains_key(&seq)
+    }
+
+    /// Stage 0 has run `seq`'s prompt up to `tokens`.
+    pub fn prefilled(&self, seq: SeqId, tokens: usize) {
+        if let Some(st) = lock(&self.sequences).get_mut(&seq) {
+            st.prefilled = tokens;
         }
-        let fresh = lock(&self.last_probe).is_some_and(|t| t.elapsed() < PROBE_FRESH);
-        if fresh {
-            return Ok(());
-        }
-        let detail = lock(&self.last_ring_error)
-            .clone()
-            .unwrap_or_else(|| "a stage after stage 1 is down or unreachable".into());
-        Err(format!(
-            "the ring is incomplete: no probe came back around within {} ms ({detail})",
-            PROBE_FRESH.as_millis()
-        ))
     }
 
     /// A probe left for the ring.
@@ -180,8 +185,8 @@ impl Head {
         *lock(&self.probe_out) = Some((seq, Instant::now()));
     }
 
-    /// Probe `seq` came back after `hops` hops: every link is up, and its round trip (no
-    /// compute on the way) is the network and framing time of the ring.
+    /// Probe `seq` came back after `hops` hops: its round trip (no compute on the way, though
+    /// it may wait behind a pass at each stage) is the network and framing time of the ring.
     pub fn probe_back(&self, seq: u64, hops: usize) {
         if let Some((sent, at)) = *lock(&self.probe_out)
             && sent == seq
@@ -192,7 +197,6 @@ impl Head {
             let new = if old == 0 { hop } else { (old * 7 + hop) / 8 };
             self.hop_nanos.store(new, Ordering::Relaxed);
         }
-        self.probe_returned();
     }
 
     /// Mean seconds of one hop around the ring, from recent probes.
@@ -201,25 +205,24 @@ impl Head {
         (n > 0).then(|| n as f64 / 1e9)
     }
 
-    /// A probe came back around: every link is up.
-    pub fn probe_returned(&self) {
-        *lock(&self.last_probe) = Some(Instant::now());
-        *lock(&self.last_ring_error) = None;
-    }
-
-    /// Admits a request and starts its prefill.
+    /// Admits a caller's request and starts its prefill.
     pub fn submit(
         &self,
         shared: &Shared,
         req: Request,
     ) -> Result<mpsc::UnboundedReceiver<Event>, Refusal> {
+        self.admit(shared, req, false).map(|(_, rx)| rx)
+    }
+
+    /// Admits a request (`internal`: the warm-up, which a ring that is not warm yet takes and
+    /// `maxSequences` does not count) and queues its prompt.
+    pub(super) fn admit(
+        &self,
+        shared: &Shared,
+        req: Request,
+        internal: bool,
+    ) -> Result<(SeqId, mpsc::UnboundedReceiver<Event>), Refusal> {
         let refuse = |status, message: String| Refusal { status, message };
-        self.ring_status(shared).map_err(|m| {
-            refuse(
-                503,
-                format!("pipeline {} is not ready: {m}", shared.config.pipeline),
-            )
-        })?;
         req.sampling.validate().map_err(|m| refuse(400, m))?;
         if req.prompt_ids.is_empty() {
             return Err(refuse(
@@ -240,16 +243,34 @@ impl Head {
         if req.max_tokens == 0 {
             return Err(refuse(400, "max_tokens must be at least 1".into()));
         }
+        let pipeline = &shared.config.pipeline;
+        match self.verdict(shared) {
+            Verdict::Serving => {}
+            Verdict::Unwarmed { .. } if internal => {}
+            Verdict::Unwarmed { .. } => {
+                return Err(refuse(
+                    503,
+                    format!("pipeline {pipeline} is {}", self.watch.warming_text()),
+                ));
+            }
+            Verdict::Broken { message, .. } => {
+                return Err(refuse(
+                    503,
+                    format!("pipeline {pipeline} is not serving: {message}"),
+                ));
+            }
+        }
         let (tx, rx) = mpsc::unbounded_channel();
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
         {
             let mut seqs = lock(&self.sequences);
-            if seqs.len() >= shared.config.max_sequences {
+            let callers = seqs.values().filter(|s| !s.internal).count();
+            if !internal && callers >= shared.config.max_sequences {
                 return Err(refuse(
                     429,
                     format!(
-                        "pipeline {} is serving its limit of {} sequences; retry shortly",
-                        shared.config.pipeline, shared.config.max_sequences
+                        "pipeline {pipeline} is serving its limit of {} sequences; retry shortly",
+                        shared.config.max_sequences
                     ),
                 ));
             }
@@ -260,12 +281,14 @@ impl Head {
                     events: tx,
                     decoder: IncrementalDecoder::new(true),
                     prompt_len: req.prompt_ids.len(),
+                    prefilled: 0,
                     generated: 0,
                     max_tokens: req.max_tokens,
                     ignore_eos: req.ignore_eos,
                     admitted: now,
                     first_token_at: None,
                     last_progress: now,
+                    internal,
                 },
             );
         }
@@ -279,27 +302,22 @@ impl Head {
             context: req.prompt_ids[context_start..].to_vec(),
         };
         let start = Bytes::from(serde_json::to_vec(&start).unwrap_or_default());
-        let chunk = shared.config.prefill_chunk;
-        let count = req.prompt_ids.len().div_ceil(chunk);
-        for (i, tokens) in req.prompt_ids.chunks(chunk).enumerate() {
-            let job = Job::Tokens {
-                seq,
-                position: i * chunk,
-                tokens: tokens.to_vec(),
-                kind: FrameKind::Prefill,
-                last_chunk: i + 1 == count,
-                start: (i == 0).then(|| start.clone()),
-            };
-            if shared.jobs.try_send(job).is_err() {
-                self.fail(
-                    shared,
-                    seq,
-                    "stage 0's compute queue is full; retry shortly".into(),
-                );
-                break;
-            }
+        // One job for the whole prompt: stage 0's compute thread runs it chunk by chunk, so a
+        // long prompt takes one place in its queue, not one per chunk.
+        let job = Job::Prompt {
+            seq,
+            tokens: req.prompt_ids,
+            next: 0,
+            start,
+        };
+        if shared.jobs.try_send(job).is_err() {
+            lock(&self.sequences).remove(&seq);
+            return Err(refuse(
+                429,
+                format!("pipeline {pipeline}: stage 0's compute queue is full; retry shortly"),
+            ));
         }
-        Ok(rx)
+        Ok((seq, rx))
     }
 
     /// A token came back around the ring for `seq`.
@@ -425,57 +443,82 @@ impl Head {
         }
     }
 
-    /// Ends every sequence with an error (a link went down) and frees stage 0's caches.
-    pub fn fail_all(&self, shared: &Shared, message: String) {
-        let failed: Vec<SeqState> = lock(&self.sequences).drain().map(|(_, st)| st).collect();
-        if !failed.is_empty() {
-            tracing::warn!(pipeline = %shared.config.pipeline, sequences = failed.len(), "{message}");
+    /// Ends every sequence with `message`. When the ring lost a link (`broken`), stage 0 drops
+    /// every cache (the others drop theirs as they notice); when a stage stalled with every link
+    /// up, each sequence is cancelled around the ring instead, so that every stage frees it
+    /// once the stalled one moves again.
+    pub fn fail_all(&self, shared: &Shared, message: String, broken: bool) {
+        let failed: Vec<(SeqId, SeqState)> = lock(&self.sequences).drain().collect();
+        let callers = failed.iter().filter(|(_, st)| !st.internal).count();
+        if callers > 0 {
+            tracing::warn!(pipeline = %shared.config.pipeline, sequences = callers, "{message}");
         }
         self.flush_events();
-        for st in failed {
+        for (seq, st) in &failed {
             let _ = st.events.send(Event::Error {
                 message: message.clone(),
             });
+            if !broken {
+                let _ = shared.jobs.try_send(Job::Release {
+                    seq: *seq,
+                    kind: FrameKind::Cancel,
+                });
+            }
         }
-        *lock(&self.last_ring_error) = Some(message);
-        *lock(&self.last_probe) = None;
-        let _ = shared.jobs.try_send(Job::DropAll);
+        if broken {
+            let _ = shared.jobs.try_send(Job::DropAll);
+        }
     }
 
-    /// Fails sequences whose caller went away or that made no progress for `step_timeout`;
-    /// called periodically.
+    /// Cancels sequences whose caller went away; fails those past the pipeline's
+    /// `firstTokenTimeout`, and those lost in a ring that has been idle for [`LOST_AFTER`].
+    /// Called periodically.
     pub fn sweep(&self, shared: &Shared) {
         let now = Instant::now();
-        let stale: Vec<(SeqId, bool)> = lock(&self.sequences)
-            .iter()
-            .filter_map(|(seq, st)| {
-                if st.events.is_closed() {
-                    Some((*seq, true))
-                } else if now.duration_since(st.last_progress) > self.step_timeout {
-                    Some((*seq, false))
-                } else {
-                    None
-                }
-            })
-            .collect();
-        for (seq, gone) in stale {
-            if gone {
-                if lock(&self.sequences).remove(&seq).is_some() {
-                    let _ = shared.jobs.try_send(Job::Release {
-                        seq,
-                        kind: FrameKind::Cancel,
-                    });
-                }
-            } else {
-                self.fail(
-                    shared,
-                    seq,
+        let first_limit = shared
+            .config
+            .first_token_timeout_ms
+            .map(Duration::from_millis);
+        let idle = self.watch.idle_for().is_some_and(|d| d >= LOST_AFTER);
+        let mut gone = Vec::new();
+        let mut failing = Vec::new();
+        for (seq, st) in lock(&self.sequences).iter() {
+            if st.events.is_closed() {
+                gone.push(*seq);
+            } else if let Some(limit) = first_limit
+                && !st.internal
+                && st.first_token_at.is_none()
+                && now.duration_since(st.admitted) > limit
+            {
+                failing.push((
+                    *seq,
                     format!(
-                        "no token came back around the ring for {} s",
-                        self.step_timeout.as_secs_f64()
+                        "no first token within {:.1} s, the pipeline's firstTokenTimeout: stage 0 had run {} of the prompt's {} tokens",
+                        limit.as_secs_f64(),
+                        st.prefilled,
+                        st.prompt_len
                     ),
-                );
+                ));
+            } else if idle && now.duration_since(st.last_progress) >= LOST_AFTER {
+                failing.push((
+                    *seq,
+                    format!(
+                        "no token came back for {:.0} s while no stage had work: its step was lost in the ring",
+                        now.duration_since(st.last_progress).as_secs_f64()
+                    ),
+                ));
             }
+        }
+        for seq in gone {
+            if lock(&self.sequences).remove(&seq).is_some() {
+                let _ = shared.jobs.try_send(Job::Release {
+                    seq,
+                    kind: FrameKind::Cancel,
+                });
+            }
+        }
+        for (seq, message) in failing {
+            self.fail(shared, seq, message);
         }
     }
 }

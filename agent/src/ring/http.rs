@@ -148,16 +148,23 @@ pub fn health(source: Source) -> warp::reply::Response {
         }
     };
     let head = shared.head.as_ref();
-    let status = head.map(|h| h.ring_status(&shared));
-    let up = matches!(status, Some(Ok(())));
+    let report = head.map(|h| h.report(&shared));
+    let up = report
+        .as_ref()
+        .is_some_and(|r| r.state == cluster_api::cluster::RingState::Serving);
+    // Every stage's passes, as the heartbeats brought them round.
+    let mut stages = vec![shared.own_beat(shared.own_link())];
+    stages.extend(shared.links.with(|d| d.relayed()));
     let body = json!({
         "pipeline": shared.config.pipeline,
         "stage": shared.index,
         "ring": if up { "up" } else { "down" },
-        "detail": status.and_then(|s| s.err()),
+        "state": report.as_ref().map(|r| r.state),
+        "detail": report.and_then(|r| r.message),
         "sequences": head.map(|h| h.in_flight()),
         "cached_sequences": shared.stage.sequences(),
         "metrics": shared.metrics.snapshot(),
+        "stages": stages,
     });
     let code = if up {
         StatusCode::OK

@@ -106,6 +106,14 @@ impl InboundConn {
     }
 }
 
+impl Drop for InboundConn {
+    /// Shuts the socket down, not only this handle: the link thread writes heartbeats on
+    /// another handle of the same socket, which would otherwise keep the connection open.
+    fn drop(&mut self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
+}
+
 /// Wakes the compute thread when it sleeps: whoever queues a job calls [`Wake::wake`], which
 /// costs one atomic load unless the thread is asleep.
 #[derive(Debug)]

@@ -5,6 +5,10 @@
 //! on this project's 2-core VM, more than the network itself). Only when the socket's buffer is
 //! full do bytes wait in `pending`, which a flusher task drains as the socket becomes writable;
 //! frames never interleave because every writer appends under one lock.
+//!
+//! A successor that reads nothing for a while is not a fault: its compute thread reads between
+//! passes, and a pass may take seconds. Whether it is alive is for the link thread to say,
+//! from its heartbeats ([`super::links`]); this writer only ends when the connection does.
 
 use std::io::ErrorKind;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,9 +24,6 @@ use super::frame::Frame;
 /// Past this many bytes waiting, writers on plain threads wait for the flusher: the compute
 /// thread slows to the network's pace instead of buffering without bound.
 const PENDING_CAP: usize = 16 << 20;
-/// A successor that takes nothing for this long while bytes wait is treated as gone, so that a
-/// stalled peer (stopped, not closed) cannot hold this stage's compute thread forever.
-const STALL_LIMIT: Duration = Duration::from_secs(10);
 
 /// A link's writing end.
 pub struct LinkWriter {
@@ -30,6 +31,8 @@ pub struct LinkWriter {
     pending: Mutex<BytesMut>,
     wake_flusher: Notify,
     closed: AtomicBool,
+    /// Why it closed, when someone said.
+    reason: Mutex<Option<String>>,
 }
 
 impl LinkWriter {
@@ -40,6 +43,7 @@ impl LinkWriter {
             pending: Mutex::new(BytesMut::new()),
             wake_flusher: Notify::new(),
             closed: AtomicBool::new(false),
+            reason: Mutex::new(None),
         }
     }
 
@@ -55,6 +59,26 @@ impl LinkWriter {
     fn close(&self) {
         self.closed.store(true, Ordering::Release);
         self.wake_flusher.notify_one();
+    }
+
+    /// Ends the link for `reason` (the successor closed it, or stopped answering the way the
+    /// protocol says): writers fail from now on and the flusher returns the reason.
+    pub fn close_with(&self, reason: String) {
+        self.reason
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_or_insert(reason);
+        self.close();
+    }
+
+    /// Why the link closed: the reason given to [`LinkWriter::close_with`], or that a write
+    /// failed.
+    pub fn close_reason(&self) -> String {
+        self.reason
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .unwrap_or_else(|| "writing failed".into())
     }
 
     /// Writes a frame now, or queues it behind bytes already waiting. Returns false when the
@@ -94,29 +118,13 @@ impl LinkWriter {
     }
 
     /// [`LinkWriter::send`], then waits (on a plain thread, never an async one) while too many
-    /// bytes are waiting; closes the link when the successor takes nothing for [`STALL_LIMIT`].
+    /// bytes are waiting, for as long as the link lasts: a successor in a long pass reads
+    /// nothing until it ends, and one that is gone closes the link.
     pub fn send_blocking(&self, frame: &Frame) -> bool {
         if !self.send(frame) {
             return false;
         }
-        let mut last_len = usize::MAX;
-        let mut since = std::time::Instant::now();
-        loop {
-            let len = self.pending().len();
-            if len <= PENDING_CAP || self.is_closed() {
-                break;
-            }
-            if len < last_len {
-                last_len = len;
-                since = std::time::Instant::now();
-            } else if since.elapsed() > STALL_LIMIT {
-                tracing::warn!(
-                    "the successor took no data for {} s; closing the link",
-                    STALL_LIMIT.as_secs()
-                );
-                self.close();
-                break;
-            }
+        while self.pending().len() > PENDING_CAP && !self.is_closed() {
             std::thread::sleep(Duration::from_millis(1));
         }
         !self.is_closed()
@@ -126,7 +134,7 @@ impl LinkWriter {
     pub async fn flush_forever(&self) -> String {
         loop {
             if self.is_closed() {
-                return "writing failed".into();
+                return self.close_reason();
             }
             if self.pending().is_empty() {
                 self.wake_flusher.notified().await;

@@ -10,6 +10,9 @@
 //!   the predecessor's frames, which it reads itself.
 //! - [`inbound`]: the predecessor's connection as the compute thread reads it, and its sleep.
 //! - [`head`]: stage 0's generation loop: admission, chunked prefill, stop conditions, events.
+//! - [`health`]: liveness apart from work: pass clocks, heartbeats, the ring's verdict.
+//! - [`links`]: the link thread: heartbeats back to the predecessor, the successor's read.
+//! - [`watch`]: stage 0's watch: the verdict, the warm-up, failing a broken ring's sequences.
 //! - [`link`]: the writing end of a link, written straight from the compute thread.
 //! - [`node`]: a stage process: listener, connector with backoff, probes, failure handling.
 //! - [`http`]: stage 0's HTTP API for callers (`POST /generate`, `GET /health`).
@@ -18,9 +21,12 @@ pub mod compute;
 pub mod frame;
 pub mod handshake;
 pub mod head;
+pub mod health;
 pub mod http;
 pub mod inbound;
 pub mod link;
+pub mod links;
 pub mod node;
+pub mod watch;
 
 pub use node::{Inbound, LoadProgress, NodeOptions, RingMux, RingNode};

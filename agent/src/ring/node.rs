@@ -2,7 +2,7 @@
 //! its compute thread, and on stage 0 the head.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -13,20 +13,31 @@ use cluster_engine::{ModelFolder, SeqId, Stage, StageSpec};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
-use super::compute::{self, Job, JobQueue, QUEUE_CAPACITY};
+use super::compute::{self, Job, JobQueue};
 use super::frame::{Frame, FrameKind, FrameReader};
 use super::handshake::{self, RingIdentity};
 use super::head::Head;
+use super::health::{LinkBeat, LinkState, PassClock, PassGuard, StageBeat};
 use super::inbound::{InboundConn, wake_pair};
 use super::link::LinkWriter;
+use super::links::{self, LinkCmd, LinkHandle};
 
 /// Longest wait for a TCP connect or a handshake to finish.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Reconnection backoff bounds.
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
-/// How often stage 0 sends a probe around the ring and checks its sequences.
+/// How often stage 0 sends a probe around the ring (to time its hops) and checks its sequences.
 const PROBE_INTERVAL: Duration = Duration::from_millis(200);
+/// A ring link whose peer's host stops answering at the TCP level (it lost power, its cable was
+/// pulled) is closed after about this long: keepalive probes start after 5 s of quiet, 1 s
+/// apart, and unacknowledged data waits at most 20 s. A stopped process's kernel still answers,
+/// so a SIGSTOP'ed stage stays connected (and is reported stalled by its heartbeats).
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(5);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+const KEEPALIVE_PROBES: u32 = 5;
+#[cfg(any(target_os = "linux", target_os = "android"))]
+const USER_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Counters a stage keeps about its own work.
 #[derive(Debug, Default)]
@@ -36,16 +47,44 @@ pub struct StageMetrics {
     compute_steps: AtomicU64,
     frames_sent: AtomicU64,
     frames_dropped: AtomicU64,
+    /// The pass in progress and the recent ones, read by the link thread for heartbeats.
+    pub passes: PassClock,
+}
+
+/// A forward pass in progress: ends (and is counted) when dropped.
+pub struct PassTimer<'a> {
+    metrics: &'a StageMetrics,
+    guard: PassGuard<'a>,
+    steps: usize,
+}
+
+impl PassTimer<'_> {
+    /// When the pass started.
+    pub fn started(&self) -> Instant {
+        self.guard.started()
+    }
+}
+
+impl Drop for PassTimer<'_> {
+    fn drop(&mut self) {
+        let d = self.guard.started().elapsed();
+        let m = self.metrics;
+        m.compute_nanos
+            .fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
+        m.compute_passes.fetch_add(1, Ordering::Relaxed);
+        m.compute_steps
+            .fetch_add(self.steps as u64, Ordering::Relaxed);
+    }
 }
 
 impl StageMetrics {
-    /// Adds one forward pass's duration and how many sequences' steps it computed.
-    pub fn record_compute(&self, d: Duration, steps: usize) {
-        self.compute_nanos
-            .fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
-        self.compute_passes.fetch_add(1, Ordering::Relaxed);
-        self.compute_steps
-            .fetch_add(steps as u64, Ordering::Relaxed);
+    /// Starts timing a forward pass of `steps` sequences over `tokens` positions in all.
+    pub fn pass(&self, steps: usize, tokens: usize) -> PassTimer<'_> {
+        PassTimer {
+            metrics: self,
+            guard: self.passes.begin(tokens),
+            steps,
+        }
     }
 
     /// Seconds spent in forward passes.
@@ -87,6 +126,12 @@ pub struct Shared {
     pub stage: Arc<Stage>,
     /// Counters.
     pub metrics: StageMetrics,
+    /// This stage's link to its successor and what came back over it, kept by the link thread.
+    pub links: LinkState,
+    /// The link thread.
+    link_thread: LinkHandle,
+    /// Frames the compute thread has read but not served yet (its queue counts apart).
+    pub backlog: AtomicUsize,
 }
 
 impl Shared {
@@ -100,6 +145,31 @@ impl Shared {
 
     fn describe_self(&self) -> String {
         self.config.describe_stage(self.index)
+    }
+
+    /// Work waiting at this stage: queued jobs and frames read but not served.
+    pub fn queued(&self) -> usize {
+        self.jobs.max_capacity() - self.jobs.capacity() + self.backlog.load(Ordering::Relaxed)
+    }
+
+    /// What this stage's heartbeat says of itself, with its link in state `link`.
+    pub fn own_beat(&self, link: LinkBeat) -> StageBeat {
+        StageBeat {
+            index: self.index,
+            age_ms: 0,
+            passes: self.metrics.passes.stats(),
+            queued: self.queued(),
+            link,
+        }
+    }
+
+    /// This stage's link to its successor as the link thread last saw it.
+    pub fn own_link(&self) -> LinkBeat {
+        self.links.with(|d| {
+            d.link.clone().unwrap_or_else(|| LinkBeat::Connecting {
+                why: "not connected yet".into(),
+            })
+        })
     }
 
     /// Sends a frame to the successor, waiting when the link is busy. A frame for a down link
@@ -189,10 +259,54 @@ impl Shared {
 pub struct NodeOptions {
     /// This stage's index in the ring.
     pub index: usize,
-    /// Sequences with no token for this long fail (stage 0).
-    pub step_timeout: Duration,
     /// How long the compute thread polls for work before sleeping (see `compute::next_job`).
     pub compute_spin: Duration,
+    /// A test hook: every forward pass takes at least this long (see [`pass_floor_from_env`]).
+    pub pass_floor: Option<Duration>,
+}
+
+/// The test hook that makes every forward pass of a stage take at least
+/// `CLUSTERAGENT_TEST_PASS_MS` milliseconds, so that tests can show what a slow machine does
+/// to a ring without one. Unset or 0: no floor.
+pub fn pass_floor_from_env() -> Result<Option<Duration>> {
+    match std::env::var("CLUSTERAGENT_TEST_PASS_MS") {
+        Err(_) => Ok(None),
+        Ok(v) => {
+            let ms: u64 = v.trim().parse().with_context(|| {
+                format!("CLUSTERAGENT_TEST_PASS_MS={v:?} is not a number of milliseconds")
+            })?;
+            Ok((ms > 0).then(|| Duration::from_millis(ms)))
+        }
+    }
+}
+
+/// Keepalive and a bound on unacknowledged data, so that a vanished host ends its links.
+fn tune_link_socket(stream: &std::net::TcpStream) {
+    let sock = socket2::SockRef::from(stream);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL);
+    #[cfg(any(
+        target_os = "linux",
+        target_os = "macos",
+        target_os = "android",
+        target_os = "ios"
+    ))]
+    let keepalive = keepalive.with_retries(KEEPALIVE_PROBES);
+    #[cfg(not(any(
+        target_os = "linux",
+        target_os = "macos",
+        target_os = "android",
+        target_os = "ios"
+    )))]
+    let _ = KEEPALIVE_PROBES;
+    if let Err(e) = sock.set_tcp_keepalive(&keepalive) {
+        tracing::warn!(error = %e, "cannot set TCP keepalive on a ring link");
+    }
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    if let Err(e) = sock.set_tcp_user_timeout(Some(USER_TIMEOUT)) {
+        tracing::warn!(error = %e, "cannot set TCP_USER_TIMEOUT on a ring link");
+    }
 }
 
 /// Where a stage accepts its predecessor's connection.
@@ -267,9 +381,11 @@ impl RingNode {
         })
         .await??;
         let (stop, stop_rx) = watch::channel(false);
-        let (jobs_tx, jobs_rx) = mpsc::channel(QUEUE_CAPACITY);
+        let (jobs_tx, jobs_rx) = mpsc::channel(compute::queue_capacity(config.max_sequences));
         let (wake, sleeper) = wake_pair().context("creating the compute thread's poller")?;
-        let head = (index == 0).then(|| Arc::new(Head::new(folder, options.step_timeout)));
+        let (link_thread, link_worker) =
+            links::channel().context("creating the link thread's poller")?;
+        let head = (index == 0).then(|| Arc::new(Head::new(folder)));
         let shared = Arc::new(Shared {
             identity: RingIdentity {
                 pipeline: config.pipeline.clone(),
@@ -283,14 +399,30 @@ impl RingNode {
             head,
             stage: Arc::new(stage),
             metrics: StageMetrics::default(),
+            links: LinkState::default(),
+            link_thread,
+            backlog: AtomicUsize::new(0),
         });
         let compute_shared = shared.clone();
         let compute_stage = shared.stage.clone();
         let spin = options.compute_spin;
+        let pace = options.pass_floor;
+        if let Some(floor) = pace {
+            tracing::warn!(
+                stage = index,
+                "test hook: every forward pass of this stage takes at least {} ms (CLUSTERAGENT_TEST_PASS_MS)",
+                floor.as_millis()
+            );
+        }
         std::thread::Builder::new()
             .name(format!("stage-{index}-compute"))
-            .spawn(move || compute::run(compute_shared, compute_stage, jobs_rx, sleeper, spin))
+            .spawn(move || {
+                compute::run(compute_shared, compute_stage, jobs_rx, sleeper, spin, pace)
+            })
             .context("starting the compute thread")?;
+        link_worker
+            .spawn(&shared)
+            .context("starting the link thread")?;
         if let Some(listener) = listener {
             tokio::spawn(accept_loop(shared.clone(), listener, stop_rx.clone()));
         }
@@ -315,6 +447,7 @@ impl RingNode {
     /// the weights.
     pub fn shutdown(&self) {
         let _ = self.stop.send(true);
+        self.shared.link_thread.send(LinkCmd::Stop);
         if let Some(mux) = &self.mux {
             mux.unregister(&self.shared);
         }
@@ -326,6 +459,7 @@ impl RingNode {
             head.fail_all(
                 &self.shared,
                 format!("{} is shutting down", self.shared.describe_self()),
+                true,
             );
         }
     }
@@ -441,19 +575,25 @@ async fn serve_inbound(
             return;
         }
     }
-    // From here the compute thread reads the connection itself.
+    // From here the compute thread reads the connection itself, and the link thread writes
+    // heartbeats back on it.
     let (read, buffered) = reader.into_parts();
     let conn = read
         .reunite(write)
         .map_err(|e| e.to_string())
         .and_then(|stream| stream.into_std().map_err(|e| e.to_string()))
         .and_then(|stream| {
-            InboundConn::new(stream, buffered, shared.config.describe_stage(predecessor))
-                .map_err(|e| e.to_string())
+            tune_link_socket(&stream);
+            let back = stream.try_clone().map_err(|e| e.to_string())?;
+            let conn =
+                InboundConn::new(stream, buffered, shared.config.describe_stage(predecessor))
+                    .map_err(|e| e.to_string())?;
+            Ok((conn, back))
         });
     match conn {
-        Ok(conn) => {
+        Ok((conn, back)) => {
             tracing::info!(%peer, from = predecessor, "predecessor connected");
+            shared.link_thread.send(LinkCmd::Inbound { stream: back });
             if shared
                 .jobs
                 .send(Job::Inbound(Box::new(conn)))
@@ -468,7 +608,8 @@ async fn serve_inbound(
 }
 
 /// Keeps the link to the successor up: connect, handshake, write frames, reconnect with
-/// backoff when it drops.
+/// backoff when it drops. The link thread reads what comes back on it (heartbeats) and closes
+/// the writer when the connection ends.
 async fn connect_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let successor = shared.config.successor(shared.index);
     let address = shared.config.stages[successor].address.clone();
@@ -480,22 +621,28 @@ async fn connect_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             return;
         }
         match open_link(&shared, &address).await {
-            Ok((reader, writer)) => {
+            Ok(link) => {
                 backoff = BACKOFF_MIN;
                 logged_down = false;
                 tracing::info!(stage = shared.index, "connected to {who}");
-                let reason = run_link(&shared, reader, writer, &mut stop).await;
+                let reason = run_link(&shared, link, &mut stop).await;
                 shared.set_outbound(None);
+                shared.link_thread.send(LinkCmd::Connecting {
+                    why: format!("it went away ({reason})"),
+                });
                 let message = format!("{who} went away: {reason}");
                 tracing::warn!(stage = shared.index, "{message}");
                 match &shared.head {
-                    Some(head) => head.fail_all(&shared, message),
+                    Some(head) => head.fail_all(&shared, message, true),
                     None => {
                         let _ = shared.jobs.send(Job::DropAll).await;
                     }
                 }
             }
             Err(e) => {
+                shared.link_thread.send(LinkCmd::Connecting {
+                    why: format!("{e:#}"),
+                });
                 if !logged_down {
                     tracing::info!(
                         stage = shared.index,
@@ -513,12 +660,15 @@ async fn connect_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     }
 }
 
-type LinkHalves = (
-    FrameReader<tokio::net::tcp::OwnedReadHalf>,
-    tokio::net::tcp::OwnedWriteHalf,
-);
+/// A link to the successor whose handshake is done: its writing half, and the same socket
+/// with the bytes read past the handshake, for the link thread.
+struct OpenLink {
+    writer: tokio::net::tcp::OwnedWriteHalf,
+    stream: std::net::TcpStream,
+    buffered: bytes::BytesMut,
+}
 
-async fn open_link(shared: &Shared, address: &str) -> Result<LinkHalves> {
+async fn open_link(shared: &Shared, address: &str) -> Result<OpenLink> {
     let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(address))
         .await
         .context("connect timed out")??;
@@ -531,31 +681,36 @@ async fn open_link(shared: &Shared, address: &str) -> Result<LinkHalves> {
     )
     .await
     .context("handshake timed out")??;
-    Ok((reader, write))
+    let (read, buffered) = reader.into_parts();
+    let stream = read.reunite(write)?.into_std()?;
+    tune_link_socket(&stream);
+    let back = stream.try_clone()?;
+    let (_, writer) = TcpStream::from_std(stream)?.into_split();
+    Ok(OpenLink {
+        writer,
+        stream: back,
+        buffered,
+    })
 }
 
 /// Writes frames to the successor until the link breaks; returns why it ended.
-async fn run_link(
-    shared: &Shared,
-    mut reader: FrameReader<tokio::net::tcp::OwnedReadHalf>,
-    writer: tokio::net::tcp::OwnedWriteHalf,
-    stop: &mut watch::Receiver<bool>,
-) -> String {
-    let link = Arc::new(LinkWriter::new(writer));
+async fn run_link(shared: &Shared, open: OpenLink, stop: &mut watch::Receiver<bool>) -> String {
+    let link = Arc::new(LinkWriter::new(open.writer));
     shared.set_outbound(Some(link.clone()));
+    shared.link_thread.send(LinkCmd::Outbound {
+        link: link.clone(),
+        stream: open.stream,
+        buffered: open.buffered,
+        id: rand::random::<u64>() | 1,
+    });
     tokio::select! {
         why = link.flush_forever() => why,
-        // The successor never writes on this link: a read that returns means it is gone.
-        r = reader.read_frame() => match r {
-            Ok(None) => "closed the connection".into(),
-            Ok(Some(f)) => format!("sent an unexpected {:?} frame", f.kind),
-            Err(e) => e.to_string(),
-        },
         _ = stop.changed() => "this stage is stopping".into(),
     }
 }
 
-/// Stage 0: sends a probe around the ring and sweeps stale sequences.
+/// Stage 0: sends a probe around the ring, which times its hops (the ring's state comes from
+/// heartbeats, not from probes), and sweeps sequences whose caller left or that wait in vain.
 async fn probe_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let Some(head) = shared.head.clone() else {
         return;
@@ -568,9 +723,7 @@ async fn probe_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             _ = stop.changed() => return,
         }
         probe_seq += 1;
-        if shared.config.stages.len() == 1 {
-            head.probe_returned();
-        } else {
+        if shared.config.stages.len() > 1 {
             head.probe_sent(probe_seq);
             shared.forward(&Frame::new(
                 FrameKind::Probe,
@@ -578,11 +731,6 @@ async fn probe_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 shared.config.generation,
                 probe_seq,
             ));
-        }
-        if head.in_flight() > 0
-            && let Err(why) = head.ring_status(&shared)
-        {
-            head.fail_all(&shared, why);
         }
         head.sweep(&shared);
     }
