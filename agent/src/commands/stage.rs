@@ -58,7 +58,7 @@ pub fn run(args: StageArgs) -> Result<()> {
         let options = NodeOptions {
             index: args.index,
             compute_spin: Duration::from_millis(args.compute_spin_ms),
-            pass_floor: crate::ring::node::pass_floor_from_env()?,
+            pass_floor: crate::ring::node::PassFloor::from_env()?,
         };
         let node = RingNode::start(config, options).await?;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

@@ -530,7 +530,7 @@ async fn load_stage(
     epoch: u64,
 ) {
     let started = Instant::now();
-    let result = match crate::ring::node::pass_floor_from_env() {
+    let result = match crate::ring::node::PassFloor::from_env() {
         Ok(pass_floor) => {
             let options = NodeOptions {
                 index: want.index,

@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 
 use super::frame::{FLAG_LAST_CHUNK, FLAG_MORE_FOLLOWS, Frame, FrameKind};
 use super::inbound::{InboundConn, Sleeper, Wake};
-use super::node::Shared;
+use super::node::{PassFloor, Shared};
 
 /// Jobs for the compute thread; the queue holding them is bounded (see [`QUEUE_CAPACITY`]).
 #[derive(Debug)]
@@ -177,14 +177,14 @@ const SLEEP_LIMIT: Duration = Duration::from_secs(1);
 /// `clusteragent bench-ring`). After `spin` without work it sleeps, so an idle stage costs no
 /// CPU.
 ///
-/// `pace`, a test hook, makes every forward pass take at least that long.
+/// `pace`, a test hook, makes forward passes take at least the times it gives.
 pub fn run(
     shared: Arc<Shared>,
     stage: Arc<Stage>,
     jobs: mpsc::Receiver<Job>,
     sleeper: Sleeper,
     spin: Duration,
-    pace: Option<Duration>,
+    pace: Option<PassFloor>,
 ) {
     Worker {
         shared,
@@ -209,7 +209,7 @@ struct Worker {
     jobs: mpsc::Receiver<Job>,
     sleeper: Sleeper,
     spin: Duration,
-    pace: Option<Duration>,
+    pace: Option<PassFloor>,
     /// The current connection from the predecessor.
     inbound: Option<InboundConn>,
     /// The rest of a prompt whose chunks run back to back, before anything else.
@@ -238,13 +238,8 @@ impl Worker {
                 let batch = self.gather(job, &mut held);
                 self.publish_backlog(held.is_some());
                 let started = Instant::now();
-                decode_batch(
-                    &self.shared,
-                    &self.stage,
-                    &mut self.samplers,
-                    batch,
-                    self.pace,
-                );
+                let floor = self.floor();
+                decode_batch(&self.shared, &self.stage, &mut self.samplers, batch, floor);
                 self.note_pass(started.elapsed());
                 self.flush_events();
                 continue;
@@ -255,6 +250,11 @@ impl Worker {
             }
             self.flush_events();
         }
+    }
+
+    /// The test hook's floor for the next pass.
+    fn floor(&mut self) -> Option<Duration> {
+        self.pace.as_mut().map(PassFloor::next)
     }
 
     /// Tells the link thread how many frames wait here beyond the queue (for heartbeats).
@@ -366,7 +366,8 @@ impl Worker {
                     last_chunk,
                     meta: frame.meta,
                 };
-                single(shared, stage, &mut self.samplers, step, input, self.pace);
+                let floor = self.floor();
+                single(&self.shared, &self.stage, &mut self.samplers, step, input, floor);
             }
             Job::Prompt {
                 seq,
@@ -374,7 +375,7 @@ impl Worker {
                 next,
                 start,
             } => {
-                let Some(head) = &shared.head else {
+                let Some(head) = shared.head.clone() else {
                     return true;
                 };
                 // A sequence failed or cancelled while its prompt waited: the rest is not run.
@@ -394,7 +395,8 @@ impl Worker {
                     },
                 };
                 let chunk = StageInput::Tokens(tokens[next..end].to_vec());
-                single(shared, stage, &mut self.samplers, step, chunk, self.pace);
+                let floor = self.floor();
+                single(&self.shared, &self.stage, &mut self.samplers, step, chunk, floor);
                 head.prefilled(seq, end);
                 if end < tokens.len() {
                     self.resume = Some(Job::Prompt {
@@ -420,13 +422,14 @@ impl Worker {
                     last_chunk,
                     meta: start.unwrap_or_default(),
                 };
+                let floor = self.floor();
                 single(
-                    shared,
-                    stage,
+                    &self.shared,
+                    &self.stage,
                     &mut self.samplers,
                     step,
                     StageInput::Tokens(tokens),
-                    self.pace,
+                    floor,
                 );
             }
             Job::Release { seq, kind } => {

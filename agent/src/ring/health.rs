@@ -192,6 +192,7 @@ pub enum LinkBeat {
 
 /// What a heartbeat says of one stage.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct StageBeat {
     /// The stage's index.
     pub index: usize,

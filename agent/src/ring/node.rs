@@ -261,22 +261,52 @@ pub struct NodeOptions {
     pub index: usize,
     /// How long the compute thread polls for work before sleeping (see `compute::next_job`).
     pub compute_spin: Duration,
-    /// A test hook: every forward pass takes at least this long (see [`pass_floor_from_env`]).
-    pub pass_floor: Option<Duration>,
+    /// A test hook: forward passes take at least these times (see [`PassFloor::from_env`]).
+    pub pass_floor: Option<PassFloor>,
 }
 
-/// The test hook that makes every forward pass of a stage take at least
-/// `CLUSTERAGENT_TEST_PASS_MS` milliseconds, so that tests can show what a slow machine does
-/// to a ring without one. Unset or 0: no floor.
-pub fn pass_floor_from_env() -> Result<Option<Duration>> {
-    match std::env::var("CLUSTERAGENT_TEST_PASS_MS") {
-        Err(_) => Ok(None),
-        Ok(v) => {
-            let ms: u64 = v.trim().parse().with_context(|| {
-                format!("CLUSTERAGENT_TEST_PASS_MS={v:?} is not a number of milliseconds")
-            })?;
-            Ok((ms > 0).then(|| Duration::from_millis(ms)))
+/// A test hook standing in for a slow machine: the stage's forward passes take at least the
+/// times given, in order, the last one repeating. From `CLUSTERAGENT_TEST_PASS_MS`: `3000`
+/// makes every pass take 3 s; `50,50,30000` lets the first two take 50 ms and wedges the rest
+/// for 30 s. Unset: no floor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PassFloor {
+    floors: Vec<Duration>,
+    passes: usize,
+}
+
+impl PassFloor {
+    /// The hook from the environment, or `None` when unset.
+    pub fn from_env() -> Result<Option<Self>> {
+        match std::env::var("CLUSTERAGENT_TEST_PASS_MS") {
+            Err(_) => Ok(None),
+            Ok(v) => Self::parse(&v).map(Some),
         }
+    }
+
+    fn parse(v: &str) -> Result<Self> {
+        let floors = v
+            .split(',')
+            .map(|ms| {
+                ms.trim().parse::<u64>().map(Duration::from_millis).with_context(|| {
+                    format!("CLUSTERAGENT_TEST_PASS_MS={v:?}: {ms:?} is not a number of milliseconds")
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { floors, passes: 0 })
+    }
+
+    /// The floor of the next pass.
+    pub fn next(&mut self) -> Duration {
+        let floor = self.floors[self.passes.min(self.floors.len() - 1)];
+        self.passes += 1;
+        floor
+    }
+
+    /// The floors, for the log.
+    pub fn describe(&self) -> String {
+        let ms: Vec<String> = self.floors.iter().map(|d| d.as_millis().to_string()).collect();
+        ms.join(", ")
     }
 }
 
@@ -407,11 +437,11 @@ impl RingNode {
         let compute_stage = shared.stage.clone();
         let spin = options.compute_spin;
         let pace = options.pass_floor;
-        if let Some(floor) = pace {
+        if let Some(floor) = &pace {
             tracing::warn!(
                 stage = index,
-                "test hook: every forward pass of this stage takes at least {} ms (CLUSTERAGENT_TEST_PASS_MS)",
-                floor.as_millis()
+                "test hook: forward passes of this stage take at least {} ms (CLUSTERAGENT_TEST_PASS_MS)",
+                floor.describe()
             );
         }
         std::thread::Builder::new()

@@ -105,6 +105,8 @@ impl Head {
     /// broke or stalled, sends the warm-up through a ring that formed, and notes whether any
     /// stage has work.
     pub fn watch(&self, shared: &Shared, own: &StageBeat) {
+        // First, whether a warm-up has just come back: the verdict depends on it.
+        self.check_warmup(shared);
         let warmed = self.watch.warmed();
         let (verdict, idle) = shared.links.with(|down| {
             let verdict = judge(&shared.config, own, down, warmed.as_deref());
@@ -118,7 +120,6 @@ impl Head {
             (verdict, idle)
         });
         self.watch.note_idle(idle);
-        self.check_warmup(shared);
         match verdict {
             Verdict::Serving => {}
             Verdict::Unwarmed { links } => self.start_warmup(shared, links),
@@ -158,7 +159,7 @@ impl Head {
         };
         match self.admit(shared, request, true) {
             Ok((seq, events)) => {
-                tracing::info!(pipeline = %shared.config.pipeline, "warming up: a first pass through every stage");
+                tracing::info!(pipeline = %shared.config.pipeline, links = ?links, "warming up: a first pass through every stage");
                 lock(&self.watch.warmup).running = Some(Running {
                     links,
                     seq,

@@ -112,6 +112,8 @@ pub struct Agent {
     pub data_dir: PathBuf,
     pub log: PathBuf,
     pub extra: Vec<String>,
+    /// More environment variables (test hooks).
+    pub env: Vec<(String, String)>,
     /// Its working directory, where relative model paths resolve: one per agent, so a test can
     /// give a model to one node only.
     pub cwd: PathBuf,
@@ -128,6 +130,11 @@ pub struct Cluster {
 impl Cluster {
     /// Starts `n` agents named node-0.. with fast heartbeats; `extra[i]` are more flags.
     pub fn start(n: usize, extra: &[&[&str]]) -> Cluster {
+        Self::start_with_env(n, extra, &[])
+    }
+
+    /// [`Cluster::start`] with `env[i]`: more environment variables for agent `i`.
+    pub fn start_with_env(n: usize, extra: &[&[&str]], env: &[&[(&str, &str)]]) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let token_file = dir.path().join("token");
         std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
@@ -146,6 +153,14 @@ impl Cluster {
                 extra: extra
                     .get(i)
                     .map(|e| e.iter().map(|s| s.to_string()).collect())
+                    .unwrap_or_default(),
+                env: env
+                    .get(i)
+                    .map(|e| {
+                        e.iter()
+                            .map(|(k, v)| (k.to_string(), v.to_string()))
+                            .collect()
+                    })
                     .unwrap_or_default(),
                 cwd: cluster.dir.path().join(format!("{name}-cwd")),
                 name,
@@ -180,6 +195,7 @@ impl Cluster {
             .args(["--token-file", token_file.to_str().unwrap()])
             .args(["--heartbeat-ms", "200", "--node-timeout-ms", "1500"])
             .args(&a.extra)
+            .envs(a.env.iter().map(|(k, v)| (k, v)))
             .current_dir(&a.cwd)
             .env("RUST_LOG", "info")
             .env("RAYON_NUM_THREADS", "1")
@@ -206,6 +222,16 @@ impl Cluster {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`, ...) to agent `i`.
+    pub fn signal(&self, i: usize, signal: &str) {
+        let pid = self.agents[i].child.as_ref().expect("agent running").id();
+        let sent = Command::new("kill")
+            .args([&format!("-{signal}"), &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill -{signal} {pid}");
     }
 
     /// SIGTERM to agent `i`; waits (at most `limit`) for it to exit and returns its exit code.

@@ -14,3 +14,4 @@ mod invalid;
 mod openai;
 mod placement;
 mod reference;
+mod slow;
