@@ -367,7 +367,14 @@ impl Worker {
                     meta: frame.meta,
                 };
                 let floor = self.floor();
-                single(&self.shared, &self.stage, &mut self.samplers, step, input, floor);
+                single(
+                    &self.shared,
+                    &self.stage,
+                    &mut self.samplers,
+                    step,
+                    input,
+                    floor,
+                );
             }
             Job::Prompt {
                 seq,
@@ -396,7 +403,14 @@ impl Worker {
                 };
                 let chunk = StageInput::Tokens(tokens[next..end].to_vec());
                 let floor = self.floor();
-                single(&self.shared, &self.stage, &mut self.samplers, step, chunk, floor);
+                single(
+                    &self.shared,
+                    &self.stage,
+                    &mut self.samplers,
+                    step,
+                    chunk,
+                    floor,
+                );
                 head.prefilled(seq, end);
                 if end < tokens.len() {
                     self.resume = Some(Job::Prompt {

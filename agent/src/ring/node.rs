@@ -305,7 +305,11 @@ impl PassFloor {
 
     /// The floors, for the log.
     pub fn describe(&self) -> String {
-        let ms: Vec<String> = self.floors.iter().map(|d| d.as_millis().to_string()).collect();
+        let ms: Vec<String> = self
+            .floors
+            .iter()
+            .map(|d| d.as_millis().to_string())
+            .collect();
         ms.join(", ")
     }
 }

@@ -162,7 +162,10 @@ fn stage_1_passes(port: u16) -> Option<(u64, Option<f64>)> {
         .as_array()?
         .iter()
         .find(|s| s["index"] == 1)?["passes"];
-    Some((passes["passes"].as_u64()?, passes["runningSeconds"].as_f64()))
+    Some((
+        passes["passes"].as_u64()?,
+        passes["runningSeconds"].as_f64(),
+    ))
 }
 
 #[test]
@@ -247,25 +250,35 @@ fn a_stopped_stage_is_reported_stalled_and_serves_again_once_continued() {
     let (tokens, last, ended) = stream.join().unwrap();
     let waited = ended.duration_since(stopped);
     let message = last["message"].as_str().unwrap_or_default().to_string();
-    eprintln!("stopped stage 1 after {tokens} tokens; the stream ended {waited:?} later: {message}");
+    eprintln!(
+        "stopped stage 1 after {tokens} tokens; the stream ended {waited:?} later: {message}"
+    );
     // While it is stopped, requests are refused at once, saying so.
     let refused = generate_slow(s.port, PROMPTS[0], 4).unwrap_err();
     s.c.signal(1, "CONT");
     assert!(
-        refused.starts_with("HTTP 503") && refused.contains("stage 1 (node-1 at") && refused.contains("is stalled"),
+        refused.starts_with("HTTP 503")
+            && refused.contains("stage 1 (node-1 at")
+            && refused.contains("is stalled"),
         "{refused}"
     );
     assert!(tokens > 0, "the stream produced nothing before the stop");
     assert_eq!(last["event"], "error", "{last}");
     assert!(
-        message.contains("stage 1 (node-1 at") && message.contains("is stalled: it has answered no heartbeat for"),
+        message.contains("stage 1 (node-1 at")
+            && message.contains("is stalled: it has answered no heartbeat for"),
         "{message}"
     );
     // The bound: two seconds of silence, then at most a heartbeat's relay.
-    assert!(waited < Duration::from_secs(4), "the stream ended {waited:?} after the stop");
+    assert!(
+        waited < Duration::from_secs(4),
+        "the stream ended {waited:?} after the stop"
+    );
     // Continued, it serves again without an apply.
-    s.c.wait_for("the pipeline to be Ready again", Duration::from_secs(30), || {
-        s.c.phase(0, "tiny-pipe") == "Ready"
-    });
+    s.c.wait_for(
+        "the pipeline to be Ready again",
+        Duration::from_secs(30),
+        || s.c.phase(0, "tiny-pipe") == "Ready",
+    );
     serve(&s, 2, 0, 4);
 }
