@@ -136,7 +136,7 @@ impl LocalPipeline {
             None => LayerSplit::whole(layers)?,
         };
         let device = open_device(options.device)?;
-        let dtype = choose_dtype(options.dtype, folder.config.dtype, &device);
+        let dtype = choose_dtype(options.dtype, folder.config.dtype);
         let stages = load_stages(&folder, &split, &device, dtype)?;
         Ok(Self { folder, stages })
     }

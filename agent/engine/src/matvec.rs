@@ -12,7 +12,16 @@
 //! operations in the same order whatever the batch, so a sequence decoded alone and the same
 //! sequence decoded beside others get bit-identical logits. Tests and users rely on that: the
 //! ring batches whichever sequences are ready, the one-process engine does not.
+//!
+//! Weights may be f32, bf16 or f16 ([`WeightElem`]). Half-precision weights are widened to f32
+//! one cache-sized block at a time, as the block is about to be used, into a buffer each thread
+//! keeps: the matrix stays in half precision in memory (half the bytes to read per step, half
+//! the memory per stage), and no product ever holds a whole widened copy of it. Widening is
+//! exact, so a half-precision row takes the same steps as the f32 row it widens to.
 
+use std::cell::RefCell;
+
+use half::{bf16, f16};
 use pulp::{Arch, Simd, WithSimd};
 use rayon::prelude::*;
 
@@ -34,12 +43,92 @@ const WEIGHT_BYTES: usize = 256 << 10;
 /// (a toy model's) is one task, done on the caller's thread.
 const MIN_TASK_FLOATS: usize = 1 << 15;
 
+/// A weight element the kernels read: f32 as it is, bf16 and f16 widened to f32.
+pub trait WeightElem: Copy + Send + Sync + 'static {
+    /// The elements as f32, when they already are.
+    fn as_f32(src: &[Self]) -> Option<&[f32]>;
+    /// Writes `src` widened to f32 into `dst` (of the same length). Implementations are
+    /// `#[inline(always)]`, so that the loop is compiled with the vector instructions of the
+    /// product that calls it.
+    fn widen(src: &[Self], dst: &mut [f32]);
+}
+
+impl WeightElem for f32 {
+    fn as_f32(src: &[Self]) -> Option<&[f32]> {
+        Some(src)
+    }
+
+    #[inline(always)]
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
+    }
+}
+
+impl WeightElem for bf16 {
+    fn as_f32(_: &[Self]) -> Option<&[f32]> {
+        None
+    }
+
+    #[inline(always)]
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        // A bf16 is the high half of an f32: the shift is exact for every value, and simple
+        // enough for the compiler to turn into vector instructions.
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = f32::from_bits(u32::from(s.to_bits()) << 16);
+        }
+    }
+}
+
+impl WeightElem for f16 {
+    fn as_f32(_: &[Self]) -> Option<&[f32]> {
+        None
+    }
+
+    #[inline(always)]
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = f16_to_f32(s.to_bits());
+        }
+    }
+}
+
+/// An f16's value as f32, exactly, in arithmetic a compiler turns into vector instructions
+/// (`half`'s own conversion calls out per eight values here, which cost more than the product):
+/// the exponent is rebased from 15 to 127, infinities and NaNs keep an all-ones exponent, and
+/// zeros and subnormals are normalised by one float subtraction.
+#[inline(always)]
+fn f16_to_f32(h: u16) -> f32 {
+    const EXP_MASK: u32 = 0x7c00 << 13;
+    let sign = u32::from(h & 0x8000) << 16;
+    let body = u32::from(h & 0x7fff) << 13;
+    let exp = body & EXP_MASK;
+    let rebased = body + ((127 - 15) << 23);
+    // Every case is computed and one chosen, so that the loop has no branches to vectorize.
+    let special = rebased + ((128 - 16) << 23);
+    let small = (f32::from_bits(rebased + (1 << 23)) - f32::from_bits(113 << 23)).to_bits();
+    let value = if exp == EXP_MASK { special } else { rebased };
+    let value = if exp == 0 { small } else { value };
+    f32::from_bits(value | sign)
+}
+
+thread_local! {
+    /// Where a thread widens the half-precision block it is about to use: at most one block
+    /// ([`WEIGHT_BYTES`] of f32) per thread, reused from product to product.
+    static WIDENED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
 /// `out = x · wᵀ` with `x` of `rows × width`, `w` of `outputs × width` (a linear layer's
-/// weight, row-major) and `out` of `rows × outputs`.
+/// weight, row-major, in f32, bf16 or f16) and `out` of `rows × outputs`.
 ///
 /// # Panics
 /// When a slice's length does not match the shape given; callers check shapes first.
-pub fn rows_times_weights(x: &[f32], rows: usize, w: &[f32], width: usize, out: &mut [f32]) {
+pub fn rows_times_weights<W: WeightElem>(
+    x: &[f32],
+    rows: usize,
+    w: &[W],
+    width: usize,
+    out: &mut [f32],
+) {
     assert!(
         width > 0 && x.len() == rows * width,
         "x is not rows × width"
@@ -96,15 +185,15 @@ pub fn rows_times_weights(x: &[f32], rows: usize, w: &[f32], width: usize, out: 
 }
 
 /// One task: a block of weight rows against every input row.
-struct Block<'a> {
+struct Block<'a, W> {
     x: &'a [f32],
     rows: usize,
-    w: &'a [f32],
+    w: &'a [W],
     width: usize,
     dst: &'a mut [f32],
 }
 
-impl WithSimd for Block<'_> {
+impl<W: WeightElem> WithSimd for Block<'_, W> {
     type Output = ();
 
     #[inline(always)]
@@ -117,25 +206,49 @@ impl WithSimd for Block<'_> {
             dst,
         } = self;
         let row_bytes = width * std::mem::size_of::<f32>();
-        let group = (INPUT_BYTES / row_bytes).clamp(1, ROW_GROUP);
         let sub = (WEIGHT_BYTES / row_bytes).max(1);
+        // The buffer is taken out of the thread's slot rather than used inside `with`: a
+        // closure does not inherit the vector instructions `with_simd` is compiled for, and the
+        // product inlined into one would call each of them as a function.
+        let mut widened = Vec::new();
+        if W::as_f32(w).is_none() {
+            widened = WIDENED.with(|b| b.take());
+        }
         for (w, dst) in w.chunks(sub * width).zip(dst.chunks_mut(sub * rows)) {
-            let mut start = 0;
-            while start < rows {
-                let n = (rows - start).min(group);
-                let xs = &x[start * width..(start + n) * width];
-                for (w_row, dst) in w.chunks_exact(width).zip(dst.chunks_exact_mut(rows)) {
-                    let dst = &mut dst[start..start + n];
-                    match n {
-                        1 => dot_rows::<S, 1>(simd, w_row, xs, dst),
-                        2 => dot_rows::<S, 2>(simd, w_row, xs, dst),
-                        3 => dot_rows::<S, 3>(simd, w_row, xs, dst),
-                        _ => dot_rows::<S, ROW_GROUP>(simd, w_row, xs, dst),
-                    }
+            match W::as_f32(w) {
+                Some(w) => sub_block(simd, x, rows, w, width, dst),
+                None => {
+                    widened.resize(w.len(), 0.0);
+                    W::widen(w, &mut widened);
+                    sub_block(simd, x, rows, &widened, width, dst);
                 }
-                start += n;
             }
         }
+        if !widened.is_empty() {
+            WIDENED.with(|b| *b.borrow_mut() = widened);
+        }
+    }
+}
+
+/// A block of f32 weight rows (in cache) against every input row, in groups that stay in L1.
+#[inline(always)]
+fn sub_block<S: Simd>(simd: S, x: &[f32], rows: usize, w: &[f32], width: usize, dst: &mut [f32]) {
+    let row_bytes = width * std::mem::size_of::<f32>();
+    let group = (INPUT_BYTES / row_bytes).clamp(1, ROW_GROUP);
+    let mut start = 0;
+    while start < rows {
+        let n = (rows - start).min(group);
+        let xs = &x[start * width..(start + n) * width];
+        for (w_row, dst) in w.chunks_exact(width).zip(dst.chunks_exact_mut(rows)) {
+            let dst = &mut dst[start..start + n];
+            match n {
+                1 => dot_rows::<S, 1>(simd, w_row, xs, dst),
+                2 => dot_rows::<S, 2>(simd, w_row, xs, dst),
+                3 => dot_rows::<S, 3>(simd, w_row, xs, dst),
+                _ => dot_rows::<S, ROW_GROUP>(simd, w_row, xs, dst),
+            }
+        }
+        start += n;
     }
 }
 
@@ -414,6 +527,52 @@ mod tests {
         decode_attention(&q, cache, heads, kv_heads, d, inverse, &mut other);
         for (a, b) in out.iter().zip(&other) {
             assert!((a - b).abs() < 1e-5);
+        }
+    }
+
+    #[test]
+    fn half_precision_weights_give_the_bits_of_the_f32_weights_they_widen_to() {
+        use half::{bf16, f16};
+        // Wide enough for several widened blocks, with a tail past the vectors.
+        let (rows, width, outputs) = (5, 1030, 300);
+        let x = pseudo_random(rows * width, 11);
+        let w = pseudo_random(outputs * width, 12);
+        let w_bf16: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+        let w_f16: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+        let widened_bf16: Vec<f32> = w_bf16.iter().map(|v| v.to_f32()).collect();
+        let widened_f16: Vec<f32> = w_f16.iter().map(|v| v.to_f32()).collect();
+        let run = |f: &dyn Fn(&mut [f32])| {
+            let mut out = vec![0f32; rows * outputs];
+            f(&mut out);
+            out
+        };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            assert_eq!(
+                run(&|o| rows_times_weights(&x, rows, &w_bf16, width, o)),
+                run(&|o| rows_times_weights(&x, rows, &widened_bf16, width, o))
+            );
+            assert_eq!(
+                run(&|o| rows_times_weights(&x, rows, &w_f16, width, o)),
+                run(&|o| rows_times_weights(&x, rows, &widened_f16, width, o))
+            );
+        });
+    }
+
+    #[test]
+    fn every_f16_widens_to_its_exact_value() {
+        for bits in 0..=u16::MAX {
+            let want = half::f16::from_bits(bits).to_f32();
+            let got = super::f16_to_f32(bits);
+            assert!(
+                got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+                "{bits:#06x}: {got} ({:#010x}), want {want} ({:#010x})",
+                got.to_bits(),
+                want.to_bits()
+            );
         }
     }
 

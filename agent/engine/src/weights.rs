@@ -195,13 +195,12 @@ impl WeightFiles {
             for (name, _) in items {
                 let entry = &header[name.as_str()];
                 let len = (entry.end - entry.start) as usize;
-                let mut bytes = vec![0u8; len];
                 file.seek(SeekFrom::Start(entry.start))
-                    .and_then(|_| file.read_exact(&mut bytes))
                     .map_err(|e| EngineError::io(path, e))?;
-                let tensor =
-                    Tensor::from_raw_buffer(&bytes, entry.dtype, &entry.shape, &Device::Cpu)?;
-                drop(bytes);
+                let tensor = read_tensor(&mut file, entry).map_err(|e| match e {
+                    ReadError::Io(e) => EngineError::io(path, e),
+                    ReadError::Candle(e) => e.into(),
+                })?;
                 let tensor = tensor.to_dtype(dtype)?.to_device(device)?;
                 loaded.bytes += (tensor.elem_count() * dtype.size_in_bytes()) as u64;
                 loaded.tensors.insert(name.clone(), (tensor, path.clone()));
@@ -211,6 +210,61 @@ impl WeightFiles {
         }
         Ok(loaded)
     }
+}
+
+enum ReadError {
+    Io(std::io::Error),
+    Candle(candle_core::Error),
+}
+
+/// Reads one tensor's bytes straight into the vector that becomes its storage: reading them into
+/// a byte buffer first and converting would hold the tensor twice, which for a real model's
+/// embedding (600 MB in bf16) is what a stage's memory bound cannot spare.
+fn read_tensor(file: &mut File, entry: &TensorEntry) -> std::result::Result<Tensor, ReadError> {
+    use half::vec::HalfBitsVecExt;
+    let n: usize = entry.shape.iter().product();
+    let shape = entry.shape.as_slice();
+    let tensor = match entry.dtype {
+        DType::F32 => {
+            let mut v = vec![0u32; n];
+            file.read_exact(bytemuck::cast_slice_mut(&mut v))
+                .map_err(ReadError::Io)?;
+            let v: Vec<f32> = v
+                .into_iter()
+                .map(|b| f32::from_bits(u32::from_le(b)))
+                .collect();
+            Tensor::from_vec(v, shape, &Device::Cpu)
+        }
+        DType::F64 => {
+            let mut v = vec![0u64; n];
+            file.read_exact(bytemuck::cast_slice_mut(&mut v))
+                .map_err(ReadError::Io)?;
+            let v: Vec<f64> = v
+                .into_iter()
+                .map(|b| f64::from_bits(u64::from_le(b)))
+                .collect();
+            Tensor::from_vec(v, shape, &Device::Cpu)
+        }
+        DType::BF16 | DType::F16 => {
+            let mut v = vec![0u16; n];
+            file.read_exact(bytemuck::cast_slice_mut(&mut v))
+                .map_err(ReadError::Io)?;
+            if cfg!(target_endian = "big") {
+                v.iter_mut().for_each(|b| *b = u16::from_le(*b));
+            }
+            if entry.dtype == DType::BF16 {
+                Tensor::from_vec(v.reinterpret_into::<half::bf16>(), shape, &Device::Cpu)
+            } else {
+                Tensor::from_vec(v.reinterpret_into::<half::f16>(), shape, &Device::Cpu)
+            }
+        }
+        other => {
+            return Err(ReadError::Candle(candle_core::Error::Msg(format!(
+                "tensor dtype {other:?} cannot be read"
+            ))));
+        }
+    };
+    tensor.map_err(ReadError::Candle)
 }
 
 impl LoadedTensors {

@@ -4,6 +4,9 @@
 //! sequences are prefilled (one in chunks) and decoded for 16 steps, interleaved. At every step the
 //! last stage's logits must equal the oracle's within 1e-5 and the greedy tokens must agree. Half
 //! of the splits decode the two sequences as one batch at every stage.
+//!
+//! Half-precision checkpoints (bf16, f16) are held in their precision and widened as they are
+//! multiplied, so their oracle is the whole model with the same weights widened to f32.
 
 // A test that cannot unwrap has failed; the panic message is the report.
 #![allow(clippy::unwrap_used)]
@@ -17,7 +20,7 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::{llama, mistral, qwen2, qwen3};
 use cluster_engine::ModelFolder;
 use cluster_fixtures::TinyModel;
-use common::{all_splits, argmax, check_every_split};
+use common::{all_splits, argmax, check_every_split_in};
 
 const TOLERANCE: f32 = 1e-5;
 const DECODE_STEPS: usize = 16;
@@ -79,6 +82,12 @@ impl Oracle {
 }
 
 fn check_family(model: TinyModel) {
+    check_family_in(model, DType::F32, 3);
+}
+
+/// Checks every split with the stages' weights in `dtype` (the oracle computes in f32 from the
+/// same file) and prompt A prefilled in chunks of `chunk_a` tokens.
+fn check_family_in(model: TinyModel, dtype: DType, chunk_a: usize) {
     let dir = tempfile::tempdir().unwrap();
     model.write(dir.path()).unwrap();
     let folder = ModelFolder::open(dir.path()).unwrap();
@@ -116,15 +125,16 @@ fn check_family(model: TinyModel) {
     }
 
     assert_eq!(all_splits(folder.config.num_hidden_layers).len(), 8);
-    // Sequence A is prefilled in chunks of 3 tokens, B in one go.
-    check_every_split(
+    // Sequence A is prefilled in chunks, B in one go.
+    check_every_split_in(
         &folder,
         &prompt_a,
         &prompt_b,
-        3,
+        chunk_a,
         &expected,
         TOLERANCE,
-        &format!("{family:?}"),
+        &format!("{family:?} in {dtype:?}"),
+        dtype,
     );
 }
 
@@ -155,6 +165,34 @@ fn qwen3_untied_stages_match_the_whole_model() {
         seed: 5,
         ..TinyModel::qwen3()
     });
+}
+
+#[test]
+fn bf16_stages_widening_their_weights_match_the_whole_model() {
+    // Chunks of 20 tokens: past the rows the kernel takes, so prefill goes through the blocks
+    // of widened weights; decode steps and prompt B through the kernel.
+    for model in [TinyModel::qwen3(), TinyModel::llama()] {
+        check_family_in(
+            TinyModel {
+                bf16: true,
+                ..model
+            },
+            DType::BF16,
+            20,
+        );
+    }
+}
+
+#[test]
+fn f16_stages_widening_their_weights_match_the_whole_model() {
+    check_family_in(
+        TinyModel {
+            f16: true,
+            ..TinyModel::qwen2()
+        },
+        DType::F16,
+        20,
+    );
 }
 
 #[test]

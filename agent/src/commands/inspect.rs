@@ -34,7 +34,7 @@ pub fn run(args: InspectArgs) -> Result<()> {
     let folder = ModelFolder::open(&args.model)
         .with_context(|| format!("opening {}", args.model.display()))?;
     let device = open_device(args.device)?;
-    let dtype = choose_dtype(args.dtype, folder.config.dtype, &device);
+    let dtype = choose_dtype(args.dtype, folder.config.dtype);
     let layers = folder.config.num_hidden_layers;
     let before = resident_bytes();
     let start = Instant::now();

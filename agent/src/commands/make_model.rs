@@ -53,8 +53,24 @@ pub struct MakeModelArgs {
     #[arg(long, default_value_t = 1)]
     pub shards: usize,
     /// Store the weights in bf16.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "f16")]
     pub bf16: bool,
+    /// Store the weights in f16.
+    #[arg(long)]
+    pub f16: bool,
+    /// Context length (`max_position_embeddings`).
+    #[arg(long, default_value_t = 4096)]
+    pub max_position: usize,
+    /// Copy `tokenizer.json` and `tokenizer_config.json` from this folder (a real model's, such
+    /// as `../shared/data/qwen-tokenizer`) instead of training a tokenizer; `--vocab` is then
+    /// ignored.
+    #[arg(long)]
+    pub tokenizer_from: Option<PathBuf>,
+    /// Rows of the embedding (`vocab_size`), at least the tokenizer's vocabulary: real
+    /// checkpoints pad it (Qwen3's 151,669 tokens sit in 151,936 rows). Default: the tokenizer's
+    /// vocabulary plus 16.
+    #[arg(long)]
+    pub vocab_size: Option<usize>,
     /// Seed of the random weights.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
@@ -97,8 +113,11 @@ pub fn run(args: MakeModelArgs) -> Result<()> {
         tokenizer_vocab: args.vocab,
         shards: args.shards,
         bf16: args.bf16,
+        f16: args.f16,
         seed: args.seed,
-        max_position: 4096,
+        max_position: args.max_position,
+        tokenizer_from: args.tokenizer_from.clone(),
+        vocab_rows: args.vocab_size,
         ..base
     };
     if model.arch != Arch::Qwen3 && args.hidden % args.heads != 0 {

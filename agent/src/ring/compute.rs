@@ -254,7 +254,7 @@ impl Worker {
 
     /// The test hook's floor for the next pass.
     fn floor(&mut self) -> Option<Duration> {
-        self.pace.as_mut().map(PassFloor::next)
+        self.pace.as_mut().map(PassFloor::next_floor)
     }
 
     /// Tells the link thread how many frames wait here beyond the queue (for heartbeats).

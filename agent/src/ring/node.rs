@@ -297,7 +297,7 @@ impl PassFloor {
     }
 
     /// The floor of the next pass.
-    pub fn next(&mut self) -> Duration {
+    pub fn next_floor(&mut self) -> Duration {
         let floor = self.floors[self.passes.min(self.floors.len() - 1)];
         self.passes += 1;
         floor
@@ -510,7 +510,7 @@ fn load_stage(
         .validate(folder.config.num_hidden_layers)
         .map_err(anyhow::Error::msg)?;
     let device = open_device(config.device)?;
-    let dtype = choose_dtype(config.dtype, folder.config.dtype, &device);
+    let dtype = choose_dtype(config.dtype, folder.config.dtype);
     let range = config.stages[index].layers;
     let started = Instant::now();
     let stage = Stage::load(
@@ -869,5 +869,27 @@ impl RingMux {
                 handshake::refuse(&mut write, &id, &reason).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pass_floor_hook_reads_one_time_or_a_schedule_whose_last_time_repeats() {
+        let mut one = PassFloor::parse("3000").unwrap();
+        assert_eq!(one.next_floor(), Duration::from_secs(3));
+        assert_eq!(one.next_floor(), Duration::from_secs(3));
+        let mut wedge = PassFloor::parse("50, 50,30000").unwrap();
+        let floors: Vec<u64> = (0..4)
+            .map(|_| wedge.next_floor().as_millis() as u64)
+            .collect();
+        assert_eq!(floors, [50, 50, 30_000, 30_000]);
+        let err = PassFloor::parse("fast").unwrap_err().to_string();
+        assert!(
+            err.contains("\"fast\" is not a number of milliseconds"),
+            "{err}"
+        );
     }
 }

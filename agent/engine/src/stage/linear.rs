@@ -1,9 +1,17 @@
-//! Linear layers: a projection's weights and the product that suits them (our decode kernel on
-//! the CPU, candle's products elsewhere).
+//! Linear layers: a projection's weights and the product that suits them.
+//!
+//! On the CPU, dense weights go through [`matvec`](crate::matvec) for decode steps (f32) and for
+//! any product of a few rows (bf16, f16): each weight row is read once for every row, half
+//! precision widened a cache-sized block at a time. Larger products of half-precision weights
+//! (prefill chunks) widen a block of weight rows at a time and multiply it with candle's general
+//! product, so that no product holds more than [`WIDEN_BLOCK_BYTES`] of widened weights (candle's
+//! own bf16 product widens the whole matrix, every time). Everything else (GPUs, f32 prefill,
+//! quantized blocks) takes candle's products.
 
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Module, Tensor};
 use candle_nn::Linear;
+use half::{bf16, f16};
 
 use crate::error::Result;
 
@@ -54,6 +62,9 @@ pub(super) fn linear(proj: &Proj, x: &Tensor) -> Result<Tensor> {
     if let Some(y) = decode_on_cpu(lin.weight(), lin.bias(), x)? {
         return Ok(y);
     }
+    if let Some(y) = half_on_cpu(lin.weight(), lin.bias(), x)? {
+        return Ok(y);
+    }
     let (b, len, width) = x.dims3()?;
     if len != 1 || b == 1 {
         return Ok(lin.forward(x)?);
@@ -73,6 +84,76 @@ pub(super) fn linear(proj: &Proj, x: &Tensor) -> Result<Tensor> {
     Ok(y.contiguous()?.unsqueeze(1)?)
 }
 
+/// Rows up to which a product of half-precision weights goes through the kernel, which reads
+/// the weights once whatever the rows but multiplies at a fraction of a general product's speed;
+/// past it, a general product over widened blocks is faster.
+pub(super) const HALF_KERNEL_ROWS: usize = 16;
+
+/// The most widened (f32) weights a product of half-precision weights holds at once, beside its
+/// output: a block of weight rows this large, widened just before it is multiplied.
+pub(super) const WIDEN_BLOCK_BYTES: usize = 4 << 20;
+
+/// A weight matrix in CPU memory, as the kernel reads it.
+enum WeightSlice<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [bf16]),
+    F16(&'a [f16]),
+}
+
+/// A contiguous CPU tensor's elements in a format the kernel reads; `None` for any other.
+fn cpu_weights<'a>(
+    storage: &'a candle_core::Storage,
+    layout: &candle_core::Layout,
+) -> Option<WeightSlice<'a>> {
+    use candle_core::{CpuStorage, Storage};
+    let (start, end) = layout.contiguous_offsets()?;
+    match storage {
+        Storage::Cpu(CpuStorage::F32(v)) => v.get(start..end).map(WeightSlice::F32),
+        Storage::Cpu(CpuStorage::BF16(v)) => v.get(start..end).map(WeightSlice::Bf16),
+        Storage::Cpu(CpuStorage::F16(v)) => v.get(start..end).map(WeightSlice::F16),
+        _ => None,
+    }
+}
+
+/// `x · wᵀ (+ bias)` through [`matvec`](crate::matvec) for `x` of shape `(b, len, width)` in f32
+/// and `w` an `(outputs, width)` f32, bf16 or f16 matrix in CPU memory; `None` when they are not.
+fn kernel(w: &Tensor, bias: Option<&Tensor>, x: &Tensor) -> Result<Option<Tensor>> {
+    let (b, len, width) = x.dims3()?;
+    if !w.device().is_cpu() || x.dtype() != DType::F32 {
+        return Ok(None);
+    }
+    let (outputs, w_width) = w.dims2()?;
+    if w_width != width {
+        // candle's product reports the mismatch with both shapes.
+        return Ok(None);
+    }
+    let rows = b * len;
+    // Attention's output comes transposed; the kernel reads rows in place.
+    let x = x.contiguous()?;
+    let mut out = vec![0f32; rows * outputs];
+    {
+        let (w_storage, w_layout) = w.storage_and_layout();
+        let (x_storage, x_layout) = x.storage_and_layout();
+        let (Some(w), Some(xs)) = (
+            cpu_weights(&w_storage, w_layout),
+            cpu_f32(&x_storage, x_layout),
+        ) else {
+            return Ok(None);
+        };
+        use crate::matvec::rows_times_weights;
+        match w {
+            WeightSlice::F32(w) => rows_times_weights(xs, rows, w, width, &mut out),
+            WeightSlice::Bf16(w) => rows_times_weights(xs, rows, w, width, &mut out),
+            WeightSlice::F16(w) => rows_times_weights(xs, rows, w, width, &mut out),
+        }
+    }
+    let y = Tensor::from_vec(out, (b, len, outputs), x.device())?;
+    Ok(Some(match bias {
+        Some(bias) => y.broadcast_add(bias)?,
+        None => y,
+    }))
+}
+
 /// A decode step (`len == 1`, any number of sequences) against f32 weights in CPU memory (an
 /// f32 checkpoint's, or a GGUF file's F32, F16 and BF16 tensors, which candle holds as f32),
 /// through [`matvec`](crate::matvec): each weight row is read once for the whole batch, and a
@@ -83,28 +164,44 @@ pub(super) fn decode_on_cpu(
     bias: Option<&Tensor>,
     x: &Tensor,
 ) -> Result<Option<Tensor>> {
-    let (b, len, width) = x.dims3()?;
-    if len != 1 || !w.device().is_cpu() || w.dtype() != DType::F32 || x.dtype() != DType::F32 {
+    if x.dim(1)? != 1 || w.dtype() != DType::F32 {
         return Ok(None);
+    }
+    kernel(w, bias, x)
+}
+
+/// Half-precision (bf16, f16) weights in CPU memory against f32 inputs: up to
+/// [`HALF_KERNEL_ROWS`] rows through the kernel (a sequence decoded alone or batched gets the
+/// same bits, as with f32); more as a general product over blocks of widened weight rows.
+/// `None` for other weights or inputs.
+fn half_on_cpu(w: &Tensor, bias: Option<&Tensor>, x: &Tensor) -> Result<Option<Tensor>> {
+    if !matches!(w.dtype(), DType::BF16 | DType::F16)
+        || !w.device().is_cpu()
+        || x.dtype() != DType::F32
+    {
+        return Ok(None);
+    }
+    let (b, len, width) = x.dims3()?;
+    let rows = b * len;
+    if rows <= HALF_KERNEL_ROWS {
+        return kernel(w, bias, x);
     }
     let (outputs, w_width) = w.dims2()?;
     if w_width != width {
-        // candle's product reports the mismatch with both shapes.
         return Ok(None);
     }
-    // Attention's output comes transposed; the kernel reads rows in place.
-    let x = x.contiguous()?;
-    let mut out = vec![0f32; b * outputs];
-    {
-        let (w_storage, w_layout) = w.storage_and_layout();
-        let (x_storage, x_layout) = x.storage_and_layout();
-        let (Some(w), Some(xs)) = (cpu_f32(&w_storage, w_layout), cpu_f32(&x_storage, x_layout))
-        else {
-            return Ok(None);
-        };
-        crate::matvec::rows_times_weights(xs, b, w, width, &mut out);
+    let x = x.reshape((rows, width))?;
+    let block = (WIDEN_BLOCK_BYTES / (width * 4)).max(1);
+    let mut parts = Vec::with_capacity(outputs.div_ceil(block));
+    let mut first = 0;
+    while first < outputs {
+        let n = block.min(outputs - first);
+        // Only the block's rows are widened: candle converts what the view covers.
+        let widened = w.narrow(0, first, n)?.to_dtype(DType::F32)?;
+        parts.push(x.matmul(&widened.t()?)?);
+        first += n;
     }
-    let y = Tensor::from_vec(out, (b, 1, outputs), x.device())?;
+    let y = Tensor::cat(&parts, 1)?.reshape((b, len, outputs))?;
     Ok(Some(match bias {
         Some(bias) => y.broadcast_add(bias)?,
         None => y,

@@ -138,6 +138,7 @@ impl Stage {
         spec.range.check_within(cfg.num_hidden_layers)?;
         let list = Self::tensor_list(&cfg, spec.range, spec.first, spec.last);
         let mut t = files.load(&list, spec.dtype, &spec.device, progress)?;
+        let act = super::activation_dtype(spec.dtype, &spec.device);
         let eps = cfg.rms_norm_eps;
         let embed_weight = if spec.first || (spec.last && cfg.tie_word_embeddings) {
             Some(t.take("model.embed_tokens.weight")?)
@@ -146,7 +147,7 @@ impl Stage {
         };
         let mut layers = Vec::with_capacity(spec.range.len());
         for i in spec.range.iter() {
-            layers.push(load_layer(&mut t, &cfg, &layer_prefix(i))?);
+            layers.push(load_layer(&mut t, &cfg, &layer_prefix(i), act)?);
         }
         let head = if spec.last {
             let lm_weight = match (&embed_weight, cfg.tie_word_embeddings) {
@@ -154,7 +155,7 @@ impl Stage {
                 _ => t.take("lm_head.weight")?,
             };
             Some(Head {
-                norm: RmsNorm::new(t.take("model.norm.weight")?, eps),
+                norm: RmsNorm::new(small(&mut t, "model.norm.weight", act)?, eps),
                 lm_head: Proj::Dense(Linear::new(lm_weight, None)),
             })
         } else {
@@ -170,6 +171,7 @@ impl Stage {
             range: spec.range,
             device: spec.device,
             dtype: spec.dtype,
+            act,
             embed,
             layers,
             head,
@@ -278,6 +280,7 @@ impl Stage {
             range: spec.range,
             device: spec.device,
             dtype: DType::F32,
+            act: DType::F32,
             embed,
             layers,
             head,
@@ -328,44 +331,55 @@ impl GgufReader<'_> {
     }
 }
 
-fn load_linear(t: &mut LoadedTensors, prefix: &str, bias: bool) -> Result<Proj> {
+/// A vector (a norm's weights, a bias) in the precision the stage computes in: small, and
+/// added to or multiplied with activations, so kept in theirs.
+fn small(t: &mut LoadedTensors, name: &str, act: DType) -> Result<Tensor> {
+    Ok(t.take(name)?.to_dtype(act)?)
+}
+
+fn load_linear(t: &mut LoadedTensors, prefix: &str, bias: bool, act: DType) -> Result<Proj> {
     let w = t.take(&format!("{prefix}.weight"))?;
     let b = if bias {
-        Some(t.take(&format!("{prefix}.bias"))?)
+        Some(small(t, &format!("{prefix}.bias"), act)?)
     } else {
         None
     };
     Ok(Proj::Dense(Linear::new(w, b)))
 }
 
-fn load_layer(t: &mut LoadedTensors, cfg: &ModelConfig, p: &str) -> Result<DecoderLayer> {
+fn load_layer(
+    t: &mut LoadedTensors,
+    cfg: &ModelConfig,
+    p: &str,
+    act: DType,
+) -> Result<DecoderLayer> {
     let eps = cfg.rms_norm_eps;
     let a = format!("{p}.self_attn");
     let qk_norm = if cfg.qk_norm {
         Some((
-            RmsNorm::new(t.take(&format!("{a}.q_norm.weight"))?, eps),
-            RmsNorm::new(t.take(&format!("{a}.k_norm.weight"))?, eps),
+            RmsNorm::new(small(t, &format!("{a}.q_norm.weight"), act)?, eps),
+            RmsNorm::new(small(t, &format!("{a}.k_norm.weight"), act)?, eps),
         ))
     } else {
         None
     };
     Ok(DecoderLayer {
-        input_layernorm: RmsNorm::new(t.take(&format!("{p}.input_layernorm.weight"))?, eps),
+        input_layernorm: RmsNorm::new(small(t, &format!("{p}.input_layernorm.weight"), act)?, eps),
         post_attention_layernorm: RmsNorm::new(
-            t.take(&format!("{p}.post_attention_layernorm.weight"))?,
+            small(t, &format!("{p}.post_attention_layernorm.weight"), act)?,
             eps,
         ),
         attn: Attention {
-            q_proj: load_linear(t, &format!("{a}.q_proj"), cfg.qkv_bias)?,
-            k_proj: load_linear(t, &format!("{a}.k_proj"), cfg.qkv_bias)?,
-            v_proj: load_linear(t, &format!("{a}.v_proj"), cfg.qkv_bias)?,
-            o_proj: load_linear(t, &format!("{a}.o_proj"), cfg.o_bias)?,
+            q_proj: load_linear(t, &format!("{a}.q_proj"), cfg.qkv_bias, act)?,
+            k_proj: load_linear(t, &format!("{a}.k_proj"), cfg.qkv_bias, act)?,
+            v_proj: load_linear(t, &format!("{a}.v_proj"), cfg.qkv_bias, act)?,
+            o_proj: load_linear(t, &format!("{a}.o_proj"), cfg.o_bias, act)?,
             qk_norm,
         },
         mlp: Mlp {
-            gate_proj: load_linear(t, &format!("{p}.mlp.gate_proj"), cfg.mlp_bias)?,
-            up_proj: load_linear(t, &format!("{p}.mlp.up_proj"), cfg.mlp_bias)?,
-            down_proj: load_linear(t, &format!("{p}.mlp.down_proj"), cfg.mlp_bias)?,
+            gate_proj: load_linear(t, &format!("{p}.mlp.gate_proj"), cfg.mlp_bias, act)?,
+            up_proj: load_linear(t, &format!("{p}.mlp.up_proj"), cfg.mlp_bias, act)?,
+            down_proj: load_linear(t, &format!("{p}.mlp.down_proj"), cfg.mlp_bias, act)?,
         },
     })
 }

@@ -79,7 +79,11 @@ pub struct Stage {
     config: Arc<ModelConfig>,
     range: LayerRange,
     device: Device,
+    /// The weights' precision.
     dtype: DType,
+    /// The precision of hidden states, norms, the KV cache: the weights' own, but f32 for
+    /// half-precision weights on the CPU, which widen as they are multiplied.
+    act: DType,
     embed: Option<Embedding>,
     layers: Vec<DecoderLayer>,
     head: Option<Head>,
@@ -107,6 +111,18 @@ pub struct StageSpec<'a> {
     pub device: Device,
     /// Precision of the weights.
     pub dtype: DType,
+}
+
+/// The precision a stage computes in with weights of `dtype` on `device`: on the CPU,
+/// half-precision weights are widened as they are multiplied and everything else is f32 (the
+/// CPU has no fast half-precision arithmetic, and f32 sums are what the references compute);
+/// GPUs compute in the weights' precision.
+pub(crate) fn activation_dtype(dtype: DType, device: &Device) -> DType {
+    if device.is_cpu() && matches!(dtype, DType::BF16 | DType::F16) {
+        DType::F32
+    } else {
+        dtype
+    }
 }
 
 fn layer_prefix(i: usize) -> String {
@@ -149,9 +165,15 @@ impl Stage {
         &self.device
     }
 
-    /// The precision of the stage's weights and hidden states.
+    /// The precision of the stage's weights.
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// The precision of its hidden states: the weights', or f32 for half-precision weights on
+    /// the CPU.
+    pub fn activation_dtype(&self) -> DType {
+        self.act
     }
 
     /// How many sequences hold a cache here, those being computed included.
@@ -347,8 +369,8 @@ impl Stage {
             sin.push(s.reshape((1, 1, half))?);
             masks.push(self.mask(1, b.position)?);
         }
-        let cos = Tensor::cat(&cos, 0)?.to_dtype(self.dtype)?;
-        let sin = Tensor::cat(&sin, 0)?.to_dtype(self.dtype)?;
+        let cos = Tensor::cat(&cos, 0)?.to_dtype(self.act)?;
+        let sin = Tensor::cat(&sin, 0)?.to_dtype(self.act)?;
         for (l, layer) in self.layers.iter().enumerate() {
             let mut kvs: Vec<&mut LayerKv> =
                 batch.iter_mut().map(|b| &mut b.cache.layers[l]).collect();
@@ -386,7 +408,7 @@ impl Stage {
                 }
                 let len = ids.len();
                 let ids = Tensor::from_vec(ids, (1, len), &self.device)?;
-                Ok(embed.forward(&ids)?)
+                Ok(embed.forward(&ids)?.to_dtype(self.act)?)
             }
             (StageInput::Hidden(h), None) => {
                 let dims = h.dims().to_vec();
@@ -400,7 +422,7 @@ impl Stage {
                         self.config.hidden_size
                     )));
                 }
-                Ok(h.to_device(&self.device)?.to_dtype(self.dtype)?)
+                Ok(h.to_device(&self.device)?.to_dtype(self.act)?)
             }
             (StageInput::Tokens(_), None) => {
                 Err(self
@@ -458,7 +480,7 @@ impl Stage {
         let len = x.dim(1)?;
         self.check_context(position, len)?;
         let (cos, sin) = self.rotary.cos_sin(position, len, &self.device)?;
-        let (cos, sin) = (cos.to_dtype(self.dtype)?, sin.to_dtype(self.dtype)?);
+        let (cos, sin) = (cos.to_dtype(self.act)?, sin.to_dtype(self.act)?);
         let kv_len = position + len;
         let mask = self.mask(len, position)?;
         let masks = [mask];

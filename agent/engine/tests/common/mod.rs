@@ -86,8 +86,13 @@ pub fn argmax(v: &[f32]) -> u32 {
 }
 
 pub fn load_split(folder: &ModelFolder, split: &str) -> Vec<Stage> {
+    load_split_in(folder, split, DType::F32)
+}
+
+/// [`load_split`] with the weights in `dtype`.
+pub fn load_split_in(folder: &ModelFolder, split: &str, dtype: DType) -> Vec<Stage> {
     let split = LayerSplit::parse(split, folder.config.num_hidden_layers).unwrap();
-    cluster_engine::generate::load_stages(folder, &split, &Device::Cpu, DType::F32).unwrap()
+    cluster_engine::generate::load_stages(folder, &split, &Device::Cpu, dtype).unwrap()
 }
 
 /// Logits the oracle gave for two sequences: after their prompts, then after each decode step.
@@ -105,10 +110,25 @@ pub fn check_every_split(
     tolerance: f32,
     name: &str,
 ) {
+    check_every_split_in(folder, a, b, chunk_a, expected, tolerance, name, DType::F32)
+}
+
+/// [`check_every_split`] with the stages' weights in `dtype`.
+#[allow(clippy::too_many_arguments)]
+pub fn check_every_split_in(
+    folder: &ModelFolder,
+    a: &[u32],
+    b: &[u32],
+    chunk_a: usize,
+    expected: &Expected,
+    tolerance: f32,
+    name: &str,
+    dtype: DType,
+) {
     let splits = all_splits(folder.config.num_hidden_layers);
     for (n, split) in splits.iter().enumerate() {
         let batched = n % 2 == 1;
-        let stages = load_split(folder, split);
+        let stages = load_split_in(folder, split, dtype);
         let what = |part: &str| format!("{name} split {split}: {part}");
         let (seq_a, seq_b) = (7, 11);
         let mut la = Vec::new();
