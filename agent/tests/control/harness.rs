@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 
 pub const TOKEN: &str = "control-test-token";
 
-pub use crate::common::{free_port, python_has};
+pub use crate::common::{free_port, python_has, shared_data};
 
 /// The newest modification time of the files under `dir`.
 fn newest(dir: &Path) -> std::time::SystemTime {
@@ -224,6 +224,11 @@ impl Cluster {
         }
     }
 
+    /// Agent `i`'s process id.
+    pub fn pid(&self, i: usize) -> u32 {
+        self.agents[i].child.as_ref().expect("agent running").id()
+    }
+
     /// Sends `signal` (`STOP`, `CONT`, ...) to agent `i`.
     pub fn signal(&self, i: usize, signal: &str) {
         let pid = self.agents[i].child.as_ref().expect("agent running").id();
@@ -294,6 +299,11 @@ impl Cluster {
     /// Writes `text` as manifest file `name`, applies it through agent `i` with `--wait`, and
     /// returns clusterctl's output; a failed apply fails the test with clusterctl's output.
     pub fn apply_wait_on(&self, i: usize, name: &str, text: &str) -> String {
+        self.apply_wait_within(i, name, text, 60)
+    }
+
+    /// [`Cluster::apply_wait_on`] with `clusterctl apply --wait --timeout SECONDS`.
+    pub fn apply_wait_within(&self, i: usize, name: &str, text: &str, seconds: u64) -> String {
         let file = self.write(name, text);
         let out = self.ctl_on(
             i,
@@ -303,7 +313,7 @@ impl Cluster {
                 file.to_str().unwrap(),
                 "--wait",
                 "--timeout",
-                "60",
+                &seconds.to_string(),
             ],
         );
         assert!(out.status.success(), "{}\n{}", shown(&out), self.logs());

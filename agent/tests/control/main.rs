@@ -14,4 +14,5 @@ mod invalid;
 mod openai;
 mod placement;
 mod reference;
+mod seed;
 mod slow;
