@@ -330,10 +330,13 @@ fn stalled_pass(config: &RingConfig, beat: &StageBeat) -> Option<String> {
         ),
         None => "its first pass".to_string(),
     };
+    let tokens = match p.running_tokens {
+        1 => "1 token".to_string(),
+        n => format!("{n} tokens"),
+    };
     Some(format!(
-        "{} is stalled: its forward pass of {} tokens has run for {}, past the {} allowed ({basis})",
+        "{} is stalled: its forward pass of {tokens} has run for {}, past the {} allowed ({basis})",
         config.describe_stage(beat.index),
-        p.running_tokens,
         secs(running),
         secs(p.stall_after_seconds),
     ))

@@ -62,6 +62,28 @@ pub struct Ring {
     pub config: Value,
     pub http: SocketAddr,
     children: Vec<Option<Child>>,
+    /// More environment variables of each stage's process (test hooks).
+    env: Vec<Vec<(String, String)>>,
+}
+
+/// How [`Ring::start_opts`] starts a ring beyond its model and split.
+pub struct RingOptions {
+    pub prefill_chunk: usize,
+    pub max_sequences: usize,
+    pub first_token_timeout_ms: Option<u64>,
+    /// `(stage, variable, value)`: more environment for that stage's process.
+    pub env: Vec<(usize, &'static str, String)>,
+}
+
+impl Default for RingOptions {
+    fn default() -> Self {
+        Self {
+            prefill_chunk: 64,
+            max_sequences: 64,
+            first_token_timeout_ms: None,
+            env: Vec::new(),
+        }
+    }
 }
 
 impl Ring {
@@ -77,17 +99,39 @@ impl Ring {
         prefill_chunk: usize,
         max_sequences: usize,
     ) -> Ring {
+        Self::start_opts(
+            model,
+            split,
+            RingOptions {
+                prefill_chunk,
+                max_sequences,
+                ..RingOptions::default()
+            },
+        )
+    }
+
+    /// Starts a ring as `options` say and waits until it serves.
+    pub fn start_opts(model: &Path, split: &[&str], options: RingOptions) -> Ring {
+        let RingOptions {
+            prefill_chunk,
+            max_sequences,
+            first_token_timeout_ms,
+            env,
+        } = options;
         let dir = tempfile::tempdir().unwrap();
         let stages: Vec<Value> = split
             .iter()
             .enumerate()
             .map(|(i, layers)| json!({"node": format!("node-{i}"), "address": format!("127.0.0.1:{}", free_port()), "layers": layers}))
             .collect();
-        let config = json!({
+        let mut config = json!({
             "pipeline": "test-ring", "generation": 3, "model": model, "device": "cpu",
             "dtype": "f32", "prefillChunk": prefill_chunk, "maxSequences": max_sequences,
             "token": TOKEN, "stages": stages,
         });
+        if let Some(ms) = first_token_timeout_ms {
+            config["firstTokenTimeoutMs"] = json!(ms);
+        }
         std::fs::write(dir.path().join("ring.json"), config.to_string()).unwrap();
         let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let mut ring = Ring {
@@ -95,6 +139,14 @@ impl Ring {
             config,
             http,
             children: (0..split.len()).map(|_| None).collect(),
+            env: (0..split.len())
+                .map(|i| {
+                    env.iter()
+                        .filter(|(stage, ..)| *stage == i)
+                        .map(|(_, k, v)| (k.to_string(), v.clone()))
+                        .collect()
+                })
+                .collect(),
         };
         for i in 0..split.len() {
             ring.spawn_stage(i);
@@ -135,6 +187,7 @@ impl Ring {
         ])
         .env("RAYON_NUM_THREADS", "1")
         .env("RUST_LOG", "info")
+        .envs(self.env[i].iter().map(|(k, v)| (k, v)))
         .stdout(Stdio::null())
         .stderr(log);
         if i == 0 {

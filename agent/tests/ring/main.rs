@@ -10,3 +10,4 @@ mod common;
 mod faults;
 mod generation;
 mod harness;
+mod stalls;
