@@ -11,6 +11,7 @@ mod cluster;
 mod daemon;
 mod harness;
 mod invalid;
+mod load;
 mod openai;
 mod placement;
 mod reference;
