@@ -72,9 +72,58 @@ pub struct ByteProfile {
     /// Whether a stage holding both the embedding and the head holds those bytes once (a
     /// tied head in safetensors).
     pub tied: bool,
+    /// The widths a stage's working memory scales with (zero from agents that predate it).
+    #[serde(default)]
+    pub widths: ComputeWidths,
 }
 
+/// A model's widths, which size what a stage holds beside its weights while it computes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ComputeWidths {
+    /// Residual width.
+    pub hidden: u64,
+    /// MLP width.
+    pub intermediate: u64,
+    /// Query heads times head width.
+    pub q_width: u64,
+    /// Key/value heads times head width.
+    pub kv_width: u64,
+    /// Query heads.
+    pub heads: u64,
+    /// Embedding rows (logits per position).
+    pub vocab: u64,
+    /// The model's context length.
+    pub context: u64,
+    /// Whether the weights are half precision (bf16, f16), which products widen block by block.
+    pub half: bool,
+}
+
+/// Positions of context the working-memory estimate assumes a long prompt's chunk attends to:
+/// attention's transient scores and keys grow with the context, and reserving for a model's
+/// whole context (40,960 positions for Qwen3) would refuse splits that serve ordinary prompts.
+pub const WORKING_CONTEXT: u64 = 4096;
+
+/// Bytes of half-precision weights a product widens at once (the engine's bound), and of the
+/// buffers its threads widen decode blocks into.
+pub const WIDEN_BYTES: u64 = (4 << 20) + (4 << 20);
+
 impl ByteProfile {
+    /// Bytes a stage needs beside its weights while it computes a prefill chunk of
+    /// `prefill_chunk` tokens (in f32): the chunk's activations through a layer, attention's
+    /// scores and grouped keys and values over [`WORKING_CONTEXT`] positions, the logits, and the
+    /// widening buffers of half-precision weights. The KV caches come on top and grow with the
+    /// sequences served; they are not counted here. Zero for a profile without widths.
+    pub fn working_bytes(&self, prefill_chunk: usize) -> u64 {
+        let w = &self.widths;
+        let chunk = prefill_chunk as u64;
+        let context = w.context.min(WORKING_CONTEXT);
+        let activations = chunk * (4 * w.hidden + 3 * w.intermediate + w.q_width + 2 * w.kv_width);
+        let attention = chunk * w.heads * context + 2 * context * w.q_width;
+        let logits = 2 * w.vocab;
+        let widening = if w.half { WIDEN_BYTES } else { 0 };
+        4 * (activations + attention + logits) + widening
+    }
     /// The model's layer count.
     pub fn layers(&self) -> usize {
         self.per_layer.len()
@@ -464,4 +513,42 @@ pub struct Event {
     pub reason: String,
     /// Details.
     pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn working_memory_grows_with_the_chunk_and_counts_widening_only_for_half_weights() {
+        // The seed's Qwen3-1.7B in bf16.
+        let mut profile = ByteProfile {
+            per_layer: vec![0; 28],
+            embed: 0,
+            head: 0,
+            tied: true,
+            widths: ComputeWidths {
+                hidden: 2048,
+                intermediate: 6144,
+                q_width: 2048,
+                kv_width: 1024,
+                heads: 16,
+                vocab: 151_936,
+                context: 40_960,
+                half: true,
+            },
+        };
+        let mb = |b: u64| b as f64 / 1e6;
+        let seed = mb(profile.working_bytes(128));
+        assert!((120.0..135.0).contains(&seed), "{seed} MB");
+        assert!(profile.working_bytes(512) > profile.working_bytes(128));
+        profile.widths.half = false;
+        assert_eq!(
+            profile.working_bytes(128) + WIDEN_BYTES,
+            (seed * 1e6).round() as u64
+        );
+        // A report from an agent that predates the widths asks for nothing.
+        profile.widths = ComputeWidths::default();
+        assert_eq!(profile.working_bytes(128), 0);
+    }
 }

@@ -243,6 +243,20 @@ impl ModelFolder {
             tied: self.config.tie_word_embeddings
                 && matches!(self.weights, crate::weights::Weights::Safetensors(_)),
             per_layer,
+            widths: cluster_api::cluster::ComputeWidths {
+                hidden: self.config.hidden_size as u64,
+                intermediate: self.config.intermediate_size as u64,
+                q_width: self.config.q_width() as u64,
+                kv_width: self.config.kv_width() as u64,
+                heads: self.config.num_attention_heads as u64,
+                vocab: self.config.vocab_size as u64,
+                context: self.config.max_position_embeddings as u64,
+                half: matches!(self.weights, crate::weights::Weights::Safetensors(_))
+                    && matches!(
+                        dtype.or(self.config.dtype),
+                        Some(cluster_api::WeightDType::Bf16 | cluster_api::WeightDType::F16)
+                    ),
+            },
         }
     }
 

@@ -362,6 +362,8 @@ fn place(
     let spec = p.as_pipeline().ok_or_else(Vec::new)?;
     let profile = &facts.profile;
     let layers = profile.layers();
+    // A stage needs room for its weights and for what it holds beside them while it computes.
+    let working = profile.working_bytes(spec.prefill_chunk.unwrap_or(128));
     let bytes =
         |range: LayerRange, first: bool, last: bool| profile.stage_bytes(range, first, last);
     match (&spec.stages, spec.placement) {
@@ -377,13 +379,14 @@ fn place(
             for (i, s) in stages.iter().enumerate() {
                 let need = bytes(s.layers, i == 0, i + 1 == n);
                 match offered(agent, &s.node, p.name()) {
-                    Some(have) if need > have => errors.push(ManifestError::field(
+                    Some(have) if need + working > have => errors.push(ManifestError::field(
                         p,
                         &format!("spec.stages[{i}]"),
                         format!(
-                            "layers {} need {} of weights but node {} offers {} (available memory{})",
+                            "layers {} need {} of weights and {} to compute in but node {} offers {} (available memory{})",
                             s.layers,
                             gib(need),
+                            gib(working),
                             s.node,
                             gib(have),
                             if agent.fresh_report(&s.node).and_then(|r| r.inventory.memory_limit_bytes).is_some() {
@@ -418,7 +421,7 @@ fn place(
                 reason,
             })
         }
-        (None, Some(Placement::Auto)) => auto_place(agent, p, layers, &bytes),
+        (None, Some(Placement::Auto)) => auto_place(agent, p, layers, &bytes, working),
         (None, None) => Err(vec![ManifestError::field(p, "spec.stages", "missing")]),
     }
 }
@@ -431,6 +434,7 @@ fn auto_place(
     p: &Object,
     layers: usize,
     bytes: &dyn Fn(LayerRange, bool, bool) -> u64,
+    working: u64,
 ) -> Result<ResolvedPlacement, Vec<ManifestError>> {
     let spec = p.as_pipeline().ok_or_else(Vec::new)?;
     let candidates: Vec<String> = if spec.nodes.is_empty() {
@@ -459,6 +463,10 @@ fn auto_place(
         )]);
     }
     room.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    // Each node's room for weights, once a stage's working memory is set aside.
+    for (_, have) in room.iter_mut() {
+        *have = have.saturating_sub(working);
+    }
     let whole = LayerRange {
         first: 0,
         last: layers - 1,
@@ -474,9 +482,10 @@ fn auto_place(
             }],
             layers,
             reason: format!(
-                "auto: the whole model ({}) fits on {node} ({} free), so it stays on one node",
+                "auto: the whole model ({}, and {} to compute in) fits on {node} ({} free), so it stays on one node",
                 gib(total),
-                gib(*have)
+                gib(working),
+                gib(*have + working)
             ),
         });
     }
@@ -493,9 +502,10 @@ fn auto_place(
             p,
             "spec.placement",
             format!(
-                "the model needs {} but the nodes offer {} in all ({})",
+                "the model needs {} but the nodes offer {} in all once each keeps {} to compute in ({})",
                 gib(total),
                 gib(sum),
+                gib(working),
                 room.iter()
                     .map(|(n, b)| format!("{n}: {}", gib(*b)))
                     .collect::<Vec<_>>()
@@ -538,9 +548,10 @@ fn auto_place(
                 p,
                 "spec.placement",
                 format!(
-                    "no split fits: layers {range} need {} but {node} offers {}",
+                    "no split fits: layers {range} need {} but {node} offers {} once it keeps {} to compute in",
                     gib(need),
-                    gib(*have)
+                    gib(*have),
+                    gib(working)
                 ),
             )]);
         }

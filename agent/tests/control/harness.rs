@@ -64,6 +64,23 @@ pub fn make_model(dir: &Path) {
     crate::common::make_model(dir, &["--layers", "4"]);
 }
 
+/// What placement sets aside on a node, beside the weights, for a stage of the tiny model of
+/// [`make_model`] to compute in (with the default prefill chunk).
+pub fn tiny_working_bytes() -> u64 {
+    let dir = tempfile::tempdir().unwrap();
+    make_model(dir.path());
+    cluster_engine::ModelFolder::open(dir.path())
+        .unwrap()
+        .byte_profile(None)
+        .working_bytes(128)
+}
+
+/// `--max-memory` that leaves `bytes` for the tiny model's weights once a stage's working memory
+/// is set aside.
+pub fn tiny_room(bytes: u64) -> String {
+    format!("{}B", bytes + tiny_working_bytes())
+}
+
 /// Greedy tokens of the one-process engine (`clusteragent generate`), the reference.
 pub fn one_process(model: &Path, prompt: &str, max_tokens: usize) -> Vec<u32> {
     one_process_json(model, prompt, max_tokens, false)["token_ids"]

@@ -37,7 +37,8 @@ fn snapshot(c: &Cluster) -> Vec<Value> {
 #[test]
 fn invalid_manifests_are_refused_and_nothing_is_stored() {
     // Room for half the model on node-0, not all of it.
-    let c = Cluster::start(1, &[&["--max-memory", "500KB"]]);
+    let room = tiny_room(500_000);
+    let c = Cluster::start(1, &[&["--max-memory", &room]]);
     let model = c.dir.path().join("model");
     make_model(&model);
     let base = format!(

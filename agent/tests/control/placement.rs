@@ -33,10 +33,12 @@ fn stages_of(c: &Cluster, pipeline: &str) -> Vec<(String, String)> {
 
 #[test]
 fn auto_placement_splits_by_free_memory_or_keeps_one_node() {
-    // The 4-layer model takes ~680 KiB; node-0 and node-1 offer 500 KB each, node-2 all it has.
+    // The 4-layer model takes ~680 KiB; node-0 and node-1 offer 500 KB each for weights (beside
+    // what a stage computes in), node-2 all it has.
+    let room = tiny_room(500_000);
     let c = Cluster::start(
         3,
-        &[&["--max-memory", "500KB"], &["--max-memory", "500KB"], &[]],
+        &[&["--max-memory", &room], &["--max-memory", &room], &[]],
     );
     let model = c.dir.path().join("model");
     make_model(&model);

@@ -185,6 +185,33 @@ fn slow_passes_are_waited_for_and_nobody_is_called_down() {
                     t.elapsed().as_secs_f64()
                 );
                 assert_no_alarm(&s, &format!("{agents} agents, {pass_ms} ms passes"));
+                // The slow stage shows as slow, in `describe` and in the endpoint's metrics.
+                let slowest = format!("slowest {:.1}", pass_ms as f64 / 1e3);
+                let out = s.c.ctl(&["describe", "pipeline", "tiny-pipe"]);
+                let described = String::from_utf8_lossy(&out.stdout);
+                assert!(
+                    described.contains("PASSES") && described.contains(&slowest),
+                    "{slowest:?} missing:\n{described}"
+                );
+                let metrics = http_client(Duration::from_secs(10))
+                    .get(&format!("http://127.0.0.1:{}/metrics", s.port))
+                    .call()
+                    .unwrap()
+                    .body_mut()
+                    .read_to_string()
+                    .unwrap();
+                let line = metrics
+                    .lines()
+                    .find(|l| {
+                        l.starts_with("clusteragent_stage_slowest_recent_pass_seconds")
+                            && l.contains("stage=\"1\"")
+                    })
+                    .unwrap_or_else(|| panic!("no pass times in:\n{metrics}"));
+                let value: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+                assert!(
+                    value >= pass_ms as f64 / 1e3 && value < pass_ms as f64 / 1e3 + 1.0,
+                    "{line}"
+                );
             })
         })
         .collect();
