@@ -78,7 +78,7 @@ spec: {source: {path: /models/m}, dtype: bf16}
 apiVersion: v1
 kind: Pipeline
 metadata: {name: p}
-spec: {model: m, device: metal, stages: [{node: a, layers: "0-13"}], maxSequences: 8, prefillChunk: 64}
+spec: {model: m, device: metal, stages: [{node: a, layers: "0-13"}], maxSequences: 8, prefillChunk: 64, firstTokenTimeout: 30s}
 ---
 apiVersion: v1
 kind: Pipeline
