@@ -8,7 +8,13 @@ use crate::harness::*;
 fn routes(doc: &str, heading: &str) -> Vec<(String, String)> {
     let start = doc.find(&format!("### {heading}")).unwrap();
     let rest = &doc[start + 4..];
-    let end = rest.find("\n### ").unwrap_or(rest.len());
+    // The table ends at the next section of either level.
+    let end = rest
+        .find("\n### ")
+        .into_iter()
+        .chain(rest.find("\n## "))
+        .min()
+        .unwrap_or(rest.len());
     rest[..end]
         .lines()
         .filter_map(|l| l.strip_prefix("| `"))
