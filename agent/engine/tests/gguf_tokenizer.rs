@@ -13,8 +13,8 @@ use candle_core::{DType, Device, Tensor};
 use cluster_engine::ModelFolder;
 use cluster_engine::gguf::GgufFile;
 use cluster_engine::tokenizer::TextTokenizer;
+use cluster_fixtures::shared_data;
 use cluster_fixtures::{TinyModel, tokenizer_metadata};
-use common::shared_data;
 
 const SAMPLES: [&str; 8] = [
     "Hello world",

@@ -16,7 +16,7 @@ use cluster_engine::folder::TokenizerConfig;
 use cluster_engine::tokenizer::{IncrementalDecoder, TextTokenizer};
 use cluster_engine::{GenerateOptions, LoadOptions, LocalPipeline, ModelFolder};
 use cluster_fixtures::TinyModel;
-use common::shared_data;
+use cluster_fixtures::shared_data;
 use serde_json::{Value, json};
 
 const MIXED_TEXT: &str = "Crème brûlée in 東京 costs ¥1200 😀🚀 — naïve façade, Straße. Ω≈π.";

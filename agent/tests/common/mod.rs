@@ -47,25 +47,3 @@ pub fn python_has(module: &str) -> bool {
     }
     ok
 }
-
-/// `../shared/data` beside the repository (or `$CLUSTER_SHARED_DATA`): real tokenizer and
-/// chat-template files. Missing, the test that needs it says so and passes, except under
-/// `CI=true`, where it fails.
-pub fn shared_data() -> Option<std::path::PathBuf> {
-    let dir = std::env::var_os("CLUSTER_SHARED_DATA")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data"));
-    if dir.join("qwen-tokenizer/tokenizer.json").is_file() {
-        return Some(dir);
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "shared data not found at {}",
-        dir.display()
-    );
-    eprintln!(
-        "SKIPPED: shared data not found at {} (set CLUSTER_SHARED_DATA)",
-        dir.display()
-    );
-    None
-}

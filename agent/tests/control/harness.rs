@@ -10,7 +10,8 @@ use serde_json::{Value, json};
 
 pub const TOKEN: &str = "control-test-token";
 
-pub use crate::common::{free_port, python_has, shared_data};
+pub use crate::common::{free_port, python_has};
+pub use cluster_fixtures::shared_data;
 
 /// The newest modification time of the files under `dir`.
 fn newest(dir: &Path) -> std::time::SystemTime {
@@ -433,7 +434,17 @@ pub fn pipeline_yaml(model: &Path, stages: &[(&str, &str)], port: u16) -> String
 
 /// Generates through an endpoint's `/generate`: the token ids, or the error status and body.
 pub fn generate(port: u16, prompt: &str, max_tokens: usize) -> Result<Vec<u32>, String> {
-    let agent = http_client(Duration::from_secs(60));
+    generate_within(port, prompt, max_tokens, Duration::from_secs(60))
+}
+
+/// [`generate`], waiting at most `limit` for the whole answer.
+pub fn generate_within(
+    port: u16,
+    prompt: &str,
+    max_tokens: usize,
+    limit: Duration,
+) -> Result<Vec<u32>, String> {
+    let agent = http_client(limit);
     let resp = agent
         .post(&format!("http://127.0.0.1:{port}/generate"))
         .send_json(json!({"prompt": prompt, "max_tokens": max_tokens}))

@@ -17,28 +17,9 @@ const PROMPTS: [&str; 3] = ["Hello world", "The quick brown fox", "Slow is smoot
 /// Words in a log that would call a stage down or stalled.
 const ALARMS: [&str; 4] = ["went away", "stalled", "is not connected", "not serving"];
 
-/// `/generate` through the endpoint with a bound long enough for passes of seconds: the token
-/// ids, or the status and events.
+/// `/generate` through the endpoint with a bound long enough for passes of seconds.
 fn generate_slow(port: u16, prompt: &str, max_tokens: usize) -> Result<Vec<u32>, String> {
-    let agent = http_client(Duration::from_secs(300));
-    let resp = agent
-        .post(&format!("http://127.0.0.1:{port}/generate"))
-        .send_json(json!({"prompt": prompt, "max_tokens": max_tokens}))
-        .map_err(|e| e.to_string())?;
-    let status = resp.status().as_u16();
-    let lines: Vec<Value> = BufReader::new(resp.into_body().into_reader())
-        .lines()
-        .map_while(Result::ok)
-        .filter_map(|l| serde_json::from_str(&l).ok())
-        .collect();
-    if status != 200 || lines.last().is_none_or(|l| l["event"] != "done") {
-        return Err(format!("HTTP {status}: {lines:?}"));
-    }
-    Ok(lines
-        .iter()
-        .filter(|e| e["event"] == "token")
-        .map(|e| e["id"].as_u64().unwrap() as u32)
-        .collect())
+    generate_within(port, prompt, max_tokens, Duration::from_secs(300))
 }
 
 /// A cluster of `agents` whose stage 1 takes `pass_ms` per pass, serving a 4-layer model.

@@ -2,8 +2,6 @@
 
 #![allow(dead_code, clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
-
 use candle_core::{DType, Device};
 use cluster_api::LayerSplit;
 use cluster_engine::stage::{Stage, StageInput, StageOutput};
@@ -187,25 +185,4 @@ pub fn assert_close(ours: &[f32], oracle: &[f32], tolerance: f32, what: &str) {
         "{what}: logits differ by {worst:e} (> {tolerance:e})"
     );
     assert_eq!(argmax(ours), argmax(oracle), "{what}: greedy tokens differ");
-}
-
-/// `../shared/data` beside the repository (or `$CLUSTER_SHARED_DATA`). CI always has it, so a
-/// missing folder fails there; elsewhere the test says it was skipped.
-pub fn shared_data() -> Option<PathBuf> {
-    let dir = std::env::var_os("CLUSTER_SHARED_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data"));
-    if dir.join("qwen-tokenizer/tokenizer.json").is_file() {
-        return Some(dir);
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "shared data not found at {}",
-        dir.display()
-    );
-    eprintln!(
-        "SKIPPED: shared data not found at {} (set CLUSTER_SHARED_DATA)",
-        dir.display()
-    );
-    None
 }
