@@ -252,6 +252,19 @@ impl Worker {
         }
     }
 
+    /// Runs one chunk (or one lone step) as a pass of its own.
+    fn single(&mut self, step: Step, input: StageInput) {
+        let floor = self.floor();
+        single(
+            &self.shared,
+            &self.stage,
+            &mut self.samplers,
+            step,
+            input,
+            floor,
+        );
+    }
+
     /// The test hook's floor for the next pass.
     fn floor(&mut self) -> Option<Duration> {
         self.pace.as_mut().map(PassFloor::next_floor)
@@ -366,15 +379,7 @@ impl Worker {
                     last_chunk,
                     meta: frame.meta,
                 };
-                let floor = self.floor();
-                single(
-                    &self.shared,
-                    &self.stage,
-                    &mut self.samplers,
-                    step,
-                    input,
-                    floor,
-                );
+                self.single(step, input);
             }
             Job::Prompt {
                 seq,
@@ -402,15 +407,7 @@ impl Worker {
                     },
                 };
                 let chunk = StageInput::Tokens(tokens[next..end].to_vec());
-                let floor = self.floor();
-                single(
-                    &self.shared,
-                    &self.stage,
-                    &mut self.samplers,
-                    step,
-                    chunk,
-                    floor,
-                );
+                self.single(step, chunk);
                 head.prefilled(seq, end);
                 if end < tokens.len() {
                     self.resume = Some(Job::Prompt {
@@ -436,15 +433,7 @@ impl Worker {
                     last_chunk,
                     meta: start.unwrap_or_default(),
                 };
-                let floor = self.floor();
-                single(
-                    &self.shared,
-                    &self.stage,
-                    &mut self.samplers,
-                    step,
-                    StageInput::Tokens(tokens),
-                    floor,
-                );
+                self.single(step, StageInput::Tokens(tokens));
             }
             Job::Release { seq, kind } => {
                 stage.release(seq);
