@@ -23,12 +23,20 @@ pub struct DescribeArgs {
 /// A stage's recent passes in a few words: `last 0.41 s, slowest 0.52 s`, and the pass in
 /// progress when one has run for a while (a slow stage shows here before anything fails).
 fn passes(p: &PassStats) -> String {
+    // Tiny models pass in microseconds, big ones in seconds.
+    let time = |s: f64| {
+        if s < 0.1 {
+            format!("{:.2} ms", s * 1e3)
+        } else {
+            format!("{s:.2} s")
+        }
+    };
     let mut parts = Vec::new();
     if let Some(last) = p.last_seconds {
-        parts.push(format!("last {last:.2} s"));
+        parts.push(format!("last {}", time(last)));
     }
     if let Some(slowest) = p.slowest_recent_seconds {
-        parts.push(format!("slowest {slowest:.2} s"));
+        parts.push(format!("slowest {}", time(slowest)));
     }
     if let Some(running) = p.running_seconds.filter(|r| *r >= 1.0) {
         parts.push(format!(
