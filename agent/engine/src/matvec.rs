@@ -47,6 +47,11 @@ const MIN_TASK_FLOATS: usize = 1 << 15;
 pub trait WeightElem: Copy + Send + Sync + 'static {
     /// The elements as f32, when they already are.
     fn as_f32(src: &[Self]) -> Option<&[f32]>;
+    /// The elements two by two as 32-bit words, when [`PairBlock`] can widen them in registers
+    /// (bf16 and f16 in little-endian memory aligned to 4 bytes); `None` otherwise.
+    fn as_pairs(_src: &[Self]) -> Option<Pairs<'_>> {
+        None
+    }
     /// Writes `src` widened to f32 into `dst` (of the same length). Implementations are
     /// `#[inline(always)]`, so that the loop is compiled with the vector instructions of the
     /// product that calls it.
@@ -64,9 +69,50 @@ impl WeightElem for f32 {
     }
 }
 
+/// Half-precision weights as words of two elements each, by format.
+pub enum Pairs<'a> {
+    /// bf16 pairs.
+    Bf16(&'a [u32]),
+    /// f16 pairs.
+    F16(&'a [u32]),
+}
+
+/// A half-precision format whose words of two [`PairBlock`] widens in registers.
+pub trait PairWiden: 'static {
+    /// A vector of words of two, widened: the even elements (low halves), then the odd ones.
+    fn widen_pairs<S: Simd>(simd: S, words: S::u32s) -> (S::f32s, S::f32s);
+    /// One word of two, widened: the even (low) element, then the odd one.
+    fn widen_pair(word: u32) -> (f32, f32);
+}
+
+impl PairWiden for bf16 {
+    #[inline(always)]
+    fn widen_pairs<S: Simd>(simd: S, words: S::u32s) -> (S::f32s, S::f32s) {
+        // A bf16 is the high half of an f32: the low element shifted up, the high one masked.
+        let even = simd.wrapping_dyn_shl_u32s(words, simd.splat_u32s(16));
+        let odd = simd.and_u32s(words, simd.splat_u32s(0xffff_0000));
+        (
+            simd.transmute_f32s_u32s(even),
+            simd.transmute_f32s_u32s(odd),
+        )
+    }
+
+    #[inline(always)]
+    fn widen_pair(word: u32) -> (f32, f32) {
+        (
+            f32::from_bits(word << 16),
+            f32::from_bits(word & 0xffff_0000),
+        )
+    }
+}
+
 impl WeightElem for bf16 {
     fn as_f32(_: &[Self]) -> Option<&[f32]> {
         None
+    }
+
+    fn as_pairs(src: &[Self]) -> Option<Pairs<'_>> {
+        pairs_of(half::slice::HalfFloatSliceExt::reinterpret_cast(src)).map(Pairs::Bf16)
     }
 
     #[inline(always)]
@@ -84,11 +130,29 @@ impl WeightElem for f16 {
         None
     }
 
+    fn as_pairs(src: &[Self]) -> Option<Pairs<'_>> {
+        pairs_of(half::slice::HalfFloatSliceExt::reinterpret_cast(src)).map(Pairs::F16)
+    }
+
     #[inline(always)]
     fn widen(src: &[Self], dst: &mut [f32]) {
         for (d, s) in dst.iter_mut().zip(src) {
             *d = f16_to_f32(s.to_bits());
         }
+    }
+}
+
+impl PairWiden for f16 {
+    #[inline(always)]
+    fn widen_pairs<S: Simd>(simd: S, words: S::u32s) -> (S::f32s, S::f32s) {
+        let low = simd.and_u32s(words, simd.splat_u32s(0xffff));
+        let high = simd.wrapping_dyn_shr_u32s(words, simd.splat_u32s(16));
+        (f16s_to_f32s(simd, low), f16s_to_f32s(simd, high))
+    }
+
+    #[inline(always)]
+    fn widen_pair(word: u32) -> (f32, f32) {
+        (f16_to_f32(word as u16), f16_to_f32((word >> 16) as u16))
     }
 }
 
@@ -109,6 +173,38 @@ fn f16_to_f32(h: u16) -> f32 {
     let value = if exp == EXP_MASK { special } else { rebased };
     let value = if exp == 0 { small } else { value };
     f32::from_bits(value | sign)
+}
+
+/// `bits` two by two as 32-bit words (little-endian memory), when aligned for it.
+fn pairs_of(bits: &[u16]) -> Option<&[u32]> {
+    if cfg!(target_endian = "big") {
+        return None;
+    }
+    bytemuck::try_cast_slice(bits).ok()
+}
+
+/// [`f16_to_f32`] on a vector of f16 bits, one per 32-bit lane. Placed in an f32's bits, an
+/// f16's exponent and mantissa make a number 2^112 times too small (subnormals included, as
+/// f32 denormals), so one exact multiplication gives the value; infinities and NaNs instead
+/// take an all-ones exponent.
+#[inline(always)]
+fn f16s_to_f32s<S: Simd>(simd: S, h: S::u32s) -> S::f32s {
+    let splat = |v: u32| simd.splat_u32s(v);
+    let exp_mask = splat(0x7c00 << 13);
+    let sign = simd.wrapping_dyn_shl_u32s(simd.and_u32s(h, splat(0x8000)), splat(16));
+    let body = simd.wrapping_dyn_shl_u32s(simd.and_u32s(h, splat(0x7fff)), splat(13));
+    let scaled = simd.mul_f32s(
+        simd.transmute_f32s_u32s(body),
+        simd.splat_f32s(f32::from_bits((127 + 112) << 23)),
+    );
+    let special = simd.or_u32s(body, splat(0x7f80_0000));
+    let exp = simd.and_u32s(body, exp_mask);
+    let value = simd.select_u32s(
+        simd.equal_u32s(exp, exp_mask),
+        special,
+        simd.transmute_u32s_f32s(scaled),
+    );
+    simd.transmute_f32s_u32s(simd.or_u32s(value, sign))
 }
 
 thread_local! {
@@ -156,7 +252,21 @@ pub fn rows_times_weights<W: WeightElem>(
     let per_task = outputs
         .div_ceil(2 * threads)
         .max(MIN_TASK_FLOATS.div_ceil(width));
-    if threads == 1 || outputs <= per_task {
+    let pairs = if width % 2 == 0 { W::as_pairs(w) } else { None };
+    if let Some(pairs) = pairs {
+        let pair_task = PairTask {
+            x,
+            rows,
+            width,
+            per_task,
+            threads,
+            arch,
+        };
+        match pairs {
+            Pairs::Bf16(words) => pair_task.run::<bf16>(words, dst),
+            Pairs::F16(words) => pair_task.run::<f16>(words, dst),
+        }
+    } else if threads == 1 || outputs <= per_task {
         arch.dispatch(Block {
             x,
             rows,
@@ -227,6 +337,144 @@ impl<W: WeightElem> WithSimd for Block<'_, W> {
         if !widened.is_empty() {
             WIDENED.with(|b| *b.borrow_mut() = widened);
         }
+    }
+}
+
+/// A product over half-precision weights read as words of two, split into tasks like
+/// [`rows_times_weights`]'s.
+struct PairTask<'a> {
+    x: &'a [f32],
+    rows: usize,
+    width: usize,
+    per_task: usize,
+    threads: usize,
+    arch: Arch,
+}
+
+impl PairTask<'_> {
+    fn run<P: PairWiden>(&self, words: &[u32], dst: &mut [f32]) {
+        let (rows, width, arch) = (self.rows, self.width, self.arch);
+        // Each input row split into its even and odd elements, to meet the words' halves.
+        let half = width / 2;
+        let mut split = vec![0f32; rows * width];
+        for (row, dst) in self
+            .x
+            .chunks_exact(width)
+            .zip(split.chunks_exact_mut(width))
+        {
+            let (even, odd) = dst.split_at_mut(half);
+            for (k, pair) in row.chunks_exact(2).enumerate() {
+                even[k] = pair[0];
+                odd[k] = pair[1];
+            }
+        }
+        let task = |words: &[u32], dst: &mut [f32]| {
+            arch.dispatch(PairBlock::<P> {
+                split: &split,
+                rows,
+                words,
+                half,
+                dst,
+                elem: std::marker::PhantomData,
+            })
+        };
+        let outputs = words.len() / half;
+        if self.threads == 1 || outputs <= self.per_task {
+            task(words, dst);
+        } else {
+            dst.par_chunks_mut(self.per_task * rows)
+                .zip(words.par_chunks(self.per_task * half))
+                .for_each(|(dst, words)| task(words, dst));
+        }
+    }
+}
+
+/// One task of half-precision weights read as words of two: each word is widened in registers
+/// ([`WeightElem::widen_pairs`]: its low half is the even element, its high half the odd one)
+/// and multiplied with the input rows' even and odd elements, so the weights are read at two
+/// bytes each and never written anywhere wider.
+struct PairBlock<'a, W> {
+    /// Input rows, each as its even elements then its odd ones.
+    split: &'a [f32],
+    rows: usize,
+    words: &'a [u32],
+    /// Words per weight row: half the width.
+    half: usize,
+    dst: &'a mut [f32],
+    elem: std::marker::PhantomData<W>,
+}
+
+impl<W: PairWiden> WithSimd for PairBlock<'_, W> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) -> Self::Output {
+        let PairBlock {
+            split,
+            rows,
+            words,
+            half,
+            dst,
+            ..
+        } = self;
+        let width = 2 * half;
+        let group = (INPUT_BYTES / (width * 4)).clamp(1, ROW_GROUP);
+        let sub = (WEIGHT_BYTES / (width * 2)).max(1);
+        for (words, dst) in words.chunks(sub * half).zip(dst.chunks_mut(sub * rows)) {
+            let mut start = 0;
+            while start < rows {
+                let n = (rows - start).min(group);
+                let xs = &split[start * width..(start + n) * width];
+                for (w_row, dst) in words.chunks_exact(half).zip(dst.chunks_exact_mut(rows)) {
+                    let dst = &mut dst[start..start + n];
+                    match n {
+                        1 => dot_pairs::<S, W, 1>(simd, w_row, xs, dst),
+                        2 => dot_pairs::<S, W, 2>(simd, w_row, xs, dst),
+                        3 => dot_pairs::<S, W, 3>(simd, w_row, xs, dst),
+                        _ => dot_pairs::<S, W, ROW_GROUP>(simd, w_row, xs, dst),
+                    }
+                }
+                start += n;
+            }
+        }
+    }
+}
+
+/// Dot products of one half-precision weight row, as words of two, with `G` split input rows:
+/// even elements sum into one accumulator, odd into the other, in the same steps for every `G`.
+#[inline(always)]
+fn dot_pairs<S: Simd, W: PairWiden, const G: usize>(
+    simd: S,
+    w_row: &[u32],
+    xs: &[f32],
+    dst: &mut [f32],
+) {
+    let half = w_row.len();
+    let (w_vec, w_tail) = S::as_simd_u32s(w_row);
+    let rows: [(&[f32], &[f32]); G] = std::array::from_fn(|g| {
+        let row = &xs[g * 2 * half..(g + 1) * 2 * half];
+        row.split_at(half)
+    });
+    let even_x: [(&[S::f32s], &[f32]); G] = std::array::from_fn(|g| S::as_simd_f32s(rows[g].0));
+    let odd_x: [(&[S::f32s], &[f32]); G] = std::array::from_fn(|g| S::as_simd_f32s(rows[g].1));
+    let zero = simd.splat_f32s(0.0);
+    let mut acc = [[zero; 2]; G];
+    for (j, &w) in w_vec.iter().enumerate() {
+        let (even, odd) = W::widen_pairs(simd, w);
+        for g in 0..G {
+            acc[g][0] = simd.mul_add_e_f32s(even_x[g].0[j], even, acc[g][0]);
+            acc[g][1] = simd.mul_add_e_f32s(odd_x[g].0[j], odd, acc[g][1]);
+        }
+    }
+    for g in 0..G {
+        let mut sum = simd.reduce_sum_f32s(simd.add_f32s(acc[g][0], acc[g][1]));
+        let (even, odd) = (even_x[g].1, odd_x[g].1);
+        for (k, &w) in w_tail.iter().enumerate() {
+            let (e, o) = W::widen_pair(w);
+            sum += even[k] * e;
+            sum += odd[k] * o;
+        }
+        dst[g] = sum;
     }
 }
 
@@ -530,36 +778,130 @@ mod tests {
         }
     }
 
-    #[test]
-    fn half_precision_weights_give_the_bits_of_the_f32_weights_they_widen_to() {
-        use half::{bf16, f16};
-        // Wide enough for several widened blocks, with a tail past the vectors.
-        let (rows, width, outputs) = (5, 1030, 300);
-        let x = pseudo_random(rows * width, 11);
-        let w = pseudo_random(outputs * width, 12);
-        let w_bf16: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
-        let w_f16: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
-        let widened_bf16: Vec<f32> = w_bf16.iter().map(|v| v.to_f32()).collect();
-        let widened_f16: Vec<f32> = w_f16.iter().map(|v| v.to_f32()).collect();
-        let run = |f: &dyn Fn(&mut [f32])| {
-            let mut out = vec![0f32; rows * outputs];
-            f(&mut out);
-            out
-        };
+    /// `rows_times_weights` over `w` (already in its format) against a plain f64 product of the
+    /// values it holds, and a row's bits alone, in a batch and on one thread or three.
+    fn check_half<W: super::WeightElem>(
+        x: &[f32],
+        rows: usize,
+        w: &[W],
+        widened: &[f32],
+        width: usize,
+    ) {
+        let outputs = w.len() / width;
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(3)
             .build()
             .unwrap();
-        pool.install(|| {
-            assert_eq!(
-                run(&|o| rows_times_weights(&x, rows, &w_bf16, width, o)),
-                run(&|o| rows_times_weights(&x, rows, &widened_bf16, width, o))
-            );
-            assert_eq!(
-                run(&|o| rows_times_weights(&x, rows, &w_f16, width, o)),
-                run(&|o| rows_times_weights(&x, rows, &widened_f16, width, o))
-            );
+        let run = |r: usize| {
+            let mut out = vec![0f32; r * outputs];
+            pool.install(|| rows_times_weights(&x[..r * width], r, w, width, &mut out));
+            out
+        };
+        let all = run(rows);
+        for r in 0..rows {
+            for o in 0..outputs {
+                let want: f64 = (0..width)
+                    .map(|i| x[r * width + i] as f64 * widened[o * width + i] as f64)
+                    .sum();
+                let got = all[r * outputs + o] as f64;
+                assert!(
+                    (got - want).abs() < 1e-4,
+                    "width {width}: [{r},{o}] {got} vs {want}"
+                );
+            }
+        }
+        assert_eq!(run(1), all[..outputs], "width {width}: a row alone");
+        let mut one_thread = vec![0f32; rows * outputs];
+        rows_times_weights(x, rows, w, width, &mut one_thread);
+        assert_eq!(one_thread, all, "width {width}: one thread");
+    }
+
+    #[test]
+    fn half_precision_weights_match_a_plain_product_and_keep_a_rows_bits_in_any_batch() {
+        use half::{bf16, f16};
+        // An even width reads the weights two by two in registers; an odd one widens blocks.
+        // Wide enough for several cache blocks and threads, with tails past the vectors; f16
+        // values past its normal range (subnormals) included.
+        for width in [1030, 1031] {
+            let (rows, outputs) = (5, 300);
+            let x = pseudo_random(rows * width, 11);
+            let mut w = pseudo_random(outputs * width, 12);
+            w[7] = 3e-6;
+            w[8] = -1e-7;
+            let w_bf16: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+            let w_f16: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+            let back_bf16: Vec<f32> = w_bf16.iter().map(|v| v.to_f32()).collect();
+            let back_f16: Vec<f32> = w_f16.iter().map(|v| v.to_f32()).collect();
+            check_half(&x, rows, &w_bf16, &back_bf16, width);
+            check_half(&x, rows, &w_f16, &back_f16, width);
+        }
+    }
+
+    /// Widens every word of `words` with [`super::PairWiden::widen_pairs`], in vectors.
+    struct WidenAll<'a, P> {
+        words: &'a [u32],
+        out: &'a mut Vec<(f32, f32)>,
+        format: std::marker::PhantomData<P>,
+    }
+
+    impl<P: super::PairWiden> pulp::WithSimd for WidenAll<'_, P> {
+        type Output = ();
+
+        fn with_simd<S: pulp::Simd>(self, simd: S) {
+            let (vecs, tail) = S::as_simd_u32s(self.words);
+            for &v in vecs {
+                let (even, odd) = P::widen_pairs(simd, v);
+                let even: Vec<f32> = bytemuck::cast_slice(std::slice::from_ref(&even)).to_vec();
+                let odd: Vec<f32> = bytemuck::cast_slice(std::slice::from_ref(&odd)).to_vec();
+                self.out.extend(even.into_iter().zip(odd));
+            }
+            self.out.extend(tail.iter().map(|&w| P::widen_pair(w)));
+        }
+    }
+
+    #[test]
+    fn every_half_value_widens_exactly_in_vectors_and_alone() {
+        use half::{bf16, f16};
+        // Every 16-bit pattern, as the low element of one word and the high one of another.
+        let words: Vec<u32> = (0..=u16::MAX as u32)
+            .map(|b| b | ((b ^ 0x5a5a) << 16))
+            .collect();
+        let same = |got: f32, want: f32| {
+            got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan())
+        };
+        let mut out = Vec::new();
+        pulp::Arch::new().dispatch(WidenAll::<f16> {
+            words: &words,
+            out: &mut out,
+            format: Default::default(),
         });
+        for (&w, &(even, odd)) in words.iter().zip(&out) {
+            let (e, o) = (
+                f16::from_bits(w as u16).to_f32(),
+                f16::from_bits((w >> 16) as u16).to_f32(),
+            );
+            assert!(
+                same(even, e) && same(odd, o),
+                "f16 word {w:#010x}: {even} {odd}, want {e} {o}"
+            );
+            assert_eq!(
+                <f16 as super::PairWiden>::widen_pair(w).0.to_bits(),
+                even.to_bits()
+            );
+        }
+        out.clear();
+        pulp::Arch::new().dispatch(WidenAll::<bf16> {
+            words: &words,
+            out: &mut out,
+            format: Default::default(),
+        });
+        for (&w, &(even, odd)) in words.iter().zip(&out) {
+            let (e, o) = (
+                bf16::from_bits(w as u16).to_f32(),
+                bf16::from_bits((w >> 16) as u16).to_f32(),
+            );
+            assert!(same(even, e) && same(odd, o), "bf16 word {w:#010x}");
+        }
     }
 
     #[test]
