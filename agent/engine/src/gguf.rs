@@ -207,9 +207,7 @@ impl GgufFile {
                 ));
             }
         };
-        let eos = self
-            .u32_key("tokenizer.ggml.eos_token_id")?
-            .map(|n| n as u32);
+        let eos = crate::gguf_tokenizer::end_of_generation(self)?;
         Ok(ModelConfig {
             family,
             hidden_size,
@@ -235,168 +233,17 @@ impl GgufFile {
             bos_token_id: self
                 .u32_key("tokenizer.ggml.bos_token_id")?
                 .map(|n| n as u32),
-            eos_token_ids: eos.into_iter().collect(),
+            eos_token_ids: eos,
             // llama.cpp's converter permutes Llama's q and k rows so that rotary pairs are
             // adjacent; Qwen files keep Hugging Face's halves.
             rope_interleaved: family == Family::Llama,
         })
     }
 
-    /// A tokenizer built from the file's own metadata: the byte-level BPE that Llama 3 and Qwen
-    /// use (`tokenizer.ggml.model` "gpt2"), its tokens, merges, special tokens and the
-    /// pre-tokenizer named by `tokenizer.ggml.pre`.
+    /// A tokenizer built from the file's own metadata, as llama.cpp builds it (see
+    /// [`crate::gguf_tokenizer`]).
     pub fn tokenizer(&self) -> Result<crate::tokenizer::TextTokenizer> {
-        use tokenizers::models::bpe::{BPE, Vocab};
-        use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-        use tokenizers::pre_tokenizers::sequence::Sequence;
-        use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
-        use tokenizers::processors::template::TemplateProcessing;
-        use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer};
-
-        let err = |key: &str, message: String| EngineError::config(&self.path, key, message);
-        let kind = self
-            .metadata("tokenizer.ggml.model")
-            .and_then(|v| v.to_string().ok())
-            .cloned()
-            .ok_or_else(|| {
-                err(
-                    "tokenizer.ggml.model",
-                    "missing: the file carries no tokenizer".into(),
-                )
-            })?;
-        if kind != "gpt2" {
-            return Err(err(
-                "tokenizer.ggml.model",
-                format!(
-                    "{kind:?} is not supported; only the byte-level BPE (\"gpt2\") of Llama 3 and Qwen is; put the model's tokenizer.json beside the file"
-                ),
-            ));
-        }
-        let strings = |key: &str| -> Result<Vec<String>> {
-            let list = self
-                .metadata(key)
-                .ok_or_else(|| err(key, "missing".into()))?
-                .to_vec()
-                .map_err(|_| err(key, "expected a list".into()))?;
-            list.iter()
-                .map(|v| {
-                    v.to_string()
-                        .cloned()
-                        .map_err(|_| err(key, "expected a list of strings".into()))
-                })
-                .collect()
-        };
-        let tokens = strings("tokenizer.ggml.tokens")?;
-        let merges: Vec<(String, String)> = strings("tokenizer.ggml.merges")?
-            .into_iter()
-            .map(|m| match m.split_once(' ') {
-                Some((a, b)) => Ok((a.to_string(), b.to_string())),
-                None => Err(err(
-                    "tokenizer.ggml.merges",
-                    format!("merge {m:?} is not two tokens"),
-                )),
-            })
-            .collect::<Result<_>>()?;
-        let types: Vec<i32> = match self.metadata("tokenizer.ggml.token_type") {
-            None => Vec::new(),
-            Some(v) => v
-                .to_vec()
-                .map_err(|_| err("tokenizer.ggml.token_type", "expected a list".into()))?
-                .iter()
-                .map(|t| t.to_i32().unwrap_or(1))
-                .collect(),
-        };
-        // Unused (type 5) tokens only pad the list to the embedding's rows: they have no text,
-        // so they stay out of the vocabulary and the sampler never picks them.
-        let mut vocab = Vocab::default();
-        for (id, token) in tokens.iter().enumerate() {
-            if types.get(id) != Some(&5) {
-                vocab.insert(token.clone(), id as u32);
-            }
-        }
-        let pre = self
-            .metadata("tokenizer.ggml.pre")
-            .and_then(|v| v.to_string().ok())
-            .cloned()
-            .unwrap_or_else(|| "gpt-2".into());
-        let pattern = match pre.as_str() {
-            "llama-bpe" | "llama3" => Some(
-                r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
-            ),
-            "qwen2" => Some(
-                r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
-            ),
-            "gpt-2" | "default" => None,
-            other => {
-                return Err(err(
-                    "tokenizer.ggml.pre",
-                    format!("{other:?} is not supported; supported: llama-bpe, qwen2, gpt-2"),
-                ));
-            }
-        };
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .ignore_merges(pre == "llama-bpe" || pre == "llama3")
-            .build()
-            .map_err(|e| err("tokenizer.ggml.tokens", e.to_string()))?;
-        let mut tokenizer = Tokenizer::new(bpe);
-        let pre_tokenizer: PreTokenizerWrapper = match pattern {
-            None => ByteLevel::new(false, true, true).into(),
-            Some(p) => Sequence::new(vec![
-                Split::new(
-                    SplitPattern::Regex(p.into()),
-                    SplitDelimiterBehavior::Isolated,
-                    false,
-                )
-                .map_err(|e| err("tokenizer.ggml.pre", e.to_string()))?
-                .into(),
-                ByteLevel::new(false, false, false).into(),
-            ])
-            .into(),
-        };
-        tokenizer.with_pre_tokenizer(Some(pre_tokenizer));
-        tokenizer.with_decoder(Some(ByteLevel::default()));
-        // Control (3) and user-defined (4) tokens are matched whole in text, as special tokens.
-        let specials: Vec<AddedToken> = types
-            .iter()
-            .enumerate()
-            .filter(|(_, t)| **t == 3 || **t == 4)
-            .filter_map(|(id, _)| tokens.get(id))
-            .map(|t| AddedToken::from(t.clone(), true))
-            .collect();
-        tokenizer
-            .add_special_tokens(specials)
-            .map_err(|e| err("tokenizer.ggml.token_type", e.to_string()))?;
-        let add_bos = self
-            .metadata("tokenizer.ggml.add_bos_token")
-            .and_then(|v| v.to_bool().ok())
-            .unwrap_or(false);
-        let bos = self.u32_key("tokenizer.ggml.bos_token_id")?;
-        match (add_bos, bos) {
-            (true, Some(id)) => {
-                let text = tokens
-                    .get(id)
-                    .ok_or_else(|| {
-                        err(
-                            "tokenizer.ggml.bos_token_id",
-                            format!("{id} is past the {} tokens", tokens.len()),
-                        )
-                    })?
-                    .clone();
-                let template = TemplateProcessing::builder()
-                    .try_single(format!("{text} $A"))
-                    .and_then(|b| b.try_pair(format!("{text} $A {text} $B")))
-                    .map_err(|e| err("tokenizer.ggml.bos_token_id", e.to_string()))?
-                    .special_tokens(vec![(text, id as u32)])
-                    .build()
-                    .map_err(|e| err("tokenizer.ggml.bos_token_id", e.to_string()))?;
-                tokenizer.with_post_processor(Some(template));
-            }
-            _ => {
-                tokenizer.with_post_processor(Some(ByteLevel::new(false, true, false)));
-            }
-        }
-        Ok(crate::tokenizer::TextTokenizer::from_tokenizer(tokenizer))
+        crate::gguf_tokenizer::from_gguf(self)
     }
 
     /// The text of a token id in the file's vocabulary.

@@ -10,6 +10,8 @@
 //! - [`config`]: `config.json` as transformers 4 and 5 write it.
 //! - [`weights`]: reading chosen tensors from single-file or sharded safetensors.
 //! - [`gguf`]: GGUF files: metadata as a config, quantized tensors read one by one.
+//! - [`gguf_tokenizer`]: the tokenizers GGUF metadata describes (byte-level BPE with llama.cpp's
+//!   pre-tokenizers, SentencePiece), and where generation ends.
 //! - [`stage`]: the decoder layers, the KV caches, [`Stage::forward`].
 //! - [`matvec`]: decode-step products that read each weight row once for every sequence.
 //! - [`rope`]: rotary tables with llama3 and linear scaling.
@@ -25,6 +27,7 @@ pub mod error;
 pub mod folder;
 pub mod generate;
 pub mod gguf;
+pub mod gguf_tokenizer;
 pub mod matvec;
 pub mod rope;
 pub mod sampling;

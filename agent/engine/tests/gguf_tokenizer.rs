@@ -86,14 +86,11 @@ fn the_qwen_tokenizer_round_trips_through_gguf_metadata() {
     assert_same(&ours, &reference, "Qwen");
 }
 
-#[test]
-fn unsupported_tokenizer_kinds_are_named() {
+/// The error a GGUF file with `metadata` (and one tensor) gets for its tokenizer.
+fn tokenizer_error(metadata: &[(&str, Value)]) -> String {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("spm.gguf");
-    let md = [
-        ("general.architecture", &Value::String("llama".into())),
-        ("tokenizer.ggml.model", &Value::String("llama".into())),
-    ];
+    let path = dir.path().join("bad.gguf");
+    let md: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
     let t = QTensor::quantize(
         &Tensor::zeros((2, 32), DType::F32, &Device::Cpu).unwrap(),
         GgmlDType::F32,
@@ -102,14 +99,190 @@ fn unsupported_tokenizer_kinds_are_named() {
     let mut f = std::fs::File::create(&path).unwrap();
     candle_core::quantized::gguf_file::write(&mut f, &md, &[("token_embd.weight", &t)]).unwrap();
     drop(f);
-    let err = GgufFile::open(&path)
+    GgufFile::open(&path)
         .unwrap()
         .tokenizer()
         .err()
+        .expect("refused")
+        .to_string()
+}
+
+#[test]
+fn unsupported_or_broken_tokenizers_are_refused_naming_the_field_and_value() {
+    let s = |v: &str| Value::String(v.into());
+    let list = |v: &[&str]| Value::Array(v.iter().map(|t| Value::String(t.to_string())).collect());
+    let bpe = |pre: &str, merges: &[&str]| {
+        vec![
+            ("tokenizer.ggml.model", s("gpt2")),
+            ("tokenizer.ggml.pre", s(pre)),
+            ("tokenizer.ggml.tokens", list(&["a", "b", "ab"])),
+            ("tokenizer.ggml.merges", list(merges)),
+        ]
+    };
+    for (what, metadata, needles) in [
+        (
+            "an unknown kind",
+            vec![("tokenizer.ggml.model", s("rwkv"))],
+            vec!["tokenizer.ggml.model", "\"rwkv\" is not supported"],
+        ),
+        (
+            "an unknown pre-tokenizer",
+            bpe("made-up", &["a b"]),
+            vec![
+                "tokenizer.ggml.pre",
+                "\"made-up\" is not supported (it is not a pre-tokenizer llama.cpp knows)",
+                "smollm",
+            ],
+        ),
+        (
+            "a pre-tokenizer llama.cpp codes by hand",
+            bpe("kimi-k2", &["a b"]),
+            vec!["\"kimi-k2\" is not supported (llama.cpp splits it with code of its own"],
+        ),
+        (
+            "a merge of a missing token",
+            bpe("smollm", &["a c"]),
+            vec![
+                "tokenizer.ggml.merges",
+                "merge \"a c\" names \"c\", which is not a token",
+            ],
+        ),
+        (
+            "SentencePiece without scores",
+            vec![
+                ("tokenizer.ggml.model", s("llama")),
+                ("tokenizer.ggml.tokens", list(&["a"])),
+            ],
+            vec!["tokenizer.ggml.scores", "missing"],
+        ),
+    ] {
+        let err = tokenizer_error(&metadata);
+        for needle in needles {
+            assert!(err.contains(needle), "{what}: {needle:?} missing in: {err}");
+        }
+    }
+}
+
+/// llama.cpp's own tokenizer test files (`ggml-vocab-*.gguf` with `.inp` strings and `.out`
+/// ids), from the llama-cpp-python sdist on PyPI, fetched once (sha256 checked) into the target
+/// directory by `tests/tools/llamacpp_vocab.py`. `None`, loudly, where PyPI cannot be reached;
+/// under `CI=true` that fails the test instead.
+fn llamacpp_vocab() -> Option<std::path::PathBuf> {
+    let cache = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("llamacpp-vocab-0.3.36");
+    let tool = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/tools/llamacpp_vocab.py");
+    let out = std::process::Command::new("python3")
+        .arg(&tool)
+        .arg(&cache)
+        .output();
+    match out {
+        Ok(o) if o.status.success() => Some(cache),
+        other => {
+            let why = match other {
+                Ok(o) => String::from_utf8_lossy(&o.stderr).into_owned(),
+                Err(e) => e.to_string(),
+            };
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "llama.cpp's tokenizer test files could not be fetched: {why}"
+            );
+            eprintln!("SKIPPED: llama.cpp's tokenizer test files could not be fetched: {why}");
+            None
+        }
+    }
+}
+
+/// A `.inp` file's test strings and the `.out` file's ids for each.
+fn vectors(gguf: &std::path::Path) -> Vec<(String, Vec<u32>)> {
+    let read = |ext: &str| std::fs::read_to_string(format!("{}.{ext}", gguf.display())).unwrap();
+    let inputs: Vec<String> = read("inp")
+        .split("\n__ggml_vocab_test__\n")
+        .map(str::to_string)
+        .collect();
+    let outputs: Vec<Vec<u32>> = read("out")
+        .lines()
+        .map(|l| l.split_whitespace().map(|t| t.parse().unwrap()).collect())
+        .collect();
+    // The last string ends with the separator's line, not a newline.
+    let inputs: Vec<String> = inputs
+        .into_iter()
+        .map(|s| {
+            s.strip_suffix("\n__ggml_vocab_test__")
+                .map(str::to_string)
+                .unwrap_or(s)
+        })
+        .collect();
+    inputs.into_iter().zip(outputs).collect()
+}
+
+#[test]
+fn gguf_tokenizers_encode_llama_cpps_test_strings_to_its_ids() {
+    let Some(dir) = llamacpp_vocab() else { return };
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()
-        .to_string();
-    assert!(
-        err.contains("tokenizer.ggml.model") && err.contains("\"llama\" is not supported"),
-        "{err}"
-    );
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "gguf"))
+        .filter(|p| p.with_extension("gguf.inp").is_file())
+        .collect();
+    files.sort();
+    let mut report = Vec::new();
+    let mut failures = Vec::new();
+    for path in files {
+        let file = GgufFile::open(&path).unwrap();
+        let kind = file
+            .metadata("tokenizer.ggml.model")
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+            .unwrap_or_default();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        // BERT's WordPiece, T5's Unigram and Gemma 4's BPE belong to families this project
+        // does not run.
+        if !["gpt2", "llama"].contains(&kind.as_str()) {
+            report.push(format!("{name}: {kind} (not a kind our families use)"));
+            continue;
+        }
+        let tokenizer = file.tokenizer().unwrap_or_else(|e| panic!("{name}: {e}"));
+        let cases = vectors(&path);
+        let mut ok = 0;
+        for (text, want) in &cases {
+            let got = tokenizer.encode(text, false).unwrap();
+            if &got == want {
+                ok += 1;
+            } else if failures.len() < 40 {
+                failures.push(format!(
+                    "{name}: {text:?}\n  ours      {got:?}\n  llama.cpp {want:?}"
+                ));
+            }
+        }
+        report.push(format!("{name}: {ok}/{}", cases.len()));
+        // Beyond the vectors: special tokens in text are matched whole, and a BOS goes first
+        // where the kind or the file says so (Llama 3's BPE, SentencePiece).
+        let bos = file
+            .metadata("tokenizer.ggml.bos_token_id")
+            .and_then(|v| v.to_u32().ok());
+        let with = tokenizer.encode("Hello world", true).unwrap();
+        let without = tokenizer.encode("Hello world", false).unwrap();
+        if [
+            "ggml-vocab-llama-bpe.gguf",
+            "ggml-vocab-llama-spm.gguf",
+            "ggml-vocab-phi-3.gguf",
+        ]
+        .contains(&name.as_str())
+        {
+            assert_eq!(with[0], bos.unwrap(), "{name}: BOS first");
+            assert_eq!(&with[1..], without.as_slice(), "{name}");
+        }
+        if name == "ggml-vocab-qwen2.gguf" {
+            let ids = tokenizer
+                .encode("<|im_start|>user\nHi<|im_end|>", true)
+                .unwrap();
+            let start = tokenizer.token_id("<|im_start|>").unwrap();
+            let end = tokenizer.token_id("<|im_end|>").unwrap();
+            assert_eq!((ids[0], *ids.last().unwrap()), (start, end), "{ids:?}");
+            let eog = cluster_engine::gguf_tokenizer::end_of_generation(&file).unwrap();
+            assert!(eog.contains(&end), "{eog:?} lacks <|im_end|>");
+        }
+    }
+    eprintln!("{}", report.join("\n"));
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
