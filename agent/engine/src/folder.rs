@@ -198,29 +198,20 @@ impl ModelFolder {
                     .sum()
             }
             crate::weights::Weights::Gguf(file) => {
-                // As a GGUF stage holds them: projections at their stored size; the embedding,
-                // norms and biases dequantized to f32; a tied head is the quantized embedding,
-                // held besides the dequantized one when a stage has both.
+                // As a GGUF stage on the CPU holds them: matrices as stored (in their block
+                // format, F16 and BF16 in half precision; the embedding too, once even where it
+                // is also the tied head), norms and biases in f32.
                 let dense = |shape: &[usize]| shape.iter().product::<usize>() as u64 * 4;
-                let tied_head = last && self.config.tie_word_embeddings;
-                let mut bytes = 0;
-                for (name, shape) in
-                    crate::Stage::gguf_tensor_list(&self.config, range, first, last)
-                {
-                    if name == "token_embd.weight" {
-                        if first {
-                            bytes += dense(&shape);
+                crate::Stage::gguf_tensor_list(&self.config, range, first, last)
+                    .iter()
+                    .map(|(name, shape)| {
+                        if name.ends_with("norm.weight") || name.ends_with(".bias") {
+                            dense(shape)
+                        } else {
+                            file.tensor_bytes(name)
                         }
-                        if tied_head {
-                            bytes += file.tensor_bytes(&name);
-                        }
-                    } else if name.ends_with("norm.weight") || name.ends_with(".bias") {
-                        bytes += dense(&shape);
-                    } else {
-                        bytes += file.tensor_bytes(&name);
-                    }
-                }
-                bytes
+                    })
+                    .sum()
             }
         }
     }
@@ -239,9 +230,8 @@ impl ModelFolder {
         cluster_api::cluster::ByteProfile {
             embed: self.stage_bytes(one(0), true, false, dtype) - first_layer,
             head: self.stage_bytes(one(0), false, true, dtype) - first_layer,
-            // A GGUF stage holds the embedding twice (dequantized and as the quantized head).
-            tied: self.config.tie_word_embeddings
-                && matches!(self.weights, crate::weights::Weights::Safetensors(_)),
+            // A stage holding the embedding and a tied head holds the table once.
+            tied: self.config.tie_word_embeddings,
             per_layer,
             widths: cluster_api::cluster::ComputeWidths {
                 hidden: self.config.hidden_size as u64,

@@ -120,8 +120,8 @@ fn check(arch: Arch, dtype: GgmlDType) {
     let half = &load_split(&folder, "0-1,2-3")[1];
     let share = half.weight_bytes() as f64 / whole.weight_bytes() as f64;
     assert!((0.4..0.6).contains(&share), "{share}");
-    // Held quantized: well under the f32 checkpoint the GGUF was made from (the embedding alone
-    // is dequantized, for lookups).
+    // Held as stored, the embedding included (a lookup dequantizes only its rows): well under
+    // the f32 checkpoint the GGUF was made from, and at most 1.05x the tensors' bytes in the file.
     let f32_bytes = std::fs::metadata(dir.path().join("model.safetensors"))
         .unwrap()
         .len() as f64;
@@ -129,6 +129,20 @@ fn check(arch: Arch, dtype: GgmlDType) {
     assert!(
         held < 0.6 * f32_bytes,
         "{held} bytes held for a {f32_bytes}-byte f32 model"
+    );
+    let file = cluster_engine::gguf::GgufFile::open(&path).unwrap();
+    let stored: u64 = cluster_engine::Stage::gguf_tensor_list(
+        &folder.config,
+        cluster_api::LayerRange { first: 0, last: 3 },
+        true,
+        true,
+    )
+    .iter()
+    .map(|(name, _)| file.tensor_bytes(name))
+    .sum();
+    assert!(
+        held <= 1.05 * stored as f64,
+        "{dtype:?}: {held} bytes held for {stored} bytes of tensors in the file"
     );
 }
 

@@ -11,7 +11,7 @@ use cluster_api::LayerRange;
 
 use super::layer::{Attention, DecoderLayer, Mlp};
 use super::linear::Proj;
-use super::{Head, Stage, StageSpec, layer_prefix};
+use super::{Head, Stage, StageSpec, TokenEmbedding, layer_prefix};
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
@@ -162,7 +162,7 @@ impl Stage {
             None
         };
         let embed = match (spec.first, embed_weight) {
-            (true, Some(w)) => Some(Embedding::new(w, cfg.hidden_size)),
+            (true, Some(w)) => Some(TokenEmbedding::Dense(Embedding::new(w, cfg.hidden_size))),
             _ => None,
         };
         Ok(Self {
@@ -192,7 +192,6 @@ impl Stage {
         let cfg = spec.config;
         spec.range.check_within(cfg.num_hidden_layers)?;
         let dev = &spec.device;
-        let h = cfg.hidden_size;
         let wanted = Self::gguf_tensor_list(&cfg, spec.range, spec.first, spec.last);
         let total: u64 = wanted.iter().map(|(n, _)| file.tensor_bytes(n)).sum();
         for (name, expected) in &wanted {
@@ -223,10 +222,22 @@ impl Stage {
             progress,
         };
         let eps = cfg.rms_norm_eps;
-        let embed = if spec.first {
-            Some(Embedding::new(r.dense("token_embd.weight")?, h))
+        // The embedding stays in its block format: a lookup dequantizes only the rows it
+        // needs, and a tied head multiplies through the very same table.
+        let tied_head = spec.last && cfg.tie_word_embeddings;
+        let table = if spec.first || tied_head {
+            Some(r.matrix("token_embd.weight")?)
         } else {
             None
+        };
+        let embed = match (&table, spec.first) {
+            (Some(t), true) => Some(match t {
+                GgufMatrix::Blocks(q) => TokenEmbedding::Quant(q.clone()),
+                GgufMatrix::Half(w) => {
+                    TokenEmbedding::Dense(Embedding::new(w.clone(), cfg.hidden_size))
+                }
+            }),
+            _ => None,
         };
         let mut layers = Vec::with_capacity(spec.range.len());
         for i in spec.range.iter() {
@@ -261,15 +272,11 @@ impl Stage {
         }
         let head = if spec.last {
             let norm = RmsNorm::new(r.dense("output_norm.weight")?, eps);
-            let name = if cfg.tie_word_embeddings {
-                "token_embd"
-            } else {
-                "output"
+            let lm_head = match table {
+                Some(t) if tied_head => t.into_proj(None),
+                _ => r.proj("output", false)?,
             };
-            Some(Head {
-                norm,
-                lm_head: r.proj(name, false)?,
-            })
+            Some(Head { norm, lm_head })
         } else {
             None
         };
@@ -318,17 +325,67 @@ impl GgufReader<'_> {
         Ok(t)
     }
 
+    /// A matrix as the stage holds it, counting its bytes: in its block format; F16 and BF16
+    /// ones on the CPU as half-precision tensors, which the kernels widen as they multiply
+    /// (elsewhere, and F32 ones, as f32, which candle's products take).
+    fn matrix(&mut self, name: &str) -> Result<GgufMatrix> {
+        use candle_core::quantized::GgmlDType;
+        let q = self.read(name)?;
+        let half = match q.dtype() {
+            GgmlDType::F16 => Some(DType::F16),
+            GgmlDType::BF16 => Some(DType::BF16),
+            _ => None,
+        };
+        let m = match half {
+            Some(dtype) if self.device.is_cpu() => GgufMatrix::Half(half_tensor(&q, dtype)?),
+            _ => GgufMatrix::Blocks(QMatMul::from_qtensor(q)?),
+        };
+        self.held += match &m {
+            GgufMatrix::Blocks(QMatMul::QTensor(t)) => t.storage_size_in_bytes() as u64,
+            GgufMatrix::Blocks(QMatMul::Tensor(t) | QMatMul::TensorF16(t))
+            | GgufMatrix::Half(t) => (t.elem_count() * t.dtype().size_in_bytes()) as u64,
+        };
+        Ok(m)
+    }
+
     /// `{prefix}.weight` kept quantized, with `{prefix}.bias` in f32 when `bias`.
     fn proj(&mut self, prefix: &str, bias: bool) -> Result<Proj> {
-        let w = self.read(&format!("{prefix}.weight"))?;
-        self.held += w.storage_size_in_bytes() as u64;
+        let w = self.matrix(&format!("{prefix}.weight"))?;
         let b = if bias {
             Some(self.dense(&format!("{prefix}.bias"))?)
         } else {
             None
         };
-        Ok(Proj::Quant(QMatMul::from_qtensor(w)?, b))
+        Ok(w.into_proj(b))
     }
+}
+
+/// A GGUF matrix as a stage holds it.
+#[derive(Clone)]
+enum GgufMatrix {
+    /// In its block format (or f32).
+    Blocks(QMatMul),
+    /// F16 or BF16 on the CPU, kept half precision.
+    Half(Tensor),
+}
+
+impl GgufMatrix {
+    fn into_proj(self, bias: Option<Tensor>) -> Proj {
+        match self {
+            Self::Blocks(q) => Proj::Quant(q, bias),
+            Self::Half(w) => Proj::Dense(Linear::new(w, bias)),
+        }
+    }
+}
+
+/// A GGUF F16 or BF16 tensor as a half-precision candle tensor (in CPU memory).
+fn half_tensor(q: &candle_core::quantized::QTensor, dtype: DType) -> Result<Tensor> {
+    Ok(match dtype {
+        // F16 comes out as it is stored.
+        DType::F16 => q.dequantize_f16(&Device::Cpu)?,
+        // BF16 through f32 is exact.
+        _ => q.dequantize(&Device::Cpu)?.to_dtype(dtype)?,
+    })
 }
 
 /// A vector (a norm's weights, a bias) in the precision the stage computes in: small, and

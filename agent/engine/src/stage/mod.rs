@@ -57,6 +57,23 @@ pub enum StageOutput {
     Logits(Tensor),
 }
 
+/// The token embedding of the first stage: a dense table, or a GGUF table kept in its block
+/// format, of which a lookup dequantizes only the rows it needs.
+enum TokenEmbedding {
+    Dense(Embedding),
+    Quant(candle_core::quantized::QMatMul),
+}
+
+impl TokenEmbedding {
+    /// The rows of `ids` (`(1, len)`): `(1, len, hidden)`.
+    fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Self::Dense(e) => e.forward(ids)?,
+            Self::Quant(q) => q.embedding(ids)?,
+        })
+    }
+}
+
 /// The final norm and the LM head of the last stage.
 struct Head {
     norm: RmsNorm,
@@ -84,7 +101,7 @@ pub struct Stage {
     /// The precision of hidden states, norms, the KV cache: the weights' own, but f32 for
     /// half-precision weights on the CPU, which widen as they are multiplied.
     act: DType,
-    embed: Option<Embedding>,
+    embed: Option<TokenEmbedding>,
     layers: Vec<DecoderLayer>,
     head: Option<Head>,
     rotary: RotaryTable,
