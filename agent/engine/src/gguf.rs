@@ -38,6 +38,133 @@ fn bad(path: &Path, message: impl Into<String>) -> EngineError {
     }
 }
 
+/// ggml's block types by number, as llama.cpp names them, and whether candle reads them.
+const GGML_TYPES: &[(u32, &str, bool)] = &[
+    (0, "F32", true),
+    (1, "F16", true),
+    (2, "Q4_0", true),
+    (3, "Q4_1", true),
+    (6, "Q5_0", true),
+    (7, "Q5_1", true),
+    (8, "Q8_0", true),
+    (9, "Q8_1", true),
+    (10, "Q2_K", true),
+    (11, "Q3_K", true),
+    (12, "Q4_K", true),
+    (13, "Q5_K", true),
+    (14, "Q6_K", true),
+    (15, "Q8_K", true),
+    (16, "IQ2_XXS", false),
+    (17, "IQ2_XS", false),
+    (18, "IQ3_XXS", false),
+    (19, "IQ1_S", false),
+    (20, "IQ4_NL", false),
+    (21, "IQ3_S", false),
+    (22, "IQ2_S", false),
+    (23, "IQ4_XS", false),
+    (24, "I8", false),
+    (25, "I16", false),
+    (26, "I32", false),
+    (27, "I64", false),
+    (28, "F64", false),
+    (29, "IQ1_M", false),
+    (30, "BF16", true),
+    (34, "TQ1_0", false),
+    (35, "TQ2_0", false),
+    (39, "MXFP4", false),
+];
+
+/// The first tensor of a GGUF file whose block type cannot be read, named with its type, from a
+/// walk over the header; `None` when the header does not parse that far or every type reads.
+fn unreadable_tensor(path: &Path) -> Option<String> {
+    use std::io::{BufReader, Read};
+    /// Strings and arrays past this are not a header this walk believes.
+    const LIMIT: u64 = 1 << 30;
+    let mut r = BufReader::new(File::open(path).ok()?);
+    let u32_ = |r: &mut BufReader<File>| -> Option<u32> {
+        let mut b = [0u8; 4];
+        r.read_exact(&mut b).ok()?;
+        Some(u32::from_le_bytes(b))
+    };
+    let u64_ = |r: &mut BufReader<File>| -> Option<u64> {
+        let mut b = [0u8; 8];
+        r.read_exact(&mut b).ok()?;
+        Some(u64::from_le_bytes(b))
+    };
+    let skip = |r: &mut BufReader<File>, n: u64| -> Option<()> {
+        (n <= LIMIT).then_some(())?;
+        std::io::copy(&mut r.by_ref().take(n), &mut std::io::sink()).ok()?;
+        Some(())
+    };
+    let string = |r: &mut BufReader<File>| -> Option<String> {
+        let n = u64_(r)?;
+        (n <= LIMIT).then_some(())?;
+        let mut b = vec![0u8; n as usize];
+        r.read_exact(&mut b).ok()?;
+        Some(String::from_utf8_lossy(&b).into_owned())
+    };
+    if u32_(&mut r)? != u32::from_le_bytes(*b"GGUF") || u32_(&mut r)? < 2 {
+        return None;
+    }
+    let tensors = u64_(&mut r)?;
+    let kvs = u64_(&mut r)?;
+    // Value sizes by type: u8, i8, u16, i16, u32, i32, f32, bool, string, array, u64, i64, f64.
+    fn fixed(t: u32) -> Option<u64> {
+        match t {
+            0 | 1 | 7 => Some(1),
+            2 | 3 => Some(2),
+            4..=6 => Some(4),
+            10..=12 => Some(8),
+            _ => None,
+        }
+    }
+    for _ in 0..kvs {
+        string(&mut r)?;
+        let t = u32_(&mut r)?;
+        match t {
+            8 => {
+                string(&mut r)?;
+            }
+            9 => {
+                let inner = u32_(&mut r)?;
+                let n = u64_(&mut r)?;
+                match (inner, fixed(inner)) {
+                    (_, Some(size)) => skip(&mut r, n.checked_mul(size)?)?,
+                    (8, None) => {
+                        (n <= LIMIT).then_some(())?;
+                        for _ in 0..n {
+                            string(&mut r)?;
+                        }
+                    }
+                    _ => return None,
+                }
+            }
+            t => skip(&mut r, fixed(t)?)?,
+        }
+    }
+    for _ in 0..tensors.min(LIMIT) {
+        let name = string(&mut r)?;
+        let dims = u32_(&mut r)?;
+        skip(&mut r, u64::from(dims) * 8)?;
+        let kind = u32_(&mut r)?;
+        u64_(&mut r)?;
+        let known = GGML_TYPES.iter().find(|(id, ..)| *id == kind);
+        if known.is_none_or(|(_, _, reads)| !reads) {
+            let type_name = known.map_or_else(|| format!("type {kind}"), |(_, n, _)| n.to_string());
+            let readable: Vec<&str> = GGML_TYPES
+                .iter()
+                .filter(|(.., reads)| *reads)
+                .map(|(_, n, _)| *n)
+                .collect();
+            return Some(format!(
+                "tensor {name} is {type_name}, a block type this engine cannot read (it reads {})",
+                readable.join(", ")
+            ));
+        }
+    }
+    None
+}
+
 impl GgufFile {
     /// Opens `path` and reads its header.
     pub fn open(path: &Path) -> Result<Self> {
@@ -51,8 +178,44 @@ impl GgufFile {
                 EngineError::io(path, e)
             }
         })?;
-        let content = Content::read(&mut file)
-            .map_err(|e| bad(path, format!("not a readable GGUF file: {e}")))?;
+        let content = Content::read(&mut file).map_err(|e| {
+            // candle names an unknown block type by number only: say which tensor and type.
+            match unreadable_tensor(path) {
+                Some(which) => bad(path, which),
+                None => bad(path, format!("not a readable GGUF file: {e}")),
+            }
+        })?;
+        // Every tensor must lie within the file, and its shape must fill whole blocks: checked
+        // here, when an apply opens the file, rather than when a stage reads it.
+        let file_len = file.metadata().map_err(|e| EngineError::io(path, e))?.len();
+        let mut infos: Vec<_> = content.tensor_infos.iter().collect();
+        infos.sort_by_key(|(_, info)| info.offset);
+        for (name, info) in infos {
+            let elems = info.shape.elem_count();
+            let block = info.ggml_dtype.block_size();
+            if elems % block != 0 {
+                return Err(bad(
+                    path,
+                    format!(
+                        "tensor {name}: shape {:?} holds {elems} values, not whole {:?} blocks of {block}",
+                        info.shape.dims(),
+                        info.ggml_dtype
+                    ),
+                ));
+            }
+            let bytes = (elems / block * info.ggml_dtype.type_size()) as u64;
+            let end = content.tensor_data_offset + info.offset + bytes;
+            if end > file_len {
+                return Err(bad(
+                    path,
+                    format!(
+                        "tensor {name} ({:?}, shape {:?}) ends at byte {end}, past the file's {file_len} bytes; the file is truncated",
+                        info.ggml_dtype,
+                        info.shape.dims()
+                    ),
+                ));
+            }
+        }
         Ok(Self {
             path: path.to_path_buf(),
             content,

@@ -214,3 +214,57 @@ fn an_unsupported_gguf_architecture_is_named_with_the_supported_ones() {
         "{err}"
     );
 }
+
+#[test]
+fn a_truncated_gguf_or_a_block_type_candle_cannot_read_is_refused_naming_the_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = model(Arch::Llama)
+        .write_gguf(dir.path(), GgmlDType::Q8_0)
+        .unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    let cut = dir.path().join("cut.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() * 2 / 3]).unwrap();
+    let err = cluster_engine::gguf::GgufFile::open(&cut)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("tensor ") && err.contains("the file is truncated"),
+        "{err}"
+    );
+
+    // llama.cpp's IQ4_NL, written by llama.cpp's own gguf package.
+    let iq = dir.path().join("iq.gguf");
+    let script = format!(
+        "import gguf, numpy as np\n\
+         w = gguf.GGUFWriter({iq:?}, 'llama')\n\
+         w.add_tensor('token_embd.weight', np.zeros((4, 32), dtype=np.float32))\n\
+         w.add_tensor('blk.0.attn_q.weight', np.zeros((4, 18), dtype=np.uint8), raw_dtype=gguf.GGMLQuantizationType.IQ4_NL)\n\
+         w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()\n",
+        iq = iq.to_str().unwrap()
+    );
+    let ran = std::process::Command::new("python3")
+        .args(["-c", &script])
+        .output();
+    match ran {
+        Ok(o) if o.status.success() => {
+            let err = cluster_engine::gguf::GgufFile::open(&iq)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("tensor blk.0.attn_q.weight is IQ4_NL, a block type this engine cannot read (it reads F32, F16, Q4_0"),
+                "{err}"
+            );
+        }
+        other => {
+            let why = match other {
+                Ok(o) => String::from_utf8_lossy(&o.stderr).into_owned(),
+                Err(e) => e.to_string(),
+            };
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "python3 with gguf is needed (pip install gguf): {why}"
+            );
+            eprintln!("SKIPPED: python3 with gguf not found (pip install gguf): {why}");
+        }
+    }
+}
