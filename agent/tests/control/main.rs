@@ -14,6 +14,7 @@ mod invalid;
 mod load;
 mod openai;
 mod placement;
+mod real;
 mod reference;
 mod seed;
 mod slow;

