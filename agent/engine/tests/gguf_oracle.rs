@@ -77,8 +77,13 @@ fn model(arch: Arch) -> TinyModel {
 }
 
 fn check(arch: Arch, dtype: GgmlDType) {
+    check_with(arch, &format!("{dtype:?}"), &|_| dtype);
+}
+
+/// [`check`] with each matrix in the type `dtype_of` gives its GGUF name.
+fn check_with(arch: Arch, dtype: &str, dtype_of: &dyn Fn(&str) -> GgmlDType) {
     let dir = tempfile::tempdir().unwrap();
-    let path = model(arch).write_gguf(dir.path(), dtype).unwrap();
+    let path = model(arch).write_gguf_with(dir.path(), dtype_of).unwrap();
     let folder = ModelFolder::open(&path).unwrap();
     assert!(matches!(folder.weights, Weights::Gguf(_)));
     assert_eq!(folder.config.num_hidden_layers, 4);
@@ -113,7 +118,7 @@ fn check(arch: Arch, dtype: GgmlDType) {
         prompt_a.len(),
         &expected,
         TOLERANCE,
-        &format!("{arch:?} {dtype:?}"),
+        &format!("{arch:?} {dtype}"),
     );
     // A stage of half the layers holds about half of the layers' bytes, in their quantized size.
     let whole = &load_split(&folder, "0-3")[0];
@@ -142,7 +147,7 @@ fn check(arch: Arch, dtype: GgmlDType) {
     .sum();
     assert!(
         held <= 1.05 * stored as f64,
-        "{dtype:?}: {held} bytes held for {stored} bytes of tensors in the file"
+        "{dtype}: {held} bytes held for {stored} bytes of tensors in the file"
     );
 }
 
@@ -186,6 +191,35 @@ fn other_block_formats_match_too() {
     ] {
         check(Arch::Llama, dtype);
     }
+}
+
+#[test]
+fn the_remaining_block_formats_match_too() {
+    for dtype in [
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+        GgmlDType::Q2K,
+        GgmlDType::Q3K,
+        GgmlDType::BF16,
+    ] {
+        check(Arch::Llama, dtype);
+    }
+}
+
+#[test]
+fn a_mix_of_block_formats_in_one_file_matches_as_q4_k_m_does() {
+    // As llama.cpp's Q4_K_M: attn_v and ffn_down at Q6_K, the embedding at Q8_0 (tied here, so
+    // also the head), the rest Q4_K.
+    check_with(Arch::Qwen3, "Q4_K_M-like mix", &|name| {
+        if name.contains("attn_v") || name.contains("ffn_down") {
+            GgmlDType::Q6K
+        } else if name.starts_with("token_embd") {
+            GgmlDType::Q8_0
+        } else {
+            GgmlDType::Q4K
+        }
+    });
 }
 
 #[test]
