@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GGUF stage against llama.cpp on the same file, one thread each, side by side: decode
-# tokens/s for F32, Q8_0 and Q4_K, medians of interleaved rounds, ratios printed last.
+# tokens/s for F32 and each block type people download (KINDS to choose), medians of interleaved rounds, ratios printed last.
 # Needs llama-cpp-python (pip install llama-cpp-python builds llama.cpp from its source).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,8 +13,9 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 pin() { if command -v taskset >/dev/null; then taskset -c 0 "$@"; else "$@"; fi; }
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+kinds=${KINDS:-f32 q8_0 q4_0 q4_1 q5_0 q5_1 q4_k q6_k}
 declare -A ours theirs
-for kind in f32 q8_0 q4_k; do
+for kind in $kinds; do
   "$agent" make-model --out "$work/$kind" --arch llama --layers 8 --hidden 768 --intermediate 2048 \
     --heads 12 --kv-heads 4 --gguf "$kind" >/dev/null
   rm "$work/$kind/tokenizer.json"   # both sides tokenize from the GGUF's own metadata
@@ -29,7 +30,7 @@ for kind in f32 q8_0 q4_k; do
   done
 done
 echo "GGUF decode, one thread, 8-layer hidden-768 Llama-shaped model, $tokens tokens, median of $rounds rounds:"
-for kind in f32 q8_0 q4_k; do
+for kind in $kinds; do
   a=$(echo ${ours[$kind]} | tr ' ' '\n' | median)
   b=$(echo ${theirs[$kind]} | tr ' ' '\n' | median)
   printf "%-5s clusteragent %8.2f tok/s   llama.cpp %8.2f tok/s   ratio %.3f (goal >= 1.0)\n" "$kind" "$a" "$b" "$(echo "$a / $b" | bc -l)"

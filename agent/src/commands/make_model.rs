@@ -74,7 +74,8 @@ pub struct MakeModelArgs {
     /// Seed of the random weights.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// Also write the model as `model.gguf`, its matrices quantized: q8_0, q4_k or f32.
+    /// Also write the model as `model.gguf`, its matrices in one GGUF type: f32, f16, bf16, q4_0,
+    /// q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k or q6_k.
     #[arg(long)]
     pub gguf: Option<String>,
 }
@@ -134,10 +135,23 @@ pub fn run(args: MakeModelArgs) -> Result<()> {
         Some(kind) => {
             use cluster_engine::candle_core::quantized::GgmlDType;
             let dtype = match kind.to_ascii_lowercase().as_str() {
-                "q8_0" => GgmlDType::Q8_0,
-                "q4_k" => GgmlDType::Q4K,
                 "f32" => GgmlDType::F32,
-                other => bail!("--gguf {other:?}: expected q8_0, q4_k or f32"),
+                "f16" => GgmlDType::F16,
+                "bf16" => GgmlDType::BF16,
+                "q4_0" => GgmlDType::Q4_0,
+                "q4_1" => GgmlDType::Q4_1,
+                "q5_0" => GgmlDType::Q5_0,
+                "q5_1" => GgmlDType::Q5_1,
+                "q8_0" => GgmlDType::Q8_0,
+                "q2_k" => GgmlDType::Q2K,
+                "q3_k" => GgmlDType::Q3K,
+                "q4_k" => GgmlDType::Q4K,
+                "q5_k" => GgmlDType::Q5K,
+                "q6_k" => GgmlDType::Q6K,
+                other => bail!(
+                    "--gguf {other:?}: expected one of f32, f16, bf16, q4_0, q4_1, q5_0, q5_1, \
+                     q8_0, q2_k, q3_k, q4_k, q5_k, q6_k"
+                ),
             };
             let path = model
                 .write_gguf(&args.out, dtype)
