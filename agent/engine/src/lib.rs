@@ -14,6 +14,7 @@
 //!   pre-tokenizers, SentencePiece), and where generation ends.
 //! - [`stage`]: the decoder layers, the KV caches, [`Stage::forward`].
 //! - [`matvec`]: decode-step products that read each weight row once for every sequence.
+//! - [`qmatvec`]: the same for GGUF's 32-value block formats, with integer dot products.
 //! - [`rope`]: rotary tables with llama3 and linear scaling.
 //! - [`folder`]: a model folder: config, tokenizer, chat template, EOS ids.
 //! - [`tokenizer`], [`chat`], [`sampling`]: text in and out, chat templates, next-token choice.
@@ -29,6 +30,7 @@ pub mod generate;
 pub mod gguf;
 pub mod gguf_tokenizer;
 pub mod matvec;
+pub mod qmatvec;
 pub mod rope;
 pub mod sampling;
 pub mod stage;

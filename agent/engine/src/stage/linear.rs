@@ -5,8 +5,9 @@
 //! precision widened a cache-sized block at a time. Larger products of half-precision weights
 //! (prefill chunks) widen a block of weight rows at a time and multiply it with candle's general
 //! product, so that no product holds more than [`WIDEN_BLOCK_BYTES`] of widened weights (candle's
-//! own bf16 product widens the whole matrix, every time). Everything else (GPUs, f32 prefill,
-//! quantized blocks) takes candle's products.
+//! own bf16 product widens the whole matrix, every time). Weights in GGUF's 32-value block
+//! formats go through [`qmatvec`](crate::qmatvec) for up to 16 rows. Everything else (GPUs, f32
+//! prefill, K-quant blocks) takes candle's products.
 
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Module, Tensor};
@@ -38,6 +39,11 @@ pub(super) fn linear(proj: &Proj, x: &Tensor) -> Result<Tensor> {
             // F32, F16 and BF16 files are held as plain f32 matrices (candle dequantizes them).
             if let QMatMul::Tensor(t) = w
                 && let Some(y) = decode_on_cpu(t, bias.as_ref(), x)?
+            {
+                return Ok(y);
+            }
+            if let QMatMul::QTensor(q) = w
+                && let Some(y) = blocks_on_cpu(q, bias.as_ref(), x)?
             {
                 return Ok(y);
             }
@@ -82,6 +88,48 @@ pub(super) fn linear(proj: &Proj, x: &Tensor) -> Result<Tensor> {
         None => y,
     };
     Ok(y.contiguous()?.unsqueeze(1)?)
+}
+
+/// Up to [`qmatvec::MAX_ROWS`](crate::qmatvec::MAX_ROWS) rows against a matrix in one of the
+/// 32-value block formats [`qmatvec`](crate::qmatvec) multiplies, in CPU memory, through that
+/// kernel; `None` for anything else (other formats, GPU tensors, prefill chunks), which takes
+/// candle's product.
+fn blocks_on_cpu(
+    w: &candle_core::quantized::QTensor,
+    bias: Option<&Tensor>,
+    x: &Tensor,
+) -> Result<Option<Tensor>> {
+    use crate::qmatvec::{Format, MAX_ROWS, rows_times_blocks, supports};
+    let (b, len, width) = x.dims3()?;
+    let rows = b * len;
+    let Some(format) = Format::of(w.dtype()) else {
+        return Ok(None);
+    };
+    let (outputs, w_width) = w.shape().dims2()?;
+    if rows > MAX_ROWS
+        || w_width != width
+        || !x.device().is_cpu()
+        || x.dtype() != DType::F32
+        || !w.device().is_cpu()
+        || !supports(format, outputs, width)
+    {
+        return Ok(None);
+    }
+    let x = x.contiguous()?;
+    let mut out = vec![0f32; rows * outputs];
+    {
+        let (x_storage, x_layout) = x.storage_and_layout();
+        let Some(xs) = cpu_f32(&x_storage, x_layout) else {
+            return Ok(None);
+        };
+        let bytes = w.data()?;
+        rows_times_blocks(format, xs, rows, &bytes, width, &mut out);
+    }
+    let y = Tensor::from_vec(out, (b, len, outputs), x.device())?;
+    Ok(Some(match bias {
+        Some(bias) => y.broadcast_add(bias)?,
+        None => y,
+    }))
 }
 
 /// Rows up to which a product of half-precision weights goes through the kernel, which reads

@@ -1,0 +1,550 @@
+//! Decode-step products `x · Wᵀ` against weights in GGUF's 32-value block formats (Q4_0, Q4_1,
+//! Q5_0, Q5_1, Q8_0), a few input rows at a time, with integer dot products in AVX2 registers.
+//!
+//! candle multiplies Q4_1, Q5_0 and Q5_1 one scalar value at a time (its `vec_dot_unopt`), and
+//! everything one input row at a time; on a real Q4_1 model that was 80% of a decode step and a
+//! seventh of llama.cpp's speed. Here each input row is quantized once per product to 8-bit
+//! blocks (Q8_0, or Q8_1 for the formats with an offset), exactly as candle quantizes it, and
+//! each block's products are summed as integers in SIMD registers: 32 multiplications in a few
+//! instructions. The integer sums are exact, and they are turned into floats and accumulated in
+//! the order candle's kernels use on this CPU (its AVX2 kernels for Q4_0 and Q8_0, its scalar
+//! ones for the others), so a stage gives the same bits as candle's quantized models, which the
+//! oracle tests compare against token for token.
+//!
+//! A weight row is read from memory once per product, whatever the number of input rows: the
+//! rows after the first find it in the L1 cache. As with [`matvec`](crate::matvec), a row's
+//! result does not depend on the rows travelling with it.
+//!
+//! Only x86-64 with AVX2 and FMA takes this path (chosen at run time); elsewhere [`supports`]
+//! says no and the caller keeps candle's kernels.
+
+use candle_core::quantized::GgmlDType;
+use half::f16;
+use rayon::prelude::*;
+
+/// Values per block, in every format here.
+const BLOCK: usize = 32;
+
+/// The most input rows one product takes; larger products (prefill) are better served by
+/// candle's general kernels, which this path would gain nothing over.
+pub const MAX_ROWS: usize = 16;
+
+/// The least weight bytes per parallel task: handing a task to rayon's pool and waiting for it
+/// costs microseconds, reading this much from memory about ten.
+const MIN_TASK_BYTES: usize = 64 << 10;
+
+/// A block format this kernel multiplies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// 4-bit values around 8, one f16 scale per block.
+    Q4_0,
+    /// 4-bit values, an f16 scale and an f16 offset per block.
+    Q4_1,
+    /// 5-bit values around 16, one f16 scale per block.
+    Q5_0,
+    /// 5-bit values, an f16 scale and an f16 offset per block.
+    Q5_1,
+    /// 8-bit values, one f16 scale per block.
+    Q8_0,
+}
+
+impl Format {
+    /// The format of a GGUF block type, when it is one of these.
+    pub fn of(dtype: GgmlDType) -> Option<Format> {
+        Some(match dtype {
+            GgmlDType::Q4_0 => Format::Q4_0,
+            GgmlDType::Q4_1 => Format::Q4_1,
+            GgmlDType::Q5_0 => Format::Q5_0,
+            GgmlDType::Q5_1 => Format::Q5_1,
+            GgmlDType::Q8_0 => Format::Q8_0,
+            _ => return None,
+        })
+    }
+
+    /// Bytes of one block.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            Format::Q4_0 => 18,
+            Format::Q4_1 => 20,
+            Format::Q5_0 => 22,
+            Format::Q5_1 => 24,
+            Format::Q8_0 => 34,
+        }
+    }
+
+    /// Whether the input is quantized with the sum of each block (Q8_1), which the formats with
+    /// an offset need.
+    fn with_sums(self) -> bool {
+        matches!(self, Format::Q4_1 | Format::Q5_1)
+    }
+}
+
+/// Whether this CPU runs the kernel for `format` on a `(outputs, width)` matrix. Where candle
+/// has a faster path of its own (its AVX-512 VNNI kernels for Q8_0 matrices in whole 256-value
+/// superblocks), that path is kept, and with it candle's numerics.
+pub fn supports(format: Format, outputs: usize, width: usize) -> bool {
+    if width == 0 || width % BLOCK != 0 {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        if pulp::x86::V3::try_new().is_none() {
+            return false;
+        }
+        let candle_vnni = (is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512vnni"))
+            || is_x86_feature_detected!("avxvnni");
+        !(format == Format::Q8_0 && candle_vnni && width % 256 == 0 && outputs % 16 == 0)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (format, outputs);
+        false
+    }
+}
+
+/// One block of an input row in 8 bits: its scale as stored (an f16, here widened), for Q8_1
+/// the block's sum times the scale (also stored as an f16), and the values.
+#[derive(Clone, Copy)]
+#[repr(C, align(32))]
+struct InputBlock {
+    qs: [i8; BLOCK],
+    d: f32,
+    s: f32,
+}
+
+/// Quantizes one input row as candle's `BlockQ8_0::from_float` / `BlockQ8_1::from_float` do,
+/// so that the products below see the very integers candle's would.
+fn quantize_row(x: &[f32], with_sums: bool, out: &mut [InputBlock]) {
+    for (xs, block) in x.chunks_exact(BLOCK).zip(out.iter_mut()) {
+        let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let d16 = f16::from_f32(d);
+        let mut sum = 0i32;
+        for (q, &v) in block.qs.iter_mut().zip(xs) {
+            *q = f32::round(v * id) as i8;
+            sum += *q as i32;
+        }
+        block.d = d16.to_f32();
+        block.s = if with_sums {
+            (f16::from_f32(sum as f32) * d16).to_f32()
+        } else {
+            0.0
+        };
+    }
+}
+
+/// `out = x · wᵀ` for `x` of `rows × width` f32 values (`rows` at most [`MAX_ROWS`]), `w` the
+/// bytes of an `outputs × width` matrix in `format`, `out` of `rows × outputs`. Callers check
+/// [`supports`] first.
+///
+/// # Panics
+/// When the lengths disagree with the shape, or [`supports`] would have said no.
+pub fn rows_times_blocks(
+    format: Format,
+    x: &[f32],
+    rows: usize,
+    w: &[u8],
+    width: usize,
+    out: &mut [f32],
+) {
+    assert!(
+        rows <= MAX_ROWS && x.len() == rows * width,
+        "x is not rows × width"
+    );
+    let blocks = width / BLOCK;
+    let row_bytes = blocks * format.block_bytes();
+    assert!(
+        width % BLOCK == 0 && w.len() % row_bytes == 0,
+        "w is not outputs × width blocks"
+    );
+    let outputs = w.len() / row_bytes;
+    assert_eq!(out.len(), rows * outputs, "out is not rows × outputs");
+    if rows == 0 || outputs == 0 {
+        return;
+    }
+    let mut input = vec![
+        InputBlock {
+            qs: [0; BLOCK],
+            d: 0.0,
+            s: 0.0
+        };
+        rows * blocks
+    ];
+    for (x, q) in x.chunks_exact(width).zip(input.chunks_exact_mut(blocks)) {
+        quantize_row(x, format.with_sums(), q);
+    }
+    // Tasks write output-major (one weight row's results for every input row together), so
+    // each task's writes are contiguous; one transpose at the end gives row-major.
+    let mut by_output = vec![0f32; outputs * rows];
+    let threads = rayon::current_num_threads();
+    let per_task = outputs
+        .div_ceil(2 * threads)
+        .max(MIN_TASK_BYTES.div_ceil(row_bytes));
+    let task = |(w, dst): (&[u8], &mut [f32])| products(format, w, row_bytes, &input, blocks, dst);
+    if threads == 1 || outputs <= per_task {
+        task((w, &mut by_output));
+    } else {
+        w.par_chunks(per_task * row_bytes)
+            .zip(by_output.par_chunks_mut(per_task * rows))
+            .for_each(task);
+    }
+    for (o, results) in by_output.chunks_exact(rows).enumerate() {
+        for (r, v) in results.iter().enumerate() {
+            out[r * outputs + o] = *v;
+        }
+    }
+}
+
+/// Every weight row of `w` (rows of `row_bytes`) times every quantized input row of `input`
+/// (rows of `blocks` blocks), into `dst` output-major.
+fn products(
+    format: Format,
+    w: &[u8],
+    row_bytes: usize,
+    input: &[InputBlock],
+    blocks: usize,
+    dst: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let Some(simd) = pulp::x86::V3::try_new() else {
+            unreachable!("qmatvec::supports checked AVX2 and FMA")
+        };
+        pulp::Simd::vectorize(
+            simd,
+            avx2::Products {
+                simd,
+                format,
+                w,
+                row_bytes,
+                input,
+                blocks,
+                dst,
+            },
+        );
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (format, w, row_bytes, input, blocks, dst);
+        unreachable!("qmatvec::supports is false off x86-64")
+    }
+}
+
+/// The f16 at `bytes[at..at + 2]`, widened.
+#[inline(always)]
+fn half_at(bytes: &[u8], at: usize) -> f32 {
+    f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    //! The products, block by block, through pulp's AVX2 token (safe intrinsics, run inside
+    //! `V3::vectorize` so that they compile to AVX2 instructions). Q4_0 and Q8_0 accumulate
+    //! eight float lanes with fused multiply-adds and add the lanes at the end, as candle's AVX2
+    //! kernels do; the others add each block's integer sum to one float, as candle's scalar
+    //! kernels do.
+
+    use pulp::bytemuck::cast;
+    use pulp::x86::V3;
+    use pulp::{Simd, WithSimd};
+    use std::arch::x86_64::{__m128i, __m256, __m256i};
+
+    use super::{BLOCK, Format, InputBlock, half_at};
+
+    /// The arguments of [`super::products`], run inside `V3::vectorize`. The loops are written
+    /// out per format rather than through a closure: a closure's body is a function of its own,
+    /// compiled without the vector instructions `with_simd` gets, and every intrinsic inlined
+    /// into it would become a call (20x slower in unoptimised-by-default test builds).
+    pub(super) struct Products<'a> {
+        pub(super) simd: V3,
+        pub(super) format: Format,
+        pub(super) w: &'a [u8],
+        pub(super) row_bytes: usize,
+        pub(super) input: &'a [InputBlock],
+        pub(super) blocks: usize,
+        pub(super) dst: &'a mut [f32],
+    }
+
+    impl WithSimd for Products<'_> {
+        type Output = ();
+
+        #[inline(always)]
+        fn with_simd<S: Simd>(self, _: S) {
+            let avx = Avx2 { simd: self.simd };
+            let rows = self.input.len() / self.blocks;
+            macro_rules! each {
+                ($dot:ident) => {
+                    for (w_row, dst) in self
+                        .w
+                        .chunks_exact(self.row_bytes)
+                        .zip(self.dst.chunks_exact_mut(rows))
+                    {
+                        for (x, d) in self.input.chunks_exact(self.blocks).zip(dst.iter_mut()) {
+                            *d = avx.$dot(w_row, x);
+                        }
+                    }
+                };
+            }
+            match self.format {
+                Format::Q4_0 => each!(dot_q4_0),
+                Format::Q4_1 => each!(dot_q4_1),
+                Format::Q5_0 => each!(dot_q5_0),
+                Format::Q5_1 => each!(dot_q5_1),
+                Format::Q8_0 => each!(dot_q8_0),
+            }
+        }
+    }
+
+    #[derive(Clone, Copy)]
+    pub(super) struct Avx2 {
+        pub(super) simd: V3,
+    }
+
+    fn array<const N: usize>(b: &[u8]) -> [u8; N] {
+        let mut a = [0u8; N];
+        a.copy_from_slice(&b[..N]);
+        a
+    }
+
+    impl Avx2 {
+        /// The 32 nibbles of a 16-byte block as bytes: low nibbles first, then high nibbles,
+        /// the order in which Q4 and Q5 blocks pair their values with the input's.
+        #[inline(always)]
+        fn nibbles(self, qs: &[u8]) -> __m256i {
+            let s = self.simd;
+            let low: __m128i = cast(array::<16>(qs));
+            let both = s.avx._mm256_insertf128_si256::<1>(
+                s.avx._mm256_castsi128_si256(low),
+                s.sse2._mm_srli_epi16::<4>(low),
+            );
+            s.avx2._mm256_and_si256(both, s.avx._mm256_set1_epi8(0x0F))
+        }
+
+        /// 0x10 in byte `i` where bit `i` of `qh` is set: the fifth bit of each Q5 value.
+        #[inline(always)]
+        fn fifth_bits(self, qh: u32) -> __m256i {
+            let s = self.simd;
+            // Byte i takes byte i / 8 of qh, then keeps bit i % 8 of it.
+            let spread = s.avx2._mm256_shuffle_epi8(
+                s.avx._mm256_set1_epi32(qh as i32),
+                s.avx._mm256_setr_epi64x(
+                    0,
+                    0x0101_0101_0101_0101,
+                    0x0202_0202_0202_0202,
+                    0x0303_0303_0303_0303,
+                ),
+            );
+            let bit = s.avx._mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+            let set = s
+                .avx2
+                ._mm256_cmpeq_epi8(s.avx2._mm256_and_si256(spread, bit), bit);
+            s.avx2._mm256_and_si256(set, s.avx._mm256_set1_epi8(0x10))
+        }
+
+        /// Sums of four adjacent products of unsigned bytes `u` and signed bytes `v`, in eight
+        /// 32-bit lanes. Exact: every pair of products fits 16 bits for the value ranges here.
+        #[inline(always)]
+        fn products_u8_i8(self, u: __m256i, v: __m256i) -> __m256i {
+            let s = self.simd;
+            s.avx2._mm256_madd_epi16(
+                s.avx2._mm256_maddubs_epi16(u, v),
+                s.avx._mm256_set1_epi16(1),
+            )
+        }
+
+        /// [`Avx2::products_u8_i8`] for two signed operands: the sign of `a` moves onto `b`.
+        #[inline(always)]
+        fn products_i8_i8(self, a: __m256i, b: __m256i) -> __m256i {
+            let s = self.simd;
+            self.products_u8_i8(s.avx2._mm256_sign_epi8(a, a), s.avx2._mm256_sign_epi8(b, a))
+        }
+
+        #[inline(always)]
+        fn sum_lanes_i32(self, v: __m256i) -> i32 {
+            let s = self.simd;
+            let v = s.sse2._mm_add_epi32(
+                s.avx._mm256_castsi256_si128(v),
+                s.avx2._mm256_extracti128_si256::<1>(v),
+            );
+            let v = s.sse2._mm_add_epi32(v, s.sse2._mm_unpackhi_epi64(v, v));
+            let v = s.sse2._mm_add_epi32(v, s.sse2._mm_shuffle_epi32::<0b01>(v));
+            s.sse2._mm_cvtsi128_si32(v)
+        }
+
+        /// The eight lanes added as candle's `hsum_float_8` adds them.
+        #[inline(always)]
+        fn sum_lanes_f32(self, x: __m256) -> f32 {
+            let s = self.simd;
+            let v = s.sse._mm_add_ps(
+                s.avx._mm256_extractf128_ps::<1>(x),
+                s.avx._mm256_castps256_ps128(x),
+            );
+            let v = s.sse._mm_add_ps(v, s.sse._mm_movehl_ps(v, v));
+            let v = s.sse._mm_add_ss(v, s.sse3._mm_movehdup_ps(v));
+            s.sse._mm_cvtss_f32(v)
+        }
+
+        #[inline(always)]
+        fn input_values(self, x: &InputBlock) -> __m256i {
+            cast(x.qs)
+        }
+
+        /// A float per block scaled into eight lanes, added as candle's AVX2 kernels add them.
+        #[inline(always)]
+        fn scaled(self, acc: __m256, d: f32, sums: __m256i) -> __m256 {
+            let s = self.simd;
+            s.fma
+                ._mm256_fmadd_ps(s.avx._mm256_set1_ps(d), s.avx._mm256_cvtepi32_ps(sums), acc)
+        }
+
+        #[inline(always)]
+        pub(super) fn dot_q4_0(self, w: &[u8], x: &[InputBlock]) -> f32 {
+            let s = self.simd;
+            let mut acc = s.avx._mm256_setzero_ps();
+            for (b, x) in w.chunks_exact(18).zip(x) {
+                let v = s
+                    .avx2
+                    ._mm256_sub_epi8(self.nibbles(&b[2..]), s.avx._mm256_set1_epi8(8));
+                let sums = self.products_i8_i8(v, self.input_values(x));
+                acc = self.scaled(acc, half_at(b, 0) * x.d, sums);
+            }
+            self.sum_lanes_f32(acc)
+        }
+
+        #[inline(always)]
+        pub(super) fn dot_q8_0(self, w: &[u8], x: &[InputBlock]) -> f32 {
+            let s = self.simd;
+            let mut acc = s.avx._mm256_setzero_ps();
+            for (b, x) in w.chunks_exact(34).zip(x) {
+                let v: __m256i = cast(array::<32>(&b[2..]));
+                let sums = self.products_i8_i8(v, self.input_values(x));
+                acc = self.scaled(acc, half_at(b, 0) * x.d, sums);
+            }
+            self.sum_lanes_f32(acc)
+        }
+
+        #[inline(always)]
+        pub(super) fn dot_q4_1(self, w: &[u8], x: &[InputBlock]) -> f32 {
+            let mut sum = 0f32;
+            for (b, x) in w.chunks_exact(20).zip(x) {
+                let v = self.nibbles(&b[4..]);
+                let sumi = self.sum_lanes_i32(self.products_u8_i8(v, self.input_values(x)));
+                sum += sumi as f32 * half_at(b, 0) * x.d + half_at(b, 2) * x.s;
+            }
+            sum
+        }
+
+        #[inline(always)]
+        pub(super) fn dot_q5_0(self, w: &[u8], x: &[InputBlock]) -> f32 {
+            let s = self.simd;
+            let mut sum = 0f32;
+            for (b, x) in w.chunks_exact(22).zip(x) {
+                let qh = u32::from_le_bytes(array::<4>(&b[2..]));
+                let v = s
+                    .avx2
+                    ._mm256_or_si256(self.nibbles(&b[6..]), self.fifth_bits(qh));
+                let v = s.avx2._mm256_sub_epi8(v, s.avx._mm256_set1_epi8(16));
+                let sumi = self.sum_lanes_i32(self.products_i8_i8(v, self.input_values(x)));
+                sum += sumi as f32 * half_at(b, 0) * x.d;
+            }
+            sum
+        }
+
+        #[inline(always)]
+        pub(super) fn dot_q5_1(self, w: &[u8], x: &[InputBlock]) -> f32 {
+            let s = self.simd;
+            let mut sum = 0f32;
+            for (b, x) in w.chunks_exact(24).zip(x) {
+                let qh = u32::from_le_bytes(array::<4>(&b[4..]));
+                let v = s
+                    .avx2
+                    ._mm256_or_si256(self.nibbles(&b[8..]), self.fifth_bits(qh));
+                let sumi = self.sum_lanes_i32(self.products_u8_i8(v, self.input_values(x)));
+                sum += sumi as f32 * half_at(b, 0) * x.d + half_at(b, 2) * x.s;
+            }
+            sum
+        }
+    }
+
+    const _: () = assert!(BLOCK == 32);
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+    use candle_core::{Device, Module, Tensor};
+
+    use super::*;
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        // A cheap deterministic spread of magnitudes and signs, some blocks all zero.
+        let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+        (0..n)
+            .map(|i| {
+                state ^= state << 13;
+                state ^= state >> 17;
+                state ^= state << 5;
+                if (i / BLOCK) % 7 == 3 {
+                    0.0
+                } else {
+                    (state % 20_001) as f32 / 10_000.0 - 1.0
+                }
+            })
+            .collect()
+    }
+
+    /// Every format, 1 to 16 rows, against candle's own product of the same blocks: the same
+    /// bits, row by row.
+    #[test]
+    fn every_format_gives_candles_bits() {
+        let (outputs, width) = (48, 320);
+        for dtype in [
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
+            GgmlDType::Q5_1,
+            GgmlDType::Q8_0,
+        ] {
+            let format = Format::of(dtype).unwrap();
+            if !supports(format, outputs, width) {
+                eprintln!("SKIPPED {dtype:?}: this CPU has no AVX2 and FMA");
+                continue;
+            }
+            let w = Tensor::from_vec(values(outputs * width, 7), (outputs, width), &Device::Cpu)
+                .unwrap();
+            let q = QTensor::quantize(&w, dtype).unwrap();
+            let bytes = q.data().unwrap().into_owned();
+            let mm = QMatMul::from_qtensor(q).unwrap();
+            for rows in [1, 2, 3, 5, 16] {
+                let x = values(rows * width, rows as u32 + 11);
+                let mut ours = vec![0f32; rows * outputs];
+                rows_times_blocks(format, &x, rows, &bytes, width, &mut ours);
+                for r in 0..rows {
+                    let row = Tensor::from_slice(
+                        &x[r * width..(r + 1) * width],
+                        (1, width),
+                        &Device::Cpu,
+                    )
+                    .unwrap();
+                    let theirs: Vec<f32> = mm
+                        .forward(&row)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap();
+                    let got = &ours[r * outputs..(r + 1) * outputs];
+                    for (o, (a, b)) in got.iter().zip(&theirs).enumerate() {
+                        assert_eq!(
+                            a.to_bits(),
+                            b.to_bits(),
+                            "{dtype:?} rows {rows} row {r} output {o}: {a} vs candle {b}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
