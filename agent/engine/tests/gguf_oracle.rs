@@ -1,5 +1,7 @@
 //! GGUF stages, split every way, against candle-transformers' quantized whole-model forward
-//! (`quantized_llama`, `quantized_qwen2`, `quantized_qwen3`) on the same file, in Q8_0 and Q4_K.
+//! (`quantized_llama`, `quantized_qwen2`, `quantized_qwen3`) on the same file, in every block
+//! type candle reads; and files quantized by llama.cpp's own quantizer, which the fixtures'
+//! writer reproduces byte for byte, decoding llama.cpp's greedy tokens.
 
 // A test that cannot unwrap has failed; the panic message is the report.
 #![allow(clippy::unwrap_used)]
@@ -301,4 +303,232 @@ fn a_truncated_gguf_or_a_block_type_candle_cannot_read_is_refused_naming_the_ten
             eprintln!("SKIPPED: python3 with gguf not found (pip install gguf): {why}");
         }
     }
+}
+
+/// The type name llama.cpp's gguf package gives each GGUF block type.
+fn gguf_type(name: &str) -> GgmlDType {
+    match name {
+        "F32" => GgmlDType::F32,
+        "F16" => GgmlDType::F16,
+        "BF16" => GgmlDType::BF16,
+        "Q4_0" => GgmlDType::Q4_0,
+        "Q4_1" => GgmlDType::Q4_1,
+        "Q5_0" => GgmlDType::Q5_0,
+        "Q5_1" => GgmlDType::Q5_1,
+        "Q8_0" => GgmlDType::Q8_0,
+        "Q2_K" => GgmlDType::Q2K,
+        "Q3_K" => GgmlDType::Q3K,
+        "Q4_K" => GgmlDType::Q4K,
+        "Q5_K" => GgmlDType::Q5K,
+        "Q6_K" => GgmlDType::Q6K,
+        other => panic!("llama.cpp wrote a {other} tensor, which this test does not expect"),
+    }
+}
+
+/// Every tensor of a GGUF file: name -> (type, sha256 of its bytes as stored).
+fn tensor_digests(path: &Path) -> std::collections::BTreeMap<String, (GgmlDType, String)> {
+    use sha2::{Digest, Sha256};
+    let mut file = std::fs::File::open(path).unwrap();
+    let content = Content::read(&mut file).unwrap();
+    let mut out = std::collections::BTreeMap::new();
+    for name in content.tensor_infos.keys() {
+        let q = content.tensor(&mut file, name, &Device::Cpu).unwrap();
+        let bytes = q.data().unwrap();
+        let digest: String = Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        out.insert(name.clone(), (q.dtype(), digest));
+    }
+    out
+}
+
+/// How far our logits (about 2 here) may be from llama.cpp's, for files of 16-bit floats and of
+/// quantized blocks. llama.cpp multiplies half-precision weights with its activations rounded
+/// to the same half precision (we keep them f32): 0.002-0.016 apart here. On quantized files
+/// the two are 0.02-0.10 apart, every step, although both round the activations to 8-bit
+/// blocks; the cause is not found yet. Reading a block wrongly moves logits much further:
+/// llama.cpp's own logits for one model move by 0.2-0.6 between its block types.
+const LLAMA_CPP_TOLERANCE: (f32, f32) = (0.02, 0.15);
+
+/// The model `tests/tools/llamacpp_quantize.py` quantized with llama.cpp (its usage line gives
+/// the same shape to `clusteragent make-model`): two layers, every matrix 256 wide.
+fn llamacpp_model() -> TinyModel {
+    TinyModel {
+        layers: 2,
+        intermediate: 256,
+        ..model(Arch::Llama)
+    }
+}
+
+fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// `tests/tools/llamacpp_quantize.py` quantized the F32 GGUF of [`llamacpp_model`] with
+/// llama.cpp's own quantizer (llama-quantize's code, llama-cpp-python 0.3.36): every 32-value
+/// block type, F16 and BF16 pure, and the Q2_K, Q3_K_M, Q4_K_M and Q5_K_M files people download,
+/// as llama.cpp mixes them. It recorded each tensor's type and hash, and llama.cpp's greedy
+/// tokens with the eight best logits of each step.
+///
+/// For the pure files, the fixtures' writer must write the very bytes llama.cpp wrote, so every
+/// such file the oracle tests above check is a file llama.cpp makes. llama.cpp's K-quant
+/// quantizer chooses other scales than candle's, so its K files are kept whole in
+/// `tests/data/llamacpp/`. Then each file, split over two stages, must give llama.cpp's logits
+/// along llama.cpp's tokens (within [`LLAMA_CPP_TOLERANCE`]), and its greedy token wherever the
+/// choice is clear; the K files also candle-transformers' logits (within [`TOLERANCE`]).
+#[test]
+fn files_quantized_by_llama_cpp_are_the_fixtures_files_and_decode_its_tokens() {
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/data");
+    let record: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(data.join("llamacpp-quantized.json")).unwrap(),
+    )
+    .unwrap();
+    let digests_of = |tensors: &serde_json::Value| -> Vec<(String, String, String)> {
+        tensors
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| {
+                (
+                    t["name"].as_str().unwrap().to_string(),
+                    t["type"].as_str().unwrap().to_string(),
+                    t["sha256"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    let compare = |ours: &std::collections::BTreeMap<String, (GgmlDType, String)>,
+                   theirs: &[(String, String, String)],
+                   what: &str| {
+        assert_eq!(ours.len(), theirs.len(), "{what}: tensor count");
+        for (name, ty, sha) in theirs {
+            let (our_ty, our_sha) = ours
+                .get(name)
+                .unwrap_or_else(|| panic!("{what}: no tensor {name}"));
+            assert_eq!(*our_ty, gguf_type(ty), "{what}: tensor {name}'s type");
+            assert_eq!(
+                our_sha, sha,
+                "{what}: tensor {name} ({ty}) is not byte for byte llama.cpp's"
+            );
+        }
+    };
+
+    let dir = tempfile::tempdir().unwrap();
+    let source = llamacpp_model()
+        .write_gguf_with(dir.path(), &|_| GgmlDType::F32)
+        .unwrap();
+    compare(
+        &tensor_digests(&source),
+        &digests_of(&record["source"]),
+        "the F32 source",
+    );
+
+    let prompt = ids(&record["prompt_ids"]);
+    let files = record["files"].as_array().unwrap();
+    let names: Vec<&str> = files.iter().map(|f| f["name"].as_str().unwrap()).collect();
+    for expected in [
+        "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "F16", "BF16", "Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M",
+    ] {
+        assert!(names.contains(&expected), "no {expected} file in {names:?}");
+    }
+    let mut types_seen = std::collections::BTreeSet::new();
+    let (mut clear_steps, mut all_steps) = (0, 0);
+    for file in files {
+        let name = file["name"].as_str().unwrap();
+        let theirs = digests_of(&file["tensors"]);
+        let dir = tempfile::tempdir().unwrap();
+        let path = match file["kept"].as_str() {
+            Some(kept) => {
+                let path = data.join("llamacpp").join(kept);
+                compare(&tensor_digests(&path), &theirs, name);
+                path
+            }
+            None => {
+                let types: std::collections::HashMap<String, GgmlDType> = theirs
+                    .iter()
+                    .map(|(n, t, _)| (n.clone(), gguf_type(t)))
+                    .collect();
+                let path = llamacpp_model()
+                    .write_gguf_with(dir.path(), &|tensor| types[tensor])
+                    .unwrap();
+                compare(&tensor_digests(&path), &theirs, name);
+                path
+            }
+        };
+        types_seen.extend(theirs.iter().map(|(_, t, _)| t.clone()));
+
+        let tokens = ids(&file["token_ids"]);
+        let top = file["top"].as_array().unwrap();
+        assert_eq!(top.len(), tokens.len(), "{name}: steps recorded");
+        let folder = ModelFolder::open(&path).unwrap();
+        let stages = load_split(&folder, "0-0,1-1");
+        let mut oracle = file["kept"]
+            .as_str()
+            .map(|_| Oracle::load(&path, Arch::Llama));
+        let tolerance = if name.ends_with("F16") {
+            LLAMA_CPP_TOLERANCE.0
+        } else {
+            LLAMA_CPP_TOLERANCE.1
+        };
+        let mut worst = 0f32;
+        for (step, best) in top.iter().enumerate() {
+            let (position, input) = if step == 0 {
+                (0, prompt.clone())
+            } else {
+                (prompt.len() + step - 1, vec![tokens[step - 1]])
+            };
+            let logits = common::run_stages(&stages, 1, position, &input);
+            if let Some(oracle) = oracle.as_mut() {
+                let expected = oracle.forward(&input, position);
+                common::assert_close(
+                    &logits,
+                    &expected,
+                    TOLERANCE,
+                    &format!("{name} against candle-transformers, step {step}"),
+                );
+            }
+            let best = best.as_array().unwrap();
+            for pair in best {
+                let id = pair[0].as_u64().unwrap() as usize;
+                let theirs = pair[1].as_f64().unwrap() as f32;
+                worst = worst.max((logits[id] - theirs).abs());
+                assert!(
+                    (logits[id] - theirs).abs() <= tolerance,
+                    "{name} step {step}: token {id}'s logit is {} here, {theirs} in llama.cpp",
+                    logits[id]
+                );
+            }
+            let margin = best[0][1].as_f64().unwrap() - best[1][1].as_f64().unwrap();
+            all_steps += 1;
+            if margin > 2.0 * tolerance as f64 {
+                clear_steps += 1;
+                assert_eq!(
+                    argmax(&logits),
+                    tokens[step],
+                    "{name} step {step}: llama.cpp's greedy token (margin {margin})"
+                );
+            }
+        }
+        for stage in &stages {
+            stage.release(1);
+        }
+        eprintln!(
+            "{name}: tensors byte for byte llama.cpp's; logits within {worst:.4} of llama.cpp's \
+             over {} steps",
+            top.len()
+        );
+    }
+    for ty in [
+        "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q8_0", "BF16",
+    ] {
+        assert!(types_seen.contains(ty), "no {ty} tensor in {types_seen:?}");
+    }
+    // Random weights give flat distributions: few steps are clear choices, and the logits
+    // above are the comparison that counts.
+    eprintln!("{clear_steps} of {all_steps} steps were clear choices, each llama.cpp's token");
 }
