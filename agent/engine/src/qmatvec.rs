@@ -495,11 +495,13 @@ mod tests {
             .collect()
     }
 
-    /// Every format, 1 to 16 rows, against candle's own product of the same blocks: the same
-    /// bits, row by row.
+    /// Every format, 1 to 16 rows, 51 outputs, one thread and two: the bits of candle's own
+    /// product of the same blocks (its scalar reference kernels for Q4_1, Q5_0 and Q5_1), and
+    /// the f32 product of the dequantized weights within what rounding the input to 8-bit
+    /// blocks can move it.
     #[test]
-    fn every_format_gives_candles_bits() {
-        let (outputs, width) = (48, 320);
+    fn every_format_gives_candles_bits_near_the_dequantized_product() {
+        let (outputs, width) = (51, 320);
         for dtype in [
             GgmlDType::Q4_0,
             GgmlDType::Q4_1,
@@ -516,32 +518,69 @@ mod tests {
                 .unwrap();
             let q = QTensor::quantize(&w, dtype).unwrap();
             let bytes = q.data().unwrap().into_owned();
+            let dequantized: Vec<f32> = q
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
             let mm = QMatMul::from_qtensor(q).unwrap();
-            for rows in [1, 2, 3, 5, 16] {
-                let x = values(rows * width, rows as u32 + 11);
-                let mut ours = vec![0f32; rows * outputs];
-                rows_times_blocks(format, &x, rows, &bytes, width, &mut ours);
-                for r in 0..rows {
-                    let row = Tensor::from_slice(
-                        &x[r * width..(r + 1) * width],
-                        (1, width),
-                        &Device::Cpu,
-                    )
+            for threads in [1, 2] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
                     .unwrap();
-                    let theirs: Vec<f32> = mm
-                        .forward(&row)
-                        .unwrap()
-                        .flatten_all()
-                        .unwrap()
-                        .to_vec1()
-                        .unwrap();
-                    let got = &ours[r * outputs..(r + 1) * outputs];
-                    for (o, (a, b)) in got.iter().zip(&theirs).enumerate() {
-                        assert_eq!(
-                            a.to_bits(),
-                            b.to_bits(),
-                            "{dtype:?} rows {rows} row {r} output {o}: {a} vs candle {b}"
-                        );
+                for rows in [1, 2, 3, 5, 16] {
+                    let x = values(rows * width, rows as u32 + 11);
+                    let mut ours = vec![0f32; rows * outputs];
+                    pool.install(|| rows_times_blocks(format, &x, rows, &bytes, width, &mut ours));
+                    for r in 0..rows {
+                        let xs = &x[r * width..(r + 1) * width];
+                        let row = Tensor::from_slice(xs, (1, width), &Device::Cpu).unwrap();
+                        let theirs: Vec<f32> = mm
+                            .forward(&row)
+                            .unwrap()
+                            .flatten_all()
+                            .unwrap()
+                            .to_vec1()
+                            .unwrap();
+                        for o in 0..outputs {
+                            let got = ours[r * outputs + o];
+                            assert_eq!(
+                                got.to_bits(),
+                                theirs[o].to_bits(),
+                                "{dtype:?} rows {rows} row {r} output {o} ({threads} threads): \
+                                 {got} vs candle {}",
+                                theirs[o]
+                            );
+                            let ws = &dequantized[o * width..(o + 1) * width];
+                            let (mut exact, mut bound) = (0f64, 1e-6);
+                            for (wb, xb) in ws.chunks(BLOCK).zip(xs.chunks(BLOCK)) {
+                                let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+                                let wmax = wb.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+                                let (mut wsum, mut xsum, mut magnitude) = (0f64, 0f64, 0f64);
+                                for (a, b) in wb.iter().zip(xb) {
+                                    let (a, b) = (*a as f64, *b as f64);
+                                    exact += a * b;
+                                    magnitude += (a * b).abs();
+                                    wsum += a.abs();
+                                    xsum += b.abs();
+                                }
+                                // An input value moves by at most half a step of its block's
+                                // scale, which is itself an f16 (2^-11 of it, 127 steps); an
+                                // offset format's block sum is an f16 too; float sums of these
+                                // terms in any order.
+                                bound += wsum * amax / 127.0 * (0.5 + 127.0 / 2048.0)
+                                    + wmax * xsum / 1024.0
+                                    + 1e-5 * magnitude;
+                            }
+                            assert!(
+                                (got as f64 - exact).abs() <= bound,
+                                "{dtype:?} rows {rows} row {r} output {o}: {got} vs the \
+                                 dequantized weights' {exact} (bound {bound})"
+                            );
+                        }
                     }
                 }
             }
