@@ -6,10 +6,16 @@
 //! seventh of llama.cpp's speed. Here each input row is quantized once per product to 8-bit
 //! blocks (Q8_0, or Q8_1 for the formats with an offset), exactly as candle quantizes it, and
 //! each block's products are summed as integers in SIMD registers: 32 multiplications in a few
-//! instructions. The integer sums are exact, and they are turned into floats and accumulated in
-//! the order candle's kernels use on this CPU (its AVX2 kernels for Q4_0 and Q8_0, its scalar
-//! ones for the others), so a stage gives the same bits as candle's quantized models, which the
-//! oracle tests compare against token for token.
+//! instructions. For the formats candle multiplies in scalar code, eight weight rows go together:
+//! their eight blocks' integer sums are added across lanes into one register and scaled by the
+//! eight rows' scales at once, each lane taking the very float steps candle's scalar kernel
+//! takes for its row, so that no block pays for a horizontal sum or a scalar f16 conversion.
+//! Q4_0 and Q8_0 keep eight float lanes per row and add them at the end, as candle's AVX2
+//! kernels do. Either way the results have candle's bits, which matters more than it seems:
+//! the next product rounds its input to 8 bits, and a last-bit difference that flips one
+//! rounding grows into a visible one (0.03-0.05 in a random model's logits, seen when the order
+//! of float sums was changed), so the oracle tests compare against candle-transformers' quantized
+//! models token for token and logit for logit.
 //!
 //! A weight row is read from memory once per product, whatever the number of input rows: the
 //! rows after the first find it in the L1 cache. As with [`matvec`](crate::matvec), a row's
@@ -274,8 +280,8 @@ mod avx2 {
         fn with_simd<S: Simd>(self, _: S) {
             let avx = Avx2 { simd: self.simd };
             let rows = self.input.len() / self.blocks;
-            macro_rules! each {
-                ($dot:ident) => {
+            macro_rules! single {
+                ($dot:ident) => {{
                     for (w_row, dst) in self
                         .w
                         .chunks_exact(self.row_bytes)
@@ -285,15 +291,152 @@ mod avx2 {
                             *d = avx.$dot(w_row, x);
                         }
                     }
-                };
+                }};
             }
+            macro_rules! grouped {
+                ($dot8:ident, $dot:ident) => {{
+                    let grouped = self.w.len() / (GROUP * self.row_bytes) * GROUP;
+                    let (w_groups, w_tail) = self.w.split_at(grouped * self.row_bytes);
+                    let (d_groups, d_tail) = self.dst.split_at_mut(grouped * rows);
+                    for (w, dst) in w_groups
+                        .chunks_exact(GROUP * self.row_bytes)
+                        .zip(d_groups.chunks_exact_mut(GROUP * rows))
+                    {
+                        for (r, x) in self.input.chunks_exact(self.blocks).enumerate() {
+                            let v: [f32; GROUP] = cast(avx.$dot8(w, self.row_bytes, x));
+                            for (o, v) in v.into_iter().enumerate() {
+                                dst[o * rows + r] = v;
+                            }
+                        }
+                    }
+                    for (w_row, dst) in w_tail
+                        .chunks_exact(self.row_bytes)
+                        .zip(d_tail.chunks_exact_mut(rows))
+                    {
+                        for (x, d) in self.input.chunks_exact(self.blocks).zip(dst.iter_mut()) {
+                            *d = avx.$dot(w_row, x);
+                        }
+                    }
+                }};
+            }
+            // Q4_0 and Q8_0 follow candle's AVX2 kernels, which keep eight float lanes per row
+            // and add them at the end; they go row by row.
             match self.format {
-                Format::Q4_0 => each!(dot_q4_0),
-                Format::Q4_1 => each!(dot_q4_1),
-                Format::Q5_0 => each!(dot_q5_0),
-                Format::Q5_1 => each!(dot_q5_1),
-                Format::Q8_0 => each!(dot_q8_0),
+                Format::Q4_0 => single!(dot_q4_0),
+                Format::Q4_1 => grouped!(dot8_q4_1, dot_q4_1),
+                Format::Q5_0 => grouped!(dot8_q5_0, dot_q5_0),
+                Format::Q5_1 => grouped!(dot8_q5_1, dot_q5_1),
+                Format::Q8_0 => single!(dot_q8_0),
             }
+        }
+    }
+
+    /// Weight rows multiplied together: their eight sums fill one register.
+    const GROUP: usize = 8;
+
+    /// Eight weight rows, `row_bytes` apart from `w`, times one input row, for the formats
+    /// candle multiplies in scalar code: each block's integer products of the eight rows are
+    /// added across lanes into one register of eight sums, then each lane takes the float
+    /// steps candle's scalar kernel takes for its row. `$lanes` gives the integer lanes of one
+    /// block of bytes `b`; `$min` says whether the format has offsets.
+    macro_rules! dot8 {
+        ($name:ident, $bytes:expr, $min:expr, |$avx:ident, $b:ident, $x:ident| $lanes:expr) => {
+            #[inline(always)]
+            pub(super) fn $name(self, w: &[u8], row_bytes: usize, xs: &[InputBlock]) -> __m256 {
+                let s = self.simd;
+                let $avx = self;
+                let mut acc = s.avx._mm256_setzero_ps();
+                for (i, $x) in xs.iter().enumerate() {
+                    let at = i * $bytes;
+                    let mut lanes = [s.avx._mm256_setzero_si256(); GROUP];
+                    let mut d = [0u16; GROUP];
+                    let mut m = [0u16; GROUP];
+                    for (r, lanes) in lanes.iter_mut().enumerate() {
+                        let $b = &w[r * row_bytes + at..r * row_bytes + at + $bytes];
+                        *lanes = $lanes;
+                        d[r] = u16::from_le_bytes([$b[0], $b[1]]);
+                        if $min {
+                            m[r] = u16::from_le_bytes([$b[2], $b[3]]);
+                        }
+                    }
+                    // (sum * d_w) * d_x, plus m_w * s_x, added to the row's sum: candle's steps.
+                    let sums = s.avx._mm256_cvtepi32_ps(self.across(lanes));
+                    let mut term = s.avx._mm256_mul_ps(
+                        s.avx._mm256_mul_ps(sums, self.halves(d)),
+                        s.avx._mm256_set1_ps($x.d),
+                    );
+                    if $min {
+                        term = s.avx._mm256_add_ps(
+                            term,
+                            s.avx
+                                ._mm256_mul_ps(self.halves(m), s.avx._mm256_set1_ps($x.s)),
+                        );
+                    }
+                    acc = s.avx._mm256_add_ps(acc, term);
+                }
+                acc
+            }
+        };
+    }
+
+    impl Avx2 {
+        dot8!(dot8_q4_1, 20, true, |avx, b, x| {
+            avx.products_u8_i8(avx.nibbles(&b[4..]), avx.input_values(x))
+        });
+        dot8!(dot8_q5_0, 22, false, |avx, b, x| {
+            let s = avx.simd;
+            let qh = u32::from_le_bytes(array::<4>(&b[2..]));
+            let v = s
+                .avx2
+                ._mm256_or_si256(avx.nibbles(&b[6..]), avx.fifth_bits(qh));
+            let v = s.avx2._mm256_sub_epi8(v, s.avx._mm256_set1_epi8(16));
+            avx.products_i8_i8(v, avx.input_values(x))
+        });
+        dot8!(dot8_q5_1, 24, true, |avx, b, x| {
+            let s = avx.simd;
+            let qh = u32::from_le_bytes(array::<4>(&b[4..]));
+            let v = s
+                .avx2
+                ._mm256_or_si256(avx.nibbles(&b[8..]), avx.fifth_bits(qh));
+            avx.products_u8_i8(v, avx.input_values(x))
+        });
+
+        /// The sums of the eight lanes of each of eight registers, in one register.
+        #[inline(always)]
+        fn across(self, v: [__m256i; GROUP]) -> __m256i {
+            let s = self.simd;
+            // hadd pairs lanes within each 128-bit half: two rounds leave, in each half, a
+            // quarter sum of each of four registers; the halves are then added.
+            let h01 = s.avx2._mm256_hadd_epi32(v[0], v[1]);
+            let h23 = s.avx2._mm256_hadd_epi32(v[2], v[3]);
+            let h45 = s.avx2._mm256_hadd_epi32(v[4], v[5]);
+            let h67 = s.avx2._mm256_hadd_epi32(v[6], v[7]);
+            let h03 = s.avx2._mm256_hadd_epi32(h01, h23);
+            let h47 = s.avx2._mm256_hadd_epi32(h45, h67);
+            s.avx2._mm256_add_epi32(
+                s.avx2._mm256_permute2x128_si256::<0x20>(h03, h47),
+                s.avx2._mm256_permute2x128_si256::<0x31>(h03, h47),
+            )
+        }
+
+        /// Eight f16 values widened, exactly: the magnitude's bits moved into an f32's place
+        /// and scaled by 2^112 (the difference of the two exponent biases), the sign put back.
+        /// Scales are finite, so infinities and NaNs need no case.
+        #[inline(always)]
+        fn halves(self, h: [u16; GROUP]) -> __m256 {
+            let s = self.simd;
+            let h = s.avx2._mm256_cvtepu16_epi32(cast(h));
+            let magnitude = s.avx2._mm256_slli_epi32::<13>(
+                s.avx2._mm256_and_si256(h, s.avx._mm256_set1_epi32(0x7fff)),
+            );
+            let sign = s.avx2._mm256_slli_epi32::<16>(
+                s.avx2._mm256_and_si256(h, s.avx._mm256_set1_epi32(0x8000)),
+            );
+            let value = s.avx._mm256_mul_ps(
+                s.avx._mm256_castsi256_ps(magnitude),
+                s.avx._mm256_set1_ps(f32::from_bits(0x7780_0000)),
+            );
+            s.avx._mm256_or_ps(value, s.avx._mm256_castsi256_ps(sign))
         }
     }
 
