@@ -185,9 +185,11 @@ pub fn rows_times_blocks(
     // each task's writes are contiguous; one transpose at the end gives row-major.
     let mut by_output = vec![0f32; outputs * rows];
     let threads = rayon::current_num_threads();
+    // Whole groups of eight weight rows per task, so that only the last task has rows alone.
     let per_task = outputs
         .div_ceil(2 * threads)
-        .max(MIN_TASK_BYTES.div_ceil(row_bytes));
+        .max(MIN_TASK_BYTES.div_ceil(row_bytes))
+        .next_multiple_of(8);
     let task = |(w, dst): (&[u8], &mut [f32])| products(format, w, row_bytes, &input, blocks, dst);
     if threads == 1 || outputs <= per_task {
         task((w, &mut by_output));
@@ -262,7 +264,8 @@ mod avx2 {
     /// The arguments of [`super::products`], run inside `V3::vectorize`. The loops are written
     /// out per format rather than through a closure: a closure's body is a function of its own,
     /// compiled without the vector instructions `with_simd` gets, and every intrinsic inlined
-    /// into it would become a call (20x slower in unoptimised-by-default test builds).
+    /// into it would become a call (20x slower in test builds; release builds happened to
+    /// inline it).
     pub(super) struct Products<'a> {
         pub(super) simd: V3,
         pub(super) format: Format,
@@ -638,20 +641,24 @@ mod tests {
             .collect()
     }
 
-    /// Every format, 1 to 16 rows, 51 outputs, one thread and two: the bits of candle's own
-    /// product of the same blocks (its scalar reference kernels for Q4_1, Q5_0 and Q5_1), and
-    /// the f32 product of the dequantized weights within what rounding the input to 8-bit
+    /// Every format, 1 to 16 rows, 51 and 1003 outputs, one thread and two: the bits of candle's
+    /// own product of the same blocks (its scalar reference kernels for Q4_1, Q5_0 and Q5_1),
+    /// and the f32 product of the dequantized weights within what rounding the input to 8-bit
     /// blocks can move it.
     #[test]
     fn every_format_gives_candles_bits_near_the_dequantized_product() {
-        let (outputs, width) = (51, 320);
-        for dtype in [
-            GgmlDType::Q4_0,
-            GgmlDType::Q4_1,
-            GgmlDType::Q5_0,
-            GgmlDType::Q5_1,
-            GgmlDType::Q8_0,
-        ] {
+        let width = 320;
+        // 1003 outputs split over several tasks, each of whole groups but the last.
+        for (outputs, dtype) in [51, 1003].into_iter().flat_map(|o| {
+            [
+                GgmlDType::Q4_0,
+                GgmlDType::Q4_1,
+                GgmlDType::Q5_0,
+                GgmlDType::Q5_1,
+                GgmlDType::Q8_0,
+            ]
+            .map(move |d| (o, d))
+        }) {
             let format = Format::of(dtype).unwrap();
             if !supports(format, outputs, width) {
                 eprintln!("SKIPPED {dtype:?}: this CPU has no AVX2 and FMA");
