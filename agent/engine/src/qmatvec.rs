@@ -337,42 +337,55 @@ mod avx2 {
     /// Weight rows multiplied together: their eight sums fill one register.
     const GROUP: usize = 8;
 
-    /// Eight weight rows, `row_bytes` apart from `w`, times one input row, for the formats
-    /// candle multiplies in scalar code: each block's integer products of the eight rows are
-    /// added across lanes into one register of eight sums, then each lane takes the float
-    /// steps candle's scalar kernel takes for its row. `$lanes` gives the integer lanes of one
-    /// block of bytes `b`; `$min` says whether the format has offsets.
-    macro_rules! dot8 {
-        ($name:ident, $bytes:expr, $min:expr, |$avx:ident, $b:ident, $x:ident| $lanes:expr) => {
+    /// For the formats candle multiplies in scalar code (`$lanes` gives one block's integer
+    /// lanes, `$bytes` its size, `$min` whether it has an offset), `$one`: one weight row times
+    /// one input row, with candle's float steps per block, (sum * d_w) * d_x, plus m_w * s_x,
+    /// added to the row's sum; and `$eight`: eight weight rows, `row_bytes` apart from `w`, at
+    /// once, their blocks' integer sums added across lanes into one register of eight sums and
+    /// each lane then taking those same steps for its row.
+    macro_rules! scalar_order {
+        ($one:ident, $eight:ident, $lanes:ident, $bytes:expr, $min:expr) => {
             #[inline(always)]
-            pub(super) fn $name(self, w: &[u8], row_bytes: usize, xs: &[InputBlock]) -> __m256 {
+            pub(super) fn $one(self, w: &[u8], xs: &[InputBlock]) -> f32 {
+                let mut sum = 0f32;
+                for (b, x) in w.chunks_exact($bytes).zip(xs) {
+                    let sumi = self.sum_lanes_i32(self.$lanes(b, x));
+                    let mut term = sumi as f32 * half_at(b, 0) * x.d;
+                    if $min {
+                        term += half_at(b, 2) * x.s;
+                    }
+                    sum += term;
+                }
+                sum
+            }
+
+            #[inline(always)]
+            pub(super) fn $eight(self, w: &[u8], row_bytes: usize, xs: &[InputBlock]) -> __m256 {
                 let s = self.simd;
-                let $avx = self;
                 let mut acc = s.avx._mm256_setzero_ps();
-                for (i, $x) in xs.iter().enumerate() {
+                for (i, x) in xs.iter().enumerate() {
                     let at = i * $bytes;
                     let mut lanes = [s.avx._mm256_setzero_si256(); GROUP];
                     let mut d = [0u16; GROUP];
                     let mut m = [0u16; GROUP];
                     for (r, lanes) in lanes.iter_mut().enumerate() {
-                        let $b = &w[r * row_bytes + at..r * row_bytes + at + $bytes];
-                        *lanes = $lanes;
-                        d[r] = u16::from_le_bytes([$b[0], $b[1]]);
+                        let b = &w[r * row_bytes + at..r * row_bytes + at + $bytes];
+                        *lanes = self.$lanes(b, x);
+                        d[r] = u16::from_le_bytes([b[0], b[1]]);
                         if $min {
-                            m[r] = u16::from_le_bytes([$b[2], $b[3]]);
+                            m[r] = u16::from_le_bytes([b[2], b[3]]);
                         }
                     }
-                    // (sum * d_w) * d_x, plus m_w * s_x, added to the row's sum: candle's steps.
                     let sums = s.avx._mm256_cvtepi32_ps(self.across(lanes));
                     let mut term = s.avx._mm256_mul_ps(
                         s.avx._mm256_mul_ps(sums, self.halves(d)),
-                        s.avx._mm256_set1_ps($x.d),
+                        s.avx._mm256_set1_ps(x.d),
                     );
                     if $min {
                         term = s.avx._mm256_add_ps(
                             term,
                             s.avx
-                                ._mm256_mul_ps(self.halves(m), s.avx._mm256_set1_ps($x.s)),
+                                ._mm256_mul_ps(self.halves(m), s.avx._mm256_set1_ps(x.s)),
                         );
                     }
                     acc = s.avx._mm256_add_ps(acc, term);
@@ -383,26 +396,38 @@ mod avx2 {
     }
 
     impl Avx2 {
-        dot8!(dot8_q4_1, 20, true, |avx, b, x| {
-            avx.products_u8_i8(avx.nibbles(&b[4..]), avx.input_values(x))
-        });
-        dot8!(dot8_q5_0, 22, false, |avx, b, x| {
-            let s = avx.simd;
+        scalar_order!(dot_q4_1, dot8_q4_1, lanes_q4_1, 20, true);
+        scalar_order!(dot_q5_0, dot8_q5_0, lanes_q5_0, 22, false);
+        scalar_order!(dot_q5_1, dot8_q5_1, lanes_q5_1, 24, true);
+
+        /// A Q4_1 block's products with an input block, in eight integer lanes.
+        #[inline(always)]
+        fn lanes_q4_1(self, b: &[u8], x: &InputBlock) -> __m256i {
+            self.products_u8_i8(self.nibbles(&b[4..]), self.input_values(x))
+        }
+
+        /// A Q5_0 block's products with an input block, in eight integer lanes.
+        #[inline(always)]
+        fn lanes_q5_0(self, b: &[u8], x: &InputBlock) -> __m256i {
+            let s = self.simd;
             let qh = u32::from_le_bytes(array::<4>(&b[2..]));
             let v = s
                 .avx2
-                ._mm256_or_si256(avx.nibbles(&b[6..]), avx.fifth_bits(qh));
+                ._mm256_or_si256(self.nibbles(&b[6..]), self.fifth_bits(qh));
             let v = s.avx2._mm256_sub_epi8(v, s.avx._mm256_set1_epi8(16));
-            avx.products_i8_i8(v, avx.input_values(x))
-        });
-        dot8!(dot8_q5_1, 24, true, |avx, b, x| {
-            let s = avx.simd;
+            self.products_i8_i8(v, self.input_values(x))
+        }
+
+        /// A Q5_1 block's products with an input block, in eight integer lanes.
+        #[inline(always)]
+        fn lanes_q5_1(self, b: &[u8], x: &InputBlock) -> __m256i {
+            let s = self.simd;
             let qh = u32::from_le_bytes(array::<4>(&b[4..]));
             let v = s
                 .avx2
-                ._mm256_or_si256(avx.nibbles(&b[8..]), avx.fifth_bits(qh));
-            avx.products_u8_i8(v, avx.input_values(x))
-        });
+                ._mm256_or_si256(self.nibbles(&b[8..]), self.fifth_bits(qh));
+            self.products_u8_i8(v, self.input_values(x))
+        }
 
         /// The sums of the eight lanes of each of eight registers, in one register.
         #[inline(always)]
@@ -569,48 +594,6 @@ mod avx2 {
                 acc = self.scaled(acc, half_at(b, 0) * x.d, sums);
             }
             self.sum_lanes_f32(acc)
-        }
-
-        #[inline(always)]
-        pub(super) fn dot_q4_1(self, w: &[u8], x: &[InputBlock]) -> f32 {
-            let mut sum = 0f32;
-            for (b, x) in w.chunks_exact(20).zip(x) {
-                let v = self.nibbles(&b[4..]);
-                let sumi = self.sum_lanes_i32(self.products_u8_i8(v, self.input_values(x)));
-                sum += sumi as f32 * half_at(b, 0) * x.d + half_at(b, 2) * x.s;
-            }
-            sum
-        }
-
-        #[inline(always)]
-        pub(super) fn dot_q5_0(self, w: &[u8], x: &[InputBlock]) -> f32 {
-            let s = self.simd;
-            let mut sum = 0f32;
-            for (b, x) in w.chunks_exact(22).zip(x) {
-                let qh = u32::from_le_bytes(array::<4>(&b[2..]));
-                let v = s
-                    .avx2
-                    ._mm256_or_si256(self.nibbles(&b[6..]), self.fifth_bits(qh));
-                let v = s.avx2._mm256_sub_epi8(v, s.avx._mm256_set1_epi8(16));
-                let sumi = self.sum_lanes_i32(self.products_i8_i8(v, self.input_values(x)));
-                sum += sumi as f32 * half_at(b, 0) * x.d;
-            }
-            sum
-        }
-
-        #[inline(always)]
-        pub(super) fn dot_q5_1(self, w: &[u8], x: &[InputBlock]) -> f32 {
-            let s = self.simd;
-            let mut sum = 0f32;
-            for (b, x) in w.chunks_exact(24).zip(x) {
-                let qh = u32::from_le_bytes(array::<4>(&b[4..]));
-                let v = s
-                    .avx2
-                    ._mm256_or_si256(self.nibbles(&b[8..]), self.fifth_bits(qh));
-                let sumi = self.sum_lanes_i32(self.products_u8_i8(v, self.input_values(x)));
-                sum += sumi as f32 * half_at(b, 0) * x.d + half_at(b, 2) * x.s;
-            }
-            sum
         }
     }
 
