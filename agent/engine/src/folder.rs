@@ -216,6 +216,37 @@ impl ModelFolder {
         }
     }
 
+    /// Where the weights of a stage holding `range` lie: (file, first byte, end byte) per
+    /// tensor, from the headers alone. What a node must fetch before it loads that stage.
+    pub fn stage_ranges(
+        &self,
+        range: cluster_api::LayerRange,
+        first: bool,
+        last: bool,
+    ) -> Result<Vec<(PathBuf, u64, u64)>> {
+        match &self.weights {
+            Weights::Safetensors(files) => {
+                let names: Vec<String> =
+                    crate::Stage::tensor_list(&self.config, range, first, last)
+                        .into_iter()
+                        .map(|(n, _)| n)
+                        .collect();
+                files.ranges(&names)
+            }
+            Weights::Gguf(file) => crate::Stage::gguf_tensor_list(&self.config, range, first, last)
+                .iter()
+                .map(|(name, _)| {
+                    file.tensor_range(name)
+                        .map(|(a, b)| (file.path().to_path_buf(), a, b))
+                        .ok_or_else(|| EngineError::MissingTensor {
+                            name: name.clone(),
+                            place: file.path().to_path_buf(),
+                        })
+                })
+                .collect(),
+        }
+    }
+
     /// How the weight bytes fall across layers, embedding and head (see [`Self::stage_bytes`]).
     pub fn byte_profile(
         &self,

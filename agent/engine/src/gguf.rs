@@ -165,6 +165,13 @@ fn unreadable_tensor(path: &Path) -> Option<String> {
     None
 }
 
+/// Where the data of a GGUF file whose first bytes are `prefix` begins (its header's end), or
+/// `None` when `prefix` does not hold the whole header (or is no GGUF header at all).
+pub fn header_end(prefix: &[u8]) -> Option<u64> {
+    let content = Content::read(&mut std::io::Cursor::new(prefix)).ok()?;
+    Some(content.tensor_data_offset)
+}
+
 impl GgufFile {
     /// Opens `path` and reads its header.
     pub fn open(path: &Path) -> Result<Self> {
@@ -255,6 +262,18 @@ impl GgufFile {
                 (t.shape.elem_count() / t.ggml_dtype.block_size() * t.ggml_dtype.type_size()) as u64
             })
             .unwrap_or(0)
+    }
+
+    /// Where a tensor's bytes lie in the file: (first byte, end byte).
+    pub fn tensor_range(&self, name: &str) -> Option<(u64, u64)> {
+        let info = self.content.tensor_infos.get(name)?;
+        let start = self.content.tensor_data_offset + info.offset;
+        Some((start, start + self.tensor_bytes(name)))
+    }
+
+    /// Where the header (metadata and tensor table) ends and the tensors' data begins.
+    pub fn data_offset(&self) -> u64 {
+        self.content.tensor_data_offset
     }
 
     /// Reads one tensor, in its stored type.

@@ -137,6 +137,28 @@ impl WeightFiles {
         }
     }
 
+    /// Where in which file each of `names` lies: (file, first byte, end byte), reading only
+    /// headers. Used to fetch exactly a stage's bytes before it loads.
+    pub fn ranges(&self, names: &[String]) -> Result<Vec<(PathBuf, u64, u64)>> {
+        let mut headers: BTreeMap<PathBuf, HashMap<String, TensorEntry>> = BTreeMap::new();
+        let mut out = Vec::with_capacity(names.len());
+        for name in names {
+            let path = self.file_of(name)?;
+            if !headers.contains_key(&path) {
+                let header = read_header(&path)?;
+                headers.insert(path.clone(), header);
+            }
+            let entry = headers[&path]
+                .get(name)
+                .ok_or_else(|| EngineError::MissingTensor {
+                    name: name.clone(),
+                    place: path.clone(),
+                })?;
+            out.push((path, entry.start, entry.end));
+        }
+        Ok(out)
+    }
+
     /// Reads `wanted` tensors (name and expected shape), converted to `dtype` on `device`.
     ///
     /// `progress` is called with (bytes read so far, bytes to read in all) after each tensor.
