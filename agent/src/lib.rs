@@ -12,6 +12,7 @@
 //! - [`hugepages`]: on Linux, the process restarts itself so that weights get huge pages.
 //! - [`daemon`]: the daemon: REST control plane, peers, reconcile loop.
 //! - [`endpoint`]: an Endpoint's server: OpenAI routes, metrics, the ring's API.
+//! - [`fetch`]: model files fetched from a hub or a URL, each node only its stage's bytes.
 //! - [`store`]: the sled store of the cluster's desired state.
 //! - [`inventory`]: CPU, memory, OS and GPUs of this host.
 //! - [`web`]: what the HTTP servers share: bearer credentials, bodies, signals.
@@ -20,6 +21,7 @@ pub mod cli;
 pub mod commands;
 pub mod daemon;
 pub mod endpoint;
+pub mod fetch;
 pub mod hugepages;
 pub mod inventory;
 pub mod memory;

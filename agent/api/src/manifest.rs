@@ -133,12 +133,161 @@ impl NodeSpec {
     }
 }
 
-/// Where a model's files are.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Where a model's files are: exactly one of `path`, `hf` and `url`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ModelSource {
     /// A Hugging Face model folder or a `.gguf` file, read on every node that runs a stage.
-    pub path: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    /// A repository on the Hugging Face Hub (or a mirror with its URL layout); each node
+    /// fetches only the bytes of its own stage into its cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hf: Option<HfSource>,
+    /// One `.gguf` or `.safetensors` file over HTTP(S) (a `.safetensors` file's `config.json`
+    /// and tokenizer files are fetched from beside it); fetched like `hf`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+}
+
+/// A model repository on the Hugging Face Hub.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HfSource {
+    /// `owner/name`.
+    pub repo: String,
+    /// A branch, tag or commit; `main` when absent.
+    #[serde(default = "default_revision")]
+    pub revision: String,
+    /// The files to use; absent, the model folder's usual files (`config.json`, the tokenizer
+    /// files, `model.safetensors` or the shards its index lists). Name one `.gguf` file to run
+    /// a GGUF model from the repository.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<String>,
+    /// The hub's address; absent, the agent's `HF_ENDPOINT` or `https://huggingface.co`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+}
+
+fn default_revision() -> String {
+    "main".into()
+}
+
+impl ModelSource {
+    /// A local source.
+    pub fn local(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: Some(path.into()),
+            ..Self::default()
+        }
+    }
+
+    /// Whether the files are fetched (hub or URL) rather than found on each node.
+    pub fn is_remote(&self) -> bool {
+        self.path.is_none()
+    }
+
+    /// One line for messages and tables: the path, `hf://owner/name@revision`, or the URL.
+    pub fn describe(&self) -> String {
+        match (&self.path, &self.hf, &self.url) {
+            (Some(p), _, _) => p.display().to_string(),
+            (None, Some(h), _) => {
+                let files = match h.files.as_slice() {
+                    [] => String::new(),
+                    [one] => format!("/{one}"),
+                    many => format!(" ({} files)", many.len()),
+                };
+                format!("hf://{}@{}{files}", h.repo, h.revision)
+            }
+            (None, None, Some(u)) => u.clone(),
+            (None, None, None) => "(no source)".into(),
+        }
+    }
+
+    fn check(&self, object: &Object, errors: &mut Vec<ManifestError>) {
+        let given = [self.path.is_some(), self.hf.is_some(), self.url.is_some()];
+        if given.iter().filter(|g| **g).count() != 1 {
+            errors.push(ManifestError::field(
+                object,
+                "spec.source",
+                "give exactly one of path (files on every node), hf (a Hugging Face repository) and url (one file over HTTP)",
+            ));
+            return;
+        }
+        if let Some(p) = &self.path
+            && p.as_os_str().is_empty()
+        {
+            errors.push(ManifestError::field(object, "spec.source.path", "is empty"));
+        }
+        if let Some(u) = &self.url {
+            let name = u.rsplit('/').next().unwrap_or("");
+            if !(u.starts_with("http://") || u.starts_with("https://")) {
+                errors.push(ManifestError::field(
+                    object,
+                    "spec.source.url",
+                    format!("{u:?} is not an http:// or https:// address"),
+                ));
+            } else if !(name.ends_with(".gguf") || name.ends_with(".safetensors")) {
+                errors.push(ManifestError::field(
+                    object,
+                    "spec.source.url",
+                    format!("{u:?} does not name a .gguf or .safetensors file"),
+                ));
+            }
+        }
+        if let Some(h) = &self.hf {
+            let parts: Vec<&str> = h.repo.split('/').collect();
+            let plain = |s: &str| {
+                !s.is_empty()
+                    && s != "."
+                    && s != ".."
+                    && s.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            };
+            if parts.len() != 2 || !parts.iter().all(|p| plain(p)) {
+                errors.push(ManifestError::field(
+                    object,
+                    "spec.source.hf.repo",
+                    format!(
+                        "{:?} is not a repository name of the form owner/name",
+                        h.repo
+                    ),
+                ));
+            }
+            if h.revision.is_empty() || h.revision.contains("..") || h.revision.starts_with('/') {
+                errors.push(ManifestError::field(
+                    object,
+                    "spec.source.hf.revision",
+                    format!("{:?} is not a branch, tag or commit", h.revision),
+                ));
+            }
+            for (i, f) in h.files.iter().enumerate() {
+                if f.is_empty() || f.split('/').any(|p| !plain(p)) {
+                    errors.push(ManifestError::field(
+                        object,
+                        &format!("spec.source.hf.files[{i}]"),
+                        format!("{f:?} is not a file name within the repository"),
+                    ));
+                }
+            }
+            if h.files.iter().filter(|f| f.ends_with(".gguf")).count() > 1 {
+                errors.push(ManifestError::field(
+                    object,
+                    "spec.source.hf.files",
+                    "names more than one .gguf file: a model is one GGUF file",
+                ));
+            }
+            if let Some(e) = &h.endpoint
+                && !(e.starts_with("http://") || e.starts_with("https://"))
+            {
+                errors.push(ManifestError::field(
+                    object,
+                    "spec.source.hf.endpoint",
+                    format!("{e:?} is not an http:// or https:// address"),
+                ));
+            }
+        }
+    }
 }
 
 /// A model.
@@ -528,11 +677,7 @@ impl Object {
                     ));
                 }
             }
-            Spec::Model(s) => {
-                if s.source.path.as_os_str().is_empty() {
-                    errors.push(ManifestError::field(self, "spec.source.path", "is empty"));
-                }
-            }
+            Spec::Model(s) => s.source.check(self, &mut errors),
             Spec::Pipeline(s) => check_pipeline(self, s, &mut errors),
             Spec::Endpoint(s) => {
                 if s.port == 0 {
@@ -1004,6 +1149,68 @@ spec: {pipeline: qwen, node: mini1, port: 8000, servedModelName: qwen3-1.7b}
         assert_eq!(e.path.as_deref(), Some("metadata.name"), "{e}");
         let e = one_error(&GOOD.replace("192.168.5.2:7070", "192.168.5.2"));
         assert_eq!(e.path.as_deref(), Some("spec.address"), "{e}");
+    }
+
+    #[test]
+    fn model_sources_are_one_of_path_hub_and_url_and_are_checked() {
+        let with = |source: &str| GOOD.replace("{path: /Users/me/models/Qwen3-1.7B}", source);
+        let objects = parse_manifests(&with("{hf: {repo: Qwen/Qwen3-1.7B}}")).expect("parses");
+        let m = objects[2].as_model().expect("model");
+        assert_eq!(m.source.describe(), "hf://Qwen/Qwen3-1.7B@main");
+        assert!(m.source.is_remote());
+        parse_manifests(&with(
+            "{hf: {repo: unsloth/Qwen3-1.7B-GGUF, revision: v1, files: [Qwen3-1.7B-Q4_K_M.gguf]}}",
+        ))
+        .expect("parses");
+        parse_manifests(&with("{url: \"https://example.com/m/model.gguf\"}")).expect("parses");
+        for (source, path, says) in [
+            ("{}", "spec.source", "exactly one of"),
+            (
+                "{path: /m, url: \"http://h/m.gguf\"}",
+                "spec.source",
+                "exactly one of",
+            ),
+            (
+                "{url: \"ftp://h/m.gguf\"}",
+                "spec.source.url",
+                "not an http",
+            ),
+            (
+                "{url: \"http://h/m.bin\"}",
+                "spec.source.url",
+                ".gguf or .safetensors",
+            ),
+            (
+                "{hf: {repo: just-a-name}}",
+                "spec.source.hf.repo",
+                "owner/name",
+            ),
+            ("{hf: {repo: a/../b}}", "spec.source.hf.repo", "owner/name"),
+            (
+                "{hf: {repo: a/b, files: [../x]}}",
+                "spec.source.hf.files[0]",
+                "within the repository",
+            ),
+            (
+                "{hf: {repo: a/b, files: [x.gguf, y.gguf]}}",
+                "spec.source.hf.files",
+                "more than one",
+            ),
+            (
+                "{hf: {repo: a/b, endpoint: mirror}}",
+                "spec.source.hf.endpoint",
+                "not an http",
+            ),
+            (
+                "{hf: {repo: a/b, token: x}}",
+                "spec.source.hf.token",
+                "unknown field",
+            ),
+        ] {
+            let e = one_error(&with(source));
+            assert_eq!(e.path.as_deref(), Some(path), "{source}: {e}");
+            assert!(e.message.contains(says), "{source}: {e}");
+        }
     }
 
     #[test]

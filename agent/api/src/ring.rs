@@ -34,6 +34,10 @@ pub struct RingConfig {
     pub generation: u64,
     /// The model folder, read on every stage's host.
     pub model: PathBuf,
+    /// Where the model's files come from when they are fetched (hub or URL): `model` is then
+    /// their place in this node's cache, and a stage fetches its own bytes there before loading.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fetch: Option<crate::manifest::ModelSource>,
     /// Device of every stage.
     #[serde(default)]
     pub device: DeviceKind,

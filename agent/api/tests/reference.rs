@@ -76,6 +76,16 @@ metadata: {name: m}
 spec: {source: {path: /models/m}, dtype: bf16}
 ---
 apiVersion: v1
+kind: Model
+metadata: {name: h}
+spec: {source: {hf: {repo: org/m, revision: v1, files: [m.gguf], endpoint: "http://mirror:8080"}}}
+---
+apiVersion: v1
+kind: Model
+metadata: {name: u}
+spec: {source: {url: "https://example.com/m.gguf"}}
+---
+apiVersion: v1
 kind: Pipeline
 metadata: {name: p}
 spec: {model: m, device: metal, stages: [{node: a, layers: "0-13"}], maxSequences: 8, prefillChunk: 64, firstTokenTimeout: 30s}

@@ -78,6 +78,11 @@ impl Agent {
         }))
     }
 
+    /// Where model files fetched from a hub or a URL are kept on this node.
+    pub fn model_cache(&self) -> std::path::PathBuf {
+        self.settings.data_dir.join("models")
+    }
+
     /// This node's name.
     pub fn name(&self) -> &str {
         &self.settings.name
@@ -397,7 +402,13 @@ impl Agent {
             .iter()
             .any(|s| matches!(s.phase, Phase::Loading | Phase::Ready))
         {
-            (Phase::Loading, Some(format!("loading: {progress:.0}%")))
+            let fetching = stages.iter().any(|s| {
+                s.message
+                    .as_deref()
+                    .is_some_and(|m| m.starts_with("fetching"))
+            });
+            let doing = if fetching { "fetching" } else { "loading" };
+            (Phase::Loading, Some(format!("{doing}: {progress:.0}%")))
         } else {
             (
                 Phase::Pending,

@@ -12,7 +12,6 @@ use cluster_api::manifest::{
     Kind, ManifestError, Object, Placement, Spec, check_references, parse_manifests, referrers,
     split_error,
 };
-use cluster_engine::ModelFolder;
 
 use super::agent::Agent;
 
@@ -50,8 +49,7 @@ fn inspect_model(
     let Some(spec) = object.as_model() else {
         return;
     };
-    let path = &spec.source.path;
-    let facts = match ModelFolder::open(path) {
+    let facts = match crate::fetch::open(&agent.model_cache(), &spec.source) {
         Ok(folder) => Ok(ModelFacts {
             profile: folder.byte_profile(spec.dtype),
         }),
@@ -73,7 +71,7 @@ fn inspect_model(
             found.ok_or_else(|| {
                 format!(
                     "cannot open the model at {}: {}",
-                    path.display(),
+                    spec.source.describe(),
                     reasons.join("; ")
                 )
             })
@@ -111,7 +109,12 @@ pub fn apply(agent: &Agent, text: &str, dry_run: bool) -> Result<Vec<ApplyOutcom
         if o.kind == Kind::Model {
             inspect_model(agent, o, &mut models);
             if let Some(Err(why)) = models.get(o.name()) {
-                errors.push(ManifestError::field(o, "spec.source.path", why.clone()));
+                let field = if o.as_model().is_some_and(|m| m.source.is_remote()) {
+                    "spec.source"
+                } else {
+                    "spec.source.path"
+                };
+                errors.push(ManifestError::field(o, field, why.clone()));
             }
         }
     }

@@ -188,6 +188,18 @@ impl Runtime {
                     passes: Default::default(),
                 };
                 match &slot.state {
+                    StageState::Loading
+                        if slot
+                            .progress
+                            .fetching
+                            .load(std::sync::atomic::Ordering::Relaxed) =>
+                    {
+                        report.message = Some(format!(
+                            "fetching its weights: {} of {}",
+                            cluster_api::human_bytes(loaded),
+                            cluster_api::human_bytes(total)
+                        ));
+                    }
                     StageState::Loading => {}
                     StageState::Failed(why) => {
                         report.phase = Phase::Failed;
@@ -320,7 +332,8 @@ pub fn ring_config(agent: &Agent, record: &Record) -> Result<RingConfig, String>
     Ok(RingConfig {
         pipeline: record.object.metadata.name.clone(),
         generation: record.object.metadata.generation,
-        model: model.source.path,
+        model: crate::fetch::local_path(&agent.model_cache(), &model.source),
+        fetch: model.source.is_remote().then(|| model.source.clone()),
         device: spec.device,
         dtype: model.dtype,
         prefill_chunk: spec.prefill_chunk.unwrap_or(128),
@@ -541,7 +554,7 @@ async fn load_stage(
                 want.config.clone(),
                 options,
                 Inbound::Shared(agent.runtime.mux.clone()),
-                Some(progress),
+                Some(progress.clone()),
             )
             .await
         }
@@ -559,9 +572,21 @@ async fn load_stage(
                 false,
                 "Loaded",
                 format!(
-                    "stage {} loaded in {:.1} s",
+                    "stage {} loaded in {:.1} s{}",
                     want.index,
-                    started.elapsed().as_secs_f64()
+                    started.elapsed().as_secs_f64(),
+                    match (
+                        &want.config.fetch,
+                        progress.fetched.load(std::sync::atomic::Ordering::Relaxed)
+                    ) {
+                        (Some(source), n) if n > 0 => format!(
+                            ", after fetching {} of its weights from {}",
+                            cluster_api::human_bytes(n),
+                            source.describe()
+                        ),
+                        (Some(_), _) => ", its weights all in this node's cache".into(),
+                        (None, _) => String::new(),
+                    }
                 ),
             );
         }

@@ -216,10 +216,9 @@ async fn handle(
                     Vec::new(),
                 ),
                 Ok(spec) => {
+                    let cache = agent.model_cache();
                     let opened = tokio::task::spawn_blocking(move || {
-                        cluster_engine::ModelFolder::open(&spec.source.path)
-                            .map(|f| f.byte_profile(spec.dtype))
-                            .map_err(|e| e.to_string())
+                        crate::fetch::open(&cache, &spec.source).map(|f| f.byte_profile(spec.dtype))
                     })
                     .await;
                     match opened {

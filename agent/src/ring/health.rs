@@ -416,6 +416,7 @@ mod tests {
             pipeline: "p".into(),
             generation: 1,
             model: "m".into(),
+            fetch: None,
             device: Default::default(),
             dtype: None,
             prefill_chunk: 8,

@@ -358,6 +358,10 @@ pub struct LoadProgress {
     pub loaded: AtomicU64,
     /// To read.
     pub total: AtomicU64,
+    /// Whether the bytes are still being fetched (hub or URL) rather than read.
+    pub fetching: std::sync::atomic::AtomicBool,
+    /// Bytes this load fetched over the network (0: all were local or in the cache).
+    pub fetched: AtomicU64,
 }
 
 /// A running stage; dropping it does not stop the tasks, [`RingNode::shutdown`] does.
@@ -504,22 +508,71 @@ fn load_stage(
     index: usize,
     progress: Option<&LoadProgress>,
 ) -> Result<(ModelFolder, Stage)> {
-    let folder = ModelFolder::open(&config.model)
-        .with_context(|| format!("opening model {}", config.model.display()))?;
+    let range = config.stages[index].layers;
+    let (first, last) = (index == 0, index + 1 == config.stages.len());
+    let folder = match &config.fetch {
+        None => ModelFolder::open(&config.model)
+            .with_context(|| format!("opening model {}", config.model.display()))?,
+        Some(source) => {
+            // `model` is the model's place in this node's cache.
+            crate::fetch::prepare(&config.model, source).map_err(anyhow::Error::msg)?;
+            let folder = ModelFolder::open(&config.model)
+                .with_context(|| format!("opening model {}", source.describe()))?;
+            config
+                .validate(folder.config.num_hidden_layers)
+                .map_err(anyhow::Error::msg)?;
+            let started = Instant::now();
+            if let Some(p) = progress {
+                p.fetching.store(true, Ordering::Relaxed);
+            }
+            let fetched = crate::fetch::fetch_stage(
+                source,
+                &folder,
+                range,
+                first,
+                last,
+                &mut |done, total| {
+                    if let Some(p) = progress {
+                        p.loaded.store(done, Ordering::Relaxed);
+                        p.total.store(total, Ordering::Relaxed);
+                    }
+                },
+            )
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "{}: fetching layers {range}: {e}",
+                    config.describe_stage(index)
+                )
+            })?;
+            tracing::info!(
+                stage = index,
+                layers = %range,
+                source = %source.describe(),
+                bytes = fetched.bytes,
+                requests = fetched.requests,
+                ms = started.elapsed().as_millis() as u64,
+                "stage's weights fetched"
+            );
+            if let Some(p) = progress {
+                p.fetching.store(false, Ordering::Relaxed);
+                p.fetched.store(fetched.bytes, Ordering::Relaxed);
+            }
+            folder
+        }
+    };
     config
         .validate(folder.config.num_hidden_layers)
         .map_err(anyhow::Error::msg)?;
     let device = open_device(config.device)?;
     let dtype = choose_dtype(config.dtype, folder.config.dtype);
-    let range = config.stages[index].layers;
     let started = Instant::now();
     let stage = Stage::load(
         StageSpec {
             config: folder.config.clone(),
             weights: &folder.weights,
             range,
-            first: index == 0,
-            last: index + 1 == config.stages.len(),
+            first,
+            last,
             device,
             dtype,
         },

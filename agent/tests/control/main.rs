@@ -10,6 +10,7 @@ mod common;
 mod cluster;
 mod daemon;
 mod harness;
+mod hub;
 mod invalid;
 mod load;
 mod openai;

@@ -132,7 +132,15 @@ pub fn render(kind: Kind, items: &[Value], wide: bool) -> String {
                 .map(|o| {
                     vec![
                         text(o, "/metadata/name").to_string(),
-                        text(o, "/spec/source/path").to_string(),
+                        o.pointer("/spec/source")
+                            .and_then(|s| {
+                                serde_json::from_value::<cluster_api::manifest::ModelSource>(
+                                    s.clone(),
+                                )
+                                .ok()
+                            })
+                            .map(|s| s.describe())
+                            .unwrap_or_default(),
                         o.pointer("/spec/dtype")
                             .and_then(Value::as_str)
                             .unwrap_or("checkpoint")

@@ -87,7 +87,15 @@ pub fn run(args: ValidateArgs) -> Outcome {
         else {
             continue;
         };
-        match layer_count(&model.source.path) {
+        let Some(path) = &model.source.path else {
+            notes.push(format!(
+                "{file}: {}: layer ranges not checked offline ({} is fetched by the agents, which check them at apply)",
+                o.describe(),
+                model.source.describe()
+            ));
+            continue;
+        };
+        match layer_count(path) {
             Ok(Some(n)) => {
                 let ranges = stages.iter().map(|s| s.layers).collect();
                 if let Err(e) = LayerSplit::new(ranges, n) {
@@ -97,7 +105,7 @@ pub fn run(args: ValidateArgs) -> Outcome {
             Ok(None) => notes.push(format!(
                 "{file}: {}: layer ranges not checked against the model ({} is not readable here)",
                 o.describe(),
-                model.source.path.display()
+                path.display()
             )),
             Err(why) => problems.push(format!("{file}: {}: spec.model: {why}", o.describe())),
         }

@@ -1,0 +1,708 @@
+//! Model files fetched over HTTP: from the Hugging Face Hub (or a mirror with its URL layout)
+//! or from one file's URL, each node fetching only what it needs.
+//!
+//! A model lives in the agent's cache (`DATA_DIR/models/`) as the folder (or `.gguf` file) the
+//! loader already reads. Small files (`config.json`, tokenizer files, the shard index) are
+//! fetched whole. A weights file is a *sparse* file of its full size into which only fetched
+//! byte ranges are written: first its header (enough for the loader to open the model and say
+//! where each tensor lies), then, before a stage loads, exactly the ranges of that stage's
+//! tensors. A `FILE.pieces` record beside it lists the ranges present, written after every
+//! piece, so a fetch that stops resumes where it stopped and the loader never reads a hole:
+//! [`fetch_stage`] fills every range of the stage before it returns.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use cluster_api::LayerRange;
+use cluster_api::manifest::ModelSource;
+use cluster_engine::ModelFolder;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Bytes asked for in one range request.
+const PIECE: u64 = 16 << 20;
+/// Bytes written between updates of the piece record within one range request: what a fetch
+/// that is stopped mid-request fetches again.
+const CHECKPOINT: u64 = 4 << 20;
+/// The first request for a weights file's header. A safetensors file then says its header's
+/// length; a GGUF header (megabytes where it holds the vocabulary) is fetched in doubling steps.
+const FIRST_HEADER_BYTES: u64 = 64 << 10;
+/// Headers longer than this are refused (real GGUF headers, vocabularies included, are a few MB).
+const MAX_HEADER_BYTES: u64 = 256 << 20;
+/// Bound on connecting and on any silence of the server.
+const TIMEOUT: Duration = Duration::from_secs(60);
+/// Small files the loader reads when the model has them; the rest are required.
+const OPTIONAL: [&str; 3] = [
+    "tokenizer_config.json",
+    "generation_config.json",
+    "chat_template.jinja",
+];
+const REQUIRED: [&str; 2] = ["config.json", "tokenizer.json"];
+const INDEX: &str = "model.safetensors.index.json";
+const SINGLE: &str = "model.safetensors";
+
+/// Where a source's files are fetched from.
+struct Remote {
+    /// URL of a file named `f` (relative to the model's folder): `base + f`.
+    base: String,
+    /// The files as named there, when the source names them (`hf.files`, or the URL's file);
+    /// otherwise discovered from the folder's usual names.
+    named: Vec<String>,
+    /// For a URL to a `.safetensors` file: its name there (it is kept as `model.safetensors`).
+    renamed_single: Option<String>,
+    /// The hub token, sent to the hub only (never to a `url` source).
+    auth: Option<String>,
+    http: ureq::Agent,
+}
+
+/// The Hugging Face token as its own tools find it: `HF_TOKEN`, else the file `HF_TOKEN_PATH`
+/// names, else `~/.cache/huggingface/token`. Never in a manifest (the store is replicated).
+fn hub_token() -> Option<String> {
+    if let Ok(t) = std::env::var("HF_TOKEN")
+        && !t.trim().is_empty()
+    {
+        return Some(t.trim().to_string());
+    }
+    let path = std::env::var_os("HF_TOKEN_PATH")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/huggingface/token"))
+        })?;
+    let t = std::fs::read_to_string(path).ok()?;
+    let t = t.trim();
+    (!t.is_empty()).then(|| t.to_string())
+}
+
+impl Remote {
+    fn of(source: &ModelSource) -> Result<Self, String> {
+        if let Some(h) = &source.hf {
+            let endpoint = h
+                .endpoint
+                .clone()
+                .or_else(|| std::env::var("HF_ENDPOINT").ok())
+                .unwrap_or_else(|| "https://huggingface.co".into());
+            return Ok(Self {
+                base: format!(
+                    "{}/{}/resolve/{}/",
+                    endpoint.trim_end_matches('/'),
+                    h.repo,
+                    h.revision
+                ),
+                named: h.files.clone(),
+                renamed_single: None,
+                auth: hub_token(),
+                http: http(),
+            });
+        }
+        if let Some(u) = &source.url {
+            let (dir, name) = u
+                .rsplit_once('/')
+                .ok_or_else(|| format!("{u:?} names no file"))?;
+            let base = format!("{dir}/");
+            return Ok(if name.ends_with(".safetensors") {
+                Self {
+                    base,
+                    named: Vec::new(),
+                    renamed_single: Some(name.to_string()),
+                    auth: None,
+                    http: http(),
+                }
+            } else {
+                Self {
+                    base,
+                    named: vec![name.to_string()],
+                    renamed_single: None,
+                    auth: None,
+                    http: http(),
+                }
+            });
+        }
+        Err("the model's files are local (source.path): nothing to fetch".into())
+    }
+
+    fn url(&self, local_name: &str) -> String {
+        match (&self.renamed_single, local_name) {
+            (Some(remote), SINGLE) => format!("{}{remote}", self.base),
+            _ => format!("{}{local_name}", self.base),
+        }
+    }
+
+    fn gguf(&self) -> Option<&str> {
+        self.named
+            .iter()
+            .find(|f| f.ends_with(".gguf"))
+            .map(String::as_str)
+    }
+}
+
+/// The folder in `cache` that holds a remote source's files.
+fn model_dir(cache: &Path, source: &ModelSource) -> PathBuf {
+    let digest = |text: &str| {
+        let h = Sha256::digest(text.as_bytes());
+        h.iter()
+            .take(8)
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    match (&source.hf, &source.url) {
+        (Some(h), _) => {
+            // The endpoint is part of the identity: a mirror may serve other bytes.
+            let endpoint = h.endpoint.clone().unwrap_or_default();
+            cache.join("hf").join(format!(
+                "{}-{}-{}",
+                h.repo.replace('/', "--"),
+                h.revision.replace('/', "--"),
+                digest(&endpoint)
+            ))
+        }
+        (None, Some(u)) => cache.join("url").join(digest(u)),
+        (None, None) => cache.join("none"),
+    }
+}
+
+/// What the loader opens for `source`: its path, or its place in the agent's `cache`.
+pub fn local_path(cache: &Path, source: &ModelSource) -> PathBuf {
+    if let Some(p) = &source.path {
+        return p.clone();
+    }
+    let dir = model_dir(cache, source);
+    match Remote::of(source).ok().as_ref().and_then(Remote::gguf) {
+        Some(gguf) => dir.join(gguf),
+        None => dir,
+    }
+}
+
+/// Byte ranges of one file that are present, kept beside it.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Pieces {
+    size: u64,
+    have: Vec<(u64, u64)>,
+}
+
+impl Pieces {
+    fn path(file: &Path) -> PathBuf {
+        let mut name = file.as_os_str().to_owned();
+        name.push(".pieces");
+        PathBuf::from(name)
+    }
+
+    fn read(file: &Path) -> Option<Self> {
+        let text = std::fs::read(Self::path(file)).ok()?;
+        serde_json::from_slice(&text).ok()
+    }
+
+    fn write(&self, file: &Path) -> Result<(), String> {
+        let path = Self::path(file);
+        let tmp = path.with_extension("pieces.tmp");
+        let text = serde_json::to_vec(self).map_err(|e| e.to_string())?;
+        std::fs::write(&tmp, text)
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(|e| format!("writing {}: {e}", path.display()))
+    }
+
+    fn add(&mut self, start: u64, end: u64) {
+        self.have.push((start, end));
+        self.have.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(self.have.len());
+        for &(a, b) in &self.have {
+            match merged.last_mut() {
+                Some(last) if a <= last.1 => last.1 = last.1.max(b),
+                _ => merged.push((a, b)),
+            }
+        }
+        self.have = merged;
+    }
+
+    /// The parts of `[start, end)` not present.
+    fn missing(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        let mut at = start;
+        for &(a, b) in &self.have {
+            if b <= at {
+                continue;
+            }
+            if a >= end {
+                break;
+            }
+            if a > at {
+                out.push((at, a));
+            }
+            at = at.max(b);
+        }
+        if at < end {
+            out.push((at, end));
+        }
+        out
+    }
+}
+
+fn http() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .timeout_connect(Some(TIMEOUT))
+        .timeout_recv_response(Some(TIMEOUT))
+        .timeout_recv_body(Some(TIMEOUT))
+        .http_status_as_error(false)
+        .build()
+        .into()
+}
+
+/// Bytes moved by a fetch.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Fetched {
+    /// Bytes received.
+    pub bytes: u64,
+    /// Range requests made.
+    pub requests: u64,
+}
+
+/// GETs `url` (a byte range of it when `range` is given): the response, refused with the
+/// address and status when it is not what was asked.
+fn get(
+    remote: &Remote,
+    url: &str,
+    range: Option<(u64, u64)>,
+) -> Result<Option<ureq::http::Response<ureq::Body>>, String> {
+    let mut req = remote.http.get(url);
+    if let Some(token) = &remote.auth {
+        req = req.header("Authorization", &format!("Bearer {token}"));
+    }
+    if let Some((a, b)) = range {
+        req = req.header("Range", &format!("bytes={a}-{}", b - 1));
+    }
+    let resp = req.call().map_err(|e| format!("GET {url}: {e}"))?;
+    match resp.status().as_u16() {
+        200 if range.is_none() => Ok(Some(resp)),
+        206 if range.is_some() => Ok(Some(resp)),
+        200 => Err(format!(
+            "GET {url}: the server ignored the byte range it was asked for (it must serve ranges, as the Hugging Face Hub does)"
+        )),
+        404 => Ok(None),
+        401 | 403 => Err(format!(
+            "GET {url}: {} (the repository is private or gated, or the address is wrong)",
+            resp.status()
+        )),
+        _ => Err(format!("GET {url}: {}", resp.status())),
+    }
+}
+
+/// Files named in a repository may lie in its subfolders.
+fn make_parent(path: &Path) -> Result<(), String> {
+    match path.parent() {
+        Some(p) => std::fs::create_dir_all(p).map_err(|e| format!("creating {}: {e}", p.display())),
+        None => Ok(()),
+    }
+}
+
+/// Total size from `Content-Range: bytes a-b/TOTAL`.
+fn total_size(resp: &ureq::http::Response<ureq::Body>, url: &str) -> Result<u64, String> {
+    resp.headers()
+        .get("content-range")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.rsplit('/').next())
+        .and_then(|t| t.trim().parse().ok())
+        .ok_or_else(|| format!("GET {url}: a range reply without Content-Range: .../SIZE"))
+}
+
+/// Fetches a small file whole, unless it is already here.
+fn fetch_whole(
+    remote: &Remote,
+    dir: &Path,
+    name: &str,
+    required: bool,
+    stats: &mut Fetched,
+) -> Result<bool, String> {
+    let path = dir.join(name);
+    if path.is_file() {
+        return Ok(true);
+    }
+    make_parent(&path)?;
+    let url = remote.url(name);
+    let Some(resp) = get(remote, &url, None)? else {
+        return if required {
+            Err(format!(
+                "GET {url}: 404 Not Found (a model folder needs {name}; for a repository of GGUF files, name one in source.hf.files)"
+            ))
+        } else {
+            Ok(false)
+        };
+    };
+    let body = resp
+        .into_body()
+        .with_config()
+        .limit(MAX_HEADER_BYTES)
+        .read_to_vec()
+        .map_err(|e| format!("GET {url}: {e}"))?;
+    stats.bytes += body.len() as u64;
+    stats.requests += 1;
+    let tmp = path.with_file_name(format!(
+        ".{}.part",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("file")
+    ));
+    std::fs::write(&tmp, &body)
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .map_err(|e| format!("writing {}: {e}", path.display()))?;
+    Ok(true)
+}
+
+/// Writes one fetched range into the sparse file, recording it once it is all there.
+fn fetch_range(
+    remote: &Remote,
+    url: &str,
+    path: &Path,
+    pieces: &mut Pieces,
+    (start, end): (u64, u64),
+    stats: &mut Fetched,
+    progress: &mut dyn FnMut(u64),
+) -> Result<(), String> {
+    let resp =
+        get(remote, url, Some((start, end)))?.ok_or_else(|| format!("GET {url}: 404 Not Found"))?;
+    let mut file = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| format!("opening {}: {e}", path.display()))?;
+    file.seek(SeekFrom::Start(start))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut reader = resp.into_body().into_reader();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = start;
+    while at < end {
+        let want = buf.len().min((end - at) as usize);
+        let n = reader
+            .read(&mut buf[..want])
+            .map_err(|e| format!("GET {url} (bytes {start}-{end}): {e}"))?;
+        if n == 0 {
+            return Err(format!(
+                "GET {url}: the reply ended at byte {at} of the range {start}-{end}"
+            ));
+        }
+        file.write_all(&buf[..n])
+            .map_err(|e| format!("writing {}: {e}", path.display()))?;
+        at += n as u64;
+        stats.bytes += n as u64;
+        progress(n as u64);
+        if (at - start) % CHECKPOINT < n as u64 && at < end {
+            record(&file, path, pieces, start, at)?;
+        }
+    }
+    stats.requests += 1;
+    record(&file, path, pieces, start, end)
+}
+
+/// Records `[start, end)` as present once its bytes are on disk.
+fn record(
+    file: &File,
+    path: &Path,
+    pieces: &mut Pieces,
+    start: u64,
+    end: u64,
+) -> Result<(), String> {
+    file.sync_data()
+        .map_err(|e| format!("writing {}: {e}", path.display()))?;
+    pieces.add(start, end);
+    pieces.write(path)
+}
+
+/// Makes the sparse file for a weights file and fetches its header, unless already here.
+fn fetch_header(
+    remote: &Remote,
+    dir: &Path,
+    name: &str,
+    stats: &mut Fetched,
+) -> Result<(), String> {
+    let path = dir.join(name);
+    make_parent(&path)?;
+    let url = remote.url(name);
+    let mut pieces = match Pieces::read(&path) {
+        Some(p) if path.is_file() => p,
+        _ => Pieces::default(),
+    };
+    if pieces.have.first().is_some_and(|&(a, _)| a == 0) && pieces.size > 0 {
+        return Ok(());
+    }
+    let gguf = name.ends_with(".gguf");
+    let kind = if gguf { "GGUF" } else { "safetensors" };
+    // The prefix grows by fetching only what it lacks; all of it is kept.
+    let mut prefix: Vec<u8> = Vec::new();
+    let mut size = u64::MAX;
+    let mut want = FIRST_HEADER_BYTES;
+    loop {
+        let from = prefix.len() as u64;
+        let resp = get(remote, &url, Some((from, want.min(size))))?
+            .ok_or_else(|| format!("GET {url}: 404 Not Found (the model names {name})"))?;
+        size = total_size(&resp, &url)?;
+        let part = resp
+            .into_body()
+            .with_config()
+            .limit(want - from)
+            .read_to_vec()
+            .map_err(|e| format!("GET {url}: {e}"))?;
+        stats.bytes += part.len() as u64;
+        stats.requests += 1;
+        prefix.extend_from_slice(&part);
+        if prefix.len() >= 4 && gguf && !prefix.starts_with(b"GGUF") {
+            return Err(format!(
+                "{url}: not a GGUF file (it does not start with GGUF)"
+            ));
+        }
+        let header_end = if gguf {
+            cluster_engine::gguf::header_end(&prefix)
+        } else {
+            safetensors_header_end(&prefix)
+        };
+        let have = prefix.len() as u64;
+        match header_end {
+            Some(end) if end > size || end > MAX_HEADER_BYTES => {
+                return Err(format!(
+                    "{url}: not a readable {kind} file: its header would end at byte {end} of {size}"
+                ));
+            }
+            Some(end) if end <= have => {
+                if pieces.size != size {
+                    // Another size than a previous attempt saw: the file changed; start over.
+                    pieces = Pieces {
+                        size,
+                        have: Vec::new(),
+                    };
+                }
+                let file = OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(&path)
+                    .map_err(|e| format!("creating {}: {e}", path.display()))?;
+                file.set_len(size)
+                    .map_err(|e| format!("sizing {}: {e}", path.display()))?;
+                // All of the prefix is the file's own bytes: keep it, tensors' bytes included,
+                // rather than fetch them again.
+                write_at(&file, &path, 0, &prefix)?;
+                pieces.add(0, have);
+                return pieces.write(&path);
+            }
+            // A safetensors header says its length: fetch exactly the rest.
+            Some(end) => want = end,
+            None if have >= size || have >= MAX_HEADER_BYTES => {
+                return Err(format!(
+                    "{url}: not a readable {kind} file: no whole header in its first {have} of {size} bytes"
+                ));
+            }
+            None => want = (want * 2).min(size).min(MAX_HEADER_BYTES),
+        }
+    }
+}
+
+fn write_at(mut file: &File, path: &Path, at: u64, bytes: &[u8]) -> Result<(), String> {
+    file.seek(SeekFrom::Start(at))
+        .and_then(|_| file.write_all(bytes))
+        .and_then(|()| file.sync_data())
+        .map_err(|e| format!("writing {}: {e}", path.display()))
+}
+
+/// Where a safetensors header ends, when `prefix` holds its length.
+fn safetensors_header_end(prefix: &[u8]) -> Option<u64> {
+    let len = u64::from_le_bytes(prefix.get(..8)?.try_into().ok()?);
+    Some(8 + len)
+}
+
+/// Fetches what opening the model needs into `local` (its [`local_path`]): its small files
+/// whole, and the header of each weights file. Does nothing for what is already there.
+pub fn prepare(local: &Path, source: &ModelSource) -> Result<Fetched, String> {
+    let remote = Remote::of(source)?;
+    // A GGUF model's path is the file (perhaps in a subfolder of the repository's folder).
+    let dir = match remote.gguf() {
+        Some(g) => local
+            .ancestors()
+            .nth(g.split('/').count())
+            .unwrap_or(local)
+            .to_path_buf(),
+        None => local.to_path_buf(),
+    };
+    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let mut stats = Fetched::default();
+    if let Some(gguf) = remote.gguf() {
+        let gguf = gguf.to_string();
+        for other in remote.named.iter().filter(|f| **f != gguf) {
+            fetch_whole(&remote, &dir, other, true, &mut stats)?;
+        }
+        fetch_header(&remote, &dir, &gguf, &mut stats)?;
+        return Ok(stats);
+    }
+    let required: Vec<&str> = if remote.named.is_empty() {
+        REQUIRED.to_vec()
+    } else {
+        remote.named.iter().map(String::as_str).collect()
+    };
+    for name in required
+        .iter()
+        .filter(|n| !n.ends_with(".safetensors") && **n != INDEX)
+    {
+        fetch_whole(&remote, &dir, name, true, &mut stats)?;
+    }
+    if remote.named.is_empty() {
+        for name in OPTIONAL {
+            fetch_whole(&remote, &dir, name, false, &mut stats)?;
+        }
+    }
+    let sharded =
+        remote.renamed_single.is_none() && fetch_whole(&remote, &dir, INDEX, false, &mut stats)?;
+    let shards = if sharded {
+        let text = std::fs::read(dir.join(INDEX)).map_err(|e| e.to_string())?;
+        let index: serde_json::Value =
+            serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", remote.url(INDEX)))?;
+        let mut files: Vec<String> = index["weight_map"]
+            .as_object()
+            .ok_or_else(|| format!("{}: no weight_map", remote.url(INDEX)))?
+            .values()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect();
+        files.sort();
+        files.dedup();
+        for f in &files {
+            if f.contains('/') || f.contains('\\') || f.starts_with('.') {
+                return Err(format!(
+                    "{}: {f:?} is not a plain file name",
+                    remote.url(INDEX)
+                ));
+            }
+        }
+        files
+    } else {
+        vec![SINGLE.to_string()]
+    };
+    for shard in &shards {
+        fetch_header(&remote, &dir, shard, &mut stats)?;
+    }
+    Ok(stats)
+}
+
+/// Opens a model for its facts (config, tokenizer, where its tensors lie): in place when its
+/// files are local, after [`prepare`] in `cache` when they are fetched.
+pub fn open(cache: &Path, source: &ModelSource) -> Result<ModelFolder, String> {
+    let path = local_path(cache, source);
+    if source.is_remote() {
+        prepare(&path, source)?;
+    }
+    ModelFolder::open(&path).map_err(|e| e.to_string())
+}
+
+/// Fetches every byte of the weights a stage holding `range` needs that is not in the cache
+/// yet, in pieces of at most [`PIECE`] bytes. `progress` gets (bytes present, bytes needed).
+pub fn fetch_stage(
+    source: &ModelSource,
+    folder: &ModelFolder,
+    range: LayerRange,
+    first: bool,
+    last: bool,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Fetched, String> {
+    let remote = Remote::of(source)?;
+    let wanted = folder
+        .stage_ranges(range, first, last)
+        .map_err(|e| e.to_string())?;
+    let mut stats = Fetched::default();
+    // Per file: the missing parts of every wanted range, neighbours merged.
+    let mut by_file: std::collections::BTreeMap<PathBuf, Vec<(u64, u64)>> = Default::default();
+    let mut needed = 0u64;
+    for (path, a, b) in wanted {
+        needed += b - a;
+        by_file.entry(path).or_default().push((a, b));
+    }
+    let mut plan = Vec::new();
+    let mut missing_total = 0u64;
+    for (path, mut ranges) in by_file {
+        let pieces = Pieces::read(&path).ok_or_else(|| {
+            format!(
+                "{}: no record of its fetched pieces (was its header fetched?)",
+                path.display()
+            )
+        })?;
+        ranges.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::new();
+        for (a, b) in ranges {
+            match merged.last_mut() {
+                Some(last) if a <= last.1 => last.1 = last.1.max(b),
+                _ => merged.push((a, b)),
+            }
+        }
+        let missing: Vec<(u64, u64)> = merged
+            .iter()
+            .flat_map(|&(a, b)| pieces.missing(a, b))
+            .flat_map(|(a, b)| {
+                (a..b)
+                    .step_by(PIECE as usize)
+                    .map(move |s| (s, (s + PIECE).min(b)))
+            })
+            .collect();
+        missing_total += missing.iter().map(|(a, b)| b - a).sum::<u64>();
+        plan.push((path, pieces, missing));
+    }
+    let mut present = needed - missing_total;
+    progress(present, needed);
+    for (path, mut pieces, missing) in plan {
+        // A GGUF model is the one file named (perhaps in a subfolder); safetensors shards lie
+        // beside the index, in the model's top folder.
+        let name = match remote.gguf() {
+            Some(g) => g.to_string(),
+            None => path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .ok_or_else(|| format!("{}: not a file name", path.display()))?
+                .to_string(),
+        };
+        let url = remote.url(&name);
+        for r in missing {
+            fetch_range(&remote, &url, &path, &mut pieces, r, &mut stats, &mut |n| {
+                present += n;
+                progress(present, needed);
+            })?;
+        }
+    }
+    Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pieces_merge_and_say_what_is_missing() {
+        let mut p = Pieces::default();
+        p.add(10, 20);
+        p.add(30, 40);
+        p.add(20, 25);
+        assert_eq!(p.have, vec![(10, 25), (30, 40)]);
+        assert_eq!(p.missing(0, 50), vec![(0, 10), (25, 30), (40, 50)]);
+        assert_eq!(p.missing(12, 24), vec![]);
+        assert_eq!(p.missing(24, 31), vec![(25, 30)]);
+        p.add(0, 100);
+        assert_eq!(p.have, vec![(0, 100)]);
+    }
+
+    #[test]
+    fn cache_paths_keep_sources_apart() {
+        let cache = Path::new("/c");
+        let hf = |rev: &str, files: &[&str]| ModelSource {
+            hf: Some(cluster_api::manifest::HfSource {
+                repo: "org/model".into(),
+                revision: rev.into(),
+                files: files.iter().map(|f| f.to_string()).collect(),
+                endpoint: None,
+            }),
+            ..ModelSource::default()
+        };
+        let a = local_path(cache, &hf("main", &[]));
+        assert!(a.starts_with("/c/hf") && a.to_string_lossy().contains("org--model-main-"));
+        assert_ne!(a, local_path(cache, &hf("v2", &[])));
+        assert!(local_path(cache, &hf("main", &["m.Q4_K_M.gguf"])).ends_with("m.Q4_K_M.gguf"));
+        let url = ModelSource {
+            url: Some("http://h/x/model.gguf".into()),
+            ..ModelSource::default()
+        };
+        assert!(local_path(cache, &url).ends_with("model.gguf"));
+        assert_eq!(
+            local_path(cache, &ModelSource::local("/m")),
+            PathBuf::from("/m")
+        );
+    }
+}

@@ -1,0 +1,590 @@
+//! Models fetched from a hub: a test server on 127.0.0.1 with the Hugging Face Hub's URL layout
+//! (`/{owner}/{name}/resolve/{revision}/{file}`, byte ranges, 404s) and plain file URLs
+//! (`/files/{path}`), counting the bytes it serves. Nothing reaches the internet.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::harness::*;
+
+/// What the hub served: bytes per file (body bytes only), and requests per file.
+#[derive(Default)]
+struct Served {
+    bytes: BTreeMap<String, u64>,
+    requests: BTreeMap<String, u64>,
+}
+
+/// A hub serving the folders under `root`: repository `owner/name` at revision `main` is
+/// `root/owner/name/`; `/files/P` is `root/P`.
+pub struct Hub {
+    pub address: String,
+    root: PathBuf,
+    served: Arc<Mutex<Served>>,
+    /// Milliseconds the hub waits after each 256 KiB it sends (0: as fast as it can).
+    pub pause_ms: Arc<AtomicU64>,
+}
+
+impl Hub {
+    pub fn start(root: &Path) -> Hub {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = format!("http://{}", listener.local_addr().unwrap());
+        let served = Arc::new(Mutex::new(Served::default()));
+        let pause_ms = Arc::new(AtomicU64::new(0));
+        let (root2, served2, pause2) = (root.to_path_buf(), served.clone(), pause_ms.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                let (root, served, pause) = (root2.clone(), served2.clone(), pause2.clone());
+                std::thread::spawn(move || {
+                    let _ = serve(conn, &root, &served, &pause);
+                });
+            }
+        });
+        Hub {
+            address,
+            root: root.to_path_buf(),
+            served,
+            pause_ms,
+        }
+    }
+
+    /// Body bytes served for files under the repository folder or path `prefix`.
+    pub fn bytes_served(&self, filter: impl Fn(&str) -> bool) -> u64 {
+        let s = self.served.lock().unwrap();
+        s.bytes
+            .iter()
+            .filter(|(k, _)| filter(k))
+            .map(|(_, v)| v)
+            .sum()
+    }
+
+    pub fn report(&self) -> String {
+        let s = self.served.lock().unwrap();
+        s.bytes
+            .iter()
+            .map(|(k, v)| format!("{k}: {v} B in {} requests", s.requests.get(k).unwrap_or(&0)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+}
+
+/// The file a request path names, relative to the root: `None` for anything else (404).
+fn file_of(path: &str) -> Option<String> {
+    if let Some(p) = path.strip_prefix("/files/") {
+        return Some(p.to_string());
+    }
+    let parts: Vec<&str> = path.trim_start_matches('/').splitn(5, '/').collect();
+    match parts.as_slice() {
+        [owner, name, "resolve", "main", file] => Some(format!("{owner}/{name}/{file}")),
+        _ => None,
+    }
+}
+
+fn serve(
+    conn: TcpStream,
+    root: &Path,
+    served: &Mutex<Served>,
+    pause_ms: &AtomicU64,
+) -> std::io::Result<()> {
+    conn.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut reader = BufReader::new(conn.try_clone()?);
+    let mut out = conn;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let mut parts = line.split_whitespace();
+        let (method, path) = (
+            parts.next().unwrap_or("").to_string(),
+            parts.next().unwrap_or("").to_string(),
+        );
+        let mut range = None;
+        let mut authorization = String::new();
+        loop {
+            let mut h = String::new();
+            reader.read_line(&mut h)?;
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':')
+                && k.eq_ignore_ascii_case("authorization")
+            {
+                authorization = v.trim().to_string();
+            }
+            if let Some((k, v)) = h.split_once(':')
+                && k.eq_ignore_ascii_case("range")
+            {
+                let v = v.trim().trim_start_matches("bytes=");
+                if let Some((a, b)) = v.split_once('-') {
+                    range = Some((a.parse::<u64>().unwrap(), b.parse::<u64>().unwrap()));
+                }
+            }
+        }
+        // Repositories of the owner `private-org` need the token `hub-secret`.
+        if path.starts_with("/private-org/") && authorization != "Bearer hub-secret" {
+            write!(
+                out,
+                "HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\n\r\n"
+            )?;
+            continue;
+        }
+        let file = file_of(&path).filter(|f| !f.contains("..") && root.join(f).is_file());
+        let Some(file) = file else {
+            let body = b"{\"error\": \"Entry not found\"}";
+            write!(
+                out,
+                "HTTP/1.1 404 Not Found\r\ncontent-length: {}\r\ncontent-type: application/json\r\n\r\n",
+                body.len()
+            )?;
+            out.write_all(body)?;
+            continue;
+        };
+        let mut f = std::fs::File::open(root.join(&file))?;
+        let size = f.metadata()?.len();
+        let (status, start, end) = match range {
+            Some((a, b)) if a < size => ("206 Partial Content", a, (b + 1).min(size)),
+            Some(_) => {
+                write!(
+                    out,
+                    "HTTP/1.1 416 Range Not Satisfiable\r\ncontent-length: 0\r\ncontent-range: bytes */{size}\r\n\r\n"
+                )?;
+                continue;
+            }
+            None => ("200 OK", 0, size),
+        };
+        write!(
+            out,
+            "HTTP/1.1 {status}\r\ncontent-length: {}\r\naccept-ranges: bytes\r\netag: \"{size}\"\r\n",
+            end - start
+        )?;
+        if range.is_some() {
+            write!(out, "content-range: bytes {start}-{}/{size}\r\n", end - 1)?;
+        }
+        write!(out, "\r\n")?;
+        if method == "HEAD" {
+            continue;
+        }
+        f.seek(SeekFrom::Start(start))?;
+        *served
+            .lock()
+            .unwrap()
+            .requests
+            .entry(file.clone())
+            .or_default() += 1;
+        let mut buf = vec![0u8; 256 << 10];
+        let mut left = end - start;
+        while left > 0 {
+            let chunk = left.min(buf.len() as u64) as usize;
+            let n = f.read(&mut buf[..chunk])?;
+            if n == 0 {
+                break;
+            }
+            out.write_all(&buf[..n])?;
+            left -= n as u64;
+            *served
+                .lock()
+                .unwrap()
+                .bytes
+                .entry(file.clone())
+                .or_default() += n as u64;
+            let pause = pause_ms.load(Ordering::Relaxed);
+            if pause > 0 {
+                std::thread::sleep(Duration::from_millis(pause));
+            }
+        }
+    }
+}
+
+/// Bytes a folder's files take on disk (allocated blocks: holes of sparse files are free).
+fn disk_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let m = entry.metadata().unwrap();
+        total += if m.is_dir() {
+            disk_bytes(&entry.path())
+        } else {
+            m.blocks() * 512
+        };
+    }
+    total
+}
+
+fn size_of(dir: &Path, pick: impl Fn(&str) -> bool) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| pick(&e.file_name().to_string_lossy()))
+        .map(|e| e.metadata().unwrap().len())
+        .sum()
+}
+
+fn hf_model_yaml(
+    hub: &str,
+    repo: &str,
+    files: &[&str],
+    stages: &[(&str, &str)],
+    port: u16,
+) -> String {
+    let files = if files.is_empty() {
+        String::new()
+    } else {
+        format!(", files: [{}]", files.join(", "))
+    };
+    let stages: String = stages
+        .iter()
+        .map(|(n, l)| format!("    - {{node: {n}, layers: \"{l}\"}}\n"))
+        .collect();
+    format!(
+        "apiVersion: v1\nkind: Model\nmetadata: {{name: tiny}}\nspec:\n  source:\n    hf: {{repo: {repo}, endpoint: \"{hub}\"{files}}}\n---\napiVersion: v1\nkind: Pipeline\nmetadata: {{name: tiny-pipe}}\nspec:\n  model: tiny\n  device: cpu\n  stages:\n{stages}---\napiVersion: v1\nkind: Endpoint\nmetadata: {{name: tiny-api}}\nspec: {{pipeline: tiny-pipe, port: {port}}}\n"
+    )
+}
+
+/// clusterctl's success and its output, stdout and stderr together.
+fn ctl(c: &Cluster, args: &[&str]) -> (bool, String) {
+    ctl_on(c, 0, args)
+}
+
+/// [`ctl`] against agent `i`.
+fn ctl_on(c: &Cluster, i: usize, args: &[&str]) -> (bool, String) {
+    let out = c.ctl_on(i, args);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn stage_share(model: &Path, layers: &str, first: bool, last: bool) -> u64 {
+    let folder = cluster_engine::ModelFolder::open(model).unwrap();
+    let range: cluster_api::LayerRange = layers.parse().unwrap();
+    folder.stage_bytes(range, first, last, None)
+}
+
+#[test]
+fn three_agents_fetch_a_sharded_model_from_a_hub_each_only_its_stage() {
+    let root = tempfile::tempdir().unwrap();
+    let repo_dir = root.path().join("test-org/tiny-llama");
+    crate::common::make_model(
+        &repo_dir,
+        &[
+            "--layers",
+            "6",
+            "--hidden",
+            "512",
+            "--intermediate",
+            "1024",
+            "--shards",
+            "3",
+        ],
+    );
+    let hub = Hub::start(root.path());
+    let c = Cluster::start(3, &[]);
+    let port = free_port();
+    let split = [("node-0", "0-1"), ("node-1", "2-3"), ("node-2", "4-5")];
+    let manifest = format!(
+        "{}{}",
+        c.nodes_yaml(),
+        hf_model_yaml(&hub.address, "test-org/tiny-llama", &[], &split, port)
+    );
+    c.apply_wait("hub.yaml", &manifest);
+
+    // The same tokens as one process reading the original folder.
+    for prompt in ["The quick brown fox", "Once upon a time"] {
+        let want = one_process(&repo_dir, prompt, 12);
+        assert_eq!(generate(port, prompt, 12).unwrap(), want, "{prompt:?}");
+    }
+
+    // The hub served each byte of the weights about once, not once per node.
+    let weights = size_of(&repo_dir, |n| n.ends_with(".safetensors"));
+    let served = hub.bytes_served(|f| f.ends_with(".safetensors"));
+    eprintln!(
+        "weights {weights} B, served {served} B ({:.3}x)\n{}",
+        served as f64 / weights as f64,
+        hub.report()
+    );
+    assert!(
+        served as f64 <= 1.05 * weights as f64,
+        "the hub served {served} B of weights for a model of {weights} B"
+    );
+    // Each node holds its own share of the weights, not the model.
+    let small = size_of(&repo_dir, |n| !n.ends_with(".safetensors"));
+    for (i, (_, layers)) in split.iter().enumerate() {
+        let share = stage_share(&repo_dir, layers, i == 0, i == 2);
+        let held = disk_bytes(&c.agents[i].data_dir.join("models"));
+        eprintln!(
+            "node-{i} (layers {layers}): share {share} B, cache {held} B ({:.3}x)",
+            held as f64 / share as f64
+        );
+        assert!(
+            held as f64 <= 1.05 * share as f64 + small as f64,
+            "node-{i} holds {held} B for a share of {share} B"
+        );
+    }
+    // Events say what each stage fetched, from where.
+    for i in 0..3 {
+        let (_, events) = ctl_on(&c, i, &["events", "--object", "pipeline/tiny-pipe"]);
+        assert!(
+            events.contains(&format!("stage {i} loaded in"))
+                && events.contains("of its weights from hf://test-org/tiny-llama@main"),
+            "node-{i}: {events}"
+        );
+    }
+    // `get` names the source.
+    let (_, models) = ctl(&c, &["get", "models"]);
+    assert!(models.contains("hf://test-org/tiny-llama@main"), "{models}");
+}
+
+#[test]
+fn a_gguf_over_a_url_splits_in_two_and_a_restarted_node_resumes_from_its_cache() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("m");
+    crate::common::make_model(
+        &dir,
+        &[
+            "--layers",
+            "4",
+            "--hidden",
+            "512",
+            "--intermediate",
+            "1024",
+            "--gguf",
+            "q8_0",
+        ],
+    );
+    let gguf = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "gguf"))
+        .unwrap();
+    let name = gguf.file_name().unwrap().to_str().unwrap().to_string();
+    let hub = Hub::start(root.path());
+    let mut c = Cluster::start(2, &[]);
+    let port = free_port();
+    let url = format!("{}/files/m/{name}", hub.address);
+    let manifest = format!(
+        "{}apiVersion: v1\nkind: Model\nmetadata: {{name: tiny}}\nspec:\n  source: {{url: \"{url}\"}}\n---\napiVersion: v1\nkind: Pipeline\nmetadata: {{name: tiny-pipe}}\nspec:\n  model: tiny\n  device: cpu\n  stages:\n    - {{node: node-0, layers: \"0-1\"}}\n    - {{node: node-1, layers: \"2-3\"}}\n---\napiVersion: v1\nkind: Endpoint\nmetadata: {{name: tiny-api}}\nspec: {{pipeline: tiny-pipe, port: {port}}}\n",
+        c.nodes_yaml()
+    );
+    c.apply_wait("url.yaml", &manifest);
+    let want = one_process(&gguf, "The quick brown fox", 12);
+    assert_eq!(generate(port, "The quick brown fox", 12).unwrap(), want);
+    let size = std::fs::metadata(&gguf).unwrap().len();
+    let first = hub.bytes_served(|_| true);
+    eprintln!(
+        "GGUF {size} B, served {first} B ({:.3}x)\n{}",
+        first as f64 / size as f64,
+        hub.report()
+    );
+    assert!(first as f64 <= 1.05 * size as f64, "served {first} B");
+
+    // A node that restarts loads from its cache: nothing more is fetched.
+    c.kill(1);
+    c.spawn(1);
+    let start = std::time::Instant::now();
+    loop {
+        if generate(port, "The quick brown fox", 12).ok() == Some(want.clone()) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the pipeline did not come back: {}",
+            c.log(1)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let again = hub.bytes_served(|_| true) - first;
+    eprintln!("after node-1 restarted: {again} B more");
+    assert!(again == 0, "a restarted node fetched {again} B again");
+    let (_, events) = ctl_on(&c, 1, &["events", "--object", "pipeline/tiny-pipe"]);
+    assert!(
+        events.contains("its weights all in this node's cache"),
+        "{events}"
+    );
+    let _ = hub.root();
+}
+
+#[test]
+fn a_missing_repository_or_file_is_refused_at_apply_and_nothing_is_stored() {
+    let root = tempfile::tempdir().unwrap();
+    let repo_dir = root.path().join("test-org/tiny-llama");
+    make_model(&repo_dir);
+    let hub = Hub::start(root.path());
+    let c = Cluster::start(1, &[]);
+    let port = free_port();
+    for (repo, files, want) in [
+        ("test-org/nothing", vec![], "404"),
+        (
+            "test-org/tiny-llama",
+            vec!["model.Q4_0.gguf"],
+            "model.Q4_0.gguf",
+        ),
+    ] {
+        let manifest = format!(
+            "{}{}",
+            c.nodes_yaml(),
+            hf_model_yaml(&hub.address, repo, &files, &[("node-0", "0-3")], port)
+        );
+        let path = c.dir.path().join("bad.yaml");
+        std::fs::write(&path, manifest).unwrap();
+        let (ok, out) = ctl(&c, &["apply", "-f", path.to_str().unwrap()]);
+        assert!(!ok, "{out}");
+        assert!(
+            out.contains("spec.source") && out.contains(want),
+            "{repo}: {out}"
+        );
+    }
+    let (_, listed) = ctl(&c, &["get", "models", "-o", "json"]);
+    let listed: Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(
+        listed["items"].as_array().map(Vec::len),
+        Some(0),
+        "{listed}"
+    );
+    // A split past the model's layers is refused with the count.
+    let manifest = format!(
+        "{}{}",
+        c.nodes_yaml(),
+        hf_model_yaml(
+            &hub.address,
+            "test-org/tiny-llama",
+            &[],
+            &[("node-0", "0-9")],
+            port
+        )
+    );
+    let path = c.dir.path().join("split.yaml");
+    std::fs::write(&path, manifest).unwrap();
+    let (ok, out) = ctl(&c, &["apply", "-f", path.to_str().unwrap()]);
+    assert!(!ok && out.contains("4 layers"), "{out}");
+}
+
+#[test]
+fn a_node_killed_mid_fetch_resumes_where_it_stopped() {
+    let root = tempfile::tempdir().unwrap();
+    let repo_dir = root.path().join("test-org/tiny-llama");
+    crate::common::make_model(
+        &repo_dir,
+        &["--layers", "6", "--hidden", "512", "--intermediate", "1024"],
+    );
+    let hub = Hub::start(root.path());
+    // About 25 MB/s: the 57 MB of weights take a couple of seconds.
+    hub.pause_ms.store(10, Ordering::Relaxed);
+    let mut c = Cluster::start(1, &[]);
+    let port = free_port();
+    let manifest = format!(
+        "{}{}",
+        c.nodes_yaml(),
+        hf_model_yaml(
+            &hub.address,
+            "test-org/tiny-llama",
+            &[],
+            &[("node-0", "0-5")],
+            port
+        )
+    );
+    let path = c.dir.path().join("hub.yaml");
+    std::fs::write(&path, manifest).unwrap();
+    let (ok, out) = ctl(&c, &["apply", "-f", path.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    let weights = size_of(&repo_dir, |n| n.ends_with(".safetensors"));
+    // Status says it is fetching, with a byte count.
+    let start = std::time::Instant::now();
+    let mut said = String::new();
+    while hub.bytes_served(|f| f.ends_with(".safetensors")) < weights / 2 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{}",
+            hub.report()
+        );
+        let (_, d) = ctl(&c, &["describe", "pipeline", "tiny-pipe"]);
+        if d.contains("fetching") {
+            said = d;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    c.kill(0);
+    let before = hub.bytes_served(|f| f.ends_with(".safetensors"));
+    eprintln!("killed after {before} B of {weights} B");
+    assert!(
+        said.contains("fetching its weights") && said.contains(" of "),
+        "describe while fetching: {said}"
+    );
+    hub.pause_ms.store(0, Ordering::Relaxed);
+    c.spawn(0);
+    let want = one_process(&repo_dir, "The quick brown fox", 12);
+    let start = std::time::Instant::now();
+    while generate(port, "The quick brown fox", 12).ok() != Some(want.clone()) {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no answer after the restart: {}",
+            c.log(0)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let total = hub.bytes_served(|f| f.ends_with(".safetensors"));
+    eprintln!(
+        "weights {weights} B; served {total} B in all ({:.3}x)",
+        total as f64 / weights as f64
+    );
+    assert!(
+        total as f64 <= 1.1 * weights as f64,
+        "a resumed fetch took {total} B for {weights} B"
+    );
+}
+
+#[test]
+fn a_private_repository_needs_the_agents_hub_token() {
+    let root = tempfile::tempdir().unwrap();
+    // A GGUF file in a subfolder of the repository, named in `files`.
+    let repo_dir = root.path().join("private-org/tiny-llama/q8");
+    crate::common::make_model(&repo_dir, &["--layers", "4", "--gguf", "q8_0"]);
+    let hub = Hub::start(root.path());
+    let token_file = root.path().join("hf-token");
+    std::fs::write(&token_file, "hub-secret\n").unwrap();
+    let with_token = [("HF_TOKEN_PATH", token_file.to_str().unwrap())];
+    let manifest = |c: &Cluster, port: u16| {
+        format!(
+            "{}{}",
+            c.nodes_yaml(),
+            hf_model_yaml(
+                &hub.address,
+                "private-org/tiny-llama",
+                &["q8/model.gguf"],
+                &[("node-0", "0-3")],
+                port
+            )
+        )
+    };
+    // An agent without the token is refused, saying why.
+    let c = Cluster::start(1, &[]);
+    let path = c.dir.path().join("private.yaml");
+    std::fs::write(&path, manifest(&c, free_port())).unwrap();
+    let (ok, out) = ctl(&c, &["apply", "-f", path.to_str().unwrap()]);
+    assert!(
+        !ok && out.contains("401") && out.contains("private or gated"),
+        "{out}"
+    );
+    drop(c);
+    // One with the token fetches and serves it.
+    let c = Cluster::start_with_env(1, &[], &[&with_token]);
+    let port = free_port();
+    c.apply_wait("private.yaml", &manifest(&c, port));
+    let want = one_process(&repo_dir.join("model.gguf"), "The quick brown fox", 8);
+    assert_eq!(generate(port, "The quick brown fox", 8).unwrap(), want);
+}
