@@ -8,9 +8,11 @@
 //! | `POST /internal/v1/sync`, `POST /internal/v1/inspect-model` (agents only) | always |
 //! | `/internal/v1/endpoints/{name}/...` (an endpoint's requests forwarded by its node) | always, in `x-cluster-token` |
 //!
-//! Errors are [`ErrorBody`] JSON with the status chosen in one place ([`reply_error`]).
+//! The routes are declared as warp filters in one function, [`routes`]; authentication is one
+//! filter ([`auth`]) placed on each route by its access. Errors are [`ApiError`]s, which render
+//! themselves as [`ErrorBody`] JSON: a route's own, a refused authentication (401), a route
+//! given another method (405), a body over the limit (413), or a path no route declares (404).
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 
@@ -31,278 +33,413 @@ fn reply_json<T: serde::Serialize>(status: StatusCode, body: &T) -> Response {
     warp::reply::with_status(warp::reply::json(body), status).into_response()
 }
 
-/// Maps an error to its status and body.
-fn reply_error(code: StatusCode, message: String, details: Vec<ManifestError>) -> Response {
-    reply_json(
-        code,
-        &ErrorBody {
-            error: ErrorDetail {
-                code: code.as_u16(),
-                message,
+/// An error answered by the control plane: its status, message and, for a refused apply, each
+/// problem placed. It renders itself as [`ErrorBody`] JSON; routes return it as an error value,
+/// and authentication, which runs before a route's handler, rejects with it.
+#[derive(Debug)]
+pub struct ApiError {
+    code: StatusCode,
+    message: String,
+    details: Vec<ManifestError>,
+}
+
+impl ApiError {
+    fn new(code: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            details: Vec::new(),
+        }
+    }
+
+    fn internal(message: impl std::fmt::Display) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, message.to_string())
+    }
+}
+
+impl warp::reject::Reject for ApiError {}
+
+impl Reply for ApiError {
+    fn into_response(self) -> Response {
+        reply_json(
+            self.code,
+            &ErrorBody {
+                error: ErrorDetail {
+                    code: self.code.as_u16(),
+                    message: self.message,
+                    details: self.details,
+                },
+            },
+        )
+    }
+}
+
+impl From<Refused> for ApiError {
+    fn from(r: Refused) -> Self {
+        match r {
+            Refused::Invalid(details) => Self {
+                code: StatusCode::BAD_REQUEST,
+                message: format!(
+                    "the apply was refused and nothing was stored:\n{}",
+                    cluster_api::manifest::join_errors(&details)
+                ),
                 details,
             },
-        },
-    )
-}
-
-fn refused(r: Refused) -> Response {
-    match r {
-        Refused::Invalid(details) => {
-            let message = format!(
-                "the apply was refused and nothing was stored:\n{}",
-                cluster_api::manifest::join_errors(&details)
-            );
-            reply_error(StatusCode::BAD_REQUEST, message, details)
+            Refused::Conflict(m) => Self::new(StatusCode::CONFLICT, m),
+            Refused::NotFound(m) => Self::new(StatusCode::NOT_FOUND, m),
+            Refused::Internal(m) => Self::internal(m),
         }
-        Refused::Conflict(m) => reply_error(StatusCode::CONFLICT, m, Vec::new()),
-        Refused::NotFound(m) => reply_error(StatusCode::NOT_FOUND, m, Vec::new()),
-        Refused::Internal(m) => reply_error(StatusCode::INTERNAL_SERVER_ERROR, m, Vec::new()),
     }
 }
 
-fn authorized(agent: &Agent, headers: &HeaderMap) -> Result<(), Box<Response>> {
-    match crate::web::bearer(headers) {
-        Some(t) if crate::web::same(t, &agent.settings.token) => Ok(()),
-        Some(_) => Err(Box::new(reply_error(
-            StatusCode::UNAUTHORIZED,
-            "wrong cluster token".into(),
-            Vec::new(),
-        ))),
-        None => Err(Box::new(reply_error(
-            StatusCode::UNAUTHORIZED,
-            "this call needs the cluster token: send `Authorization: Bearer TOKEN` (clusterctl --token or CLUSTERCTL_TOKEN)".into(),
-            Vec::new(),
-        ))),
-    }
+/// What a route answers: a reply, or an error that renders itself.
+type Answer = Result<Response, ApiError>;
+
+fn answer(a: Answer) -> Result<Response, Infallible> {
+    Ok(a.unwrap_or_else(Reply::into_response))
 }
 
-fn flag(query: &HashMap<String, String>, key: &str) -> bool {
-    query
-        .get(key)
-        .is_some_and(|v| v.is_empty() || v == "true" || v == "1")
+/// Who may call a route.
+#[derive(Clone, Copy)]
+enum Access {
+    /// Anyone (`/healthz`).
+    Anyone,
+    /// Holders of the cluster token, or anyone under `--open-reads`.
+    Read,
+    /// Holders of the cluster token.
+    Write,
 }
 
-async fn handle(
+/// The one place requests are authenticated: rejects with a 401 [`ApiError`] unless the
+/// request may use a route of this `access`.
+fn auth(
     agent: Arc<Agent>,
+    access: Access,
+) -> impl Filter<Extract = (), Error = warp::Rejection> + Clone {
+    warp::header::headers_cloned()
+        .and_then(move |headers: HeaderMap| {
+            let agent = agent.clone();
+            async move {
+                let open = match access {
+                    Access::Anyone => true,
+                    Access::Read => agent.settings.open_reads,
+                    Access::Write => false,
+                };
+                if open {
+                    return Ok(());
+                }
+                match crate::web::bearer(&headers) {
+                    Some(t) if crate::web::same(t, &agent.settings.token) => Ok(()),
+                    Some(_) => Err(warp::reject::custom(ApiError::new(
+                        StatusCode::UNAUTHORIZED,
+                        "wrong cluster token",
+                    ))),
+                    None => Err(warp::reject::custom(ApiError::new(
+                        StatusCode::UNAUTHORIZED,
+                        "this call needs the cluster token: send `Authorization: Bearer TOKEN` (clusterctl --token or CLUSTERCTL_TOKEN)",
+                    ))),
+                }
+            }
+        })
+        .untuple_one()
+}
+
+/// Whether `?key`, `?key=true` or `?key=1` is set.
+#[derive(Debug, Default, serde::Deserialize)]
+struct Query {
+    #[serde(default, rename = "dryRun")]
+    dry_run: Option<String>,
+    #[serde(default)]
+    limit: Option<usize>,
+    #[serde(default)]
+    object: Option<String>,
+}
+
+impl Query {
+    fn dry_run(&self) -> bool {
+        self.dry_run
+            .as_deref()
+            .is_some_and(|v| v.is_empty() || v == "true" || v == "1")
+    }
+}
+
+fn kind_of(name: &str) -> Result<Kind, ApiError> {
+    Kind::parse(name).map_err(|why| ApiError::new(StatusCode::NOT_FOUND, why))
+}
+
+fn healthz(agent: Arc<Agent>) -> Answer {
+    Ok(reply_json(
+        StatusCode::OK,
+        &json!({"status": "ok", "node": agent.name(), "version": env!("CARGO_PKG_VERSION")}),
+    ))
+}
+
+fn events(agent: Arc<Agent>, q: Query) -> Answer {
+    let events = agent.events(q.object.as_deref(), q.limit.unwrap_or(100));
+    Ok(reply_json(StatusCode::OK, &json!({"items": events})))
+}
+
+async fn apply(agent: Arc<Agent>, q: Query, body: Bytes) -> Answer {
+    if agent.is_shutting_down() {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("node {} is shutting down", agent.name()),
+        ));
+    }
+    let text = std::str::from_utf8(&body)
+        .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "the manifest is not UTF-8 text"))?
+        .to_string();
+    let dry = q.dry_run();
+    let outcomes = tokio::task::spawn_blocking(move || apply::apply(&agent, &text, dry))
+        .await
+        .map_err(|e| ApiError::internal(format!("apply failed: {e}")))??;
+    Ok(reply_json(
+        StatusCode::OK,
+        &json!({"dryRun": dry, "items": outcomes}),
+    ))
+}
+
+fn list(agent: Arc<Agent>, kind: String) -> Answer {
+    let kind = kind_of(&kind)?;
+    let records = agent
+        .store
+        .live(kind)
+        .map_err(|e| ApiError::internal(format!("{e:#}")))?;
+    let items: Vec<_> = records.iter().map(|r| agent.with_status(r)).collect();
+    Ok(reply_json(
+        StatusCode::OK,
+        &json!({"kind": kind, "items": items}),
+    ))
+}
+
+fn get_one(agent: Arc<Agent>, kind: String, name: String) -> Answer {
+    let kind = kind_of(&kind)?;
+    match agent
+        .store
+        .get(kind, &name)
+        .map_err(|e| ApiError::internal(format!("{e:#}")))?
+    {
+        Some(r) if !r.deleted => Ok(reply_json(StatusCode::OK, &agent.with_status(&r))),
+        _ => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("{kind} {name} does not exist"),
+        )),
+    }
+}
+
+fn delete(agent: Arc<Agent>, kind: String, name: String, q: Query) -> Answer {
+    let kind = kind_of(&kind)?;
+    let dry = q.dry_run();
+    let version = apply::delete(&agent, kind, &name, dry)?;
+    Ok(reply_json(
+        StatusCode::OK,
+        &json!({"kind": kind, "name": name, "action": "deleted", "dryRun": dry, "resourceVersion": version}),
+    ))
+}
+
+async fn inspect_model(agent: Arc<Agent>, body: Bytes) -> Answer {
+    let spec = serde_json::from_slice::<ModelSpec>(&body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("model spec: {e}")))?;
+    let cache = agent.model_cache();
+    let profile = tokio::task::spawn_blocking(move || {
+        crate::fetch::open(&cache, &spec.source).map(|f| f.byte_profile(spec.dtype))
+    })
+    .await
+    .map_err(ApiError::internal)?
+    .map_err(|why| ApiError::new(StatusCode::BAD_REQUEST, why))?;
+    Ok(reply_json(StatusCode::OK, &profile))
+}
+
+async fn sync(agent: Arc<Agent>, body: Bytes) -> Answer {
+    let theirs = serde_json::from_slice::<peers::SyncBody>(&body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("sync body: {e}")))?;
+    let ours = tokio::task::spawn_blocking(move || {
+        peers::take_theirs(&agent, theirs)?;
+        peers::our_side(&agent)
+    })
+    .await
+    .map_err(ApiError::internal)?
+    .map_err(|e| ApiError::new(StatusCode::CONFLICT, format!("{e:#}")))?;
+    Ok(reply_json(StatusCode::OK, &ours))
+}
+
+/// An endpoint's request forwarded by the node that serves the endpoint to the node of its
+/// pipeline's stage 0. Authenticated by the cluster token in its own header (the request's
+/// `Authorization` is the client's API key, passed on), and answered with OpenAI's error body.
+async fn forwarded(
+    agent: Arc<Agent>,
+    name: String,
+    tail: warp::path::Tail,
     method: Method,
-    path: warp::path::FullPath,
-    query: HashMap<String, String>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, Infallible> {
-    let segments: Vec<&str> = path
-        .as_str()
-        .trim_matches('/')
-        .split('/')
-        .filter(|s| !s.is_empty())
-        .collect();
-    let read = || {
-        if agent.settings.open_reads {
-            Ok(())
-        } else {
-            authorized(&agent, &headers)
+    let token = headers
+        .get(crate::endpoint::proxy::TOKEN_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !crate::web::same(token, &agent.settings.token) {
+        return Ok(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "forwarded endpoint requests need the cluster token",
+        )
+        .into_response());
+    }
+    Ok(match agent.runtime.forwarded_endpoint(&agent, &name) {
+        Ok(state) => {
+            let path = format!("/{}", tail.as_str());
+            crate::endpoint::respond(state, method, &path, headers, body).await
         }
-    };
-    let write = || authorized(&agent, &headers);
-    let reply = match (&method, segments.as_slice()) {
-        (&Method::GET, ["healthz"]) => reply_json(
-            StatusCode::OK,
-            &json!({"status": "ok", "node": agent.name(), "version": env!("CARGO_PKG_VERSION")}),
-        ),
-        (&Method::GET, ["api", "v1", "info"]) => match read() {
-            Err(r) => *r,
-            Ok(()) => reply_json(StatusCode::OK, &agent.report()),
-        },
-        (&Method::GET, ["api", "v1", "status"]) => match read() {
-            Err(r) => *r,
-            Ok(()) => status(&agent),
-        },
-        (&Method::GET, ["api", "v1", "events"]) => match read() {
-            Err(r) => *r,
-            Ok(()) => {
-                let limit = query
-                    .get("limit")
-                    .and_then(|l| l.parse().ok())
-                    .unwrap_or(100);
-                let events = agent.events(query.get("object").map(String::as_str), limit);
-                reply_json(StatusCode::OK, &json!({"items": events}))
-            }
-        },
-        (&Method::POST, ["api", "v1", "apply"]) => match write() {
-            Err(r) => *r,
-            Ok(()) if agent.is_shutting_down() => reply_error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("node {} is shutting down", agent.name()),
-                Vec::new(),
-            ),
-            Ok(()) => match std::str::from_utf8(&body) {
-                Err(_) => reply_error(
-                    StatusCode::BAD_REQUEST,
-                    "the manifest is not UTF-8 text".into(),
-                    Vec::new(),
-                ),
-                Ok(text) => {
-                    let agent2 = agent.clone();
-                    let text = text.to_string();
-                    let dry = flag(&query, "dryRun");
-                    match tokio::task::spawn_blocking(move || apply::apply(&agent2, &text, dry))
-                        .await
-                    {
-                        Ok(Ok(outcomes)) => {
-                            reply_json(StatusCode::OK, &json!({"dryRun": dry, "items": outcomes}))
-                        }
-                        Ok(Err(r)) => refused(r),
-                        Err(e) => reply_error(
-                            StatusCode::INTERNAL_SERVER_ERROR,
-                            format!("apply failed: {e}"),
-                            Vec::new(),
-                        ),
-                    }
-                }
-            },
-        },
-        (&Method::GET, ["api", "v1", kind]) => match (read(), Kind::parse(kind)) {
-            (Err(r), _) => *r,
-            (Ok(()), Err(why)) => reply_error(StatusCode::NOT_FOUND, why, Vec::new()),
-            (Ok(()), Ok(kind)) => match agent.store.live(kind) {
-                Ok(records) => {
-                    let items: Vec<_> = records.iter().map(|r| agent.with_status(r)).collect();
-                    reply_json(StatusCode::OK, &json!({"kind": kind, "items": items}))
-                }
-                Err(e) => reply_error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("{e:#}"),
-                    Vec::new(),
-                ),
-            },
-        },
-        (&Method::GET, ["api", "v1", kind, name]) => match (read(), Kind::parse(kind)) {
-            (Err(r), _) => *r,
-            (Ok(()), Err(why)) => reply_error(StatusCode::NOT_FOUND, why, Vec::new()),
-            (Ok(()), Ok(kind)) => match agent.store.get(kind, name) {
-                Ok(Some(r)) if !r.deleted => reply_json(StatusCode::OK, &agent.with_status(&r)),
-                Ok(_) => reply_error(
+        Err(why) => crate::endpoint::openai::error(404, why, "invalid_request_error", None, None),
+    })
+}
+
+/// Every route of the control plane, in one place (the table at the top of this file).
+fn routes(agent: Arc<Agent>) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
+    const BODY_LIMIT: u64 = 64 << 20;
+    let a = agent.clone();
+    let with_agent = warp::any().map(move || a.clone());
+    let read = auth(agent.clone(), Access::Read);
+    let write = auth(agent.clone(), Access::Write);
+    let query = warp::query::<Query>()
+        .or(warp::any().map(Query::default))
+        .unify();
+
+    let healthz = warp::path!("healthz")
+        .and(warp::get())
+        .and(auth(agent.clone(), Access::Anyone))
+        .and(with_agent.clone())
+        .map(healthz);
+    let info = warp::path!("api" / "v1" / "info")
+        .and(warp::get())
+        .and(read.clone())
+        .and(with_agent.clone())
+        .map(|agent: Arc<Agent>| Ok(reply_json(StatusCode::OK, &agent.report())));
+    let status = warp::path!("api" / "v1" / "status")
+        .and(warp::get())
+        .and(read.clone())
+        .and(with_agent.clone())
+        .map(|agent: Arc<Agent>| Ok(status(&agent)));
+    let events = warp::path!("api" / "v1" / "events")
+        .and(warp::get())
+        .and(read.clone())
+        .and(with_agent.clone())
+        .and(query)
+        .map(events);
+    let apply = warp::path!("api" / "v1" / "apply")
+        .and(warp::post())
+        .and(write.clone())
+        .and(with_agent.clone())
+        .and(query)
+        .and(crate::web::body(BODY_LIMIT))
+        .then(apply);
+    let list = warp::path!("api" / "v1" / String)
+        .and(warp::get())
+        .and(read.clone())
+        .and(with_agent.clone())
+        .map(|kind, agent| list(agent, kind));
+    let get_one = warp::path!("api" / "v1" / String / String)
+        .and(warp::get())
+        .and(read)
+        .and(with_agent.clone())
+        .map(|kind, name, agent| get_one(agent, kind, name));
+    let delete = warp::path!("api" / "v1" / String / String)
+        .and(warp::delete())
+        .and(write.clone())
+        .and(with_agent.clone())
+        .and(query)
+        .map(|kind, name, agent, q| delete(agent, kind, name, q));
+    let inspect = warp::path!("internal" / "v1" / "inspect-model")
+        .and(warp::post())
+        .and(write.clone())
+        .and(with_agent.clone())
+        .and(crate::web::body(BODY_LIMIT))
+        .then(inspect_model);
+    let sync = warp::path!("internal" / "v1" / "sync")
+        .and(warp::post())
+        .and(write)
+        .and(with_agent.clone())
+        .and(crate::web::body(BODY_LIMIT))
+        .then(sync);
+    let forward = warp::path!("internal" / "v1" / "endpoints" / String / ..)
+        .and(warp::path::tail())
+        .and(with_agent.clone())
+        .and(warp::method())
+        .and(warp::header::headers_cloned())
+        .and(crate::web::body(16 << 20))
+        .and_then(|name, tail, agent, method, headers, body| {
+            forwarded(agent, name, tail, method, headers, body)
+        });
+    let declared = healthz
+        .or(info)
+        .unify()
+        .or(status)
+        .unify()
+        .or(events)
+        .unify()
+        .or(apply)
+        .unify()
+        .or(list)
+        .unify()
+        .or(get_one)
+        .unify()
+        .or(delete)
+        .unify()
+        .or(inspect)
+        .unify()
+        .or(sync)
+        .unify()
+        .and_then(|a: Answer| async move { answer(a) })
+        .or(forward)
+        .unify();
+    // Rejections become error bodies; a path no route declares gets one naming it.
+    let no_route =
+        warp::method()
+            .and(warp::path::full())
+            .map(|method: Method, path: warp::path::FullPath| {
+                ApiError::new(
                     StatusCode::NOT_FOUND,
-                    format!("{kind} {name} does not exist"),
-                    Vec::new(),
-                ),
-                Err(e) => reply_error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("{e:#}"),
-                    Vec::new(),
-                ),
-            },
-        },
-        (&Method::DELETE, ["api", "v1", kind, name]) => match (write(), Kind::parse(kind)) {
-            (Err(r), _) => *r,
-            (Ok(()), Err(why)) => reply_error(StatusCode::NOT_FOUND, why, Vec::new()),
-            (Ok(()), Ok(kind)) => {
-                let dry = flag(&query, "dryRun");
-                match apply::delete(&agent, kind, name, dry) {
-                    Ok(version) => reply_json(
-                        StatusCode::OK,
-                        &json!({"kind": kind, "name": name, "action": "deleted", "dryRun": dry, "resourceVersion": version}),
-                    ),
-                    Err(r) => refused(r),
-                }
-            }
-        },
-        (&Method::POST, ["internal", "v1", "inspect-model"]) => match write() {
-            Err(r) => *r,
-            Ok(()) => match serde_json::from_slice::<ModelSpec>(&body) {
-                Err(e) => reply_error(
-                    StatusCode::BAD_REQUEST,
-                    format!("model spec: {e}"),
-                    Vec::new(),
-                ),
-                Ok(spec) => {
-                    let cache = agent.model_cache();
-                    let opened = tokio::task::spawn_blocking(move || {
-                        crate::fetch::open(&cache, &spec.source).map(|f| f.byte_profile(spec.dtype))
-                    })
-                    .await;
-                    match opened {
-                        Ok(Ok(profile)) => reply_json(StatusCode::OK, &profile),
-                        Ok(Err(why)) => reply_error(StatusCode::BAD_REQUEST, why, Vec::new()),
-                        Err(e) => reply_error(
-                            StatusCode::INTERNAL_SERVER_ERROR,
-                            e.to_string(),
-                            Vec::new(),
-                        ),
-                    }
-                }
-            },
-        },
-        (&Method::POST, ["internal", "v1", "sync"]) => match write() {
-            Err(r) => *r,
-            Ok(()) => match serde_json::from_slice::<peers::SyncBody>(&body) {
-                Err(e) => reply_error(
-                    StatusCode::BAD_REQUEST,
-                    format!("sync body: {e}"),
-                    Vec::new(),
-                ),
-                Ok(theirs) => {
-                    let agent2 = agent.clone();
-                    let done = tokio::task::spawn_blocking(move || {
-                        peers::take_theirs(&agent2, theirs)?;
-                        peers::our_side(&agent2)
-                    })
-                    .await;
-                    match done {
-                        Ok(Ok(ours)) => reply_json(StatusCode::OK, &ours),
-                        Ok(Err(e)) => {
-                            reply_error(StatusCode::CONFLICT, format!("{e:#}"), Vec::new())
-                        }
-                        Err(e) => reply_error(
-                            StatusCode::INTERNAL_SERVER_ERROR,
-                            e.to_string(),
-                            Vec::new(),
-                        ),
-                    }
-                }
-            },
-        },
-        (_, ["internal", "v1", "endpoints", name, rest @ ..]) => {
-            let token = headers
-                .get(crate::endpoint::proxy::TOKEN_HEADER)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("");
-            if !crate::web::same(token, &agent.settings.token) {
-                reply_error(
-                    StatusCode::UNAUTHORIZED,
-                    "forwarded endpoint requests need the cluster token".into(),
-                    Vec::new(),
+                    format!("no route {method} {}", path.as_str()),
                 )
-            } else {
-                match agent.runtime.forwarded_endpoint(&agent, name) {
-                    Ok(state) => {
-                        let path = format!("/{}", rest.join("/"));
-                        crate::endpoint::respond(
-                            state,
-                            method.clone(),
-                            &path,
-                            headers.clone(),
-                            body,
-                        )
-                        .await
-                    }
-                    Err(why) => crate::endpoint::openai::error(
-                        404,
-                        why,
-                        "invalid_request_error",
-                        None,
-                        None,
-                    ),
-                }
+                .into_response()
+            });
+    declared
+        .recover(|rejection: warp::Rejection| async move {
+            if rejection.is_not_found() {
+                return Err(rejection);
             }
+            Ok(rejected(rejection))
+        })
+        .unify()
+        .or(no_route)
+        .unify()
+}
+
+/// The error body of a request no route accepted for a reason other than its path.
+fn rejected(rejection: warp::Rejection) -> Response {
+    if let Some(e) = rejection.find::<ApiError>() {
+        return ApiError {
+            code: e.code,
+            message: e.message.clone(),
+            details: e.details.clone(),
         }
-        _ => reply_error(
-            StatusCode::NOT_FOUND,
-            format!("no route {method} {}", path.as_str()),
-            Vec::new(),
-        ),
-    };
-    Ok(reply)
+        .into_response();
+    }
+    if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
+        return ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "this route does not take that method (see docs/reference.md)",
+        )
+        .into_response();
+    }
+    if rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
+        return ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "the request body is larger than this route accepts",
+        )
+        .into_response();
+    }
+    ApiError::new(StatusCode::BAD_REQUEST, format!("{rejection:?}")).into_response()
 }
 
 fn status(agent: &Agent) -> Response {
@@ -338,15 +475,7 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
-    let routes = warp::any()
-        .map(move || agent.clone())
-        .and(warp::method())
-        .and(warp::path::full())
-        .and(warp::query::<HashMap<String, String>>())
-        .and(warp::header::headers_cloned())
-        .and(crate::web::body(64 << 20))
-        .and_then(handle);
-    warp::serve(routes)
+    warp::serve(routes(agent))
         .incoming(listener)
         .graceful(shutdown)
         .run()

@@ -75,6 +75,21 @@ fn every_documented_route_is_served() {
     }
     assert!(call(&base, "GET", "/api/v1/undocumented", TOKEN, None).contains("kind"));
     assert!(call(&base, "GET", "/nothing/here", TOKEN, None).contains("no route"));
+    // A route given another method says so (405), in the agent's error body.
+    let resp = http_client(std::time::Duration::from_secs(30))
+        .put(&format!("{base}/api/v1/apply"))
+        .header("Authorization", &format!("Bearer {TOKEN}"))
+        .send("")
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 405);
+    let body: Value = serde_json::from_str(&resp.into_body().read_to_string().unwrap()).unwrap();
+    assert_eq!(body["error"]["code"], 405, "{body}");
+    // Without the token a write is refused before its route runs.
+    let resp = http_client(std::time::Duration::from_secs(30))
+        .delete(&format!("{base}/api/v1/nodes/node-0"))
+        .call()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 401);
 
     let ep = format!("http://127.0.0.1:{port}");
     let endpoint_routes = routes(&doc, "Endpoint (on its node");
