@@ -215,6 +215,24 @@ impl Pieces {
         self.have = merged;
     }
 
+    /// Forgets `[start, end)`: its bytes are no longer trusted.
+    fn remove(&mut self, start: u64, end: u64) {
+        let mut kept = Vec::with_capacity(self.have.len() + 1);
+        for &(a, b) in &self.have {
+            if b <= start || a >= end {
+                kept.push((a, b));
+                continue;
+            }
+            if a < start {
+                kept.push((a, start));
+            }
+            if b > end {
+                kept.push((end, b));
+            }
+        }
+        self.have = kept;
+    }
+
     /// The parts of `[start, end)` not present.
     fn missing(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
         let mut out = Vec::new();
@@ -249,12 +267,18 @@ fn http() -> ureq::Agent {
 }
 
 /// Bytes moved by a fetch.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub struct Fetched {
     /// Bytes received.
     pub bytes: u64,
     /// Range requests made.
     pub requests: u64,
+    /// Of `bytes`, those that came from peers.
+    pub peer_bytes: u64,
+    /// The peers that served some.
+    pub peers: std::collections::BTreeSet<String>,
+    /// Bytes from peers that did not match their digests (fetched again from the source).
+    pub rejected_bytes: u64,
 }
 
 /// GETs `url` (a byte range of it when `range` is given): the response, refused with the
@@ -586,14 +610,241 @@ pub fn open(cache: &Path, source: &ModelSource) -> Result<ModelFolder, String> {
     ModelFolder::open(&path).map_err(|e| e.to_string())
 }
 
+/// Other agents that may hold the model's files whole, asked before the hub.
+#[derive(Debug, Clone, Default)]
+pub struct Peers {
+    /// The Model object's name (peers find their copy by it).
+    pub model: String,
+    /// The cluster token the peers' routes need.
+    pub token: String,
+    /// (node name, control-plane address) of each peer.
+    pub nodes: Vec<(String, String)>,
+}
+
+/// Digests of a whole weights file held here (`FILE.digests`): what peers check the ranges
+/// they fetch from this node against. Written once every byte of the file is present.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Digests {
+    /// The file's size.
+    pub size: u64,
+    /// sha256 of the whole file (hex).
+    pub sha256: String,
+    /// Whether `sha256` equals the digest the source itself gives (the hub's LFS oid); false
+    /// where the source gives none.
+    pub verified: bool,
+    /// sha256 of each tensor's bytes: (first byte, end byte, hex).
+    pub tensors: Vec<(u64, u64, String)>,
+}
+
+impl Digests {
+    fn path(file: &Path) -> PathBuf {
+        let mut name = file.as_os_str().to_owned();
+        name.push(".digests");
+        PathBuf::from(name)
+    }
+
+    /// The digests of `file`, when it is held whole.
+    pub fn read(file: &Path) -> Option<Self> {
+        serde_json::from_slice(&std::fs::read(Self::path(file)).ok()?).ok()
+    }
+}
+
+/// The path of file `name` of a fetched model in `cache`, when `name` stays inside its folder.
+pub fn model_file(cache: &Path, source: &ModelSource, name: &str) -> Option<PathBuf> {
+    let plain = |p: &str| !p.is_empty() && p != "." && p != ".." && !p.contains('\\');
+    if !source.is_remote() || !name.split('/').all(plain) {
+        return None;
+    }
+    Some(model_dir(cache, source).join(name))
+}
+
+impl Remote {
+    /// A peer's route serving the model's files it holds.
+    fn peer(address: &str, peers: &Peers) -> Self {
+        Self {
+            base: format!("http://{address}/internal/v1/models/{}/files/", peers.model),
+            named: Vec::new(),
+            renamed_single: None,
+            auth: Some(peers.token.clone()),
+            http: http(),
+        }
+    }
+}
+
+/// sha256 of `[start, end)` of a file.
+fn digest_range(path: &Path, start: u64, end: u64) -> Result<String, String> {
+    let mut f = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    f.seek(SeekFrom::Start(start))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f.take(end - start), &mut h)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(hex(&h.finalize()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The sha256 the source gives for a file, if any: the hub answers a HEAD of an LFS file with
+/// a redirect carrying `X-Linked-Etag: "<sha256>"` (or, for a file it serves itself, an
+/// `ETag` that is one).
+fn source_sha256(remote: &Remote, name: &str) -> Option<String> {
+    let url = remote.url(name);
+    let mut req = remote
+        .http
+        .head(&url)
+        .config()
+        .max_redirects(0)
+        .max_redirects_will_error(false)
+        .build();
+    if let Some(token) = &remote.auth {
+        req = req.header("Authorization", &format!("Bearer {token}"));
+    }
+    let resp = req.call().ok()?;
+    ["x-linked-etag", "etag"].iter().find_map(|h| {
+        let v = resp.headers().get(*h)?.to_str().ok()?;
+        let v = v
+            .trim()
+            .trim_start_matches("W/")
+            .trim_matches('"')
+            .to_ascii_lowercase();
+        (v.len() == 64 && v.chars().all(|c| c.is_ascii_hexdigit())).then_some(v)
+    })
+}
+
+/// For each weights file of the model now held whole and not yet sealed: checks it against the
+/// source's sha256 where the source gives one (a mismatch discards the file's pieces, so the
+/// next attempt fetches it again) and writes its [`Digests`]. Returns the files sealed.
+pub fn seal(source: &ModelSource, folder: &ModelFolder) -> Result<Vec<PathBuf>, String> {
+    let remote = Remote::of(source)?;
+    let mut by_file: std::collections::BTreeMap<PathBuf, Vec<(u64, u64)>> = Default::default();
+    for (path, _, a, b) in folder.all_ranges().map_err(|e| e.to_string())? {
+        by_file.entry(path).or_default().push((a, b));
+    }
+    let mut sealed = Vec::new();
+    for (path, mut tensors) in by_file {
+        let Some(pieces) = Pieces::read(&path) else {
+            continue;
+        };
+        if Digests::read(&path).is_some() || !pieces.missing(0, pieces.size).is_empty() {
+            continue;
+        }
+        tensors.sort_unstable();
+        let mut f = File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut whole = Sha256::new();
+        let mut each: Vec<Sha256> = tensors.iter().map(|_| Sha256::new()).collect();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut at = 0u64;
+        loop {
+            let n = f
+                .read(&mut buf)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            if n == 0 {
+                break;
+            }
+            let chunk = &buf[..n];
+            whole.update(chunk);
+            let end = at + n as u64;
+            for (h, &(a, b)) in each.iter_mut().zip(&tensors) {
+                let (lo, hi) = (a.max(at), b.min(end));
+                if lo < hi {
+                    h.update(&chunk[(lo - at) as usize..(hi - at) as usize]);
+                }
+            }
+            at = end;
+        }
+        let sha256 = hex(&whole.finalize());
+        let name = file_name_in(&remote, &path)?;
+        let verified = match source_sha256(&remote, &name) {
+            Some(want) if want != sha256 => {
+                let _ = std::fs::remove_file(Pieces::path(&path));
+                let _ = std::fs::remove_file(&path);
+                return Err(format!(
+                    "{}: the fetched file's sha256 is {sha256}, the source says {want}; discarded, it will be fetched again",
+                    remote.url(&name)
+                ));
+            }
+            Some(_) => true,
+            None => false,
+        };
+        let digests = Digests {
+            size: pieces.size,
+            sha256,
+            verified,
+            tensors: tensors
+                .iter()
+                .zip(each)
+                .map(|(&(a, b), h)| (a, b, hex(&h.finalize())))
+                .collect(),
+        };
+        let target = Digests::path(&path);
+        let tmp = target.with_extension("digests.tmp");
+        std::fs::write(
+            &tmp,
+            serde_json::to_vec(&digests).map_err(|e| e.to_string())?,
+        )
+        .and_then(|()| std::fs::rename(&tmp, &target))
+        .map_err(|e| format!("writing {}: {e}", target.display()))?;
+        sealed.push(path);
+    }
+    Ok(sealed)
+}
+
+/// The name of a weights file of the model as its source (and peers) know it.
+fn file_name_in(remote: &Remote, path: &Path) -> Result<String, String> {
+    // A GGUF model is the one file named (perhaps in a subfolder); safetensors shards lie
+    // beside the index, in the model's top folder.
+    Ok(match remote.gguf() {
+        Some(g) => g.to_string(),
+        None => path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| format!("{}: not a file name", path.display()))?
+            .to_string(),
+    })
+}
+
+/// The first peer holding file `name` whole, with its digests.
+fn peer_with(
+    peers: &Peers,
+    bad: &std::collections::BTreeSet<String>,
+    name: &str,
+    size: u64,
+) -> Option<(String, Remote, Digests)> {
+    for (node, address) in peers.nodes.iter().filter(|(n, _)| !bad.contains(n)) {
+        let remote = Remote::peer(address, peers);
+        let url = format!(
+            "http://{address}/internal/v1/models/{}/digests/{name}",
+            peers.model
+        );
+        let Ok(Some(resp)) = get(&remote, &url, None) else {
+            continue;
+        };
+        let Ok(digests) = resp.into_body().read_json::<Digests>() else {
+            continue;
+        };
+        if digests.size == size {
+            return Some((node.clone(), remote, digests));
+        }
+    }
+    None
+}
+
 /// Fetches every byte of the weights a stage holding `range` needs that is not in the cache
-/// yet, in pieces of at most [`PIECE`] bytes. `progress` gets (bytes present, bytes needed).
+/// yet: from a peer holding the file whole when there is one (each tensor checked against the
+/// peer's digests; a mismatch is reported through `note` and fetched from the source instead),
+/// else from the source, in pieces of at most [`PIECE`] bytes. `progress` gets (bytes present,
+/// bytes needed).
+#[allow(clippy::too_many_arguments)]
 pub fn fetch_stage(
     source: &ModelSource,
     folder: &ModelFolder,
     range: LayerRange,
     first: bool,
     last: bool,
+    peers: &Peers,
+    note: &mut dyn FnMut(String),
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Fetched, String> {
     let remote = Remote::of(source)?;
@@ -601,7 +852,6 @@ pub fn fetch_stage(
         .stage_ranges(range, first, last)
         .map_err(|e| e.to_string())?;
     let mut stats = Fetched::default();
-    // Per file: the missing parts of every wanted range, neighbours merged.
     let mut by_file: std::collections::BTreeMap<PathBuf, Vec<(u64, u64)>> = Default::default();
     let mut needed = 0u64;
     for (path, a, b) in wanted {
@@ -610,48 +860,99 @@ pub fn fetch_stage(
     }
     let mut plan = Vec::new();
     let mut missing_total = 0u64;
-    for (path, mut ranges) in by_file {
+    for (path, mut tensors) in by_file {
         let pieces = Pieces::read(&path).ok_or_else(|| {
             format!(
                 "{}: no record of its fetched pieces (was its header fetched?)",
                 path.display()
             )
         })?;
-        ranges.sort_unstable();
-        let mut merged: Vec<(u64, u64)> = Vec::new();
-        for (a, b) in ranges {
-            match merged.last_mut() {
-                Some(last) if a <= last.1 => last.1 = last.1.max(b),
-                _ => merged.push((a, b)),
-            }
-        }
-        let missing: Vec<(u64, u64)> = merged
+        tensors.sort_unstable();
+        tensors.dedup();
+        missing_total += missing_pieces(&pieces, &tensors)
             .iter()
-            .flat_map(|&(a, b)| pieces.missing(a, b))
-            .flat_map(|(a, b)| {
-                (a..b)
-                    .step_by(PIECE as usize)
-                    .map(move |s| (s, (s + PIECE).min(b)))
-            })
-            .collect();
-        missing_total += missing.iter().map(|(a, b)| b - a).sum::<u64>();
-        plan.push((path, pieces, missing));
+            .map(|(a, b)| b - a)
+            .sum::<u64>();
+        plan.push((path, pieces, tensors));
     }
     let mut present = needed - missing_total;
     progress(present, needed);
-    for (path, mut pieces, missing) in plan {
-        // A GGUF model is the one file named (perhaps in a subfolder); safetensors shards lie
-        // beside the index, in the model's top folder.
-        let name = match remote.gguf() {
-            Some(g) => g.to_string(),
-            None => path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .ok_or_else(|| format!("{}: not a file name", path.display()))?
-                .to_string(),
-        };
+    let mut bad_peers = std::collections::BTreeSet::new();
+    for (path, mut pieces, tensors) in plan {
+        let name = file_name_in(&remote, &path)?;
+        let missing = missing_pieces(&pieces, &tensors);
+        if missing.is_empty() {
+            continue;
+        }
+        if let Some((node, peer, digests)) = peer_with(peers, &bad_peers, &name, pieces.size) {
+            let url = peer.url(&name);
+            let mut got = 0u64;
+            let mut failed = None;
+            for r in &missing {
+                let mut count = |n: u64| {
+                    got += n;
+                    present += n;
+                    progress(present, needed);
+                };
+                if let Err(e) =
+                    fetch_range(&peer, &url, &path, &mut pieces, *r, &mut stats, &mut count)
+                {
+                    failed = Some(e);
+                    break;
+                }
+            }
+            stats.peer_bytes += got;
+            stats.peers.insert(node.clone());
+            if let Some(e) = failed {
+                note(format!(
+                    "fetching {name} from {node} failed ({e}); the rest comes from {}",
+                    source.describe()
+                ));
+            }
+            // Every tensor this stage needs from that file is checked against the peer's
+            // digests (those already held were checked when they came).
+            let mut rejected = 0u64;
+            for &(a, b) in &tensors {
+                let fetched_now = missing.iter().any(|&(x, y)| x < b && a < y);
+                if !fetched_now {
+                    continue;
+                }
+                let lacking: u64 = pieces.missing(a, b).iter().map(|(x, y)| y - x).sum();
+                if lacking > 0 {
+                    // Cut short: what came of it cannot be checked alone; fetch it whole.
+                    pieces.remove(a, b);
+                    present -= (b - a) - lacking;
+                    continue;
+                }
+                let want = digests
+                    .tensors
+                    .iter()
+                    .find(|(x, y, _)| (*x, *y) == (a, b))
+                    .map(|(_, _, d)| d.as_str());
+                let ok = match want {
+                    Some(d) => digest_range(&path, a, b)? == d,
+                    None => false,
+                };
+                if !ok {
+                    pieces.remove(a, b);
+                    rejected += b - a;
+                }
+            }
+            pieces.write(&path)?;
+            if rejected > 0 {
+                // Its other files are not asked for either.
+                bad_peers.insert(node.clone());
+                present -= rejected;
+                progress(present, needed);
+                stats.rejected_bytes += rejected;
+                note(format!(
+                    "{rejected} bytes of {name} from {node} did not match its digests: discarded, fetched from {} instead",
+                    source.describe()
+                ));
+            }
+        }
         let url = remote.url(&name);
-        for r in missing {
+        for r in missing_pieces(&pieces, &tensors) {
             fetch_range(&remote, &url, &path, &mut pieces, r, &mut stats, &mut |n| {
                 present += n;
                 progress(present, needed);
@@ -659,6 +960,27 @@ pub fn fetch_stage(
         }
     }
     Ok(stats)
+}
+
+/// The parts of `tensors` (sorted byte ranges) not in `pieces`, neighbours merged, cut into
+/// requests of at most [`PIECE`] bytes.
+fn missing_pieces(pieces: &Pieces, tensors: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut merged: Vec<(u64, u64)> = Vec::new();
+    for &(a, b) in tensors {
+        match merged.last_mut() {
+            Some(last) if a <= last.1 => last.1 = last.1.max(b),
+            _ => merged.push((a, b)),
+        }
+    }
+    merged
+        .iter()
+        .flat_map(|&(a, b)| pieces.missing(a, b))
+        .flat_map(|(a, b)| {
+            (a..b)
+                .step_by(PIECE as usize)
+                .map(move |s| (s, (s + PIECE).min(b)))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -677,6 +999,13 @@ mod tests {
         assert_eq!(p.missing(24, 31), vec![(25, 30)]);
         p.add(0, 100);
         assert_eq!(p.have, vec![(0, 100)]);
+        p.remove(10, 20);
+        p.remove(90, 120);
+        assert_eq!(p.have, vec![(0, 10), (20, 90)]);
+        assert_eq!(
+            missing_pieces(&p, &[(5, 12), (12, 15), (80, 95)]),
+            vec![(10, 15), (90, 95)]
+        );
     }
 
     #[test]

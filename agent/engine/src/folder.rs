@@ -247,6 +247,18 @@ impl ModelFolder {
         }
     }
 
+    /// Every tensor of the model's weights files: (file, name, first byte, end byte).
+    pub fn all_ranges(&self) -> Result<Vec<(PathBuf, String, u64, u64)>> {
+        match &self.weights {
+            Weights::Safetensors(files) => files.all_ranges(),
+            Weights::Gguf(file) => Ok(file
+                .all_ranges()
+                .into_iter()
+                .map(|(n, a, b)| (file.path().to_path_buf(), n, a, b))
+                .collect()),
+        }
+    }
+
     /// How the weight bytes fall across layers, embedding and head (see [`Self::stage_bytes`]).
     pub fn byte_profile(
         &self,

@@ -271,6 +271,18 @@ impl GgufFile {
         Some((start, start + self.tensor_bytes(name)))
     }
 
+    /// Every tensor's name and byte range, in file order.
+    pub fn all_ranges(&self) -> Vec<(String, u64, u64)> {
+        let mut out: Vec<_> = self
+            .content
+            .tensor_infos
+            .keys()
+            .filter_map(|n| self.tensor_range(n).map(|(a, b)| (n.clone(), a, b)))
+            .collect();
+        out.sort_by_key(|(_, a, _)| *a);
+        out
+    }
+
     /// Where the header (metadata and tensor table) ends and the tensors' data begins.
     pub fn data_offset(&self) -> u64 {
         self.content.tensor_data_offset

@@ -137,6 +137,25 @@ impl WeightFiles {
         }
     }
 
+    /// Every tensor of every weights file: (file, name, first byte, end byte), from headers.
+    pub fn all_ranges(&self) -> Result<Vec<(PathBuf, String, u64, u64)>> {
+        let files: std::collections::BTreeSet<PathBuf> = match &self.index {
+            None => [self.dir.join(SINGLE_FILE)].into(),
+            Some(index) => index.values().map(|f| self.dir.join(f)).collect(),
+        };
+        let mut out = Vec::new();
+        for path in files {
+            let mut entries: Vec<_> = read_header(&path)?.into_iter().collect();
+            entries.sort_by_key(|(_, e)| e.start);
+            out.extend(
+                entries
+                    .into_iter()
+                    .map(|(name, e)| (path.clone(), name, e.start, e.end)),
+            );
+        }
+        Ok(out)
+    }
+
     /// Where in which file each of `names` lies: (file, first byte, end byte), reading only
     /// headers. Used to fetch exactly a stage's bytes before it loads.
     pub fn ranges(&self, names: &[String]) -> Result<Vec<(PathBuf, u64, u64)>> {

@@ -56,6 +56,7 @@ pub fn run(args: StageArgs) -> Result<()> {
         .context("starting the async runtime")?;
     runtime.block_on(async move {
         let options = NodeOptions {
+            peers: Default::default(),
             index: args.index,
             compute_spin: Duration::from_millis(args.compute_spin_ms),
             pass_floor: crate::ring::node::PassFloor::from_env()?,

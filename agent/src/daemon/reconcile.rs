@@ -357,6 +357,29 @@ fn head_address(agent: &Agent, pipeline: &str) -> Option<String> {
     Some(node.object.as_node()?.address.clone())
 }
 
+/// The peers a stage of a fetched model asks before the source: every other node that has
+/// been heard from recently, in name order (the cluster is small; each is asked once per file).
+fn fetch_peers(agent: &Agent, want: &StageWant) -> crate::fetch::Peers {
+    let model = agent
+        .store
+        .get(Kind::Pipeline, &want.config.pipeline)
+        .ok()
+        .flatten()
+        .and_then(|r| r.object.as_pipeline().map(|p| p.model.clone()))
+        .unwrap_or_default();
+    let mut nodes: Vec<(String, String)> = agent
+        .peer_addresses()
+        .into_iter()
+        .filter(|(node, _)| agent.fresh_report(node).is_some())
+        .collect();
+    nodes.sort();
+    crate::fetch::Peers {
+        model,
+        token: agent.settings.token.clone(),
+        nodes,
+    }
+}
+
 /// What the store places on this node.
 fn desired(agent: &Agent) -> (HashMap<String, StageWant>, HashMap<String, EndpointWant>) {
     let me = agent.name();
@@ -549,6 +572,7 @@ async fn load_stage(
                 index: want.index,
                 compute_spin: agent.runtime.compute_spin,
                 pass_floor,
+                peers: fetch_peers(&agent, &want),
             };
             RingNode::start_with(
                 want.config.clone(),
@@ -560,6 +584,15 @@ async fn load_stage(
         }
         Err(e) => Err(e),
     };
+    let notes = std::mem::take(&mut *progress.notes.lock().unwrap_or_else(|e| e.into_inner()));
+    for note in notes {
+        agent.event(
+            &format!("Pipeline {name}"),
+            true,
+            "FetchTrouble",
+            format!("stage {}: {note}", want.index),
+        );
+    }
     let mut stages = lock(&agent.runtime.stages);
     let current = stages.get_mut(&name).filter(|s| s.epoch == epoch);
     match (result, current) {
@@ -579,10 +612,13 @@ async fn load_stage(
                         &want.config.fetch,
                         progress.fetched.load(std::sync::atomic::Ordering::Relaxed)
                     ) {
-                        (Some(source), n) if n > 0 => format!(
+                        (Some(_), n) if n > 0 => format!(
                             ", after fetching {} of its weights from {}",
                             cluster_api::human_bytes(n),
-                            source.describe()
+                            progress
+                                .fetched_from
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
                         ),
                         (Some(_), _) => ", its weights all in this node's cache".into(),
                         (None, _) => String::new(),

@@ -6,6 +6,7 @@
 //! | `GET /api/v1/info`, `/api/v1/status`, `/api/v1/events`, `/api/v1/{kind}[/{name}]` | unless `--open-reads` |
 //! | `POST /api/v1/apply[?dryRun=true]`, `DELETE /api/v1/{kind}/{name}[?dryRun=true]` | always |
 //! | `POST /internal/v1/sync`, `POST /internal/v1/inspect-model` (agents only) | always |
+//! | `GET /internal/v1/models/{model}/digests/{file}`, `.../files/{file}` (a byte range of a file held whole, for peers fetching their stages) | always |
 //! | `/internal/v1/endpoints/{name}/...` (an endpoint's requests forwarded by its node) | always, in `x-cluster-token` |
 //!
 //! The routes are declared as warp filters in one function, [`routes`]; authentication is one
@@ -294,6 +295,109 @@ async fn forwarded(
     })
 }
 
+/// The file `name` of model `model` when this node holds it whole, with its digests.
+fn held_file(
+    agent: &Agent,
+    model: &str,
+    name: &str,
+) -> Result<(std::path::PathBuf, crate::fetch::Digests), ApiError> {
+    let record = agent
+        .store
+        .get(Kind::Model, model)
+        .map_err(|e| ApiError::internal(format!("{e:#}")))?
+        .filter(|r| !r.deleted)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("model {model} does not exist"),
+            )
+        })?;
+    let spec = record
+        .object
+        .as_model()
+        .ok_or_else(|| ApiError::internal("not a model"))?;
+    let path =
+        crate::fetch::model_file(&agent.model_cache(), &spec.source, name).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("model {model} has no fetched file {name:?}"),
+            )
+        })?;
+    let digests = crate::fetch::Digests::read(&path).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!(
+                "node {} does not hold {name} of model {model} whole",
+                agent.name()
+            ),
+        )
+    })?;
+    Ok((path, digests))
+}
+
+fn model_digests(agent: Arc<Agent>, model: String, tail: warp::path::Tail) -> Answer {
+    let (_, digests) = held_file(&agent, &model, tail.as_str())?;
+    Ok(reply_json(StatusCode::OK, &digests))
+}
+
+/// The most bytes one request for a model file's range may ask for.
+const MAX_RANGE_BYTES: u64 = 64 << 20;
+
+/// A byte range of a model file this node holds whole, for a peer fetching its stage.
+async fn model_bytes(
+    agent: Arc<Agent>,
+    model: String,
+    tail: warp::path::Tail,
+    range: Option<String>,
+) -> Answer {
+    let name = tail.as_str().to_string();
+    let (path, digests) = held_file(&agent, &model, &name)?;
+    let size = digests.size;
+    let bad = |why: String| ApiError::new(StatusCode::RANGE_NOT_SATISFIABLE, why);
+    let (start, end) = range
+        .as_deref()
+        .and_then(|r| r.trim().strip_prefix("bytes="))
+        .and_then(|r| r.split_once('-'))
+        .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()? + 1)))
+        .ok_or_else(|| bad("ask for one range: `Range: bytes=FIRST-LAST`".into()))?;
+    if start >= end || end > size || end - start > MAX_RANGE_BYTES {
+        return Err(bad(format!(
+            "bytes {start}-{} of {name} ({size} bytes): ask for at most {MAX_RANGE_BYTES} bytes within the file",
+            end.saturating_sub(1)
+        )));
+    }
+    let mut bytes = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = std::fs::File::open(&path)?;
+        f.seek(SeekFrom::Start(start))?;
+        let mut buf = vec![0u8; (end - start) as usize];
+        f.read_exact(&mut buf)?;
+        Ok(buf)
+    })
+    .await
+    .map_err(ApiError::internal)?
+    .map_err(ApiError::internal)?;
+    // A test hook standing in for a peer whose disk or link damages what it serves.
+    if std::env::var_os("CLUSTERAGENT_TEST_CORRUPT_SERVED_BYTES").is_some()
+        && let Some(b) = bytes.first_mut()
+    {
+        *b ^= 0x5a;
+    }
+    let mut resp = Response::new(bytes.into());
+    *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
+    let headers = resp.headers_mut();
+    let value = |s: String| warp::http::HeaderValue::from_str(&s).map_err(ApiError::internal);
+    headers.insert(
+        "content-range",
+        value(format!("bytes {start}-{}/{size}", end - 1))?,
+    );
+    headers.insert(
+        "content-type",
+        warp::http::HeaderValue::from_static("application/octet-stream"),
+    );
+    Ok(resp)
+}
+
 /// Every route of the control plane, in one place (the table at the top of this file).
 fn routes(agent: Arc<Agent>) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
     const BODY_LIMIT: u64 = 64 << 20;
@@ -361,6 +465,19 @@ fn routes(agent: Arc<Agent>) -> impl Filter<Extract = (Response,), Error = Infal
         .and(with_agent.clone())
         .and(crate::web::body(BODY_LIMIT))
         .then(sync);
+    let digests = warp::path!("internal" / "v1" / "models" / String / "digests" / ..)
+        .and(warp::path::tail())
+        .and(warp::get())
+        .and(auth(agent.clone(), Access::Write))
+        .and(with_agent.clone())
+        .map(|model, tail, agent| model_digests(agent, model, tail));
+    let bytes = warp::path!("internal" / "v1" / "models" / String / "files" / ..)
+        .and(warp::path::tail())
+        .and(warp::get())
+        .and(auth(agent.clone(), Access::Write))
+        .and(with_agent.clone())
+        .and(warp::header::optional::<String>("range"))
+        .then(|model, tail, agent, range| model_bytes(agent, model, tail, range));
     let forward = warp::path!("internal" / "v1" / "endpoints" / String / ..)
         .and(warp::path::tail())
         .and(with_agent.clone())
@@ -388,6 +505,10 @@ fn routes(agent: Arc<Agent>) -> impl Filter<Extract = (Response,), Error = Infal
         .or(inspect)
         .unify()
         .or(sync)
+        .unify()
+        .or(digests)
+        .unify()
+        .or(bytes)
         .unify()
         .and_then(|a: Answer| async move { answer(a) })
         .or(forward)

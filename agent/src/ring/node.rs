@@ -263,6 +263,8 @@ pub struct NodeOptions {
     pub compute_spin: Duration,
     /// A test hook: forward passes take at least these times (see [`PassFloor::from_env`]).
     pub pass_floor: Option<PassFloor>,
+    /// Agents that may hold the model's files, asked before the hub when fetching.
+    pub peers: crate::fetch::Peers,
 }
 
 /// A test hook standing in for a slow machine: the stage's forward passes take at least the
@@ -362,6 +364,10 @@ pub struct LoadProgress {
     pub fetching: std::sync::atomic::AtomicBool,
     /// Bytes this load fetched over the network (0: all were local or in the cache).
     pub fetched: AtomicU64,
+    /// What the fetch had to say (a peer's bytes refused, a source given up on), for events.
+    pub notes: std::sync::Mutex<Vec<String>>,
+    /// Where the fetched bytes came from, in words.
+    pub fetched_from: std::sync::Mutex<String>,
 }
 
 /// A running stage; dropping it does not stop the tasks, [`RingNode::shutdown`] does.
@@ -414,8 +420,9 @@ impl RingNode {
             }
         };
         let load_config = config.clone();
+        let peers = options.peers.clone();
         let (folder, stage) = tokio::task::spawn_blocking(move || {
-            load_stage(&load_config, index, progress.as_deref())
+            load_stage(&load_config, index, &peers, progress.as_deref())
         })
         .await??;
         let (stop, stop_rx) = watch::channel(false);
@@ -506,6 +513,7 @@ impl RingNode {
 fn load_stage(
     config: &RingConfig,
     index: usize,
+    peers: &crate::fetch::Peers,
     progress: Option<&LoadProgress>,
 ) -> Result<(ModelFolder, Stage)> {
     let range = config.stages[index].layers;
@@ -531,6 +539,13 @@ fn load_stage(
                 range,
                 first,
                 last,
+                peers,
+                &mut |note| {
+                    tracing::warn!(stage = index, "{note}");
+                    if let Some(p) = progress {
+                        p.notes.lock().unwrap_or_else(|e| e.into_inner()).push(note);
+                    }
+                },
                 &mut |done, total| {
                     if let Some(p) = progress {
                         p.loaded.store(done, Ordering::Relaxed);
@@ -549,13 +564,42 @@ fn load_stage(
                 layers = %range,
                 source = %source.describe(),
                 bytes = fetched.bytes,
+                from_peers = fetched.peer_bytes,
                 requests = fetched.requests,
                 ms = started.elapsed().as_millis() as u64,
                 "stage's weights fetched"
             );
+            // Files now held whole are checked against the source's digest and get digests
+            // of their own, so that peers may fetch from this node.
+            let sealed = crate::fetch::seal(source, &folder).map_err(anyhow::Error::msg)?;
+            if !sealed.is_empty() {
+                tracing::info!(
+                    stage = index,
+                    files = sealed.len(),
+                    "whole files sealed for peers"
+                );
+            }
             if let Some(p) = progress {
                 p.fetching.store(false, Ordering::Relaxed);
                 p.fetched.store(fetched.bytes, Ordering::Relaxed);
+                let peers: Vec<&str> = fetched.peers.iter().map(String::as_str).collect();
+                let from = match fetched.bytes - fetched.peer_bytes {
+                    _ if fetched.peer_bytes == 0 => source.describe(),
+                    // Headers aside, which always come from the source.
+                    rest if rest <= fetched.bytes / 100 => format!(
+                        "peer {} (the headers from {})",
+                        peers.join(", "),
+                        source.describe()
+                    ),
+                    rest => format!(
+                        "peer {} ({}) and {} ({})",
+                        peers.join(", "),
+                        cluster_api::human_bytes(fetched.peer_bytes),
+                        source.describe(),
+                        cluster_api::human_bytes(rest)
+                    ),
+                };
+                *p.fetched_from.lock().unwrap_or_else(|e| e.into_inner()) = from;
             }
             folder
         }

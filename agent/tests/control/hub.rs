@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -30,6 +30,8 @@ pub struct Hub {
     served: Arc<Mutex<Served>>,
     /// Milliseconds the hub waits after each 256 KiB it sends (0: as fast as it can).
     pub pause_ms: Arc<AtomicU64>,
+    /// When set, HEAD answers give a wrong sha256 (a file that changed, or a damaged copy).
+    pub wrong_sha: Arc<AtomicBool>,
 }
 
 impl Hub {
@@ -38,13 +40,24 @@ impl Hub {
         let address = format!("http://{}", listener.local_addr().unwrap());
         let served = Arc::new(Mutex::new(Served::default()));
         let pause_ms = Arc::new(AtomicU64::new(0));
-        let (root2, served2, pause2) = (root.to_path_buf(), served.clone(), pause_ms.clone());
+        let wrong_sha = Arc::new(AtomicBool::new(false));
+        let (root2, served2, pause2, wrong2) = (
+            root.to_path_buf(),
+            served.clone(),
+            pause_ms.clone(),
+            wrong_sha.clone(),
+        );
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { continue };
-                let (root, served, pause) = (root2.clone(), served2.clone(), pause2.clone());
+                let (root, served, pause, wrong) = (
+                    root2.clone(),
+                    served2.clone(),
+                    pause2.clone(),
+                    wrong2.clone(),
+                );
                 std::thread::spawn(move || {
-                    let _ = serve(conn, &root, &served, &pause);
+                    let _ = serve(conn, &root, &served, &pause, &wrong);
                 });
             }
         });
@@ -53,6 +66,7 @@ impl Hub {
             root: root.to_path_buf(),
             served,
             pause_ms,
+            wrong_sha,
         }
     }
 
@@ -97,6 +111,7 @@ fn serve(
     root: &Path,
     served: &Mutex<Served>,
     pause_ms: &AtomicU64,
+    wrong_sha: &AtomicBool,
 ) -> std::io::Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(30)))?;
     let mut reader = BufReader::new(conn.try_clone()?);
@@ -168,9 +183,21 @@ fn serve(
         };
         write!(
             out,
-            "HTTP/1.1 {status}\r\ncontent-length: {}\r\naccept-ranges: bytes\r\netag: \"{size}\"\r\n",
+            "HTTP/1.1 {status}\r\ncontent-length: {}\r\naccept-ranges: bytes\r\n",
             end - start
         )?;
+        if method == "HEAD" {
+            // As the hub answers for LFS files: the sha256 of the whole file.
+            use sha2::Digest;
+            let mut h = sha2::Sha256::new();
+            std::io::copy(&mut std::fs::File::open(root.join(&file))?, &mut h)?;
+            let mut digest = h.finalize();
+            if wrong_sha.load(Ordering::Relaxed) {
+                digest[0] ^= 1;
+            }
+            let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+            write!(out, "x-linked-etag: \"{hex}\"\r\n")?;
+        }
         if range.is_some() {
             write!(out, "content-range: bytes {start}-{}/{size}\r\n", end - 1)?;
         }
@@ -340,7 +367,8 @@ fn three_agents_fetch_a_sharded_model_from_a_hub_each_only_its_stage() {
         let (_, events) = ctl_on(&c, i, &["events", "--object", "pipeline/tiny-pipe"]);
         assert!(
             events.contains(&format!("stage {i} loaded in"))
-                && events.contains("of its weights from hf://test-org/tiny-llama@main"),
+                && events.contains("of its weights from")
+                && events.contains("hf://test-org/tiny-llama@main"),
             "node-{i}: {events}"
         );
     }
@@ -587,4 +615,116 @@ fn a_private_repository_needs_the_agents_hub_token() {
     c.apply_wait("private.yaml", &manifest(&c, port));
     let want = one_process(&repo_dir.join("model.gguf"), "The quick brown fox", 8);
     assert_eq!(generate(port, "The quick brown fox", 8).unwrap(), want);
+}
+
+/// A model, a pipeline holding it whole on node-0, and a second one split over node-1 and
+/// node-2, all from the hub.
+fn two_pipelines(c: &Cluster, hub: &str, ports: (u16, u16), split: bool) -> String {
+    let mut text = format!(
+        "{}apiVersion: v1\nkind: Model\nmetadata: {{name: tiny}}\nspec:\n  source:\n    hf: {{repo: test-org/tiny-llama, endpoint: \"{hub}\"}}\n---\napiVersion: v1\nkind: Pipeline\nmetadata: {{name: whole}}\nspec:\n  model: tiny\n  device: cpu\n  stages:\n    - {{node: node-0, layers: \"0-5\"}}\n---\napiVersion: v1\nkind: Endpoint\nmetadata: {{name: whole-api}}\nspec: {{pipeline: whole, port: {}}}\n",
+        c.nodes_yaml(),
+        ports.0
+    );
+    if split {
+        text.push_str(&format!(
+            "---\napiVersion: v1\nkind: Pipeline\nmetadata: {{name: split}}\nspec:\n  model: tiny\n  device: cpu\n  stages:\n    - {{node: node-1, layers: \"0-2\"}}\n    - {{node: node-2, layers: \"3-5\"}}\n---\napiVersion: v1\nkind: Endpoint\nmetadata: {{name: split-api}}\nspec: {{pipeline: split, port: {}}}\n",
+            ports.1
+        ));
+    }
+    text
+}
+
+#[test]
+fn a_node_holding_a_model_serves_its_peers_stages_and_bad_bytes_from_it_are_refused() {
+    let root = tempfile::tempdir().unwrap();
+    let repo_dir = root.path().join("test-org/tiny-llama");
+    crate::common::make_model(
+        &repo_dir,
+        &["--layers", "6", "--hidden", "512", "--intermediate", "1024"],
+    );
+    let weights = size_of(&repo_dir, |n| n.ends_with(".safetensors"));
+    let want = one_process(&repo_dir, "The quick brown fox", 12);
+    for corrupt in [false, true] {
+        let hub = Hub::start(root.path());
+        let env: &[(&str, &str)] = if corrupt {
+            &[("CLUSTERAGENT_TEST_CORRUPT_SERVED_BYTES", "1")]
+        } else {
+            &[]
+        };
+        let c = Cluster::start_with_env(3, &[], &[env]);
+        let ports = (free_port(), free_port());
+        c.apply_wait("whole.yaml", &two_pipelines(&c, &hub.address, ports, false));
+        let after_whole = hub.bytes_served(|f| f.ends_with(".safetensors"));
+        assert!(after_whole >= weights, "{}", hub.report());
+        // node-0 now holds every byte, checked against the hub's sha256.
+        c.apply_wait("split.yaml", &two_pipelines(&c, &hub.address, ports, true));
+        assert_eq!(generate(ports.1, "The quick brown fox", 12).unwrap(), want);
+        let for_split = hub.bytes_served(|f| f.ends_with(".safetensors")) - after_whole;
+        let mut events = String::new();
+        for i in [1, 2] {
+            events.push_str(&ctl_on(&c, i, &["events", "--object", "pipeline/split"]).1);
+        }
+        eprintln!(
+            "corrupt={corrupt}: the hub served {for_split} B of weights for the split (model {weights} B)\n{events}"
+        );
+        if corrupt {
+            // node-0 damages the first byte of each range it serves: the tensors those bytes
+            // belong to fail their digests, are said to, and come from the hub instead (the
+            // tokens above are the one-process tokens all the same).
+            assert!(events.contains("did not match its digests"), "{events}");
+            assert!(for_split as f64 > 0.02 * weights as f64, "{for_split}");
+        } else {
+            // Only the headers came from the hub; node-0 served the rest.
+            assert!(
+                (for_split as f64) < 0.01 * weights as f64,
+                "the hub served {for_split} B with a peer holding the model\n{}",
+                hub.report()
+            );
+            assert_eq!(events.matches("from peer node-0").count(), 2, "{events}");
+        }
+    }
+}
+
+#[test]
+fn a_file_that_does_not_match_the_hubs_sha256_is_discarded_and_said() {
+    let root = tempfile::tempdir().unwrap();
+    let repo_dir = root.path().join("test-org/tiny-llama");
+    make_model(&repo_dir);
+    let hub = Hub::start(root.path());
+    hub.wrong_sha.store(true, Ordering::Relaxed);
+    let c = Cluster::start(1, &[]);
+    let port = free_port();
+    let path = c.dir.path().join("hub.yaml");
+    let manifest = format!(
+        "{}{}",
+        c.nodes_yaml(),
+        hf_model_yaml(
+            &hub.address,
+            "test-org/tiny-llama",
+            &[],
+            &[("node-0", "0-3")],
+            port
+        )
+    );
+    std::fs::write(&path, manifest).unwrap();
+    let (ok, out) = ctl(&c, &["apply", "-f", path.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    let start = std::time::Instant::now();
+    loop {
+        let (_, d) = ctl(&c, &["describe", "pipeline", "tiny-pipe"]);
+        if d.contains("sha256") {
+            assert!(d.contains("discarded") && d.contains("Failed"), "{d}");
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "{d}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Once the hub's digest is right again, the retry fetches and serves.
+    hub.wrong_sha.store(false, Ordering::Relaxed);
+    let want = one_process(&repo_dir, "The quick brown fox", 8);
+    let start = std::time::Instant::now();
+    while generate(port, "The quick brown fox", 8).ok() != Some(want.clone()) {
+        assert!(start.elapsed() < Duration::from_secs(60), "{}", c.log(0));
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
