@@ -553,8 +553,16 @@ fn a_node_killed_mid_fetch_resumes_where_it_stopped() {
         said.contains("fetching its weights") && said.contains(" of "),
         "describe while fetching: {said}"
     );
-    hub.pause_ms.store(0, Ordering::Relaxed);
+    // Slower still, so that the rest of the fetch is seen (about 2 s).
+    hub.pause_ms.store(20, Ordering::Relaxed);
     c.spawn(0);
+    // `apply --wait` follows the rest of the fetch with the stage's byte count.
+    let (ok, waited) = ctl(&c, &["apply", "-f", path.to_str().unwrap(), "--wait"]);
+    assert!(ok, "{waited}");
+    assert!(
+        waited.contains("fetching its weights") && waited.contains("ready"),
+        "apply --wait: {waited}"
+    );
     let want = one_process(&repo_dir, "The quick brown fox", 12);
     let start = std::time::Instant::now();
     while generate(port, "The quick brown fox", 12).ok() != Some(want.clone()) {

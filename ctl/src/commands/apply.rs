@@ -109,14 +109,20 @@ fn render(name: &str, p: &Value) -> Vec<String> {
         .into_iter()
         .flatten()
     {
+        // The stage's own message says what the bar counts while it is not plain loading
+        // (bytes fetched from the hub or a peer) or why it failed.
         lines.push(format!(
-            "  stage {} {:<10} layers {:<7} {} {:>3.0}% {}",
+            "  stage {} {:<10} layers {:<7} {} {:>3.0}% {}{}",
             num(s, "/index"),
             text(s, "/node"),
             text(s, "/layers"),
             bar(num(s, "/progress"), 24),
             num(s, "/progress"),
             text(s, "/phase"),
+            s.get("message")
+                .and_then(Value::as_str)
+                .map(|m| format!(" - {m}"))
+                .unwrap_or_default()
         ));
     }
     lines
