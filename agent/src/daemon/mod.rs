@@ -54,6 +54,10 @@ pub struct DaemonArgs {
     /// Most memory this node's stages may take, counted by placement (e.g. 12GiB, 500MB).
     #[arg(long, env = "CLUSTERAGENT_MAX_MEMORY")]
     pub max_memory: Option<String>,
+    /// Most disk the cache of fetched models (DATA_DIR/models) may take (e.g. 200GB): models no
+    /// pipeline uses are removed, least recently used first [default: no cap].
+    #[arg(long, env = "CLUSTERAGENT_MODEL_CACHE_MAX")]
+    pub model_cache_max: Option<String>,
     /// Milliseconds between state exchanges with each peer (the heartbeat) [default: 1000].
     #[arg(long, env = "CLUSTERAGENT_HEARTBEAT_MS")]
     pub heartbeat_ms: Option<u64>,
@@ -79,6 +83,7 @@ struct FileSettings {
     token_file: Option<PathBuf>,
     open_reads: Option<bool>,
     max_memory: Option<String>,
+    model_cache_max: Option<String>,
     heartbeat_ms: Option<u64>,
     node_timeout_ms: Option<u64>,
     grace_period: Option<f64>,
@@ -104,6 +109,8 @@ pub struct Settings {
     pub open_reads: bool,
     /// Cap on stage memory.
     pub max_memory: Option<u64>,
+    /// Cap on the disk the cache of fetched models takes.
+    pub model_cache_max: Option<u64>,
     /// Heartbeat interval.
     pub heartbeat: Duration,
     /// NotReady bound.
@@ -244,6 +251,11 @@ impl Settings {
             .or(file.max_memory)
             .map(|m| parse_size(&m).map_err(|why| anyhow::anyhow!("--max-memory: {why}")))
             .transpose()?;
+        let model_cache_max = args
+            .model_cache_max
+            .or(file.model_cache_max)
+            .map(|m| parse_size(&m).map_err(|why| anyhow::anyhow!("--model-cache-max: {why}")))
+            .transpose()?;
         let grace = args.grace_period.or(file.grace_period).unwrap_or(10.0);
         if !grace.is_finite() || grace < 0.0 {
             bail!("--grace-period must be zero or more seconds, got {grace}");
@@ -267,6 +279,7 @@ impl Settings {
             token_source,
             open_reads: args.open_reads.or(file.open_reads).unwrap_or(false),
             max_memory,
+            model_cache_max,
             heartbeat: Duration::from_millis(heartbeat),
             node_timeout: Duration::from_millis(node_timeout),
             grace_period: Duration::from_secs_f64(grace),

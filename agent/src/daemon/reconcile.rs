@@ -357,6 +357,42 @@ fn head_address(agent: &Agent, pipeline: &str) -> Option<String> {
     Some(node.object.as_node()?.address.clone())
 }
 
+/// Keeps the cache of fetched models under `max` bytes before a stage loads, removing models no
+/// pipeline uses (least recently used first), each said in an event.
+async fn evict_models(agent: &Arc<Agent>, max: u64) {
+    let cache = agent.model_cache();
+    let models: HashMap<String, cluster_api::manifest::ModelSpec> = agent
+        .store
+        .live(Kind::Model)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|r| Some((r.object.name().to_string(), r.object.as_model()?.clone())))
+        .collect();
+    let keep: Vec<std::path::PathBuf> = agent
+        .store
+        .live(Kind::Pipeline)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|r| models.get(&r.object.as_pipeline()?.model))
+        .filter_map(|m| crate::fetch::model_root(&cache, &m.source))
+        .collect();
+    let removed =
+        tokio::task::spawn_blocking(move || crate::fetch::evict(&cache, max, &keep)).await;
+    for (dir, bytes) in removed.unwrap_or_default() {
+        agent.event(
+            &format!("Node {}", agent.name()),
+            false,
+            "Evicted",
+            format!(
+                "removed {} ({}) from the model cache: no pipeline uses it, and the cache is capped at {}",
+                dir.display(),
+                cluster_api::human_bytes(bytes),
+                cluster_api::human_bytes(max)
+            ),
+        );
+    }
+}
+
 /// The peers a stage of a fetched model asks before the source: every other node that has
 /// been heard from recently, in name order (the cluster is small; each is asked once per file).
 fn fetch_peers(agent: &Agent, want: &StageWant) -> crate::fetch::Peers {
@@ -565,6 +601,9 @@ async fn load_stage(
     progress: Arc<LoadProgress>,
     epoch: u64,
 ) {
+    if let Some(max) = agent.settings.model_cache_max {
+        evict_models(&agent, max).await;
+    }
     let started = Instant::now();
     let result = match crate::ring::node::PassFloor::from_env() {
         Ok(pass_floor) => {

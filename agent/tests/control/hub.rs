@@ -736,3 +736,53 @@ fn a_file_that_does_not_match_the_hubs_sha256_is_discarded_and_said() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+#[test]
+fn a_capped_cache_removes_models_no_pipeline_uses_and_keeps_those_in_use() {
+    let root = tempfile::tempdir().unwrap();
+    for repo in ["a", "b"] {
+        make_model(&root.path().join("test-org").join(repo));
+    }
+    let hub = Hub::start(root.path());
+    // A cap below one model: only what is in use may stay.
+    let c = Cluster::start(1, &[&["--model-cache-max", "1B"]]);
+    let yaml = |repo: &str, port: u16| {
+        format!(
+            "{}apiVersion: v1\nkind: Model\nmetadata: {{name: m-{repo}}}\nspec:\n  source:\n    hf: {{repo: test-org/{repo}, endpoint: \"{}\"}}\n---\napiVersion: v1\nkind: Pipeline\nmetadata: {{name: p-{repo}}}\nspec:\n  model: m-{repo}\n  device: cpu\n  stages:\n    - {{node: node-0, layers: \"0-3\"}}\n---\napiVersion: v1\nkind: Endpoint\nmetadata: {{name: e-{repo}}}\nspec: {{pipeline: p-{repo}, port: {port}}}\n",
+            c.nodes_yaml(),
+            hub.address
+        )
+    };
+    let cache = c.agents[0].data_dir.join("models/hf");
+    let held = || -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(&cache)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    let (pa, pb) = (free_port(), free_port());
+    c.apply_wait("a.yaml", &yaml("a", pa));
+    let want = one_process(&root.path().join("test-org/a"), "The quick brown fox", 8);
+    assert_eq!(generate(pa, "The quick brown fox", 8).unwrap(), want);
+    assert_eq!(held().len(), 1, "{:?}", held());
+    for (kind, name) in [("endpoint", "e-a"), ("pipeline", "p-a")] {
+        let (ok, out) = ctl(&c, &["delete", kind, name]);
+        assert!(ok, "{out}");
+    }
+    c.apply_wait("b.yaml", &yaml("b", pb));
+    let want = one_process(&root.path().join("test-org/b"), "The quick brown fox", 8);
+    assert_eq!(generate(pb, "The quick brown fox", 8).unwrap(), want);
+    let now = held();
+    assert!(
+        now.len() == 1 && now[0].starts_with("test-org--b-"),
+        "the cache holds {now:?}"
+    );
+    let (_, events) = ctl(&c, &["events"]);
+    assert!(
+        events.contains("Evicted") && events.contains("test-org--a-"),
+        "{events}"
+    );
+}
