@@ -92,12 +92,16 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
     })
 }
 
-/// Logs go to stderr, filtered by `RUST_LOG` (default: warnings and errors).
+/// Logs go to stderr, filtered by `RUST_LOG` (default: warnings and errors), in colour only
+/// on a terminal: under launchd, systemd or a redirect they land in files and journals, where
+/// escape codes are noise that breaks grep.
 fn init_logging() {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .try_init();
 }

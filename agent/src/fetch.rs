@@ -23,9 +23,11 @@ use sha2::{Digest, Sha256};
 
 /// Bytes asked for in one range request.
 const PIECE: u64 = 16 << 20;
-/// Bytes written between updates of the piece record within one range request: what a fetch
-/// that is stopped mid-request fetches again.
+/// The piece record is updated within a range request once this many bytes and
+/// [`CHECKPOINT_EVERY`] have passed since the last update: a stopped fetch fetches again at most
+/// that much per file, and a fast one does not spend its time waiting on syncs.
 const CHECKPOINT: u64 = 4 << 20;
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
 /// The first request for a weights file's header. A safetensors file then says its header's
 /// length; a GGUF header (megabytes where it holds the vocabulary) is fetched in doubling steps.
 const FIRST_HEADER_BYTES: u64 = 64 << 10;
@@ -370,7 +372,8 @@ fn fetch_whole(
     Ok(true)
 }
 
-/// Writes one fetched range into the sparse file, recording it once it is all there.
+/// Writes one fetched range into the sparse file, recording it once it is all there; `sink`
+/// sees each part as it lands (offset, bytes).
 fn fetch_range(
     remote: &Remote,
     url: &str,
@@ -378,7 +381,7 @@ fn fetch_range(
     pieces: &mut Pieces,
     (start, end): (u64, u64),
     stats: &mut Fetched,
-    progress: &mut dyn FnMut(u64),
+    sink: &mut dyn FnMut(u64, &[u8]),
 ) -> Result<(), String> {
     let resp =
         get(remote, url, Some((start, end)))?.ok_or_else(|| format!("GET {url}: 404 Not Found"))?;
@@ -391,6 +394,7 @@ fn fetch_range(
     let mut reader = resp.into_body().into_reader();
     let mut buf = vec![0u8; 1 << 20];
     let mut at = start;
+    let (mut recorded, mut recorded_at) = (start, std::time::Instant::now());
     while at < end {
         let want = buf.len().min((end - at) as usize);
         let n = reader
@@ -403,11 +407,12 @@ fn fetch_range(
         }
         file.write_all(&buf[..n])
             .map_err(|e| format!("writing {}: {e}", path.display()))?;
+        sink(at, &buf[..n]);
         at += n as u64;
         stats.bytes += n as u64;
-        progress(n as u64);
-        if (at - start) % CHECKPOINT < n as u64 && at < end {
+        if at - recorded >= CHECKPOINT && recorded_at.elapsed() >= CHECKPOINT_EVERY && at < end {
             record(&file, path, pieces, start, at)?;
+            (recorded, recorded_at) = (at, std::time::Instant::now());
         }
     }
     stats.requests += 1;
@@ -879,6 +884,48 @@ fn file_name_in(remote: &Remote, path: &Path) -> Result<String, String> {
     })
 }
 
+/// sha256 of tensors computed as their bytes arrive, so that checking a peer's bytes costs no
+/// second read.
+struct Streamed {
+    tensors: Vec<(u64, u64)>,
+    hashers: Vec<Sha256>,
+    fed: Vec<u64>,
+}
+
+impl Streamed {
+    fn new(tensors: &[(u64, u64)]) -> Self {
+        Self {
+            tensors: tensors.to_vec(),
+            hashers: tensors.iter().map(|_| Sha256::new()).collect(),
+            fed: vec![0; tensors.len()],
+        }
+    }
+
+    /// Bytes at `at`, arriving in increasing order within each tensor.
+    fn feed(&mut self, at: u64, bytes: &[u8]) {
+        let end = at + bytes.len() as u64;
+        let first = self.tensors.partition_point(|&(_, b)| b <= at);
+        for i in first..self.tensors.len() {
+            let (a, b) = self.tensors[i];
+            if a >= end {
+                break;
+            }
+            let (lo, hi) = (a.max(at), b.min(end));
+            // Only a tensor whose bytes all stream through, from its first, is hashed here.
+            if lo < hi && self.fed[i] == lo - a {
+                self.hashers[i].update(&bytes[(lo - at) as usize..(hi - at) as usize]);
+                self.fed[i] += hi - lo;
+            }
+        }
+    }
+
+    /// The digest of tensor `i` if all of its bytes streamed through.
+    fn digest(&mut self, i: usize) -> Option<String> {
+        let (a, b) = self.tensors[i];
+        (self.fed[i] == b - a).then(|| hex(&std::mem::take(&mut self.hashers[i]).finalize()))
+    }
+}
+
 /// The first peer holding file `name` whole, with its digests.
 fn peer_with(
     peers: &Peers,
@@ -962,14 +1009,16 @@ pub fn fetch_stage(
             let url = peer.url(&name);
             let mut got = 0u64;
             let mut failed = None;
+            let mut streamed = Streamed::new(&tensors);
             for r in &missing {
-                let mut count = |n: u64| {
-                    got += n;
-                    present += n;
+                let mut sink = |at: u64, bytes: &[u8]| {
+                    streamed.feed(at, bytes);
+                    got += bytes.len() as u64;
+                    present += bytes.len() as u64;
                     progress(present, needed);
                 };
                 if let Err(e) =
-                    fetch_range(&peer, &url, &path, &mut pieces, *r, &mut stats, &mut count)
+                    fetch_range(&peer, &url, &path, &mut pieces, *r, &mut stats, &mut sink)
                 {
                     failed = Some(e);
                     break;
@@ -986,7 +1035,7 @@ pub fn fetch_stage(
             // Every tensor this stage needs from that file is checked against the peer's
             // digests (those already held were checked when they came).
             let mut rejected = 0u64;
-            for &(a, b) in &tensors {
+            for (i, &(a, b)) in tensors.iter().enumerate() {
                 let fetched_now = missing.iter().any(|&(x, y)| x < b && a < y);
                 if !fetched_now {
                     continue;
@@ -1003,10 +1052,12 @@ pub fn fetch_stage(
                     .iter()
                     .find(|(x, y, _)| (*x, *y) == (a, b))
                     .map(|(_, _, d)| d.as_str());
-                let ok = match want {
-                    Some(d) => digest_range(&path, a, b)? == d,
-                    None => false,
+                // A tensor partly held before this fetch is hashed from the disk.
+                let got = match streamed.digest(i) {
+                    Some(d) => d,
+                    None => digest_range(&path, a, b)?,
                 };
+                let ok = want == Some(got.as_str());
                 if !ok {
                     pieces.remove(a, b);
                     rejected += b - a;
@@ -1027,10 +1078,18 @@ pub fn fetch_stage(
         }
         let url = remote.url(&name);
         for r in missing_pieces(&pieces, &tensors) {
-            fetch_range(&remote, &url, &path, &mut pieces, r, &mut stats, &mut |n| {
-                present += n;
-                progress(present, needed);
-            })?;
+            fetch_range(
+                &remote,
+                &url,
+                &path,
+                &mut pieces,
+                r,
+                &mut stats,
+                &mut |_, b| {
+                    present += b.len() as u64;
+                    progress(present, needed);
+                },
+            )?;
         }
     }
     Ok(stats)
@@ -1080,6 +1139,25 @@ mod tests {
             missing_pieces(&p, &[(5, 12), (12, 15), (80, 95)]),
             vec![(10, 15), (90, 95)]
         );
+    }
+
+    #[test]
+    fn tensors_streamed_whole_are_hashed_as_they_arrive_and_others_are_not() {
+        let data: Vec<u8> = (0..100u8).collect();
+        let tensors = [(0, 10), (10, 40), (40, 100)];
+        let mut s = Streamed::new(&tensors);
+        // The first tensor was held before: only bytes 10.. stream through, in uneven parts.
+        s.feed(10, &data[10..25]);
+        s.feed(25, &data[25..70]);
+        s.feed(70, &data[70..100]);
+        assert_eq!(s.digest(0), None);
+        let sha = |r: std::ops::Range<usize>| hex(&Sha256::digest(&data[r]));
+        assert_eq!(s.digest(1), Some(sha(10..40)));
+        assert_eq!(s.digest(2), Some(sha(40..100)));
+        // A tensor whose start never streamed is not hashed from its middle.
+        let mut s = Streamed::new(&tensors);
+        s.feed(50, &data[50..100]);
+        assert_eq!(s.digest(2), None);
     }
 
     #[test]
