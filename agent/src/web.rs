@@ -11,7 +11,11 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
     headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(|v| {
+            // The scheme is case-insensitive (RFC 9110): `bearer` is as good as `Bearer`.
+            let (scheme, credential) = v.trim().split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then_some(credential)
+        })
         .map(str::trim)
 }
 
@@ -61,6 +65,16 @@ mod tests {
             "Bearer s3cret ".parse().unwrap_or_else(|_| unreachable!()),
         );
         assert_eq!(bearer(&h), Some("s3cret"));
+        h.insert(
+            "authorization",
+            "bearer s3cret".parse().unwrap_or_else(|_| unreachable!()),
+        );
+        assert_eq!(bearer(&h), Some("s3cret"));
+        h.insert(
+            "authorization",
+            "Basic s3cret".parse().unwrap_or_else(|_| unreachable!()),
+        );
+        assert_eq!(bearer(&h), None);
         assert!(same("s3cret", "s3cret") && !same("s3cret", "s3creT") && !same("s3", "s3cret"));
     }
 }

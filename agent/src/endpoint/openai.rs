@@ -83,6 +83,40 @@ struct StreamOptions {
     include_usage: Option<bool>,
 }
 
+/// A message whose `content` is a list of parts (as many OpenAI clients send it) with its text
+/// parts joined into one string, which text models' chat templates expect; any other part is
+/// refused by name.
+fn flatten_content(i: usize, msg: &Value) -> Result<Value, ApiError> {
+    let Some(Value::Array(parts)) = msg.get("content") else {
+        return Ok(msg.clone());
+    };
+    let mut text = String::new();
+    for (j, part) in parts.iter().enumerate() {
+        match (
+            part.get("type").and_then(Value::as_str),
+            part.get("text").and_then(Value::as_str),
+        ) {
+            (Some("text"), Some(t)) => text.push_str(t),
+            (kind, _) => {
+                return Err(ApiError::new(
+                    400,
+                    format!(
+                        "messages[{i}].content[{j}] is a part of type {}: this model reads text parts only",
+                        kind.map(|k| format!("{k:?}"))
+                            .unwrap_or_else(|| "(none)".into())
+                    ),
+                    "invalid_request_error",
+                    Some("messages"),
+                    None,
+                ));
+            }
+        }
+    }
+    let mut out = msg.clone();
+    out["content"] = Value::String(text);
+    Ok(out)
+}
+
 /// The fields of a chat or text completion request this server reads; others are ignored.
 #[derive(Debug, Default, Deserialize)]
 struct CompletionRequest {
@@ -236,7 +270,12 @@ fn prepare(
     let prompt_ids = match kind {
         Kind::Chat => {
             let messages = match &req.messages {
-                Some(Value::Array(m)) if !m.is_empty() => Value::Array(m.clone()),
+                Some(Value::Array(m)) if !m.is_empty() => Value::Array(
+                    m.iter()
+                        .enumerate()
+                        .map(|(i, msg)| flatten_content(i, msg))
+                        .collect::<Result<_, _>>()?,
+                ),
                 _ => {
                     return Err(bad(
                         "`messages` must be a non-empty list of messages",
@@ -268,10 +307,10 @@ fn prepare(
         }
         Kind::Text => {
             let one = match &req.prompt {
-                Some(Value::Array(items)) if items.len() == 1 => items[0].clone(),
                 Some(Value::Array(items)) if items.iter().all(Value::is_number) => {
                     Value::Array(items.clone())
                 }
+                Some(Value::Array(items)) if items.len() == 1 => items[0].clone(),
                 Some(Value::Array(_)) => {
                     return Err(bad(
                         "one prompt per request: a list of several prompts is not supported",
@@ -285,11 +324,30 @@ fn prepare(
                 Value::String(s) => tokenizer
                     .encode(&s, true)
                     .map_err(|e| bad(e.to_string(), Some("prompt")))?,
-                Value::Array(ids) => ids
-                    .iter()
-                    .map(|i| i.as_u64().and_then(|i| u32::try_from(i).ok()))
-                    .collect::<Option<Vec<u32>>>()
-                    .ok_or_else(|| bad("a token-id prompt must hold integers", Some("prompt")))?,
+                Value::Array(ids) => {
+                    let ids = ids
+                        .iter()
+                        .map(|i| i.as_u64().and_then(|i| u32::try_from(i).ok()))
+                        .collect::<Option<Vec<u32>>>()
+                        .ok_or_else(|| {
+                            bad("a token-id prompt must hold integers", Some("prompt"))
+                        })?;
+                    let vocab = head.folder().config.vocab_size;
+                    if let Some((at, id)) = ids
+                        .iter()
+                        .enumerate()
+                        .find(|(_, id)| **id as usize >= vocab)
+                    {
+                        return Err(bad(
+                            format!(
+                                "token id {id} at position {at} is outside the model's vocabulary (ids 0-{})",
+                                vocab - 1
+                            ),
+                            Some("prompt"),
+                        ));
+                    }
+                    ids
+                }
                 _ => {
                     return Err(bad(
                         "`prompt` must be a string or a list of token ids",

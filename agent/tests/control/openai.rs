@@ -310,6 +310,52 @@ fn each_error_has_openais_body_and_status() {
         &json!({"model": MODEL, "messages": []}),
     );
     check(s, &v, 400, None, "messages");
+    // Content as a list of parts, as many clients send it: the text parts are the message, so
+    // the answer is the one of the same text as a string; other parts are refused by name.
+    let parts = json!({"model": MODEL, "max_tokens": 4, "temperature": 0, "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "Hel"}, {"type": "text", "text": "lo"}]}]});
+    let (s, v) = json_of(port, "/v1/chat/completions", &parts);
+    assert_eq!(s, 200, "{v}");
+    let (_, plain) = json_of(port, "/v1/chat/completions", &{
+        let mut b = chat_body("Hello", 4);
+        b["temperature"] = json!(0);
+        b
+    });
+    assert_eq!(
+        v["choices"][0]["message"]["content"], plain["choices"][0]["message"]["content"],
+        "{v} {plain}"
+    );
+    assert_eq!(v["usage"]["prompt_tokens"], plain["usage"]["prompt_tokens"]);
+    let image = json!({"model": MODEL, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x/cat.png"}}]}]});
+    let (s, v) = json_of(port, "/v1/chat/completions", &image);
+    check(s, &v, 400, None, "\"image_url\"");
+    assert_eq!(v["error"]["param"], "messages");
+    // One token id is a prompt; an id past the vocabulary is the client's mistake (400).
+    let (s, v) = json_of(
+        port,
+        "/v1/completions",
+        &json!({"model": MODEL, "prompt": [1], "max_tokens": 2}),
+    );
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = json_of(
+        port,
+        "/v1/completions",
+        &json!({"model": MODEL, "prompt": [1, 99999999], "max_tokens": 2}),
+    );
+    check(s, &v, 400, None, "outside the model's vocabulary");
+    // The scheme of `Authorization` is case-insensitive.
+    let mut r = http()
+        .post(&format!("http://127.0.0.1:{port}/v1/chat/completions"))
+        .header("Authorization", &format!("bearer {KEY}"))
+        .send_json(&body)
+        .unwrap();
+    assert_eq!(
+        r.status().as_u16(),
+        200,
+        "{}",
+        r.body_mut().read_to_string().unwrap()
+    );
 
     // maxSequences is 1: while one stream runs, another request gets 429 with Retry-After.
     let (reader, first) = long_stream(port);
