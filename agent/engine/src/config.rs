@@ -240,7 +240,49 @@ pub(crate) fn read_token_ids(path: &Path, obj: &Map<String, Value>, key: &str) -
 }
 
 /// Parses and checks a JSON file into an object.
+/// Largest JSON file of a model folder read (real `tokenizer.json` files are tens of MB).
+const MAX_JSON_BYTES: u64 = 512 << 20;
+
+/// Checks that `path` is a regular file (following links) of at most `max` bytes before it is
+/// opened: a FIFO would block the open (and an apply holding the store's lock) forever, and a
+/// device such as `/dev/zero` would be read without end. Returns its length.
+pub(crate) fn regular_file(path: &Path, what: &str, max: u64) -> Result<u64> {
+    let meta = std::fs::metadata(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            EngineError::MissingFile {
+                path: path.to_path_buf(),
+                what: what.to_string(),
+            }
+        } else {
+            EngineError::io(path, e)
+        }
+    })?;
+    if !meta.is_file() {
+        return Err(EngineError::io(
+            path,
+            std::io::Error::other(format!(
+                "{what}: not a regular file (a directory, device, FIFO or socket); give the file itself"
+            )),
+        ));
+    }
+    if meta.len() > max {
+        return Err(EngineError::io(
+            path,
+            std::io::Error::other(format!(
+                "{what}: {} bytes, more than the {max} this reader accepts",
+                meta.len()
+            )),
+        ));
+    }
+    Ok(meta.len())
+}
+
 pub(crate) fn read_json_object(path: &Path) -> Result<Map<String, Value>> {
+    regular_file(
+        path,
+        "expected in a Hugging Face model folder",
+        MAX_JSON_BYTES,
+    )?;
     let text = std::fs::read_to_string(path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
             EngineError::MissingFile {

@@ -175,6 +175,7 @@ pub fn header_end(prefix: &[u8]) -> Option<u64> {
 impl GgufFile {
     /// Opens `path` and reads its header.
     pub fn open(path: &Path) -> Result<Self> {
+        crate::config::regular_file(path, "GGUF model file", u64::MAX)?;
         let mut file = File::open(path).map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
                 EngineError::MissingFile {

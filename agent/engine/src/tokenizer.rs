@@ -13,12 +13,7 @@ pub struct TextTokenizer {
 impl TextTokenizer {
     /// Loads `tokenizer.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        if !path.is_file() {
-            return Err(EngineError::MissingFile {
-                path: path.to_path_buf(),
-                what: "the model's tokenizer".into(),
-            });
-        }
+        crate::config::regular_file(path, "the model's tokenizer", 1 << 30)?;
         let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| EngineError::Tokenizer {
             context: path.display().to_string(),
             message: e.to_string(),

@@ -105,7 +105,8 @@ impl WeightFiles {
             });
         }
         let single = dir.join(SINGLE_FILE);
-        if single.is_file() {
+        if single.exists() {
+            crate::config::regular_file(&single, "safetensors weights", u64::MAX)?;
             return Ok(Self {
                 dir: dir.to_path_buf(),
                 index: None,
@@ -330,6 +331,7 @@ fn bad(path: &Path, message: impl Into<String>) -> EngineError {
 
 /// Parses a safetensors header, checking every entry against the file's length.
 fn read_header(path: &Path) -> Result<HashMap<String, TensorEntry>> {
+    crate::config::regular_file(path, "safetensors weights", u64::MAX)?;
     let mut file = File::open(path).map_err(|e| EngineError::io(path, e))?;
     let file_len = file.metadata().map_err(|e| EngineError::io(path, e))?.len();
     let mut len_bytes = [0u8; 8];

@@ -456,3 +456,51 @@ fn placement_sizes_every_stage_as_it_loads() {
         }
     }
 }
+
+/// Opens `dir` on another thread; a reader that blocks (a FIFO) must not hang the caller.
+fn open_within(dir: &Path, seconds: u64) -> String {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let owned = dir.to_path_buf();
+    std::thread::spawn(move || {
+        let _ = tx.send(
+            ModelFolder::open(&owned)
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+        );
+    });
+    match rx.recv_timeout(std::time::Duration::from_secs(seconds)) {
+        Ok(Err(e)) => e,
+        Ok(Ok(())) => panic!("{}: opened", dir.display()),
+        Err(_) => panic!("{}: opening hung for {seconds} s", dir.display()),
+    }
+}
+
+#[test]
+fn a_fifo_or_a_device_in_place_of_a_file_is_refused_at_once() {
+    for (file, how) in [
+        ("config.json", "fifo"),
+        ("config.json", "zero"),
+        ("tokenizer.json", "fifo"),
+        ("model.safetensors", "fifo"),
+        ("model.safetensors", "zero"),
+    ] {
+        let dir = write(&TinyModel::llama());
+        let path = dir.path().join(file);
+        std::fs::remove_file(&path).unwrap();
+        if how == "fifo" {
+            let ok = std::process::Command::new("mkfifo")
+                .arg(&path)
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "mkfifo");
+        } else {
+            std::os::unix::fs::symlink("/dev/zero", &path).unwrap();
+        }
+        let err = open_within(dir.path(), 10);
+        assert!(
+            err.contains(file) && err.contains("not a regular file"),
+            "{file} as a {how}: {err}"
+        );
+    }
+}
