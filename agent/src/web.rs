@@ -25,15 +25,62 @@ pub fn same(a: &str, b: &str) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Why a request's body was refused before it was read.
+#[derive(Debug)]
+pub enum BodyRefused {
+    /// `Content-Length` over the route's limit (413).
+    TooLarge {
+        /// What the request says it sends.
+        length: u64,
+        /// What the route takes.
+        limit: u64,
+    },
+    /// A chunked body, whose size is not known before it is read (411).
+    LengthRequired,
+}
+
+impl warp::reject::Reject for BodyRefused {}
+
+impl BodyRefused {
+    /// The HTTP status and a message for the client.
+    pub fn answer(&self) -> (u16, String) {
+        match self {
+            Self::TooLarge { length, limit } => (
+                413,
+                format!("the request body is {length} bytes; this route takes at most {limit}"),
+            ),
+            Self::LengthRequired => (
+                411,
+                "send the body with a Content-Length (chunked bodies are not read)".into(),
+            ),
+        }
+    }
+}
+
 /// The request body, at most `limit` bytes. A body must come with its length (clients and
-/// agents always send one); bodiless requests (GET, DELETE) send none and get an empty one.
-pub fn body(
-    limit: u64,
-) -> impl Filter<Extract = (Bytes,), Error = std::convert::Infallible> + Clone {
-    warp::body::content_length_limit(limit)
+/// agents always send one): a larger one is refused (413) and a chunked one too (411), before
+/// anything is read; bodiless requests (GET, DELETE) get an empty one.
+pub fn body(limit: u64) -> impl Filter<Extract = (Bytes,), Error = warp::Rejection> + Clone {
+    warp::header::optional::<u64>("content-length")
+        .and(warp::header::optional::<String>("transfer-encoding"))
+        .and_then(
+            move |length: Option<u64>, coding: Option<String>| async move {
+                match (length, coding) {
+                    (Some(length), _) if length > limit => {
+                        Err(warp::reject::custom(BodyRefused::TooLarge {
+                            length,
+                            limit,
+                        }))
+                    }
+                    (None, Some(c)) if c.to_ascii_lowercase().contains("chunked") => {
+                        Err(warp::reject::custom(BodyRefused::LengthRequired))
+                    }
+                    _ => Ok(()),
+                }
+            },
+        )
+        .untuple_one()
         .and(warp::body::bytes())
-        .or(warp::any().map(Bytes::new))
-        .unify()
 }
 
 /// Resolves on SIGTERM or SIGINT.

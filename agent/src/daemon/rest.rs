@@ -12,7 +12,8 @@
 //! The routes are declared as warp filters in one function, [`routes`]; authentication is one
 //! filter ([`auth`]) placed on each route by its access. Errors are [`ApiError`]s, which render
 //! themselves as [`ErrorBody`] JSON: a route's own, a refused authentication (401), a route
-//! given another method (405), a body over the limit (413), or a path no route declares (404).
+//! given another method (405), a body over the limit (413) or without a length (411), or a path
+//! no route declares (404).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -536,7 +537,9 @@ fn routes(agent: Arc<Agent>) -> impl Filter<Extract = (Response,), Error = Infal
         .unify()
 }
 
-/// The error body of a request no route accepted for a reason other than its path.
+/// The error body of a request no route accepted for a reason other than its path. The
+/// rejections of every route are combined: what the route whose path matched said comes first,
+/// then "another method" from the others.
 fn rejected(rejection: warp::Rejection) -> Response {
     if let Some(e) = rejection.find::<ApiError>() {
         return ApiError {
@@ -546,17 +549,18 @@ fn rejected(rejection: warp::Rejection) -> Response {
         }
         .into_response();
     }
+    if let Some(refused) = rejection.find::<crate::web::BodyRefused>() {
+        let (code, message) = refused.answer();
+        return ApiError::new(
+            StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_REQUEST),
+            message,
+        )
+        .into_response();
+    }
     if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
         return ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "this route does not take that method (see docs/reference.md)",
-        )
-        .into_response();
-    }
-    if rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
-        return ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "the request body is larger than this route accepts",
         )
         .into_response();
     }

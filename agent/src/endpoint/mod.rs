@@ -162,6 +162,21 @@ pub async fn respond(
     }
 }
 
+/// A request refused before its handler ran, answered with OpenAI's error body.
+pub async fn refused_body(rejection: warp::Rejection) -> Result<Response, Infallible> {
+    let (status, message) = match rejection.find::<crate::web::BodyRefused>() {
+        Some(r) => r.answer(),
+        None => (400, format!("{rejection:?}")),
+    };
+    Ok(openai::error(
+        status,
+        message,
+        "invalid_request_error",
+        None,
+        None,
+    ))
+}
+
 /// Serves the endpoint on `listener` until `shutdown`.
 pub async fn serve(
     state: Arc<EndpointState>,
@@ -174,7 +189,9 @@ pub async fn serve(
         .and(warp::path::full())
         .and(warp::header::headers_cloned())
         .and(crate::web::body(16 << 20))
-        .and_then(handle);
+        .and_then(handle)
+        .recover(refused_body)
+        .unify();
     warp::serve(routes)
         .incoming(listener)
         .graceful(shutdown)

@@ -185,7 +185,9 @@ pub async fn serve(
         .and(warp::path::full())
         .and(warp::header::headers_cloned())
         .and(crate::web::body(16 << 20))
-        .and_then(forward);
+        .and_then(forward)
+        .recover(super::refused_body)
+        .unify();
     warp::serve(routes)
         .incoming(listener)
         .graceful(shutdown)

@@ -344,6 +344,23 @@ fn each_error_has_openais_body_and_status() {
         &json!({"model": MODEL, "prompt": [1, 99999999], "max_tokens": 2}),
     );
     check(s, &v, 400, None, "outside the model's vocabulary");
+    // A body over the endpoint's limit is refused from its length alone (413), a chunked one
+    // (411): nothing is read as an empty body.
+    for (headers, want) in [
+        ("Content-Length: 17000000\r\n", "413"),
+        ("Transfer-Encoding: chunked\r\n", "411"),
+    ] {
+        let answer = raw_request(
+            &format!("127.0.0.1:{port}"),
+            &format!(
+                "POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\n{headers}\r\n"
+            ),
+        );
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {want}")) && answer.contains("\"error\""),
+            "{headers}: {answer}"
+        );
+    }
     // The scheme of `Authorization` is case-insensitive.
     let mut r = http()
         .post(&format!("http://127.0.0.1:{port}/v1/chat/completions"))
@@ -592,4 +609,16 @@ fn an_endpoint_on_another_node_than_stage_0_forwards_to_it() {
         text.contains("clusteragent_requests_cancelled_total{endpoint=\"tiny-api\",pipeline=\"tiny-pipe\"} 1")
             && text.contains("clusteragent_sequences_in_flight{endpoint=\"tiny-api\",pipeline=\"tiny-pipe\"} 0")
     });
+}
+
+/// Sends `head` (a request's line and headers, no body) and returns what the server answers
+/// before closing or within 5 s.
+fn raw_request(address: &str, head: &str) -> String {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(address).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(head.as_bytes()).unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = s.read(&mut buf).unwrap_or(0);
+    String::from_utf8_lossy(&buf[..n]).into_owned()
 }

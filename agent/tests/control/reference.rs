@@ -84,6 +84,21 @@ fn every_documented_route_is_served() {
     assert_eq!(resp.status().as_u16(), 405);
     let body: Value = serde_json::from_str(&resp.into_body().read_to_string().unwrap()).unwrap();
     assert_eq!(body["error"]["code"], 405, "{body}");
+    // An apply over the body limit is refused from its length (413), not read as empty.
+    let answer = {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&c.agents[0].listen).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        s.write_all(format!("POST /api/v1/apply HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: 70000000\r\n\r\n").as_bytes()).unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = s.read(&mut buf).unwrap_or(0);
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    assert!(
+        answer.starts_with("HTTP/1.1 413") && answer.contains("at most"),
+        "{answer}"
+    );
     // Without the token a write is refused before its route runs.
     let resp = http_client(std::time::Duration::from_secs(30))
         .delete(&format!("{base}/api/v1/nodes/node-0"))
