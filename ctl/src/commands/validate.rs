@@ -29,6 +29,17 @@ fn layer_count(path: &Path) -> Result<Option<usize>, String> {
         return Ok(None);
     }
     let config = path.join("config.json");
+    // Only a plain file of a plausible size is read: a FIFO would block, a device never end.
+    match std::fs::metadata(&config) {
+        Ok(m) if m.is_file() && m.len() <= 64 << 20 => {}
+        Ok(_) => {
+            return Err(format!(
+                "{} is not a regular JSON file of at most 64 MiB",
+                config.display()
+            ));
+        }
+        Err(_) => return Ok(None),
+    }
     let Ok(text) = std::fs::read_to_string(&config) else {
         return Ok(None);
     };
