@@ -30,6 +30,14 @@ impl Store {
     pub fn open(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating the data directory {}", dir.display()))?;
+        // The store holds Endpoints' API keys: only this user may read it.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).with_context(
+                || format!("making the data directory {} private (0700)", dir.display()),
+            )?;
+        }
         let path = dir.join("store");
         let db = sled::Config::new()
             .path(&path)

@@ -146,6 +146,13 @@ fn auth(
         .untuple_one()
 }
 
+/// Whether the request carries the cluster token (reads may be open without it).
+fn has_token(agent: Arc<Agent>) -> impl Filter<Extract = (bool,), Error = Infallible> + Clone {
+    warp::header::headers_cloned().map(move |headers: HeaderMap| {
+        crate::web::bearer(&headers).is_some_and(|t| crate::web::same(t, &agent.settings.token))
+    })
+}
+
 /// Whether `?key`, `?key=true` or `?key=1` is set.
 #[derive(Debug, Default, serde::Deserialize)]
 struct Query {
@@ -201,27 +208,40 @@ async fn apply(agent: Arc<Agent>, q: Query, body: Bytes) -> Answer {
     ))
 }
 
-fn list(agent: Arc<Agent>, kind: String) -> Answer {
+/// An object as a reader sees it: a reader without the cluster token (under `--open-reads`)
+/// does not see an Endpoint's API keys, only how many there are.
+fn shown(agent: &Agent, record: &cluster_api::cluster::Record, token: bool) -> serde_json::Value {
+    let mut v = serde_json::to_value(agent.with_status(record)).unwrap_or_default();
+    if !token
+        && let Some(keys) = v.pointer_mut("/spec/apiKeys")
+        && let Some(n) = keys.as_array().map(Vec::len)
+    {
+        *keys = json!(format!("({n} keys, shown with the cluster token)"));
+    }
+    v
+}
+
+fn list(agent: Arc<Agent>, kind: String, token: bool) -> Answer {
     let kind = kind_of(&kind)?;
     let records = agent
         .store
         .live(kind)
         .map_err(|e| ApiError::internal(format!("{e:#}")))?;
-    let items: Vec<_> = records.iter().map(|r| agent.with_status(r)).collect();
+    let items: Vec<_> = records.iter().map(|r| shown(&agent, r, token)).collect();
     Ok(reply_json(
         StatusCode::OK,
         &json!({"kind": kind, "items": items}),
     ))
 }
 
-fn get_one(agent: Arc<Agent>, kind: String, name: String) -> Answer {
+fn get_one(agent: Arc<Agent>, kind: String, name: String, token: bool) -> Answer {
     let kind = kind_of(&kind)?;
     match agent
         .store
         .get(kind, &name)
         .map_err(|e| ApiError::internal(format!("{e:#}")))?
     {
-        Some(r) if !r.deleted => Ok(reply_json(StatusCode::OK, &agent.with_status(&r))),
+        Some(r) if !r.deleted => Ok(reply_json(StatusCode::OK, &shown(&agent, &r, token))),
         _ => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             format!("{kind} {name} does not exist"),
@@ -442,12 +462,14 @@ fn routes(agent: Arc<Agent>) -> impl Filter<Extract = (Response,), Error = Infal
         .and(warp::get())
         .and(read.clone())
         .and(with_agent.clone())
-        .map(|kind, agent| list(agent, kind));
+        .and(has_token(agent.clone()))
+        .map(|kind, agent, token| list(agent, kind, token));
     let get_one = warp::path!("api" / "v1" / String / String)
         .and(warp::get())
         .and(read)
         .and(with_agent.clone())
-        .map(|kind, name, agent| get_one(agent, kind, name));
+        .and(has_token(agent.clone()))
+        .map(|kind, name, agent, token| get_one(agent, kind, name, token));
     let delete = warp::path!("api" / "v1" / String / String)
         .and(warp::delete())
         .and(write.clone())

@@ -139,4 +139,43 @@ fn reads_need_the_token_unless_the_agent_opens_them() {
     assert_eq!(out.status.code(), Some(1), "{}", shown(&out));
     assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
     assert!(c.ctl_on(1, &["get", "nodes"]).status.success());
+
+    // Open reads do not show an Endpoint's API keys, which would open its completions to all.
+    let model = c.dir.path().join("model");
+    make_model(&model);
+    let port = free_port();
+    let text = pipeline_yaml(&model, &[("node-0", "0-3")], port).replace(
+        "spec: {pipeline: tiny-pipe,",
+        "spec: {apiKeys: [s3cret-key], pipeline: tiny-pipe,",
+    );
+    assert!(text.contains("s3cret-key"), "{text}");
+    let path = c.write("keyed.yaml", &format!("{}{text}", c.nodes_yaml()));
+    let out = c.ctl_on(0, &["apply", "-f", path.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", shown(&out));
+    for args in [
+        &["get", "endpoints", "-o", "json"][..],
+        &["get", "endpoints", "tiny-api", "-o", "yaml"][..],
+        &["describe", "endpoint", "tiny-api"][..],
+    ] {
+        let open = c.ctl_with(0, None, args);
+        assert!(open.status.success(), "{}", shown(&open));
+        let text = String::from_utf8_lossy(&open.stdout);
+        assert!(
+            !text.contains("s3cret-key") && text.contains("1 keys"),
+            "{args:?} without the token: {text}"
+        );
+        let with = c.ctl_on(0, args);
+        assert!(
+            String::from_utf8_lossy(&with.stdout).contains("s3cret-key"),
+            "{args:?} with the token: {}",
+            shown(&with)
+        );
+    }
+    // The store that holds them is private to the agent's user.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&c.agents[0].data_dir)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o700, "data dir mode {mode:o}");
 }
