@@ -259,7 +259,10 @@ fn size_of(dir: &Path, pick: impl Fn(&str) -> bool) -> u64 {
         .sum()
 }
 
+/// The cluster's Nodes, and a Model from repository `repo` of the hub with a pipeline over
+/// `stages` and its endpoint on `port`.
 fn hf_model_yaml(
+    c: &Cluster,
     hub: &str,
     repo: &str,
     files: &[&str],
@@ -276,8 +279,15 @@ fn hf_model_yaml(
         .map(|(n, l)| format!("    - {{node: {n}, layers: \"{l}\"}}\n"))
         .collect();
     format!(
-        "apiVersion: v1\nkind: Model\nmetadata: {{name: tiny}}\nspec:\n  source:\n    hf: {{repo: {repo}, endpoint: \"{hub}\"{files}}}\n---\napiVersion: v1\nkind: Pipeline\nmetadata: {{name: tiny-pipe}}\nspec:\n  model: tiny\n  device: cpu\n  stages:\n{stages}---\napiVersion: v1\nkind: Endpoint\nmetadata: {{name: tiny-api}}\nspec: {{pipeline: tiny-pipe, port: {port}}}\n"
+        "{}apiVersion: v1\nkind: Model\nmetadata: {{name: tiny}}\nspec:\n  source:\n    hf: {{repo: {repo}, endpoint: \"{hub}\"{files}}}\n---\napiVersion: v1\nkind: Pipeline\nmetadata: {{name: tiny-pipe}}\nspec:\n  model: tiny\n  device: cpu\n  stages:\n{stages}---\napiVersion: v1\nkind: Endpoint\nmetadata: {{name: tiny-api}}\nspec: {{pipeline: tiny-pipe, port: {port}}}\n",
+        c.nodes_yaml()
     )
+}
+
+/// Writes `text` to a file and applies it with clusterctl (not waiting): success and output.
+fn apply(c: &Cluster, text: &str) -> (bool, String) {
+    let path = c.write("manifest.yaml", text);
+    ctl(c, &["apply", "-f", path.to_str().unwrap()])
 }
 
 /// clusterctl's success and its output, stdout and stderr together.
@@ -323,11 +333,7 @@ fn three_agents_fetch_a_sharded_model_from_a_hub_each_only_its_stage() {
     let c = Cluster::start(3, &[]);
     let port = free_port();
     let split = [("node-0", "0-1"), ("node-1", "2-3"), ("node-2", "4-5")];
-    let manifest = format!(
-        "{}{}",
-        c.nodes_yaml(),
-        hf_model_yaml(&hub.address, "test-org/tiny-llama", &[], &split, port)
-    );
+    let manifest = hf_model_yaml(&c, &hub.address, "test-org/tiny-llama", &[], &split, port);
     c.apply_wait("hub.yaml", &manifest);
 
     // The same tokens as one process reading the original folder.
@@ -463,14 +469,8 @@ fn a_missing_repository_or_file_is_refused_at_apply_and_nothing_is_stored() {
             "model.Q4_0.gguf",
         ),
     ] {
-        let manifest = format!(
-            "{}{}",
-            c.nodes_yaml(),
-            hf_model_yaml(&hub.address, repo, &files, &[("node-0", "0-3")], port)
-        );
-        let path = c.dir.path().join("bad.yaml");
-        std::fs::write(&path, manifest).unwrap();
-        let (ok, out) = ctl(&c, &["apply", "-f", path.to_str().unwrap()]);
+        let manifest = hf_model_yaml(&c, &hub.address, repo, &files, &[("node-0", "0-3")], port);
+        let (ok, out) = apply(&c, &manifest);
         assert!(!ok, "{out}");
         assert!(
             out.contains("spec.source") && out.contains(want),
@@ -485,20 +485,15 @@ fn a_missing_repository_or_file_is_refused_at_apply_and_nothing_is_stored() {
         "{listed}"
     );
     // A split past the model's layers is refused with the count.
-    let manifest = format!(
-        "{}{}",
-        c.nodes_yaml(),
-        hf_model_yaml(
-            &hub.address,
-            "test-org/tiny-llama",
-            &[],
-            &[("node-0", "0-9")],
-            port
-        )
+    let manifest = hf_model_yaml(
+        &c,
+        &hub.address,
+        "test-org/tiny-llama",
+        &[],
+        &[("node-0", "0-9")],
+        port,
     );
-    let path = c.dir.path().join("split.yaml");
-    std::fs::write(&path, manifest).unwrap();
-    let (ok, out) = ctl(&c, &["apply", "-f", path.to_str().unwrap()]);
+    let (ok, out) = apply(&c, &manifest);
     assert!(!ok && out.contains("4 layers"), "{out}");
 }
 
@@ -515,20 +510,15 @@ fn a_node_killed_mid_fetch_resumes_where_it_stopped() {
     hub.pause_ms.store(20, Ordering::Relaxed);
     let mut c = Cluster::start(1, &[]);
     let port = free_port();
-    let manifest = format!(
-        "{}{}",
-        c.nodes_yaml(),
-        hf_model_yaml(
-            &hub.address,
-            "test-org/tiny-llama",
-            &[],
-            &[("node-0", "0-5")],
-            port
-        )
+    let manifest = hf_model_yaml(
+        &c,
+        &hub.address,
+        "test-org/tiny-llama",
+        &[],
+        &[("node-0", "0-5")],
+        port,
     );
-    let path = c.dir.path().join("hub.yaml");
-    std::fs::write(&path, manifest).unwrap();
-    let (ok, out) = ctl(&c, &["apply", "-f", path.to_str().unwrap()]);
+    let (ok, out) = apply(&c, &manifest);
     assert!(ok, "{out}");
     let weights = size_of(&repo_dir, |n| n.ends_with(".safetensors"));
     // Status says it is fetching, with a byte count.
@@ -556,6 +546,7 @@ fn a_node_killed_mid_fetch_resumes_where_it_stopped() {
     // The rest of the fetch (about 2 s) is seen by `apply --wait` below.
     c.spawn(0);
     // `apply --wait` follows the rest of the fetch with the stage's byte count.
+    let path = c.write("hub.yaml", &manifest);
     let (ok, waited) = ctl(&c, &["apply", "-f", path.to_str().unwrap(), "--wait"]);
     assert!(ok, "{waited}");
     assert!(
@@ -594,23 +585,18 @@ fn a_private_repository_needs_the_agents_hub_token() {
     std::fs::write(&token_file, "hub-secret\n").unwrap();
     let with_token = [("HF_TOKEN_PATH", token_file.to_str().unwrap())];
     let manifest = |c: &Cluster, port: u16| {
-        format!(
-            "{}{}",
-            c.nodes_yaml(),
-            hf_model_yaml(
-                &hub.address,
-                "private-org/tiny-llama",
-                &["q8/model.gguf"],
-                &[("node-0", "0-3")],
-                port
-            )
+        hf_model_yaml(
+            c,
+            &hub.address,
+            "private-org/tiny-llama",
+            &["q8/model.gguf"],
+            &[("node-0", "0-3")],
+            port,
         )
     };
     // An agent without the token is refused, saying why.
     let c = Cluster::start(1, &[]);
-    let path = c.dir.path().join("private.yaml");
-    std::fs::write(&path, manifest(&c, free_port())).unwrap();
-    let (ok, out) = ctl(&c, &["apply", "-f", path.to_str().unwrap()]);
+    let (ok, out) = apply(&c, &manifest(&c, free_port()));
     assert!(
         !ok && out.contains("401") && out.contains("private or gated"),
         "{out}"
@@ -702,20 +688,15 @@ fn a_file_that_does_not_match_the_hubs_sha256_is_discarded_and_said() {
     hub.wrong_sha.store(true, Ordering::Relaxed);
     let c = Cluster::start(1, &[]);
     let port = free_port();
-    let path = c.dir.path().join("hub.yaml");
-    let manifest = format!(
-        "{}{}",
-        c.nodes_yaml(),
-        hf_model_yaml(
-            &hub.address,
-            "test-org/tiny-llama",
-            &[],
-            &[("node-0", "0-3")],
-            port
-        )
+    let manifest = hf_model_yaml(
+        &c,
+        &hub.address,
+        "test-org/tiny-llama",
+        &[],
+        &[("node-0", "0-3")],
+        port,
     );
-    std::fs::write(&path, manifest).unwrap();
-    let (ok, out) = ctl(&c, &["apply", "-f", path.to_str().unwrap()]);
+    let (ok, out) = apply(&c, &manifest);
     assert!(ok, "{out}");
     let start = std::time::Instant::now();
     loop {
