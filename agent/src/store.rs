@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use cluster_api::cluster::Record;
+use cluster_api::cluster::{FileDigests, Record};
 use cluster_api::manifest::{Kind, Object};
 use sled::Transactional;
 
@@ -19,6 +19,8 @@ pub struct Store {
     db: sled::Db,
     trees: HashMap<Kind, sled::Tree>,
     meta: sled::Tree,
+    /// Published digests of fetched models' files ([`FileDigests`]), by model and file.
+    digests: sled::Tree,
 }
 
 fn tree_name(kind: Kind) -> &'static str {
@@ -54,7 +56,13 @@ impl Store {
             trees.insert(kind, db.open_tree(tree_name(kind))?);
         }
         let meta = db.open_tree("meta")?;
-        Ok(Self { db, trees, meta })
+        let digests = db.open_tree("digests")?;
+        Ok(Self {
+            db,
+            trees,
+            meta,
+            digests,
+        })
     }
 
     fn tree(&self, kind: Kind) -> &sled::Tree {
@@ -156,6 +164,61 @@ impl Store {
         Ok(())
     }
 
+    /// The published digests of `file` of model `model`, if any.
+    pub fn file_digests(&self, model: &str, file: &str) -> Result<Option<FileDigests>> {
+        let key = format!("{model}\n{file}");
+        self.digests
+            .get(key.as_bytes())?
+            .map(|v| {
+                serde_json::from_slice(&v)
+                    .with_context(|| format!("the store's digests of {file} of model {model}"))
+            })
+            .transpose()
+    }
+
+    /// Every published digest entry.
+    pub fn all_file_digests(&self) -> Result<Vec<FileDigests>> {
+        let mut out = Vec::new();
+        for item in self.digests.iter() {
+            let (_, v) = item?;
+            out.push(serde_json::from_slice(&v).context("a digests entry in the store")?);
+        }
+        Ok(out)
+    }
+
+    /// Keeps each of `entries` that supersedes the stored one of its key (or has none), flushed
+    /// to disk before returning. Returns how many were kept.
+    pub fn merge_file_digests(&self, entries: &[FileDigests]) -> Result<usize> {
+        let mut kept = 0;
+        for e in entries {
+            let key = e.key();
+            let bytes = serde_json::to_vec(e)?;
+            // Compare and swap, so that two writers racing keep the entry that supersedes.
+            loop {
+                let old = self.digests.get(key.as_bytes())?;
+                if let Some(o) = &old {
+                    let o: FileDigests =
+                        serde_json::from_slice(o).context("a digests entry in the store")?;
+                    if !e.supersedes(&o) {
+                        break;
+                    }
+                }
+                if self
+                    .digests
+                    .compare_and_swap(key.as_bytes(), old, Some(bytes.as_slice()))?
+                    .is_ok()
+                {
+                    kept += 1;
+                    break;
+                }
+            }
+        }
+        if kept > 0 {
+            self.db.flush().context("flushing the store to disk")?;
+        }
+        Ok(kept)
+    }
+
     /// Flushes everything to disk.
     pub fn flush(&self) -> Result<()> {
         self.db.flush().context("flushing the store to disk")?;
@@ -224,5 +287,54 @@ mod tests {
         assert_eq!(store.clock().expect("clock"), 3);
         store.observe(10).expect("observes");
         assert_eq!(store.clock().expect("clock"), 10);
+    }
+
+    fn digests(file: &str, node: &str, at: u64, sha: &str) -> FileDigests {
+        FileDigests {
+            model: "m".into(),
+            source: "hf://o/r@main".into(),
+            file: file.into(),
+            size: 10,
+            sha256: sha.into(),
+            verified: true,
+            sealed_by: node.into(),
+            sealed_at_ms: at,
+            tensors: vec![(0, 10, sha.into())],
+        }
+    }
+
+    /// Two agents seal the same file: whichever order the entries arrive in, every store keeps
+    /// the later seal, a repeat of a kept entry changes nothing, and entries survive reopening.
+    #[test]
+    fn published_digests_converge_on_the_later_seal_and_persist() {
+        let older = digests("a.safetensors", "node-b", 100, "aa");
+        let newer = digests("a.safetensors", "node-a", 200, "bb");
+        let other = digests("b.safetensors", "node-a", 50, "cc");
+        let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+        for (dir, (order, want_kept)) in dirs.iter().zip([
+            (vec![older.clone(), newer.clone(), other.clone()], 3),
+            (vec![other.clone(), newer.clone(), older.clone()], 2),
+        ]) {
+            let store = Store::open(dir.path()).unwrap();
+            let kept: usize = order
+                .iter()
+                .map(|e| store.merge_file_digests(std::slice::from_ref(e)).unwrap())
+                .sum();
+            assert_eq!(kept, want_kept);
+            assert_eq!(store.merge_file_digests(std::slice::from_ref(&newer)).unwrap(), 0);
+        }
+        for dir in &dirs {
+            let store = Store::open(dir.path()).unwrap();
+            assert_eq!(
+                store.file_digests("m", "a.safetensors").unwrap(),
+                Some(newer.clone())
+            );
+            assert_eq!(
+                store.file_digests("m", "b.safetensors").unwrap(),
+                Some(other.clone())
+            );
+            assert_eq!(store.file_digests("m", "c.safetensors").unwrap(), None);
+            assert_eq!(store.all_file_digests().unwrap().len(), 2);
+        }
     }
 }

@@ -34,6 +34,48 @@ impl Record {
     }
 }
 
+/// The digests of one weights file of a fetched model, published through the store by the
+/// first node to hold the file whole, so that any node can check bytes a peer serves against
+/// digests that did not come from that peer. Entries never change once written; a newer seal
+/// of the same file (the model re-created, its branch moved) replaces an older one everywhere.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FileDigests {
+    /// The Model object's name.
+    pub model: String,
+    /// The model's source as it was when the file was sealed (`ModelSource::describe`): digests
+    /// of another source are not used.
+    pub source: String,
+    /// The file's name within the source.
+    pub file: String,
+    /// The file's size in bytes.
+    pub size: u64,
+    /// sha256 of the whole file (hex).
+    pub sha256: String,
+    /// Whether `sha256` equals the digest the source itself gives (the hub's LFS oid).
+    pub verified: bool,
+    /// The node that sealed the file.
+    pub sealed_by: String,
+    /// When, in milliseconds since the Unix epoch: of two seals, the later is kept.
+    pub sealed_at_ms: u64,
+    /// sha256 of each tensor's bytes: (first byte, end byte, hex).
+    pub tensors: Vec<(u64, u64, String)>,
+}
+
+impl FileDigests {
+    /// The store's key: one entry per model and file.
+    pub fn key(&self) -> String {
+        format!("{}\n{}", self.model, self.file)
+    }
+
+    /// Whether this entry replaces `other` (same key): the later seal, then the greater node
+    /// name, so that every agent keeps the same one whatever order they arrive in.
+    pub fn supersedes(&self, other: &FileDigests) -> bool {
+        (self.sealed_at_ms, &self.sealed_by, &self.sha256)
+            > (other.sealed_at_ms, &other.sealed_by, &other.sha256)
+    }
+}
+
 /// A pipeline's stages, decided once and stored with it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

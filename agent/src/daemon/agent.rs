@@ -514,7 +514,26 @@ impl Agent {
                     })
                     .map(|p| p.object.metadata.name)
                     .collect();
-                serde_json::json!({"pipelines": users})
+                // The files held whole somewhere in the cluster, as their digests were
+                // published: what peers fetching stages check bytes against.
+                let files: Vec<serde_json::Value> = self
+                    .store
+                    .all_file_digests()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|d| d.model == object.name())
+                    .map(|d| {
+                        serde_json::json!({
+                            "file": d.file,
+                            "size": d.size,
+                            "sha256": d.sha256,
+                            "verified": d.verified,
+                            "sealedBy": d.sealed_by,
+                            "tensors": d.tensors.len(),
+                        })
+                    })
+                    .collect();
+                serde_json::json!({"pipelines": users, "files": files})
             }
         });
         object
@@ -593,6 +612,48 @@ impl Agent {
         self.store.write(&newer)?;
         self.reconcile_now.notify_one();
         Ok(newer.len())
+    }
+}
+
+/// The store's digests of fetched models' files, shared with the peers at the next exchange
+/// (at once after a publish).
+impl crate::fetch::DigestBook for Agent {
+    fn published(&self, model: &str, file: &str) -> Option<cluster_api::cluster::FileDigests> {
+        self.store.file_digests(model, file).ok().flatten()
+    }
+
+    fn publish(&self, entry: cluster_api::cluster::FileDigests) {
+        let what = format!(
+            "digests of {} ({}, {} tensors, sha256 {}{})",
+            entry.file,
+            cluster_api::human_bytes(entry.size),
+            entry.tensors.len(),
+            &entry.sha256[..entry.sha256.len().min(12)],
+            if entry.verified {
+                ", as the source gives it"
+            } else {
+                "; the source gives none to check it against"
+            }
+        );
+        let object = format!("Model {}", entry.model);
+        match self.store.merge_file_digests(std::slice::from_ref(&entry)) {
+            Ok(0) => {}
+            Ok(_) => {
+                self.event(
+                    &object,
+                    false,
+                    "DigestsPublished",
+                    format!("{what} published"),
+                );
+                self.sync_now.notify_one();
+            }
+            Err(e) => self.event(
+                &object,
+                true,
+                "DigestsNotPublished",
+                format!("{what}: {e:#}"),
+            ),
+        }
     }
 }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use cluster_api::cluster::{NodeReport, Record};
+use cluster_api::cluster::{FileDigests, NodeReport, Record};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -25,6 +25,9 @@ pub struct SyncBody {
     pub report: NodeReport,
     /// Every record the sender holds, tombstones included.
     pub records: Vec<Record>,
+    /// Every file digest entry the sender holds (absent from agents that predate them).
+    #[serde(default)]
+    pub digests: Vec<FileDigests>,
 }
 
 /// This agent's side of an exchange.
@@ -32,6 +35,7 @@ pub fn our_side(agent: &Agent) -> Result<SyncBody> {
     Ok(SyncBody {
         report: agent.report(),
         records: agent.store.all_records()?,
+        digests: agent.store.all_file_digests()?,
     })
 }
 
@@ -44,6 +48,7 @@ pub fn take_theirs(agent: &Agent, body: SyncBody) -> Result<()> {
         );
     }
     agent.merge(body.records)?;
+    agent.store.merge_file_digests(&body.digests)?;
     agent.peer_seen(body.report);
     Ok(())
 }

@@ -395,7 +395,7 @@ async fn evict_models(agent: &Arc<Agent>, max: u64) {
 
 /// The peers a stage of a fetched model asks before the source: every other node that has
 /// been heard from recently, in name order (the cluster is small; each is asked once per file).
-fn fetch_peers(agent: &Agent, want: &StageWant) -> crate::fetch::Peers {
+fn fetch_peers(agent: &Arc<Agent>, want: &StageWant) -> crate::fetch::Peers {
     let model = agent
         .store
         .get(Kind::Pipeline, &want.config.pipeline)
@@ -413,6 +413,7 @@ fn fetch_peers(agent: &Agent, want: &StageWant) -> crate::fetch::Peers {
         model,
         token: agent.settings.token.clone(),
         nodes,
+        book: Some(agent.clone()),
     }
 }
 

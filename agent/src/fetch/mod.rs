@@ -23,7 +23,7 @@ mod transfer;
 
 pub use cache::evict;
 use cache::touch;
-pub use peers::{Digests, Peers, seal};
+pub use peers::{DigestBook, Digests, Peers, publish_held, seal};
 use peers::{Streamed, digest_range, peer_with};
 use transfer::{Pieces, fetch_header, fetch_range, fetch_whole};
 
@@ -350,7 +350,8 @@ fn file_name_in(remote: &Remote, path: &Path) -> Result<String, String> {
 
 /// Fetches every byte of the weights a stage holding `range` needs that is not in the cache
 /// yet: from a peer holding the file whole when there is one (each tensor checked against the
-/// peer's digests; a mismatch is reported through `note` and fetched from the source instead),
+/// digests published for the file, not the peer's own; a mismatch is reported through `note`
+/// and fetched from the source instead),
 /// else from the source, in pieces of at most [`PIECE`] bytes. `progress` gets (bytes present,
 /// bytes needed).
 #[allow(clippy::too_many_arguments)]
@@ -362,7 +363,7 @@ pub fn fetch_stage(
     last: bool,
     peers: &Peers,
     note: &mut dyn FnMut(String),
-    progress: &mut dyn FnMut(u64, u64),
+    progress: &mut (dyn FnMut(u64, u64) + Send),
 ) -> Result<Fetched, String> {
     let remote = Remote::of(source)?;
     let wanted = folder
@@ -401,7 +402,9 @@ pub fn fetch_stage(
         if missing.is_empty() {
             continue;
         }
-        if let Some((node, peer, digests)) = peer_with(peers, &bad_peers, &name, pieces.size) {
+        if let Some((node, peer, digests)) =
+            peer_with(source, peers, &bad_peers, &name, pieces.size)
+        {
             let url = peer.url(&name);
             let mut got = 0u64;
             let mut failed = None;
@@ -428,7 +431,7 @@ pub fn fetch_stage(
                     source.describe()
                 ));
             }
-            // Every tensor this stage needs from that file is checked against the peer's
+            // Every tensor this stage needs from that file is checked against the published
             // digests (those already held were checked when they came).
             let mut rejected = 0u64;
             for (i, &(a, b)) in tensors.iter().enumerate() {
@@ -467,7 +470,7 @@ pub fn fetch_stage(
                 progress(present, needed);
                 stats.rejected_bytes += rejected;
                 note(format!(
-                    "{rejected} bytes of {name} from {node} did not match its digests: discarded, fetched from {} instead",
+                    "{rejected} bytes of {name} from {node} did not match the digests published for it: discarded, fetched from {} instead",
                     source.describe()
                 ));
             }

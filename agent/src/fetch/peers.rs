@@ -2,9 +2,12 @@
 //! a stage's ranges from a peer that holds them, each tensor checked as it arrives.
 
 use super::*;
+use cluster_api::cluster::FileDigests;
+use std::sync::Arc;
 
-/// Other agents that may hold the model's files whole, asked before the hub.
-#[derive(Debug, Clone, Default)]
+/// Other agents that may hold the model's files whole, asked before the hub, and the book
+/// of digests they are checked against.
+#[derive(Clone, Default)]
 pub struct Peers {
     /// The Model object's name (peers find their copy by it).
     pub model: String,
@@ -12,6 +15,29 @@ pub struct Peers {
     pub token: String,
     /// (node name, control-plane address) of each peer.
     pub nodes: Vec<(String, String)>,
+    /// Where digests of whole files are published and read (the agent's store, which its
+    /// peers share); without one, no peer is asked.
+    pub book: Option<Arc<dyn DigestBook>>,
+}
+
+impl std::fmt::Debug for Peers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Peers")
+            .field("model", &self.model)
+            .field("nodes", &self.nodes)
+            .field("book", &self.book.is_some())
+            .finish()
+    }
+}
+
+/// Digests of whole files published for the cluster: a peer's bytes are checked against the
+/// entry published here, never against digests the same peer hands over with them.
+pub trait DigestBook: Send + Sync {
+    /// The entry for `file` of model `model`, if one is published.
+    fn published(&self, model: &str, file: &str) -> Option<FileDigests>;
+    /// Publishes this node's digests of a file it holds whole (kept unless a later seal of
+    /// the same file is already published).
+    fn publish(&self, entry: FileDigests);
 }
 
 /// Digests of a whole weights file held here (`FILE.digests`): what peers check the ranges
@@ -27,6 +53,10 @@ pub struct Digests {
     pub verified: bool,
     /// sha256 of each tensor's bytes: (first byte, end byte, hex).
     pub tensors: Vec<(u64, u64, String)>,
+    /// When the file was sealed (milliseconds since the Unix epoch; 0 in records written
+    /// before this was kept).
+    #[serde(default)]
+    pub sealed_at_ms: u64,
 }
 
 impl Digests {
@@ -161,6 +191,9 @@ pub fn seal(source: &ModelSource, folder: &ModelFolder) -> Result<Vec<PathBuf>, 
                 .zip(each)
                 .map(|(&(a, b), h)| (a, b, hex(&h.finalize())))
                 .collect(),
+            sealed_at_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
         };
         let target = Digests::path(&path);
         let tmp = target.with_extension("digests.tmp");
@@ -217,13 +250,67 @@ impl Streamed {
     }
 }
 
-/// The first peer holding file `name` whole, with its digests.
+/// Publishes this node's digests of every weights file of the model it holds whole, for
+/// `node`; entries already published stay as they are.
+pub fn publish_held(
+    source: &ModelSource,
+    folder: &ModelFolder,
+    peers: &Peers,
+    node: &str,
+) -> Result<usize, String> {
+    let Some(book) = &peers.book else {
+        return Ok(0);
+    };
+    let remote = Remote::of(source)?;
+    let mut files: Vec<PathBuf> = folder
+        .all_ranges()
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .map(|(path, ..)| path)
+        .collect();
+    files.sort();
+    files.dedup();
+    let mut published = 0;
+    for path in files {
+        let Some(d) = Digests::read(&path) else {
+            continue;
+        };
+        let file = file_name_in(&remote, &path)?;
+        let entry = FileDigests {
+            model: peers.model.clone(),
+            source: source.describe(),
+            file,
+            size: d.size,
+            sha256: d.sha256,
+            verified: d.verified,
+            sealed_by: node.to_string(),
+            sealed_at_ms: d.sealed_at_ms,
+            tensors: d.tensors,
+        };
+        let current = book.published(&entry.model, &entry.file);
+        if current.as_ref().is_none_or(|c| entry.supersedes(c)) {
+            book.publish(entry);
+            published += 1;
+        }
+    }
+    Ok(published)
+}
+
+/// The first peer holding file `name` whole, as published: the entry in the book for this
+/// model's source and that size, and a peer whose copy has the entry's sha256. The bytes it
+/// serves are checked against the published entry.
 pub(super) fn peer_with(
+    source: &ModelSource,
     peers: &Peers,
     bad: &std::collections::BTreeSet<String>,
     name: &str,
     size: u64,
-) -> Option<(String, Remote, Digests)> {
+) -> Option<(String, Remote, FileDigests)> {
+    let published = peers
+        .book
+        .as_ref()?
+        .published(&peers.model, name)
+        .filter(|d| d.size == size && d.source == source.describe())?;
     for (node, address) in peers.nodes.iter().filter(|(n, _)| !bad.contains(n)) {
         let remote = Remote::peer(address, peers);
         let url = format!(
@@ -233,11 +320,11 @@ pub(super) fn peer_with(
         let Ok(Some(resp)) = get(&remote, &url, None) else {
             continue;
         };
-        let Ok(digests) = resp.into_body().read_json::<Digests>() else {
+        let Ok(theirs) = resp.into_body().read_json::<Digests>() else {
             continue;
         };
-        if digests.size == size {
-            return Some((node.clone(), remote, digests));
+        if theirs.size == size && theirs.sha256 == published.sha256 {
+            return Some((node.clone(), remote, published));
         }
     }
     None

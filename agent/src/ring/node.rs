@@ -572,6 +572,11 @@ fn fetch_weights(
             "whole files sealed for peers"
         );
     }
+    // Published through the store, so that the bytes this node serves its peers are checked
+    // against digests that do not come with them (and the cluster knows them while this node
+    // is away). Files sealed before a restart are published again if the store lacks them.
+    let node = &config.stages[index].node;
+    crate::fetch::publish_held(source, folder, peers, node).map_err(anyhow::Error::msg)?;
     if let Some(p) = progress {
         p.fetching.store(false, Ordering::Relaxed);
         p.fetched.store(fetched.bytes, Ordering::Relaxed);

@@ -664,7 +664,10 @@ fn a_node_holding_a_model_serves_its_peers_stages_and_bad_bytes_from_it_are_refu
             // node-0 damages the first byte of each range it serves: the tensors those bytes
             // belong to fail their digests, are said to, and come from the hub instead (the
             // tokens above are the one-process tokens all the same).
-            assert!(events.contains("did not match its digests"), "{events}");
+            assert!(
+                events.contains("did not match the digests published"),
+                "{events}"
+            );
             assert!(for_split as f64 > 0.02 * weights as f64, "{for_split}");
         } else {
             // Only the headers came from the hub; node-0 served the rest.
@@ -674,6 +677,16 @@ fn a_node_holding_a_model_serves_its_peers_stages_and_bad_bytes_from_it_are_refu
                 hub.report()
             );
             assert_eq!(events.matches("from peer node-0").count(), 2, "{events}");
+            // The digests node-1 and node-2 checked node-0's bytes against came through the
+            // store, published by node-0 when it sealed the file, not with the bytes.
+            for i in [1, 2] {
+                let (ok, d) = ctl_on(&c, i, &["describe", "model", "tiny"]);
+                let row = d
+                    .lines()
+                    .find(|l| l.trim_start().starts_with("model.safetensors"))
+                    .unwrap_or_else(|| panic!("node-{i}: no published digests\n{d}"));
+                assert!(ok && row.contains("yes") && row.ends_with("node-0"), "{d}");
+            }
             peer_rate_against_curl(&c);
         }
     }
@@ -771,8 +784,8 @@ fn a_capped_cache_removes_models_no_pipeline_uses_and_keeps_those_in_use() {
 /// Prints, side by side, the rate at which node-1 and node-2 fetched their stages from node-0
 /// at the same time (their logs' bytes and milliseconds: requests, disk writes, syncs and
 /// digest checks included) and the rate of two `curl`s at once fetching the same numbers of
-/// bytes from the same route in 16 MiB ranges (to /dev/null). A measurement, not a check:
-/// this machine is shared.
+/// bytes from the same route in 16 MiB ranges, each saving them to a file as a download does
+/// (`curl -o`, no sync, no digest). A measurement, not a check: this machine is shared.
 fn peer_rate_against_curl(c: &Cluster) {
     let fetched = |i: usize| -> (u64, f64) {
         let log = c.log(i);
@@ -794,15 +807,19 @@ fn peer_rate_against_curl(c: &Cluster) {
         "http://{}/internal/v1/models/tiny/files/model.safetensors",
         c.agents[0].listen
     );
+    let saved = tempfile::tempdir().unwrap();
     let curl = |bytes: u64| {
         let url = url.clone();
+        let dir = saved.path().to_path_buf();
         std::thread::spawn(move || {
             let start = std::time::Instant::now();
             let mut at = 0u64;
             while at < bytes {
                 let end = (at + (16 << 20)).min(bytes) - 1;
                 let ok = std::process::Command::new("curl")
-                    .args(["-sf", "-o", "/dev/null", "-H"])
+                    .arg("-sfo")
+                    .arg(dir.join(format!("{bytes}-{at}")))
+                    .arg("-H")
                     .arg(format!("Authorization: Bearer {TOKEN}"))
                     .args(["-H", &format!("Range: bytes={at}-{end}"), &url])
                     .status()

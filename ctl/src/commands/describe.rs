@@ -164,7 +164,54 @@ pub fn run(env: &Env, args: DescribeArgs) -> Outcome {
                 text(&status, "/url")
             ));
         }
-        Kind::Model => {}
+        Kind::Model => {
+            let files = status
+                .get("files")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            if !files.is_empty() {
+                let rows: Vec<Vec<String>> = files
+                    .iter()
+                    .map(|f| {
+                        vec![
+                            text(f, "/file").to_string(),
+                            bytes(num(f, "/size") as u64),
+                            num(f, "/tensors").to_string(),
+                            text(f, "/sha256").to_string(),
+                            if f.get("verified").and_then(Value::as_bool) == Some(true) {
+                                "yes".into()
+                            } else {
+                                "no digest given".into()
+                            },
+                            text(f, "/sealedBy").to_string(),
+                        ]
+                    })
+                    .collect();
+                out.push_str(
+                    "Files held whole (digests peers check against):
+",
+                );
+                for line in table(
+                    &[
+                        "FILE",
+                        "SIZE",
+                        "TENSORS",
+                        "SHA256",
+                        "SOURCE AGREES",
+                        "SEALED BY",
+                    ],
+                    &rows,
+                )
+                .lines()
+                {
+                    out.push_str(&format!(
+                        "  {line}
+"
+                    ));
+                }
+            }
+        }
     }
     let object = format!("{kind} {}", args.name);
     let events = client
