@@ -361,6 +361,9 @@ fn model_digests(agent: Arc<Agent>, model: String, tail: warp::path::Tail) -> An
     Ok(reply_json(StatusCode::OK, &digests))
 }
 
+/// Bytes read from disk and sent as one piece of a model file's range.
+const SERVE_CHUNK: usize = 1 << 20;
+
 /// The most bytes one request for a model file's range may ask for.
 const MAX_RANGE_BYTES: u64 = 64 << 20;
 
@@ -387,24 +390,44 @@ async fn model_bytes(
             end.saturating_sub(1)
         )));
     }
-    let mut bytes = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
+    // Streamed as it is read, a chunk at a time, so that sending overlaps reading and a
+    // request holds a few chunks of memory, not its whole range.
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(4);
+    let corrupt = std::env::var_os("CLUSTERAGENT_TEST_CORRUPT_SERVED_BYTES").is_some();
+    tokio::task::spawn_blocking(move || {
         use std::io::{Read, Seek, SeekFrom};
-        let mut f = std::fs::File::open(&path)?;
-        f.seek(SeekFrom::Start(start))?;
-        let mut buf = vec![0u8; (end - start) as usize];
-        f.read_exact(&mut buf)?;
-        Ok(buf)
-    })
-    .await
-    .map_err(ApiError::internal)?
-    .map_err(ApiError::internal)?;
-    // A test hook standing in for a peer whose disk or link damages what it serves.
-    if std::env::var_os("CLUSTERAGENT_TEST_CORRUPT_SERVED_BYTES").is_some()
-        && let Some(b) = bytes.first_mut()
-    {
-        *b ^= 0x5a;
-    }
-    let mut resp = Response::new(bytes.into());
+        let mut at = start;
+        let opened = std::fs::File::open(&path).and_then(|mut f| {
+            f.seek(SeekFrom::Start(start))?;
+            Ok(f)
+        });
+        let mut f = match opened {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = tx.blocking_send(Err(e));
+                return;
+            }
+        };
+        while at < end {
+            let mut chunk = vec![0u8; SERVE_CHUNK.min((end - at) as usize)];
+            let read = f.read_exact(&mut chunk);
+            // A test hook standing in for a peer whose disk or link damages what it serves.
+            if corrupt && at == start {
+                chunk[0] ^= 0x5a;
+            }
+            let failed = read.is_err();
+            if tx.blocking_send(read.map(|()| chunk.into())).is_err() || failed {
+                // The client went away, or the file could not be read: the reply ends short
+                // and the client sees fewer bytes than Content-Length says.
+                return;
+            }
+            at += SERVE_CHUNK as u64;
+        }
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    let mut resp = warp::reply::stream(stream).into_response();
     *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
     let headers = resp.headers_mut();
     let value = |s: String| warp::http::HeaderValue::from_str(&s).map_err(ApiError::internal);
@@ -412,6 +435,7 @@ async fn model_bytes(
         "content-range",
         value(format!("bytes {start}-{}/{size}", end - 1))?,
     );
+    headers.insert("content-length", value((end - start).to_string())?);
     headers.insert(
         "content-type",
         warp::http::HeaderValue::from_static("application/octet-stream"),

@@ -137,8 +137,13 @@ pub(super) fn fetch_whole(
     Ok(true)
 }
 
+/// Bytes read from a reply before they are written out.
+const CHUNK: usize = 1 << 20;
+
 /// Writes one fetched range into the sparse file, recording it once it is all there; `sink`
-/// sees each part as it lands (offset, bytes).
+/// sees each part as it lands (offset, bytes). Reading the reply and writing the file overlap:
+/// a writer thread takes whole chunks, hands them to `sink` (which hashes them) and makes them
+/// durable before it records them, while this thread reads the next ones.
 pub(super) fn fetch_range(
     remote: &Remote,
     url: &str,
@@ -146,7 +151,7 @@ pub(super) fn fetch_range(
     pieces: &mut Pieces,
     (start, end): (u64, u64),
     stats: &mut Fetched,
-    sink: &mut dyn FnMut(u64, &[u8]),
+    sink: &mut (dyn FnMut(u64, &[u8]) + Send),
 ) -> Result<(), String> {
     let resp =
         get(remote, url, Some((start, end)))?.ok_or_else(|| format!("GET {url}: 404 Not Found"))?;
@@ -157,31 +162,76 @@ pub(super) fn fetch_range(
     file.seek(SeekFrom::Start(start))
         .map_err(|e| format!("{}: {e}", path.display()))?;
     let mut reader = resp.into_body().into_reader();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut at = start;
-    let (mut recorded, mut recorded_at) = (start, std::time::Instant::now());
-    while at < end {
-        let want = buf.len().min((end - at) as usize);
-        let n = reader
-            .read(&mut buf[..want])
-            .map_err(|e| format!("GET {url} (bytes {start}-{end}): {e}"))?;
-        if n == 0 {
-            return Err(format!(
-                "GET {url}: the reply ended at byte {at} of the range {start}-{end}"
-            ));
-        }
-        file.write_all(&buf[..n])
-            .map_err(|e| format!("writing {}: {e}", path.display()))?;
-        sink(at, &buf[..n]);
-        at += n as u64;
-        stats.bytes += n as u64;
-        if at - recorded >= CHECKPOINT && recorded_at.elapsed() >= CHECKPOINT_EVERY && at < end {
-            record(&file, path, pieces, start, at)?;
-            (recorded, recorded_at) = (at, std::time::Instant::now());
-        }
-    }
-    stats.requests += 1;
-    record(&file, path, pieces, start, end)
+    std::thread::scope(|scope| {
+        let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(3);
+        let (empty_tx, empty_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+        let writer = scope.spawn(move || -> Result<(), String> {
+            let mut at = start;
+            let (mut recorded, mut recorded_at) = (start, std::time::Instant::now());
+            for buf in full_rx {
+                sink(at, &buf);
+                file.write_all(&buf)
+                    .map_err(|e| format!("writing {}: {e}", path.display()))?;
+                at += buf.len() as u64;
+                let _ = empty_tx.send(buf);
+                if at - recorded >= CHECKPOINT
+                    && recorded_at.elapsed() >= CHECKPOINT_EVERY
+                    && at < end
+                {
+                    record(&file, path, pieces, start, at)?;
+                    (recorded, recorded_at) = (at, std::time::Instant::now());
+                }
+            }
+            if at == end {
+                record(&file, path, pieces, start, end)?;
+            } else if at > recorded {
+                // Cut short: what did arrive is kept for the next attempt.
+                record(&file, path, pieces, start, at)?;
+            }
+            Ok(())
+        });
+        let mut at = start;
+        let read = (|| -> Result<(), String> {
+            while at < end {
+                let mut buf = empty_rx.try_recv().unwrap_or_else(|_| vec![0u8; CHUNK]);
+                let want = CHUNK.min((end - at) as usize);
+                buf.resize(want, 0);
+                // Whole chunks, so that the writer makes few large writes.
+                let mut filled = 0;
+                while filled < want {
+                    let n = reader
+                        .read(&mut buf[filled..])
+                        .map_err(|e| format!("GET {url} (bytes {start}-{end}): {e}"))?;
+                    if n == 0 {
+                        break;
+                    }
+                    filled += n;
+                }
+                buf.truncate(filled);
+                if filled > 0 {
+                    at += filled as u64;
+                    stats.bytes += filled as u64;
+                    if full_tx.send(buf).is_err() {
+                        // The writer stopped; its error says why.
+                        return Ok(());
+                    }
+                }
+                if filled < want {
+                    return Err(format!(
+                        "GET {url}: the reply ended at byte {at} of the range {start}-{end}"
+                    ));
+                }
+            }
+            Ok(())
+        })();
+        drop(full_tx);
+        let written = writer
+            .join()
+            .unwrap_or_else(|_| Err(format!("writing {}: the writer panicked", path.display())));
+        written.and(read)?;
+        stats.requests += 1;
+        Ok(())
+    })
 }
 
 /// Records `[start, end)` as present once its bytes are on disk.
