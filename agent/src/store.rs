@@ -265,6 +265,7 @@ mod tests {
             object,
             deleted: false,
             placement: None,
+            revision: None,
         }
     }
 
@@ -321,7 +322,12 @@ mod tests {
                 .map(|e| store.merge_file_digests(std::slice::from_ref(e)).unwrap())
                 .sum();
             assert_eq!(kept, want_kept);
-            assert_eq!(store.merge_file_digests(std::slice::from_ref(&newer)).unwrap(), 0);
+            assert_eq!(
+                store
+                    .merge_file_digests(std::slice::from_ref(&newer))
+                    .unwrap(),
+                0
+            );
         }
         for dir in &dirs {
             let store = Store::open(dir.path()).unwrap();

@@ -22,6 +22,19 @@ pub struct Record {
     /// every agent runs the same split.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub placement: Option<ResolvedPlacement>,
+    /// For a model from the hub: the commit its `revision` named when it was applied, so that
+    /// every node fetches the same bytes however the branch moves later (until the next apply).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
+}
+
+impl Record {
+    /// A model's source as its nodes fetch it: a hub revision pinned to the commit it named at
+    /// apply time. `None` when this is not a model.
+    pub fn model_source(&self) -> Option<crate::manifest::ModelSource> {
+        let spec = self.object.as_model()?;
+        Some(spec.source.pinned(self.revision.as_deref()))
+    }
 }
 
 impl Record {

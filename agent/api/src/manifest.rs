@@ -173,7 +173,22 @@ fn default_revision() -> String {
     "main".into()
 }
 
+/// Whether `revision` is a full commit hash (which never moves).
+pub fn is_commit(revision: &str) -> bool {
+    revision.len() == 40 && revision.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 impl ModelSource {
+    /// This source with a hub revision replaced by `commit` (when given); other sources as
+    /// they are.
+    pub fn pinned(&self, commit: Option<&str>) -> ModelSource {
+        let mut source = self.clone();
+        if let (Some(hf), Some(commit)) = (source.hf.as_mut(), commit) {
+            hf.revision = commit.to_string();
+        }
+        source
+    }
+
     /// A local source.
     pub fn local(path: impl Into<PathBuf>) -> Self {
         Self {

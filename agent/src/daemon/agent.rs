@@ -533,7 +533,7 @@ impl Agent {
                         })
                     })
                     .collect();
-                serde_json::json!({"pipelines": users, "files": files})
+                serde_json::json!({"pipelines": users, "files": files, "commit": record.revision})
             }
         });
         object

@@ -44,11 +44,16 @@ struct ModelFacts {
 fn inspect_model(
     agent: &Agent,
     object: &Object,
+    revision: Option<&str>,
     cache: &mut BTreeMap<String, Result<ModelFacts, String>>,
 ) {
     let Some(spec) = object.as_model() else {
         return;
     };
+    // The files of the commit the nodes will fetch, not of whatever the branch names later.
+    let mut spec = spec.clone();
+    spec.source = spec.source.pinned(revision);
+    let spec = &spec;
     let facts = match crate::fetch::open(&agent.model_cache(), &spec.source) {
         Ok(folder) => Ok(ModelFacts {
             profile: folder.byte_profile(spec.dtype),
@@ -105,9 +110,16 @@ pub fn apply(agent: &Agent, text: &str, dry_run: bool) -> Result<Vec<ApplyOutcom
     }
     // Models read here: those applied, and those of applied pipelines.
     let mut models: BTreeMap<String, Result<ModelFacts, String>> = BTreeMap::new();
+    // A hub model's revision is resolved to a commit once, here: every node fetches that
+    // commit, however the branch moves, until the model is applied again.
+    let mut revisions: BTreeMap<String, Option<String>> = BTreeMap::new();
     for o in &objects {
         if o.kind == Kind::Model {
-            inspect_model(agent, o, &mut models);
+            let revision = o
+                .as_model()
+                .and_then(|m| crate::fetch::resolve_commit(&m.source));
+            inspect_model(agent, o, revision.as_deref(), &mut models);
+            revisions.insert(o.name().to_string(), revision);
             if let Some(Err(why)) = models.get(o.name()) {
                 let field = if o.as_model().is_some_and(|m| m.source.is_remote()) {
                     "spec.source"
@@ -142,7 +154,9 @@ pub fn apply(agent: &Agent, text: &str, dry_run: bool) -> Result<Vec<ApplyOutcom
             if !models.contains_key(&spec.model)
                 && let Some(m) = after.get(&(Kind::Model, spec.model.clone()))
             {
-                inspect_model(agent, m, &mut models);
+                let stored = agent.store.get(Kind::Model, &spec.model).ok().flatten();
+                let revision = stored.and_then(|r| r.revision);
+                inspect_model(agent, m, revision.as_deref(), &mut models);
             }
             let facts = match models.get(&spec.model) {
                 Some(Ok(f)) => f,
@@ -205,6 +219,11 @@ pub fn apply(agent: &Agent, text: &str, dry_run: bool) -> Result<Vec<ApplyOutcom
             .get(o.name())
             .filter(|_| o.kind == Kind::Pipeline)
             .cloned();
+        let revision = revisions
+            .get(o.name())
+            .filter(|_| o.kind == Kind::Model)
+            .cloned()
+            .flatten();
         let mut changes = Vec::new();
         let action = match live {
             None => "created",
@@ -214,6 +233,22 @@ pub fn apply(agent: &Agent, text: &str, dry_run: bool) -> Result<Vec<ApplyOutcom
                 }
                 if r.object.metadata.labels != o.metadata.labels {
                     changes.push("labels".into());
+                }
+                if o.kind == Kind::Model && r.revision != revision {
+                    let named = o
+                        .as_model()
+                        .and_then(|m| m.source.hf.as_ref())
+                        .map(|h| h.revision.clone())
+                        .unwrap_or_default();
+                    let short = |c: &Option<String>| {
+                        c.as_deref()
+                            .map_or("unresolved".to_string(), |c| c[..12].to_string())
+                    };
+                    changes.push(format!(
+                        "revision {named} now at commit {} (was {})",
+                        short(&revision),
+                        short(&r.revision)
+                    ));
                 }
                 let stages = |p: &Option<ResolvedPlacement>| {
                     p.as_ref().map(|p| {
@@ -273,6 +308,7 @@ pub fn apply(agent: &Agent, text: &str, dry_run: bool) -> Result<Vec<ApplyOutcom
             object,
             deleted: false,
             placement,
+            revision,
         });
     }
     if dry_run || records.is_empty() {

@@ -313,6 +313,7 @@ pub fn ring_config(agent: &Agent, record: &Record) -> Result<RingConfig, String>
         .map_err(|e| e.to_string())?
         .filter(|r| !r.deleted)
         .ok_or_else(|| format!("model {} does not exist", spec.model))?;
+    let source = model.model_source().ok_or("not a model")?;
     let model = model.object.as_model().ok_or("not a model")?.clone();
     let mut stages = Vec::new();
     for st in &placement.stages {
@@ -332,8 +333,8 @@ pub fn ring_config(agent: &Agent, record: &Record) -> Result<RingConfig, String>
     Ok(RingConfig {
         pipeline: record.object.metadata.name.clone(),
         generation: record.object.metadata.generation,
-        model: crate::fetch::local_path(&agent.model_cache(), &model.source),
-        fetch: model.source.is_remote().then(|| model.source.clone()),
+        model: crate::fetch::local_path(&agent.model_cache(), &source),
+        fetch: source.is_remote().then(|| source.clone()),
         device: spec.device,
         dtype: model.dtype,
         prefill_chunk: spec.prefill_chunk.unwrap_or(128),
@@ -361,12 +362,12 @@ fn head_address(agent: &Agent, pipeline: &str) -> Option<String> {
 /// pipeline uses (least recently used first), each said in an event.
 async fn evict_models(agent: &Arc<Agent>, max: u64) {
     let cache = agent.model_cache();
-    let models: HashMap<String, cluster_api::manifest::ModelSpec> = agent
+    let models: HashMap<String, cluster_api::manifest::ModelSource> = agent
         .store
         .live(Kind::Model)
         .unwrap_or_default()
         .iter()
-        .filter_map(|r| Some((r.object.name().to_string(), r.object.as_model()?.clone())))
+        .filter_map(|r| Some((r.object.name().to_string(), r.model_source()?)))
         .collect();
     let keep: Vec<std::path::PathBuf> = agent
         .store
@@ -374,7 +375,7 @@ async fn evict_models(agent: &Arc<Agent>, max: u64) {
         .unwrap_or_default()
         .iter()
         .filter_map(|r| models.get(&r.object.as_pipeline()?.model))
-        .filter_map(|m| crate::fetch::model_root(&cache, &m.source))
+        .filter_map(|source| crate::fetch::model_root(&cache, source))
         .collect();
     let removed =
         tokio::task::spawn_blocking(move || crate::fetch::evict(&cache, max, &keep)).await;

@@ -333,17 +333,15 @@ fn held_file(
                 format!("model {model} does not exist"),
             )
         })?;
-    let spec = record
-        .object
-        .as_model()
+    let source = record
+        .model_source()
         .ok_or_else(|| ApiError::internal("not a model"))?;
-    let path =
-        crate::fetch::model_file(&agent.model_cache(), &spec.source, name).ok_or_else(|| {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                format!("model {model} has no fetched file {name:?}"),
-            )
-        })?;
+    let path = crate::fetch::model_file(&agent.model_cache(), &source, name).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("model {model} has no fetched file {name:?}"),
+        )
+    })?;
     let digests = crate::fetch::Digests::read(&path).ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,

@@ -146,6 +146,36 @@ impl Remote {
     }
 }
 
+/// The commit a hub source's revision names now: the hub's `X-Repo-Commit` on a HEAD of one of
+/// the model's files, not following the redirect to storage. `None` for other sources, for a
+/// revision that is already a commit, and where the hub does not say (a mirror without the
+/// header, or no answer: fetching the files then says what is wrong).
+pub fn resolve_commit(source: &ModelSource) -> Option<String> {
+    let h = source.hf.as_ref()?;
+    if cluster_api::manifest::is_commit(&h.revision) {
+        return None;
+    }
+    let remote = Remote::of(source).ok()?;
+    let probe = remote
+        .named
+        .first()
+        .cloned()
+        .unwrap_or_else(|| REQUIRED[0].to_string());
+    let mut req = remote
+        .http
+        .head(&remote.url(&probe))
+        .config()
+        .max_redirects(0)
+        .max_redirects_will_error(false)
+        .build();
+    if let Some(token) = &remote.auth {
+        req = req.header("Authorization", &format!("Bearer {token}"));
+    }
+    let resp = req.call().ok()?;
+    let commit = resp.headers().get("x-repo-commit")?.to_str().ok()?.trim();
+    cluster_api::manifest::is_commit(commit).then(|| commit.to_ascii_lowercase())
+}
+
 /// The folder in `cache` that holds a remote source's files.
 fn model_dir(cache: &Path, source: &ModelSource) -> PathBuf {
     let digest = |text: &str| {

@@ -94,16 +94,34 @@ impl Hub {
     }
 }
 
-/// The file a request path names, relative to the root: `None` for anything else (404).
-fn file_of(path: &str) -> Option<String> {
+/// The commit a repository's `main` is at: its folder's `.commit` file, else a fixed one.
+pub fn main_commit(root: &Path, repo: &str) -> String {
+    std::fs::read_to_string(root.join(repo).join(".commit"))
+        .map(|c| c.trim().to_string())
+        .unwrap_or_else(|_| "0123456789abcdef0123456789abcdef01234567".into())
+}
+
+/// The file a request path names, relative to the root, with the commit the hub says it
+/// served it from: `main` and its commit are the repository's folder; another commit is the
+/// folder `owner/name@COMMIT`, where a test kept the files `main` had then. `None` for anything
+/// else (404).
+fn file_of(path: &str, root: &Path) -> Option<(String, Option<String>)> {
     if let Some(p) = path.strip_prefix("/files/") {
-        return Some(p.to_string());
+        return Some((p.to_string(), None));
     }
     let parts: Vec<&str> = path.trim_start_matches('/').splitn(5, '/').collect();
-    match parts.as_slice() {
-        [owner, name, "resolve", "main", file] => Some(format!("{owner}/{name}/{file}")),
-        _ => None,
+    let [owner, name, "resolve", revision, file] = parts.as_slice() else {
+        return None;
+    };
+    let repo = format!("{owner}/{name}");
+    let main = main_commit(root, &repo);
+    if *revision == "main" || *revision == main {
+        return Some((format!("{repo}/{file}"), Some(main)));
     }
+    let old = format!("{repo}@{revision}");
+    root.join(&old)
+        .is_dir()
+        .then(|| (format!("{old}/{file}"), Some(revision.to_string())))
 }
 
 fn serve(
@@ -157,8 +175,9 @@ fn serve(
             )?;
             continue;
         }
-        let file = file_of(&path).filter(|f| !f.contains("..") && root.join(f).is_file());
-        let Some(file) = file else {
+        let found =
+            file_of(&path, root).filter(|(f, _)| !f.contains("..") && root.join(f).is_file());
+        let Some((file, commit)) = found else {
             let body = b"{\"error\": \"Entry not found\"}";
             write!(
                 out,
@@ -186,6 +205,9 @@ fn serve(
             "HTTP/1.1 {status}\r\ncontent-length: {}\r\naccept-ranges: bytes\r\n",
             end - start
         )?;
+        if let Some(commit) = commit {
+            write!(out, "x-repo-commit: {commit}\r\n")?;
+        }
         if method == "HEAD" {
             // As the hub answers for LFS files: the sha256 of the whole file.
             use sha2::Digest;
@@ -374,7 +396,11 @@ fn three_agents_fetch_a_sharded_model_from_a_hub_each_only_its_stage() {
         assert!(
             events.contains(&format!("stage {i} loaded in"))
                 && events.contains("of its weights from")
-                && events.contains("hf://test-org/tiny-llama@main"),
+                // The commit main was at when it was applied, which every node fetched.
+                && events.contains(&format!(
+                    "hf://test-org/tiny-llama@{}",
+                    main_commit(hub.root(), "test-org/tiny-llama")
+                )),
             "node-{i}: {events}"
         );
     }
@@ -840,4 +866,74 @@ fn peer_rate_against_curl(c: &Cluster) {
         "peer fetch, two stages at once: {ours_rate:.0} MB/s each into their caches; two curls of the same bytes at once: {curl_rate:.0} MB/s each; ratio {:.2}",
         ours_rate / curl_rate
     );
+}
+
+/// A branch that moves on the hub after an apply changes nothing until the model is applied
+/// again: a node that fetches later (here: its cache lost) fetches the commit the apply
+/// resolved, so a pipeline never runs two versions of a model; the next apply moves every
+/// stage to the new commit, and says so.
+#[test]
+fn a_moved_branch_is_fetched_at_the_applied_commit_until_the_next_apply() {
+    let root = tempfile::tempdir().unwrap();
+    let repo = "test-org/tiny-llama";
+    let repo_dir = root.path().join(repo);
+    make_model(&repo_dir);
+    let first = "1111111111111111111111111111111111111111";
+    std::fs::write(repo_dir.join(".commit"), first).unwrap();
+    let hub = Hub::start(root.path());
+    let mut c = Cluster::start(2, &[]);
+    let port = free_port();
+    let manifest = hf_model_yaml(
+        &c,
+        &hub.address,
+        repo,
+        &[],
+        &[("node-0", "0-1"), ("node-1", "2-3")],
+        port,
+    );
+    c.apply_wait("hub.yaml", &manifest);
+    let prompt = "The quick brown fox";
+    let want_old = one_process(&repo_dir, prompt, 12);
+    assert_eq!(generate(port, prompt, 12).unwrap(), want_old);
+    let (_, d) = ctl(&c, &["describe", "model", "tiny"]);
+    assert!(d.contains(&format!("Commit:    {first}")), "{d}");
+
+    // main moves on: the old files stay at their commit, main gets other weights.
+    let kept = root.path().join(format!("{repo}@{first}"));
+    std::fs::rename(&repo_dir, &kept).unwrap();
+    crate::common::make_model(&repo_dir, &["--layers", "4", "--seed", "7"]);
+    let second = "2222222222222222222222222222222222222222";
+    std::fs::write(repo_dir.join(".commit"), second).unwrap();
+    let want_new = one_process(&repo_dir, prompt, 12);
+    assert_ne!(want_new, want_old, "the two commits' models answer alike");
+
+    // node-1 loses its cache and restarts: it fetches its stage at the applied commit.
+    c.kill(1);
+    std::fs::remove_dir_all(c.agents[1].data_dir.join("models")).unwrap();
+    let old_bytes = |hub: &Hub| {
+        hub.bytes_served(|f| {
+            f.starts_with(&format!("{repo}@{first}/")) && f.ends_with(".safetensors")
+        })
+    };
+    assert_eq!(old_bytes(&hub), 0);
+    c.spawn(1);
+    c.wait_for("the pipeline Ready again", Duration::from_secs(60), || {
+        c.phase(0, "tiny-pipe") == "Ready" && generate(port, prompt, 12).is_ok()
+    });
+    assert_eq!(generate(port, prompt, 12).unwrap(), want_old);
+    assert!(old_bytes(&hub) > 0, "{}", hub.report());
+
+    // Applying again resolves main anew: every stage moves to the new commit.
+    let (ok, out) = apply(&c, &manifest);
+    assert!(
+        ok && out.contains("revision main now at commit 222222222222"),
+        "{out}"
+    );
+    let start = std::time::Instant::now();
+    while generate(port, prompt, 12).ok() != Some(want_new.clone()) {
+        assert!(start.elapsed() < Duration::from_secs(60), "{}", c.logs());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (_, d) = ctl(&c, &["describe", "model", "tiny"]);
+    assert!(d.contains(&format!("Commit:    {second}")), "{d}");
 }

@@ -165,6 +165,11 @@ pub fn run(env: &Env, args: DescribeArgs) -> Outcome {
             ));
         }
         Kind::Model => {
+            if let Some(commit) = status.get("commit").and_then(Value::as_str) {
+                out.push_str(&format!(
+                    "  Commit:    {commit} (what the revision named at the last apply; every node fetches it)\n"
+                ));
+            }
             let files = status
                 .get("files")
                 .and_then(Value::as_array)
