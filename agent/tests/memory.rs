@@ -174,6 +174,36 @@ fn half_the_layers_of_a_q4_k_gguf_hold_half_its_bytes() {
     );
 }
 
+/// A quantized stage holds its blocks once: its first products (a prefill, decode steps) add
+/// no copy of them. candle repacked Q4_K, Q6_K (on a product of several rows) and, with VNNI,
+/// Q8_0 matrices into a second copy 1.0-1.5x their size the first time it multiplied them.
+#[test]
+fn a_quantized_stage_holds_its_blocks_once_after_its_first_products() {
+    let tmp = tempfile::tempdir().unwrap();
+    for kind in ["q4_k", "q6_k", "q8_0"] {
+        let model = tmp.path().join(kind);
+        let m = model.to_str().unwrap();
+        make_llama(m, [8, 1024, 2816, 8, 8], &["--gguf", kind]);
+        let gguf = model.join("model.gguf");
+        let v = inspect(gguf.to_str().unwrap(), "0-7");
+        let held = bytes(&v);
+        let forward = v["resident_bytes_after_forward"].as_u64().unwrap() as f64
+            - v["resident_bytes_after_load"].as_u64().unwrap() as f64;
+        eprintln!(
+            "{kind}: {:.1} MB of weights held; the first products added {:.1} MB resident",
+            held / MB,
+            forward / MB
+        );
+        // The KV cache of 36 positions, activations and scratch: a few MB.
+        assert!(
+            forward < 0.1 * held + 16.0 * MB,
+            "{kind}: the first products added {:.1} MB to a stage of {:.1} MB of weights",
+            forward / MB,
+            held / MB
+        );
+    }
+}
+
 /// A field of `/proc/PID/smaps_rollup`, in bytes.
 #[cfg(target_os = "linux")]
 fn smaps_bytes(pid: u32, field: &str) -> u64 {

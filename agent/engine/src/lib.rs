@@ -14,7 +14,8 @@
 //!   pre-tokenizers, SentencePiece), and where generation ends.
 //! - [`stage`]: the decoder layers, the KV caches, [`Stage::forward`].
 //! - [`matvec`]: decode-step products that read each weight row once for every sequence.
-//! - [`qmatvec`]: the same for GGUF's 32-value block formats, with integer dot products.
+//! - [`qmatvec`]: the same for GGUF's block formats (the 32-value ones, Q4_K and Q6_K), with integer dot
+//!   products, from the blocks as stored.
 //! - [`rope`]: rotary tables with llama3 and linear scaling.
 //! - [`folder`]: a model folder: config, tokenizer, chat template, EOS ids.
 //! - [`tokenizer`], [`chat`], [`sampling`]: text in and out, chat templates, next-token choice.

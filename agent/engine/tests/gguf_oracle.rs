@@ -20,7 +20,28 @@ use cluster_fixtures::{Arch, TinyModel};
 use common::{argmax, check_every_split, load_split};
 
 const TOLERANCE: f32 = 1e-4;
+/// Logits of stages whose products sum in another order than candle's on this CPU: Q4_K and
+/// Q6_K always (our superblock kernel; candle's differ by CPU, and on x86 run on repacked
+/// copies), Q8_0 where candle repacks it for VNNI (its input then rounded to 256-value blocks,
+/// ours to 32-value blocks as candle's reference kernel does). Each product is within float
+/// rounding of candle's (the kernels' unit tests bound it), but the next product rounds its
+/// input to 8 bits and now and then a last-bit difference flips a rounding, which random
+/// weights amplify over the layers: 0.01-0.16 apart here, as with llama.cpp's order below. A
+/// block read wrongly moves logits by whole units.
+const REORDERED_TOLERANCE: f32 = 0.2;
 const DECODE_STEPS: usize = 16;
+
+/// The tolerance for a file whose matrices are in `types`.
+fn tolerance_for(types: &[GgmlDType]) -> f32 {
+    if types
+        .iter()
+        .any(|t| matches!(t, GgmlDType::Q4K | GgmlDType::Q6K | GgmlDType::Q8_0))
+    {
+        REORDERED_TOLERANCE
+    } else {
+        TOLERANCE
+    }
+}
 
 enum Oracle {
     Llama(Box<quantized_llama::ModelWeights>),
@@ -79,11 +100,16 @@ fn model(arch: Arch) -> TinyModel {
 }
 
 fn check(arch: Arch, dtype: GgmlDType) {
-    check_with(arch, &format!("{dtype:?}"), &|_| dtype);
+    check_with(
+        arch,
+        &format!("{dtype:?}"),
+        &|_| dtype,
+        tolerance_for(&[dtype]),
+    );
 }
 
 /// [`check`] with each matrix in the type `dtype_of` gives its GGUF name.
-fn check_with(arch: Arch, dtype: &str, dtype_of: &dyn Fn(&str) -> GgmlDType) {
+fn check_with(arch: Arch, dtype: &str, dtype_of: &dyn Fn(&str) -> GgmlDType, tolerance: f32) {
     let dir = tempfile::tempdir().unwrap();
     let path = model(arch).write_gguf_with(dir.path(), dtype_of).unwrap();
     let folder = ModelFolder::open(&path).unwrap();
@@ -119,7 +145,7 @@ fn check_with(arch: Arch, dtype: &str, dtype_of: &dyn Fn(&str) -> GgmlDType) {
         &prompt_b,
         prompt_a.len(),
         &expected,
-        TOLERANCE,
+        tolerance,
         &format!("{arch:?} {dtype}"),
     );
     // A stage of half the layers holds about half of the layers' bytes, in their quantized size.
@@ -213,15 +239,20 @@ fn the_remaining_block_formats_match_too() {
 fn a_mix_of_block_formats_in_one_file_matches_as_q4_k_m_does() {
     // As llama.cpp's Q4_K_M: attn_v and ffn_down at Q6_K, the embedding at Q8_0 (tied here, so
     // also the head), the rest Q4_K.
-    check_with(Arch::Qwen3, "Q4_K_M-like mix", &|name| {
-        if name.contains("attn_v") || name.contains("ffn_down") {
-            GgmlDType::Q6K
-        } else if name.starts_with("token_embd") {
-            GgmlDType::Q8_0
-        } else {
-            GgmlDType::Q4K
-        }
-    });
+    check_with(
+        Arch::Qwen3,
+        "Q4_K_M-like mix",
+        &|name| {
+            if name.contains("attn_v") || name.contains("ffn_down") {
+                GgmlDType::Q6K
+            } else if name.starts_with("token_embd") {
+                GgmlDType::Q8_0
+            } else {
+                GgmlDType::Q4K
+            }
+        },
+        REORDERED_TOLERANCE,
+    );
 }
 
 #[test]
@@ -477,6 +508,8 @@ fn files_quantized_by_llama_cpp_are_the_fixtures_files_and_decode_its_tokens() {
         } else {
             LLAMA_CPP_TOLERANCE.1
         };
+        let types: Vec<GgmlDType> = theirs.iter().map(|(_, t, _)| gguf_type(t)).collect();
+        let against_candle = tolerance_for(&types);
         let mut worst = 0f32;
         for (step, best) in top.iter().enumerate() {
             let (position, input) = if step == 0 {
@@ -490,7 +523,7 @@ fn files_quantized_by_llama_cpp_are_the_fixtures_files_and_decode_its_tokens() {
                 common::assert_close(
                     &logits,
                     &expected,
-                    TOLERANCE,
+                    against_candle,
                     &format!("{name} against candle-transformers, step {step}"),
                 );
             }

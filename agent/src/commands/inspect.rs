@@ -29,7 +29,12 @@ pub struct InspectArgs {
     pub dtype: Option<WeightDType>,
 }
 
-/// Runs `clusteragent inspect-stage`.
+/// Tokens of the prefill run after loading, and decode steps after it.
+const PROBE_PROMPT: usize = 32;
+const PROBE_STEPS: usize = 4;
+
+/// Runs `clusteragent inspect-stage`: loads the stage, runs a short prefill and a few decode
+/// steps through it, and reports what it holds.
 pub fn run(args: InspectArgs) -> Result<()> {
     let folder = ModelFolder::open(&args.model)
         .with_context(|| format!("opening {}", args.model.display()))?;
@@ -52,6 +57,26 @@ pub fn run(args: InspectArgs) -> Result<()> {
     )?;
     let load_ms = start.elapsed().as_secs_f64() * 1e3;
     let after = resident_bytes();
+    // A short prefill and a few decode steps: what a stage allocates on its first products
+    // (candle, for one, repacks some block formats then) shows up here, not after loading.
+    let hidden = folder.config.hidden_size;
+    let input = |n: usize| -> Result<cluster_engine::StageInput> {
+        Ok(if stage.is_first() {
+            cluster_engine::StageInput::Tokens((0..n as u32).collect())
+        } else {
+            cluster_engine::StageInput::Hidden(cluster_engine::candle_core::Tensor::zeros(
+                (1, n, hidden),
+                cluster_engine::candle_core::DType::F32,
+                &device,
+            )?)
+        })
+    };
+    stage.forward(1, 0, input(PROBE_PROMPT)?)?;
+    for step in 0..PROBE_STEPS {
+        stage.forward(1, PROBE_PROMPT + step, input(1)?)?;
+    }
+    stage.release(1);
+    let after_forward = resident_bytes();
     let report = json!({
         "model": args.model,
         "layers": args.layers.to_string(),
@@ -64,6 +89,7 @@ pub fn run(args: InspectArgs) -> Result<()> {
         "files": stage.files(),
         "resident_bytes_before_load": before,
         "resident_bytes_after_load": after,
+        "resident_bytes_after_forward": after_forward,
         "huge_page_bytes_after_load": huge_page_bytes(),
         "load_ms": load_ms,
     });

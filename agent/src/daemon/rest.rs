@@ -532,7 +532,9 @@ fn routes(agent: Arc<Agent>) -> impl Filter<Extract = (Response,), Error = Infal
         .and_then(|name, tail, agent, method, headers, body| {
             forwarded(agent, name, tail, method, headers, body)
         });
-    let declared = healthz
+    // Boxed in two groups: one chain of every route is a type deep enough to overflow the
+    // compiler's recursion limit in release builds.
+    let public = healthz
         .or(info)
         .unify()
         .or(status)
@@ -547,13 +549,17 @@ fn routes(agent: Arc<Agent>) -> impl Filter<Extract = (Response,), Error = Infal
         .unify()
         .or(delete)
         .unify()
-        .or(inspect)
-        .unify()
+        .boxed();
+    let internal = inspect
         .or(sync)
         .unify()
         .or(digests)
         .unify()
         .or(bytes)
+        .unify()
+        .boxed();
+    let declared = public
+        .or(internal)
         .unify()
         .and_then(|a: Answer| async move { answer(a) })
         .or(forward)

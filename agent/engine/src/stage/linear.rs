@@ -6,8 +6,8 @@
 //! (prefill chunks) widen a block of weight rows at a time and multiply it with candle's general
 //! product, so that no product holds more than [`WIDEN_BLOCK_BYTES`] of widened weights (candle's
 //! own bf16 product widens the whole matrix, every time). Weights in GGUF's 32-value block
-//! formats go through [`qmatvec`](crate::qmatvec) for up to 16 rows. Everything else (GPUs, f32
-//! prefill, K-quant blocks) takes candle's products.
+//! formats, Q4_K and Q6_K go through [`qmatvec`](crate::qmatvec), prefill included. Everything
+//! else (GPUs, f32 prefill, the other K-quant blocks) takes candle's products.
 
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Module, Tensor};
@@ -90,10 +90,12 @@ pub(super) fn linear(proj: &Proj, x: &Tensor) -> Result<Tensor> {
     Ok(y.contiguous()?.unsqueeze(1)?)
 }
 
-/// Up to [`qmatvec::MAX_ROWS`](crate::qmatvec::MAX_ROWS) rows against a matrix in one of the
-/// 32-value block formats [`qmatvec`](crate::qmatvec) multiplies, in CPU memory, through that
-/// kernel; `None` for anything else (other formats, GPU tensors, prefill chunks), which takes
-/// candle's product.
+/// A product against a matrix in one of the block formats [`qmatvec`](crate::qmatvec)
+/// multiplies, in CPU memory, through that kernel, [`qmatvec::MAX_ROWS`](crate::qmatvec::MAX_ROWS)
+/// rows at a time (a prefill chunk reads the weights once per 16 rows); `None` for anything else
+/// (other formats, GPU tensors), which takes candle's product. Every product of these formats
+/// goes here, prefill included: candle's first product of a Q4_K, Q6_K or (on VNNI CPUs) Q8_0
+/// matrix makes a second, repacked copy of it that the stage would then hold beside the first.
 fn blocks_on_cpu(
     w: &candle_core::quantized::QTensor,
     bias: Option<&Tensor>,
@@ -106,8 +108,7 @@ fn blocks_on_cpu(
         return Ok(None);
     };
     let (outputs, w_width) = w.shape().dims2()?;
-    if rows > MAX_ROWS
-        || w_width != width
+    if w_width != width
         || !x.device().is_cpu()
         || x.dtype() != DType::F32
         || !w.device().is_cpu()
@@ -123,7 +124,12 @@ fn blocks_on_cpu(
             return Ok(None);
         };
         let bytes = w.data()?;
-        rows_times_blocks(format, xs, rows, &bytes, width, &mut out);
+        for (xs, out) in xs
+            .chunks(MAX_ROWS * width)
+            .zip(out.chunks_mut(MAX_ROWS * outputs))
+        {
+            rows_times_blocks(format, xs, xs.len() / width, &bytes, width, out);
+        }
     }
     let y = Tensor::from_vec(out, (b, len, outputs), x.device())?;
     Ok(Some(match bias {

@@ -137,19 +137,19 @@ pub fn check_every_split_in(
         assert_close(&la, &expected[0].0, tolerance, &what("prefill A"));
         assert_close(&lb, &expected[0].1, tolerance, &what("prefill B"));
         for step in 0..expected.len() - 1 {
+            // The oracle's tokens go in (equal to ours wherever the oracle's choice is clear),
+            // so that each step compares logits for the same input.
+            let (ta, tb) = (argmax(&expected[step].0), argmax(&expected[step].1));
             if batched {
                 let mut both = run_stages_batched(
                     &stages,
-                    &[
-                        (seq_a, a.len() + step, argmax(&la)),
-                        (seq_b, b.len() + step, argmax(&lb)),
-                    ],
+                    &[(seq_a, a.len() + step, ta), (seq_b, b.len() + step, tb)],
                 );
                 lb = both.pop().unwrap();
                 la = both.pop().unwrap();
             } else {
-                la = run_stages(&stages, seq_a, a.len() + step, &[argmax(&la)]);
-                lb = run_stages(&stages, seq_b, b.len() + step, &[argmax(&lb)]);
+                la = run_stages(&stages, seq_a, a.len() + step, &[ta]);
+                lb = run_stages(&stages, seq_b, b.len() + step, &[tb]);
             }
             assert_close(
                 &la,
@@ -172,7 +172,8 @@ pub fn check_every_split_in(
     }
 }
 
-/// Asserts two logit vectors agree within `tolerance` and pick the same greedy token.
+/// Asserts two logit vectors agree within `tolerance` and pick the same greedy token wherever
+/// the oracle's best two are further apart than twice the tolerance (closer, either may win).
 pub fn assert_close(ours: &[f32], oracle: &[f32], tolerance: f32, what: &str) {
     assert_eq!(ours.len(), oracle.len(), "{what}: vocabulary sizes differ");
     let worst = ours
@@ -184,5 +185,14 @@ pub fn assert_close(ours: &[f32], oracle: &[f32], tolerance: f32, what: &str) {
         worst <= tolerance,
         "{what}: logits differ by {worst:e} (> {tolerance:e})"
     );
-    assert_eq!(argmax(ours), argmax(oracle), "{what}: greedy tokens differ");
+    let best = argmax(oracle);
+    let runner_up = oracle
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != best as usize)
+        .map(|(_, v)| *v)
+        .fold(f32::MIN, f32::max);
+    if oracle[best as usize] - runner_up > 2.0 * tolerance {
+        assert_eq!(argmax(ours), best, "{what}: greedy tokens differ");
+    }
 }

@@ -1,5 +1,7 @@
-//! Decode-step products `x · Wᵀ` against weights in GGUF's 32-value block formats (Q4_0, Q4_1,
-//! Q5_0, Q5_1, Q8_0), a few input rows at a time, with integer dot products in AVX2 registers.
+//! Products `x · Wᵀ` against weights in GGUF's block formats, from the blocks as stored: the
+//! 32-value formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) here, the 256-value superblock formats
+//! (Q4_K, Q6_K) in [`k`], a few input rows at a time, with integer dot products in AVX2
+//! registers.
 //!
 //! candle multiplies Q4_1, Q5_0 and Q5_1 one scalar value at a time (its `vec_dot_unopt`), and
 //! everything one input row at a time; on a real Q4_1 model that was 80% of a decode step and a
@@ -11,11 +13,16 @@
 //! eight rows' scales at once, each lane taking the very float steps candle's scalar kernel
 //! takes for its row, so that no block pays for a horizontal sum or a scalar f16 conversion.
 //! Q4_0 and Q8_0 keep eight float lanes per row and add them at the end, as candle's AVX2
-//! kernels do. Either way the results have candle's bits, which matters more than it seems:
-//! the next product rounds its input to 8 bits, and a last-bit difference that flips one
-//! rounding grows into a visible one (0.03-0.05 in a random model's logits, seen when the order
-//! of float sums was changed), so the oracle tests compare against candle-transformers' quantized
-//! models token for token and logit for logit.
+//! kernels do. Either way the results have the bits of candle's reference kernels, which
+//! matters more than it seems: the next product rounds its input to 8 bits, and a last-bit
+//! difference that flips one rounding grows into a visible one (0.03-0.16 in a random model's
+//! logits), so the oracle tests compare these formats against candle-transformers' quantized
+//! models logit for logit where candle runs its reference kernels, within a stated bound where
+//! it runs others (its VNNI path for Q8_0, its superblock kernels).
+//!
+//! Every product of these formats goes through here, prefill chunks included (16 rows at a
+//! time): candle's first product of a Q4_K, Q6_K or (with VNNI) Q8_0 matrix makes a repacked
+//! copy of it, 1.0-1.5x its size, and keeps both.
 //!
 //! A weight row is read from memory once per product, whatever the number of input rows: the
 //! rows after the first find it in the L1 cache. As with [`matvec`](crate::matvec), a row's
@@ -28,11 +35,13 @@ use candle_core::quantized::GgmlDType;
 use half::f16;
 use rayon::prelude::*;
 
+mod k;
+
 /// Values per block, in every format here.
 const BLOCK: usize = 32;
 
-/// The most input rows one product takes; larger products (prefill) are better served by
-/// candle's general kernels, which this path would gain nothing over.
+/// The most input rows one product takes; callers give a prefill chunk this many rows at a
+/// time (each pass reads the weights once).
 pub const MAX_ROWS: usize = 16;
 
 /// The least weight bytes per parallel task: handing a task to rayon's pool and waiting for it
@@ -52,6 +61,12 @@ pub enum Format {
     Q5_1,
     /// 8-bit values, one f16 scale per block.
     Q8_0,
+    /// 256-value superblocks of 4-bit values in eight sub-blocks of 32, each with a 6-bit scale
+    /// and a 6-bit offset; f16 scales of those.
+    Q4K,
+    /// 256-value superblocks of 6-bit values around 32 in sixteen sub-blocks of 16, each with
+    /// an 8-bit scale; one f16 scale of those.
+    Q6K,
 }
 
 impl Format {
@@ -63,6 +78,8 @@ impl Format {
             GgmlDType::Q5_0 => Format::Q5_0,
             GgmlDType::Q5_1 => Format::Q5_1,
             GgmlDType::Q8_0 => Format::Q8_0,
+            GgmlDType::Q4K => Format::Q4K,
+            GgmlDType::Q6K => Format::Q6K,
             _ => return None,
         })
     }
@@ -75,6 +92,16 @@ impl Format {
             Format::Q5_0 => 22,
             Format::Q5_1 => 24,
             Format::Q8_0 => 34,
+            Format::Q4K => 144,
+            Format::Q6K => 210,
+        }
+    }
+
+    /// Values per block.
+    pub fn block_values(self) -> usize {
+        match self {
+            Format::Q4K | Format::Q6K => k::SUPER,
+            _ => BLOCK,
         }
     }
 
@@ -85,22 +112,15 @@ impl Format {
     }
 }
 
-/// Whether this CPU runs the kernel for `format` on a `(outputs, width)` matrix. Where candle
-/// has a faster path of its own (its AVX-512 VNNI kernels for Q8_0 matrices in whole 256-value
-/// superblocks), that path is kept, and with it candle's numerics.
+/// Whether this CPU runs the kernel for `format` on a `(outputs, width)` matrix.
 pub fn supports(format: Format, outputs: usize, width: usize) -> bool {
-    if width == 0 || width % BLOCK != 0 {
+    if width == 0 || width % format.block_values() != 0 {
         return false;
     }
     #[cfg(target_arch = "x86_64")]
     {
-        if pulp::x86::V3::try_new().is_none() {
-            return false;
-        }
-        let candle_vnni = (is_x86_feature_detected!("avx512f")
-            && is_x86_feature_detected!("avx512vnni"))
-            || is_x86_feature_detected!("avxvnni");
-        !(format == Format::Q8_0 && candle_vnni && width % 256 == 0 && outputs % 16 == 0)
+        let _ = outputs;
+        pulp::x86::V3::try_new().is_some()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -159,15 +179,25 @@ pub fn rows_times_blocks(
         rows <= MAX_ROWS && x.len() == rows * width,
         "x is not rows × width"
     );
-    let blocks = width / BLOCK;
+    let blocks = width / format.block_values();
     let row_bytes = blocks * format.block_bytes();
     assert!(
-        width % BLOCK == 0 && w.len() % row_bytes == 0,
+        width % format.block_values() == 0 && w.len() % row_bytes == 0,
         "w is not outputs × width blocks"
     );
     let outputs = w.len() / row_bytes;
     assert_eq!(out.len(), rows * outputs, "out is not rows × outputs");
     if rows == 0 || outputs == 0 {
+        return;
+    }
+    if matches!(format, Format::Q4K | Format::Q6K) {
+        let mut input = vec![k::InputSuper::ZERO; rows * blocks];
+        for (x, q) in x.chunks_exact(width).zip(input.chunks_exact_mut(blocks)) {
+            k::quantize_row(x, q);
+        }
+        spread(w, row_bytes, rows, out, |w, dst| {
+            k::products(format, w, row_bytes, &input, blocks, dst)
+        });
         return;
     }
     let mut input = vec![
@@ -181,6 +211,22 @@ pub fn rows_times_blocks(
     for (x, q) in x.chunks_exact(width).zip(input.chunks_exact_mut(blocks)) {
         quantize_row(x, format.with_sums(), q);
     }
+    spread(w, row_bytes, rows, out, |w, dst| {
+        products(format, w, row_bytes, &input, blocks, dst)
+    });
+}
+
+/// Runs `task` over the weight rows of `w` (rows of `row_bytes`), split over the pool's
+/// threads, each task writing its rows' results output-major; then writes `out` row-major
+/// (`rows × outputs`).
+fn spread(
+    w: &[u8],
+    row_bytes: usize,
+    rows: usize,
+    out: &mut [f32],
+    task: impl Fn(&[u8], &mut [f32]) + Sync,
+) {
+    let outputs = w.len() / row_bytes;
     // Tasks write output-major (one weight row's results for every input row together), so
     // each task's writes are contiguous; one transpose at the end gives row-major.
     let mut by_output = vec![0f32; outputs * rows];
@@ -190,13 +236,12 @@ pub fn rows_times_blocks(
         .div_ceil(2 * threads)
         .max(MIN_TASK_BYTES.div_ceil(row_bytes))
         .next_multiple_of(8);
-    let task = |(w, dst): (&[u8], &mut [f32])| products(format, w, row_bytes, &input, blocks, dst);
     if threads == 1 || outputs <= per_task {
-        task((w, &mut by_output));
+        task(w, &mut by_output);
     } else {
         w.par_chunks(per_task * row_bytes)
             .zip(by_output.par_chunks_mut(per_task * rows))
-            .for_each(task);
+            .for_each(|(w, dst)| task(w, dst));
     }
     for (o, results) in by_output.chunks_exact(rows).enumerate() {
         for (r, v) in results.iter().enumerate() {
@@ -247,7 +292,7 @@ fn half_at(bytes: &[u8], at: usize) -> f32 {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(crate) mod avx2 {
     //! The products, block by block, through pulp's AVX2 token (safe intrinsics, run inside
     //! `V3::vectorize` so that they compile to AVX2 instructions). Q4_0 and Q8_0 accumulate
     //! eight float lanes with fused multiply-adds and add the lanes at the end, as candle's AVX2
@@ -330,6 +375,7 @@ mod avx2 {
                 Format::Q5_0 => grouped!(dot8_q5_0, dot_q5_0),
                 Format::Q5_1 => grouped!(dot8_q5_1, dot_q5_1),
                 Format::Q8_0 => single!(dot_q8_0),
+                Format::Q4K | Format::Q6K => unreachable!("superblock formats go through k"),
             }
         }
     }
@@ -431,7 +477,7 @@ mod avx2 {
 
         /// The sums of the eight lanes of each of eight registers, in one register.
         #[inline(always)]
-        fn across(self, v: [__m256i; GROUP]) -> __m256i {
+        pub(super) fn across(self, v: [__m256i; GROUP]) -> __m256i {
             let s = self.simd;
             // hadd pairs lanes within each 128-bit half: two rounds leave, in each half, a
             // quarter sum of each of four registers; the halves are then added.
@@ -451,7 +497,7 @@ mod avx2 {
         /// and scaled by 2^112 (the difference of the two exponent biases), the sign put back.
         /// Scales are finite, so infinities and NaNs need no case.
         #[inline(always)]
-        fn halves(self, h: [u16; GROUP]) -> __m256 {
+        pub(super) fn halves(self, h: [u16; GROUP]) -> __m256 {
             let s = self.simd;
             let h = s.avx2._mm256_cvtepu16_epi32(cast(h));
             let magnitude = s.avx2._mm256_slli_epi32::<13>(
@@ -469,11 +515,11 @@ mod avx2 {
     }
 
     #[derive(Clone, Copy)]
-    pub(super) struct Avx2 {
+    pub(crate) struct Avx2 {
         pub(super) simd: V3,
     }
 
-    fn array<const N: usize>(b: &[u8]) -> [u8; N] {
+    pub(super) fn array<const N: usize>(b: &[u8]) -> [u8; N] {
         let mut a = [0u8; N];
         a.copy_from_slice(&b[..N]);
         a
@@ -517,7 +563,7 @@ mod avx2 {
         /// Sums of four adjacent products of unsigned bytes `u` and signed bytes `v`, in eight
         /// 32-bit lanes. Exact: every pair of products fits 16 bits for the value ranges here.
         #[inline(always)]
-        fn products_u8_i8(self, u: __m256i, v: __m256i) -> __m256i {
+        pub(super) fn products_u8_i8(self, u: __m256i, v: __m256i) -> __m256i {
             let s = self.simd;
             s.avx2._mm256_madd_epi16(
                 s.avx2._mm256_maddubs_epi16(u, v),
@@ -533,7 +579,7 @@ mod avx2 {
         }
 
         #[inline(always)]
-        fn sum_lanes_i32(self, v: __m256i) -> i32 {
+        pub(super) fn sum_lanes_i32(self, v: __m256i) -> i32 {
             let s = self.simd;
             let v = s.sse2._mm_add_epi32(
                 s.avx._mm256_castsi256_si128(v),
@@ -546,7 +592,7 @@ mod avx2 {
 
         /// The eight lanes added as candle's `hsum_float_8` adds them.
         #[inline(always)]
-        fn sum_lanes_f32(self, x: __m256) -> f32 {
+        pub(super) fn sum_lanes_f32(self, x: __m256) -> f32 {
             let s = self.simd;
             let v = s.sse._mm_add_ps(
                 s.avx._mm256_extractf128_ps::<1>(x),

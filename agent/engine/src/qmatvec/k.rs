@@ -1,0 +1,554 @@
+//! The 256-value superblock formats (GGUF's "K" quants Q4_K and Q6_K, those of the Q4_K_M files
+//! people download), multiplied from their block bytes as stored.
+//!
+//! Each input row is quantized once per product to 8-bit superblocks with the sums of each
+//! 16 values (llama.cpp's and candle's Q8_K, the same integers candle computes), so that a
+//! sub-block's offset or centre costs one multiplication by a precomputed sum rather than one
+//! per value. A superblock's products are summed as exact integers in AVX2 registers, its
+//! sub-block scales applied as integers too; the float steps are a fused multiply-add per
+//! superblock into eight lanes (and one for the offsets into four), the lanes added at the end
+//! of the row. candle's own kernels for
+//! these formats differ by CPU (AVX2, AVX-VNNI, AVX-512 VNNI on repacked copies of the weights,
+//! NEON) in the order of their float sums, so a stage here is bounded against candle's products
+//! rather than equal to their bits.
+//!
+//! Why not candle's products: on x86 candle repacks a Q4_K matrix (and a Q6_K one on its first
+//! product of several rows, a Q8_0 one where the CPU has VNNI) into a second, larger copy the
+//! first time it multiplies it, and keeps both: a Q4_K_M stage held 2.3-2.6x its weights' bytes
+//! after its first token. Here the stage holds the file's bytes and nothing else.
+
+use super::{Format, half_at};
+
+/// Values per superblock.
+pub(crate) const SUPER: usize = 256;
+
+/// One superblock of an input row in 8 bits: the values, the sum of each 16 of them, and the
+/// scale (an f32).
+#[derive(Clone, Copy)]
+#[repr(C, align(32))]
+pub(crate) struct InputSuper {
+    pub(crate) qs: [i8; SUPER],
+    pub(crate) sums: [i16; SUPER / 16],
+    pub(crate) d: f32,
+}
+
+impl InputSuper {
+    pub(crate) const ZERO: Self = Self {
+        qs: [0; SUPER],
+        sums: [0; SUPER / 16],
+        d: 0.0,
+    };
+}
+
+/// Quantizes one input row as candle's `BlockQ8K::from_float` does: the value of greatest
+/// magnitude maps to -127 (so values of the other sign may reach 128, clamped to 127), the
+/// others by the same step, rounded half away from zero.
+pub(crate) fn quantize_row(x: &[f32], out: &mut [InputSuper]) {
+    for (xs, block) in x.chunks_exact(SUPER).zip(out.iter_mut()) {
+        let (mut max, mut amax) = (0f32, 0f32);
+        for &v in xs {
+            if amax < v.abs() {
+                amax = v.abs();
+                max = v;
+            }
+        }
+        if amax == 0.0 {
+            *block = InputSuper::ZERO;
+            continue;
+        }
+        let iscale = -127f32 / max;
+        for (q, &v) in block.qs.iter_mut().zip(xs) {
+            *q = (iscale * v).round().clamp(-128.0, 127.0) as i8;
+        }
+        for (sum, qs) in block.sums.iter_mut().zip(block.qs.chunks_exact(16)) {
+            *sum = qs.iter().map(|&q| q as i16).sum();
+        }
+        block.d = 1.0 / iscale;
+    }
+}
+
+/// The eight 6-bit scales and eight 6-bit offsets of a Q4_K superblock, from its 12 bytes:
+/// the first four of each in the low six bits of bytes 0-3 and 4-7, the last four in the
+/// nibbles of bytes 8-11 with their top two bits in the top bits of bytes 0-7.
+#[inline(always)]
+pub(crate) fn q4k_scales(b: &[u8]) -> ([u8; 8], [u8; 8]) {
+    let (mut sc, mut m) = ([0u8; 8], [0u8; 8]);
+    for j in 0..4 {
+        sc[j] = b[j] & 63;
+        m[j] = b[j + 4] & 63;
+        sc[j + 4] = (b[j + 8] & 0x0f) | ((b[j] >> 6) << 4);
+        m[j + 4] = (b[j + 8] >> 4) | ((b[j + 4] >> 6) << 4);
+    }
+    (sc, m)
+}
+
+/// Byte offsets within a superblock.
+pub(crate) const Q4K_SCALES: usize = 4;
+pub(crate) const Q4K_QS: usize = 16;
+pub(crate) const Q6K_QH: usize = 128;
+pub(crate) const Q6K_SCALES: usize = 192;
+pub(crate) const Q6K_D: usize = 208;
+
+/// The 6-bit value `i` (0..256) of a Q6_K superblock, before its centre 32 is taken off: the
+/// low four bits from `ql` (values 64n..64n+32 and 64n+32..64n+64 of each half share bytes,
+/// low and high nibbles), the top two from `qh` (four values a byte).
+#[inline(always)]
+pub(crate) fn q6k_value(b: &[u8], i: usize) -> u8 {
+    let (half, at) = (i / 128, i % 128);
+    let (quarter, l) = (at / 32, at % 32);
+    let ql = b[64 * half + l + 32 * (quarter % 2)];
+    let low = if quarter < 2 { ql & 0x0f } else { ql >> 4 };
+    let high = (b[Q6K_QH + 32 * half + l] >> (2 * quarter)) & 3;
+    low | (high << 4)
+}
+
+/// One weight row times one input row, value by value, with the SIMD kernels' integer sums
+/// (exact, so equal) and a superblock's float steps added in order, where the kernels add them
+/// in eight lanes: the reference they are tested against, and the path where they do not run.
+pub(crate) fn dot_scalar(format: Format, w: &[u8], xs: &[InputSuper]) -> f32 {
+    let mut sum = 0f32;
+    match format {
+        Format::Q4K => {
+            for (b, x) in w.chunks_exact(144).zip(xs) {
+                let (sc, m) = q4k_scales(&b[Q4K_SCALES..Q4K_QS]);
+                let qs = &b[Q4K_QS..];
+                let (mut isum, mut msum) = (0i32, 0i32);
+                for j in 0..8 {
+                    let (chunk, high) = (j / 2, j % 2 == 1);
+                    let mut sub = 0i32;
+                    for l in 0..32 {
+                        let byte = qs[32 * chunk + l];
+                        let q = if high { byte >> 4 } else { byte & 0x0f };
+                        sub += q as i32 * x.qs[32 * j + l] as i32;
+                    }
+                    isum += sc[j] as i32 * sub;
+                    msum += m[j] as i32 * (x.sums[2 * j] as i32 + x.sums[2 * j + 1] as i32);
+                }
+                sum += half_at(b, 0) * x.d * isum as f32 - half_at(b, 2) * x.d * msum as f32;
+            }
+        }
+        Format::Q6K => {
+            for (b, x) in w.chunks_exact(210).zip(xs) {
+                let mut isum = 0i32;
+                for sub in 0..16 {
+                    let scale = b[Q6K_SCALES + sub] as i8 as i32;
+                    let mut part = 0i32;
+                    for i in 16 * sub..16 * sub + 16 {
+                        part += q6k_value(b, i) as i32 * x.qs[i] as i32;
+                    }
+                    isum += scale * (part - 32 * x.sums[sub] as i32);
+                }
+                sum += half_at(b, Q6K_D) * x.d * isum as f32;
+            }
+        }
+        _ => unreachable!("not a superblock format"),
+    }
+    sum
+}
+
+/// Every weight row of `w` (rows of `row_bytes`) times every quantized input row of `input`
+/// (rows of `blocks` superblocks), into `dst` output-major.
+pub(super) fn products(
+    format: Format,
+    w: &[u8],
+    row_bytes: usize,
+    input: &[InputSuper],
+    blocks: usize,
+    dst: &mut [f32],
+) {
+    let rows = input.len() / blocks;
+    #[cfg(target_arch = "x86_64")]
+    if let Some(simd) = pulp::x86::V3::try_new() {
+        pulp::Simd::vectorize(
+            simd,
+            avx2::Products {
+                simd,
+                format,
+                w,
+                row_bytes,
+                input,
+                blocks,
+                dst,
+            },
+        );
+        return;
+    }
+    for (w_row, dst) in w.chunks_exact(row_bytes).zip(dst.chunks_exact_mut(rows)) {
+        for (x, d) in input.chunks_exact(blocks).zip(dst.iter_mut()) {
+            *d = dot_scalar(format, w_row, x);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    //! The superblock products through pulp's AVX2 token, as in the parent module: written
+    //! out per format inside `with_simd`, so that every intrinsic is inlined into code compiled
+    //! for AVX2.
+
+    use pulp::bytemuck::cast;
+    use pulp::x86::V3;
+    use pulp::{Simd, WithSimd};
+    use std::arch::x86_64::__m256i;
+
+    use super::{Format, InputSuper, Q4K_QS, Q4K_SCALES, Q6K_D, Q6K_QH, Q6K_SCALES, half_at};
+    use crate::qmatvec::avx2::{Avx2, array};
+
+    pub(super) struct Products<'a> {
+        pub(super) simd: V3,
+        pub(super) format: Format,
+        pub(super) w: &'a [u8],
+        pub(super) row_bytes: usize,
+        pub(super) input: &'a [InputSuper],
+        pub(super) blocks: usize,
+        pub(super) dst: &'a mut [f32],
+    }
+
+    impl WithSimd for Products<'_> {
+        type Output = ();
+
+        #[inline(always)]
+        fn with_simd<S: Simd>(self, _: S) {
+            let avx = Avx2 { simd: self.simd };
+            let rows = self.input.len() / self.blocks;
+            macro_rules! each {
+                ($dot:ident) => {{
+                    for (w_row, dst) in self
+                        .w
+                        .chunks_exact(self.row_bytes)
+                        .zip(self.dst.chunks_exact_mut(rows))
+                    {
+                        for (x, d) in self.input.chunks_exact(self.blocks).zip(dst.iter_mut()) {
+                            *d = $dot(avx, w_row, x);
+                        }
+                    }
+                }};
+            }
+            match self.format {
+                Format::Q4K => each!(dot_q4k),
+                Format::Q6K => each!(dot_q6k),
+                _ => unreachable!("not a superblock format"),
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn load(bytes: &[u8]) -> __m256i {
+        cast(array::<32>(bytes))
+    }
+
+    #[inline(always)]
+    fn load_i8(values: &[i8]) -> __m256i {
+        let mut a = [0i8; 32];
+        a.copy_from_slice(&values[..32]);
+        cast(a)
+    }
+
+    /// For each of the eight sub-blocks of a superblock, the shuffle that copies its 16-bit
+    /// value (of eight in a 128-bit half) into every 16-bit lane.
+    #[inline(always)]
+    fn broadcast_mask(avx: Avx2, lane: i16) -> __m256i {
+        avx.simd
+            .avx
+            ._mm256_set1_epi16(((2 * lane + 1) << 8) | (2 * lane))
+    }
+
+    /// The shuffle that copies 16-bit value `lane` (of eight in a 128-bit half) into the low
+    /// eight 16-bit lanes and value `lane + 1` into the high eight.
+    #[inline(always)]
+    fn pair_mask(avx: Avx2, lane: i16) -> __m256i {
+        let (a, b) = (
+            ((2 * lane + 1) << 8) | (2 * lane),
+            ((2 * lane + 3) << 8) | (2 * lane + 2),
+        );
+        avx.simd
+            .avx
+            ._mm256_setr_epi16(a, a, a, a, a, a, a, a, b, b, b, b, b, b, b, b)
+    }
+
+    /// Each superblock's integer sums stay in eight 32-bit lanes, turned to floats and added
+    /// with fused multiply-adds of the superblock's scale; the lanes are added once, at the end
+    /// of the row. The offsets' sums take four lanes the same way.
+    #[inline(always)]
+    fn dot_q4k(avx: Avx2, w: &[u8], xs: &[InputSuper]) -> f32 {
+        let s = avx.simd;
+        let low = s.avx._mm256_set1_epi8(0x0f);
+        let mut acc = s.avx._mm256_setzero_ps();
+        let mut offsets = s.sse._mm_setzero_ps();
+        for (b, x) in w.chunks_exact(144).zip(xs) {
+            let wide = s.avx2._mm256_cvtepu8_epi16(cast(q4k_scales_packed(b)));
+            let scales = s.avx2._mm256_permute2x128_si256::<0x00>(wide, wide);
+            let mut sums = s.avx._mm256_setzero_si256();
+            for chunk in 0..4 {
+                let q = load(&b[Q4K_QS + 32 * chunk..]);
+                let lo = s.avx2._mm256_and_si256(q, low);
+                let hi = s
+                    .avx2
+                    ._mm256_and_si256(s.avx2._mm256_srli_epi16::<4>(q), low);
+                let (j, k) = (2 * chunk, 2 * chunk + 1);
+                let pl = s.avx2._mm256_madd_epi16(
+                    s.avx2._mm256_maddubs_epi16(lo, load_i8(&x.qs[32 * j..])),
+                    s.avx2
+                        ._mm256_shuffle_epi8(scales, broadcast_mask(avx, j as i16)),
+                );
+                let ph = s.avx2._mm256_madd_epi16(
+                    s.avx2._mm256_maddubs_epi16(hi, load_i8(&x.qs[32 * k..])),
+                    s.avx2
+                        ._mm256_shuffle_epi8(scales, broadcast_mask(avx, k as i16)),
+                );
+                sums = s
+                    .avx2
+                    ._mm256_add_epi32(sums, s.avx2._mm256_add_epi32(pl, ph));
+            }
+            let d = half_at(b, 0) * x.d;
+            acc =
+                s.fma
+                    ._mm256_fmadd_ps(s.avx._mm256_set1_ps(d), s.avx._mm256_cvtepi32_ps(sums), acc);
+            // Sums of the input's sub-blocks (pairs of its 16-value sums) times the offsets.
+            let pairs = s.ssse3._mm_hadd_epi16(
+                cast(array_i16::<8>(&x.sums[..8])),
+                cast(array_i16::<8>(&x.sums[8..])),
+            );
+            let mins = s.avx2._mm256_extracti128_si256::<1>(wide);
+            let dmin = half_at(b, 2) * x.d;
+            offsets = s.fma._mm_fmadd_ps(
+                s.sse._mm_set1_ps(dmin),
+                s.sse2._mm_cvtepi32_ps(s.sse2._mm_madd_epi16(mins, pairs)),
+                offsets,
+            );
+        }
+        let o = s
+            .sse
+            ._mm_add_ps(offsets, s.sse._mm_movehl_ps(offsets, offsets));
+        let o = s.sse._mm_add_ss(o, s.sse3._mm_movehdup_ps(o));
+        avx.sum_lanes_f32(acc) - s.sse._mm_cvtss_f32(o)
+    }
+
+    /// [`q4k_scales`] four bytes at a time: the eight scales then the eight offsets, as the
+    /// bytes of four u32.
+    #[inline(always)]
+    fn q4k_scales_packed(b: &[u8]) -> [u32; 4] {
+        let word = |at: usize| u32::from_le_bytes(array::<4>(&b[Q4K_SCALES + at..]));
+        let (u0, u1, u2) = (word(0), word(4), word(8));
+        let (six, four, two) = (0x3f3f_3f3f, 0x0f0f_0f0f, 0x0303_0303);
+        [
+            u0 & six,
+            (u2 & four) | (((u0 >> 6) & two) << 4),
+            u1 & six,
+            ((u2 >> 4) & four) | (((u1 >> 6) & two) << 4),
+        ]
+    }
+
+    fn array_i16<const N: usize>(v: &[i16]) -> [i16; N] {
+        let mut a = [0i16; N];
+        a.copy_from_slice(&v[..N]);
+        a
+    }
+
+    #[inline(always)]
+    fn dot_q6k(avx: Avx2, w: &[u8], xs: &[InputSuper]) -> f32 {
+        let s = avx.simd;
+        let low = s.avx._mm256_set1_epi8(0x0f);
+        let two = s.avx._mm256_set1_epi8(3);
+        let mut acc = s.avx._mm256_setzero_ps();
+        for (b, x) in w.chunks_exact(210).zip(xs) {
+            let raw: [u8; 16] = array::<16>(&b[Q6K_SCALES..]);
+            let wide = s.avx2._mm256_cvtepi8_epi16(cast(raw));
+            let mut sums = s.avx._mm256_setzero_si256();
+            for half in 0..2 {
+                let scales = if half == 0 {
+                    s.avx2._mm256_permute2x128_si256::<0x00>(wide, wide)
+                } else {
+                    s.avx2._mm256_permute2x128_si256::<0x11>(wide, wide)
+                };
+                let a = load(&b[64 * half..]);
+                let c = load(&b[64 * half + 32..]);
+                let h = load(&b[Q6K_QH + 32 * half..]);
+                let top = |shifted: __m256i| {
+                    s.avx2
+                        ._mm256_slli_epi16::<4>(s.avx2._mm256_and_si256(shifted, two))
+                };
+                let values = [
+                    s.avx2
+                        ._mm256_or_si256(s.avx2._mm256_and_si256(a, low), top(h)),
+                    s.avx2._mm256_or_si256(
+                        s.avx2._mm256_and_si256(c, low),
+                        top(s.avx2._mm256_srli_epi16::<2>(h)),
+                    ),
+                    s.avx2._mm256_or_si256(
+                        s.avx2
+                            ._mm256_and_si256(s.avx2._mm256_srli_epi16::<4>(a), low),
+                        top(s.avx2._mm256_srli_epi16::<4>(h)),
+                    ),
+                    s.avx2._mm256_or_si256(
+                        s.avx2
+                            ._mm256_and_si256(s.avx2._mm256_srli_epi16::<4>(c), low),
+                        top(s.avx2._mm256_srli_epi16::<6>(h)),
+                    ),
+                ];
+                for (quarter, v) in values.into_iter().enumerate() {
+                    let at = 128 * half + 32 * quarter;
+                    sums = s.avx2._mm256_add_epi32(
+                        sums,
+                        s.avx2._mm256_madd_epi16(
+                            s.avx2._mm256_maddubs_epi16(v, load_i8(&x.qs[at..])),
+                            s.avx2
+                                ._mm256_shuffle_epi8(scales, pair_mask(avx, 2 * quarter as i16)),
+                        ),
+                    );
+                }
+            }
+            // The values' centre 32, through the input's sums of 16 values.
+            let centre = s
+                .avx2
+                ._mm256_madd_epi16(wide, cast(array_i16::<16>(&x.sums)));
+            let sums = s
+                .avx2
+                ._mm256_sub_epi32(sums, s.avx2._mm256_slli_epi32::<5>(centre));
+            acc = s.fma._mm256_fmadd_ps(
+                s.avx._mm256_set1_ps(half_at(b, Q6K_D) * x.d),
+                s.avx._mm256_cvtepi32_ps(sums),
+                acc,
+            );
+        }
+        avx.sum_lanes_f32(acc)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+    use candle_core::{Device, Module, Tensor};
+
+    use super::super::{rows_times_blocks, supports};
+    use super::*;
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+        (0..n)
+            .map(|i| {
+                state ^= state << 13;
+                state ^= state >> 17;
+                state ^= state << 5;
+                // Some superblocks all zero, some with one large value among small ones.
+                match (i / SUPER) % 5 {
+                    3 => 0.0,
+                    4 if i % 97 == 0 => 7.5,
+                    _ => (state % 20_001) as f32 / 10_000.0 - 1.0,
+                }
+            })
+            .collect()
+    }
+
+    /// Q4_K and Q6_K, 1 to 16 rows, several outputs and widths, one thread and two: the
+    /// kernel is within float rounding of the scalar reference (same integers, float sums in
+    /// another order), and the result is within what rounding the
+    /// input to 8 bits can move of the f64 product of the dequantized weights, and of
+    /// candle's own product of the same blocks (which differs only in the order of its float
+    /// sums).
+    #[test]
+    fn superblock_formats_match_their_reference_and_candle_within_rounding() {
+        for (dtype, outputs, width) in [
+            (GgmlDType::Q4K, 51, 512),
+            (GgmlDType::Q4K, 203, 1024),
+            (GgmlDType::Q6K, 51, 512),
+            (GgmlDType::Q6K, 203, 1024),
+        ] {
+            let format = Format::of(dtype).unwrap();
+            if !supports(format, outputs, width) {
+                eprintln!("SKIPPED {dtype:?}: this CPU has no AVX2 and FMA");
+                continue;
+            }
+            let w = Tensor::from_vec(values(outputs * width, 7), (outputs, width), &Device::Cpu)
+                .unwrap();
+            let q = QTensor::quantize(&w, dtype).unwrap();
+            let bytes = q.data().unwrap().into_owned();
+            let dequantized: Vec<f32> = q
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let mm = QMatMul::from_qtensor(q).unwrap();
+            let mut worst_vs_candle = 0f64;
+            for threads in [1, 2] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                for rows in [1, 2, 3, 5, 16] {
+                    let x = values(rows * width, rows as u32 + 11);
+                    let mut ours = vec![0f32; rows * outputs];
+                    pool.install(|| rows_times_blocks(format, &x, rows, &bytes, width, &mut ours));
+                    for r in 0..rows {
+                        let xs = &x[r * width..(r + 1) * width];
+                        let mut input = vec![InputSuper::ZERO; width / SUPER];
+                        quantize_row(xs, &mut input);
+                        let row = Tensor::from_slice(xs, (1, width), &Device::Cpu).unwrap();
+                        let theirs: Vec<f32> = mm
+                            .forward(&row)
+                            .unwrap()
+                            .flatten_all()
+                            .unwrap()
+                            .to_vec1()
+                            .unwrap();
+                        let row_bytes = bytes.len() / outputs;
+                        for o in 0..outputs {
+                            let got = ours[r * outputs + o];
+                            let w_row = &bytes[o * row_bytes..(o + 1) * row_bytes];
+                            let reference = dot_scalar(format, w_row, &input);
+                            let ws = &dequantized[o * width..(o + 1) * width];
+                            let scale = ws
+                                .iter()
+                                .zip(xs)
+                                .map(|(a, b)| (*a as f64 * *b as f64).abs())
+                                .sum::<f64>()
+                                .max(1e-6);
+                            assert!(
+                                (got as f64 - reference as f64).abs() <= 1e-6 * scale,
+                                "{dtype:?} rows {rows} row {r} output {o} ({threads} threads): \
+                                 {got} vs the scalar reference {reference}"
+                            );
+                            // A row's result does not depend on the rows it came with.
+                            if r == 0 && rows > 1 {
+                                let mut alone = vec![0f32; outputs];
+                                rows_times_blocks(format, xs, 1, &bytes, width, &mut alone);
+                                assert_eq!(got.to_bits(), alone[o].to_bits());
+                            }
+                            let (mut exact, mut bound) = (0f64, 1e-6);
+                            for (wb, xb) in ws.chunks(SUPER).zip(xs.chunks(SUPER)) {
+                                let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+                                let (mut wsum, mut magnitude) = (0f64, 0f64);
+                                for (a, b) in wb.iter().zip(xb) {
+                                    let (a, b) = (*a as f64, *b as f64);
+                                    exact += a * b;
+                                    magnitude += (a * b).abs();
+                                    wsum += a.abs();
+                                }
+                                // Each input value moves by at most half a step (amax / 127).
+                                bound += wsum * amax / 254.0 + 1e-5 * magnitude;
+                            }
+                            assert!(
+                                (got as f64 - exact).abs() <= bound,
+                                "{dtype:?} rows {rows} row {r} output {o}: {got} vs the \
+                                 dequantized weights' {exact} (bound {bound})"
+                            );
+                            let vs_candle = (got as f64 - theirs[o] as f64).abs() / scale;
+                            worst_vs_candle = worst_vs_candle.max(vs_candle);
+                            assert!(
+                                vs_candle <= 1e-5,
+                                "{dtype:?} rows {rows} row {r} output {o}: {got} vs candle's {} \
+                                 ({vs_candle:e} of the products' magnitude)",
+                                theirs[o]
+                            );
+                        }
+                    }
+                }
+            }
+            eprintln!(
+                "{dtype:?} {outputs}x{width}: at most {worst_vs_candle:e} of the products' magnitude from candle's"
+            );
+        }
+    }
+}
