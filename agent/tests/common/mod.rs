@@ -8,13 +8,27 @@ use std::net::TcpListener;
 use std::path::Path;
 use std::process::Command;
 
-/// A port nobody listens on right now.
+/// A port nobody listens on right now, and one this test process has not handed out before:
+/// the port is released before an agent binds it, and the OS may give a just-released port to
+/// the next `bind(0)`, so two clusters started side by side in one test once got the same port
+/// (one agent failed to bind, and the other cluster's stages connected to the survivor).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if GIVEN
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(port)
+        {
+            return port;
+        }
+    }
 }
 
 /// Writes a random-weight model with the project's own generator:
