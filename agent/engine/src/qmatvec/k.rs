@@ -211,22 +211,22 @@ mod avx2 {
         fn with_simd<S: Simd>(self, _: S) {
             let avx = Avx2 { simd: self.simd };
             let rows = self.input.len() / self.blocks;
+            // A weight row at a time, times every input row: each superblock is unpacked once
+            // and multiplied with each row's superblock while it sits in registers.
             macro_rules! each {
-                ($dot:ident) => {{
+                ($rows:ident) => {{
                     for (w_row, dst) in self
                         .w
                         .chunks_exact(self.row_bytes)
                         .zip(self.dst.chunks_exact_mut(rows))
                     {
-                        for (x, d) in self.input.chunks_exact(self.blocks).zip(dst.iter_mut()) {
-                            *d = $dot(avx, w_row, x);
-                        }
+                        $rows(avx, w_row, self.input, self.blocks, dst);
                     }
                 }};
             }
             match self.format {
-                Format::Q4K => each!(dot_q4k),
-                Format::Q6K => each!(dot_q6k),
+                Format::Q4K => each!(rows_q4k),
+                Format::Q6K => each!(rows_q6k),
                 _ => unreachable!("not a superblock format"),
             }
         }
@@ -266,62 +266,67 @@ mod avx2 {
             ._mm256_setr_epi16(a, a, a, a, a, a, a, a, b, b, b, b, b, b, b, b)
     }
 
-    /// Each superblock's integer sums stay in eight 32-bit lanes, turned to floats and added
-    /// with fused multiply-adds of the superblock's scale; the lanes are added once, at the end
-    /// of the row. The offsets' sums take four lanes the same way.
+    /// One weight row (`w`) times each input row of `xs` (rows of `blocks` superblocks), into
+    /// `dst`. Each superblock's integer sums stay in eight 32-bit lanes, turned to floats and
+    /// added with fused multiply-adds of the superblock's scale; the lanes are added once, at the
+    /// end of the row. The offsets' sums take four lanes the same way. A row's steps do not
+    /// depend on the rows beside it.
     #[inline(always)]
-    fn dot_q4k(avx: Avx2, w: &[u8], xs: &[InputSuper]) -> f32 {
+    fn rows_q4k(avx: Avx2, w: &[u8], xs: &[InputSuper], blocks: usize, dst: &mut [f32]) {
         let s = avx.simd;
         let low = s.avx._mm256_set1_epi8(0x0f);
-        let mut acc = s.avx._mm256_setzero_ps();
-        let mut offsets = s.sse._mm_setzero_ps();
-        for (b, x) in w.chunks_exact(144).zip(xs) {
+        let rows = dst.len();
+        let mut acc = [s.avx._mm256_setzero_ps(); super::super::MAX_ROWS];
+        let mut offsets = [s.sse._mm_setzero_ps(); super::super::MAX_ROWS];
+        for (i, b) in w.chunks_exact(144).enumerate() {
             let wide = s.avx2._mm256_cvtepu8_epi16(cast(q4k_scales_packed(b)));
             let scales = s.avx2._mm256_permute2x128_si256::<0x00>(wide, wide);
-            let mut sums = s.avx._mm256_setzero_si256();
-            for chunk in 0..4 {
-                let q = load(&b[Q4K_QS + 32 * chunk..]);
-                let lo = s.avx2._mm256_and_si256(q, low);
-                let hi = s
-                    .avx2
-                    ._mm256_and_si256(s.avx2._mm256_srli_epi16::<4>(q), low);
-                let (j, k) = (2 * chunk, 2 * chunk + 1);
-                let pl = s.avx2._mm256_madd_epi16(
-                    s.avx2._mm256_maddubs_epi16(lo, load_i8(&x.qs[32 * j..])),
-                    s.avx2
-                        ._mm256_shuffle_epi8(scales, broadcast_mask(avx, j as i16)),
-                );
-                let ph = s.avx2._mm256_madd_epi16(
-                    s.avx2._mm256_maddubs_epi16(hi, load_i8(&x.qs[32 * k..])),
-                    s.avx2
-                        ._mm256_shuffle_epi8(scales, broadcast_mask(avx, k as i16)),
-                );
-                sums = s
-                    .avx2
-                    ._mm256_add_epi32(sums, s.avx2._mm256_add_epi32(pl, ph));
-            }
-            let d = half_at(b, 0) * x.d;
-            acc =
-                s.fma
-                    ._mm256_fmadd_ps(s.avx._mm256_set1_ps(d), s.avx._mm256_cvtepi32_ps(sums), acc);
-            // Sums of the input's sub-blocks (pairs of its 16-value sums) times the offsets.
-            let pairs = s.ssse3._mm_hadd_epi16(
-                cast(array_i16::<8>(&x.sums[..8])),
-                cast(array_i16::<8>(&x.sums[8..])),
-            );
             let mins = s.avx2._mm256_extracti128_si256::<1>(wide);
-            let dmin = half_at(b, 2) * x.d;
-            offsets = s.fma._mm_fmadd_ps(
-                s.sse._mm_set1_ps(dmin),
-                s.sse2._mm_cvtepi32_ps(s.sse2._mm_madd_epi16(mins, pairs)),
-                offsets,
-            );
+            let mut q = [s.avx._mm256_setzero_si256(); 8];
+            for chunk in 0..4 {
+                let v = load(&b[Q4K_QS + 32 * chunk..]);
+                q[2 * chunk] = s.avx2._mm256_and_si256(v, low);
+                q[2 * chunk + 1] = s
+                    .avx2
+                    ._mm256_and_si256(s.avx2._mm256_srli_epi16::<4>(v), low);
+            }
+            let (d, dmin) = (half_at(b, 0), half_at(b, 2));
+            for r in 0..rows {
+                let x = &xs[r * blocks + i];
+                let mut sums = s.avx._mm256_setzero_si256();
+                for (j, q) in q.iter().enumerate() {
+                    sums = s.avx2._mm256_add_epi32(
+                        sums,
+                        s.avx2._mm256_madd_epi16(
+                            s.avx2._mm256_maddubs_epi16(*q, load_i8(&x.qs[32 * j..])),
+                            s.avx2
+                                ._mm256_shuffle_epi8(scales, broadcast_mask(avx, j as i16)),
+                        ),
+                    );
+                }
+                acc[r] = s.fma._mm256_fmadd_ps(
+                    s.avx._mm256_set1_ps(d * x.d),
+                    s.avx._mm256_cvtepi32_ps(sums),
+                    acc[r],
+                );
+                // Sums of the input's sub-blocks (pairs of its 16-value sums) times the offsets.
+                let pairs = s.ssse3._mm_hadd_epi16(
+                    cast(array_i16::<8>(&x.sums[..8])),
+                    cast(array_i16::<8>(&x.sums[8..])),
+                );
+                offsets[r] = s.fma._mm_fmadd_ps(
+                    s.sse._mm_set1_ps(dmin * x.d),
+                    s.sse2._mm_cvtepi32_ps(s.sse2._mm_madd_epi16(mins, pairs)),
+                    offsets[r],
+                );
+            }
         }
-        let o = s
-            .sse
-            ._mm_add_ps(offsets, s.sse._mm_movehl_ps(offsets, offsets));
-        let o = s.sse._mm_add_ss(o, s.sse3._mm_movehdup_ps(o));
-        avx.sum_lanes_f32(acc) - s.sse._mm_cvtss_f32(o)
+        for r in 0..rows {
+            let o = offsets[r];
+            let o = s.sse._mm_add_ps(o, s.sse._mm_movehl_ps(o, o));
+            let o = s.sse._mm_add_ss(o, s.sse3._mm_movehdup_ps(o));
+            dst[r] = avx.sum_lanes_f32(acc[r]) - s.sse._mm_cvtss_f32(o);
+        }
     }
 
     /// [`q4k_scales`] four bytes at a time: the eight scales then the eight offsets, as the
@@ -345,73 +350,83 @@ mod avx2 {
         a
     }
 
+    /// [`rows_q4k`] for Q6_K: each superblock's 6-bit values are put together once, then
+    /// multiplied with each input row's superblock.
     #[inline(always)]
-    fn dot_q6k(avx: Avx2, w: &[u8], xs: &[InputSuper]) -> f32 {
+    fn rows_q6k(avx: Avx2, w: &[u8], xs: &[InputSuper], blocks: usize, dst: &mut [f32]) {
         let s = avx.simd;
         let low = s.avx._mm256_set1_epi8(0x0f);
         let two = s.avx._mm256_set1_epi8(3);
-        let mut acc = s.avx._mm256_setzero_ps();
-        for (b, x) in w.chunks_exact(210).zip(xs) {
+        let rows = dst.len();
+        let mut acc = [s.avx._mm256_setzero_ps(); super::super::MAX_ROWS];
+        for (i, b) in w.chunks_exact(210).enumerate() {
             let raw: [u8; 16] = array::<16>(&b[Q6K_SCALES..]);
             let wide = s.avx2._mm256_cvtepi8_epi16(cast(raw));
-            let mut sums = s.avx._mm256_setzero_si256();
+            let top = |shifted: __m256i| {
+                s.avx2
+                    ._mm256_slli_epi16::<4>(s.avx2._mm256_and_si256(shifted, two))
+            };
+            let mut values = [s.avx._mm256_setzero_si256(); 8];
             for half in 0..2 {
-                let scales = if half == 0 {
-                    s.avx2._mm256_permute2x128_si256::<0x00>(wide, wide)
-                } else {
-                    s.avx2._mm256_permute2x128_si256::<0x11>(wide, wide)
-                };
                 let a = load(&b[64 * half..]);
                 let c = load(&b[64 * half + 32..]);
                 let h = load(&b[Q6K_QH + 32 * half..]);
-                let top = |shifted: __m256i| {
+                values[4 * half] = s
+                    .avx2
+                    ._mm256_or_si256(s.avx2._mm256_and_si256(a, low), top(h));
+                values[4 * half + 1] = s.avx2._mm256_or_si256(
+                    s.avx2._mm256_and_si256(c, low),
+                    top(s.avx2._mm256_srli_epi16::<2>(h)),
+                );
+                values[4 * half + 2] = s.avx2._mm256_or_si256(
                     s.avx2
-                        ._mm256_slli_epi16::<4>(s.avx2._mm256_and_si256(shifted, two))
-                };
-                let values = [
+                        ._mm256_and_si256(s.avx2._mm256_srli_epi16::<4>(a), low),
+                    top(s.avx2._mm256_srli_epi16::<4>(h)),
+                );
+                values[4 * half + 3] = s.avx2._mm256_or_si256(
                     s.avx2
-                        ._mm256_or_si256(s.avx2._mm256_and_si256(a, low), top(h)),
-                    s.avx2._mm256_or_si256(
-                        s.avx2._mm256_and_si256(c, low),
-                        top(s.avx2._mm256_srli_epi16::<2>(h)),
-                    ),
-                    s.avx2._mm256_or_si256(
-                        s.avx2
-                            ._mm256_and_si256(s.avx2._mm256_srli_epi16::<4>(a), low),
-                        top(s.avx2._mm256_srli_epi16::<4>(h)),
-                    ),
-                    s.avx2._mm256_or_si256(
-                        s.avx2
-                            ._mm256_and_si256(s.avx2._mm256_srli_epi16::<4>(c), low),
-                        top(s.avx2._mm256_srli_epi16::<6>(h)),
-                    ),
-                ];
-                for (quarter, v) in values.into_iter().enumerate() {
-                    let at = 128 * half + 32 * quarter;
+                        ._mm256_and_si256(s.avx2._mm256_srli_epi16::<4>(c), low),
+                    top(s.avx2._mm256_srli_epi16::<6>(h)),
+                );
+            }
+            let halves = [
+                s.avx2._mm256_permute2x128_si256::<0x00>(wide, wide),
+                s.avx2._mm256_permute2x128_si256::<0x11>(wide, wide),
+            ];
+            let d = half_at(b, Q6K_D);
+            for r in 0..rows {
+                let x = &xs[r * blocks + i];
+                let mut sums = s.avx._mm256_setzero_si256();
+                for (k, v) in values.iter().enumerate() {
+                    let (half, quarter) = (k / 4, k % 4);
                     sums = s.avx2._mm256_add_epi32(
                         sums,
                         s.avx2._mm256_madd_epi16(
-                            s.avx2._mm256_maddubs_epi16(v, load_i8(&x.qs[at..])),
-                            s.avx2
-                                ._mm256_shuffle_epi8(scales, pair_mask(avx, 2 * quarter as i16)),
+                            s.avx2._mm256_maddubs_epi16(*v, load_i8(&x.qs[32 * k..])),
+                            s.avx2._mm256_shuffle_epi8(
+                                halves[half],
+                                pair_mask(avx, 2 * quarter as i16),
+                            ),
                         ),
                     );
                 }
+                // The values' centre 32, through the input's sums of 16 values.
+                let centre = s
+                    .avx2
+                    ._mm256_madd_epi16(wide, cast(array_i16::<16>(&x.sums)));
+                let sums = s
+                    .avx2
+                    ._mm256_sub_epi32(sums, s.avx2._mm256_slli_epi32::<5>(centre));
+                acc[r] = s.fma._mm256_fmadd_ps(
+                    s.avx._mm256_set1_ps(d * x.d),
+                    s.avx._mm256_cvtepi32_ps(sums),
+                    acc[r],
+                );
             }
-            // The values' centre 32, through the input's sums of 16 values.
-            let centre = s
-                .avx2
-                ._mm256_madd_epi16(wide, cast(array_i16::<16>(&x.sums)));
-            let sums = s
-                .avx2
-                ._mm256_sub_epi32(sums, s.avx2._mm256_slli_epi32::<5>(centre));
-            acc = s.fma._mm256_fmadd_ps(
-                s.avx._mm256_set1_ps(half_at(b, Q6K_D) * x.d),
-                s.avx._mm256_cvtepi32_ps(sums),
-                acc,
-            );
         }
-        avx.sum_lanes_f32(acc)
+        for r in 0..rows {
+            dst[r] = avx.sum_lanes_f32(acc[r]);
+        }
     }
 }
 

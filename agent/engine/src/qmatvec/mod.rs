@@ -285,29 +285,27 @@ fn products(
     }
 }
 
-/// The f16 at `bytes[at..at + 2]`, widened exactly, in inline integer arithmetic rather than
+/// The f16 at `bytes[at..at + 2]`, widened exactly, in inline arithmetic rather than
 /// `half`'s conversion, which is a call (and a CPU feature check) per block, a tenth of a Q8_0
-/// block's time: a normal value's exponent is rebased from f16's bias to f32's, a subnormal one
-/// (a small model's Q6_K scales often are) is its mantissa times 2^-24; neither passes through a
-/// subnormal f32, which would cost a microcode assist per block. Infinities and NaNs (never a
-/// real scale) take `half`'s conversion.
+/// block's time. A normal value's exponent is rebased from f16's bias to f32's; a subnormal one
+/// (a small model's K-quant scales often are) is `(1 + m/1024)·2^-14 - 2^-14 = m·2^-24`, so that
+/// no subnormal f32 is ever an operand (a microcode assist each). Without branches: normal and
+/// subnormal scales alternate at random from block to block, and a mispredicted branch per
+/// scale halved a Q4_K product's speed. Infinities and NaNs (never a real scale) take `half`'s
+/// conversion.
 #[inline(always)]
 fn half_at(bytes: &[u8], at: usize) -> f32 {
     let h = u16::from_le_bytes([bytes[at], bytes[at + 1]]);
-    let exponent = h & 0x7c00;
-    if exponent == 0x7c00 {
+    if h & 0x7c00 == 0x7c00 {
         return f16::from_bits(h).to_f32();
     }
-    let magnitude = if exponent == 0 {
-        (h & 0x03ff) as f32 * f32::from_bits(0x3380_0000)
-    } else {
-        f32::from_bits((((h & 0x7fff) as u32) << 13) + ((127 - 15) << 23))
-    };
-    if h & 0x8000 != 0 {
-        -magnitude
-    } else {
-        magnitude
-    }
+    let shifted = ((h & 0x7fff) as u32) << 13;
+    let normal = shifted + ((127 - 15) << 23);
+    let subnormal =
+        (f32::from_bits(shifted + ((127 - 14) << 23)) - f32::from_bits((127 - 14) << 23)).to_bits();
+    let is_subnormal = (((h & 0x7c00) == 0) as u32).wrapping_neg();
+    let magnitude = (subnormal & is_subnormal) | (normal & !is_subnormal);
+    f32::from_bits(magnitude | (((h & 0x8000) as u32) << 16))
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -348,15 +346,13 @@ pub(crate) mod avx2 {
             let avx = Avx2 { simd: self.simd };
             let rows = self.input.len() / self.blocks;
             macro_rules! single {
-                ($dot:ident) => {{
+                ($rows:ident) => {{
                     for (w_row, dst) in self
                         .w
                         .chunks_exact(self.row_bytes)
                         .zip(self.dst.chunks_exact_mut(rows))
                     {
-                        for (x, d) in self.input.chunks_exact(self.blocks).zip(dst.iter_mut()) {
-                            *d = avx.$dot(w_row, x);
-                        }
+                        avx.$rows(w_row, self.input, self.blocks, dst);
                     }
                 }};
             }
@@ -389,11 +385,11 @@ pub(crate) mod avx2 {
             // Q4_0 and Q8_0 follow candle's AVX2 kernels, which keep eight float lanes per row
             // and add them at the end; they go row by row.
             match self.format {
-                Format::Q4_0 => single!(dot_q4_0),
+                Format::Q4_0 => single!(rows_q4_0),
                 Format::Q4_1 => grouped!(dot8_q4_1, dot_q4_1),
                 Format::Q5_0 => grouped!(dot8_q5_0, dot_q5_0),
                 Format::Q5_1 => grouped!(dot8_q5_1, dot_q5_1),
-                Format::Q8_0 => single!(dot_q8_0),
+                Format::Q8_0 => single!(rows_q8_0),
                 Format::Q4K | Format::Q6K => unreachable!("superblock formats go through k"),
             }
         }
@@ -635,30 +631,53 @@ pub(crate) mod avx2 {
                 ._mm256_fmadd_ps(s.avx._mm256_set1_ps(d), s.avx._mm256_cvtepi32_ps(sums), acc)
         }
 
+        /// One weight row (`w`, Q8_0 blocks, or Q4_0 where `Q4` is set) times each input row of
+        /// `xs` (rows of `blocks` blocks), into `dst`, with the
+        /// float steps of candle's AVX2 kernels for each row: eight lanes per row, a fused
+        /// multiply-add per block, the lanes added at the end. A block's values are read and
+        /// their magnitudes taken once for all the rows. (No closure picks the format: a
+        /// closure is compiled without AVX2, see [`Products`].)
         #[inline(always)]
-        pub(super) fn dot_q4_0(self, w: &[u8], x: &[InputBlock]) -> f32 {
+        fn rows_signed<const Q4: bool>(
+            self,
+            w: &[u8],
+            xs: &[InputBlock],
+            blocks: usize,
+            dst: &mut [f32],
+        ) {
             let s = self.simd;
-            let mut acc = s.avx._mm256_setzero_ps();
-            for (b, x) in w.chunks_exact(18).zip(x) {
-                let v = s
-                    .avx2
-                    ._mm256_sub_epi8(self.nibbles(&b[2..]), s.avx._mm256_set1_epi8(8));
-                let sums = self.products_i8_i8(v, self.input_values(x));
-                acc = self.scaled(acc, half_at(b, 0) * x.d, sums);
+            let rows = dst.len();
+            let mut acc = [s.avx._mm256_setzero_ps(); super::MAX_ROWS];
+            let bytes = if Q4 { 18 } else { 34 };
+            for (i, b) in w.chunks_exact(bytes).enumerate() {
+                let v = if Q4 {
+                    s.avx2
+                        ._mm256_sub_epi8(self.nibbles(&b[2..]), s.avx._mm256_set1_epi8(8))
+                } else {
+                    cast(array::<32>(&b[2..]))
+                };
+                let magnitudes = s.avx2._mm256_sign_epi8(v, v);
+                let d = half_at(b, 0);
+                for r in 0..rows {
+                    let x = &xs[r * blocks + i];
+                    let signed = s.avx2._mm256_sign_epi8(self.input_values(x), v);
+                    let sums = self.products_u8_i8(magnitudes, signed);
+                    acc[r] = self.scaled(acc[r], d * x.d, sums);
+                }
             }
-            self.sum_lanes_f32(acc)
+            for r in 0..rows {
+                dst[r] = self.sum_lanes_f32(acc[r]);
+            }
         }
 
         #[inline(always)]
-        pub(super) fn dot_q8_0(self, w: &[u8], x: &[InputBlock]) -> f32 {
-            let s = self.simd;
-            let mut acc = s.avx._mm256_setzero_ps();
-            for (b, x) in w.chunks_exact(34).zip(x) {
-                let v: __m256i = cast(array::<32>(&b[2..]));
-                let sums = self.products_i8_i8(v, self.input_values(x));
-                acc = self.scaled(acc, half_at(b, 0) * x.d, sums);
-            }
-            self.sum_lanes_f32(acc)
+        pub(super) fn rows_q4_0(self, w: &[u8], xs: &[InputBlock], blocks: usize, dst: &mut [f32]) {
+            self.rows_signed::<true>(w, xs, blocks, dst);
+        }
+
+        #[inline(always)]
+        pub(super) fn rows_q8_0(self, w: &[u8], xs: &[InputBlock], blocks: usize, dst: &mut [f32]) {
+            self.rows_signed::<false>(w, xs, blocks, dst);
         }
     }
 
