@@ -346,13 +346,19 @@ pub(crate) mod avx2 {
             let avx = Avx2 { simd: self.simd };
             let rows = self.input.len() / self.blocks;
             macro_rules! single {
-                ($rows:ident) => {{
+                ($dot:ident, $rows:ident) => {{
                     for (w_row, dst) in self
                         .w
                         .chunks_exact(self.row_bytes)
                         .zip(self.dst.chunks_exact_mut(rows))
                     {
-                        avx.$rows(w_row, self.input, self.blocks, dst);
+                        // One row keeps its accumulator in a register; several keep theirs
+                        // in an array in memory. The same steps either way.
+                        if rows == 1 {
+                            dst[0] = avx.$dot(w_row, self.input);
+                        } else {
+                            avx.$rows(w_row, self.input, self.blocks, dst);
+                        }
                     }
                 }};
             }
@@ -385,11 +391,11 @@ pub(crate) mod avx2 {
             // Q4_0 and Q8_0 follow candle's AVX2 kernels, which keep eight float lanes per row
             // and add them at the end; they go row by row.
             match self.format {
-                Format::Q4_0 => single!(rows_q4_0),
+                Format::Q4_0 => single!(dot_q4_0, rows_q4_0),
                 Format::Q4_1 => grouped!(dot8_q4_1, dot_q4_1),
                 Format::Q5_0 => grouped!(dot8_q5_0, dot_q5_0),
                 Format::Q5_1 => grouped!(dot8_q5_1, dot_q5_1),
-                Format::Q8_0 => single!(rows_q8_0),
+                Format::Q8_0 => single!(dot_q8_0, rows_q8_0),
                 Format::Q4K | Format::Q6K => unreachable!("superblock formats go through k"),
             }
         }
@@ -668,6 +674,34 @@ pub(crate) mod avx2 {
             for r in 0..rows {
                 dst[r] = self.sum_lanes_f32(acc[r]);
             }
+        }
+
+        /// [`Avx2::rows_signed`] for one input row (Q4_0), its accumulator in a register.
+        #[inline(always)]
+        pub(super) fn dot_q4_0(self, w: &[u8], x: &[InputBlock]) -> f32 {
+            let s = self.simd;
+            let mut acc = s.avx._mm256_setzero_ps();
+            for (b, x) in w.chunks_exact(18).zip(x) {
+                let v = s
+                    .avx2
+                    ._mm256_sub_epi8(self.nibbles(&b[2..]), s.avx._mm256_set1_epi8(8));
+                let sums = self.products_i8_i8(v, self.input_values(x));
+                acc = self.scaled(acc, half_at(b, 0) * x.d, sums);
+            }
+            self.sum_lanes_f32(acc)
+        }
+
+        /// [`Avx2::rows_signed`] for one input row (Q8_0), its accumulator in a register.
+        #[inline(always)]
+        pub(super) fn dot_q8_0(self, w: &[u8], x: &[InputBlock]) -> f32 {
+            let s = self.simd;
+            let mut acc = s.avx._mm256_setzero_ps();
+            for (b, x) in w.chunks_exact(34).zip(x) {
+                let v: __m256i = cast(array::<32>(&b[2..]));
+                let sums = self.products_i8_i8(v, self.input_values(x));
+                acc = self.scaled(acc, half_at(b, 0) * x.d, sums);
+            }
+            self.sum_lanes_f32(acc)
         }
 
         #[inline(always)]
