@@ -241,8 +241,9 @@ pub fn apply(agent: &Agent, text: &str, dry_run: bool) -> Result<Vec<ApplyOutcom
                         .map(|h| h.revision.clone())
                         .unwrap_or_default();
                     let short = |c: &Option<String>| {
-                        c.as_deref()
-                            .map_or("unresolved".to_string(), |c| c[..12].to_string())
+                        c.as_deref().map_or("unresolved".to_string(), |c| {
+                            c.get(..12).unwrap_or(c).to_string()
+                        })
                     };
                     changes.push(format!(
                         "revision {named} now at commit {} (was {})",
