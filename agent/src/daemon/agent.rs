@@ -553,7 +553,8 @@ impl Agent {
             .collect()
     }
 
-    /// Merges records from a peer: each replaces ours when its version is higher. Returns how
+    /// Merges records from a peer: each replaces ours when its version is higher (records that
+    /// apply would refuse are dropped, each said in an event). Returns how
     /// many changed here. Two different writes with the same version are a conflict: the
     /// writer with the greater name wins everywhere, and the loss is recorded as an event.
     pub fn merge(&self, incoming: Vec<Record>) -> Result<usize> {
@@ -564,6 +565,30 @@ impl Agent {
         let mut newer = Vec::new();
         let mut top = 0;
         for r in incoming {
+            // A peer holds the token, not the final word: what apply would refuse is not
+            // stored from it either (a name no route can delete, a version that would wrap
+            // the clock so that every later write orders first).
+            let name = r.object.name();
+            let refused = cluster_api::manifest::check_name(name).err().or_else(|| {
+                (r.object.metadata.resource_version > MAX_PEER_VERSION).then(|| {
+                    format!(
+                        "version {} is past {MAX_PEER_VERSION}",
+                        r.object.metadata.resource_version
+                    )
+                })
+            });
+            if let Some(why) = refused {
+                self.event(
+                    &format!("{} {}", r.object.kind, name.escape_debug()),
+                    true,
+                    "RefusedFromPeer",
+                    format!(
+                        "a record written by {} was not stored: {why}",
+                        r.object.metadata.updated_by.as_deref().unwrap_or("a peer")
+                    ),
+                );
+                continue;
+            }
             top = top.max(r.object.metadata.resource_version);
             let ours = self.store.get(r.object.kind, r.object.name())?;
             let take = match &ours {
@@ -614,6 +639,10 @@ impl Agent {
         Ok(newer.len())
     }
 }
+
+/// The highest version a peer's record may carry: far beyond any real count of writes, and
+/// exactly representable wherever a JSON number is read as a double.
+const MAX_PEER_VERSION: u64 = 1 << 53;
 
 /// The store's digests of fetched models' files, shared with the peers at the next exchange
 /// (at once after a publish).

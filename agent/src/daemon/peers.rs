@@ -48,7 +48,19 @@ pub fn take_theirs(agent: &Agent, body: SyncBody) -> Result<()> {
         );
     }
     agent.merge(body.records)?;
-    agent.store.merge_file_digests(&body.digests)?;
+    // Only entries that name a model as apply would and a file inside its folder.
+    let digests: Vec<FileDigests> = body
+        .digests
+        .into_iter()
+        .filter(|d| {
+            cluster_api::manifest::check_name(&d.model).is_ok()
+                && !d.file.is_empty()
+                && d.file
+                    .split('/')
+                    .all(|p| !p.is_empty() && p != "." && p != ".." && !p.contains('\\'))
+        })
+        .collect();
+    agent.store.merge_file_digests(&digests)?;
     agent.peer_seen(body.report);
     Ok(())
 }

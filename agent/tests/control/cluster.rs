@@ -200,3 +200,58 @@ fn changes_need_the_token_and_an_agent_that_was_away_catches_up() {
         c.get(0, "/api/v1/nodes/node-1")["status"]["phase"] == "Ready"
     });
 }
+
+/// The agents' exchange is checked as an apply is: a record whose name apply would refuse, or
+/// whose version would wrap the clock, is not stored and is said in an event; the rest of the
+/// exchange is kept, and later applies still order after it.
+#[test]
+fn records_from_a_peer_that_apply_would_refuse_are_dropped_and_said() {
+    let c = Cluster::start(1, &[]);
+    let report = cluster_api::cluster::NodeReport {
+        node: "node-9".into(),
+        ..Default::default()
+    };
+    let record = |name: &str, version: u64| {
+        serde_json::json!({"object": {
+            "apiVersion": "v1",
+            "kind": "Model",
+            "metadata": {"name": name, "resourceVersion": version, "updatedBy": "node-9", "generation": 1},
+            "spec": {"source": {"path": "/nowhere"}}
+        }})
+    };
+    let body = serde_json::json!({
+        "report": report,
+        "records": [record("BAD/Name..x", 5), record("huge", u64::MAX), record("fine", 7)],
+    });
+    let r = http_client(Duration::from_secs(30))
+        .post(&format!("http://{}/internal/v1/sync", c.agents[0].listen))
+        .header("Authorization", &format!("Bearer {TOKEN}"))
+        .send_json(body)
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let names: Vec<String> = c.get(0, "/api/v1/models")["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["metadata"]["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["fine"]);
+    let out = c.ctl(&["events"]);
+    let events = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(events.matches("RefusedFromPeer").count(), 2, "{events}");
+    assert!(
+        events.contains("BAD/Name..x") && events.contains("is past"),
+        "{events}"
+    );
+    // The clock did not wrap: the next apply orders right after the stored record.
+    let yaml = c.write(
+        "after.yaml",
+        "apiVersion: v1\nkind: Node\nmetadata: {name: node-x}\nspec: {address: \"127.0.0.1:1\"}\n",
+    );
+    let out = c.ctl(&["apply", "-f", yaml.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", shown(&out));
+    let version = c.get(0, "/api/v1/nodes/node-x")["metadata"]["resourceVersion"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(version, 8);
+}
