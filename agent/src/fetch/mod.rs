@@ -138,6 +138,23 @@ impl Remote {
         }
     }
 
+    /// A HEAD of file `name` that does not follow a redirect: the hub answers an LFS file with
+    /// a redirect to storage whose headers carry what we ask for (commit, sha256). `None` when
+    /// there is no answer.
+    fn head(&self, name: &str) -> Option<ureq::http::Response<ureq::Body>> {
+        let mut req = self
+            .http
+            .head(&self.url(name))
+            .config()
+            .max_redirects(0)
+            .max_redirects_will_error(false)
+            .build();
+        if let Some(token) = &self.auth {
+            req = req.header("Authorization", &format!("Bearer {token}"));
+        }
+        req.call().ok()
+    }
+
     fn gguf(&self) -> Option<&str> {
         self.named
             .iter()
@@ -161,17 +178,7 @@ pub fn resolve_commit(source: &ModelSource) -> Option<String> {
         .first()
         .cloned()
         .unwrap_or_else(|| REQUIRED[0].to_string());
-    let mut req = remote
-        .http
-        .head(&remote.url(&probe))
-        .config()
-        .max_redirects(0)
-        .max_redirects_will_error(false)
-        .build();
-    if let Some(token) = &remote.auth {
-        req = req.header("Authorization", &format!("Bearer {token}"));
-    }
-    let resp = req.call().ok()?;
+    let resp = remote.head(&probe)?;
     let commit = resp.headers().get("x-repo-commit")?.to_str().ok()?.trim();
     cluster_api::manifest::is_commit(commit).then(|| commit.to_ascii_lowercase())
 }

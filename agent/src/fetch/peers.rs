@@ -104,18 +104,7 @@ pub(super) fn hex(bytes: &[u8]) -> String {
 /// a redirect carrying `X-Linked-Etag: "<sha256>"` (or, for a file it serves itself, an
 /// `ETag` that is one).
 pub(super) fn source_sha256(remote: &Remote, name: &str) -> Option<String> {
-    let url = remote.url(name);
-    let mut req = remote
-        .http
-        .head(&url)
-        .config()
-        .max_redirects(0)
-        .max_redirects_will_error(false)
-        .build();
-    if let Some(token) = &remote.auth {
-        req = req.header("Authorization", &format!("Bearer {token}"));
-    }
-    let resp = req.call().ok()?;
+    let resp = remote.head(name)?;
     ["x-linked-etag", "etag"].iter().find_map(|h| {
         let v = resp.headers().get(*h)?.to_str().ok()?;
         let v = v
