@@ -70,7 +70,7 @@ pub(crate) fn quantize_row(x: &[f32], out: &mut [InputSuper]) {
 /// The eight 6-bit scales and eight 6-bit offsets of a Q4_K superblock, from its 12 bytes:
 /// the first four of each in the low six bits of bytes 0-3 and 4-7, the last four in the
 /// nibbles of bytes 8-11 with their top two bits in the top bits of bytes 0-7.
-#[inline(always)]
+#[cfg(test)]
 pub(crate) fn q4k_scales(b: &[u8]) -> ([u8; 8], [u8; 8]) {
     let (mut sc, mut m) = ([0u8; 8], [0u8; 8]);
     for j in 0..4 {
@@ -92,7 +92,7 @@ pub(crate) const Q6K_D: usize = 208;
 /// The 6-bit value `i` (0..256) of a Q6_K superblock, before its centre 32 is taken off: the
 /// low four bits from `ql` (values 64n..64n+32 and 64n+32..64n+64 of each half share bytes,
 /// low and high nibbles), the top two from `qh` (four values a byte).
-#[inline(always)]
+#[cfg(test)]
 pub(crate) fn q6k_value(b: &[u8], i: usize) -> u8 {
     let (half, at) = (i / 128, i % 128);
     let (quarter, l) = (at / 32, at % 32);
@@ -104,7 +104,8 @@ pub(crate) fn q6k_value(b: &[u8], i: usize) -> u8 {
 
 /// One weight row times one input row, value by value, with the SIMD kernels' integer sums
 /// (exact, so equal) and a superblock's float steps added in order, where the kernels add them
-/// in eight lanes: the reference they are tested against, and the path where they do not run.
+/// in eight lanes: the reference they are tested against.
+#[cfg(test)]
 pub(crate) fn dot_scalar(format: Format, w: &[u8], xs: &[InputSuper]) -> f32 {
     let mut sum = 0f32;
     match format {
@@ -146,40 +147,6 @@ pub(crate) fn dot_scalar(format: Format, w: &[u8], xs: &[InputSuper]) -> f32 {
     sum
 }
 
-/// Every weight row of `w` (rows of `row_bytes`) times every quantized input row of `input`
-/// (rows of `blocks` superblocks), into `dst` output-major.
-pub(super) fn products(
-    format: Format,
-    w: &[u8],
-    row_bytes: usize,
-    input: &[InputSuper],
-    blocks: usize,
-    dst: &mut [f32],
-) {
-    let rows = input.len() / blocks;
-    #[cfg(target_arch = "x86_64")]
-    if let Some(simd) = pulp::x86::V3::try_new() {
-        pulp::Simd::vectorize(
-            simd,
-            avx2::Products {
-                simd,
-                format,
-                w,
-                row_bytes,
-                input,
-                blocks,
-                dst,
-            },
-        );
-        return;
-    }
-    for (w_row, dst) in w.chunks_exact(row_bytes).zip(dst.chunks_exact_mut(rows)) {
-        for (x, d) in input.chunks_exact(blocks).zip(dst.iter_mut()) {
-            *d = dot_scalar(format, w_row, x);
-        }
-    }
-}
-
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     //! The superblock products through pulp's AVX2 token, as in the parent module: written
@@ -187,24 +154,13 @@ mod avx2 {
     //! for AVX2.
 
     use pulp::bytemuck::cast;
-    use pulp::x86::V3;
     use pulp::{Simd, WithSimd};
-    use std::arch::x86_64::__m256i;
+    use std::arch::x86_64::{__m128, __m128i, __m256, __m256i};
 
     use super::{Format, InputSuper, Q4K_QS, Q4K_SCALES, Q6K_D, Q6K_QH, Q6K_SCALES, half_at};
-    use crate::qmatvec::avx2::{Avx2, array};
+    use crate::qmatvec::avx2::{Avx2, Products, array};
 
-    pub(super) struct Products<'a> {
-        pub(super) simd: V3,
-        pub(super) format: Format,
-        pub(super) w: &'a [u8],
-        pub(super) row_bytes: usize,
-        pub(super) input: &'a [InputSuper],
-        pub(super) blocks: usize,
-        pub(super) dst: &'a mut [f32],
-    }
-
-    impl WithSimd for Products<'_> {
+    impl WithSimd for Products<'_, InputSuper> {
         type Output = ();
 
         #[inline(always)]
@@ -270,122 +226,77 @@ mod avx2 {
             ._mm256_setr_epi16(a, a, a, a, a, a, a, a, b, b, b, b, b, b, b, b)
     }
 
-    /// One weight row (`w`) times each input row of `xs` (rows of `blocks` superblocks), into
-    /// `dst`. Each superblock's integer sums stay in eight 32-bit lanes, turned to floats and
-    /// added with fused multiply-adds of the superblock's scale; the lanes are added once, at the
-    /// end of the row. The offsets' sums take four lanes the same way. A row's steps do not
-    /// depend on the rows beside it.
+    /// A Q4_K superblock unpacked: its values (eight registers of 32, in sub-block order), its
+    /// eight scales as 16-bit lanes in both halves of a register, its eight offsets as 16-bit
+    /// lanes, and its two f16 scales widened.
+    struct Q4k {
+        values: [__m256i; 8],
+        scales: __m256i,
+        mins: __m128i,
+        d: f32,
+        dmin: f32,
+    }
+
     #[inline(always)]
-    fn rows_q4k(avx: Avx2, w: &[u8], xs: &[InputSuper], blocks: usize, dst: &mut [f32]) {
+    fn unpack_q4k(avx: Avx2, b: &[u8]) -> Q4k {
         let s = avx.simd;
         let low = s.avx._mm256_set1_epi8(0x0f);
-        let rows = dst.len();
-        let mut acc = [s.avx._mm256_setzero_ps(); super::super::MAX_ROWS];
-        let mut offsets = [s.sse._mm_setzero_ps(); super::super::MAX_ROWS];
-        for (i, b) in w.chunks_exact(144).enumerate() {
-            let wide = s.avx2._mm256_cvtepu8_epi16(cast(q4k_scales_packed(b)));
-            let scales = s.avx2._mm256_permute2x128_si256::<0x00>(wide, wide);
-            let mins = s.avx2._mm256_extracti128_si256::<1>(wide);
-            let mut q = [s.avx._mm256_setzero_si256(); 8];
-            for chunk in 0..4 {
-                let v = load(&b[Q4K_QS + 32 * chunk..]);
-                q[2 * chunk] = s.avx2._mm256_and_si256(v, low);
-                q[2 * chunk + 1] = s
-                    .avx2
-                    ._mm256_and_si256(s.avx2._mm256_srli_epi16::<4>(v), low);
-            }
-            let (d, dmin) = (half_at(b, 0), half_at(b, 2));
-            for r in 0..rows {
-                let x = &xs[r * blocks + i];
-                let mut sums = s.avx._mm256_setzero_si256();
-                for (j, q) in q.iter().enumerate() {
-                    sums = s.avx2._mm256_add_epi32(
-                        sums,
-                        s.avx2._mm256_madd_epi16(
-                            s.avx2._mm256_maddubs_epi16(*q, load_i8(&x.qs[32 * j..])),
-                            s.avx2
-                                ._mm256_shuffle_epi8(scales, broadcast_mask(avx, j as i16)),
-                        ),
-                    );
-                }
-                acc[r] = s.fma._mm256_fmadd_ps(
-                    s.avx._mm256_set1_ps(d * x.d),
-                    s.avx._mm256_cvtepi32_ps(sums),
-                    acc[r],
-                );
-                // Sums of the input's sub-blocks (pairs of its 16-value sums) times the offsets.
-                let pairs = s.ssse3._mm_hadd_epi16(
-                    cast(array_i16::<8>(&x.sums[..8])),
-                    cast(array_i16::<8>(&x.sums[8..])),
-                );
-                offsets[r] = s.fma._mm_fmadd_ps(
-                    s.sse._mm_set1_ps(dmin * x.d),
-                    s.sse2._mm_cvtepi32_ps(s.sse2._mm_madd_epi16(mins, pairs)),
-                    offsets[r],
-                );
-            }
+        let wide = s.avx2._mm256_cvtepu8_epi16(cast(q4k_scales_packed(b)));
+        let mut values = [s.avx._mm256_setzero_si256(); 8];
+        for chunk in 0..4 {
+            let v = load(&b[Q4K_QS + 32 * chunk..]);
+            values[2 * chunk] = s.avx2._mm256_and_si256(v, low);
+            values[2 * chunk + 1] = s
+                .avx2
+                ._mm256_and_si256(s.avx2._mm256_srli_epi16::<4>(v), low);
         }
-        for r in 0..rows {
-            let o = offsets[r];
-            let o = s.sse._mm_add_ps(o, s.sse._mm_movehl_ps(o, o));
-            let o = s.sse._mm_add_ss(o, s.sse3._mm_movehdup_ps(o));
-            dst[r] = avx.sum_lanes_f32(acc[r]) - s.sse._mm_cvtss_f32(o);
+        Q4k {
+            values,
+            scales: s.avx2._mm256_permute2x128_si256::<0x00>(wide, wide),
+            mins: s.avx2._mm256_extracti128_si256::<1>(wide),
+            d: half_at(b, 0),
+            dmin: half_at(b, 2),
         }
     }
 
-    /// [`rows_q4k`] for one input row, its accumulators in registers (the arrays of several
-    /// rows' live in memory, which costs a single row a third of its speed); the same steps.
-    /// Each superblock's integer sums stay in eight 32-bit lanes, turned to floats and added
-    /// with fused multiply-adds of the superblock's scale; the lanes are added once, at the end
-    /// of the row. The offsets' sums take four lanes the same way.
+    /// One unpacked superblock times one input superblock, added to a row's accumulators:
+    /// the integer sums stay in eight 32-bit lanes, turned to floats and added with a fused
+    /// multiply-add of the superblock's scale; the offsets' sums take four lanes the same way.
     #[inline(always)]
-    fn dot_q4k(avx: Avx2, w: &[u8], xs: &[InputSuper]) -> f32 {
+    fn step_q4k(avx: Avx2, w: &Q4k, x: &InputSuper, acc: &mut __m256, offsets: &mut __m128) {
         let s = avx.simd;
-        let low = s.avx._mm256_set1_epi8(0x0f);
-        let mut acc = s.avx._mm256_setzero_ps();
-        let mut offsets = s.sse._mm_setzero_ps();
-        for (b, x) in w.chunks_exact(144).zip(xs) {
-            let wide = s.avx2._mm256_cvtepu8_epi16(cast(q4k_scales_packed(b)));
-            let scales = s.avx2._mm256_permute2x128_si256::<0x00>(wide, wide);
-            let mut sums = s.avx._mm256_setzero_si256();
-            for chunk in 0..4 {
-                let q = load(&b[Q4K_QS + 32 * chunk..]);
-                let lo = s.avx2._mm256_and_si256(q, low);
-                let hi = s
-                    .avx2
-                    ._mm256_and_si256(s.avx2._mm256_srli_epi16::<4>(q), low);
-                let (j, k) = (2 * chunk, 2 * chunk + 1);
-                let pl = s.avx2._mm256_madd_epi16(
-                    s.avx2._mm256_maddubs_epi16(lo, load_i8(&x.qs[32 * j..])),
+        let mut sums = s.avx._mm256_setzero_si256();
+        for (j, q) in w.values.iter().enumerate() {
+            sums = s.avx2._mm256_add_epi32(
+                sums,
+                s.avx2._mm256_madd_epi16(
+                    s.avx2._mm256_maddubs_epi16(*q, load_i8(&x.qs[32 * j..])),
                     s.avx2
-                        ._mm256_shuffle_epi8(scales, broadcast_mask(avx, j as i16)),
-                );
-                let ph = s.avx2._mm256_madd_epi16(
-                    s.avx2._mm256_maddubs_epi16(hi, load_i8(&x.qs[32 * k..])),
-                    s.avx2
-                        ._mm256_shuffle_epi8(scales, broadcast_mask(avx, k as i16)),
-                );
-                sums = s
-                    .avx2
-                    ._mm256_add_epi32(sums, s.avx2._mm256_add_epi32(pl, ph));
-            }
-            let d = half_at(b, 0) * x.d;
-            acc =
-                s.fma
-                    ._mm256_fmadd_ps(s.avx._mm256_set1_ps(d), s.avx._mm256_cvtepi32_ps(sums), acc);
-            // Sums of the input's sub-blocks (pairs of its 16-value sums) times the offsets.
-            let pairs = s.ssse3._mm_hadd_epi16(
-                cast(array_i16::<8>(&x.sums[..8])),
-                cast(array_i16::<8>(&x.sums[8..])),
-            );
-            let mins = s.avx2._mm256_extracti128_si256::<1>(wide);
-            let dmin = half_at(b, 2) * x.d;
-            offsets = s.fma._mm_fmadd_ps(
-                s.sse._mm_set1_ps(dmin),
-                s.sse2._mm_cvtepi32_ps(s.sse2._mm_madd_epi16(mins, pairs)),
-                offsets,
+                        ._mm256_shuffle_epi8(w.scales, broadcast_mask(avx, j as i16)),
+                ),
             );
         }
+        *acc = s.fma._mm256_fmadd_ps(
+            s.avx._mm256_set1_ps(w.d * x.d),
+            s.avx._mm256_cvtepi32_ps(sums),
+            *acc,
+        );
+        // Sums of the input's sub-blocks (pairs of its 16-value sums) times the offsets.
+        let pairs = s.ssse3._mm_hadd_epi16(
+            cast(array_i16::<8>(&x.sums[..8])),
+            cast(array_i16::<8>(&x.sums[8..])),
+        );
+        *offsets = s.fma._mm_fmadd_ps(
+            s.sse._mm_set1_ps(w.dmin * x.d),
+            s.sse2._mm_cvtepi32_ps(s.sse2._mm_madd_epi16(w.mins, pairs)),
+            *offsets,
+        );
+    }
+
+    /// A row's result from its accumulators: the lanes are added once, at the end of the row.
+    #[inline(always)]
+    fn finish_q4k(avx: Avx2, acc: __m256, offsets: __m128) -> f32 {
+        let s = avx.simd;
         let o = s
             .sse
             ._mm_add_ps(offsets, s.sse._mm_movehl_ps(offsets, offsets));
@@ -393,77 +304,161 @@ mod avx2 {
         avx.sum_lanes_f32(acc) - s.sse._mm_cvtss_f32(o)
     }
 
-    /// [`rows_q6k`] for one input row, as [`dot_q4k`] is for Q4_K.
+    /// One weight row (`w`) times each input row of `xs` (rows of `blocks` superblocks), into
+    /// `dst`: each superblock unpacked once for all the rows. A row's steps do not depend on
+    /// the rows beside it.
     #[inline(always)]
-    fn dot_q6k(avx: Avx2, w: &[u8], xs: &[InputSuper]) -> f32 {
+    fn rows_q4k(avx: Avx2, w: &[u8], xs: &[InputSuper], blocks: usize, dst: &mut [f32]) {
+        let s = avx.simd;
+        let rows = dst.len();
+        let mut acc = [s.avx._mm256_setzero_ps(); super::super::MAX_ROWS];
+        let mut offsets = [s.sse._mm_setzero_ps(); super::super::MAX_ROWS];
+        for (i, b) in w.chunks_exact(144).enumerate() {
+            let unpacked = unpack_q4k(avx, b);
+            for r in 0..rows {
+                step_q4k(
+                    avx,
+                    &unpacked,
+                    &xs[r * blocks + i],
+                    &mut acc[r],
+                    &mut offsets[r],
+                );
+            }
+        }
+        for r in 0..rows {
+            dst[r] = finish_q4k(avx, acc[r], offsets[r]);
+        }
+    }
+
+    /// [`rows_q4k`] for one input row, its accumulators in registers (the arrays of several
+    /// rows' live in memory, which costs a single row a third of its speed); the same steps.
+    #[inline(always)]
+    fn dot_q4k(avx: Avx2, w: &[u8], xs: &[InputSuper]) -> f32 {
+        let s = avx.simd;
+        let mut acc = s.avx._mm256_setzero_ps();
+        let mut offsets = s.sse._mm_setzero_ps();
+        for (b, x) in w.chunks_exact(144).zip(xs) {
+            step_q4k(avx, &unpack_q4k(avx, b), x, &mut acc, &mut offsets);
+        }
+        finish_q4k(avx, acc, offsets)
+    }
+
+    /// A Q6_K superblock unpacked: its 6-bit values (eight registers of 32), its sixteen scales
+    /// as 16-bit lanes, each 128-bit half of those in both halves of a register, and its f16
+    /// scale widened.
+    struct Q6k {
+        values: [__m256i; 8],
+        wide: __m256i,
+        halves: [__m256i; 2],
+        d: f32,
+    }
+
+    /// The top two bits of four values a byte, in place above the low four.
+    #[inline(always)]
+    fn top_bits(avx: Avx2, shifted: __m256i) -> __m256i {
+        let s = avx.simd;
+        s.avx2
+            ._mm256_slli_epi16::<4>(s.avx2._mm256_and_si256(shifted, s.avx._mm256_set1_epi8(3)))
+    }
+
+    #[inline(always)]
+    fn unpack_q6k(avx: Avx2, b: &[u8]) -> Q6k {
         let s = avx.simd;
         let low = s.avx._mm256_set1_epi8(0x0f);
-        let two = s.avx._mm256_set1_epi8(3);
-        let mut acc = s.avx._mm256_setzero_ps();
-        for (b, x) in w.chunks_exact(210).zip(xs) {
-            let raw: [u8; 16] = array::<16>(&b[Q6K_SCALES..]);
-            let wide = s.avx2._mm256_cvtepi8_epi16(cast(raw));
-            let mut sums = s.avx._mm256_setzero_si256();
-            for half in 0..2 {
-                let scales = if half == 0 {
-                    s.avx2._mm256_permute2x128_si256::<0x00>(wide, wide)
-                } else {
-                    s.avx2._mm256_permute2x128_si256::<0x11>(wide, wide)
-                };
-                let a = load(&b[64 * half..]);
-                let c = load(&b[64 * half + 32..]);
-                let h = load(&b[Q6K_QH + 32 * half..]);
-                let top = |shifted: __m256i| {
-                    s.avx2
-                        ._mm256_slli_epi16::<4>(s.avx2._mm256_and_si256(shifted, two))
-                };
-                let values = [
-                    s.avx2
-                        ._mm256_or_si256(s.avx2._mm256_and_si256(a, low), top(h)),
-                    s.avx2._mm256_or_si256(
-                        s.avx2._mm256_and_si256(c, low),
-                        top(s.avx2._mm256_srli_epi16::<2>(h)),
-                    ),
-                    s.avx2._mm256_or_si256(
-                        s.avx2
-                            ._mm256_and_si256(s.avx2._mm256_srli_epi16::<4>(a), low),
-                        top(s.avx2._mm256_srli_epi16::<4>(h)),
-                    ),
-                    s.avx2._mm256_or_si256(
-                        s.avx2
-                            ._mm256_and_si256(s.avx2._mm256_srli_epi16::<4>(c), low),
-                        top(s.avx2._mm256_srli_epi16::<6>(h)),
-                    ),
-                ];
-                for (quarter, v) in values.into_iter().enumerate() {
-                    let at = 128 * half + 32 * quarter;
-                    sums = s.avx2._mm256_add_epi32(
-                        sums,
-                        s.avx2._mm256_madd_epi16(
-                            s.avx2._mm256_maddubs_epi16(v, load_i8(&x.qs[at..])),
-                            s.avx2
-                                ._mm256_shuffle_epi8(scales, pair_mask(avx, 2 * quarter as i16)),
-                        ),
-                    );
-                }
-            }
-            // The values' centre 32, through the input's sums of 16 values.
-            let centre = s
+        let raw: [u8; 16] = array::<16>(&b[Q6K_SCALES..]);
+        let wide = s.avx2._mm256_cvtepi8_epi16(cast(raw));
+        let mut values = [s.avx._mm256_setzero_si256(); 8];
+        for half in 0..2 {
+            let a = load(&b[64 * half..]);
+            let c = load(&b[64 * half + 32..]);
+            let h = load(&b[Q6K_QH + 32 * half..]);
+            values[4 * half] = s
                 .avx2
-                ._mm256_madd_epi16(wide, cast(array_i16::<16>(&x.sums)));
-            let sums = s
-                .avx2
-                ._mm256_sub_epi32(sums, s.avx2._mm256_slli_epi32::<5>(centre));
-            acc = s.fma._mm256_fmadd_ps(
-                s.avx._mm256_set1_ps(half_at(b, Q6K_D) * x.d),
-                s.avx._mm256_cvtepi32_ps(sums),
-                acc,
+                ._mm256_or_si256(s.avx2._mm256_and_si256(a, low), top_bits(avx, h));
+            values[4 * half + 1] = s.avx2._mm256_or_si256(
+                s.avx2._mm256_and_si256(c, low),
+                top_bits(avx, s.avx2._mm256_srli_epi16::<2>(h)),
             );
+            values[4 * half + 2] = s.avx2._mm256_or_si256(
+                s.avx2
+                    ._mm256_and_si256(s.avx2._mm256_srli_epi16::<4>(a), low),
+                top_bits(avx, s.avx2._mm256_srli_epi16::<4>(h)),
+            );
+            values[4 * half + 3] = s.avx2._mm256_or_si256(
+                s.avx2
+                    ._mm256_and_si256(s.avx2._mm256_srli_epi16::<4>(c), low),
+                top_bits(avx, s.avx2._mm256_srli_epi16::<6>(h)),
+            );
+        }
+        Q6k {
+            values,
+            wide,
+            halves: [
+                s.avx2._mm256_permute2x128_si256::<0x00>(wide, wide),
+                s.avx2._mm256_permute2x128_si256::<0x11>(wide, wide),
+            ],
+            d: half_at(b, Q6K_D),
+        }
+    }
+
+    /// One unpacked superblock times one input superblock, added to a row's accumulator.
+    #[inline(always)]
+    fn step_q6k(avx: Avx2, w: &Q6k, x: &InputSuper, acc: &mut __m256) {
+        let s = avx.simd;
+        let mut sums = s.avx._mm256_setzero_si256();
+        for (k, v) in w.values.iter().enumerate() {
+            let (half, quarter) = (k / 4, k % 4);
+            sums = s.avx2._mm256_add_epi32(
+                sums,
+                s.avx2._mm256_madd_epi16(
+                    s.avx2._mm256_maddubs_epi16(*v, load_i8(&x.qs[32 * k..])),
+                    s.avx2
+                        ._mm256_shuffle_epi8(w.halves[half], pair_mask(avx, 2 * quarter as i16)),
+                ),
+            );
+        }
+        // The values' centre 32, through the input's sums of 16 values.
+        let centre = s
+            .avx2
+            ._mm256_madd_epi16(w.wide, cast(array_i16::<16>(&x.sums)));
+        let sums = s
+            .avx2
+            ._mm256_sub_epi32(sums, s.avx2._mm256_slli_epi32::<5>(centre));
+        *acc = s.fma._mm256_fmadd_ps(
+            s.avx._mm256_set1_ps(w.d * x.d),
+            s.avx._mm256_cvtepi32_ps(sums),
+            *acc,
+        );
+    }
+
+    /// [`rows_q4k`] for Q6_K.
+    #[inline(always)]
+    fn rows_q6k(avx: Avx2, w: &[u8], xs: &[InputSuper], blocks: usize, dst: &mut [f32]) {
+        let s = avx.simd;
+        let rows = dst.len();
+        let mut acc = [s.avx._mm256_setzero_ps(); super::super::MAX_ROWS];
+        for (i, b) in w.chunks_exact(210).enumerate() {
+            let unpacked = unpack_q6k(avx, b);
+            for r in 0..rows {
+                step_q6k(avx, &unpacked, &xs[r * blocks + i], &mut acc[r]);
+            }
+        }
+        for r in 0..rows {
+            dst[r] = avx.sum_lanes_f32(acc[r]);
+        }
+    }
+
+    /// [`dot_q4k`] for Q6_K.
+    #[inline(always)]
+    fn dot_q6k(avx: Avx2, w: &[u8], xs: &[InputSuper]) -> f32 {
+        let mut acc = avx.simd.avx._mm256_setzero_ps();
+        for (b, x) in w.chunks_exact(210).zip(xs) {
+            step_q6k(avx, &unpack_q6k(avx, b), x, &mut acc);
         }
         avx.sum_lanes_f32(acc)
     }
 
-    /// [`q4k_scales`] four bytes at a time: the eight scales then the eight offsets, as the
+    /// The scalar reference's `q4k_scales` four bytes at a time: the eight scales then the eight offsets, as the
     /// bytes of four u32.
     #[inline(always)]
     fn q4k_scales_packed(b: &[u8]) -> [u32; 4] {
@@ -482,85 +477,6 @@ mod avx2 {
         let mut a = [0i16; N];
         a.copy_from_slice(&v[..N]);
         a
-    }
-
-    /// [`rows_q4k`] for Q6_K: each superblock's 6-bit values are put together once, then
-    /// multiplied with each input row's superblock.
-    #[inline(always)]
-    fn rows_q6k(avx: Avx2, w: &[u8], xs: &[InputSuper], blocks: usize, dst: &mut [f32]) {
-        let s = avx.simd;
-        let low = s.avx._mm256_set1_epi8(0x0f);
-        let two = s.avx._mm256_set1_epi8(3);
-        let rows = dst.len();
-        let mut acc = [s.avx._mm256_setzero_ps(); super::super::MAX_ROWS];
-        for (i, b) in w.chunks_exact(210).enumerate() {
-            let raw: [u8; 16] = array::<16>(&b[Q6K_SCALES..]);
-            let wide = s.avx2._mm256_cvtepi8_epi16(cast(raw));
-            let top = |shifted: __m256i| {
-                s.avx2
-                    ._mm256_slli_epi16::<4>(s.avx2._mm256_and_si256(shifted, two))
-            };
-            let mut values = [s.avx._mm256_setzero_si256(); 8];
-            for half in 0..2 {
-                let a = load(&b[64 * half..]);
-                let c = load(&b[64 * half + 32..]);
-                let h = load(&b[Q6K_QH + 32 * half..]);
-                values[4 * half] = s
-                    .avx2
-                    ._mm256_or_si256(s.avx2._mm256_and_si256(a, low), top(h));
-                values[4 * half + 1] = s.avx2._mm256_or_si256(
-                    s.avx2._mm256_and_si256(c, low),
-                    top(s.avx2._mm256_srli_epi16::<2>(h)),
-                );
-                values[4 * half + 2] = s.avx2._mm256_or_si256(
-                    s.avx2
-                        ._mm256_and_si256(s.avx2._mm256_srli_epi16::<4>(a), low),
-                    top(s.avx2._mm256_srli_epi16::<4>(h)),
-                );
-                values[4 * half + 3] = s.avx2._mm256_or_si256(
-                    s.avx2
-                        ._mm256_and_si256(s.avx2._mm256_srli_epi16::<4>(c), low),
-                    top(s.avx2._mm256_srli_epi16::<6>(h)),
-                );
-            }
-            let halves = [
-                s.avx2._mm256_permute2x128_si256::<0x00>(wide, wide),
-                s.avx2._mm256_permute2x128_si256::<0x11>(wide, wide),
-            ];
-            let d = half_at(b, Q6K_D);
-            for r in 0..rows {
-                let x = &xs[r * blocks + i];
-                let mut sums = s.avx._mm256_setzero_si256();
-                for (k, v) in values.iter().enumerate() {
-                    let (half, quarter) = (k / 4, k % 4);
-                    sums = s.avx2._mm256_add_epi32(
-                        sums,
-                        s.avx2._mm256_madd_epi16(
-                            s.avx2._mm256_maddubs_epi16(*v, load_i8(&x.qs[32 * k..])),
-                            s.avx2._mm256_shuffle_epi8(
-                                halves[half],
-                                pair_mask(avx, 2 * quarter as i16),
-                            ),
-                        ),
-                    );
-                }
-                // The values' centre 32, through the input's sums of 16 values.
-                let centre = s
-                    .avx2
-                    ._mm256_madd_epi16(wide, cast(array_i16::<16>(&x.sums)));
-                let sums = s
-                    .avx2
-                    ._mm256_sub_epi32(sums, s.avx2._mm256_slli_epi32::<5>(centre));
-                acc[r] = s.fma._mm256_fmadd_ps(
-                    s.avx._mm256_set1_ps(d * x.d),
-                    s.avx._mm256_cvtepi32_ps(sums),
-                    acc[r],
-                );
-            }
-        }
-        for r in 0..rows {
-            dst[r] = avx.sum_lanes_f32(acc[r]);
-        }
     }
 }
 

@@ -196,7 +196,7 @@ pub fn rows_times_blocks(
             k::quantize_row(x, q);
         }
         spread(w, row_bytes, rows, out, |w, dst| {
-            k::products(format, w, row_bytes, &input, blocks, dst)
+            products(format, w, row_bytes, &input, blocks, dst)
         });
         return;
     }
@@ -251,38 +251,39 @@ fn spread(
 }
 
 /// Every weight row of `w` (rows of `row_bytes`) times every quantized input row of `input`
-/// (rows of `blocks` blocks), into `dst` output-major.
-fn products(
+/// (rows of `blocks` blocks: [`InputBlock`]s, or [`k::InputSuper`]s for the superblock
+/// formats), into `dst` output-major.
+#[cfg(target_arch = "x86_64")]
+fn products<'a, I>(
     format: Format,
-    w: &[u8],
+    w: &'a [u8],
     row_bytes: usize,
-    input: &[InputBlock],
+    input: &'a [I],
     blocks: usize,
-    dst: &mut [f32],
-) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let Some(simd) = pulp::x86::V3::try_new() else {
-            unreachable!("qmatvec::supports checked AVX2 and FMA")
-        };
-        pulp::Simd::vectorize(
+    dst: &'a mut [f32],
+) where
+    avx2::Products<'a, I>: pulp::WithSimd<Output = ()>,
+{
+    let Some(simd) = pulp::x86::V3::try_new() else {
+        unreachable!("qmatvec::supports checked AVX2 and FMA")
+    };
+    pulp::Simd::vectorize(
+        simd,
+        avx2::Products {
             simd,
-            avx2::Products {
-                simd,
-                format,
-                w,
-                row_bytes,
-                input,
-                blocks,
-                dst,
-            },
-        );
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (format, w, row_bytes, input, blocks, dst);
-        unreachable!("qmatvec::supports is false off x86-64")
-    }
+            format,
+            w,
+            row_bytes,
+            input,
+            blocks,
+            dst,
+        },
+    );
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn products<I>(_: Format, _: &[u8], _: usize, _: &[I], _: usize, _: &mut [f32]) {
+    unreachable!("qmatvec::supports is false off x86-64")
 }
 
 /// The f16 at `bytes[at..at + 2]`, widened exactly, in inline arithmetic rather than
@@ -328,17 +329,18 @@ pub(crate) mod avx2 {
     /// compiled without the vector instructions `with_simd` gets, and every intrinsic inlined
     /// into it would become a call (20x slower in test builds; release builds happened to
     /// inline it).
-    pub(super) struct Products<'a> {
-        pub(super) simd: V3,
-        pub(super) format: Format,
-        pub(super) w: &'a [u8],
-        pub(super) row_bytes: usize,
-        pub(super) input: &'a [InputBlock],
-        pub(super) blocks: usize,
-        pub(super) dst: &'a mut [f32],
+    /// `I` is the input's block type: [`InputBlock`] here, the superblock formats' in `k`.
+    pub(crate) struct Products<'a, I> {
+        pub(crate) simd: V3,
+        pub(crate) format: Format,
+        pub(crate) w: &'a [u8],
+        pub(crate) row_bytes: usize,
+        pub(crate) input: &'a [I],
+        pub(crate) blocks: usize,
+        pub(crate) dst: &'a mut [f32],
     }
 
-    impl WithSimd for Products<'_> {
+    impl WithSimd for Products<'_, InputBlock> {
         type Output = ();
 
         #[inline(always)]
