@@ -244,7 +244,12 @@ impl Head {
             return Err(refuse(400, "max_tokens must be at least 1".into()));
         }
         let pipeline = &shared.config.pipeline;
-        match self.verdict(shared) {
+        let verdict = if internal {
+            self.judged(shared)
+        } else {
+            self.verdict(shared)
+        };
+        match verdict {
             Verdict::Serving => {}
             Verdict::Unwarmed { .. } if internal => {}
             Verdict::Unwarmed { .. } => {
@@ -448,6 +453,9 @@ impl Head {
     /// up, each sequence is cancelled around the ring instead, so that every stage frees it
     /// once the stalled one moves again.
     pub fn fail_all(&self, shared: &Shared, message: String, broken: bool) {
+        if broken {
+            self.watch.broke(&message);
+        }
         let failed: Vec<(SeqId, SeqState)> = lock(&self.sequences).drain().collect();
         let callers = failed.iter().filter(|(_, st)| !st.internal).count();
         if callers > 0 {

@@ -35,6 +35,10 @@ struct Warmup {
     /// Failed attempts in a row, and when to try again.
     failures: u32,
     retry_at: Option<Instant>,
+    /// Why the ring last broke, until a warm-up goes round again: stage 0 may hear of a break
+    /// (an error frame, its own link's end) a beat before its view of the links shows it, and
+    /// admitting a request in that beat would send it into the broken ring.
+    broken: Option<String>,
 }
 
 /// What stage 0 keeps of its watch.
@@ -75,6 +79,14 @@ impl Watch {
         }
     }
 
+    /// The ring lost a link (`message` says which): it serves again only once a warm-up has
+    /// gone round the ring as it then stands.
+    pub(super) fn broke(&self, message: &str) {
+        let mut w = lock(&self.warmup);
+        w.done = None;
+        w.broken = Some(message.to_string());
+    }
+
     fn failed(&self) {
         let mut w = lock(&self.warmup);
         w.failures = w.failures.saturating_add(1);
@@ -89,6 +101,31 @@ impl Head {
     /// Whether the ring serves now, judged from this stage's passes and link and what the
     /// heartbeats brought.
     pub fn verdict(&self, shared: &Shared) -> Verdict {
+        let verdict = self.judged(shared);
+        match verdict {
+            Verdict::Unwarmed { .. } => {
+                let w = lock(&self.watch.warmup);
+                match (&w.broken, &w.running) {
+                    (Some(why), None) => Verdict::Broken {
+                        state: RingState::NotConnected,
+                        message: why.clone(),
+                    },
+                    (Some(why), Some(r)) => Verdict::Broken {
+                        state: RingState::NotConnected,
+                        message: format!(
+                            "{why}; a warm-up through the ring as it stands now has run for {:.1} s",
+                            r.started.elapsed().as_secs_f64()
+                        ),
+                    },
+                    (None, _) => verdict,
+                }
+            }
+            _ => verdict,
+        }
+    }
+
+    /// The verdict from the links alone, without the last break: what the warm-up goes by.
+    pub(super) fn judged(&self, shared: &Shared) -> Verdict {
         let own = shared.own_beat(shared.own_link());
         let warmed = self.watch.warmed();
         shared
@@ -203,6 +240,7 @@ impl Head {
                     "warm-up done: the ring serves"
                 );
                 w.done = Some(running.links);
+                w.broken = None;
                 w.failures = 0;
                 w.retry_at = None;
             }
