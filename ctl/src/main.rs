@@ -61,6 +61,8 @@ enum Verb {
     Nodes,
     /// Chat with an endpoint through its OpenAI-compatible API (interactive, or -p once).
     Chat(commands::chat::ChatArgs),
+    /// Measure an endpoint's throughput and latency at 1, 4, 16 and 32 concurrent streams.
+    Bench(commands::bench::BenchArgs),
     /// Show recent events the agent recorded.
     Events(commands::events::EventsArgs),
     /// Check manifests offline, without a running cluster.
@@ -143,6 +145,7 @@ fn main() -> ExitCode {
         Verb::Nodes => commands::nodes::run(&env),
         Verb::Events(a) => commands::events::run(&env, a),
         Verb::Chat(a) => commands::chat::run(&env, a),
+        Verb::Bench(a) => commands::bench::run(&env, a),
         Verb::Validate(a) => commands::validate::run(a),
         Verb::Config(v) => commands::config::run(v),
     };

@@ -622,3 +622,111 @@ fn raw_request(address: &str, head: &str) -> String {
     let n = s.read(&mut buf).unwrap_or(0);
     String::from_utf8_lossy(&buf[..n]).into_owned()
 }
+
+/// `clusterctl bench`: every level's requests answered, each generating the tokens asked for,
+/// throughput and latency figures that agree with each other; the same through URLs spread
+/// over two targets; a target with nothing behind it fails naming it.
+#[test]
+fn clusterctl_bench_measures_every_level_and_says_what_failed() {
+    let (c, _model, port) = serve(8);
+    let out = c.ctl(&[
+        "bench",
+        "tiny-api",
+        "-c",
+        "1,3",
+        "-n",
+        "6",
+        "-p",
+        "12",
+        "-r",
+        "2",
+        "--api-key",
+        KEY,
+        "-o",
+        "json",
+    ]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let v: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["targets"][0]["model"], MODEL, "{v}");
+    let levels = v["levels"].as_array().unwrap();
+    assert_eq!(levels.len(), 2, "{v}");
+    for (level, streams) in levels.iter().zip([1u64, 3]) {
+        assert_eq!(level["streams"], streams, "{level}");
+        assert_eq!(level["requests"], streams * 2, "{level}");
+        assert_eq!(level["failed"], 0, "{level}");
+        // ignore_eos: every request generates all six tokens.
+        assert_eq!(level["outputTokens"], streams * 2 * 6, "{level}");
+        let wall = level["wallSeconds"].as_f64().unwrap();
+        let rate = level["outputTokensPerSecond"].as_f64().unwrap();
+        assert!(wall > 0.0 && rate > 0.0, "{level}");
+        assert!(
+            (rate * wall - (streams * 12) as f64).abs() < 1e-6,
+            "{level}"
+        );
+        let prompt = level["promptTokensMean"].as_f64().unwrap();
+        assert!((10.0..=40.0).contains(&prompt), "{level}");
+        for key in ["ttftMs", "itlMs"] {
+            let p = |q: &str| level[key][q].as_f64().unwrap();
+            assert!(
+                0.0 < p("p50") && p("p50") <= p("p90") && p("p90") <= p("p99"),
+                "{key}: {level}"
+            );
+            assert!(p("p99") < wall * 1e3, "{key}: {level}");
+        }
+        assert!(level["streamTokensPerSecondP50"].as_f64().unwrap() > 0.0);
+        assert!(
+            stderr.contains(&format!(
+                "{streams} streams: {} requests (0 failed)",
+                streams * 2
+            )),
+            "{stderr}"
+        );
+    }
+    // Two URLs (replicas' shape; here the same endpoint twice), the model from /v1/models.
+    let url = format!("http://127.0.0.1:{port}");
+    let out = c.ctl(&[
+        "bench",
+        &url,
+        &url,
+        "-c",
+        "2",
+        "-n",
+        "4",
+        "-r",
+        "1",
+        "--api-key",
+        KEY,
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cells: Vec<Vec<&str>> = stdout
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(cells.len(), 2, "{stdout}");
+    assert_eq!(cells[0][..3], ["STREAMS", "OK", "TOKENS/S"], "{stdout}");
+    assert_eq!(cells[1][..2], ["2", "2/2"], "{stdout}");
+    let total: f64 = cells[1][2].parse().unwrap();
+    let per_stream: f64 = cells[1][3].parse().unwrap();
+    assert!(total > 0.0 && per_stream > 0.0, "{stdout}");
+    // Nothing listens here: the target is named, and the exit status says it failed.
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let out = c.ctl(&["bench", &dead, "--model", MODEL, "-c", "1", "-n", "2"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("warm-up request to {dead}")),
+        "{stderr}"
+    );
+    let out = c.ctl(&["bench", &url, "-c", "0"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--concurrency 0"));
+}

@@ -1,6 +1,7 @@
 //! One file per verb.
 
 pub mod apply;
+pub mod bench;
 pub mod chat;
 pub mod config;
 pub mod delete;
