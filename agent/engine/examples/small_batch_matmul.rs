@@ -7,6 +7,7 @@
 //! ```sh
 //! RAYON_NUM_THREADS=1 cargo run --release -p cluster-engine --example small_batch_matmul
 //! OUT=768 IN=2048 RAYON_NUM_THREADS=1 cargo run --release -p cluster-engine --example small_batch_matmul
+//! ROWS=8,16,32,64 RAYON_NUM_THREADS=1 cargo run --release -p cluster-engine --example small_batch_matmul
 //! ```
 
 use std::time::Instant;
@@ -43,7 +44,11 @@ fn main() -> Result<()> {
     let rounds = 5;
     let per_call = |t: Instant| t.elapsed().as_secs_f64() / (rounds * weights.len()) as f64 * 1e3;
     let mut one_row = None;
-    for rows in [1usize, 2, 3, 4, 6, 8] {
+    let counts: Vec<usize> = match std::env::var("ROWS") {
+        Ok(v) => v.split(',').filter_map(|r| r.trim().parse().ok()).collect(),
+        Err(_) => vec![1, 2, 3, 4, 6, 8],
+    };
+    for rows in counts {
         let x = Tensor::randn(0f32, 1.0, (rows, 1, width), &dev)?;
         let t = Instant::now();
         for _ in 0..rounds {
