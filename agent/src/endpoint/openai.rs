@@ -19,6 +19,12 @@ use super::EndpointState;
 use super::stop::StopMatcher;
 use crate::ring::head::{Event, Request};
 
+/// A stream that has sent nothing for this long gets an SSE comment (`: keep-alive`), which
+/// clients ignore: a long prompt's prefill, or a slow stage's pass, can take many seconds before
+/// the first token, and proxies and load balancers close connections that stay silent (nginx
+/// after 60 s by default).
+const KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// An error as OpenAI reports it: status, message, type, parameter and code.
 #[derive(Debug)]
 pub struct ApiError {
@@ -718,6 +724,8 @@ fn stream(
             return;
         }
         let mut generated = 0usize;
+        let mut quiet =
+            tokio::time::interval_at(tokio::time::Instant::now() + KEEP_ALIVE, KEEP_ALIVE);
         loop {
             if ctx.matcher.stopped() {
                 let last = ctx.chunk(None, Some("stop"), include_usage);
@@ -734,7 +742,15 @@ fn stream(
                     gone(&ctx);
                     return;
                 }
+                _ = quiet.tick() => {
+                    if tx.send(Bytes::from_static(b": keep-alive\n\n")).await.is_err() {
+                        gone(&ctx);
+                        return;
+                    }
+                    continue;
+                }
             };
+            quiet.reset();
             let done = match &event {
                 Some(Event::Done {
                     finish_reason,

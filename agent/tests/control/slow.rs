@@ -130,6 +130,46 @@ fn long_stream(port: u16) -> std::thread::JoinHandle<(usize, Value, Instant)> {
     })
 }
 
+/// A streamed completion whose first token takes a 10 s pass: the endpoint sends SSE
+/// keep-alive comments while it waits, so that no proxy takes the stream for dead, and the
+/// chunks and `[DONE]` after them.
+fn silent_prefill_is_kept_alive(port: u16) {
+    let agent = http_client(Duration::from_secs(120));
+    let sent = Instant::now();
+    let resp = agent
+        .post(&format!("http://127.0.0.1:{port}/v1/completions"))
+        .send_json(
+            json!({"model": "tiny-pipe", "prompt": "Hello", "max_tokens": 1, "stream": true}),
+        )
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let mut lines = Vec::new();
+    for line in BufReader::new(resp.into_body().into_reader()).lines() {
+        let line = line.unwrap();
+        if !line.is_empty() {
+            lines.push((sent.elapsed(), line));
+        }
+    }
+    let first_data = lines
+        .iter()
+        .position(|(_, l)| l.starts_with("data: "))
+        .expect("a data chunk");
+    let alive: Vec<Duration> = lines[..first_data]
+        .iter()
+        .filter(|(_, l)| l == ": keep-alive")
+        .map(|(t, _)| *t)
+        .collect();
+    assert!(
+        !alive.is_empty(),
+        "no keep-alive before the first token: {lines:?}"
+    );
+    assert!(
+        alive[0] >= Duration::from_secs(4) && alive[0] < Duration::from_secs(8),
+        "{lines:?}"
+    );
+    assert_eq!(lines.last().unwrap().1, "data: [DONE]", "{lines:?}");
+}
+
 /// Stage 1's passes as stage 0's heartbeats last saw them (the endpoint's `/health`): how many
 /// it finished, and how long the one in progress has run.
 fn stage_1_passes(port: u16) -> Option<(u64, Option<f64>)> {
@@ -215,6 +255,9 @@ fn ten_second_passes_are_served_and_a_kill_in_the_middle_of_one_fails_fast() {
                     t.elapsed().as_secs_f64()
                 );
                 assert_no_alarm(&s, &format!("{agents} agents, 10 s passes"));
+                if agents == 2 {
+                    silent_prefill_is_kept_alive(s.port);
+                }
 
                 // SIGKILL of stage 1 in the middle of one of its passes: the stream's first,
                 // the next one after those it has finished (heartbeats are up to 200 ms old,
