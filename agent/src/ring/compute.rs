@@ -83,6 +83,13 @@ pub struct SequenceStart {
     pub context: Vec<u32>,
 }
 
+/// While other sequences decode, a prefill chunk at stage 0 takes about this many of their
+/// decode passes' time: their next token waits for one chunk and one pass.
+const CHUNK_BUDGET_PASSES: f64 = 2.0;
+
+/// The fewest prompt tokens in a chunk: fewer would cost more in passes than they save.
+const MIN_CHUNK: usize = 16;
+
 /// Most decode steps run as one batched forward pass: enough to keep a stage busy with many
 /// sequences, few enough that one pass stays short.
 pub const MAX_BATCH: usize = 16;
@@ -195,6 +202,8 @@ pub fn run(
         pace,
         inbound: None,
         resume: None,
+        decode_turn: false,
+        prompt_token_time: Duration::ZERO,
         inbox: VecDeque::new(),
         frames: Vec::new(),
         samplers: HashMap::new(),
@@ -212,8 +221,13 @@ struct Worker {
     pace: Option<PassFloor>,
     /// The current connection from the predecessor.
     inbound: Option<InboundConn>,
-    /// The rest of a prompt whose chunks run back to back, before anything else.
+    /// The rest of a prompt whose chunks run one after another, with a decode pass of the
+    /// other sequences between two chunks (see [`Worker::take_resume`]).
     resume: Option<Job>,
+    /// Whether a decode pass may go before the prompt's next chunk.
+    decode_turn: bool,
+    /// Moving average of a prompt token's share of a prefill chunk's time at this stage.
+    prompt_token_time: Duration,
     /// Jobs made from inbound frames, in the order the frames came.
     inbox: VecDeque<Job>,
     /// Reused buffer for frames just read.
@@ -242,6 +256,12 @@ impl Worker {
                 decode_batch(&self.shared, &self.stage, &mut self.samplers, batch, floor);
                 self.note_pass(started.elapsed());
                 self.flush_events();
+                continue;
+            }
+            if matches!(job, Job::Prompt { .. }) && self.resume.is_some() {
+                // Taken on the way (behind a decode batch): it waits for the prompt under way,
+                // whose rest `resume` holds.
+                self.inbox.push_back(job);
                 continue;
             }
             self.publish_backlog(held.is_some());
@@ -394,7 +414,7 @@ impl Worker {
                 if !head.is_live(seq) {
                     return true;
                 }
-                let end = (next + shared.config.prefill_chunk).min(tokens.len());
+                let end = (next + self.prompt_chunk()).min(tokens.len());
                 let step = Step {
                     seq,
                     position: next,
@@ -407,9 +427,12 @@ impl Worker {
                     },
                 };
                 let chunk = StageInput::Tokens(tokens[next..end].to_vec());
+                let started = Instant::now();
                 self.single(step, chunk);
+                self.note_chunk(end - next, started.elapsed());
                 head.prefilled(seq, end);
                 if end < tokens.len() {
+                    self.decode_turn = true;
                     self.resume = Some(Job::Prompt {
                         seq,
                         tokens,
@@ -467,12 +490,66 @@ impl Worker {
         true
     }
 
-    /// A job available now, without waiting: from the inbound frames first, then the queue,
-    /// then whatever the socket has.
-    fn ready_job(&mut self) -> Option<Job> {
-        if let Some(j) = self.resume.take() {
-            return Some(j);
+    /// The rest of a prompt, or, after each of its chunks, what else waits: a long prompt must
+    /// not stop the other sequences for the seconds its prefill takes. Once per chunk a decode
+    /// step that waits goes first (the first of a batch), and so do the quick jobs queued before
+    /// it (releases, a new connection); other prompts wait for this one, as they always have.
+    fn take_resume(&mut self) -> Option<Job> {
+        self.resume.as_ref()?;
+        if std::mem::take(&mut self.decode_turn) {
+            // Tokens sampled by the last stage come in on the predecessor's connection; routed,
+            // they queue the next decode steps.
+            self.read_inbound();
+            let waiting = self
+                .inbox
+                .iter()
+                .position(|j| !matches!(j, Job::Prompt { .. }));
+            if let Some(j) = waiting.and_then(|k| self.inbox.remove(k)) {
+                self.decode_turn = decode_seq(&j).is_none();
+                return Some(j);
+            }
+            while let Ok(j) = self.jobs.try_recv() {
+                if matches!(j, Job::Prompt { .. }) {
+                    self.inbox.push_back(j);
+                    continue;
+                }
+                self.decode_turn = decode_seq(&j).is_none();
+                return Some(j);
+            }
         }
+        self.resume.take()
+    }
+
+    /// Prompt tokens in stage 0's next prefill chunk: the pipeline's `prefillChunk`, or, while
+    /// other sequences decode, as many as take about [`CHUNK_BUDGET_PASSES`] of their decode
+    /// passes, so that each chunk delays their next token by that much at most (and never fewer
+    /// than [`MIN_CHUNK`]). A prompt's logits do not depend on where its chunks end: each row
+    /// takes the same operations in any chunk.
+    fn prompt_chunk(&self) -> usize {
+        let most = self.shared.config.prefill_chunk.max(1);
+        let decoding = self.shared.head.as_ref().map_or(0, |h| h.decoding());
+        if decoding == 0 || self.pass_time.is_zero() || self.prompt_token_time.is_zero() {
+            return most;
+        }
+        let budget = self.pass_time.mul_f64(CHUNK_BUDGET_PASSES).as_secs_f64();
+        let fits = (budget / self.prompt_token_time.as_secs_f64()) as usize;
+        fits.clamp(MIN_CHUNK.min(most), most)
+    }
+
+    /// Keeps the moving average of a prompt token's time from a chunk of `tokens` that took
+    /// `took`.
+    fn note_chunk(&mut self, tokens: usize, took: Duration) {
+        let per = took / tokens.max(1) as u32;
+        self.prompt_token_time = if self.prompt_token_time.is_zero() {
+            per
+        } else {
+            self.prompt_token_time.mul_f64(0.5) + per.mul_f64(0.5)
+        };
+    }
+
+    /// A job available now, without waiting, that may join a decode batch: from the inbound
+    /// frames first, then the queue, then whatever the socket has (never the rest of a prompt).
+    fn ready_job(&mut self) -> Option<Job> {
         if let Some(j) = self.inbox.pop_front() {
             return Some(j);
         }
@@ -491,7 +568,7 @@ impl Worker {
         // 200 ms) sleeps again at once, or an idle stage would spin a tenth of its time.
         let mut spinning = true;
         loop {
-            if let Some(j) = self.resume.take() {
+            if let Some(j) = self.take_resume() {
                 return Some(j);
             }
             if let Some(j) = self.inbox.pop_front() {

@@ -248,3 +248,99 @@ fn a_gguf_written_by_llama_cpps_own_writer_runs_through_the_ring() {
         assert_eq!(ids, expected, "prompt {prompt:?}");
     }
 }
+
+/// A long prompt admitted while other sequences decode does not stop them: stage 0 runs a
+/// decode pass of theirs between two chunks of its prefill, and sizes the chunks by their pass
+/// time. Every sequence, the long one included, still gets the one-process tokens (a prompt's
+/// logits do not depend on where its chunks end).
+#[test]
+fn a_long_prompt_admitted_while_others_decode_lets_them_go_on() {
+    use std::time::Instant;
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    make_model_with(
+        &model,
+        "llama",
+        &["--hidden", "128", "--intermediate", "256"],
+    );
+    let ring = Ring::start(&model, &["0-1", "2-3"], 128);
+    let long_prompt = "The two machines sat side by side on the shelf. ".repeat(80);
+    let short: Vec<String> = (0..3).map(|i| format!("{} {i}", PROMPTS[i])).collect();
+    let expected_short: Vec<Vec<u32>> = short
+        .iter()
+        .map(|p| crate::harness::one_process_with(&model, p, 1500, true))
+        .collect();
+    let expected_long = one_process(&model, &long_prompt, 6);
+    std::thread::scope(|s| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let streams: Vec<_> = short
+            .iter()
+            .map(|prompt| {
+                let (status, lines) =
+                    ring.stream(&json!({"prompt": prompt, "max_tokens": 1500, "ignore_eos": true}));
+                assert_eq!(status, 200);
+                let tx = tx.clone();
+                s.spawn(move || {
+                    let mut ids = Vec::new();
+                    let mut times = Vec::new();
+                    for event in lines {
+                        if event["event"] != "token" {
+                            break;
+                        }
+                        ids.push(event["id"].as_u64().unwrap() as u32);
+                        times.push(Instant::now());
+                        if ids.len() == 20 {
+                            tx.send(()).unwrap();
+                        }
+                    }
+                    (ids, times)
+                })
+            })
+            .collect();
+        for _ in 0..3 {
+            rx.recv_timeout(std::time::Duration::from_secs(60))
+                .expect("every stream decodes");
+        }
+        let sent = Instant::now();
+        let (status, lines) = ring.stream(&json!({"prompt": long_prompt, "max_tokens": 6}));
+        assert_eq!(status, 200);
+        let mut long_ids = Vec::new();
+        let mut first_token = None;
+        let mut prompt_tokens = 0;
+        for event in lines {
+            match event["event"].as_str() {
+                Some("token") => {
+                    first_token.get_or_insert_with(Instant::now);
+                    long_ids.push(event["id"].as_u64().unwrap() as u32);
+                }
+                Some("done") => {
+                    prompt_tokens = event["prompt_tokens"].as_u64().unwrap_or(0);
+                    break;
+                }
+                _ => panic!("the long prompt failed: {event}"),
+            }
+        }
+        let first_token = first_token.expect("the long prompt's first token");
+        assert_eq!(long_ids, expected_long, "the long prompt's tokens");
+        for (i, h) in streams.into_iter().enumerate() {
+            let (ids, times) = h.join().unwrap();
+            assert_eq!(ids, expected_short[i], "stream {i}");
+            // Tokens the stream got while the long prompt was prefilled: with the prompt's chunks
+            // run back to back, as before, the 2 or 3 tokens already on their way (4 at most in
+            // runs of this test); with a decode pass between chunks, 23 to 83.
+            let during = times
+                .iter()
+                .filter(|t| **t > sent && **t < first_token)
+                .count();
+            eprintln!(
+                "stream {i}: {during} tokens during the long prefill of {:?}",
+                first_token - sent
+            );
+            assert!(
+                during >= 10,
+                "stream {i} got {during} tokens in the {:?} the {prompt_tokens}-token prompt's prefill took",
+                first_token - sent
+            );
+        }
+    });
+}
