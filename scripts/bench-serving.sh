@@ -12,7 +12,7 @@
 # Environment: LEVELS (default 1,2,4,8,16,32), TOKENS per request (96), PROMPT tokens per request
 # (16: decode dominates; raise it to see prefill's share), REQUESTS per stream and level (2),
 # LAYERS (12), HIDDEN (768), MODEL (a model folder to use instead of the random-weight
-# Llama-shaped one written here), ONLY (a space-separated subset of "one replicas ring"), KEEP=1
+# Llama-shaped one written here), AGENT (another clusteragent binary, e.g. an earlier build's), ONLY (a space-separated subset of "one replicas ring"), KEEP=1
 # to leave the agents running.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,7 +30,7 @@ command -v taskset >/dev/null || { echo "bench-serving: taskset is needed to pin
 
 echo "==> building clusteragent and clusterctl (release)"
 cargo build --release -q -p clusteragent -p clusterctl
-agent=$PWD/target/release/clusteragent
+agent=${AGENT:-$PWD/target/release/clusteragent}
 ctl=$PWD/target/release/clusterctl
 
 dir=$(mktemp -d -t bench-serving.XXXXXX)
