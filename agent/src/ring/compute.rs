@@ -166,6 +166,26 @@ fn decode_seq(job: &Job) -> Option<SeqId> {
     }
 }
 
+/// Where a prompt chunk from `next` ends, for a prompt of `len` tokens, a chunk of `chunk`
+/// tokens wanted and the pipeline's `prefill_chunk`: a chunk smaller than that never leaves a
+/// last token alone unless chunks of `prefill_chunk` would (a one-row chunk goes through another
+/// product than a longer one), and always does when they would.
+fn chunk_end(next: usize, len: usize, chunk: usize, prefill_chunk: usize) -> usize {
+    let end = (next + chunk.max(1)).min(len);
+    if chunk >= prefill_chunk || len < 2 {
+        return end;
+    }
+    let last_alone = (len - 1) % prefill_chunk.max(1) == 0;
+    // Ending one short of that last token would leave a chunk of one before it.
+    if last_alone && next < len - 1 && end + 2 >= len {
+        len - 1
+    } else if !last_alone && end == len - 1 {
+        len
+    } else {
+        end
+    }
+}
+
 /// How long a stage waits for a decode step announced by [`FLAG_MORE_FOLLOWS`]: the frames of
 /// one pass are written back to back, so it comes within microseconds unless its link broke.
 const MORE_FOLLOWS_LIMIT: Duration = Duration::from_millis(2);
@@ -414,7 +434,12 @@ impl Worker {
                 if !head.is_live(seq) {
                     return true;
                 }
-                let end = (next + self.prompt_chunk()).min(tokens.len());
+                let end = chunk_end(
+                    next,
+                    tokens.len(),
+                    self.prompt_chunk(),
+                    shared.config.prefill_chunk,
+                );
                 let step = Step {
                     seq,
                     position: next,
@@ -523,12 +548,17 @@ impl Worker {
     /// Prompt tokens in stage 0's next prefill chunk: the pipeline's `prefillChunk`, or, while
     /// other sequences decode, as many as take about [`CHUNK_BUDGET_PASSES`] of their decode
     /// passes, so that each chunk delays their next token by that much at most (and never fewer
-    /// than [`MIN_CHUNK`]). A prompt's logits do not depend on where its chunks end: each row
-    /// takes the same operations in any chunk.
+    /// than [`MIN_CHUNK`]). Only where the stage's rows come out the same in any chunk
+    /// ([`Stage::chunks_are_row_exact`]), so that a prompt's logits do not depend on the load
+    /// it was admitted under; elsewhere chunks keep their size and only the interleaving helps.
     fn prompt_chunk(&self) -> usize {
         let most = self.shared.config.prefill_chunk.max(1);
         let decoding = self.shared.head.as_ref().map_or(0, |h| h.decoding());
-        if decoding == 0 || self.pass_time.is_zero() || self.prompt_token_time.is_zero() {
+        if decoding == 0
+            || self.pass_time.is_zero()
+            || self.prompt_token_time.is_zero()
+            || !self.stage.chunks_are_row_exact()
+        {
             return most;
         }
         let budget = self.pass_time.mul_f64(CHUNK_BUDGET_PASSES).as_secs_f64();
@@ -866,6 +896,40 @@ fn finish(
         Err(e) => {
             samplers.remove(&seq);
             shared.fail_sequence(seq, &e.to_string());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chunk_end;
+
+    #[test]
+    fn a_smaller_chunk_leaves_the_last_token_alone_exactly_when_full_chunks_would() {
+        let sizes = |len: usize, chunk: usize, most: usize| {
+            let (mut next, mut sizes) = (0, Vec::new());
+            while next < len {
+                let end = chunk_end(next, len, chunk, most);
+                sizes.push(end - next);
+                next = end;
+            }
+            sizes
+        };
+        // Full chunks: as before.
+        assert_eq!(sizes(300, 128, 128), [128, 128, 44]);
+        assert_eq!(sizes(257, 128, 128), [128, 128, 1]);
+        for len in 1..600 {
+            for chunk in [16, 17, 43, 100, 127] {
+                let got = sizes(len, chunk, 128);
+                assert_eq!(got.iter().sum::<usize>(), len);
+                let alone = got.len() > 1 && got[got.len() - 1] == 1;
+                let full_alone = len > 1 && (len - 1) % 128 == 0;
+                assert_eq!(alone, full_alone, "len {len}, chunk {chunk}: {got:?}");
+                assert!(
+                    got[..got.len() - 1].iter().all(|&s| s >= 2),
+                    "len {len}, chunk {chunk}: {got:?}"
+                );
+            }
         }
     }
 }

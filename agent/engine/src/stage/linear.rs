@@ -224,11 +224,9 @@ pub(super) fn decode_on_cpu(
     kernel(w, bias, x)
 }
 
-/// Half-precision (bf16, f16) weights in CPU memory against f32 inputs: decode steps of up to
-/// [`HALF_KERNEL_ROWS`] sequences through the kernel (a sequence decoded alone or batched gets
-/// the same bits, as with f32); prefill chunks, whatever their length, and bigger batches as a
-/// general product over blocks of widened weight rows, whose rows each take the same steps in
-/// any chunk (stage 0 sizes chunks by load, and a prompt's logits must not depend on that).
+/// Half-precision (bf16, f16) weights in CPU memory against f32 inputs: up to
+/// [`HALF_KERNEL_ROWS`] rows through the kernel (a sequence decoded alone or batched gets the
+/// same bits, as with f32); more as a general product over blocks of widened weight rows.
 /// `None` for other weights or inputs.
 fn half_on_cpu(w: &Tensor, bias: Option<&Tensor>, x: &Tensor) -> Result<Option<Tensor>> {
     if !matches!(w.dtype(), DType::BF16 | DType::F16)
@@ -239,7 +237,7 @@ fn half_on_cpu(w: &Tensor, bias: Option<&Tensor>, x: &Tensor) -> Result<Option<T
     }
     let (b, len, width) = x.dims3()?;
     let rows = b * len;
-    if len == 1 && rows <= HALF_KERNEL_ROWS {
+    if rows <= HALF_KERNEL_ROWS {
         return kernel(w, bias, x);
     }
     let (outputs, w_width) = w.dims2()?;

@@ -182,6 +182,22 @@ impl Stage {
         &self.device
     }
 
+    /// Whether a prompt chunk's rows come out the same whatever the chunk's length, as long as
+    /// it has more than one row: on the CPU with f32 weights from safetensors, whose chunks go
+    /// through candle's general product, which takes the same operations for a row in any
+    /// chunk (a chunk of one row goes through `matvec`, which sums in another order). Stage 0
+    /// may then size chunks by load without changing a prompt's logits. Not so for half
+    /// precision (the decode kernel up to 16 rows, a general product past) nor for GGUF files
+    /// (several kernels, by block format and rows).
+    pub fn chunks_are_row_exact(&self) -> bool {
+        self.device.is_cpu()
+            && self.dtype == DType::F32
+            && !self.files.iter().any(|f| {
+                f.extension()
+                    .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+            })
+    }
+
     /// The precision of the stage's weights.
     pub fn dtype(&self) -> DType {
         self.dtype
