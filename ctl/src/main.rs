@@ -9,12 +9,14 @@
 //! - [`config`]: contexts (server URL and token) in the user's config directory.
 //! - [`output`]: tables, ages, sizes, YAML and JSON.
 //! - [`manifests`]: reading manifest files, folders and stdin.
+//! - [`openai`]: requests to OpenAI-compatible endpoints (`chat`, `bench`).
 //! - [`commands`]: one file per verb.
 
 mod client;
 mod commands;
 mod config;
 mod manifests;
+mod openai;
 mod output;
 
 use std::path::PathBuf;

@@ -9,7 +9,7 @@
 //! replicas (one agent per machine, each serving the whole model) can be measured as one
 //! service beside a pipeline that splits the model.
 
-use std::io::{BufRead, BufReader, IsTerminal, Write};
+use std::io::{BufRead, IsTerminal, Write};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -291,29 +291,8 @@ fn one_request(
     progress: Option<&Progress>,
 ) -> anyhow::Result<Sample> {
     let url = format!("{}/v1/completions", target.url);
-    let mut req = http.post(&url);
-    if let Some(k) = &args.api_key {
-        req = req.header("Authorization", &format!("Bearer {k}"));
-    }
     let sent = Instant::now();
-    let resp = req
-        .send_json(body)
-        .with_context(|| format!("cannot reach {}", target.label))?;
-    let status = resp.status().as_u16();
-    let mut reader = BufReader::new(resp.into_body().into_reader());
-    if status != 200 {
-        let mut text = String::new();
-        let _ = std::io::Read::read_to_string(&mut reader, &mut text);
-        let message = serde_json::from_str::<Value>(&text)
-            .ok()
-            .and_then(|v| {
-                v.pointer("/error/message")
-                    .and_then(Value::as_str)
-                    .map(str::to_string)
-            })
-            .unwrap_or(text);
-        bail!("{} refused ({status}): {message}", target.label);
-    }
+    let mut reader = crate::openai::post(http, &url, args.api_key.as_deref(), body, &target.label)?;
     let mut sample = Sample::default();
     let mut last: Option<Instant> = None;
     let mut usage = None;

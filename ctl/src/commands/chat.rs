@@ -2,7 +2,7 @@
 //! streaming the answer as it comes. With `-p` it answers one prompt and exits; otherwise it
 //! reads prompts line by line and keeps the conversation.
 
-use std::io::{BufRead, BufReader, IsTerminal, Write};
+use std::io::{BufRead, IsTerminal, Write};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -78,28 +78,13 @@ pub fn run(env: &Env, args: ChatArgs) -> Outcome {
         if let Some(seed) = args.seed {
             body["seed"] = json!(seed);
         }
-        let mut req = http.post(&format!("{url}/v1/chat/completions"));
-        if let Some(k) = &args.api_key {
-            req = req.header("Authorization", &format!("Bearer {k}"));
-        }
-        let resp = req
-            .send_json(&body)
-            .with_context(|| format!("cannot reach endpoint {} at {url}", args.endpoint))?;
-        let status = resp.status().as_u16();
-        let mut reader = BufReader::new(resp.into_body().into_reader());
-        if status != 200 {
-            let mut text = String::new();
-            let _ = std::io::Read::read_to_string(&mut reader, &mut text);
-            let message = serde_json::from_str::<Value>(&text)
-                .ok()
-                .and_then(|v| {
-                    v.pointer("/error/message")
-                        .and_then(Value::as_str)
-                        .map(str::to_string)
-                })
-                .unwrap_or(text);
-            bail!("endpoint {} refused ({status}): {message}", args.endpoint);
-        }
+        let mut reader = crate::openai::post(
+            &http,
+            &format!("{url}/v1/chat/completions"),
+            args.api_key.as_deref(),
+            &body,
+            &format!("endpoint {} at {url}", args.endpoint),
+        )?;
         let mut answer = String::new();
         let mut out = std::io::stdout();
         let mut line = String::new();
