@@ -39,6 +39,40 @@ impl TextTokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// [`TextTokenizer::encode`] for text that may be far longer than a model's context:
+    /// `Ok(Err(n))` when it has more than `limit` tokens, `n` being a count past `limit`
+    /// reached without tokenizing the rest. Tokenizing holds about a hundred bytes per token,
+    /// so a prompt of megabytes, tokenized whole only to be refused, would cost an agent
+    /// gigabytes. A token covers at least one byte, so text of at most `limit` bytes is
+    /// tokenized whole at once; longer text is first counted piece by piece ([`PIECE_BYTES`],
+    /// cut after white space), and tokenized whole only when that count is within the limit.
+    pub fn encode_within(
+        &self,
+        text: &str,
+        special: bool,
+        limit: usize,
+    ) -> Result<std::result::Result<Vec<u32>, usize>> {
+        if text.len() > limit {
+            let (mut counted, mut cuts, mut rest) = (0usize, 0usize, text);
+            while !rest.is_empty() {
+                let (piece, after) = rest.split_at(piece_end(rest, PIECE_BYTES));
+                counted += self.encode(piece, false)?.len();
+                rest = after;
+                // A cut may split or merge a token or two; only a count past that is sure.
+                if counted > limit + CUT_SLACK * cuts {
+                    return Ok(Err(counted - CUT_SLACK * cuts));
+                }
+                cuts += 1;
+            }
+        }
+        let ids = self.encode(text, special)?;
+        Ok(if ids.len() > limit {
+            Err(ids.len())
+        } else {
+            Ok(ids)
+        })
+    }
+
     /// Text of `ids`, skipping special tokens when `skip_special` is set.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
         self.inner
@@ -58,6 +92,30 @@ impl TextTokenizer {
     /// often padded past it; ids beyond it have no text.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
+    }
+}
+
+/// Bytes of text [`TextTokenizer::encode_within`] counts at a time.
+pub const PIECE_BYTES: usize = 64 << 10;
+
+/// Tokens a cut between two pieces may add or remove from the count.
+const CUT_SLACK: usize = 4;
+
+/// Where the first piece of `text` of about `most` bytes ends: after the last white space
+/// before `most` when there is one, else at the last character boundary before it.
+fn piece_end(text: &str, most: usize) -> usize {
+    if text.len() <= most {
+        return text.len();
+    }
+    let mut end = most;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    match text[..end].rfind(char::is_whitespace) {
+        Some(at) if at > 0 => at,
+        _ if end > 0 => end,
+        // A first character longer than `most` (never with a `most` of kilobytes).
+        _ => text.char_indices().nth(1).map_or(text.len(), |(i, _)| i),
     }
 }
 

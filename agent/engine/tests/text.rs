@@ -62,6 +62,42 @@ fn qwen_tokenizer_encodes_as_qwen_and_streams_whole_characters() {
     assert_eq!(stream(&tokenizer, &ids), MIXED_TEXT);
 }
 
+/// A prompt far past the context is refused after counting a few pieces of it, and text within
+/// it gets exactly the ids a whole encoding gives, whether or not it was counted first.
+#[test]
+fn a_prompt_past_the_context_is_counted_in_pieces_not_tokenized_whole() {
+    let Some(data) = shared_data() else { return };
+    let tokenizer = TextTokenizer::from_file(&data.join("qwen-tokenizer/tokenizer.json")).unwrap();
+    let prose = format!("{MIXED_TEXT} The two machines sat side by side on the shelf.\n");
+    // 4 MB: tokenized whole it would take hundreds of megabytes.
+    let huge = prose.repeat(4_000_000 / prose.len());
+    let limit = 40_960;
+    let counted = tokenizer.encode_within(&huge, true, limit).unwrap();
+    let Err(n) = counted else {
+        panic!("a 4 MB prompt fits {limit} tokens")
+    };
+    // Refused once the count passed the limit, a piece of text later: not after tokenizing
+    // all of it, which would count about a million tokens.
+    assert!(n > limit && n < 2 * limit, "{n}");
+    // Longer than the limit in bytes, within it in tokens: counted, then the same ids as whole.
+    for text in [prose.repeat(3000), prose.repeat(40), " ".repeat(70_000)] {
+        let want = tokenizer.encode(&text, true).unwrap();
+        for limit in [want.len(), want.len() + 1, text.len() - 1] {
+            let got = tokenizer.encode_within(&text, true, limit).unwrap();
+            assert_eq!(
+                got.as_ref().ok(),
+                Some(&want),
+                "{} bytes, limit {limit}",
+                text.len()
+            );
+        }
+        let got = tokenizer
+            .encode_within(&text, true, want.len() - 1)
+            .unwrap();
+        assert!(got.is_err_and(|n| n >= want.len()), "{} bytes", text.len());
+    }
+}
+
 #[test]
 fn fixture_tokenizer_is_a_trained_byte_level_bpe() {
     let dir = tempfile::tempdir().unwrap();

@@ -82,6 +82,28 @@ fn bad(message: impl Into<String>, param: Option<&'static str>) -> ApiError {
     ApiError::new(400, message, "invalid_request_error", param, None)
 }
 
+/// A prompt's ids from [`TextTokenizer::encode_within`](cluster_engine::tokenizer::TextTokenizer::encode_within),
+/// or OpenAI's context error when it holds more tokens than the model's `context`.
+fn within_context(
+    encoded: cluster_engine::Result<Result<Vec<u32>, usize>>,
+    context: usize,
+    param: &'static str,
+) -> Result<Vec<u32>, ApiError> {
+    match encoded {
+        Ok(Ok(ids)) => Ok(ids),
+        Ok(Err(n)) => Err(ApiError::new(
+            400,
+            format!(
+                "This model's maximum context length is {context} tokens; your prompt has at least {n} tokens"
+            ),
+            "invalid_request_error",
+            Some(param),
+            Some("context_length_exceeded"),
+        )),
+        Err(e) => Err(bad(e.to_string(), Some(param))),
+    }
+}
+
 /// `stream_options`.
 #[derive(Debug, Default, Deserialize)]
 struct StreamOptions {
@@ -273,6 +295,7 @@ fn prepare(
     }
     let stops = stops(&req.stop)?;
     let tokenizer = head.tokenizer();
+    let context = head.folder().config.max_position_embeddings;
     let prompt_ids = match kind {
         Kind::Chat => {
             let messages = match &req.messages {
@@ -307,9 +330,11 @@ fn prepare(
                         Some("messages"),
                     )
                 })?;
-            tokenizer
-                .encode(&text, false)
-                .map_err(|e| bad(e.to_string(), Some("messages")))?
+            within_context(
+                tokenizer.encode_within(&text, false, context),
+                context,
+                "messages",
+            )?
         }
         Kind::Text => {
             let one = match &req.prompt {
@@ -327,9 +352,11 @@ fn prepare(
                 None => return Err(bad("you must give `prompt`", Some("prompt"))),
             };
             match one {
-                Value::String(s) => tokenizer
-                    .encode(&s, true)
-                    .map_err(|e| bad(e.to_string(), Some("prompt")))?,
+                Value::String(s) => within_context(
+                    tokenizer.encode_within(&s, true, context),
+                    context,
+                    "prompt",
+                )?,
                 Value::Array(ids) => {
                     let ids = ids
                         .iter()
@@ -363,7 +390,6 @@ fn prepare(
             }
         }
     };
-    let context = head.folder().config.max_position_embeddings;
     let room = context.saturating_sub(prompt_ids.len());
     if room == 0 {
         return Err(ApiError::new(

@@ -48,8 +48,18 @@ fn error_reply(status: u16, message: String) -> warp::reply::Response {
 
 fn prompt_ids(shared: &Shared, body: &GenerateBody) -> Result<Vec<u32>, String> {
     let head = shared.head.as_ref().ok_or("this stage is not stage 0")?;
+    let context = head.folder().config.max_position_embeddings;
+    // Text far past the context is refused after counting a piece of it, not tokenized whole.
+    let within =
+        |text: &str, special: bool| match head.tokenizer().encode_within(text, special, context) {
+            Ok(Ok(ids)) => Ok(ids),
+            Ok(Err(n)) => Err(format!(
+                "the prompt has at least {n} tokens but the model's context is {context} tokens"
+            )),
+            Err(e) => Err(e.to_string()),
+        };
     match (&body.prompt, &body.messages, &body.prompt_ids) {
-        (Some(p), None, None) => head.tokenizer().encode(p, true).map_err(|e| e.to_string()),
+        (Some(p), None, None) => within(p, true),
         (None, Some(m), None) => {
             let template = head
                 .folder()
@@ -57,9 +67,7 @@ fn prompt_ids(shared: &Shared, body: &GenerateBody) -> Result<Vec<u32>, String> 
                 .as_ref()
                 .ok_or("the model has no chat template; send `prompt` instead")?;
             let text = template.render(m, true, None).map_err(|e| e.to_string())?;
-            head.tokenizer()
-                .encode(&text, false)
-                .map_err(|e| e.to_string())
+            within(&text, false)
         }
         (None, None, Some(ids)) => Ok(ids.clone()),
         _ => Err("give exactly one of `prompt`, `messages` or `prompt_ids`".into()),

@@ -730,3 +730,67 @@ fn clusterctl_bench_measures_every_level_and_says_what_failed() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--concurrency 0"));
 }
+
+/// The peak resident memory of process `pid`, in bytes (Linux).
+#[cfg(target_os = "linux")]
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kib * 1024
+}
+
+/// A prompt of megabytes, far past the context, is refused with the context error after
+/// counting a piece of it: tokenized whole it took an agent from 53 MB to 840 MB, and anyone
+/// can send one to an endpoint without keys. The same through the ring's `/generate`, and
+/// through chat messages.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_prompt_of_megabytes_is_refused_without_tokenizing_it_whole() {
+    let (c, _model, port) = serve(8);
+    let huge = "The two machines sat side by side on the shelf. ".repeat(100_000);
+    assert!(huge.len() > 4_000_000);
+    let before = peak_rss(c.pid(0));
+    for _ in 0..3 {
+        let (status, v) = json_of(
+            port,
+            "/v1/completions",
+            &json!({"model": MODEL, "prompt": huge, "max_tokens": 4}),
+        );
+        assert_eq!(status, 400, "{v}");
+        assert_eq!(v["error"]["code"], "context_length_exceeded", "{v}");
+        let message = v["error"]["message"].as_str().unwrap();
+        assert!(
+            message.starts_with(
+                "This model's maximum context length is 4096 tokens; your prompt has at least "
+            ),
+            "{message}"
+        );
+    }
+    let mut chat = chat_body("", 4);
+    chat["messages"][0]["content"] = json!(huge);
+    let (status, v) = json_of(port, "/v1/chat/completions", &chat);
+    assert_eq!(
+        (status, &v["error"]["code"]),
+        (400, &json!("context_length_exceeded")),
+        "{v}"
+    );
+    let resp = http()
+        .post(&format!("http://127.0.0.1:{port}/generate"))
+        .header("Authorization", &format!("Bearer {KEY}"))
+        .send_json(json!({"prompt": huge, "max_tokens": 4}))
+        .unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.into_body().read_to_string().unwrap();
+    assert_eq!(status, 400, "{text}");
+    assert!(
+        text.contains("but the model's context is 4096 tokens"),
+        "{text}"
+    );
+    let grown = peak_rss(c.pid(0)).saturating_sub(before);
+    assert!(
+        grown < 150 << 20,
+        "the agent's peak memory grew by {} MB",
+        grown >> 20
+    );
+}
