@@ -155,13 +155,11 @@ pub fn run(env: &Env, args: BenchArgs) -> Outcome {
                 );
                 let _ = std::io::stderr().flush();
             }
-            line
         });
         if tty {
             eprintln!();
-        } else {
-            eprintln!("{}", level.summary_line());
         }
+        eprintln!("{}", level.summary_line());
         failed_any |= !level.errors.is_empty();
         levels.push(level);
     }
@@ -367,7 +365,7 @@ fn run_level(
     targets: &[Target],
     args: &BenchArgs,
     streams: usize,
-    show: impl Fn(&Progress, Instant) -> String,
+    show: impl Fn(&Progress, Instant),
 ) -> Level {
     let progress = Arc::new(Progress::default());
     let results: Arc<Mutex<(Vec<Sample>, Vec<String>)>> = Arc::default();
