@@ -160,7 +160,11 @@ t = time.time()
 r = json.load(urllib.request.urlopen(urllib.request.Request(sys.argv[1] + "/v1/completions", body, {"content-type": "application/json"})))
 print(f"{r['usage']['prompt_tokens']} {time.time() - t:.2f}")
 PY
-  wait $bench
+  if ! wait $bench; then
+    echo "bench-serving: the 8 streams beside the long prompt did not all succeed:" >&2
+    cat "$dir/$name-long.err" >&2
+    exit 1
+  fi
   python3 - "$dir" "$name" <<'PY'
 import json, os, sys
 d, name = sys.argv[1], sys.argv[2]
