@@ -5,6 +5,27 @@ use std::io::BufReader;
 use anyhow::{Context, bail};
 use serde_json::Value;
 
+use crate::Env;
+use crate::output::text;
+
+/// An Endpoint's base URL (no trailing slash) and the model name it serves, from the cluster.
+pub fn endpoint(env: &Env, name: &str) -> anyhow::Result<(String, String)> {
+    let ep = env.client()?.get(&format!("/api/v1/endpoints/{name}"))?;
+    let url = text(&ep, "/status/url").trim_end_matches('/').to_string();
+    if url.is_empty() {
+        bail!(
+            "endpoint {name} is not listening yet: {}",
+            text(&ep, "/status/message")
+        );
+    }
+    let model = ep
+        .pointer("/spec/servedModelName")
+        .and_then(Value::as_str)
+        .unwrap_or_else(|| text(&ep, "/spec/pipeline"))
+        .to_string();
+    Ok((url, model))
+}
+
 /// Posts `body` to `url` (with `api_key` as a bearer token, when given) and returns the reader
 /// of a 200 answer's body; anything else is an error with the server's own message, naming the
 /// server as `who`.

@@ -19,7 +19,7 @@ use clap::Args;
 use serde_json::{Value, json};
 
 use super::Outcome;
-use crate::output::{table, text};
+use crate::output::table;
 use crate::{Env, Usage};
 
 /// Flags of `bench`.
@@ -230,23 +230,8 @@ fn resolve(
             model,
         });
     }
-    let client = env.client()?;
-    let ep = client.get(&format!("/api/v1/endpoints/{target}"))?;
-    let url = text(&ep, "/status/url").trim_end_matches('/').to_string();
-    if url.is_empty() {
-        bail!(
-            "endpoint {target} is not listening yet: {}",
-            text(&ep, "/status/message")
-        );
-    }
-    let model = match &args.model {
-        Some(m) => m.clone(),
-        None => ep
-            .pointer("/spec/servedModelName")
-            .and_then(Value::as_str)
-            .unwrap_or_else(|| text(&ep, "/spec/pipeline"))
-            .to_string(),
-    };
+    let (url, served) = crate::openai::endpoint(env, target)?;
+    let model = args.model.clone().unwrap_or(served);
     Ok(Target {
         label: target.to_string(),
         url,

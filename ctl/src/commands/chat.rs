@@ -11,7 +11,6 @@ use serde_json::{Value, json};
 
 use super::Outcome;
 use crate::Env;
-use crate::output::text;
 
 /// Flags of `chat`.
 #[derive(Debug, Args)]
@@ -43,21 +42,7 @@ pub struct ChatArgs {
 
 /// Runs `chat`.
 pub fn run(env: &Env, args: ChatArgs) -> Outcome {
-    let client = env.client()?;
-    let ep = client.get(&format!("/api/v1/endpoints/{}", args.endpoint))?;
-    let url = text(&ep, "/status/url").to_string();
-    if url.is_empty() {
-        bail!(
-            "endpoint {} is not listening yet: {}",
-            args.endpoint,
-            text(&ep, "/status/message")
-        );
-    }
-    let model = ep
-        .pointer("/spec/servedModelName")
-        .and_then(Value::as_str)
-        .unwrap_or_else(|| text(&ep, "/spec/pipeline"))
-        .to_string();
+    let (url, model) = crate::openai::endpoint(env, &args.endpoint)?;
     let http: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_secs(args.timeout)))
         .http_status_as_error(false)
