@@ -105,19 +105,19 @@ impl Head {
         match verdict {
             Verdict::Unwarmed { .. } => {
                 let w = lock(&self.watch.warmup);
-                match (&w.broken, &w.running) {
-                    (Some(why), None) => Verdict::Broken {
-                        state: RingState::NotConnected,
-                        message: why.clone(),
-                    },
-                    (Some(why), Some(r)) => Verdict::Broken {
-                        state: RingState::NotConnected,
-                        message: format!(
-                            "{why}; a warm-up through the ring as it stands now has run for {:.1} s",
-                            r.started.elapsed().as_secs_f64()
-                        ),
-                    },
-                    (None, _) => verdict,
+                let Some(why) = &w.broken else {
+                    return verdict;
+                };
+                let message = match &w.running {
+                    None => why.clone(),
+                    Some(r) => format!(
+                        "{why}; a warm-up through the ring as it stands now has run for {:.1} s",
+                        r.started.elapsed().as_secs_f64()
+                    ),
+                };
+                Verdict::Broken {
+                    state: RingState::NotConnected,
+                    message,
                 }
             }
             _ => verdict,
