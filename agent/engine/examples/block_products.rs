@@ -39,6 +39,7 @@ fn main() -> Result<()> {
             "q5_1" => GgmlDType::Q5_1,
             "q8_0" => GgmlDType::Q8_0,
             "q4_k" => GgmlDType::Q4K,
+            "q5_k" => GgmlDType::Q5K,
             "q6_k" => GgmlDType::Q6K,
             other => panic!("no block format {other}"),
         };

@@ -20,8 +20,8 @@ use cluster_fixtures::{Arch, TinyModel};
 use common::{argmax, check_every_split, load_split};
 
 const TOLERANCE: f32 = 1e-4;
-/// Logits of stages whose products sum in another order than candle's on this CPU: Q4_K and
-/// Q6_K always (our superblock kernel; candle's differ by CPU, and on x86 run on repacked
+/// Logits of stages whose products sum in another order than candle's on this CPU: Q4_K, Q5_K
+/// and Q6_K always (our superblock kernel; candle's differ by CPU, and on x86 run on repacked
 /// copies), Q8_0 where candle repacks it for VNNI (its input then rounded to 256-value blocks,
 /// ours to 32-value blocks as candle's reference kernel does). Each product is within float
 /// rounding of candle's (the kernels' unit tests bound it), but the next product rounds its
@@ -33,10 +33,12 @@ const DECODE_STEPS: usize = 16;
 
 /// The tolerance for a file whose matrices are in `types`.
 fn tolerance_for(types: &[GgmlDType]) -> f32 {
-    if types
-        .iter()
-        .any(|t| matches!(t, GgmlDType::Q4K | GgmlDType::Q6K | GgmlDType::Q8_0))
-    {
+    if types.iter().any(|t| {
+        matches!(
+            t,
+            GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K | GgmlDType::Q8_0
+        )
+    }) {
         REORDERED_TOLERANCE
     } else {
         TOLERANCE

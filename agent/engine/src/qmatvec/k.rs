@@ -1,5 +1,5 @@
-//! The 256-value superblock formats (GGUF's "K" quants Q4_K and Q6_K, those of the Q4_K_M files
-//! people download), multiplied from their block bytes as stored.
+//! The 256-value superblock formats (GGUF's "K" quants Q4_K, Q5_K and Q6_K, those of the Q4_K_M
+//! and Q5_K_M files people download), multiplied from their block bytes as stored.
 //!
 //! Each input row is quantized once per product to 8-bit superblocks with the sums of each
 //! 16 values (llama.cpp's and candle's Q8_K, the same integers candle computes), so that a
@@ -82,9 +82,12 @@ pub(crate) fn q4k_scales(b: &[u8]) -> ([u8; 8], [u8; 8]) {
     (sc, m)
 }
 
-/// Byte offsets within a superblock.
+/// Byte offsets within a superblock. Q5_K is Q4_K's layout with 32 bytes of fifth bits
+/// between the scales and the nibbles (bit `j` of byte `l` for value `l` of sub-block `j`).
 pub(crate) const Q4K_SCALES: usize = 4;
 pub(crate) const Q4K_QS: usize = 16;
+pub(crate) const Q5K_QH: usize = 16;
+pub(crate) const Q5K_QS: usize = 48;
 pub(crate) const Q6K_QH: usize = 128;
 pub(crate) const Q6K_SCALES: usize = 192;
 pub(crate) const Q6K_D: usize = 208;
@@ -109,17 +112,22 @@ pub(crate) fn q6k_value(b: &[u8], i: usize) -> u8 {
 pub(crate) fn dot_scalar(format: Format, w: &[u8], xs: &[InputSuper]) -> f32 {
     let mut sum = 0f32;
     match format {
-        Format::Q4K => {
-            for (b, x) in w.chunks_exact(144).zip(xs) {
+        Format::Q4K | Format::Q5K => {
+            let five = format == Format::Q5K;
+            let (bytes, qs_at) = if five { (176, Q5K_QS) } else { (144, Q4K_QS) };
+            for (b, x) in w.chunks_exact(bytes).zip(xs) {
                 let (sc, m) = q4k_scales(&b[Q4K_SCALES..Q4K_QS]);
-                let qs = &b[Q4K_QS..];
+                let qs = &b[qs_at..];
                 let (mut isum, mut msum) = (0i32, 0i32);
                 for j in 0..8 {
                     let (chunk, high) = (j / 2, j % 2 == 1);
                     let mut sub = 0i32;
                     for l in 0..32 {
                         let byte = qs[32 * chunk + l];
-                        let q = if high { byte >> 4 } else { byte & 0x0f };
+                        let mut q = if high { byte >> 4 } else { byte & 0x0f };
+                        if five {
+                            q |= ((b[Q5K_QH + l] >> j) & 1) << 4;
+                        }
                         sub += q as i32 * x.qs[32 * j + l] as i32;
                     }
                     isum += sc[j] as i32 * sub;
@@ -157,7 +165,9 @@ mod avx2 {
     use pulp::{Simd, WithSimd};
     use std::arch::x86_64::{__m128, __m128i, __m256, __m256i};
 
-    use super::{Format, InputSuper, Q4K_QS, Q4K_SCALES, Q6K_D, Q6K_QH, Q6K_SCALES, half_at};
+    use super::{
+        Format, InputSuper, Q4K_QS, Q4K_SCALES, Q5K_QH, Q5K_QS, Q6K_D, Q6K_QH, Q6K_SCALES, half_at,
+    };
     use crate::qmatvec::avx2::{Avx2, Products, array};
 
     impl WithSimd for Products<'_, InputSuper> {
@@ -170,7 +180,7 @@ mod avx2 {
             // A weight row at a time, times every input row: each superblock is unpacked once
             // and multiplied with each row's superblock while it sits in registers.
             macro_rules! each {
-                ($dot:ident, $rows:ident) => {{
+                ($dot:expr, $rows:expr) => {{
                     for (w_row, dst) in self
                         .w
                         .chunks_exact(self.row_bytes)
@@ -185,7 +195,8 @@ mod avx2 {
                 }};
             }
             match self.format {
-                Format::Q4K => each!(dot_q4k, rows_q4k),
+                Format::Q4K => each!(dot_q4k::<false>, rows_q4k::<false>),
+                Format::Q5K => each!(dot_q4k::<true>, rows_q4k::<true>),
                 Format::Q6K => each!(dot_q6k, rows_q6k),
                 _ => unreachable!("not a superblock format"),
             }
@@ -226,9 +237,9 @@ mod avx2 {
             ._mm256_setr_epi16(a, a, a, a, a, a, a, a, b, b, b, b, b, b, b, b)
     }
 
-    /// A Q4_K superblock unpacked: its values (eight registers of 32, in sub-block order), its
-    /// eight scales as 16-bit lanes in both halves of a register, its eight offsets as 16-bit
-    /// lanes, and its two f16 scales widened.
+    /// A Q4_K or Q5_K superblock unpacked: its values (eight registers of 32, in sub-block
+    /// order), its eight scales as 16-bit lanes in both halves of a register, its eight offsets
+    /// as 16-bit lanes, and its two f16 scales widened.
     struct Q4k {
         values: [__m256i; 8],
         scales: __m256i,
@@ -237,18 +248,34 @@ mod avx2 {
         dmin: f32,
     }
 
+    /// A Q4_K superblock unpacked, or where `FIVE` a Q5_K one: the same but for the fifth bit
+    /// of each value, which stays below 32, so that the products stay exact in 16 bits.
     #[inline(always)]
-    fn unpack_q4k(avx: Avx2, b: &[u8]) -> Q4k {
+    fn unpack_q4k<const FIVE: bool>(avx: Avx2, b: &[u8]) -> Q4k {
         let s = avx.simd;
         let low = s.avx._mm256_set1_epi8(0x0f);
         let wide = s.avx2._mm256_cvtepu8_epi16(cast(q4k_scales_packed(b)));
         let mut values = [s.avx._mm256_setzero_si256(); 8];
+        let qs = if FIVE { Q5K_QS } else { Q4K_QS };
         for chunk in 0..4 {
-            let v = load(&b[Q4K_QS + 32 * chunk..]);
+            let v = load(&b[qs + 32 * chunk..]);
             values[2 * chunk] = s.avx2._mm256_and_si256(v, low);
             values[2 * chunk + 1] = s
                 .avx2
                 ._mm256_and_si256(s.avx2._mm256_srli_epi16::<4>(v), low);
+        }
+        if FIVE {
+            let qh = load(&b[Q5K_QH..]);
+            let sixteen = s.avx._mm256_set1_epi8(0x10);
+            for (j, v) in values.iter_mut().enumerate() {
+                let bit = s.avx._mm256_set1_epi8(1 << j);
+                let set = s
+                    .avx2
+                    ._mm256_cmpeq_epi8(s.avx2._mm256_and_si256(qh, bit), bit);
+                *v = s
+                    .avx2
+                    ._mm256_or_si256(*v, s.avx2._mm256_and_si256(set, sixteen));
+            }
         }
         Q4k {
             values,
@@ -306,15 +333,21 @@ mod avx2 {
 
     /// One weight row (`w`) times each input row of `xs` (rows of `blocks` superblocks), into
     /// `dst`: each superblock unpacked once for all the rows. A row's steps do not depend on
-    /// the rows beside it.
+    /// the rows beside it. Q4_K, or Q5_K where `FIVE`.
     #[inline(always)]
-    fn rows_q4k(avx: Avx2, w: &[u8], xs: &[InputSuper], blocks: usize, dst: &mut [f32]) {
+    fn rows_q4k<const FIVE: bool>(
+        avx: Avx2,
+        w: &[u8],
+        xs: &[InputSuper],
+        blocks: usize,
+        dst: &mut [f32],
+    ) {
         let s = avx.simd;
         let rows = dst.len();
         let mut acc = [s.avx._mm256_setzero_ps(); super::super::MAX_ROWS];
         let mut offsets = [s.sse._mm_setzero_ps(); super::super::MAX_ROWS];
-        for (i, b) in w.chunks_exact(144).enumerate() {
-            let unpacked = unpack_q4k(avx, b);
+        for (i, b) in w.chunks_exact(if FIVE { 176 } else { 144 }).enumerate() {
+            let unpacked = unpack_q4k::<FIVE>(avx, b);
             for r in 0..rows {
                 step_q4k(
                     avx,
@@ -333,12 +366,12 @@ mod avx2 {
     /// [`rows_q4k`] for one input row, its accumulators in registers (the arrays of several
     /// rows' live in memory, which costs a single row a third of its speed); the same steps.
     #[inline(always)]
-    fn dot_q4k(avx: Avx2, w: &[u8], xs: &[InputSuper]) -> f32 {
+    fn dot_q4k<const FIVE: bool>(avx: Avx2, w: &[u8], xs: &[InputSuper]) -> f32 {
         let s = avx.simd;
         let mut acc = s.avx._mm256_setzero_ps();
         let mut offsets = s.sse._mm_setzero_ps();
-        for (b, x) in w.chunks_exact(144).zip(xs) {
-            step_q4k(avx, &unpack_q4k(avx, b), x, &mut acc, &mut offsets);
+        for (b, x) in w.chunks_exact(if FIVE { 176 } else { 144 }).zip(xs) {
+            step_q4k(avx, &unpack_q4k::<FIVE>(avx, b), x, &mut acc, &mut offsets);
         }
         finish_q4k(avx, acc, offsets)
     }
@@ -505,7 +538,7 @@ mod tests {
             .collect()
     }
 
-    /// Q4_K and Q6_K, 1 to 16 rows, several outputs and widths, one thread and two: the
+    /// Q4_K, Q5_K and Q6_K, 1 to 16 rows, several outputs and widths, one thread and two: the
     /// kernel is within float rounding of the scalar reference (same integers, float sums in
     /// another order), and the result is within what rounding the
     /// input to 8 bits can move of the f64 product of the dequantized weights, and of
@@ -516,6 +549,8 @@ mod tests {
         for (dtype, outputs, width) in [
             (GgmlDType::Q4K, 51, 512),
             (GgmlDType::Q4K, 203, 1024),
+            (GgmlDType::Q5K, 51, 512),
+            (GgmlDType::Q5K, 203, 1024),
             (GgmlDType::Q6K, 51, 512),
             (GgmlDType::Q6K, 203, 1024),
         ] {

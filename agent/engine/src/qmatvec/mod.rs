@@ -1,6 +1,6 @@
 //! Products `x · Wᵀ` against weights in GGUF's block formats, from the blocks as stored: the
 //! 32-value formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) here, the 256-value superblock formats
-//! (Q4_K, Q6_K) in [`k`], a few input rows at a time, with integer dot products in AVX2
+//! (Q4_K, Q5_K, Q6_K) in [`k`], a few input rows at a time, with integer dot products in AVX2
 //! registers.
 //!
 //! candle multiplies Q4_1, Q5_0 and Q5_1 one scalar value at a time (its `vec_dot_unopt`), and
@@ -13,12 +13,12 @@
 //! eight rows' scales at once, each lane taking the very float steps candle's scalar kernel
 //! takes for its row, so that no block pays for a horizontal sum or a scalar f16 conversion.
 //! Q4_0 and Q8_0 keep eight float lanes per row and add them at the end, as candle's AVX2
-//! kernels do. Either way the results have the bits of candle's reference kernels, which
-//! matters more than it seems: the next product rounds its input to 8 bits, and a last-bit
-//! difference that flips one rounding grows into a visible one (0.03-0.16 in a random model's
-//! logits), so the oracle tests compare these formats against candle-transformers' quantized
-//! models logit for logit where candle runs its reference kernels, within a stated bound where
-//! it runs others (its VNNI path for Q8_0, its superblock kernels).
+//! kernels do. Either way the results have the bits of the candle kernel a stage would
+//! otherwise run, which matters more than it seems: the next product rounds its input to 8
+//! bits, and a last-bit difference that flips one rounding grows into a visible one (0.03-0.16
+//! in a random model's logits), so the oracle tests compare these formats against
+//! candle-transformers' quantized models logit for logit where candle runs those kernels,
+//! within a stated bound where it runs others (its VNNI path for Q8_0, its superblock kernels).
 //!
 //! Every product of these formats goes through here, prefill chunks included (16 rows at a
 //! time): candle's first product of a Q4_K, Q6_K or (with VNNI) Q8_0 matrix makes a repacked
@@ -64,6 +64,8 @@ pub enum Format {
     /// 256-value superblocks of 4-bit values in eight sub-blocks of 32, each with a 6-bit scale
     /// and a 6-bit offset; f16 scales of those.
     Q4K,
+    /// Q4_K's superblocks with a fifth bit per value.
+    Q5K,
     /// 256-value superblocks of 6-bit values around 32 in sixteen sub-blocks of 16, each with
     /// an 8-bit scale; one f16 scale of those.
     Q6K,
@@ -79,6 +81,7 @@ impl Format {
             GgmlDType::Q5_1 => Format::Q5_1,
             GgmlDType::Q8_0 => Format::Q8_0,
             GgmlDType::Q4K => Format::Q4K,
+            GgmlDType::Q5K => Format::Q5K,
             GgmlDType::Q6K => Format::Q6K,
             _ => return None,
         })
@@ -93,6 +96,7 @@ impl Format {
             Format::Q5_1 => 24,
             Format::Q8_0 => 34,
             Format::Q4K => 144,
+            Format::Q5K => 176,
             Format::Q6K => 210,
         }
     }
@@ -100,7 +104,7 @@ impl Format {
     /// Values per block.
     pub fn block_values(self) -> usize {
         match self {
-            Format::Q4K | Format::Q6K => k::SUPER,
+            Format::Q4K | Format::Q5K | Format::Q6K => k::SUPER,
             _ => BLOCK,
         }
     }
@@ -130,13 +134,15 @@ pub fn supports(format: Format, outputs: usize, width: usize) -> bool {
 }
 
 /// One block of an input row in 8 bits: its scale as stored (an f16, here widened), for Q8_1
-/// the block's sum times the scale (also stored as an f16), and the values.
+/// the block's sum times the scale (also stored as an f16), the values, and their sum (for
+/// the formats whose values are stored with an offset: see [`avx2`]).
 #[derive(Clone, Copy)]
 #[repr(C, align(32))]
 struct InputBlock {
     qs: [i8; BLOCK],
     d: f32,
     s: f32,
+    sum: i32,
 }
 
 /// Quantizes one input row as candle's `BlockQ8_0::from_float` / `BlockQ8_1::from_float` do,
@@ -153,6 +159,7 @@ fn quantize_row(x: &[f32], with_sums: bool, out: &mut [InputBlock]) {
             sum += *q as i32;
         }
         block.d = d16.to_f32();
+        block.sum = sum;
         block.s = if with_sums {
             (f16::from_f32(sum as f32) * d16).to_f32()
         } else {
@@ -190,7 +197,7 @@ pub fn rows_times_blocks(
     if rows == 0 || outputs == 0 {
         return;
     }
-    if matches!(format, Format::Q4K | Format::Q6K) {
+    if matches!(format, Format::Q4K | Format::Q5K | Format::Q6K) {
         let mut input = vec![k::InputSuper::ZERO; rows * blocks];
         for (x, q) in x.chunks_exact(width).zip(input.chunks_exact_mut(blocks)) {
             k::quantize_row(x, q);
@@ -204,7 +211,8 @@ pub fn rows_times_blocks(
         InputBlock {
             qs: [0; BLOCK],
             d: 0.0,
-            s: 0.0
+            s: 0.0,
+            sum: 0,
         };
         rows * blocks
     ];
@@ -373,11 +381,10 @@ pub(crate) mod avx2 {
                         .chunks_exact(GROUP * self.row_bytes)
                         .zip(d_groups.chunks_exact_mut(GROUP * rows))
                     {
-                        for (r, x) in self.input.chunks_exact(self.blocks).enumerate() {
-                            let v: [f32; GROUP] = cast(avx.$dot8(w, self.row_bytes, x));
-                            for (o, v) in v.into_iter().enumerate() {
-                                dst[o * rows + r] = v;
-                            }
+                        if rows == 1 {
+                            avx.$dot8::<true>(w, self.row_bytes, self.input, self.blocks, dst);
+                        } else {
+                            avx.$dot8::<false>(w, self.row_bytes, self.input, self.blocks, dst);
                         }
                     }
                     for (w_row, dst) in w_tail
@@ -391,14 +398,22 @@ pub(crate) mod avx2 {
                 }};
             }
             // Q4_0 and Q8_0 follow candle's AVX2 kernels, which keep eight float lanes per row
-            // and add them at the end; they go row by row.
+            // and add them at the end; they go row by row, as Q5_0 does in candle's scalar
+            // order. Grouped, these three ran at a third to half the speed (2048 x 768 from
+            // memory, GB/s one row at a time / grouped: Q4_0 10.4 / 4.5, Q5_0 8.5 / 3.7, Q8_0
+            // 19.5 / 5), their loads of weights stalling, while Q4_1 and Q5_1 grouped run at 9
+            // and 11.8, faster than one at a time. Those two have blocks of 20 and 24 bytes,
+            // these of 18, 22 and 34; why eight rows of such blocks at once defeat this CPU's
+            // prefetching (a load of each row 256 bytes ahead did not help) is not known.
             match self.format {
                 Format::Q4_0 => single!(dot_q4_0, rows_q4_0),
                 Format::Q4_1 => grouped!(dot8_q4_1, dot_q4_1),
-                Format::Q5_0 => grouped!(dot8_q5_0, dot_q5_0),
+                Format::Q5_0 => single!(dot_q5_0, rows_q5_0),
                 Format::Q5_1 => grouped!(dot8_q5_1, dot_q5_1),
                 Format::Q8_0 => single!(dot_q8_0, rows_q8_0),
-                Format::Q4K | Format::Q6K => unreachable!("superblock formats go through k"),
+                Format::Q4K | Format::Q5K | Format::Q6K => {
+                    unreachable!("superblock formats go through k")
+                }
             }
         }
     }
@@ -406,19 +421,36 @@ pub(crate) mod avx2 {
     /// Weight rows multiplied together: their eight sums fill one register.
     const GROUP: usize = 8;
 
-    /// For the formats candle multiplies in scalar code (`$lanes` gives one block's integer
-    /// lanes, `$bytes` its size, `$min` whether it has an offset), `$one`: one weight row times
-    /// one input row, with candle's float steps per block, (sum * d_w) * d_x, plus m_w * s_x,
-    /// added to the row's sum; and `$eight`: eight weight rows, `row_bytes` apart from `w`, at
-    /// once, their blocks' integer sums added across lanes into one register of eight sums and
-    /// each lane then taking those same steps for its row.
+    /// Candle's scalar kernels' float steps for a format whose block `b` holds the f16 scale at
+    /// 0, the f16 offset at 2 where `$min`, and whose `$values(b)` gives the block's 32 weight
+    /// values as bytes, `$bytes` a block: signed where `$signed`, else unsigned and `$bias`
+    /// above the values they stand for (Q4_0 stores -8..7 as 0..15), which the integer sum
+    /// takes back exactly as `$bias` times the input block's sum. (An unsigned operand is what
+    /// `maddubs` takes: two sign instructions per block fewer than a signed one.) `$one`: one
+    /// weight row times one input row, per block (sum * d_w) * d_x, plus m_w * s_x, added to
+    /// the row's sum. `$eight`: eight weight rows, `row_bytes` apart from `w`, times every input
+    /// row of `xs` (rows of `blocks` blocks) into `dst` (output-major): each block of the
+    /// eight rows unpacked once for all the input rows, its eight integer sums with one input
+    /// block added across lanes into one register, each lane then taking the steps of `$one`
+    /// for its row, so that a row's result has the same bits either way and in any batch.
     macro_rules! scalar_order {
-        ($one:ident, $eight:ident, $lanes:ident, $bytes:expr, $min:expr) => {
+        (
+            $one:ident,
+            $rows:ident,
+            $eight:ident,
+            $values:ident,
+            $signed:expr,
+            $bias:expr,
+            $bytes:expr,
+            $min:expr
+        ) => {
             #[inline(always)]
             pub(super) fn $one(self, w: &[u8], xs: &[InputBlock]) -> f32 {
                 let mut sum = 0f32;
                 for (b, x) in w.chunks_exact($bytes).zip(xs) {
-                    let sumi = self.sum_lanes_i32(self.$lanes(b, x));
+                    let sumi = self
+                        .sum_lanes_i32(self.block_products::<$signed>(self.$values(b), x))
+                        - $bias * x.sum;
                     let mut term = sumi as f32 * half_at(b, 0) * x.d;
                     if $min {
                         term += half_at(b, 2) * x.s;
@@ -428,74 +460,168 @@ pub(crate) mod avx2 {
                 sum
             }
 
+            /// `$one` for one weight row and each input row of `xs` (rows of `blocks`
+            /// blocks), into `dst`: each block's values unpacked once for all the rows. (Each
+            /// format uses this or `$eight`, whichever its dispatch above names.)
+            #[allow(dead_code)]
             #[inline(always)]
-            pub(super) fn $eight(self, w: &[u8], row_bytes: usize, xs: &[InputBlock]) -> __m256 {
+            pub(super) fn $rows(self, w: &[u8], xs: &[InputBlock], blocks: usize, dst: &mut [f32]) {
+                let rows = dst.len();
+                let mut sum = [0f32; super::MAX_ROWS];
+                for (i, b) in w.chunks_exact($bytes).enumerate() {
+                    let values = self.$values(b);
+                    let (d, m) = (half_at(b, 0), if $min { half_at(b, 2) } else { 0.0 });
+                    for (r, sum) in sum.iter_mut().enumerate().take(rows) {
+                        let x = &xs[r * blocks + i];
+                        let sumi = self.sum_lanes_i32(self.block_products::<$signed>(values, x))
+                            - $bias * x.sum;
+                        let mut term = sumi as f32 * d * x.d;
+                        if $min {
+                            term += m * x.s;
+                        }
+                        *sum += term;
+                    }
+                }
+                dst.copy_from_slice(&sum[..rows]);
+            }
+
+            /// (`ONE`: `xs` is one input row, whose accumulator then stays in a register; the
+            /// array of several rows' lives in memory, which cost one row 5-13% of its speed.)
+            #[allow(dead_code)]
+            #[inline(always)]
+            pub(super) fn $eight<const ONE: bool>(
+                self,
+                w: &[u8],
+                row_bytes: usize,
+                xs: &[InputBlock],
+                blocks: usize,
+                dst: &mut [f32],
+            ) {
                 let s = self.simd;
-                let mut acc = s.avx._mm256_setzero_ps();
-                for (i, x) in xs.iter().enumerate() {
+                let rows = if ONE { 1 } else { xs.len() / blocks };
+                let mut acc = [s.avx._mm256_setzero_ps(); super::MAX_ROWS];
+                for i in 0..blocks {
                     let at = i * $bytes;
-                    let mut lanes = [s.avx._mm256_setzero_si256(); GROUP];
+                    let mut values = [s.avx._mm256_setzero_si256(); GROUP];
                     let mut d = [0u16; GROUP];
                     let mut m = [0u16; GROUP];
-                    for (r, lanes) in lanes.iter_mut().enumerate() {
+                    for (r, values) in values.iter_mut().enumerate() {
                         let b = &w[r * row_bytes + at..r * row_bytes + at + $bytes];
-                        *lanes = self.$lanes(b, x);
+                        // One input row: its products at once, eight registers fewer live.
+                        *values = if ONE {
+                            self.block_products::<$signed>(self.$values(b), &xs[i])
+                        } else {
+                            self.$values(b)
+                        };
                         d[r] = u16::from_le_bytes([b[0], b[1]]);
                         if $min {
                             m[r] = u16::from_le_bytes([b[2], b[3]]);
                         }
                     }
-                    let sums = s.avx._mm256_cvtepi32_ps(self.across(lanes));
-                    let mut term = s.avx._mm256_mul_ps(
-                        s.avx._mm256_mul_ps(sums, self.halves(d)),
-                        s.avx._mm256_set1_ps(x.d),
-                    );
-                    if $min {
-                        term = s.avx._mm256_add_ps(
-                            term,
-                            s.avx
-                                ._mm256_mul_ps(self.halves(m), s.avx._mm256_set1_ps(x.s)),
+                    let scales = self.halves(d);
+                    let offsets = self.halves(m);
+                    for (row, acc) in acc.iter_mut().enumerate().take(rows) {
+                        let x = &xs[row * blocks + i];
+                        // A loop, not `values.map`: a closure would be compiled without AVX2.
+                        let mut lanes = values;
+                        if !ONE {
+                            for lanes in lanes.iter_mut() {
+                                *lanes = self.block_products::<$signed>(*lanes, x);
+                            }
+                        }
+                        let sums = s.avx2._mm256_sub_epi32(
+                            self.across(lanes),
+                            s.avx._mm256_set1_epi32($bias * x.sum),
                         );
+                        let sums = s.avx._mm256_cvtepi32_ps(sums);
+                        let mut term = s.avx._mm256_mul_ps(
+                            s.avx._mm256_mul_ps(sums, scales),
+                            s.avx._mm256_set1_ps(x.d),
+                        );
+                        if $min {
+                            term = s.avx._mm256_add_ps(
+                                term,
+                                s.avx._mm256_mul_ps(offsets, s.avx._mm256_set1_ps(x.s)),
+                            );
+                        }
+                        *acc = s.avx._mm256_add_ps(*acc, term);
                     }
-                    acc = s.avx._mm256_add_ps(acc, term);
                 }
-                acc
+                for (row, acc) in acc.iter().enumerate().take(rows) {
+                    let v: [f32; GROUP] = cast(*acc);
+                    for (o, v) in v.into_iter().enumerate() {
+                        dst[o * rows + row] = v;
+                    }
+                }
             }
         };
     }
 
     impl Avx2 {
-        scalar_order!(dot_q4_1, dot8_q4_1, lanes_q4_1, 20, true);
-        scalar_order!(dot_q5_0, dot8_q5_0, lanes_q5_0, 22, false);
-        scalar_order!(dot_q5_1, dot8_q5_1, lanes_q5_1, 24, true);
+        scalar_order!(
+            dot_q4_1,
+            rows_q4_1,
+            dot8_q4_1,
+            values_q4_1,
+            false,
+            0,
+            20,
+            true
+        );
+        scalar_order!(
+            dot_q5_0,
+            rows_q5_0,
+            dot8_q5_0,
+            values_q5_0,
+            false,
+            16,
+            22,
+            false
+        );
+        scalar_order!(
+            dot_q5_1,
+            rows_q5_1,
+            dot8_q5_1,
+            values_q5_1,
+            false,
+            0,
+            24,
+            true
+        );
 
-        /// A Q4_1 block's products with an input block, in eight integer lanes.
+        /// A block's 32 weight values (as bytes: signed where `SIGNED`, else unsigned) times an
+        /// input block's, in eight integer lanes of four products each.
         #[inline(always)]
-        fn lanes_q4_1(self, b: &[u8], x: &InputBlock) -> __m256i {
-            self.products_u8_i8(self.nibbles(&b[4..]), self.input_values(x))
+        fn block_products<const SIGNED: bool>(self, v: __m256i, x: &InputBlock) -> __m256i {
+            if SIGNED {
+                self.products_i8_i8(v, self.input_values(x))
+            } else {
+                self.products_u8_i8(v, self.input_values(x))
+            }
         }
 
-        /// A Q5_0 block's products with an input block, in eight integer lanes.
+        /// A Q4_1 block's values, 0 to 15.
         #[inline(always)]
-        fn lanes_q5_0(self, b: &[u8], x: &InputBlock) -> __m256i {
+        fn values_q4_1(self, b: &[u8]) -> __m256i {
+            self.nibbles(&b[4..])
+        }
+
+        /// A Q5_0 block's values as stored, 0 to 31 for -16 to 15.
+        #[inline(always)]
+        fn values_q5_0(self, b: &[u8]) -> __m256i {
             let s = self.simd;
             let qh = u32::from_le_bytes(array::<4>(&b[2..]));
-            let v = s
-                .avx2
-                ._mm256_or_si256(self.nibbles(&b[6..]), self.fifth_bits(qh));
-            let v = s.avx2._mm256_sub_epi8(v, s.avx._mm256_set1_epi8(16));
-            self.products_i8_i8(v, self.input_values(x))
+            s.avx2
+                ._mm256_or_si256(self.nibbles(&b[6..]), self.fifth_bits(qh))
         }
 
-        /// A Q5_1 block's products with an input block, in eight integer lanes.
+        /// A Q5_1 block's values, 0 to 31.
         #[inline(always)]
-        fn lanes_q5_1(self, b: &[u8], x: &InputBlock) -> __m256i {
+        fn values_q5_1(self, b: &[u8]) -> __m256i {
             let s = self.simd;
             let qh = u32::from_le_bytes(array::<4>(&b[4..]));
-            let v = s
-                .avx2
-                ._mm256_or_si256(self.nibbles(&b[8..]), self.fifth_bits(qh));
-            self.products_u8_i8(v, self.input_values(x))
+            s.avx2
+                ._mm256_or_si256(self.nibbles(&b[8..]), self.fifth_bits(qh))
         }
 
         /// The sums of the eight lanes of each of eight registers, in one register.
@@ -722,7 +848,10 @@ pub(crate) mod avx2 {
 
 #[cfg(test)]
 mod tests {
-    use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+    use candle_core::quantized::k_quants::{
+        BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, GgmlType,
+    };
+    use candle_core::quantized::{GgmlDType, QTensor};
 
     /// Every one of the 65536 f16 values widens to `half`'s own f32 (bit for bit; NaNs stay
     /// NaNs).
@@ -737,7 +866,7 @@ mod tests {
             );
         }
     }
-    use candle_core::{Device, Module, Tensor};
+    use candle_core::{Device, Tensor};
 
     use super::*;
 
@@ -758,10 +887,26 @@ mod tests {
             .collect()
     }
 
+    /// candle's product of one weight row and one input row, each quantized by candle's own
+    /// code, in block type `T`: its kernel for this CPU (`vec_dot`: AVX2 for Q4_0 and Q8_0, the
+    /// scalar reference for the others), or where `UNOPT` its scalar reference
+    /// (`vec_dot_unopt`).
+    fn reference<T: GgmlType, const UNOPT: bool>(w: &[f32], x: &[f32]) -> f32 {
+        let mut wb = vec![T::zeros(); w.len() / T::BLCK_SIZE];
+        T::from_float(w, &mut wb);
+        let mut xb = vec![T::VecDotType::zeros(); x.len() / T::VecDotType::BLCK_SIZE];
+        T::VecDotType::from_float(x, &mut xb);
+        if UNOPT {
+            T::vec_dot_unopt(w.len(), &wb, &xb)
+        } else {
+            T::vec_dot(w.len(), &wb, &xb)
+        }
+    }
+
     /// Every format, 1 to 16 rows, 51 and 1003 outputs, one thread and two: the bits of candle's
-    /// own product of the same blocks (its scalar reference kernels for Q4_1, Q5_0 and Q5_1),
-    /// and the f32 product of the dequantized weights within what rounding the input to 8-bit
-    /// blocks can move it.
+    /// product of the same blocks on this CPU (its AVX2 kernels for Q4_0 and Q8_0, its scalar
+    /// reference `vec_dot_unopt` for the others), and the f32 product of the dequantized
+    /// weights within what rounding the input to 8-bit blocks can move it.
     #[test]
     fn every_format_gives_candles_bits_near_the_dequantized_product() {
         let width = 320;
@@ -786,8 +931,8 @@ mod tests {
                 eprintln!("SKIPPED {dtype:?}: this CPU has no AVX2 and FMA");
                 continue;
             }
-            let w = Tensor::from_vec(values(outputs * width, 7), (outputs, width), &Device::Cpu)
-                .unwrap();
+            let weights = values(outputs * width, 7);
+            let w = Tensor::from_slice(&weights, (outputs, width), &Device::Cpu).unwrap();
             let q = QTensor::quantize(&w, dtype).unwrap();
             let bytes = q.data().unwrap().into_owned();
             let dequantized: Vec<f32> = q
@@ -797,7 +942,13 @@ mod tests {
                 .unwrap()
                 .to_vec1()
                 .unwrap();
-            let mm = QMatMul::from_qtensor(q).unwrap();
+            let reference = match dtype {
+                GgmlDType::Q4_0 => reference::<BlockQ4_0, false>,
+                GgmlDType::Q4_1 => reference::<BlockQ4_1, true>,
+                GgmlDType::Q5_0 => reference::<BlockQ5_0, true>,
+                GgmlDType::Q5_1 => reference::<BlockQ5_1, true>,
+                _ => reference::<BlockQ8_0, false>,
+            };
             for threads in [1, 2] {
                 let pool = rayon::ThreadPoolBuilder::new()
                     .num_threads(threads)
@@ -809,22 +960,14 @@ mod tests {
                     pool.install(|| rows_times_blocks(format, &x, rows, &bytes, width, &mut ours));
                     for r in 0..rows {
                         let xs = &x[r * width..(r + 1) * width];
-                        let row = Tensor::from_slice(xs, (1, width), &Device::Cpu).unwrap();
-                        let theirs: Vec<f32> = mm
-                            .forward(&row)
-                            .unwrap()
-                            .flatten_all()
-                            .unwrap()
-                            .to_vec1()
-                            .unwrap();
                         for o in 0..outputs {
                             let got = ours[r * outputs + o];
+                            let theirs = reference(&weights[o * width..(o + 1) * width], xs);
                             assert_eq!(
                                 got.to_bits(),
-                                theirs[o].to_bits(),
+                                theirs.to_bits(),
                                 "{dtype:?} rows {rows} row {r} output {o} ({threads} threads): \
-                                 {got} vs candle {}",
-                                theirs[o]
+                                 {got} vs candle's {theirs}"
                             );
                             let ws = &dequantized[o * width..(o + 1) * width];
                             let (mut exact, mut bound) = (0f64, 1e-6);
