@@ -14,6 +14,7 @@ use std::time::Instant;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Result, Tensor};
+use cluster_engine::qmatvec::packed::{pack_q4_0, rows_times_packed};
 use cluster_engine::qmatvec::{Format, rows_times_blocks};
 
 fn main() -> Result<()> {
@@ -53,6 +54,12 @@ fn main() -> Result<()> {
             theirs.push(QMatMul::from_qtensor(QTensor::quantize(&w, dtype)?)?);
         }
         let bytes: usize = ours.iter().map(Vec::len).sum();
+        // Q4_0 also as the stage holds it: repacked eight rows at a time.
+        let packed: Vec<Vec<u8>> = if dtype == GgmlDType::Q4_0 {
+            ours.iter().filter_map(|w| pack_q4_0(w, width)).collect()
+        } else {
+            Vec::new()
+        };
         for rows in [1, 4] {
             let x = Tensor::randn(0f32, 1.0, (rows, width), &dev)?;
             let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
@@ -60,8 +67,15 @@ fn main() -> Result<()> {
             for m in &theirs {
                 m.forward(&x)?;
             }
-            let (mut t_ours, mut t_theirs) = (f64::MAX, f64::MAX);
+            let (mut t_ours, mut t_theirs, mut t_packed) = (f64::MAX, f64::MAX, f64::MAX);
             for _ in 0..7 {
+                if !packed.is_empty() {
+                    let t = Instant::now();
+                    for w in &packed {
+                        rows_times_packed(&xs, rows, w, width, &mut out);
+                    }
+                    t_packed = t_packed.min(t.elapsed().as_secs_f64());
+                }
                 let t = Instant::now();
                 for w in &ours {
                     rows_times_blocks(format, &xs, rows, w, width, &mut out);
@@ -79,6 +93,13 @@ fn main() -> Result<()> {
                 bytes as f64 / t_theirs / 1e9,
                 t_theirs / t_ours
             );
+            if !packed.is_empty() {
+                println!(
+                    "{kind} {outputs}x{width}, {rows} row(s): packed {:.1} GB/s, ratio to candle {:.2}",
+                    bytes as f64 / t_packed / 1e9,
+                    t_theirs / t_packed
+                );
+            }
         }
     }
     Ok(())

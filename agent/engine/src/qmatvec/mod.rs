@@ -36,6 +36,7 @@ use half::f16;
 use rayon::prelude::*;
 
 mod k;
+pub mod packed;
 
 /// Values per block, in every format here.
 const BLOCK: usize = 32;

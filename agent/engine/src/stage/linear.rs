@@ -17,10 +17,89 @@ use half::{bf16, f16};
 use crate::error::Result;
 
 /// A projection's weights: dense (safetensors, in the stage's dtype) or quantized (GGUF, in the
-/// file's block format, multiplied without dequantizing the whole matrix).
+/// file's block format, multiplied without dequantizing the whole matrix; Q4_0 in CPU memory
+/// repacked eight rows at a time, see [`qmatvec::packed`](crate::qmatvec::packed)).
 pub(super) enum Proj {
     Dense(Linear),
     Quant(QMatMul, Option<Tensor>),
+    Packed(PackedQ4_0, Option<Tensor>),
+}
+
+/// A Q4_0 matrix in CPU memory as [`qmatvec::packed`](crate::qmatvec::packed) multiplies it:
+/// the file's bytes in another order, held instead of them.
+pub(super) struct PackedQ4_0 {
+    bytes: Vec<u8>,
+    outputs: usize,
+    width: usize,
+}
+
+impl PackedQ4_0 {
+    /// `q` packed, where it is Q4_0 of a shape the kernel takes on this CPU; `None` otherwise.
+    pub(super) fn pack(q: &candle_core::quantized::QTensor) -> Result<Option<Self>> {
+        use crate::qmatvec::packed::{pack_q4_0, packs};
+        if q.dtype() != candle_core::quantized::GgmlDType::Q4_0 || !q.device().is_cpu() {
+            return Ok(None);
+        }
+        let (outputs, width) = q.shape().dims2()?;
+        if !packs(outputs, width) {
+            return Ok(None);
+        }
+        let data = q.data()?;
+        Ok(pack_q4_0(&data, width).map(|bytes| Self {
+            bytes,
+            outputs,
+            width,
+        }))
+    }
+
+    /// Bytes held.
+    pub(super) fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// `x · wᵀ (+ bias)` for `x` of shape `(b, len, width)` on the CPU, [`MAX_ROWS`] rows at a
+    /// time; `x` in another float type is multiplied in f32 and the result given back in it.
+    ///
+    /// [`MAX_ROWS`]: crate::qmatvec::MAX_ROWS
+    fn forward(&self, bias: Option<&Tensor>, x: &Tensor) -> Result<Tensor> {
+        use crate::qmatvec::MAX_ROWS;
+        use crate::qmatvec::packed::rows_times_packed;
+        let (b, len, width) = x.dims3()?;
+        if width != self.width || !x.device().is_cpu() {
+            return Err(candle_core::Error::Msg(format!(
+                "a packed Q4_0 matrix of width {} on the CPU was given {:?} on {:?}",
+                self.width,
+                x.dims(),
+                x.device().location()
+            ))
+            .into());
+        }
+        let dtype = x.dtype();
+        let x = x.to_dtype(DType::F32)?.contiguous()?;
+        let rows = b * len;
+        let mut out = vec![0f32; rows * self.outputs];
+        {
+            let (x_storage, x_layout) = x.storage_and_layout();
+            let Some(xs) = cpu_f32(&x_storage, x_layout) else {
+                return Err(candle_core::Error::Msg(
+                    "a contiguous f32 CPU tensor did not give its elements".into(),
+                )
+                .into());
+            };
+            for (xs, out) in xs
+                .chunks(MAX_ROWS * width)
+                .zip(out.chunks_mut(MAX_ROWS * self.outputs))
+            {
+                rows_times_packed(xs, xs.len() / width, &self.bytes, width, out);
+            }
+        }
+        let y = Tensor::from_vec(out, (b, len, self.outputs), x.device())?;
+        let y = match bias {
+            Some(bias) => y.broadcast_add(bias)?,
+            None => y,
+        };
+        Ok(y.to_dtype(dtype)?)
+    }
 }
 
 /// Where [`decode_on_cpu`] does not apply (GPU tensors, other dtypes), decode batches at least
@@ -35,6 +114,7 @@ pub(super) const ROWS_AS_GEMM: usize = 5;
 pub(super) fn linear(proj: &Proj, x: &Tensor) -> Result<Tensor> {
     let lin = match proj {
         Proj::Dense(lin) => lin,
+        Proj::Packed(w, bias) => return w.forward(bias.as_ref(), x),
         Proj::Quant(w, bias) => {
             // F32, F16 and BF16 files are held as plain f32 matrices (candle dequantizes them).
             if let QMatMul::Tensor(t) = w
