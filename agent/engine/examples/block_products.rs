@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Result, Tensor};
-use cluster_engine::qmatvec::packed::{pack_q4_0, rows_times_packed};
+use cluster_engine::qmatvec::packed::{pack, rows_times_packed};
 use cluster_engine::qmatvec::{Format, rows_times_blocks};
 
 fn main() -> Result<()> {
@@ -54,12 +54,8 @@ fn main() -> Result<()> {
             theirs.push(QMatMul::from_qtensor(QTensor::quantize(&w, dtype)?)?);
         }
         let bytes: usize = ours.iter().map(Vec::len).sum();
-        // Q4_0 also as the stage holds it: repacked eight rows at a time.
-        let packed: Vec<Vec<u8>> = if dtype == GgmlDType::Q4_0 {
-            ours.iter().filter_map(|w| pack_q4_0(w, width)).collect()
-        } else {
-            Vec::new()
-        };
+        // Q4_0 and Q8_0 also as the stage holds them: repacked eight rows at a time.
+        let packed: Vec<Vec<u8>> = ours.iter().filter_map(|w| pack(format, w, width)).collect();
         for rows in [1, 4] {
             let x = Tensor::randn(0f32, 1.0, (rows, width), &dev)?;
             let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
@@ -72,7 +68,7 @@ fn main() -> Result<()> {
                 if !packed.is_empty() {
                     let t = Instant::now();
                     for w in &packed {
-                        rows_times_packed(&xs, rows, w, width, &mut out);
+                        rows_times_packed(format, &xs, rows, w, width, &mut out);
                     }
                     t_packed = t_packed.min(t.elapsed().as_secs_f64());
                 }

@@ -22,9 +22,9 @@ use common::{argmax, check_every_split, load_split};
 const TOLERANCE: f32 = 1e-4;
 /// Logits of stages whose products sum in another order than candle's on this CPU: Q4_K, Q5_K
 /// and Q6_K always (our superblock kernel; candle's differ by CPU, and on x86 run on repacked
-/// copies), Q8_0 where candle repacks it for VNNI (its input then rounded to 256-value blocks,
-/// ours to 32-value blocks as candle's reference kernel does), Q4_0 (ours repacked, in the
-/// order of candle's scalar reference kernel, candle's in eight float lanes). Each product is within float
+/// copies), Q4_0 and Q8_0 (ours repacked, in the order of candle's scalar reference kernels,
+/// candle's in eight float lanes, or for Q8_0 with VNNI on its input rounded to 256-value
+/// blocks). Each product is within float
 /// rounding of candle's (the kernels' unit tests bound it), but the next product rounds its
 /// input to 8 bits and now and then a last-bit difference flips a rounding, which random
 /// weights amplify over the layers: 0.01-0.16 apart here, as with llama.cpp's order below. A

@@ -1,63 +1,68 @@
-//! Q4_0 matrices repacked once, at load, so that eight weight rows multiply side by side in the
-//! lanes of one register, with no horizontal sum and one stream of bytes.
+//! Q4_0 and Q8_0 matrices repacked once, at load, so that eight weight rows multiply side by
+//! side in the lanes of one register, with no horizontal sum and one stream of bytes.
 //!
-//! As stored, a Q4_0 row is a run of 18-byte blocks (an f16 scale, 16 bytes of nibbles), and a
-//! row's product is a chain of multiply-adds, one per block, each waiting for the one before
-//! (candle's order): about four cycles a block whatever the SIMD width. Reading eight rows at
-//! once from the layout as stored ran at half that speed (see the dispatch in the parent
-//! module). Here the eight rows of a group are interleaved block by block: their eight scales
-//! (16 bytes), then four runs of 32 bytes, run `m` holding bytes `4m..4m+4` of each row's
-//! nibbles. A run's low nibbles are values `4m..4m+4` of each of the eight rows, its high
-//! nibbles values `16+4m..16+4m+4`, so that one 32-bit lane is one row: multiplied with those
-//! four input values broadcast to every lane, the lanes add up to the eight rows' sums. The
-//! packed matrix has exactly the bytes of the original, in another order; the stage holds it
-//! instead of the original.
+//! As stored, a row is a run of blocks (an f16 scale, then 16 bytes of nibbles for Q4_0 or 32
+//! signed bytes for Q8_0), and a row's product is a chain of multiply-adds, one per block,
+//! each waiting for the one before (candle's order): about four cycles a block whatever the
+//! SIMD width. Reading eight rows at once from the layout as stored ran at half that speed
+//! (see the dispatch in the parent module). Here the eight rows of a group are interleaved
+//! block by block: their eight scales (16 bytes), then runs of 32 bytes, run `m` holding bytes
+//! `4m..4m+4` of each row's values (four runs for Q4_0, eight for Q8_0). For Q8_0 run `m` is
+//! values `4m..4m+4` of each of the eight rows; for Q4_0 its low nibbles are values `4m..4m+4`
+//! and its high nibbles values `16+4m..16+4m+4`. One 32-bit lane is one row: multiplied with
+//! those four input values broadcast to every lane, the lanes add up to the eight rows' sums.
+//! The packed matrix has exactly the bytes of the original, in another order; the stage holds
+//! it instead of the original.
 //!
-//! Each row's float steps are those of candle's scalar reference kernel for Q4_0 (its
-//! `vec_dot_unopt`): per block `(sum · d_w) · d_x`, added to the row's sum in block order. The
-//! stored values are 0..15 for -8..7; the integer sum takes back 8 times the input block's sum,
-//! exactly.
+//! Each row's float steps are those of candle's scalar reference kernels (`vec_dot_unopt`):
+//! per block `(sum · d_w) · d_x`, added to the row's sum in block order. Q4_0's stored values
+//! are 0..15 for -8..7; its integer sum takes back 8 times the input block's sum, exactly.
 
-use super::{BLOCK, InputBlock, MAX_ROWS, quantize_row};
+use super::{BLOCK, Format, InputBlock, MAX_ROWS, quantize_row};
 
 /// Weight rows interleaved in a group: one 32-bit lane each.
 pub const GROUP: usize = 8;
 
-/// Bytes of a Q4_0 block.
-const Q4_0_BYTES: usize = 18;
+/// Bytes of a block of `format`, when it is one this module packs.
+fn block_bytes(format: Format) -> Option<usize> {
+    match format {
+        Format::Q4_0 => Some(18),
+        Format::Q8_0 => Some(34),
+        _ => None,
+    }
+}
 
-/// Bytes of one block of a group: eight blocks' worth.
-const GROUP_BLOCK_BYTES: usize = GROUP * Q4_0_BYTES;
-
-/// Whether a Q4_0 matrix of `(outputs, width)` can be packed (whole groups of rows, whole
-/// blocks) and this CPU multiplies packed matrices.
-pub fn packs(outputs: usize, width: usize) -> bool {
-    outputs > 0
+/// Whether a matrix of `(outputs, width)` in `format` can be packed (Q4_0 or Q8_0, whole groups
+/// of rows, whole blocks) and this CPU multiplies packed matrices.
+pub fn packs(format: Format, outputs: usize, width: usize) -> bool {
+    block_bytes(format).is_some()
+        && outputs > 0
         && outputs % GROUP == 0
         && width > 0
         && width % BLOCK == 0
-        && super::supports(super::Format::Q4_0, outputs, width)
+        && super::supports(format, outputs, width)
 }
 
-/// The packed bytes of a Q4_0 matrix `w` of `width` columns (see the module's comment); `None`
-/// where [`packs`] says no.
-pub fn pack_q4_0(w: &[u8], width: usize) -> Option<Vec<u8>> {
+/// The packed bytes of a matrix `w` of `width` columns in `format` (see the module's comment);
+/// `None` where [`packs`] says no.
+pub fn pack(format: Format, w: &[u8], width: usize) -> Option<Vec<u8>> {
+    let bytes = block_bytes(format)?;
     let blocks = width / BLOCK;
-    let row_bytes = blocks * Q4_0_BYTES;
-    if row_bytes == 0 || w.len() % row_bytes != 0 || !packs(w.len() / row_bytes, width) {
+    let row_bytes = blocks * bytes;
+    if row_bytes == 0 || w.len() % row_bytes != 0 || !packs(format, w.len() / row_bytes, width) {
         return None;
     }
     let mut packed = Vec::with_capacity(w.len());
     for group in w.chunks_exact(GROUP * row_bytes) {
         for i in 0..blocks {
             let block = |r: usize| {
-                let at = r * row_bytes + i * Q4_0_BYTES;
-                &group[at..at + Q4_0_BYTES]
+                let at = r * row_bytes + i * bytes;
+                &group[at..at + bytes]
             };
             for r in 0..GROUP {
                 packed.extend_from_slice(&block(r)[..2]);
             }
-            for m in 0..4 {
+            for m in 0..(bytes - 2) / 4 {
                 for r in 0..GROUP {
                     packed.extend_from_slice(&block(r)[2 + 4 * m..2 + 4 * m + 4]);
                 }
@@ -68,17 +73,27 @@ pub fn pack_q4_0(w: &[u8], width: usize) -> Option<Vec<u8>> {
 }
 
 /// `out = x · wᵀ` for `x` of `rows × width` f32 values (`rows` at most [`MAX_ROWS`]) and
-/// `packed` a Q4_0 matrix from [`pack_q4_0`], `out` of `rows × outputs`.
+/// `packed` a matrix in `format` from [`pack`], `out` of `rows × outputs`.
 ///
 /// # Panics
 /// When the lengths disagree with the shape, or [`packs`] would have said no.
-pub fn rows_times_packed(x: &[f32], rows: usize, packed: &[u8], width: usize, out: &mut [f32]) {
+pub fn rows_times_packed(
+    format: Format,
+    x: &[f32],
+    rows: usize,
+    packed: &[u8],
+    width: usize,
+    out: &mut [f32],
+) {
     assert!(
         rows <= MAX_ROWS && x.len() == rows * width,
         "x is not rows × width"
     );
+    let Some(bytes) = block_bytes(format) else {
+        panic!("{format:?} is not packed")
+    };
     let blocks = width / BLOCK;
-    let row_bytes = blocks * Q4_0_BYTES;
+    let row_bytes = blocks * bytes;
     assert!(
         width % BLOCK == 0 && packed.len() % (GROUP * row_bytes) == 0,
         "packed is not whole groups of rows"
@@ -101,29 +116,33 @@ pub fn rows_times_packed(x: &[f32], rows: usize, packed: &[u8], width: usize, ou
         quantize_row(x, false, q);
     }
     super::spread(packed, row_bytes, rows, out, |w, dst| {
-        products(w, &input, blocks, dst)
+        products(format == Format::Q8_0, w, &input, blocks, dst)
     });
 }
 
+/// Every packed group of `w` (Q8_0 where `q8`, else Q4_0) times every input row, into `dst`
+/// output-major.
 #[cfg(target_arch = "x86_64")]
-fn products(w: &[u8], input: &[InputBlock], blocks: usize, dst: &mut [f32]) {
+fn products(q8: bool, w: &[u8], input: &[InputBlock], blocks: usize, dst: &mut [f32]) {
     let Some(simd) = pulp::x86::V3::try_new() else {
         unreachable!("qmatvec::packs checked AVX2 and FMA")
     };
-    pulp::Simd::vectorize(
+    let args = avx2::Packed {
         simd,
-        avx2::Packed {
-            simd,
-            w,
-            input,
-            blocks,
-            dst,
-        },
-    );
+        w,
+        input,
+        blocks,
+        dst,
+    };
+    if q8 {
+        pulp::Simd::vectorize(simd, avx2::Q8(args));
+    } else {
+        pulp::Simd::vectorize(simd, avx2::Q4(args));
+    }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn products(_: &[u8], _: &[InputBlock], _: usize, _: &mut [f32]) {
+fn products(_: bool, _: &[u8], _: &[InputBlock], _: usize, _: &mut [f32]) {
     unreachable!("qmatvec::packs is false off x86-64")
 }
 
@@ -139,7 +158,7 @@ mod avx2 {
 
     use super::super::avx2::{Avx2, array};
     use super::super::{InputBlock, MAX_ROWS};
-    use super::{GROUP, GROUP_BLOCK_BYTES};
+    use super::GROUP;
 
     pub(super) struct Packed<'a> {
         pub(super) simd: V3,
@@ -149,59 +168,116 @@ mod avx2 {
         pub(super) dst: &'a mut [f32],
     }
 
-    impl WithSimd for Packed<'_> {
+    /// Packed Q4_0 products.
+    pub(super) struct Q4<'a>(pub(super) Packed<'a>);
+
+    /// Packed Q8_0 products.
+    pub(super) struct Q8<'a>(pub(super) Packed<'a>);
+
+    impl WithSimd for Q4<'_> {
         type Output = ();
 
         #[inline(always)]
         fn with_simd<S: Simd>(self, _: S) {
+            self.0.run::<false>();
+        }
+    }
+
+    impl WithSimd for Q8<'_> {
+        type Output = ();
+
+        #[inline(always)]
+        fn with_simd<S: Simd>(self, _: S) {
+            self.0.run::<true>();
+        }
+    }
+
+    /// Four input values, `x.qs[at..at + 4]`, as one 32-bit lane.
+    #[inline(always)]
+    fn four(x: &InputBlock, at: usize) -> i32 {
+        i32::from_le_bytes([
+            x.qs[at] as u8,
+            x.qs[at + 1] as u8,
+            x.qs[at + 2] as u8,
+            x.qs[at + 3] as u8,
+        ])
+    }
+
+    impl Packed<'_> {
+        /// Every group of eight rows times every input row (Q8_0 where `Q8`, else Q4_0).
+        #[inline(always)]
+        fn run<const Q8: bool>(self) {
             let avx = Avx2 { simd: self.simd };
             let s = self.simd;
             let rows = self.input.len() / self.blocks;
+            let group_block = GROUP * if Q8 { 34 } else { 18 };
             let low = s.avx._mm256_set1_epi8(0x0f);
             let ones = s.avx._mm256_set1_epi16(1);
             for (group, dst) in self
                 .w
-                .chunks_exact(self.blocks * GROUP_BLOCK_BYTES)
+                .chunks_exact(self.blocks * group_block)
                 .zip(self.dst.chunks_exact_mut(GROUP * rows))
             {
                 let mut acc = [s.avx._mm256_setzero_ps(); MAX_ROWS];
-                for (i, b) in group.chunks_exact(GROUP_BLOCK_BYTES).enumerate() {
+                for (i, b) in group.chunks_exact(group_block).enumerate() {
                     let mut d = [0u16; GROUP];
                     for (r, d) in d.iter_mut().enumerate() {
                         *d = u16::from_le_bytes([b[2 * r], b[2 * r + 1]]);
                     }
                     let scales = avx.halves(d);
-                    // values[m]: values 4m..4m+4 of each row; values[4 + m]: 16+4m..16+4m+4.
+                    // values[k]: four values of each row, those of input values `at(k)`;
+                    // for Q8_0 their signed bytes (magnitudes in `magnitudes`), for Q4_0
+                    // unsigned nibbles.
                     let mut values = [s.avx._mm256_setzero_si256(); 8];
-                    for m in 0..4 {
-                        let run: __m256i = cast(array::<32>(&b[16 + 32 * m..]));
-                        values[m] = s.avx2._mm256_and_si256(run, low);
-                        values[4 + m] = s
-                            .avx2
-                            ._mm256_and_si256(s.avx2._mm256_srli_epi16::<4>(run), low);
+                    let mut magnitudes = [s.avx._mm256_setzero_si256(); 8];
+                    if Q8 {
+                        for (k, (v, m)) in values.iter_mut().zip(&mut magnitudes).enumerate() {
+                            *v = cast(array::<32>(&b[16 + 32 * k..]));
+                            *m = s.avx2._mm256_sign_epi8(*v, *v);
+                        }
+                    } else {
+                        for m in 0..4 {
+                            let run: __m256i = cast(array::<32>(&b[16 + 32 * m..]));
+                            values[m] = s.avx2._mm256_and_si256(run, low);
+                            values[4 + m] = s
+                                .avx2
+                                ._mm256_and_si256(s.avx2._mm256_srli_epi16::<4>(run), low);
+                        }
                     }
                     for (r, acc) in acc.iter_mut().enumerate().take(rows) {
                         let x = &self.input[r * self.blocks + i];
-                        // Pairs of products summed in 16 bits: eight runs of at most
-                        // 2 · 15 · 127 each stay below 2^15.
-                        let mut pairs = s.avx._mm256_setzero_si256();
-                        for (k, v) in values.iter().enumerate() {
-                            let at = if k < 4 { 4 * k } else { 16 + 4 * (k - 4) };
-                            let xs = i32::from_le_bytes([
-                                x.qs[at] as u8,
-                                x.qs[at + 1] as u8,
-                                x.qs[at + 2] as u8,
-                                x.qs[at + 3] as u8,
-                            ]);
-                            pairs = s.avx2._mm256_add_epi16(
-                                pairs,
-                                s.avx2._mm256_maddubs_epi16(*v, s.avx._mm256_set1_epi32(xs)),
-                            );
-                        }
-                        let sums = s.avx2._mm256_sub_epi32(
-                            s.avx2._mm256_madd_epi16(pairs, ones),
-                            s.avx._mm256_set1_epi32(8 * x.sum),
-                        );
+                        let sums = if Q8 {
+                            // A pair of products reaches 2 · 128 · 127: each run's pairs
+                            // widen to 32 bits before they are added.
+                            let mut sums = s.avx._mm256_setzero_si256();
+                            for (k, (v, m)) in values.iter().zip(&magnitudes).enumerate() {
+                                let xs = s.avx._mm256_set1_epi32(four(x, 4 * k));
+                                let signed = s.avx2._mm256_sign_epi8(xs, *v);
+                                sums = s.avx2._mm256_add_epi32(
+                                    sums,
+                                    s.avx2._mm256_madd_epi16(
+                                        s.avx2._mm256_maddubs_epi16(*m, signed),
+                                        ones,
+                                    ),
+                                );
+                            }
+                            sums
+                        } else {
+                            // Pairs of products summed in 16 bits: eight runs of at most
+                            // 2 · 15 · 127 each stay below 2^15.
+                            let mut pairs = s.avx._mm256_setzero_si256();
+                            for (k, v) in values.iter().enumerate() {
+                                let at = if k < 4 { 4 * k } else { 16 + 4 * (k - 4) };
+                                let xs = s.avx._mm256_set1_epi32(four(x, at));
+                                pairs = s
+                                    .avx2
+                                    ._mm256_add_epi16(pairs, s.avx2._mm256_maddubs_epi16(*v, xs));
+                            }
+                            s.avx2._mm256_sub_epi32(
+                                s.avx2._mm256_madd_epi16(pairs, ones),
+                                s.avx._mm256_set1_epi32(8 * x.sum),
+                            )
+                        };
                         let term: __m256 = s.avx._mm256_mul_ps(
                             s.avx._mm256_mul_ps(s.avx._mm256_cvtepi32_ps(sums), scales),
                             s.avx._mm256_set1_ps(x.d),
@@ -222,18 +298,34 @@ mod avx2 {
 
 #[cfg(test)]
 mod tests {
-    use candle_core::quantized::k_quants::{BlockQ4_0, GgmlType};
+    use candle_core::quantized::k_quants::{BlockQ4_0, BlockQ8_0, GgmlType};
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{Device, Tensor};
 
     use super::*;
 
-    /// Packed Q4_0 matrices give, row for row, the bits of candle's scalar reference kernel on
-    /// the blocks as stored: 1 to 16 input rows, one thread and two, several groups per task.
-    #[test]
-    fn packed_q4_0_gives_candles_reference_bits() {
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+        (0..n)
+            .map(|i| {
+                state ^= state << 13;
+                state ^= state >> 17;
+                state ^= state << 5;
+                if (i / BLOCK) % 7 == 3 {
+                    0.0
+                } else {
+                    (state % 20_001) as f32 / 10_000.0 - 1.0
+                }
+            })
+            .collect()
+    }
+
+    /// Packed matrices give, row for row, the bits of candle's scalar reference kernel on the
+    /// blocks as stored: 1 to 16 input rows, one thread and two, several groups per task.
+    fn check<T: GgmlType>(dtype: GgmlDType) {
+        let format = Format::of(dtype).unwrap();
         let (outputs, width) = (1000, 320);
-        if !packs(outputs, width) {
+        if !packs(format, outputs, width) {
             assert!(
                 std::env::var_os("CI").is_none(),
                 "this CPU has no AVX2 and FMA"
@@ -241,37 +333,27 @@ mod tests {
             eprintln!("SKIPPED: this CPU has no AVX2 and FMA");
             return;
         }
-        let values = |n: usize, seed: u32| -> Vec<f32> {
-            let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
-            (0..n)
-                .map(|i| {
-                    state ^= state << 13;
-                    state ^= state >> 17;
-                    state ^= state << 5;
-                    if (i / BLOCK) % 7 == 3 {
-                        0.0
-                    } else {
-                        (state % 20_001) as f32 / 10_000.0 - 1.0
-                    }
-                })
-                .collect()
-        };
         let weights = values(outputs * width, 5);
         let w = Tensor::from_slice(&weights, (outputs, width), &Device::Cpu).unwrap();
-        let bytes = QTensor::quantize(&w, GgmlDType::Q4_0)
+        let bytes = QTensor::quantize(&w, dtype)
             .unwrap()
             .data()
             .unwrap()
             .into_owned();
-        let packed = pack_q4_0(&bytes, width).unwrap();
+        let packed = pack(format, &bytes, width).unwrap();
         assert_eq!(packed.len(), bytes.len());
-        assert!(pack_q4_0(&bytes[..bytes.len() / outputs * 999], width).is_none());
+        let mut sorted = packed.clone();
+        sorted.sort_unstable();
+        let mut original = bytes.clone();
+        original.sort_unstable();
+        assert_eq!(sorted, original, "packing only moves bytes");
+        assert!(pack(format, &bytes[..bytes.len() / outputs * 999], width).is_none());
         let blocks = width / BLOCK;
-        let stored: Vec<Vec<BlockQ4_0>> = weights
+        let stored: Vec<Vec<T>> = weights
             .chunks_exact(width)
             .map(|row| {
-                let mut b = vec![BlockQ4_0::zeros(); blocks];
-                BlockQ4_0::from_float(row, &mut b);
+                let mut b = vec![T::zeros(); blocks];
+                T::from_float(row, &mut b);
                 b
             })
             .collect();
@@ -283,25 +365,32 @@ mod tests {
             for rows in [1, 2, 3, 16] {
                 let x = values(rows * width, rows as u32 + 3);
                 let mut ours = vec![0f32; rows * outputs];
-                pool.install(|| rows_times_packed(&x, rows, &packed, width, &mut ours));
+                pool.install(|| rows_times_packed(format, &x, rows, &packed, width, &mut ours));
                 for r in 0..rows {
-                    let mut xb = vec![<BlockQ4_0 as GgmlType>::VecDotType::zeros(); blocks];
-                    <BlockQ4_0 as GgmlType>::VecDotType::from_float(
-                        &x[r * width..(r + 1) * width],
-                        &mut xb,
-                    );
+                    let mut xb = vec![T::VecDotType::zeros(); blocks];
+                    T::VecDotType::from_float(&x[r * width..(r + 1) * width], &mut xb);
                     for (o, w) in stored.iter().enumerate() {
-                        let theirs = BlockQ4_0::vec_dot_unopt(width, w, &xb);
+                        let theirs = T::vec_dot_unopt(width, w, &xb);
                         let got = ours[r * outputs + o];
                         assert_eq!(
                             got.to_bits(),
                             theirs.to_bits(),
-                            "rows {rows} row {r} output {o} ({threads} threads): {got} vs \
-                             candle's reference {theirs}"
+                            "{dtype:?} rows {rows} row {r} output {o} ({threads} threads): \
+                             {got} vs candle's reference {theirs}"
                         );
                     }
                 }
             }
         }
+    }
+
+    #[test]
+    fn packed_q4_0_gives_candles_reference_bits() {
+        check::<BlockQ4_0>(GgmlDType::Q4_0);
+    }
+
+    #[test]
+    fn packed_q8_0_gives_candles_reference_bits() {
+        check::<BlockQ8_0>(GgmlDType::Q8_0);
     }
 }

@@ -17,35 +17,39 @@ use half::{bf16, f16};
 use crate::error::Result;
 
 /// A projection's weights: dense (safetensors, in the stage's dtype) or quantized (GGUF, in the
-/// file's block format, multiplied without dequantizing the whole matrix; Q4_0 in CPU memory
-/// repacked eight rows at a time, see [`qmatvec::packed`](crate::qmatvec::packed)).
+/// file's block format, multiplied without dequantizing the whole matrix; Q4_0 and Q8_0 in CPU
+/// memory repacked eight rows at a time, see [`qmatvec::packed`](crate::qmatvec::packed)).
 pub(super) enum Proj {
     Dense(Linear),
     Quant(QMatMul, Option<Tensor>),
-    Packed(PackedQ4_0, Option<Tensor>),
+    Packed(PackedBlocks, Option<Tensor>),
 }
 
-/// A Q4_0 matrix in CPU memory as [`qmatvec::packed`](crate::qmatvec::packed) multiplies it:
-/// the file's bytes in another order, held instead of them.
-pub(super) struct PackedQ4_0 {
+/// A Q4_0 or Q8_0 matrix in CPU memory as [`qmatvec::packed`](crate::qmatvec::packed)
+/// multiplies it: the file's bytes in another order, held instead of them.
+pub(super) struct PackedBlocks {
+    format: crate::qmatvec::Format,
     bytes: Vec<u8>,
     outputs: usize,
     width: usize,
 }
 
-impl PackedQ4_0 {
-    /// `q` packed, where it is Q4_0 of a shape the kernel takes on this CPU; `None` otherwise.
+impl PackedBlocks {
+    /// `q` packed, where it is in a format and of a shape the kernel takes on this CPU; `None`
+    /// otherwise.
     pub(super) fn pack(q: &candle_core::quantized::QTensor) -> Result<Option<Self>> {
-        use crate::qmatvec::packed::{pack_q4_0, packs};
-        if q.dtype() != candle_core::quantized::GgmlDType::Q4_0 || !q.device().is_cpu() {
+        use crate::qmatvec::Format;
+        use crate::qmatvec::packed::{pack, packs};
+        let Some(format) = Format::of(q.dtype()) else {
             return Ok(None);
-        }
+        };
         let (outputs, width) = q.shape().dims2()?;
-        if !packs(outputs, width) {
+        if !q.device().is_cpu() || !packs(format, outputs, width) {
             return Ok(None);
         }
         let data = q.data()?;
-        Ok(pack_q4_0(&data, width).map(|bytes| Self {
+        Ok(pack(format, &data, width).map(|bytes| Self {
+            format,
             bytes,
             outputs,
             width,
@@ -67,7 +71,8 @@ impl PackedQ4_0 {
         let (b, len, width) = x.dims3()?;
         if width != self.width || !x.device().is_cpu() {
             return Err(candle_core::Error::Msg(format!(
-                "a packed Q4_0 matrix of width {} on the CPU was given {:?} on {:?}",
+                "a packed {:?} matrix of width {} on the CPU was given {:?} on {:?}",
+                self.format,
                 self.width,
                 x.dims(),
                 x.device().location()
@@ -90,7 +95,7 @@ impl PackedQ4_0 {
                 .chunks(MAX_ROWS * width)
                 .zip(out.chunks_mut(MAX_ROWS * self.outputs))
             {
-                rows_times_packed(xs, xs.len() / width, &self.bytes, width, out);
+                rows_times_packed(self.format, xs, xs.len() / width, &self.bytes, width, out);
             }
         }
         let y = Tensor::from_vec(out, (b, len, self.outputs), x.device())?;

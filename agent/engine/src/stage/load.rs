@@ -10,7 +10,7 @@ use candle_nn::{Embedding, Linear, RmsNorm};
 use cluster_api::LayerRange;
 
 use super::layer::{Attention, DecoderLayer, Mlp};
-use super::linear::{PackedQ4_0, Proj};
+use super::linear::{PackedBlocks, Proj};
 use super::{Head, Stage, StageSpec, TokenEmbedding, layer_prefix};
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
@@ -348,8 +348,8 @@ impl GgufReader<'_> {
         Ok(m)
     }
 
-    /// `{prefix}.weight` kept quantized, with `{prefix}.bias` in f32 when `bias`. A Q4_0
-    /// matrix in CPU memory is repacked for its kernel and held only so.
+    /// `{prefix}.weight` kept quantized, with `{prefix}.bias` in f32 when `bias`. A Q4_0 or
+    /// Q8_0 matrix in CPU memory is repacked for its kernel and held only so.
     fn proj(&mut self, prefix: &str, bias: bool) -> Result<Proj> {
         let w = self.matrix(&format!("{prefix}.weight"))?;
         let b = if bias {
@@ -358,7 +358,7 @@ impl GgufReader<'_> {
             None
         };
         if let GgufMatrix::Blocks(QMatMul::QTensor(q)) = &w
-            && let Some(packed) = PackedQ4_0::pack(q)?
+            && let Some(packed) = PackedBlocks::pack(q)?
         {
             debug_assert_eq!(packed.len(), q.storage_size_in_bytes());
             return Ok(Proj::Packed(packed, b));
