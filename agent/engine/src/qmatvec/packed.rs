@@ -1,38 +1,42 @@
-//! Q4_0 and Q8_0 matrices repacked once, at load, so that eight weight rows multiply side by
+//! Q4_0, Q4_1 and Q8_0 matrices repacked once, at load, so that eight weight rows multiply side by
 //! side in the lanes of one register, with no horizontal sum and one stream of bytes.
 //!
-//! As stored, a row is a run of blocks (an f16 scale, then 16 bytes of nibbles for Q4_0 or 32
-//! signed bytes for Q8_0), and a row's product is a chain of multiply-adds, one per block,
+//! As stored, a row is a run of blocks (an f16 scale, for Q4_1 an f16 offset, then 16 bytes of
+//! nibbles for Q4_0 and Q4_1 or 32 signed bytes for Q8_0), and a row's product is a chain of multiply-adds, one per block,
 //! each waiting for the one before (candle's order): about four cycles a block whatever the
 //! SIMD width. Reading eight rows at once from the layout as stored ran at half that speed
 //! (see the dispatch in the parent module). Here the eight rows of a group are interleaved
-//! block by block: their eight scales (16 bytes), then runs of 32 bytes, run `m` holding bytes
-//! `4m..4m+4` of each row's values (four runs for Q4_0, eight for Q8_0). For Q8_0 run `m` is
-//! values `4m..4m+4` of each of the eight rows; for Q4_0 its low nibbles are values `4m..4m+4`
-//! and its high nibbles values `16+4m..16+4m+4`. One 32-bit lane is one row: multiplied with
+//! block by block: their eight scales (16 bytes; for Q4_1 then their eight offsets), then runs
+//! of 32 bytes, run `m` holding bytes `4m..4m+4` of each row's values (four runs for Q4_0 and
+//! Q4_1, eight for Q8_0). For Q8_0 run `m` is values `4m..4m+4` of each of the eight rows; for
+//! the others its low nibbles are values `4m..4m+4` and its high nibbles values
+//! `16+4m..16+4m+4`. One 32-bit lane is one row: multiplied with
 //! those four input values broadcast to every lane, the lanes add up to the eight rows' sums.
 //! The packed matrix has exactly the bytes of the original, in another order; the stage holds
 //! it instead of the original.
 //!
 //! Each row's float steps are those of candle's scalar reference kernels (`vec_dot_unopt`):
-//! per block `(sum · d_w) · d_x`, added to the row's sum in block order. Q4_0's stored values
-//! are 0..15 for -8..7; its integer sum takes back 8 times the input block's sum, exactly.
+//! per block `(sum · d_w) · d_x` (for Q4_1 plus `m_w · s_x`, the offset times the input block's
+//! scaled sum), added to the row's sum in block order. Q4_0's stored values are 0..15 for
+//! -8..7; its integer sum takes back 8 times the input block's sum, exactly.
 
 use super::{BLOCK, Format, InputBlock, MAX_ROWS, quantize_row};
 
 /// Weight rows interleaved in a group: one 32-bit lane each.
 pub const GROUP: usize = 8;
 
-/// Bytes of a block of `format`, when it is one this module packs.
-fn block_bytes(format: Format) -> Option<usize> {
+/// Bytes of a block of `format` and of its f16s ahead of the values, when it is a format this
+/// module packs.
+fn block_bytes(format: Format) -> Option<(usize, usize)> {
     match format {
-        Format::Q4_0 => Some(18),
-        Format::Q8_0 => Some(34),
+        Format::Q4_0 => Some((18, 2)),
+        Format::Q4_1 => Some((20, 4)),
+        Format::Q8_0 => Some((34, 2)),
         _ => None,
     }
 }
 
-/// Whether a matrix of `(outputs, width)` in `format` can be packed (Q4_0 or Q8_0, whole groups
+/// Whether a matrix of `(outputs, width)` in `format` can be packed (Q4_0, Q4_1 or Q8_0, whole groups
 /// of rows, whole blocks) and this CPU multiplies packed matrices.
 pub fn packs(format: Format, outputs: usize, width: usize) -> bool {
     block_bytes(format).is_some()
@@ -46,7 +50,7 @@ pub fn packs(format: Format, outputs: usize, width: usize) -> bool {
 /// The packed bytes of a matrix `w` of `width` columns in `format` (see the module's comment);
 /// `None` where [`packs`] says no.
 pub fn pack(format: Format, w: &[u8], width: usize) -> Option<Vec<u8>> {
-    let bytes = block_bytes(format)?;
+    let (bytes, head) = block_bytes(format)?;
     let blocks = width / BLOCK;
     let row_bytes = blocks * bytes;
     if row_bytes == 0 || w.len() % row_bytes != 0 || !packs(format, w.len() / row_bytes, width) {
@@ -59,12 +63,14 @@ pub fn pack(format: Format, w: &[u8], width: usize) -> Option<Vec<u8>> {
                 let at = r * row_bytes + i * bytes;
                 &group[at..at + bytes]
             };
-            for r in 0..GROUP {
-                packed.extend_from_slice(&block(r)[..2]);
-            }
-            for m in 0..(bytes - 2) / 4 {
+            for h in (0..head).step_by(2) {
                 for r in 0..GROUP {
-                    packed.extend_from_slice(&block(r)[2 + 4 * m..2 + 4 * m + 4]);
+                    packed.extend_from_slice(&block(r)[h..h + 2]);
+                }
+            }
+            for m in 0..(bytes - head) / 4 {
+                for r in 0..GROUP {
+                    packed.extend_from_slice(&block(r)[head + 4 * m..head + 4 * m + 4]);
                 }
             }
         }
@@ -89,7 +95,7 @@ pub fn rows_times_packed(
         rows <= MAX_ROWS && x.len() == rows * width,
         "x is not rows × width"
     );
-    let Some(bytes) = block_bytes(format) else {
+    let Some((bytes, _)) = block_bytes(format) else {
         panic!("{format:?} is not packed")
     };
     let blocks = width / BLOCK;
@@ -113,17 +119,16 @@ pub fn rows_times_packed(
         rows * blocks
     ];
     for (x, q) in x.chunks_exact(width).zip(input.chunks_exact_mut(blocks)) {
-        quantize_row(x, false, q);
+        quantize_row(x, format.with_sums(), q);
     }
     super::spread(packed, row_bytes, rows, out, |w, dst| {
-        products(format == Format::Q8_0, w, &input, blocks, dst)
+        products(format, w, &input, blocks, dst)
     });
 }
 
-/// Every packed group of `w` (Q8_0 where `q8`, else Q4_0) times every input row, into `dst`
-/// output-major.
+/// Every packed group of `w` (in `format`) times every input row, into `dst` output-major.
 #[cfg(target_arch = "x86_64")]
-fn products(q8: bool, w: &[u8], input: &[InputBlock], blocks: usize, dst: &mut [f32]) {
+fn products(format: Format, w: &[u8], input: &[InputBlock], blocks: usize, dst: &mut [f32]) {
     let Some(simd) = pulp::x86::V3::try_new() else {
         unreachable!("qmatvec::packs checked AVX2 and FMA")
     };
@@ -134,15 +139,15 @@ fn products(q8: bool, w: &[u8], input: &[InputBlock], blocks: usize, dst: &mut [
         blocks,
         dst,
     };
-    if q8 {
-        pulp::Simd::vectorize(simd, avx2::Q8(args));
-    } else {
-        pulp::Simd::vectorize(simd, avx2::Q4(args));
+    match format {
+        Format::Q8_0 => pulp::Simd::vectorize(simd, avx2::Q8(args)),
+        Format::Q4_1 => pulp::Simd::vectorize(simd, avx2::Q4Offset(args)),
+        _ => pulp::Simd::vectorize(simd, avx2::Q4(args)),
     }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn products(_: bool, _: &[u8], _: &[InputBlock], _: usize, _: &mut [f32]) {
+fn products(_: Format, _: &[u8], _: &[InputBlock], _: usize, _: &mut [f32]) {
     unreachable!("qmatvec::packs is false off x86-64")
 }
 
@@ -174,12 +179,15 @@ mod avx2 {
     /// Packed Q8_0 products.
     pub(super) struct Q8<'a>(pub(super) Packed<'a>);
 
+    /// Packed Q4_1 products.
+    pub(super) struct Q4Offset<'a>(pub(super) Packed<'a>);
+
     impl WithSimd for Q4<'_> {
         type Output = ();
 
         #[inline(always)]
         fn with_simd<S: Simd>(self, _: S) {
-            self.0.run::<false>();
+            self.0.run::<false, false>();
         }
     }
 
@@ -188,7 +196,16 @@ mod avx2 {
 
         #[inline(always)]
         fn with_simd<S: Simd>(self, _: S) {
-            self.0.run::<true>();
+            self.0.run::<true, false>();
+        }
+    }
+
+    impl WithSimd for Q4Offset<'_> {
+        type Output = ();
+
+        #[inline(always)]
+        fn with_simd<S: Simd>(self, _: S) {
+            self.0.run::<false, true>();
         }
     }
 
@@ -204,13 +221,18 @@ mod avx2 {
     }
 
     impl Packed<'_> {
-        /// Every group of eight rows times every input row (Q8_0 where `Q8`, else Q4_0).
+        /// Every group of eight rows times every input row: Q8_0 where `Q8`, else Q4_1 where
+        /// `OFFSET`, else Q4_0.
         #[inline(always)]
-        fn run<const Q8: bool>(self) {
+        fn run<const Q8: bool, const OFFSET: bool>(self) {
             let avx = Avx2 { simd: self.simd };
             let s = self.simd;
             let rows = self.input.len() / self.blocks;
-            let group_block = GROUP * if Q8 { 34 } else { 18 };
+            let (group_block, head) = match (Q8, OFFSET) {
+                (true, _) => (GROUP * 34, GROUP * 2),
+                (false, true) => (GROUP * 20, GROUP * 4),
+                (false, false) => (GROUP * 18, GROUP * 2),
+            };
             let low = s.avx._mm256_set1_epi8(0x0f);
             let ones = s.avx._mm256_set1_epi16(1);
             for (group, dst) in self
@@ -225,6 +247,13 @@ mod avx2 {
                         *d = u16::from_le_bytes([b[2 * r], b[2 * r + 1]]);
                     }
                     let scales = avx.halves(d);
+                    let mut m = [0u16; GROUP];
+                    if OFFSET {
+                        for (r, m) in m.iter_mut().enumerate() {
+                            *m = u16::from_le_bytes([b[16 + 2 * r], b[16 + 2 * r + 1]]);
+                        }
+                    }
+                    let offsets = avx.halves(m);
                     // values[k]: four values of each row, those of input values `at(k)`;
                     // for Q8_0 their signed bytes (magnitudes in `magnitudes`), for Q4_0
                     // unsigned nibbles.
@@ -232,12 +261,12 @@ mod avx2 {
                     let mut magnitudes = [s.avx._mm256_setzero_si256(); 8];
                     if Q8 {
                         for (k, (v, m)) in values.iter_mut().zip(&mut magnitudes).enumerate() {
-                            *v = cast(array::<32>(&b[16 + 32 * k..]));
+                            *v = cast(array::<32>(&b[head + 32 * k..]));
                             *m = s.avx2._mm256_sign_epi8(*v, *v);
                         }
                     } else {
                         for m in 0..4 {
-                            let run: __m256i = cast(array::<32>(&b[16 + 32 * m..]));
+                            let run: __m256i = cast(array::<32>(&b[head + 32 * m..]));
                             values[m] = s.avx2._mm256_and_si256(run, low);
                             values[4 + m] = s
                                 .avx2
@@ -273,15 +302,24 @@ mod avx2 {
                                     .avx2
                                     ._mm256_add_epi16(pairs, s.avx2._mm256_maddubs_epi16(*v, xs));
                             }
-                            s.avx2._mm256_sub_epi32(
-                                s.avx2._mm256_madd_epi16(pairs, ones),
-                                s.avx._mm256_set1_epi32(8 * x.sum),
-                            )
+                            let sums = s.avx2._mm256_madd_epi16(pairs, ones);
+                            if OFFSET {
+                                sums
+                            } else {
+                                s.avx2
+                                    ._mm256_sub_epi32(sums, s.avx._mm256_set1_epi32(8 * x.sum))
+                            }
                         };
-                        let term: __m256 = s.avx._mm256_mul_ps(
+                        let mut term: __m256 = s.avx._mm256_mul_ps(
                             s.avx._mm256_mul_ps(s.avx._mm256_cvtepi32_ps(sums), scales),
                             s.avx._mm256_set1_ps(x.d),
                         );
+                        if OFFSET {
+                            term = s.avx._mm256_add_ps(
+                                term,
+                                s.avx._mm256_mul_ps(offsets, s.avx._mm256_set1_ps(x.s)),
+                            );
+                        }
                         *acc = s.avx._mm256_add_ps(*acc, term);
                     }
                 }
@@ -298,7 +336,7 @@ mod avx2 {
 
 #[cfg(test)]
 mod tests {
-    use candle_core::quantized::k_quants::{BlockQ4_0, BlockQ8_0, GgmlType};
+    use candle_core::quantized::k_quants::{BlockQ4_0, BlockQ4_1, BlockQ8_0, GgmlType};
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{Device, Tensor};
 
@@ -387,6 +425,11 @@ mod tests {
     #[test]
     fn packed_q4_0_gives_candles_reference_bits() {
         check::<BlockQ4_0>(GgmlDType::Q4_0);
+    }
+
+    #[test]
+    fn packed_q4_1_gives_candles_reference_bits() {
+        check::<BlockQ4_1>(GgmlDType::Q4_1);
     }
 
     #[test]
