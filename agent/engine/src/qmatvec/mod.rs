@@ -20,11 +20,11 @@
 //! candle-transformers' quantized models logit for logit where candle runs those kernels,
 //! within a stated bound where it runs others (its VNNI path for Q8_0, its superblock kernels).
 //!
-//! A stage on the CPU holds its Q4_0, Q4_1 and Q8_0 matrices repacked, eight rows interleaved
-//! so that a register's lanes are rows ([`packed`]: the same bytes in another order, the same
-//! bits as candle's scalar reference kernels, twice the speed from memory); the row kernels
-//! here serve those formats' matrices of other shapes and the products of a GGUF's embedding
-//! table (a tied head), which stays as stored because lookups read its rows.
+//! A stage on the CPU holds its matrices in these formats repacked, eight rows interleaved so
+//! that a register's lanes are rows ([`packed`]: the same bytes rearranged, the same bits as
+//! candle's scalar reference kernels, about twice the speed from memory); the kernels here
+//! serve matrices of other shapes and the products of a GGUF's embedding table (a tied head),
+//! which stays as stored because lookups read its rows.
 //!
 //! Every product of these formats goes through here, prefill chunks included (16 rows at a
 //! time): candle's first product of a Q4_K, Q6_K or (with VNNI) Q8_0 matrix makes a repacked

@@ -1,42 +1,52 @@
-//! Q4_0, Q4_1 and Q8_0 matrices repacked once, at load, so that eight weight rows multiply side by
+//! Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 matrices repacked once, at load, so that eight weight rows multiply side by
 //! side in the lanes of one register, with no horizontal sum and one stream of bytes.
 //!
-//! As stored, a row is a run of blocks (an f16 scale, for Q4_1 an f16 offset, then 16 bytes of
-//! nibbles for Q4_0 and Q4_1 or 32 signed bytes for Q8_0), and a row's product is a chain of multiply-adds, one per block,
+//! As stored, a row is a run of blocks (an f16 scale, for Q4_1 and Q5_1 an f16 offset, for Q5_0
+//! and Q5_1 32 fifth bits, then 16 bytes of nibbles, or for Q8_0 32 signed bytes), and a row's product is a chain of multiply-adds, one per block,
 //! each waiting for the one before (candle's order): about four cycles a block whatever the
 //! SIMD width. Reading eight rows at once from the layout as stored ran at half that speed
 //! (see the dispatch in the parent module). Here the eight rows of a group are interleaved
-//! block by block: their eight scales (16 bytes; for Q4_1 then their eight offsets), then runs
-//! of 32 bytes, run `m` holding bytes `4m..4m+4` of each row's values (four runs for Q4_0 and
-//! Q4_1, eight for Q8_0). For Q8_0 run `m` is values `4m..4m+4` of each of the eight rows; for
-//! the others its low nibbles are values `4m..4m+4` and its high nibbles values
+//! block by block: their eight scales (16 bytes; then their eight offsets where the format has
+//! them; then, for Q5_0 and Q5_1, the fifth bits of four runs, 8 bytes a run, byte `r` of run
+//! `m` holding the fifth bits of row `r`'s values `4m..4m+4` below and `16+4m..16+4m+4` above),
+//! then runs of 32 bytes, run `m` holding bytes `4m..4m+4` of each row's values (four runs of
+//! nibbles, eight of Q8_0's bytes). For Q8_0 run `m` is values `4m..4m+4` of each of the eight
+//! rows; for the others its low nibbles are values `4m..4m+4` and its high nibbles values
 //! `16+4m..16+4m+4`. One 32-bit lane is one row: multiplied with
 //! those four input values broadcast to every lane, the lanes add up to the eight rows' sums.
-//! The packed matrix has exactly the bytes of the original, in another order; the stage holds
-//! it instead of the original.
+//! The packed matrix has the size of the original (its bytes in another order; Q5's fifth bits
+//! regrouped); the stage holds it instead of the original.
 //!
 //! Each row's float steps are those of candle's scalar reference kernels (`vec_dot_unopt`):
-//! per block `(sum · d_w) · d_x` (for Q4_1 plus `m_w · s_x`, the offset times the input block's
-//! scaled sum), added to the row's sum in block order. Q4_0's stored values are 0..15 for
-//! -8..7; its integer sum takes back 8 times the input block's sum, exactly.
+//! per block `(sum · d_w) · d_x` (for Q4_1 and Q5_1 plus `m_w · s_x`, the offset times the
+//! input block's scaled sum), added to the row's sum in block order. Q4_0's stored values are
+//! 0..15 for -8..7 and Q5_0's 0..31 for -16..15; their integer sums take back 8 or 16 times the
+//! input block's sum, exactly.
 
 use super::{BLOCK, Format, InputBlock, MAX_ROWS, quantize_row};
 
 /// Weight rows interleaved in a group: one 32-bit lane each.
 pub const GROUP: usize = 8;
 
-/// Bytes of a block of `format` and of its f16s ahead of the values, when it is a format this
-/// module packs.
+/// Bytes of a block of `format` and of its f16s ahead of the values (and of the fifth bits),
+/// when it is a format this module packs.
 fn block_bytes(format: Format) -> Option<(usize, usize)> {
     match format {
         Format::Q4_0 => Some((18, 2)),
         Format::Q4_1 => Some((20, 4)),
+        Format::Q5_0 => Some((22, 2)),
+        Format::Q5_1 => Some((24, 4)),
         Format::Q8_0 => Some((34, 2)),
         _ => None,
     }
 }
 
-/// Whether a matrix of `(outputs, width)` in `format` can be packed (Q4_0, Q4_1 or Q8_0, whole groups
+/// Whether blocks of `format` carry a fifth bit per value.
+fn fifth(format: Format) -> bool {
+    matches!(format, Format::Q5_0 | Format::Q5_1)
+}
+
+/// Whether a matrix of `(outputs, width)` in `format` can be packed (the 32-value formats, whole groups
 /// of rows, whole blocks) and this CPU multiplies packed matrices.
 pub fn packs(format: Format, outputs: usize, width: usize) -> bool {
     block_bytes(format).is_some()
@@ -68,9 +78,23 @@ pub fn pack(format: Format, w: &[u8], width: usize) -> Option<Vec<u8>> {
                     packed.extend_from_slice(&block(r)[h..h + 2]);
                 }
             }
-            for m in 0..(bytes - head) / 4 {
+            // The values: Q5's 32 fifth bits first, then 16 bytes of nibbles; else the values.
+            let values = if fifth(format) { head + 4 } else { head };
+            if fifth(format) {
+                for m in 0..4 {
+                    for r in 0..GROUP {
+                        let b = block(r);
+                        let qh =
+                            u32::from_le_bytes([b[head], b[head + 1], b[head + 2], b[head + 3]]);
+                        let low = (qh >> (4 * m)) & 0x0f;
+                        let high = (qh >> (16 + 4 * m)) & 0x0f;
+                        packed.push((low | (high << 4)) as u8);
+                    }
+                }
+            }
+            for m in 0..(bytes - values) / 4 {
                 for r in 0..GROUP {
-                    packed.extend_from_slice(&block(r)[head + 4 * m..head + 4 * m + 4]);
+                    packed.extend_from_slice(&block(r)[values + 4 * m..values + 4 * m + 4]);
                 }
             }
         }
@@ -140,9 +164,11 @@ fn products(format: Format, w: &[u8], input: &[InputBlock], blocks: usize, dst: 
         dst,
     };
     match format {
-        Format::Q8_0 => pulp::Simd::vectorize(simd, avx2::Q8(args)),
-        Format::Q4_1 => pulp::Simd::vectorize(simd, avx2::Q4Offset(args)),
-        _ => pulp::Simd::vectorize(simd, avx2::Q4(args)),
+        Format::Q8_0 => pulp::Simd::vectorize(simd, avx2::Kernel::<true, false, false>(args)),
+        Format::Q4_1 => pulp::Simd::vectorize(simd, avx2::Kernel::<false, true, false>(args)),
+        Format::Q5_0 => pulp::Simd::vectorize(simd, avx2::Kernel::<false, false, true>(args)),
+        Format::Q5_1 => pulp::Simd::vectorize(simd, avx2::Kernel::<false, true, true>(args)),
+        _ => pulp::Simd::vectorize(simd, avx2::Kernel::<false, false, false>(args)),
     }
 }
 
@@ -173,39 +199,20 @@ mod avx2 {
         pub(super) dst: &'a mut [f32],
     }
 
-    /// Packed Q4_0 products.
-    pub(super) struct Q4<'a>(pub(super) Packed<'a>);
+    /// Packed products: Q8_0 where `Q8`, else a format of nibbles with an offset per block
+    /// where `OFFSET` (Q4_1, Q5_1) and a fifth bit per value where `FIFTH` (Q5_0, Q5_1).
+    pub(super) struct Kernel<'a, const Q8: bool, const OFFSET: bool, const FIFTH: bool>(
+        pub(super) Packed<'a>,
+    );
 
-    /// Packed Q8_0 products.
-    pub(super) struct Q8<'a>(pub(super) Packed<'a>);
-
-    /// Packed Q4_1 products.
-    pub(super) struct Q4Offset<'a>(pub(super) Packed<'a>);
-
-    impl WithSimd for Q4<'_> {
+    impl<const Q8: bool, const OFFSET: bool, const FIFTH: bool> WithSimd
+        for Kernel<'_, Q8, OFFSET, FIFTH>
+    {
         type Output = ();
 
         #[inline(always)]
         fn with_simd<S: Simd>(self, _: S) {
-            self.0.run::<false, false>();
-        }
-    }
-
-    impl WithSimd for Q8<'_> {
-        type Output = ();
-
-        #[inline(always)]
-        fn with_simd<S: Simd>(self, _: S) {
-            self.0.run::<true, false>();
-        }
-    }
-
-    impl WithSimd for Q4Offset<'_> {
-        type Output = ();
-
-        #[inline(always)]
-        fn with_simd<S: Simd>(self, _: S) {
-            self.0.run::<false, true>();
+            self.0.run::<Q8, OFFSET, FIFTH>();
         }
     }
 
@@ -220,19 +227,48 @@ mod avx2 {
         ])
     }
 
+    /// `sixteen` in each byte of `bits` that has its bit of `mask` set, else 0. (A function,
+    /// not a closure: a closure would be compiled without AVX2.)
+    #[inline(always)]
+    fn sixteen_where(s: V3, bits: __m256i, mask: __m256i, sixteen: __m256i) -> __m256i {
+        let hit = s
+            .avx2
+            ._mm256_cmpeq_epi8(s.avx2._mm256_and_si256(bits, mask), mask);
+        s.avx2._mm256_and_si256(hit, sixteen)
+    }
+
     impl Packed<'_> {
-        /// Every group of eight rows times every input row: Q8_0 where `Q8`, else Q4_1 where
-        /// `OFFSET`, else Q4_0.
+        /// Every group of eight rows times every input row, in the format [`Kernel`]'s
+        /// parameters name.
         #[inline(always)]
-        fn run<const Q8: bool, const OFFSET: bool>(self) {
+        fn run<const Q8: bool, const OFFSET: bool, const FIFTH: bool>(self) {
             let avx = Avx2 { simd: self.simd };
             let s = self.simd;
             let rows = self.input.len() / self.blocks;
-            let (group_block, head) = match (Q8, OFFSET) {
-                (true, _) => (GROUP * 34, GROUP * 2),
-                (false, true) => (GROUP * 20, GROUP * 4),
-                (false, false) => (GROUP * 18, GROUP * 2),
+            let (group_block, head) = match (Q8, OFFSET, FIFTH) {
+                (true, _, _) => (GROUP * 34, GROUP * 2),
+                (false, true, false) => (GROUP * 20, GROUP * 4),
+                (false, false, false) => (GROUP * 18, GROUP * 2),
+                (false, false, true) => (GROUP * 22, GROUP * 2),
+                (false, true, true) => (GROUP * 24, GROUP * 4),
             };
+            // Q5's fifth bits sit between the f16s and the nibbles; Q4_0 and Q5_0 store their
+            // values above zero by this much.
+            let runs_at = if FIFTH { head + 32 } else { head };
+            let bias = match (OFFSET, FIFTH) {
+                (false, false) => 8,
+                (false, true) => 16,
+                (true, _) => 0,
+            };
+            // A run's fifth bits: its 8 bytes in every 64-bit half, byte `r` copied into the
+            // four bytes of lane `r`, then bit j (or 4 + j) of those kept in byte j.
+            let spread = s.avx._mm256_setr_epi8(
+                0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6,
+                7, 7, 7, 7,
+            );
+            let bits_low = s.avx._mm256_set1_epi32(0x0804_0201);
+            let bits_high = s.avx._mm256_set1_epi32(0x8040_2010_u32 as i32);
+            let sixteen = s.avx._mm256_set1_epi8(0x10);
             let low = s.avx._mm256_set1_epi8(0x0f);
             let ones = s.avx._mm256_set1_epi16(1);
             for (group, dst) in self
@@ -266,11 +302,26 @@ mod avx2 {
                         }
                     } else {
                         for m in 0..4 {
-                            let run: __m256i = cast(array::<32>(&b[head + 32 * m..]));
+                            let run: __m256i = cast(array::<32>(&b[runs_at + 32 * m..]));
                             values[m] = s.avx2._mm256_and_si256(run, low);
                             values[4 + m] = s
                                 .avx2
                                 ._mm256_and_si256(s.avx2._mm256_srli_epi16::<4>(run), low);
+                            if FIFTH {
+                                let bits = u64::from_le_bytes(array::<8>(&b[head + 8 * m..]));
+                                let each = s.avx2._mm256_shuffle_epi8(
+                                    s.avx._mm256_set1_epi64x(bits as i64),
+                                    spread,
+                                );
+                                values[m] = s.avx2._mm256_or_si256(
+                                    values[m],
+                                    sixteen_where(s, each, bits_low, sixteen),
+                                );
+                                values[4 + m] = s.avx2._mm256_or_si256(
+                                    values[4 + m],
+                                    sixteen_where(s, each, bits_high, sixteen),
+                                );
+                            }
                         }
                     }
                     for (r, acc) in acc.iter_mut().enumerate().take(rows) {
@@ -292,8 +343,9 @@ mod avx2 {
                             }
                             sums
                         } else {
-                            // Pairs of products summed in 16 bits: eight runs of at most
-                            // 2 · 15 · 127 each stay below 2^15.
+                            // Pairs of products summed in 16 bits: four runs of at most
+                            // 2 · 31 · 127 each (eight of 2 · 15 · 127) stay below 2^15.
+                            let mut sums = s.avx._mm256_setzero_si256();
                             let mut pairs = s.avx._mm256_setzero_si256();
                             for (k, v) in values.iter().enumerate() {
                                 let at = if k < 4 { 4 * k } else { 16 + 4 * (k - 4) };
@@ -301,13 +353,19 @@ mod avx2 {
                                 pairs = s
                                     .avx2
                                     ._mm256_add_epi16(pairs, s.avx2._mm256_maddubs_epi16(*v, xs));
+                                if (FIFTH && k == 3) || k == 7 {
+                                    sums = s.avx2._mm256_add_epi32(
+                                        sums,
+                                        s.avx2._mm256_madd_epi16(pairs, ones),
+                                    );
+                                    pairs = s.avx._mm256_setzero_si256();
+                                }
                             }
-                            let sums = s.avx2._mm256_madd_epi16(pairs, ones);
-                            if OFFSET {
+                            if bias == 0 {
                                 sums
                             } else {
                                 s.avx2
-                                    ._mm256_sub_epi32(sums, s.avx._mm256_set1_epi32(8 * x.sum))
+                                    ._mm256_sub_epi32(sums, s.avx._mm256_set1_epi32(bias * x.sum))
                             }
                         };
                         let mut term: __m256 = s.avx._mm256_mul_ps(
@@ -336,7 +394,9 @@ mod avx2 {
 
 #[cfg(test)]
 mod tests {
-    use candle_core::quantized::k_quants::{BlockQ4_0, BlockQ4_1, BlockQ8_0, GgmlType};
+    use candle_core::quantized::k_quants::{
+        BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, GgmlType,
+    };
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{Device, Tensor};
 
@@ -380,11 +440,13 @@ mod tests {
             .into_owned();
         let packed = pack(format, &bytes, width).unwrap();
         assert_eq!(packed.len(), bytes.len());
-        let mut sorted = packed.clone();
-        sorted.sort_unstable();
-        let mut original = bytes.clone();
-        original.sort_unstable();
-        assert_eq!(sorted, original, "packing only moves bytes");
+        if !fifth(format) {
+            let mut sorted = packed.clone();
+            sorted.sort_unstable();
+            let mut original = bytes.clone();
+            original.sort_unstable();
+            assert_eq!(sorted, original, "packing only moves bytes");
+        }
         assert!(pack(format, &bytes[..bytes.len() / outputs * 999], width).is_none());
         let blocks = width / BLOCK;
         let stored: Vec<Vec<T>> = weights
@@ -430,6 +492,16 @@ mod tests {
     #[test]
     fn packed_q4_1_gives_candles_reference_bits() {
         check::<BlockQ4_1>(GgmlDType::Q4_1);
+    }
+
+    #[test]
+    fn packed_q5_0_gives_candles_reference_bits() {
+        check::<BlockQ5_0>(GgmlDType::Q5_0);
+    }
+
+    #[test]
+    fn packed_q5_1_gives_candles_reference_bits() {
+        check::<BlockQ5_1>(GgmlDType::Q5_1);
     }
 
     #[test]

@@ -17,16 +17,18 @@ use half::{bf16, f16};
 use crate::error::Result;
 
 /// A projection's weights: dense (safetensors, in the stage's dtype) or quantized (GGUF, in the
-/// file's block format, multiplied without dequantizing the whole matrix; Q4_0, Q4_1 and Q8_0
-/// in CPU memory repacked eight rows at a time, see [`qmatvec::packed`](crate::qmatvec::packed)).
+/// file's block format, multiplied without dequantizing the whole matrix; the 32-value block
+/// formats in CPU memory repacked eight rows at a time, see
+/// [`qmatvec::packed`](crate::qmatvec::packed)).
 pub(super) enum Proj {
     Dense(Linear),
     Quant(QMatMul, Option<Tensor>),
     Packed(PackedBlocks, Option<Tensor>),
 }
 
-/// A Q4_0, Q4_1 or Q8_0 matrix in CPU memory as [`qmatvec::packed`](crate::qmatvec::packed)
-/// multiplies it: the file's bytes in another order, held instead of them.
+/// A matrix in a 32-value block format (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) in CPU memory as
+/// [`qmatvec::packed`](crate::qmatvec::packed) multiplies it: the file's bytes rearranged, held
+/// instead of them.
 pub(super) struct PackedBlocks {
     format: crate::qmatvec::Format,
     bytes: Vec<u8>,

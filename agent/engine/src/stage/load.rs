@@ -348,8 +348,8 @@ impl GgufReader<'_> {
         Ok(m)
     }
 
-    /// `{prefix}.weight` kept quantized, with `{prefix}.bias` in f32 when `bias`. A Q4_0, Q4_1
-    /// or Q8_0 matrix in CPU memory is repacked for its kernel and held only so.
+    /// `{prefix}.weight` kept quantized, with `{prefix}.bias` in f32 when `bias`. A matrix in a
+    /// 32-value block format in CPU memory is repacked for its kernel and held only so.
     fn proj(&mut self, prefix: &str, bias: bool) -> Result<Proj> {
         let w = self.matrix(&format!("{prefix}.weight"))?;
         let b = if bias {
