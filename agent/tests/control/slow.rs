@@ -189,6 +189,23 @@ fn stage_1_passes(port: u16) -> Option<(u64, Option<f64>)> {
     ))
 }
 
+/// Every "slowest N s" or "slowest N ms" of `clusterctl describe`'s stage table, in seconds.
+fn slowest_passes(described: &str) -> Vec<f64> {
+    described
+        .split("slowest ")
+        .skip(1)
+        .filter_map(|rest| {
+            let mut words = rest.split_whitespace();
+            let value: f64 = words.next()?.trim_end_matches(',').parse().ok()?;
+            match words.next()?.trim_end_matches(',') {
+                "s" => Some(value),
+                "ms" => Some(value / 1e3),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
 #[test]
 fn slow_passes_are_waited_for_and_nobody_is_called_down() {
     // Passes of 0.5 s and 3 s through 2 and 3 agents, side by side: the hook sleeps, so the
@@ -206,13 +223,17 @@ fn slow_passes_are_waited_for_and_nobody_is_called_down() {
                     t.elapsed().as_secs_f64()
                 );
                 assert_no_alarm(&s, &format!("{agents} agents, {pass_ms} ms passes"));
-                // The slow stage shows as slow, in `describe` and in the endpoint's metrics.
-                let slowest = format!("slowest {:.1}", pass_ms as f64 / 1e3);
+                // The slow stage shows as slow, in `describe` and in the endpoint's metrics: its
+                // slowest pass at least the hook's sleep, and within a second of it (a loaded
+                // machine adds to a pass; 3.19 s was seen for 3 s passes under CI).
+                let pass_s = pass_ms as f64 / 1e3;
                 let out = s.c.ctl(&["describe", "pipeline", "tiny-pipe"]);
                 let described = String::from_utf8_lossy(&out.stdout);
+                let slowest = slowest_passes(&described);
                 assert!(
-                    described.contains("PASSES") && described.contains(&slowest),
-                    "{slowest:?} missing:\n{described}"
+                    described.contains("PASSES")
+                        && slowest.iter().any(|v| *v >= pass_s && *v < pass_s + 1.0),
+                    "no stage's slowest pass near {pass_s} s (slowest: {slowest:?}):\n{described}"
                 );
                 let metrics = http_client(Duration::from_secs(10))
                     .get(&format!("http://127.0.0.1:{}/metrics", s.port))
