@@ -411,7 +411,9 @@ pub(crate) mod avx2 {
             // 19.5 / 5), their loads of weights stalling, while Q4_1 and Q5_1 grouped run at 9
             // and 11.8, faster than one at a time. Those two have blocks of 20 and 24 bytes,
             // these of 18, 22 and 34; why eight rows of such blocks at once defeat this CPU's
-            // prefetching (a load of each row 256 bytes ahead did not help) is not known.
+            // prefetching (a load of each row 256 bytes ahead did not help) is not known. (A
+            // stage's matrices are mostly repacked instead, see `packed`; these kernels serve
+            // the shapes it does not take and a GGUF's embedding table.)
             match self.format {
                 Format::Q4_0 => single!(dot_q4_0, rows_q4_0),
                 Format::Q4_1 => grouped!(dot8_q4_1, dot_q4_1),
