@@ -879,8 +879,9 @@ mod tests {
 
     use super::*;
 
-    fn values(n: usize, seed: u32) -> Vec<f32> {
-        // A cheap deterministic spread of magnitudes and signs, some blocks all zero.
+    /// A cheap deterministic spread of magnitudes and signs, some blocks all zero (also the
+    /// packed kernels' test data).
+    pub(super) fn values(n: usize, seed: u32) -> Vec<f32> {
         let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
         (0..n)
             .map(|i| {

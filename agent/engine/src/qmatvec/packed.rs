@@ -400,23 +400,8 @@ mod tests {
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{Device, Tensor};
 
+    use super::super::tests::values;
     use super::*;
-
-    fn values(n: usize, seed: u32) -> Vec<f32> {
-        let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
-        (0..n)
-            .map(|i| {
-                state ^= state << 13;
-                state ^= state >> 17;
-                state ^= state << 5;
-                if (i / BLOCK) % 7 == 3 {
-                    0.0
-                } else {
-                    (state % 20_001) as f32 / 10_000.0 - 1.0
-                }
-            })
-            .collect()
-    }
 
     /// Packed matrices give, row for row, the bits of candle's scalar reference kernel on the
     /// blocks as stored: 1 to 16 input rows, one thread and two, several groups per task.
