@@ -175,6 +175,25 @@ fn quantize_row(x: &[f32], with_sums: bool, out: &mut [InputBlock]) {
     }
 }
 
+/// The rows of `x` (each `width` values) quantized for a product with weights in a 32-value
+/// `format`, a row's blocks after another's.
+fn quantize_rows(format: Format, x: &[f32], width: usize) -> Vec<InputBlock> {
+    let blank = InputBlock {
+        qs: [0; BLOCK],
+        d: 0.0,
+        s: 0.0,
+        sum: 0,
+    };
+    let mut input = vec![blank; x.len() / BLOCK];
+    for (x, q) in x
+        .chunks_exact(width)
+        .zip(input.chunks_exact_mut(width / BLOCK))
+    {
+        quantize_row(x, format.with_sums(), q);
+    }
+    input
+}
+
 /// `out = x · wᵀ` for `x` of `rows × width` f32 values (`rows` at most [`MAX_ROWS`]), `w` the
 /// bytes of an `outputs × width` matrix in `format`, `out` of `rows × outputs`. Callers check
 /// [`supports`] first.
@@ -214,18 +233,7 @@ pub fn rows_times_blocks(
         });
         return;
     }
-    let mut input = vec![
-        InputBlock {
-            qs: [0; BLOCK],
-            d: 0.0,
-            s: 0.0,
-            sum: 0,
-        };
-        rows * blocks
-    ];
-    for (x, q) in x.chunks_exact(width).zip(input.chunks_exact_mut(blocks)) {
-        quantize_row(x, format.with_sums(), q);
-    }
+    let input = quantize_rows(format, x, width);
     spread(w, row_bytes, rows, out, |w, dst| {
         products(format, w, row_bytes, &input, blocks, dst)
     });

@@ -23,7 +23,7 @@
 //! 0..15 for -8..7 and Q5_0's 0..31 for -16..15; their integer sums take back 8 or 16 times the
 //! input block's sum, exactly.
 
-use super::{BLOCK, Format, InputBlock, MAX_ROWS, quantize_row};
+use super::{BLOCK, Format, InputBlock, MAX_ROWS};
 
 /// Weight rows interleaved in a group: one 32-bit lane each.
 pub const GROUP: usize = 8;
@@ -133,18 +133,7 @@ pub fn rows_times_packed(
     if rows == 0 || outputs == 0 {
         return;
     }
-    let mut input = vec![
-        InputBlock {
-            qs: [0; BLOCK],
-            d: 0.0,
-            s: 0.0,
-            sum: 0,
-        };
-        rows * blocks
-    ];
-    for (x, q) in x.chunks_exact(width).zip(input.chunks_exact_mut(blocks)) {
-        quantize_row(x, format.with_sums(), q);
-    }
+    let input = super::quantize_rows(format, x, width);
     super::spread(packed, row_bytes, rows, out, |w, dst| {
         products(format, w, &input, blocks, dst)
     });
