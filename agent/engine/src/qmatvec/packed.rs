@@ -1,21 +1,25 @@
-//! Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 matrices repacked once, at load, so that eight weight rows multiply side by
-//! side in the lanes of one register, with no horizontal sum and one stream of bytes.
+//! Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 matrices repacked once, at load, so that eight weight rows
+//! multiply side by side in the lanes of one register, with no horizontal sum and one stream of
+//! bytes.
 //!
-//! As stored, a row is a run of blocks (an f16 scale, for Q4_1 and Q5_1 an f16 offset, for Q5_0
-//! and Q5_1 32 fifth bits, then 16 bytes of nibbles, or for Q8_0 32 signed bytes), and a row's product is a chain of multiply-adds, one per block,
-//! each waiting for the one before (candle's order): about four cycles a block whatever the
-//! SIMD width. Reading eight rows at once from the layout as stored ran at half that speed
-//! (see the dispatch in the parent module). Here the eight rows of a group are interleaved
-//! block by block: their eight scales (16 bytes; then their eight offsets where the format has
-//! them; then, for Q5_0 and Q5_1, the fifth bits of four runs, 8 bytes a run, byte `r` of run
-//! `m` holding the fifth bits of row `r`'s values `4m..4m+4` below and `16+4m..16+4m+4` above),
-//! then runs of 32 bytes, run `m` holding bytes `4m..4m+4` of each row's values (four runs of
-//! nibbles, eight of Q8_0's bytes). For Q8_0 run `m` is values `4m..4m+4` of each of the eight
-//! rows; for the others its low nibbles are values `4m..4m+4` and its high nibbles values
-//! `16+4m..16+4m+4`. One 32-bit lane is one row: multiplied with
-//! those four input values broadcast to every lane, the lanes add up to the eight rows' sums.
-//! The packed matrix has the size of the original (its bytes in another order; Q5's fifth bits
-//! regrouped); the stage holds it instead of the original.
+//! As stored, a row is a run of blocks (an f16 scale; for Q4_1 and Q5_1 an f16 offset; for Q5_0
+//! and Q5_1 32 fifth bits; then 16 bytes of nibbles, or for Q8_0 32 signed bytes), and a row's
+//! product is a chain of multiply-adds, one per block, each waiting for the one before
+//! (candle's order): about four cycles a block whatever the SIMD width. Reading eight rows at
+//! once from the layout as stored ran at half that speed (see the dispatch in the parent
+//! module).
+//!
+//! Here the eight rows of a group are interleaved block by block: their eight scales (16
+//! bytes), then their eight offsets where the format has them, then for Q5_0 and Q5_1 the fifth
+//! bits of four runs, 8 bytes a run (byte `r` of run `m` holds the fifth bits of row `r`'s
+//! values `4m..4m+4` in its low half and of `16+4m..16+4m+4` in its high half), then runs of 32
+//! bytes, run `m` holding bytes `4m..4m+4` of each row's values (four runs of nibbles, eight of
+//! Q8_0's bytes). For Q8_0 run `m` is values `4m..4m+4` of each of the eight rows; for the
+//! others its low nibbles are values `4m..4m+4` and its high nibbles values `16+4m..16+4m+4`.
+//! One 32-bit lane is one row: multiplied with those four input values broadcast to every lane,
+//! the lanes add up to the eight rows' sums. The packed matrix has the size of the original
+//! (its bytes in another order, Q5's fifth bits regrouped); the stage holds it instead of the
+//! original.
 //!
 //! Each row's float steps are those of candle's scalar reference kernels (`vec_dot_unopt`):
 //! per block `(sum · d_w) · d_x` (for Q4_1 and Q5_1 plus `m_w · s_x`, the offset times the
@@ -28,8 +32,8 @@ use super::{BLOCK, Format, InputBlock, MAX_ROWS};
 /// Weight rows interleaved in a group: one 32-bit lane each.
 pub const GROUP: usize = 8;
 
-/// Bytes of a block of `format` and of its f16s ahead of the values (and of the fifth bits),
-/// when it is a format this module packs.
+/// Bytes of a block of `format` and of the f16s at its start (scale, offset), when it is a
+/// format this module packs.
 fn block_bytes(format: Format) -> Option<(usize, usize)> {
     match format {
         Format::Q4_0 => Some((18, 2)),
@@ -46,8 +50,8 @@ fn fifth(format: Format) -> bool {
     matches!(format, Format::Q5_0 | Format::Q5_1)
 }
 
-/// Whether a matrix of `(outputs, width)` in `format` can be packed (the 32-value formats, whole groups
-/// of rows, whole blocks) and this CPU multiplies packed matrices.
+/// Whether a matrix of `(outputs, width)` in `format` can be packed (the 32-value formats, whole
+/// groups of rows, whole blocks) and this CPU multiplies packed matrices.
 pub fn packs(format: Format, outputs: usize, width: usize) -> bool {
     block_bytes(format).is_some()
         && outputs > 0
