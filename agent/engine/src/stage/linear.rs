@@ -68,9 +68,8 @@ impl PackedBlocks {
     ///
     /// [`MAX_ROWS`]: crate::qmatvec::MAX_ROWS
     fn forward(&self, bias: Option<&Tensor>, x: &Tensor) -> Result<Tensor> {
-        use crate::qmatvec::MAX_ROWS;
         use crate::qmatvec::packed::rows_times_packed;
-        let (b, len, width) = x.dims3()?;
+        let width = x.dim(2)?;
         if width != self.width || !x.device().is_cpu() {
             return Err(candle_core::Error::Msg(format!(
                 "a packed {:?} matrix of width {} on the CPU was given {:?} on {:?}",
@@ -82,28 +81,14 @@ impl PackedBlocks {
             .into());
         }
         let dtype = x.dtype();
-        let x = x.to_dtype(DType::F32)?.contiguous()?;
-        let rows = b * len;
-        let mut out = vec![0f32; rows * self.outputs];
-        {
-            let (x_storage, x_layout) = x.storage_and_layout();
-            let Some(xs) = cpu_f32(&x_storage, x_layout) else {
-                return Err(candle_core::Error::Msg(
-                    "a contiguous f32 CPU tensor did not give its elements".into(),
-                )
-                .into());
-            };
-            for (xs, out) in xs
-                .chunks(MAX_ROWS * width)
-                .zip(out.chunks_mut(MAX_ROWS * self.outputs))
-            {
-                rows_times_packed(self.format, xs, xs.len() / width, &self.bytes, width, out);
-            }
-        }
-        let y = Tensor::from_vec(out, (b, len, self.outputs), x.device())?;
-        let y = match bias {
-            Some(bias) => y.broadcast_add(bias)?,
-            None => y,
+        let product = |xs: &[f32], out: &mut [f32]| {
+            rows_times_packed(self.format, xs, xs.len() / width, &self.bytes, width, out)
+        };
+        let Some(y) = rows_on_cpu(&x.to_dtype(DType::F32)?, self.outputs, bias, product)? else {
+            return Err(candle_core::Error::Msg(
+                "an f32 CPU tensor did not give its elements".into(),
+            )
+            .into());
         };
         Ok(y.to_dtype(dtype)?)
     }
@@ -188,9 +173,8 @@ fn blocks_on_cpu(
     bias: Option<&Tensor>,
     x: &Tensor,
 ) -> Result<Option<Tensor>> {
-    use crate::qmatvec::{Format, MAX_ROWS, rows_times_blocks, supports};
-    let (b, len, width) = x.dims3()?;
-    let rows = b * len;
+    use crate::qmatvec::{Format, rows_times_blocks, supports};
+    let width = x.dim(2)?;
     let Some(format) = Format::of(w.dtype()) else {
         return Ok(None);
     };
@@ -203,19 +187,35 @@ fn blocks_on_cpu(
     {
         return Ok(None);
     }
+    let bytes = w.data()?;
+    rows_on_cpu(x, outputs, bias, |xs, out| {
+        rows_times_blocks(format, xs, xs.len() / width, &bytes, width, out)
+    })
+}
+
+/// `x · wᵀ (+ bias)` for an f32 CPU tensor `x` of shape `(b, len, width)` through a block kernel:
+/// `product(xs, out)` multiplies rows of `x` ([`MAX_ROWS`](crate::qmatvec::MAX_ROWS) at most)
+/// into `outputs` columns each. `None` when `x`'s elements are not f32 in CPU memory.
+fn rows_on_cpu(
+    x: &Tensor,
+    outputs: usize,
+    bias: Option<&Tensor>,
+    product: impl Fn(&[f32], &mut [f32]),
+) -> Result<Option<Tensor>> {
+    use crate::qmatvec::MAX_ROWS;
+    let (b, len, width) = x.dims3()?;
     let x = x.contiguous()?;
-    let mut out = vec![0f32; rows * outputs];
+    let mut out = vec![0f32; b * len * outputs];
     {
         let (x_storage, x_layout) = x.storage_and_layout();
         let Some(xs) = cpu_f32(&x_storage, x_layout) else {
             return Ok(None);
         };
-        let bytes = w.data()?;
         for (xs, out) in xs
             .chunks(MAX_ROWS * width)
             .zip(out.chunks_mut(MAX_ROWS * outputs))
         {
-            rows_times_blocks(format, xs, xs.len() / width, &bytes, width, out);
+            product(xs, out);
         }
     }
     let y = Tensor::from_vec(out, (b, len, outputs), x.device())?;
