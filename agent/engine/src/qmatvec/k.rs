@@ -1,5 +1,7 @@
 //! The 256-value superblock formats (GGUF's "K" quants Q4_K, Q5_K and Q6_K, those of the Q4_K_M
-//! and Q5_K_M files people download), multiplied from their block bytes as stored.
+//! and Q5_K_M files people download), multiplied from their block bytes as stored. (A stage's
+//! projections are repacked and multiplied in [`packed`](super::packed); these kernels serve
+//! the shapes it does not take and a GGUF's embedding table as a tied head.)
 //!
 //! Each input row is quantized once per product to 8-bit superblocks with the sums of each
 //! 16 values (llama.cpp's and candle's Q8_K, the same integers candle computes), so that a
@@ -22,13 +24,14 @@ use super::{Format, half_at};
 /// Values per superblock.
 pub(crate) const SUPER: usize = 256;
 
-/// One superblock of an input row in 8 bits: the values, the sum of each 16 of them, and the
-/// scale (an f32).
+/// One superblock of an input row in 8 bits: the values, the sum of each 16 of them and of
+/// each 32 (a Q4_K sub-block, whose offset multiplies it), and the scale (an f32).
 #[derive(Clone, Copy)]
 #[repr(C, align(32))]
 pub(crate) struct InputSuper {
     pub(crate) qs: [i8; SUPER],
     pub(crate) sums: [i16; SUPER / 16],
+    pub(crate) subs: [i16; SUPER / 32],
     pub(crate) d: f32,
 }
 
@@ -36,6 +39,7 @@ impl InputSuper {
     pub(crate) const ZERO: Self = Self {
         qs: [0; SUPER],
         sums: [0; SUPER / 16],
+        subs: [0; SUPER / 32],
         d: 0.0,
     };
 }
@@ -63,6 +67,9 @@ pub(crate) fn quantize_row(x: &[f32], out: &mut [InputSuper]) {
         for (sum, qs) in block.sums.iter_mut().zip(block.qs.chunks_exact(16)) {
             *sum = qs.iter().map(|&q| q as i16).sum();
         }
+        for (sub, pair) in block.subs.iter_mut().zip(block.sums.chunks_exact(2)) {
+            *sub = pair[0] + pair[1];
+        }
         block.d = 1.0 / iscale;
     }
 }
@@ -70,7 +77,6 @@ pub(crate) fn quantize_row(x: &[f32], out: &mut [InputSuper]) {
 /// The eight 6-bit scales and eight 6-bit offsets of a Q4_K superblock, from its 12 bytes:
 /// the first four of each in the low six bits of bytes 0-3 and 4-7, the last four in the
 /// nibbles of bytes 8-11 with their top two bits in the top bits of bytes 0-7.
-#[cfg(test)]
 pub(crate) fn q4k_scales(b: &[u8]) -> ([u8; 8], [u8; 8]) {
     let (mut sc, mut m) = ([0u8; 8], [0u8; 8]);
     for j in 0..4 {
@@ -514,14 +520,14 @@ mod avx2 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
     use candle_core::{Device, Module, Tensor};
 
     use super::super::{rows_times_blocks, supports};
     use super::*;
 
-    fn values(n: usize, seed: u32) -> Vec<f32> {
+    pub(crate) fn values(n: usize, seed: u32) -> Vec<f32> {
         let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
         (0..n)
             .map(|i| {

@@ -26,8 +26,13 @@
 //! input block's scaled sum), added to the row's sum in block order. Q4_0's stored values are
 //! 0..15 for -8..7 and Q5_0's 0..31 for -16..15; their integer sums take back 8 or 16 times the
 //! input block's sum, exactly.
+//!
+//! Q4_K, Q5_K and Q6_K matrices are packed the same way, superblock by superblock
+//! ([`superblocks`]).
 
 use super::{BLOCK, Format, InputBlock, MAX_ROWS};
+
+mod superblocks;
 
 /// Weight rows interleaved in a group: one 32-bit lane each.
 pub const GROUP: usize = 8;
@@ -50,20 +55,55 @@ fn fifth(format: Format) -> bool {
     matches!(format, Format::Q5_0 | Format::Q5_1)
 }
 
-/// Whether a matrix of `(outputs, width)` in `format` can be packed (the 32-value formats, whole
-/// groups of rows, whole blocks) and this CPU multiplies packed matrices.
+/// Whether `format` is one of the superblock formats.
+fn superblock(format: Format) -> bool {
+    matches!(format, Format::Q4K | Format::Q5K | Format::Q6K)
+}
+
+/// Bytes one weight row takes packed, `width` values in `format` (a format [`packs`] takes).
+fn row_bytes(format: Format, width: usize) -> usize {
+    if superblock(format) {
+        width / format.block_values() * superblocks::group_bytes(format) / GROUP
+    } else {
+        width / BLOCK * format.block_bytes()
+    }
+}
+
+/// Whether a matrix of `(outputs, width)` in `format` can be packed (the 32-value formats and
+/// the superblock ones, whole groups of rows, whole blocks) and this CPU multiplies packed
+/// matrices.
 pub fn packs(format: Format, outputs: usize, width: usize) -> bool {
-    block_bytes(format).is_some()
+    (block_bytes(format).is_some() || superblock(format))
         && outputs > 0
         && outputs % GROUP == 0
         && width > 0
-        && width % BLOCK == 0
+        && width % format.block_values() == 0
         && super::supports(format, outputs, width)
 }
 
 /// The packed bytes of a matrix `w` of `width` columns in `format` (see the module's comment);
 /// `None` where [`packs`] says no.
 pub fn pack(format: Format, w: &[u8], width: usize) -> Option<Vec<u8>> {
+    if superblock(format) {
+        let bytes = format.block_bytes();
+        let supers = width / format.block_values();
+        let row = supers * bytes;
+        if row == 0 || w.len() % row != 0 || !packs(format, w.len() / row, width) {
+            return None;
+        }
+        let outputs = w.len() / row;
+        let mut packed = Vec::with_capacity(outputs * row_bytes(format, width));
+        for group in w.chunks_exact(GROUP * row) {
+            for i in 0..supers {
+                superblocks::pack_superblock(
+                    format,
+                    |r| &group[r * row + i * bytes..r * row + (i + 1) * bytes],
+                    &mut packed,
+                );
+            }
+        }
+        return Some(packed);
+    }
     let (bytes, head) = block_bytes(format)?;
     let blocks = width / BLOCK;
     let row_bytes = blocks * bytes;
@@ -106,6 +146,56 @@ pub fn pack(format: Format, w: &[u8], width: usize) -> Option<Vec<u8>> {
     Some(packed)
 }
 
+/// Bytes of one row of `width` values in `format` as the file stores it.
+pub fn stored_row_bytes(format: Format, width: usize) -> usize {
+    width / format.block_values() * format.block_bytes()
+}
+
+/// Row `row` of a matrix packed by [`pack`], as the file stores it: what an embedding lookup
+/// dequantizes where a tied head's table is held packed only.
+///
+/// # Panics
+/// When `row` is past the matrix, or [`pack`] would not have packed this shape.
+pub fn stored_row(format: Format, packed: &[u8], width: usize, row: usize) -> Vec<u8> {
+    let row_bytes = row_bytes(format, width);
+    assert!(
+        (row + 1) * row_bytes <= packed.len(),
+        "row {row} is past the packed matrix"
+    );
+    let group = &packed[row / GROUP * GROUP * row_bytes..][..GROUP * row_bytes];
+    let r = row % GROUP;
+    let mut out = Vec::with_capacity(stored_row_bytes(format, width));
+    if superblock(format) {
+        let bytes = superblocks::group_bytes(format);
+        for b in group.chunks_exact(bytes) {
+            superblocks::stored_superblock(format, b, r, &mut out);
+        }
+        return out;
+    }
+    let Some((bytes, head)) = block_bytes(format) else {
+        panic!("{format:?} is not packed")
+    };
+    for b in group.chunks_exact(GROUP * bytes) {
+        for h in (0..head).step_by(2) {
+            out.extend_from_slice(&b[h * GROUP + 2 * r..][..2]);
+        }
+        let mut values = head * GROUP;
+        if fifth(format) {
+            let mut qh = 0u32;
+            for m in 0..4 {
+                let byte = b[values + GROUP * m + r] as u32;
+                qh |= (byte & 0x0f) << (4 * m) | (byte >> 4) << (16 + 4 * m);
+            }
+            out.extend_from_slice(&qh.to_le_bytes());
+            values += 4 * GROUP;
+        }
+        for m in 0..(bytes - head - if fifth(format) { 4 } else { 0 }) / 4 {
+            out.extend_from_slice(&b[values + 4 * GROUP * m + 4 * r..][..4]);
+        }
+    }
+    out
+}
+
 /// `out = x · wᵀ` for `x` of `rows × width` f32 values (`rows` at most [`MAX_ROWS`]) and
 /// `packed` a matrix in `format` from [`pack`], `out` of `rows × outputs`.
 ///
@@ -123,18 +213,26 @@ pub fn rows_times_packed(
         rows <= MAX_ROWS && x.len() == rows * width,
         "x is not rows × width"
     );
-    let Some((bytes, _)) = block_bytes(format) else {
-        panic!("{format:?} is not packed")
-    };
-    let blocks = width / BLOCK;
-    let row_bytes = blocks * bytes;
     assert!(
-        width % BLOCK == 0 && packed.len() % (GROUP * row_bytes) == 0,
+        block_bytes(format).is_some() || superblock(format),
+        "{format:?} is not packed"
+    );
+    let blocks = width / format.block_values();
+    let row_bytes = row_bytes(format, width);
+    assert!(
+        width % format.block_values() == 0 && packed.len() % (GROUP * row_bytes) == 0,
         "packed is not whole groups of rows"
     );
     let outputs = packed.len() / row_bytes;
     assert_eq!(out.len(), rows * outputs, "out is not rows × outputs");
     if rows == 0 || outputs == 0 {
+        return;
+    }
+    if superblock(format) {
+        let input = superblocks::quantize_rows(x, width);
+        super::spread(packed, row_bytes, rows, out, |w, dst| {
+            superblocks::products(format, w, &input, blocks, dst)
+        });
         return;
     }
     let input = super::quantize_rows(format, x, width);
@@ -223,7 +321,7 @@ mod avx2 {
     /// `sixteen` in each byte of `bits` that has its bit of `mask` set, else 0. (A function,
     /// not a closure: a closure would be compiled without AVX2.)
     #[inline(always)]
-    fn sixteen_where(s: V3, bits: __m256i, mask: __m256i, sixteen: __m256i) -> __m256i {
+    pub(super) fn sixteen_where(s: V3, bits: __m256i, mask: __m256i, sixteen: __m256i) -> __m256i {
         let hit = s
             .avx2
             ._mm256_cmpeq_epi8(s.avx2._mm256_and_si256(bits, mask), mask);
@@ -485,5 +583,142 @@ mod tests {
     #[test]
     fn packed_q8_0_gives_candles_reference_bits() {
         check::<BlockQ8_0>(GgmlDType::Q8_0);
+    }
+
+    /// Q4_K, Q5_K and Q6_K packed: within float rounding of the scalar reference on the blocks
+    /// as stored (the same integer sums, the float steps in another order) and of the kernel
+    /// for stored blocks; a row's result the same in any batch; 1 to 16 rows, one thread and
+    /// two, superblocks of zeros and of one large value among small ones.
+    #[test]
+    fn packed_superblocks_match_their_reference_within_rounding() {
+        use super::super::k::{InputSuper, SUPER, dot_scalar, quantize_row};
+        use super::super::rows_times_blocks;
+        for dtype in [GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K] {
+            let format = Format::of(dtype).unwrap();
+            let (outputs, width) = (136, 1024);
+            if !packs(format, outputs, width) {
+                assert!(
+                    std::env::var_os("CI").is_none(),
+                    "this CPU has no AVX2 and FMA"
+                );
+                eprintln!("SKIPPED: this CPU has no AVX2 and FMA");
+                return;
+            }
+            assert!(!packs(format, outputs - 4, width) && !packs(format, outputs, width - 32));
+            let weights = super::super::k::tests::values(outputs * width, 7);
+            let w = Tensor::from_slice(&weights, (outputs, width), &Device::Cpu).unwrap();
+            let q = QTensor::quantize(&w, dtype).unwrap();
+            let bytes = q.data().unwrap().into_owned();
+            let dequantized: Vec<f32> = q
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let packed = pack(format, &bytes, width).unwrap();
+            assert_eq!(packed.len(), outputs * row_bytes(format, width));
+            if format == Format::Q6K {
+                let mut sorted = packed.clone();
+                sorted.sort_unstable();
+                let mut original = bytes.clone();
+                original.sort_unstable();
+                assert_eq!(sorted, original, "packing Q6_K only moves bytes");
+            }
+            let row = bytes.len() / outputs;
+            for threads in [1, 2] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                for rows in [1, 2, 3, 16] {
+                    let x = super::super::k::tests::values(rows * width, rows as u32 + 11);
+                    let mut ours = vec![0f32; rows * outputs];
+                    let mut stored = vec![0f32; rows * outputs];
+                    pool.install(|| {
+                        rows_times_packed(format, &x, rows, &packed, width, &mut ours);
+                        rows_times_blocks(format, &x, rows, &bytes, width, &mut stored);
+                    });
+                    for r in 0..rows {
+                        let xs = &x[r * width..(r + 1) * width];
+                        let mut input = vec![InputSuper::ZERO; width / SUPER];
+                        quantize_row(xs, &mut input);
+                        let mut alone = vec![0f32; outputs];
+                        if r == 0 && rows > 1 {
+                            rows_times_packed(format, xs, 1, &packed, width, &mut alone);
+                        }
+                        for o in 0..outputs {
+                            let got = ours[r * outputs + o];
+                            let reference =
+                                dot_scalar(format, &bytes[o * row..(o + 1) * row], &input);
+                            let scale = dequantized[o * width..(o + 1) * width]
+                                .iter()
+                                .zip(xs)
+                                .map(|(a, b)| (*a as f64 * *b as f64).abs())
+                                .sum::<f64>()
+                                .max(1e-6);
+                            for (theirs, what) in [
+                                (reference, "the scalar reference"),
+                                (stored[r * outputs + o], "the stored blocks' kernel"),
+                            ] {
+                                assert!(
+                                    (got as f64 - theirs as f64).abs() <= 1e-6 * scale,
+                                    "{dtype:?} rows {rows} row {r} output {o} ({threads} \
+                                     threads): {got} vs {what}'s {theirs}"
+                                );
+                            }
+                            if r == 0 && rows > 1 {
+                                assert_eq!(
+                                    got.to_bits(),
+                                    alone[o].to_bits(),
+                                    "{dtype:?} output {o}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every row of a packed matrix comes back as the file stored it, in every format packed.
+    #[test]
+    fn every_packed_row_comes_back_as_stored() {
+        for dtype in [
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
+            GgmlDType::Q5_1,
+            GgmlDType::Q8_0,
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
+        ] {
+            let format = Format::of(dtype).unwrap();
+            let (outputs, width) = (24, 512);
+            if !packs(format, outputs, width) {
+                assert!(
+                    std::env::var_os("CI").is_none(),
+                    "this CPU has no AVX2 and FMA"
+                );
+                eprintln!("SKIPPED: this CPU has no AVX2 and FMA");
+                return;
+            }
+            let weights = super::super::k::tests::values(outputs * width, 3);
+            let w = Tensor::from_slice(&weights, (outputs, width), &Device::Cpu).unwrap();
+            let bytes = QTensor::quantize(&w, dtype)
+                .unwrap()
+                .data()
+                .unwrap()
+                .into_owned();
+            let packed = pack(format, &bytes, width).unwrap();
+            let row = stored_row_bytes(format, width);
+            for (o, stored) in bytes.chunks_exact(row).enumerate() {
+                assert!(
+                    stored_row(format, &packed, width, o) == stored,
+                    "{dtype:?} row {o} did not come back as stored"
+                );
+            }
+        }
     }
 }

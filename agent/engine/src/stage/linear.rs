@@ -6,8 +6,8 @@
 //! (prefill chunks) widen a block of weight rows at a time and multiply it with candle's general
 //! product, so that no product holds more than [`WIDEN_BLOCK_BYTES`] of widened weights (candle's
 //! own bf16 product widens the whole matrix, every time). Weights in GGUF's 32-value block
-//! formats, Q4_K and Q6_K go through [`qmatvec`](crate::qmatvec), prefill included. Everything
-//! else (GPUs, f32 prefill, the other K-quant blocks) takes candle's products.
+//! formats, Q4_K, Q5_K and Q6_K go through [`qmatvec`](crate::qmatvec), prefill included.
+//! Everything else (GPUs, f32 prefill, Q2_K and Q3_K blocks) takes candle's products.
 
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Module, Tensor};
@@ -17,8 +17,8 @@ use half::{bf16, f16};
 use crate::error::Result;
 
 /// A projection's weights: dense (safetensors, in the stage's dtype) or quantized (GGUF, in the
-/// file's block format, multiplied without dequantizing the whole matrix; the 32-value block
-/// formats in CPU memory repacked eight rows at a time, see
+/// file's block format, multiplied without dequantizing the whole matrix; in CPU memory
+/// repacked eight rows at a time where the format allows, see
 /// [`qmatvec::packed`](crate::qmatvec::packed)).
 pub(super) enum Proj {
     Dense(Linear),
@@ -26,9 +26,9 @@ pub(super) enum Proj {
     Packed(PackedBlocks, Option<Tensor>),
 }
 
-/// A matrix in a 32-value block format (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) in CPU memory as
-/// [`qmatvec::packed`](crate::qmatvec::packed) multiplies it: the file's bytes rearranged, held
-/// instead of them.
+/// A matrix in a block format (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) in CPU memory as
+/// [`qmatvec::packed`](crate::qmatvec::packed) multiplies it: the file's bytes rearranged (Q4_K's
+/// and Q5_K's sub-block scales decoded), held instead of them.
 pub(super) struct PackedBlocks {
     format: crate::qmatvec::Format,
     bytes: Vec<u8>,

@@ -349,7 +349,7 @@ impl GgufReader<'_> {
     }
 
     /// `{prefix}.weight` kept quantized, with `{prefix}.bias` in f32 when `bias`. A matrix in a
-    /// 32-value block format in CPU memory is repacked for its kernel and held only so.
+    /// block format the CPU kernels repack is repacked for them and held only so.
     fn proj(&mut self, prefix: &str, bias: bool) -> Result<Proj> {
         let w = self.matrix(&format!("{prefix}.weight"))?;
         let b = if bias {
@@ -360,7 +360,8 @@ impl GgufReader<'_> {
         if let GgufMatrix::Blocks(QMatMul::QTensor(q)) = &w
             && let Some(packed) = PackedBlocks::pack(q)?
         {
-            debug_assert_eq!(packed.len(), q.storage_size_in_bytes());
+            // Q4_K and Q5_K grow by their decoded sub-block scales (2-3%).
+            self.held = self.held - q.storage_size_in_bytes() as u64 + packed.len() as u64;
             return Ok(Proj::Packed(packed, b));
         }
         Ok(w.into_proj(b))
