@@ -29,9 +29,12 @@ pub(super) enum Proj {
 /// A matrix in a block format (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) in CPU memory as
 /// [`qmatvec::packed`](crate::qmatvec::packed) multiplies it: the file's bytes rearranged (Q4_K's
 /// and Q5_K's sub-block scales decoded), held instead of them.
+#[derive(Clone)]
 pub(super) struct PackedBlocks {
+    dtype: candle_core::quantized::GgmlDType,
     format: crate::qmatvec::Format,
-    bytes: Vec<u8>,
+    /// Shared where a tied table is both the embedding and the head.
+    bytes: std::sync::Arc<Vec<u8>>,
     outputs: usize,
     width: usize,
 }
@@ -51,11 +54,46 @@ impl PackedBlocks {
         }
         let data = q.data()?;
         Ok(pack(format, &data, width).map(|bytes| Self {
+            dtype: q.dtype(),
             format,
-            bytes,
+            bytes: std::sync::Arc::new(bytes),
             outputs,
             width,
         }))
+    }
+
+    /// The rows of `ids` (any shape), dequantized: `ids`' shape with `width` added. Each row
+    /// is put back as the file stores it and dequantized by candle, as a table held in its
+    /// block format would be.
+    pub(super) fn embedding(&self, ids: &Tensor) -> Result<Tensor> {
+        use crate::qmatvec::packed::{stored_row, stored_row_bytes};
+        let flat = ids.flatten_all()?.to_vec1::<u32>()?;
+        let mut raw = Vec::with_capacity(flat.len() * stored_row_bytes(self.format, self.width));
+        for &id in &flat {
+            if id as usize >= self.outputs {
+                return Err(candle_core::Error::Msg(format!(
+                    "token id {id} is past the embedding table's {} rows",
+                    self.outputs
+                ))
+                .into());
+            }
+            raw.extend(stored_row(
+                self.format,
+                &self.bytes,
+                self.width,
+                id as usize,
+            ));
+        }
+        let rows = candle_core::quantized::ggml_file::qtensor_from_ggml(
+            self.dtype,
+            &raw,
+            vec![flat.len(), self.width],
+            &candle_core::Device::Cpu,
+        )?
+        .dequantize(&candle_core::Device::Cpu)?;
+        let mut shape = ids.dims().to_vec();
+        shape.push(self.width);
+        Ok(rows.reshape(shape)?)
     }
 
     /// Bytes held.

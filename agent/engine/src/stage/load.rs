@@ -230,7 +230,17 @@ impl Stage {
         } else {
             None
         };
+        // A tied head's table in a format the CPU kernels repack is held repacked only: the
+        // head multiplies it like any projection (a third of a small model's bytes), a lookup
+        // puts the rows it needs back as stored.
+        let packed_table = match &table {
+            Some(GgufMatrix::Blocks(QMatMul::QTensor(q))) if tied_head => r.pack(q)?,
+            _ => None,
+        };
         let embed = match (&table, spec.first) {
+            (Some(_), true) if packed_table.is_some() => {
+                packed_table.clone().map(TokenEmbedding::Packed)
+            }
             (Some(t), true) => Some(match t {
                 GgufMatrix::Blocks(q) => TokenEmbedding::Quant(q.clone()),
                 GgufMatrix::Half(w) => {
@@ -272,8 +282,9 @@ impl Stage {
         }
         let head = if spec.last {
             let norm = RmsNorm::new(r.dense("output_norm.weight")?, eps);
-            let lm_head = match table {
-                Some(t) if tied_head => t.into_proj(None),
+            let lm_head = match (table, packed_table) {
+                (Some(_), Some(packed)) => Proj::Packed(packed, None),
+                (Some(t), None) if tied_head => t.into_proj(None),
                 _ => r.proj("output", false)?,
             };
             Some(Head { norm, lm_head })
@@ -358,13 +369,22 @@ impl GgufReader<'_> {
             None
         };
         if let GgufMatrix::Blocks(QMatMul::QTensor(q)) = &w
-            && let Some(packed) = PackedBlocks::pack(q)?
+            && let Some(packed) = self.pack(q)?
         {
-            // Q4_K and Q5_K grow by their decoded sub-block scales (2-3%).
-            self.held = self.held - q.storage_size_in_bytes() as u64 + packed.len() as u64;
             return Ok(Proj::Packed(packed, b));
         }
         Ok(w.into_proj(b))
+    }
+
+    /// `q` (read by [`Self::matrix`]) repacked, where its format and shape allow, to be held
+    /// instead of it.
+    fn pack(&mut self, q: &candle_core::quantized::QTensor) -> Result<Option<PackedBlocks>> {
+        let packed = PackedBlocks::pack(q)?;
+        if let Some(p) = &packed {
+            // Q4_K and Q5_K grow by their decoded sub-block scales (2-3%).
+            self.held = self.held - q.storage_size_in_bytes() as u64 + p.len() as u64;
+        }
+        Ok(packed)
     }
 }
 

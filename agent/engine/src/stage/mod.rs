@@ -58,10 +58,12 @@ pub enum StageOutput {
 }
 
 /// The token embedding of the first stage: a dense table, or a GGUF table kept in its block
-/// format, of which a lookup dequantizes only the rows it needs.
+/// format, of which a lookup dequantizes only the rows it needs; a table that is also the
+/// stage's (tied) head is held repacked for the head's kernels, once for both.
 enum TokenEmbedding {
     Dense(Embedding),
     Quant(candle_core::quantized::QMatMul),
+    Packed(linear::PackedBlocks),
 }
 
 impl TokenEmbedding {
@@ -70,6 +72,7 @@ impl TokenEmbedding {
         Ok(match self {
             Self::Dense(e) => e.forward(ids)?,
             Self::Quant(q) => q.embedding(ids)?,
+            Self::Packed(p) => p.embedding(ids)?,
         })
     }
 }
