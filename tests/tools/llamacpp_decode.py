@@ -1,10 +1,10 @@
-"""Decode speed of llama.cpp (through llama-cpp-python) on a GGUF file, one thread.
+"""Decode speed of llama.cpp (through llama-cpp-python) on a GGUF file, one thread (or THREADS).
 
 Evaluates a short prompt, then generates N tokens greedily one at a time, ignoring
 end-of-sequence tokens, and prints one JSON object: {"decode_tokens_per_s": ...}.
 The clock covers the decode steps only, as `clusteragent generate --json` reports them.
 
-usage: llamacpp_decode.py MODEL.gguf N
+usage: llamacpp_decode.py MODEL.gguf N [THREADS]
 """
 
 import json
@@ -17,7 +17,8 @@ from llama_cpp import Llama
 
 def main():
     path, n = sys.argv[1], int(sys.argv[2])
-    llm = Llama(model_path=path, n_threads=1, n_threads_batch=1, n_ctx=512, n_batch=64, verbose=False, logits_all=True)
+    threads = int(sys.argv[3]) if len(sys.argv) > 3 else 1
+    llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=512, n_batch=64, verbose=False, logits_all=True)
     prompt = llm.tokenize(b"The two machines sat side by side on the shelf, joined by a short cable.", add_bos=True)
     llm.eval(prompt)
     token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
