@@ -20,8 +20,8 @@ use cluster_fixtures::{Arch, TinyModel};
 use common::{argmax, check_every_split, load_split};
 
 const TOLERANCE: f32 = 1e-4;
-/// Logits of stages whose products sum in another order than candle's on this CPU: Q4_K, Q5_K
-/// and Q6_K always (our superblock kernel; candle's differ by CPU, and on x86 run on repacked
+/// Logits of stages whose products sum in another order than candle's on this CPU: Q2_K to
+/// Q6_K always (our superblock kernels; candle's differ by CPU, and on x86 run on repacked
 /// copies), Q4_0 and Q8_0 (ours repacked, in the order of candle's scalar reference kernels,
 /// candle's in eight float lanes, or for Q8_0 with VNNI on its input rounded to 256-value
 /// blocks). Each product is within float
@@ -37,7 +37,13 @@ fn tolerance_for(types: &[GgmlDType]) -> f32 {
     if types.iter().any(|t| {
         matches!(
             t,
-            GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K | GgmlDType::Q8_0 | GgmlDType::Q4_0
+            GgmlDType::Q2K
+                | GgmlDType::Q3K
+                | GgmlDType::Q4K
+                | GgmlDType::Q5K
+                | GgmlDType::Q6K
+                | GgmlDType::Q8_0
+                | GgmlDType::Q4_0
         )
     }) {
         REORDERED_TOLERANCE

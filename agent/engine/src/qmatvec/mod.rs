@@ -77,6 +77,13 @@ pub enum Format {
     /// 256-value superblocks of 6-bit values around 32 in sixteen sub-blocks of 16, each with
     /// an 8-bit scale; one f16 scale of those.
     Q6K,
+    /// 256-value superblocks of 2-bit values in sixteen sub-blocks of 16, each with a 4-bit
+    /// scale and a 4-bit offset; f16 scales of those. Repacked only ([`packed`]).
+    Q2K,
+    /// 256-value superblocks of 3-bit values around 4 (two bits, and a third in a bit plane)
+    /// in sixteen sub-blocks of 16, each with a 6-bit scale around 32; one f16 scale of those.
+    /// Repacked only ([`packed`]).
+    Q3K,
 }
 
 impl Format {
@@ -91,6 +98,8 @@ impl Format {
             GgmlDType::Q4K => Format::Q4K,
             GgmlDType::Q5K => Format::Q5K,
             GgmlDType::Q6K => Format::Q6K,
+            GgmlDType::Q2K => Format::Q2K,
+            GgmlDType::Q3K => Format::Q3K,
             _ => return None,
         })
     }
@@ -106,13 +115,15 @@ impl Format {
             Format::Q4K => 144,
             Format::Q5K => 176,
             Format::Q6K => 210,
+            Format::Q2K => 84,
+            Format::Q3K => 110,
         }
     }
 
     /// Values per block.
     pub fn block_values(self) -> usize {
         match self {
-            Format::Q4K | Format::Q5K | Format::Q6K => k::SUPER,
+            Format::Q4K | Format::Q5K | Format::Q6K | Format::Q2K | Format::Q3K => k::SUPER,
             _ => BLOCK,
         }
     }
@@ -124,19 +135,24 @@ impl Format {
     }
 }
 
-/// Whether this CPU runs the kernel for `format` on a `(outputs, width)` matrix.
+/// Whether this CPU runs the kernel for blocks of `format` as stored on a `(outputs, width)`
+/// matrix (Q2_K and Q3_K have only [`packed`] kernels).
 pub fn supports(format: Format, outputs: usize, width: usize) -> bool {
-    if width == 0 || width % format.block_values() != 0 {
-        return false;
-    }
+    let _ = outputs;
+    width > 0
+        && width % format.block_values() == 0
+        && !matches!(format, Format::Q2K | Format::Q3K)
+        && simd()
+}
+
+/// Whether this CPU has what the kernels here and in [`packed`] take: x86-64 with AVX2 and FMA.
+fn simd() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        let _ = outputs;
         pulp::x86::V3::try_new().is_some()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (format, outputs);
         false
     }
 }
@@ -429,7 +445,7 @@ pub(crate) mod avx2 {
                 Format::Q5_0 => single!(dot_q5_0, rows_q5_0),
                 Format::Q5_1 => grouped!(dot8_q5_1, dot_q5_1),
                 Format::Q8_0 => single!(dot_q8_0, rows_q8_0),
-                Format::Q4K | Format::Q5K | Format::Q6K => {
+                Format::Q4K | Format::Q5K | Format::Q6K | Format::Q2K | Format::Q3K => {
                     unreachable!("superblock formats go through k")
                 }
             }

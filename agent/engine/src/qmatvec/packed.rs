@@ -57,7 +57,10 @@ fn fifth(format: Format) -> bool {
 
 /// Whether `format` is one of the superblock formats.
 fn superblock(format: Format) -> bool {
-    matches!(format, Format::Q4K | Format::Q5K | Format::Q6K)
+    matches!(
+        format,
+        Format::Q4K | Format::Q5K | Format::Q6K | Format::Q2K | Format::Q3K
+    )
 }
 
 /// Bytes one weight row takes packed, `width` values in `format` (a format [`packs`] takes).
@@ -78,7 +81,7 @@ pub fn packs(format: Format, outputs: usize, width: usize) -> bool {
         && outputs % GROUP == 0
         && width > 0
         && width % format.block_values() == 0
-        && super::supports(format, outputs, width)
+        && super::simd()
 }
 
 /// The packed bytes of a matrix `w` of `width` columns in `format` (see the module's comment);
@@ -486,7 +489,7 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use candle_core::quantized::k_quants::{
-        BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, GgmlType,
+        BlockQ2K, BlockQ3K, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, GgmlType,
     };
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{Device, Tensor};
@@ -593,7 +596,13 @@ mod tests {
     fn packed_superblocks_match_their_reference_within_rounding() {
         use super::super::k::{InputSuper, SUPER, dot_scalar, quantize_row};
         use super::super::rows_times_blocks;
-        for dtype in [GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K] {
+        for dtype in [
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
+            GgmlDType::Q2K,
+            GgmlDType::Q3K,
+        ] {
             let format = Format::of(dtype).unwrap();
             let (outputs, width) = (136, 1024);
             if !packs(format, outputs, width) {
@@ -618,12 +627,12 @@ mod tests {
                 .unwrap();
             let packed = pack(format, &bytes, width).unwrap();
             assert_eq!(packed.len(), outputs * row_bytes(format, width));
-            if format == Format::Q6K {
+            if matches!(format, Format::Q6K | Format::Q2K) {
                 let mut sorted = packed.clone();
                 sorted.sort_unstable();
                 let mut original = bytes.clone();
                 original.sort_unstable();
-                assert_eq!(sorted, original, "packing Q6_K only moves bytes");
+                assert_eq!(sorted, original, "packing {dtype:?} only moves bytes");
             }
             let row = bytes.len() / outputs;
             for threads in [1, 2] {
@@ -637,7 +646,9 @@ mod tests {
                     let mut stored = vec![0f32; rows * outputs];
                     pool.install(|| {
                         rows_times_packed(format, &x, rows, &packed, width, &mut ours);
-                        rows_times_blocks(format, &x, rows, &bytes, width, &mut stored);
+                        if super::super::supports(format, outputs, width) {
+                            rows_times_blocks(format, &x, rows, &bytes, width, &mut stored);
+                        }
                     });
                     for r in 0..rows {
                         let xs = &x[r * width..(r + 1) * width];
@@ -649,18 +660,25 @@ mod tests {
                         }
                         for o in 0..outputs {
                             let got = ours[r * outputs + o];
-                            let reference =
-                                dot_scalar(format, &bytes[o * row..(o + 1) * row], &input);
+                            let w_row = &bytes[o * row..(o + 1) * row];
+                            // Q2_K and Q3_K against candle's scalar reference kernel itself.
+                            let w_f32 = &weights[o * width..(o + 1) * width];
+                            let reference = match dtype {
+                                GgmlDType::Q2K => candle_reference::<BlockQ2K>(w_f32, xs),
+                                GgmlDType::Q3K => candle_reference::<BlockQ3K>(w_f32, xs),
+                                _ => dot_scalar(format, w_row, &input),
+                            };
                             let scale = dequantized[o * width..(o + 1) * width]
                                 .iter()
                                 .zip(xs)
                                 .map(|(a, b)| (*a as f64 * *b as f64).abs())
                                 .sum::<f64>()
                                 .max(1e-6);
-                            for (theirs, what) in [
-                                (reference, "the scalar reference"),
-                                (stored[r * outputs + o], "the stored blocks' kernel"),
-                            ] {
+                            let mut references = vec![(reference, "the scalar reference")];
+                            if super::super::supports(format, outputs, width) {
+                                references.push((stored[r * outputs + o], "the stored kernel"));
+                            }
+                            for (theirs, what) in references {
                                 assert!(
                                     (got as f64 - theirs as f64).abs() <= 1e-6 * scale,
                                     "{dtype:?} rows {rows} row {r} output {o} ({threads} \
@@ -681,6 +699,16 @@ mod tests {
         }
     }
 
+    /// candle's scalar reference kernel on weight row `w` quantized as candle quantizes it (the
+    /// very blocks `QTensor::quantize` stores) and input row `x`, quantized likewise.
+    fn candle_reference<T: GgmlType>(w: &[f32], x: &[f32]) -> f32 {
+        let mut wb = vec![T::zeros(); w.len() / T::BLCK_SIZE];
+        T::from_float(w, &mut wb);
+        let mut xb = vec![T::VecDotType::zeros(); x.len() / T::BLCK_SIZE];
+        T::VecDotType::from_float(x, &mut xb);
+        T::vec_dot_unopt(x.len(), &wb, &xb)
+    }
+
     /// Every row of a packed matrix comes back as the file stored it, in every format packed.
     #[test]
     fn every_packed_row_comes_back_as_stored() {
@@ -693,6 +721,8 @@ mod tests {
             GgmlDType::Q4K,
             GgmlDType::Q5K,
             GgmlDType::Q6K,
+            GgmlDType::Q2K,
+            GgmlDType::Q3K,
         ] {
             let format = Format::of(dtype).unwrap();
             let (outputs, width) = (24, 512);

@@ -1,4 +1,4 @@
-//! Q4_K, Q5_K and Q6_K matrices repacked like the 32-value formats of the parent module: eight
+//! The superblock formats (Q2_K to Q6_K) repacked like the 32-value formats of the parent module: eight
 //! rows interleaved superblock by superblock, one 32-bit lane a row.
 //!
 //! A superblock of eight rows becomes, for Q4_K and Q5_K: the rows' eight f16 scales (16
@@ -17,8 +17,17 @@
 //! its `qh[32h..]`: together the four 6-bit values of positions `4n..4n+4` in each of the
 //! half's four quarters.
 //!
-//! Q4_K and Q5_K grow by the decoded scales, 32 bytes per superblock of eight rows (2.8% and
-//! 2.3%); Q6_K keeps its size, and everything else is the file's bytes moved. The integer sums
+//! Q2_K and Q3_K follow Q6_K's plan: the rows' f16 scales (for Q2_K then their f16 offset
+//! scales), their sub-block scales by pairs (Q2_K's bytes as stored, a 4-bit scale and a 4-bit
+//! offset each; Q3_K's 6-bit scales decoded to a byte each, 128 bytes for 96), for Q3_K its
+//! bit plane as eight runs of 32 bytes (bytes `4n..4n+4` of each row's 32, the third bits of
+//! positions `4n..4n+4` of all eight 32-value steps), then sixteen runs of 32 bytes, bytes
+//! `32h + 4n..` of each row's 64 bytes of 2-bit values (positions `4n..4n+4` of the four steps
+//! of half `h`).
+//!
+//! Q4_K, Q5_K and Q3_K grow by the decoded scales, 32 bytes per superblock of eight rows (2.8%,
+//! 2.3% and 3.6%); Q6_K and Q2_K keep their size, and everything else is the file's bytes
+//! moved. The integer sums
 //! are exact, as in [`k`](crate::qmatvec::k), and each row's float steps are those of that
 //! module's scalar reference, added in another order: a superblock's integer sum times its
 //! scale times the input's, in one float lane per row.
@@ -38,9 +47,24 @@ const FIFTH: usize = 160;
 /// Where Q4_K's nibbles start; Q5_K's start 256 bytes of fifth bits later.
 const Q4K_RUNS: usize = 160;
 const Q5K_RUNS: usize = FIFTH + 256;
-/// Offsets within a packed Q6_K superblock of eight rows.
+/// Offsets within a packed Q6_K superblock of eight rows (Q3_K's scales too).
 const Q6_SCALES: usize = 16;
 const Q6_RUNS: usize = 144;
+/// Offsets within a packed Q2_K superblock of eight rows (its scales at `DMIN`).
+const Q2_SCALES: usize = 32;
+const Q2_RUNS: usize = 160;
+/// Offsets within a packed Q3_K superblock of eight rows.
+const Q3_BITS: usize = 144;
+const Q3_RUNS: usize = 400;
+/// Byte offsets within a Q2_K superblock as stored: 16 bytes of scales, 64 of values, then
+/// the f16 scale and offset scale.
+const Q2K_QS: usize = 16;
+const Q2K_D: usize = 80;
+/// Byte offsets within a Q3_K superblock as stored: 32 bytes of bit plane, 64 of 2-bit
+/// values, 12 of scales, then the f16 scale.
+const Q3K_QS: usize = 32;
+const Q3K_SCALES: usize = 96;
+const Q3K_D: usize = 108;
 
 /// Bytes of one superblock of eight rows, packed.
 pub(super) fn group_bytes(format: Format) -> usize {
@@ -48,8 +72,38 @@ pub(super) fn group_bytes(format: Format) -> usize {
         Format::Q4K => Q4K_RUNS + 1024,
         Format::Q5K => Q5K_RUNS + 1024,
         Format::Q6K => Q6_RUNS + 1536,
+        Format::Q2K => Q2_RUNS + 512,
+        Format::Q3K => Q3_RUNS + 512,
         _ => unreachable!("{format:?} is not a superblock format"),
     }
+}
+
+/// The sixteen 6-bit scales of a Q3_K superblock (before their centre 32 is taken off), from
+/// its 12 bytes: the low four bits of scales 0-7 in the low nibbles of bytes 0-7 and of 8-15
+/// in their high nibbles; the top two bits in bytes 8-11, scale `4k + i` at bits `2k` of byte
+/// `8 + i`.
+fn q3k_scales(b: &[u8]) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    for (j, o) in out.iter_mut().enumerate() {
+        let low = if j < 8 { b[j] & 0x0f } else { b[j - 8] >> 4 };
+        let high = (b[8 + j % 4] >> (2 * (j / 4))) & 3;
+        *o = low | high << 4;
+    }
+    out
+}
+
+/// [`q3k_scales`]' 12 bytes from the sixteen scales.
+fn q3k_scale_bytes(sc: &[u8; 16]) -> [u8; 12] {
+    let mut b = [0u8; 12];
+    for j in 0..16 {
+        if j < 8 {
+            b[j] |= sc[j] & 0x0f;
+        } else {
+            b[j - 8] |= (sc[j] & 0x0f) << 4;
+        }
+        b[8 + j % 4] |= (sc[j] >> 4) << (2 * (j / 4));
+    }
+    b
 }
 
 /// Appends the packed superblock of eight rows whose superblocks `block(r)` gives.
@@ -64,6 +118,46 @@ pub(super) fn pack_superblock<'a>(
             out.extend_from_slice(&block(r)[at..at + 4]);
         }
     };
+    if format == Format::Q2K {
+        for at in [Q2K_D, Q2K_D + 2] {
+            for r in 0..GROUP {
+                out.extend_from_slice(&block(r)[at..at + 2]);
+            }
+        }
+        for pair in 0..8 {
+            for r in 0..GROUP {
+                out.extend_from_slice(&block(r)[2 * pair..2 * pair + 2]);
+            }
+        }
+        for at in 0..16 {
+            run(out, Q2K_QS + 4 * at);
+        }
+        return;
+    }
+    if format == Format::Q3K {
+        for r in 0..GROUP {
+            out.extend_from_slice(&block(r)[Q3K_D..Q3K_D + 2]);
+        }
+        let decoded: Vec<[u8; 16]> = (0..GROUP)
+            .map(|r| q3k_scales(&block(r)[Q3K_SCALES..Q3K_SCALES + 12]))
+            .collect();
+        for pair in 0..8 {
+            for sc in &decoded {
+                // Signed, around the centre 32 the format stores them above.
+                out.extend_from_slice(&[
+                    sc[2 * pair].wrapping_sub(32),
+                    sc[2 * pair + 1].wrapping_sub(32),
+                ]);
+            }
+        }
+        for n in 0..8 {
+            run(out, 4 * n);
+        }
+        for at in 0..16 {
+            run(out, Q3K_QS + 4 * at);
+        }
+        return;
+    }
     if format == Format::Q6K {
         for r in 0..GROUP {
             out.extend_from_slice(&block(r)[Q6K_D..Q6K_D + 2]);
@@ -119,6 +213,32 @@ pub(super) fn pack_superblock<'a>(
 /// eight rows `b`: the inverse of [`pack_superblock`] for one row.
 pub(super) fn stored_superblock(format: Format, b: &[u8], r: usize, out: &mut Vec<u8>) {
     let four = |at: usize| &b[at + 4 * r..at + 4 * r + 4];
+    if format == Format::Q2K {
+        for pair in 0..8 {
+            out.extend_from_slice(&b[Q2_SCALES + 16 * pair + 2 * r..][..2]);
+        }
+        for at in 0..16 {
+            out.extend_from_slice(four(Q2_RUNS + 32 * at));
+        }
+        out.extend_from_slice(&b[2 * r..2 * r + 2]);
+        out.extend_from_slice(&b[DMIN + 2 * r..DMIN + 2 * r + 2]);
+        return;
+    }
+    if format == Format::Q3K {
+        for n in 0..8 {
+            out.extend_from_slice(four(Q3_BITS + 32 * n));
+        }
+        for at in 0..16 {
+            out.extend_from_slice(four(Q3_RUNS + 32 * at));
+        }
+        let mut sc = [0u8; 16];
+        for (j, sc) in sc.iter_mut().enumerate() {
+            *sc = b[Q6_SCALES + 16 * (j / 2) + 2 * r + j % 2].wrapping_add(32);
+        }
+        out.extend_from_slice(&q3k_scale_bytes(&sc));
+        out.extend_from_slice(&b[2 * r..2 * r + 2]);
+        return;
+    }
     if format == Format::Q6K {
         let mut ql = [0u8; 128];
         let mut qh = [0u8; 64];
@@ -198,8 +318,12 @@ pub(super) fn products(
         (Format::Q4K, false) => pulp::Simd::vectorize(simd, avx2::Q4k::<false, false>(args)),
         (Format::Q5K, true) => pulp::Simd::vectorize(simd, avx2::Q4k::<true, true>(args)),
         (Format::Q5K, false) => pulp::Simd::vectorize(simd, avx2::Q4k::<true, false>(args)),
-        (Format::Q6K, true) => pulp::Simd::vectorize(simd, avx2::Q6k::<true>(args)),
-        (Format::Q6K, false) => pulp::Simd::vectorize(simd, avx2::Q6k::<false>(args)),
+        (Format::Q6K, true) => pulp::Simd::vectorize(simd, avx2::Sixteens::<6, true>(args)),
+        (Format::Q6K, false) => pulp::Simd::vectorize(simd, avx2::Sixteens::<6, false>(args)),
+        (Format::Q2K, true) => pulp::Simd::vectorize(simd, avx2::Sixteens::<2, true>(args)),
+        (Format::Q2K, false) => pulp::Simd::vectorize(simd, avx2::Sixteens::<2, false>(args)),
+        (Format::Q3K, true) => pulp::Simd::vectorize(simd, avx2::Sixteens::<3, true>(args)),
+        (Format::Q3K, false) => pulp::Simd::vectorize(simd, avx2::Sixteens::<3, false>(args)),
         _ => unreachable!("{format:?} is not a superblock format"),
     }
 }
@@ -234,8 +358,8 @@ mod avx2 {
     use super::super::super::avx2::{Avx2, array};
     use super::super::avx2::sixteen_where;
     use super::{
-        D, DMIN, FIFTH, GROUP, InputSuper, MAX_ROWS, MINS, Q4K_RUNS, Q5K_RUNS, Q6_RUNS, Q6_SCALES,
-        SCALES,
+        D, DMIN, FIFTH, GROUP, InputSuper, MAX_ROWS, MINS, Q2_RUNS, Q2_SCALES, Q3_BITS, Q3_RUNS,
+        Q4K_RUNS, Q5K_RUNS, Q6_RUNS, Q6_SCALES, SCALES,
     };
 
     pub(in super::super) struct Packed<'a> {
@@ -251,8 +375,11 @@ mod avx2 {
         pub(in super::super) Packed<'a>,
     );
 
-    /// Packed Q6_K products; `ONE` where there is one input row.
-    pub(in super::super) struct Q6k<'a, const ONE: bool>(pub(in super::super) Packed<'a>);
+    /// Packed Q6_K (`BITS` 6), Q2_K (2) or Q3_K (3) products; `ONE` where there is one input
+    /// row.
+    pub(in super::super) struct Sixteens<'a, const BITS: u8, const ONE: bool>(
+        pub(in super::super) Packed<'a>,
+    );
 
     impl<const FIVE: bool, const ONE: bool> WithSimd for Q4k<'_, FIVE, ONE> {
         type Output = ();
@@ -263,12 +390,12 @@ mod avx2 {
         }
     }
 
-    impl<const ONE: bool> WithSimd for Q6k<'_, ONE> {
+    impl<const BITS: u8, const ONE: bool> WithSimd for Sixteens<'_, BITS, ONE> {
         type Output = ();
 
         #[inline(always)]
         fn with_simd<S: Simd>(self, _: S) {
-            self.0.q6k::<ONE>();
+            self.0.sixteens::<BITS, ONE>();
         }
     }
 
@@ -443,8 +570,10 @@ mod avx2 {
             }
         }
 
+        /// The formats of sixteen sub-blocks of 16 values, scales by pairs: Q6_K (`BITS` 6),
+        /// Q2_K (2) and Q3_K (3).
         #[inline(always)]
-        fn q6k<const ONE: bool>(self) {
+        fn sixteens<const BITS: u8, const ONE: bool>(self) {
             let avx = Avx2 { simd: self.simd };
             let s = self.simd;
             let rows = if ONE {
@@ -452,9 +581,15 @@ mod avx2 {
             } else {
                 self.input.len() / self.supers
             };
-            let bytes = Q6_RUNS + 1536;
+            let bytes = match BITS {
+                6 => Q6_RUNS + 1536,
+                2 => Q2_RUNS + 512,
+                _ => Q3_RUNS + 512,
+            };
             let low = s.avx._mm256_set1_epi8(0x0f);
             let top = s.avx._mm256_set1_epi8(0x30);
+            let three = s.avx._mm256_set1_epi8(3);
+            let four_v = s.avx._mm256_set1_epi8(4);
             // From a pair of sub-blocks' scales (16 bits each in lane `r`, see `pairs` below),
             // the first's or the second's in both halves of every lane.
             let first = s.avx._mm256_setr_epi8(
@@ -469,43 +604,92 @@ mod avx2 {
             {
                 let mut acc = [s.avx._mm256_setzero_ps(); MAX_ROWS];
                 for (i, b) in group.chunks_exact(bytes).enumerate() {
-                    // Lane `r` of pairs[u]: the scales of sub-blocks 2u and 2u + 1 of row `r`,
-                    // widened to 16 bits with their signs.
+                    // Lane `r` of pairs[u]: the scales of sub-blocks 2u and 2u + 1 of row `r`
+                    // in 16 bits (signed for Q6_K and Q3_K); for Q2_K, mins[u] their offsets.
                     let mut pairs = [s.avx._mm256_setzero_si256(); 8];
-                    for (u, p) in pairs.iter_mut().enumerate() {
-                        *p = s
-                            .avx2
-                            ._mm256_cvtepi8_epi16(cast(array::<16>(&b[Q6_SCALES + 16 * u..])));
+                    let mut mins = [s.avx._mm256_setzero_si256(); 8];
+                    for (u, (p, m)) in pairs.iter_mut().zip(&mut mins).enumerate() {
+                        if BITS == 2 {
+                            let raw: __m128i = cast(array::<16>(&b[Q2_SCALES + 16 * u..]));
+                            let nibble = s.sse2._mm_set1_epi8(0x0f);
+                            *p = s
+                                .avx2
+                                ._mm256_cvtepu8_epi16(s.sse2._mm_and_si128(raw, nibble));
+                            *m = s.avx2._mm256_cvtepu8_epi16(
+                                s.sse2
+                                    ._mm_and_si128(s.sse2._mm_srli_epi16::<4>(raw), nibble),
+                            );
+                        } else {
+                            *p = s
+                                .avx2
+                                ._mm256_cvtepi8_epi16(cast(array::<16>(&b[Q6_SCALES + 16 * u..])));
+                        }
                     }
                     let mut isum = [s.avx._mm256_setzero_si256(); MAX_ROWS];
                     for h in 0..2 {
                         for t in 0..2 {
-                            // v[k][q]: positions 16t + 4k.. of quarter q of half h, every row.
+                            // v[k][q]: positions 16t + 4k.. of quarter (or step) q of half h,
+                            // every row, as unsigned values.
                             let mut v = [[s.avx._mm256_setzero_si256(); 4]; 4];
                             for (k, v) in v.iter_mut().enumerate() {
-                                let at = Q6_RUNS + 96 * (8 * h + 4 * t + k);
-                                let (a, c, hh) = (load(b, at), load(b, at + 32), load(b, at + 64));
-                                let a_high = s.avx2._mm256_srli_epi16::<4>(a);
-                                let c_high = s.avx2._mm256_srli_epi16::<4>(c);
-                                v[0] = s.avx2._mm256_or_si256(
-                                    s.avx2._mm256_and_si256(a, low),
-                                    s.avx2
-                                        ._mm256_and_si256(s.avx2._mm256_slli_epi16::<4>(hh), top),
-                                );
-                                v[1] = s.avx2._mm256_or_si256(
-                                    s.avx2._mm256_and_si256(c, low),
-                                    s.avx2
-                                        ._mm256_and_si256(s.avx2._mm256_slli_epi16::<2>(hh), top),
-                                );
-                                v[2] = s.avx2._mm256_or_si256(
-                                    s.avx2._mm256_and_si256(a_high, low),
-                                    s.avx2._mm256_and_si256(hh, top),
-                                );
-                                v[3] = s.avx2._mm256_or_si256(
-                                    s.avx2._mm256_and_si256(c_high, low),
-                                    s.avx2
-                                        ._mm256_and_si256(s.avx2._mm256_srli_epi16::<2>(hh), top),
-                                );
+                                let n = 4 * t + k;
+                                if BITS == 6 {
+                                    let at = Q6_RUNS + 96 * (8 * h + n);
+                                    let (a, c, hh) =
+                                        (load(b, at), load(b, at + 32), load(b, at + 64));
+                                    let a_high = s.avx2._mm256_srli_epi16::<4>(a);
+                                    let c_high = s.avx2._mm256_srli_epi16::<4>(c);
+                                    v[0] = s.avx2._mm256_or_si256(
+                                        s.avx2._mm256_and_si256(a, low),
+                                        s.avx2._mm256_and_si256(
+                                            s.avx2._mm256_slli_epi16::<4>(hh),
+                                            top,
+                                        ),
+                                    );
+                                    v[1] = s.avx2._mm256_or_si256(
+                                        s.avx2._mm256_and_si256(c, low),
+                                        s.avx2._mm256_and_si256(
+                                            s.avx2._mm256_slli_epi16::<2>(hh),
+                                            top,
+                                        ),
+                                    );
+                                    v[2] = s.avx2._mm256_or_si256(
+                                        s.avx2._mm256_and_si256(a_high, low),
+                                        s.avx2._mm256_and_si256(hh, top),
+                                    );
+                                    v[3] = s.avx2._mm256_or_si256(
+                                        s.avx2._mm256_and_si256(c_high, low),
+                                        s.avx2._mm256_and_si256(
+                                            s.avx2._mm256_srli_epi16::<2>(hh),
+                                            top,
+                                        ),
+                                    );
+                                } else {
+                                    let runs = if BITS == 2 { Q2_RUNS } else { Q3_RUNS };
+                                    let q = load(b, runs + 32 * (8 * h + n));
+                                    v[0] = s.avx2._mm256_and_si256(q, three);
+                                    v[1] = s
+                                        .avx2
+                                        ._mm256_and_si256(s.avx2._mm256_srli_epi16::<2>(q), three);
+                                    v[2] = s
+                                        .avx2
+                                        ._mm256_and_si256(s.avx2._mm256_srli_epi16::<4>(q), three);
+                                    v[3] = s
+                                        .avx2
+                                        ._mm256_and_si256(s.avx2._mm256_srli_epi16::<6>(q), three);
+                                    if BITS == 3 {
+                                        // Step 4h + q's third bit, as 4.
+                                        let bits = load(b, Q3_BITS + 32 * n);
+                                        for (q, v) in v.iter_mut().enumerate() {
+                                            let bit =
+                                                s.avx._mm256_set1_epi8((1u8 << (4 * h + q)) as i8);
+                                            *v = s.avx2._mm256_or_si256(
+                                                *v,
+                                                sixteen_where(s, bits, bit, four_v),
+                                            );
+                                        }
+                                    }
+                                }
                             }
                             // Quarter q's sub-block here is 8h + 2q + t: of pair 4h + q.
                             let mut scales = [s.avx._mm256_setzero_si256(); 4];
@@ -515,14 +699,15 @@ mod avx2 {
                                     if t == 0 { first } else { second },
                                 );
                             }
-                            for r in 0..rows {
+                            for (r, isum) in isum.iter_mut().enumerate().take(rows) {
                                 let x = &self.input[r * self.supers + i];
                                 let mut sums = s.avx._mm256_setzero_si256();
                                 for (q, sc) in scales.iter().enumerate() {
                                     let base = 128 * h + 32 * q + 16 * t;
-                                    // Two runs of pairs, at most 2 · 2 · 63 · 127, fit 16 bits.
-                                    for k in [0, 2] {
-                                        let p = s.avx2._mm256_add_epi16(
+                                    let mut p = [s.avx._mm256_setzero_si256(); 2];
+                                    for (half, p) in p.iter_mut().enumerate() {
+                                        let k = 2 * half;
+                                        *p = s.avx2._mm256_add_epi16(
                                             s.avx2._mm256_maddubs_epi16(
                                                 v[k][q],
                                                 s.avx._mm256_set1_epi32(four(&x.qs, base + 4 * k)),
@@ -535,23 +720,36 @@ mod avx2 {
                                                 )),
                                             ),
                                         );
-                                        sums = s.avx2._mm256_add_epi32(
-                                            sums,
-                                            s.avx2._mm256_madd_epi16(p, *sc),
-                                        );
                                     }
+                                    // Two runs of Q6_K's pairs, at most 2 · 2 · 63 · 127, fit
+                                    // 16 bits; four of Q2_K's or Q3_K's (4 · 2 · 7 · 127) too.
+                                    let products = if BITS == 6 {
+                                        s.avx2._mm256_add_epi32(
+                                            s.avx2._mm256_madd_epi16(p[0], *sc),
+                                            s.avx2._mm256_madd_epi16(p[1], *sc),
+                                        )
+                                    } else {
+                                        s.avx2._mm256_madd_epi16(
+                                            s.avx2._mm256_add_epi16(p[0], p[1]),
+                                            *sc,
+                                        )
+                                    };
+                                    sums = s.avx2._mm256_add_epi32(sums, products);
                                 }
-                                isum[r] = s.avx2._mm256_add_epi32(isum[r], sums);
+                                *isum = s.avx2._mm256_add_epi32(*isum, sums);
                             }
                         }
                     }
-                    // The values' centre 32: each sub-block's scale times the input's sum of
-                    // its 16 values, two sub-blocks per 16-bit multiply-add.
+                    // Each sub-block's scale (or for Q2_K its offset) times the input's sum of
+                    // its 16 values, two sub-blocks per 16-bit multiply-add: the values' centre
+                    // (32 for Q6_K, 4 for Q3_K), or Q2_K's offsets.
                     let d = halves(avx, b, 0);
+                    let dmin = halves(avx, b, DMIN);
                     for r in 0..rows {
                         let x = &self.input[r * self.supers + i];
+                        let by = if BITS == 2 { &mins } else { &pairs };
                         let mut centre = s.avx._mm256_setzero_si256();
-                        for (u, p) in pairs.iter().enumerate() {
+                        for (u, p) in by.iter().enumerate() {
                             centre = s.avx2._mm256_add_epi32(
                                 centre,
                                 s.avx2._mm256_madd_epi16(
@@ -560,14 +758,28 @@ mod avx2 {
                                 ),
                             );
                         }
-                        let sums = s
-                            .avx2
-                            ._mm256_sub_epi32(isum[r], s.avx2._mm256_slli_epi32::<5>(centre));
+                        let xd = s.avx._mm256_set1_ps(x.d);
+                        let sums = match BITS {
+                            6 => s
+                                .avx2
+                                ._mm256_sub_epi32(isum[r], s.avx2._mm256_slli_epi32::<5>(centre)),
+                            3 => s
+                                .avx2
+                                ._mm256_sub_epi32(isum[r], s.avx2._mm256_slli_epi32::<2>(centre)),
+                            _ => isum[r],
+                        };
                         acc[r] = s.fma._mm256_fmadd_ps(
-                            s.avx._mm256_mul_ps(d, s.avx._mm256_set1_ps(x.d)),
+                            s.avx._mm256_mul_ps(d, xd),
                             s.avx._mm256_cvtepi32_ps(sums),
                             acc[r],
                         );
+                        if BITS == 2 {
+                            acc[r] = s.fma._mm256_fnmadd_ps(
+                                s.avx._mm256_mul_ps(dmin, xd),
+                                s.avx._mm256_cvtepi32_ps(centre),
+                                acc[r],
+                            );
+                        }
                     }
                 }
                 write(&acc, rows, dst);
