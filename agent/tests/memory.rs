@@ -176,13 +176,13 @@ fn half_the_layers_of_a_q4_k_gguf_hold_half_its_bytes() {
 
 /// A quantized stage holds its blocks once: its first products (a prefill, decode steps) add
 /// no copy of them. candle repacked Q4_K, Q6_K (on a product of several rows) and, with VNNI,
-/// Q8_0 matrices into a second copy 1.0-1.5x their size the first time it multiplied them. The
-/// 32-value formats are repacked at load instead, which must not keep the file's blocks beside
-/// the repacked ones.
+/// Q8_0 matrices into a second copy 1.0-1.5x their size the first time it multiplied them. A
+/// stage repacks its matrices at load instead (every format here, Q3_K growing by its decoded
+/// scales), which must not keep the file's blocks beside the repacked ones.
 #[test]
 fn a_quantized_stage_holds_its_blocks_once_after_its_first_products() {
     let tmp = tempfile::tempdir().unwrap();
-    for kind in ["q4_k", "q6_k", "q8_0", "q4_0", "q5_1"] {
+    for kind in ["q4_k", "q6_k", "q8_0", "q4_0", "q5_1", "q3_k"] {
         let model = tmp.path().join(kind);
         let m = model.to_str().unwrap();
         make_llama(m, [8, 1024, 2816, 8, 8], &["--gguf", kind]);
