@@ -17,7 +17,7 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 pin() { if command -v taskset >/dev/null; then taskset -c "0-$((threads - 1))" "$@"; else "$@"; fi; }
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-kinds=${KINDS:-f32 f16 q8_0 q4_0 q4_1 q5_0 q5_1 q4_k q5_k q6_k}
+kinds=${KINDS:-f32 f16 q8_0 q4_0 q4_1 q5_0 q5_1 q2_k q3_k q4_k q5_k q6_k}
 baseline=${BASELINE:-}
 declare -A ours theirs before
 run_ours() {
