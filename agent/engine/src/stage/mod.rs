@@ -302,6 +302,14 @@ impl Stage {
     /// Position 0 starts the sequence (replacing any cache it had); later chunks must start where
     /// the cache ends. A failed call drops the sequence's cache: its state is no longer known.
     pub fn forward(&self, seq: SeqId, position: usize, input: StageInput) -> Result<StageOutput> {
+        // A pass runs on a thread of rayon's pool, its caller asleep until it ends. Called from
+        // outside the pool, the pass's serial work (attention, norms, quantizing inputs) ran on
+        // a thread of its own beside the pool's, whose idle threads spin and yield between the
+        // parallel products: on 2 cores, 3 busy threads made two-thread decode of a GGUF stage
+        // half as fast as one thread's.
+        if rayon::current_thread_index().is_none() {
+            return rayon::scope(|_| self.forward(seq, position, input));
+        }
         let mut cache = self.take_cache(seq, position)?;
         match self.run(&mut cache, position, input) {
             Ok(output) => {
@@ -326,6 +334,10 @@ impl Stage {
         &self,
         items: Vec<(SeqId, usize, StageInput)>,
     ) -> Vec<Result<StageOutput>> {
+        // On rayon's pool, as `forward` runs.
+        if rayon::current_thread_index().is_none() {
+            return rayon::scope(|_| self.forward_batch(items));
+        }
         if items.len() == 1 {
             return items
                 .into_iter()
