@@ -36,7 +36,12 @@ for kind in $kinds; do
       echo "$kind round $r: baseline $c tok/s" >&2
       before[$kind]+="$c "
     fi
-    b=$(pin python3 tests/tools/llamacpp_decode.py "$work/$kind/model.gguf" "$tokens" "$threads" | python3 -c "import json,sys; print(json.load(sys.stdin)['decode_tokens_per_s'])")
+    if ! out=$(pin python3 tests/tools/llamacpp_decode.py "$work/$kind/model.gguf" "$tokens" "$threads"); then
+      echo "llama.cpp failed on the $kind file (on a CPU with AMX its AMX kernels have crashed: rebuild it without them," >&2
+      echo "CMAKE_ARGS='-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF' pip install --no-cache-dir --force-reinstall llama-cpp-python)" >&2
+      exit 1
+    fi
+    b=$(echo "$out" | python3 -c "import json,sys; print(json.load(sys.stdin)['decode_tokens_per_s'])")
     echo "$kind round $r: clusteragent $a tok/s, llama.cpp $b tok/s" >&2
     ours[$kind]+="$a "
     theirs[$kind]+="$b "
