@@ -1,7 +1,7 @@
 //! The 256-value superblock formats (GGUF's "K" quants Q4_K, Q5_K and Q6_K, those of the Q4_K_M
 //! and Q5_K_M files people download), multiplied from their block bytes as stored. (A stage's
-//! projections are repacked and multiplied in [`packed`](super::packed); these kernels serve
-//! the shapes it does not take and a GGUF's embedding table as a tied head.)
+//! matrices are repacked and multiplied in [`packed`](super::packed); these kernels serve the
+//! shapes it does not take.)
 //!
 //! Each input row is quantized once per product to 8-bit superblocks with the sums of each
 //! 16 values (llama.cpp's and candle's Q8_K, the same integers candle computes), so that a

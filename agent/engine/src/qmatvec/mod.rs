@@ -20,12 +20,11 @@
 //! candle-transformers' quantized models logit for logit where candle runs those kernels,
 //! within a stated bound where it runs others (its VNNI path for Q8_0, its superblock kernels).
 //!
-//! A stage on the CPU holds its matrices in these formats and in Q4_K, Q5_K and Q6_K repacked,
-//! eight rows interleaved so that a register's lanes are rows ([`packed`]: the same bytes
-//! rearranged, for the 32-value formats the same bits as candle's scalar reference kernels,
-//! about twice the speed from memory); the kernels here serve matrices of other shapes and the
-//! products of a GGUF's embedding table (a tied head), which stays as stored because lookups
-//! read its rows.
+//! A stage on the CPU holds its matrices in these formats and in Q2_K to Q6_K repacked, eight
+//! rows interleaved so that a register's lanes are rows ([`packed`]: the same bytes rearranged,
+//! for the 32-value formats the same bits as candle's scalar reference kernels, about twice the
+//! speed from memory), a tied head's embedding table included; the kernels here serve matrices
+//! of other shapes (outputs not a multiple of 8).
 //!
 //! Every product of these formats goes through here, prefill chunks included (16 rows at a
 //! time): candle's first product of a Q4_K, Q6_K or (with VNNI) Q8_0 matrix makes a repacked

@@ -27,7 +27,7 @@
 //! 0..15 for -8..7 and Q5_0's 0..31 for -16..15; their integer sums take back 8 or 16 times the
 //! input block's sum, exactly.
 //!
-//! Q4_K, Q5_K and Q6_K matrices are packed the same way, superblock by superblock
+//! The superblock formats (Q2_K to Q6_K) are packed the same way, superblock by superblock
 //! ([`superblocks`]).
 
 use super::{BLOCK, Format, InputBlock, MAX_ROWS};

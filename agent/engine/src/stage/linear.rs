@@ -5,9 +5,10 @@
 //! precision widened a cache-sized block at a time. Larger products of half-precision weights
 //! (prefill chunks) widen a block of weight rows at a time and multiply it with candle's general
 //! product, so that no product holds more than [`WIDEN_BLOCK_BYTES`] of widened weights (candle's
-//! own bf16 product widens the whole matrix, every time). Weights in GGUF's 32-value block
-//! formats, Q4_K, Q5_K and Q6_K go through [`qmatvec`](crate::qmatvec), prefill included.
-//! Everything else (GPUs, f32 prefill, Q2_K and Q3_K blocks) takes candle's products.
+//! own bf16 product widens the whole matrix, every time). Weights in GGUF's block formats go
+//! through [`qmatvec`](crate::qmatvec), prefill included (Q2_K and Q3_K only where repacked).
+//! Everything else (GPUs, f32 prefill, Q2_K and Q3_K matrices of shapes that do not repack)
+//! takes candle's products.
 
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Module, Tensor};
@@ -26,9 +27,9 @@ pub(super) enum Proj {
     Packed(PackedBlocks, Option<Tensor>),
 }
 
-/// A matrix in a block format (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) in CPU memory as
-/// [`qmatvec::packed`](crate::qmatvec::packed) multiplies it: the file's bytes rearranged (Q4_K's
-/// and Q5_K's sub-block scales decoded), held instead of them.
+/// A matrix in a block format (Q4_0 to Q8_0, Q2_K to Q6_K) in CPU memory as
+/// [`qmatvec::packed`](crate::qmatvec::packed) multiplies it: the file's bytes rearranged (the
+/// sub-block scales of Q3_K, Q4_K and Q5_K decoded), held instead of them.
 #[derive(Clone)]
 pub(super) struct PackedBlocks {
     dtype: candle_core::quantized::GgmlDType,

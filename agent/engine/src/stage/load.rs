@@ -381,7 +381,7 @@ impl GgufReader<'_> {
     fn pack(&mut self, q: &candle_core::quantized::QTensor) -> Result<Option<PackedBlocks>> {
         let packed = PackedBlocks::pack(q)?;
         if let Some(p) = &packed {
-            // Q4_K and Q5_K grow by their decoded sub-block scales (2-3%).
+            // Q3_K, Q4_K and Q5_K grow by their decoded sub-block scales (2-4%).
             self.held = self.held - q.storage_size_in_bytes() as u64 + p.len() as u64;
         }
         Ok(packed)
