@@ -28,7 +28,7 @@
 //! input block's sum, exactly.
 //!
 //! The superblock formats (Q2_K to Q6_K) are packed the same way, superblock by superblock
-//! ([`superblocks`]).
+//! (`packed/superblocks.rs`).
 
 use super::{BLOCK, Format, InputBlock, MAX_ROWS};
 
