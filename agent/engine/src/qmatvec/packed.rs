@@ -497,23 +497,37 @@ mod tests {
     use super::super::tests::values;
     use super::*;
 
+    /// Whether this CPU runs the packed kernels; where it does not, the skip is said (and fails
+    /// under CI, whose machines have AVX2).
+    fn runs_here(format: Format, outputs: usize, width: usize) -> bool {
+        if packs(format, outputs, width) {
+            return true;
+        }
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "this CPU has no AVX2 and FMA"
+        );
+        eprintln!("SKIPPED: this CPU has no AVX2 and FMA");
+        false
+    }
+
+    /// `weights` (`outputs` rows) quantized by candle to `dtype`: the bytes a GGUF file holds.
+    fn quantized(weights: &[f32], outputs: usize, dtype: GgmlDType) -> QTensor {
+        let width = weights.len() / outputs;
+        let w = Tensor::from_slice(weights, (outputs, width), &Device::Cpu).unwrap();
+        QTensor::quantize(&w, dtype).unwrap()
+    }
+
     /// Packed matrices give, row for row, the bits of candle's scalar reference kernel on the
     /// blocks as stored: 1 to 16 input rows, one thread and two, several groups per task.
     fn check<T: GgmlType>(dtype: GgmlDType) {
         let format = Format::of(dtype).unwrap();
         let (outputs, width) = (1000, 320);
-        if !packs(format, outputs, width) {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "this CPU has no AVX2 and FMA"
-            );
-            eprintln!("SKIPPED: this CPU has no AVX2 and FMA");
+        if !runs_here(format, outputs, width) {
             return;
         }
         let weights = values(outputs * width, 5);
-        let w = Tensor::from_slice(&weights, (outputs, width), &Device::Cpu).unwrap();
-        let bytes = QTensor::quantize(&w, dtype)
-            .unwrap()
+        let bytes = quantized(&weights, outputs, dtype)
             .data()
             .unwrap()
             .into_owned();
@@ -605,18 +619,12 @@ mod tests {
         ] {
             let format = Format::of(dtype).unwrap();
             let (outputs, width) = (136, 1024);
-            if !packs(format, outputs, width) {
-                assert!(
-                    std::env::var_os("CI").is_none(),
-                    "this CPU has no AVX2 and FMA"
-                );
-                eprintln!("SKIPPED: this CPU has no AVX2 and FMA");
+            if !runs_here(format, outputs, width) {
                 return;
             }
             assert!(!packs(format, outputs - 4, width) && !packs(format, outputs, width - 32));
             let weights = super::super::k::tests::values(outputs * width, 7);
-            let w = Tensor::from_slice(&weights, (outputs, width), &Device::Cpu).unwrap();
-            let q = QTensor::quantize(&w, dtype).unwrap();
+            let q = quantized(&weights, outputs, dtype);
             let bytes = q.data().unwrap().into_owned();
             let dequantized: Vec<f32> = q
                 .dequantize(&Device::Cpu)
@@ -726,18 +734,11 @@ mod tests {
         ] {
             let format = Format::of(dtype).unwrap();
             let (outputs, width) = (24, 512);
-            if !packs(format, outputs, width) {
-                assert!(
-                    std::env::var_os("CI").is_none(),
-                    "this CPU has no AVX2 and FMA"
-                );
-                eprintln!("SKIPPED: this CPU has no AVX2 and FMA");
+            if !runs_here(format, outputs, width) {
                 return;
             }
             let weights = super::super::k::tests::values(outputs * width, 3);
-            let w = Tensor::from_slice(&weights, (outputs, width), &Device::Cpu).unwrap();
-            let bytes = QTensor::quantize(&w, dtype)
-                .unwrap()
+            let bytes = quantized(&weights, outputs, dtype)
                 .data()
                 .unwrap()
                 .into_owned();

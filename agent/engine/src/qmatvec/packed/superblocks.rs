@@ -112,22 +112,20 @@ pub(super) fn pack_superblock<'a>(
     block: impl Fn(usize) -> &'a [u8],
     out: &mut Vec<u8>,
 ) {
-    // Bytes `at..at + 4` of each row's superblock, one after another.
-    let run = |out: &mut Vec<u8>, at: usize| {
+    // Bytes `at..at + n` of each row's superblock, one row after another: four of the values,
+    // two of an f16 or of a pair of scales.
+    let each = |out: &mut Vec<u8>, at: usize, n: usize| {
         for r in 0..GROUP {
-            out.extend_from_slice(&block(r)[at..at + 4]);
+            out.extend_from_slice(&block(r)[at..at + n]);
         }
     };
+    let run = |out: &mut Vec<u8>, at: usize| each(out, at, 4);
     if format == Format::Q2K {
         for at in [Q2K_D, Q2K_D + 2] {
-            for r in 0..GROUP {
-                out.extend_from_slice(&block(r)[at..at + 2]);
-            }
+            each(out, at, 2);
         }
         for pair in 0..8 {
-            for r in 0..GROUP {
-                out.extend_from_slice(&block(r)[2 * pair..2 * pair + 2]);
-            }
+            each(out, 2 * pair, 2);
         }
         for at in 0..16 {
             run(out, Q2K_QS + 4 * at);
@@ -135,9 +133,7 @@ pub(super) fn pack_superblock<'a>(
         return;
     }
     if format == Format::Q3K {
-        for r in 0..GROUP {
-            out.extend_from_slice(&block(r)[Q3K_D..Q3K_D + 2]);
-        }
+        each(out, Q3K_D, 2);
         let decoded: Vec<[u8; 16]> = (0..GROUP)
             .map(|r| q3k_scales(&block(r)[Q3K_SCALES..Q3K_SCALES + 12]))
             .collect();
@@ -159,13 +155,9 @@ pub(super) fn pack_superblock<'a>(
         return;
     }
     if format == Format::Q6K {
-        for r in 0..GROUP {
-            out.extend_from_slice(&block(r)[Q6K_D..Q6K_D + 2]);
-        }
+        each(out, Q6K_D, 2);
         for pair in 0..8 {
-            for r in 0..GROUP {
-                out.extend_from_slice(&block(r)[Q6K_SCALES + 2 * pair..Q6K_SCALES + 2 * pair + 2]);
-            }
+            each(out, Q6K_SCALES + 2 * pair, 2);
         }
         for h in 0..2 {
             for n in 0..8 {
@@ -182,9 +174,7 @@ pub(super) fn pack_superblock<'a>(
         .collect();
     // Each row's f16 scale of scales, then of offsets (bytes 0 and 2 of its superblock).
     for at in [0, 2] {
-        for r in 0..GROUP {
-            out.extend_from_slice(&block(r)[at..at + 2]);
-        }
+        each(out, at, 2);
     }
     for j in 0..8 {
         for (sc, _) in &decoded {
