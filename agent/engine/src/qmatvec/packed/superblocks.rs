@@ -1,5 +1,5 @@
-//! The superblock formats (Q2_K to Q6_K) repacked like the 32-value formats of the parent module: eight
-//! rows interleaved superblock by superblock, one 32-bit lane a row.
+//! The superblock formats (Q2_K to Q6_K) repacked like the 32-value formats of the parent
+//! module: eight rows interleaved superblock by superblock, one 32-bit lane a row.
 //!
 //! A superblock of eight rows becomes, for Q4_K and Q5_K: the rows' eight f16 scales (16
 //! bytes) and eight f16 offset scales (16 bytes); their 6-bit sub-block scales decoded to a
@@ -12,10 +12,10 @@
 //! values `64c + 4m..` of sub-block `2c`, high nibbles of sub-block `2c + 1`).
 //!
 //! For Q6_K: the rows' f16 scales (16 bytes); their sixteen 8-bit sub-block scales by pairs of
-//! sub-blocks (128 bytes, `[pair][row][2]`); then for each half `h` of the superblock and each `n` of 0..8 three
-//! runs of 32 bytes, bytes `4n..4n+4` of each row's `ql[64h..]`, of its `ql[64h + 32..]` and of
-//! its `qh[32h..]`: together the four 6-bit values of positions `4n..4n+4` in each of the
-//! half's four quarters.
+//! sub-blocks (128 bytes, `[pair][row][2]`); then for each half `h` of the superblock and each
+//! `n` of 0..8 three runs of 32 bytes, bytes `4n..4n+4` of each row's `ql[64h..]`, of its
+//! `ql[64h + 32..]` and of its `qh[32h..]`: together the four 6-bit values of positions
+//! `4n..4n+4` in each of the half's four quarters.
 //!
 //! Q2_K and Q3_K follow Q6_K's plan: the rows' f16 scales (for Q2_K then their f16 offset
 //! scales), their sub-block scales by pairs (Q2_K's bytes as stored, a 4-bit scale and a 4-bit
@@ -27,10 +27,10 @@
 //!
 //! Q4_K, Q5_K and Q3_K grow by the decoded scales, 32 bytes per superblock of eight rows (2.8%,
 //! 2.3% and 3.6%); Q6_K and Q2_K keep their size, and everything else is the file's bytes
-//! moved. The integer sums
-//! are exact, as in [`k`](crate::qmatvec::k), and each row's float steps are those of that
-//! module's scalar reference, added in another order: a superblock's integer sum times its
-//! scale times the input's, in one float lane per row.
+//! moved. The integer sums are exact, as in [`k`](crate::qmatvec::k); the float steps per
+//! superblock (its integer sum times its scale times the input's, its offsets' likewise) are
+//! those of the scalar references (that module's, candle's `vec_dot_unopt` for Q2_K and Q3_K)
+//! in another order, one float lane per row, so results are bounded against them, not equal.
 
 use super::super::k::{
     InputSuper, Q4K_QS, Q4K_SCALES, Q5K_QH, Q5K_QS, Q6K_D, Q6K_QH, Q6K_SCALES, SUPER, q4k_scales,
