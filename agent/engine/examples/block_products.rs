@@ -1,9 +1,9 @@
 //! Our block kernels against candle's products, side by side, on weights that come from memory
 //! as in a real model: 1 to 4 input rows against 24 matrices of `OUT` × `IN` (2048 × 768 by
-//! default) in each block format of `KINDS` (default `q4_k q6_k q8_0`; also q2_k to q5_k, q4_0 to
-//! q5_1), candle's product first
-//! on a copy of the same blocks (so that its repacking, where it repacks, has happened), then
-//! interleaved rounds. Prints GB/s of weights read and the ratio. Weights are N(0, `SCALE`)
+//! default) in each block format of `KINDS` (default `q4_k q6_k q8_0`; also q2_k to q5_k and
+//! q4_0 to q5_1): the stored blocks' kernel where there is one, the repacked matrices as a stage
+//! holds them, candle's product first on a copy of the same blocks (so that its repacking, where
+//! it repacks, has happened), then interleaved rounds. Prints GB/s of weights read and the ratio. Weights are N(0, `SCALE`)
 //! (0.02 by default, as in small real models).
 //!
 //! ```sh
