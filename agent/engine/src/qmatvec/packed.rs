@@ -68,7 +68,7 @@ fn row_bytes(format: Format, width: usize) -> usize {
     if superblock(format) {
         width / format.block_values() * superblocks::group_bytes(format) / GROUP
     } else {
-        width / BLOCK * format.block_bytes()
+        stored_row_bytes(format, width)
     }
 }
 
@@ -87,37 +87,32 @@ pub fn packs(format: Format, outputs: usize, width: usize) -> bool {
 /// The packed bytes of a matrix `w` of `width` columns in `format` (see the module's comment);
 /// `None` where [`packs`] says no.
 pub fn pack(format: Format, w: &[u8], width: usize) -> Option<Vec<u8>> {
+    let stored = stored_row_bytes(format, width);
+    if stored == 0 || w.len() % stored != 0 || !packs(format, w.len() / stored, width) {
+        return None;
+    }
+    let bytes = format.block_bytes();
     if superblock(format) {
-        let bytes = format.block_bytes();
         let supers = width / format.block_values();
-        let row = supers * bytes;
-        if row == 0 || w.len() % row != 0 || !packs(format, w.len() / row, width) {
-            return None;
-        }
-        let outputs = w.len() / row;
-        let mut packed = Vec::with_capacity(outputs * row_bytes(format, width));
-        for group in w.chunks_exact(GROUP * row) {
+        let mut packed = Vec::with_capacity(w.len() / stored * row_bytes(format, width));
+        for group in w.chunks_exact(GROUP * stored) {
             for i in 0..supers {
                 superblocks::pack_superblock(
                     format,
-                    |r| &group[r * row + i * bytes..r * row + (i + 1) * bytes],
+                    |r| &group[r * stored + i * bytes..r * stored + (i + 1) * bytes],
                     &mut packed,
                 );
             }
         }
         return Some(packed);
     }
-    let (bytes, head) = block_bytes(format)?;
+    let (_, head) = block_bytes(format)?;
     let blocks = width / BLOCK;
-    let row_bytes = blocks * bytes;
-    if row_bytes == 0 || w.len() % row_bytes != 0 || !packs(format, w.len() / row_bytes, width) {
-        return None;
-    }
     let mut packed = Vec::with_capacity(w.len());
-    for group in w.chunks_exact(GROUP * row_bytes) {
+    for group in w.chunks_exact(GROUP * stored) {
         for i in 0..blocks {
             let block = |r: usize| {
-                let at = r * row_bytes + i * bytes;
+                let at = r * stored + i * bytes;
                 &group[at..at + bytes]
             };
             for h in (0..head).step_by(2) {
@@ -154,12 +149,12 @@ pub fn stored_row_bytes(format: Format, width: usize) -> usize {
     width / format.block_values() * format.block_bytes()
 }
 
-/// Row `row` of a matrix packed by [`pack`], as the file stores it: what an embedding lookup
-/// dequantizes where a tied head's table is held packed only.
+/// Appends row `row` of a matrix packed by [`pack`] to `out`, as the file stores it: what an
+/// embedding lookup dequantizes where a tied head's table is held packed only.
 ///
 /// # Panics
 /// When `row` is past the matrix, or [`pack`] would not have packed this shape.
-pub fn stored_row(format: Format, packed: &[u8], width: usize, row: usize) -> Vec<u8> {
+pub fn stored_row(format: Format, packed: &[u8], width: usize, row: usize, out: &mut Vec<u8>) {
     let row_bytes = row_bytes(format, width);
     assert!(
         (row + 1) * row_bytes <= packed.len(),
@@ -167,13 +162,12 @@ pub fn stored_row(format: Format, packed: &[u8], width: usize, row: usize) -> Ve
     );
     let group = &packed[row / GROUP * GROUP * row_bytes..][..GROUP * row_bytes];
     let r = row % GROUP;
-    let mut out = Vec::with_capacity(stored_row_bytes(format, width));
     if superblock(format) {
         let bytes = superblocks::group_bytes(format);
         for b in group.chunks_exact(bytes) {
-            superblocks::stored_superblock(format, b, r, &mut out);
+            superblocks::stored_superblock(format, b, r, out);
         }
-        return out;
+        return;
     }
     let Some((bytes, head)) = block_bytes(format) else {
         panic!("{format:?} is not packed")
@@ -196,7 +190,6 @@ pub fn stored_row(format: Format, packed: &[u8], width: usize, row: usize) -> Ve
             out.extend_from_slice(&b[values + 4 * GROUP * m + 4 * r..][..4]);
         }
     }
-    out
 }
 
 /// `out = x · wᵀ` for `x` of `rows × width` f32 values (`rows` at most [`MAX_ROWS`]) and
@@ -310,14 +303,14 @@ mod avx2 {
         }
     }
 
-    /// Four input values, `x.qs[at..at + 4]`, as one 32-bit lane.
+    /// Four input values, `qs[at..at + 4]`, as one 32-bit lane.
     #[inline(always)]
-    fn four(x: &InputBlock, at: usize) -> i32 {
+    pub(super) fn four(qs: &[i8], at: usize) -> i32 {
         i32::from_le_bytes([
-            x.qs[at] as u8,
-            x.qs[at + 1] as u8,
-            x.qs[at + 2] as u8,
-            x.qs[at + 3] as u8,
+            qs[at] as u8,
+            qs[at + 1] as u8,
+            qs[at + 2] as u8,
+            qs[at + 3] as u8,
         ])
     }
 
@@ -425,7 +418,7 @@ mod avx2 {
                             // widen to 32 bits before they are added.
                             let mut sums = s.avx._mm256_setzero_si256();
                             for (k, (v, m)) in values.iter().zip(&magnitudes).enumerate() {
-                                let xs = s.avx._mm256_set1_epi32(four(x, 4 * k));
+                                let xs = s.avx._mm256_set1_epi32(four(&x.qs, 4 * k));
                                 let signed = s.avx2._mm256_sign_epi8(xs, *v);
                                 sums = s.avx2._mm256_add_epi32(
                                     sums,
@@ -443,7 +436,7 @@ mod avx2 {
                             let mut pairs = s.avx._mm256_setzero_si256();
                             for (k, v) in values.iter().enumerate() {
                                 let at = if k < 4 { 4 * k } else { 16 + 4 * (k - 4) };
-                                let xs = s.avx._mm256_set1_epi32(four(x, at));
+                                let xs = s.avx._mm256_set1_epi32(four(&x.qs, at));
                                 pairs = s
                                     .avx2
                                     ._mm256_add_epi16(pairs, s.avx2._mm256_maddubs_epi16(*v, xs));
@@ -745,8 +738,10 @@ mod tests {
             let packed = pack(format, &bytes, width).unwrap();
             let row = stored_row_bytes(format, width);
             for (o, stored) in bytes.chunks_exact(row).enumerate() {
+                let mut back = Vec::new();
+                stored_row(format, &packed, width, o, &mut back);
                 assert!(
-                    stored_row(format, &packed, width, o) == stored,
+                    back == stored,
                     "{dtype:?} row {o} did not come back as stored"
                 );
             }

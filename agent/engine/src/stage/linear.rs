@@ -78,12 +78,7 @@ impl PackedBlocks {
                 ))
                 .into());
             }
-            raw.extend(stored_row(
-                self.format,
-                &self.bytes,
-                self.width,
-                id as usize,
-            ));
+            stored_row(self.format, &self.bytes, self.width, id as usize, &mut raw);
         }
         let rows = candle_core::quantized::ggml_file::qtensor_from_ggml(
             self.dtype,

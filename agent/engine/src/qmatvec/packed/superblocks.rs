@@ -346,7 +346,7 @@ mod avx2 {
     use std::arch::x86_64::{__m128i, __m256, __m256i};
 
     use super::super::super::avx2::{Avx2, array};
-    use super::super::avx2::sixteen_where;
+    use super::super::avx2::{four, sixteen_where};
     use super::{
         D, DMIN, FIFTH, GROUP, InputSuper, MAX_ROWS, MINS, Q2_RUNS, Q2_SCALES, Q3_BITS, Q3_RUNS,
         Q4K_RUNS, Q5K_RUNS, Q6_RUNS, Q6_SCALES, SCALES,
@@ -387,17 +387,6 @@ mod avx2 {
         fn with_simd<S: Simd>(self, _: S) {
             self.0.sixteens::<BITS, ONE>();
         }
-    }
-
-    /// Four input values from `at`, as one 32-bit lane.
-    #[inline(always)]
-    fn four(qs: &[i8], at: usize) -> i32 {
-        i32::from_le_bytes([
-            qs[at] as u8,
-            qs[at + 1] as u8,
-            qs[at + 2] as u8,
-            qs[at + 3] as u8,
-        ])
     }
 
     /// Two adjacent i16 sums from `at`, as one 32-bit lane.
