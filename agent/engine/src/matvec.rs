@@ -25,6 +25,8 @@ use half::{bf16, f16};
 use pulp::{Arch, Simd, WithSimd};
 use rayon::prelude::*;
 
+mod f16c;
+
 /// Input rows multiplied together per pass over a weight row; enough to keep the floating
 /// point units busy, few enough that the accumulators stay in registers.
 const ROW_GROUP: usize = 4;
@@ -225,6 +227,19 @@ pub fn rows_times_weights<W: WeightElem>(
     width: usize,
     out: &mut [f32],
 ) {
+    product(x, rows, w, width, out, f16c::available());
+}
+
+/// [`rows_times_weights`], with f16 weights widened by the CPU's F16C instruction when
+/// `hardware_f16` (which the caller has checked), in registers by integer steps otherwise.
+fn product<W: WeightElem>(
+    x: &[f32],
+    rows: usize,
+    w: &[W],
+    width: usize,
+    out: &mut [f32],
+    hardware_f16: bool,
+) {
     assert!(
         width > 0 && x.len() == rows * width,
         "x is not rows × width"
@@ -264,6 +279,7 @@ pub fn rows_times_weights<W: WeightElem>(
         };
         match pairs {
             Pairs::Bf16(words) => pair_task.run::<bf16>(words, dst),
+            Pairs::F16(words) if hardware_f16 => pair_task.run_f16c(words, dst),
             Pairs::F16(words) => pair_task.run::<f16>(words, dst),
         }
     } else if threads == 1 || outputs <= per_task {
@@ -352,6 +368,20 @@ struct PairTask<'a> {
 }
 
 impl PairTask<'_> {
+    /// f16 pairs through [`f16c::block`], which reads them as plain f16 rows.
+    fn run_f16c(&self, words: &[u32], dst: &mut [f32]) {
+        let w: &[u16] = bytemuck::cast_slice(words);
+        let (x, rows, width) = (self.x, self.rows, self.width);
+        let outputs = w.len() / width;
+        if self.threads == 1 || outputs <= self.per_task {
+            f16c::block(x, rows, w, width, dst);
+        } else {
+            dst.par_chunks_mut(self.per_task * rows)
+                .zip(w.par_chunks(self.per_task * width))
+                .for_each(|(dst, w)| f16c::block(x, rows, w, width, dst));
+        }
+    }
+
     fn run<P: PairWiden>(&self, words: &[u32], dst: &mut [f32]) {
         let (rows, width, arch) = (self.rows, self.width, self.arch);
         // Each input row split into its even and odd elements, to meet the words' halves.
@@ -779,13 +809,31 @@ mod tests {
     }
 
     /// `rows_times_weights` over `w` (already in its format) against a plain f64 product of the
-    /// values it holds, and a row's bits alone, in a batch and on one thread or three.
+    /// values it holds, and a row's bits alone, in a batch and on one thread or three; f16
+    /// widened in registers and, where the CPU has F16C, by it.
     fn check_half<W: super::WeightElem>(
         x: &[f32],
         rows: usize,
         w: &[W],
         widened: &[f32],
         width: usize,
+    ) {
+        for hardware in [false, true] {
+            if hardware && !super::f16c::available() {
+                eprintln!("SKIPPED the F16C path: this CPU does not have it");
+                continue;
+            }
+            check_half_path(x, rows, w, widened, width, hardware);
+        }
+    }
+
+    fn check_half_path<W: super::WeightElem>(
+        x: &[f32],
+        rows: usize,
+        w: &[W],
+        widened: &[f32],
+        width: usize,
+        hardware: bool,
     ) {
         let outputs = w.len() / width;
         let pool = rayon::ThreadPoolBuilder::new()
@@ -794,7 +842,7 @@ mod tests {
             .unwrap();
         let run = |r: usize| {
             let mut out = vec![0f32; r * outputs];
-            pool.install(|| rows_times_weights(&x[..r * width], r, w, width, &mut out));
+            pool.install(|| super::product(&x[..r * width], r, w, width, &mut out, hardware));
             out
         };
         let all = run(rows);
@@ -812,7 +860,7 @@ mod tests {
         }
         assert_eq!(run(1), all[..outputs], "width {width}: a row alone");
         let mut one_thread = vec![0f32; rows * outputs];
-        rows_times_weights(x, rows, w, width, &mut one_thread);
+        super::product(x, rows, w, width, &mut one_thread, hardware);
         assert_eq!(one_thread, all, "width {width}: one thread");
     }
 
@@ -822,7 +870,7 @@ mod tests {
         // An even width reads the weights two by two in registers; an odd one widens blocks.
         // Wide enough for several cache blocks and threads, with tails past the vectors; f16
         // values past its normal range (subnormals) included.
-        for width in [1030, 1031] {
+        for width in [1030, 1031, 1048, 1054] {
             let (rows, outputs) = (5, 300);
             let x = pseudo_random(rows * width, 11);
             let mut w = pseudo_random(outputs * width, 12);
