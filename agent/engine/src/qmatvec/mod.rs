@@ -701,6 +701,22 @@ pub(crate) mod avx2 {
         pub(super) simd: V3,
     }
 
+    /// How far ahead of the block being multiplied the kernels ask for weights. The blocks
+    /// are read in order, yet the CPU's own prefetching left the kernels waiting on memory:
+    /// asking for the lines 4 KiB ahead made Q6_K decode 1.2x faster here.
+    const AHEAD: usize = 4096;
+
+    /// Asks for the cache lines `AHEAD` bytes past each of the `bytes` bytes from `b`'s start
+    /// (a hint: an address past the weights is never read).
+    #[inline(always)]
+    pub(super) fn prefetch(s: V3, b: &[u8], bytes: usize) {
+        let ahead = b.as_ptr().wrapping_add(AHEAD);
+        for line in (0..bytes).step_by(64) {
+            s.sse
+                ._mm_prefetch::<3>(ahead.wrapping_add(line).cast::<i8>());
+        }
+    }
+
     pub(super) fn array<const N: usize>(b: &[u8]) -> [u8; N] {
         let mut a = [0u8; N];
         a.copy_from_slice(&b[..N]);

@@ -274,7 +274,7 @@ mod avx2 {
     use pulp::{Simd, WithSimd};
     use std::arch::x86_64::{__m256, __m256i};
 
-    use super::super::avx2::{Avx2, array};
+    use super::super::avx2::{Avx2, array, prefetch};
     use super::super::{InputBlock, MAX_ROWS};
     use super::GROUP;
 
@@ -365,6 +365,7 @@ mod avx2 {
             {
                 let mut acc = [s.avx._mm256_setzero_ps(); MAX_ROWS];
                 for (i, b) in group.chunks_exact(group_block).enumerate() {
+                    prefetch(s, b, group_block);
                     let mut d = [0u16; GROUP];
                     for (r, d) in d.iter_mut().enumerate() {
                         *d = u16::from_le_bytes([b[2 * r], b[2 * r + 1]]);

@@ -345,7 +345,7 @@ mod avx2 {
     use pulp::{Simd, WithSimd};
     use std::arch::x86_64::{__m128i, __m256, __m256i};
 
-    use super::super::super::avx2::{Avx2, array};
+    use super::super::super::avx2::{Avx2, array, prefetch};
     use super::super::avx2::{four, sixteen_where};
     use super::{
         D, DMIN, FIFTH, GROUP, InputSuper, MAX_ROWS, MINS, Q2_RUNS, Q2_SCALES, Q3_BITS, Q3_RUNS,
@@ -453,6 +453,7 @@ mod avx2 {
             {
                 let mut acc = [s.avx._mm256_setzero_ps(); MAX_ROWS];
                 for (i, b) in group.chunks_exact(bytes).enumerate() {
+                    prefetch(s, b, bytes);
                     let mut isum = [s.avx._mm256_setzero_si256(); MAX_ROWS];
                     let mut msum = [s.avx._mm256_setzero_si256(); MAX_ROWS];
                     for c in 0..4 {
@@ -583,6 +584,7 @@ mod avx2 {
             {
                 let mut acc = [s.avx._mm256_setzero_ps(); MAX_ROWS];
                 for (i, b) in group.chunks_exact(bytes).enumerate() {
+                    prefetch(s, b, bytes);
                     // Lane `r` of pairs[u]: the scales of sub-blocks 2u and 2u + 1 of row `r`
                     // in 16 bits (signed for Q6_K and Q3_K); for Q2_K, mins[u] their offsets.
                     let mut pairs = [s.avx._mm256_setzero_si256(); 8];
