@@ -10,5 +10,5 @@ export PROPTEST_CASES=$cases
 echo "fuzzing with $cases cases per target" >&2
 cargo test --release -p clusteragent --lib ring::frame::tests::damaged_frames_parse_or_are_refused
 cargo test --release -p cluster-api --test fuzz_manifests
-# A GGUF case writes and loads a whole (tiny) model: a tenth as many.
-PROPTEST_CASES=$(( (cases + 9) / 10 )) cargo test --release -p cluster-engine --test fuzz_gguf
+# A model case writes and loads a whole (tiny) model: a tenth as many.
+PROPTEST_CASES=$(( (cases + 9) / 10 )) cargo test --release -p cluster-engine --test fuzz_model_files
