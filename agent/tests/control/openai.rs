@@ -794,3 +794,105 @@ fn a_prompt_of_megabytes_is_refused_without_tokenizing_it_whole() {
         grown >> 20
     );
 }
+
+/// Fuzzing as a test: valid request bodies of each kind (chat with stops, streamed chat with
+/// content parts and sampling, text completions from text and from token ids, tools),
+/// damaged as bytes or as JSON values (`cluster_fixtures::damage`), sent to a running
+/// endpoint. Every answer must come
+/// (the client's 60 s bound), be a success or a client error with OpenAI's error body, never
+/// a server error; afterwards the endpoint still answers a valid request and holds no
+/// sequence. Bodies that stay JSON objects get at most a few tokens to generate, so that the
+/// cases test the parser, not the model. Failures shrink and are kept in
+/// `openai.regressions` beside this file.
+#[test]
+fn damaged_requests_get_an_answer_and_the_endpoint_lives_on() {
+    use cluster_fixtures::damage::{apply, apply_json, config, damages, json_damages};
+    use proptest::prelude::*;
+    use proptest::test_runner::{TestCaseError, TestRunner};
+
+    let (_c, _model, port) = serve(8);
+    let seeds: [(&str, Value); 5] = [
+        (
+            "/v1/chat/completions",
+            json!({"model": MODEL, "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}], "max_tokens": 2, "temperature": 0, "stop": ["\n", "end"]}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}], "max_tokens": 2, "stream": true, "stream_options": {"include_usage": true}, "top_p": 0.9, "seed": 7, "temperature": 0.8}),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": MODEL, "prompt": "Once upon", "max_tokens": 2, "stop": "x", "logprobs": null}),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 2, "echo": false}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": MODEL, "messages": [{"role": "user", "content": "Call it"}], "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}], "tool_choice": "auto", "max_tokens": 2}),
+        ),
+    ];
+    let mut cfg = config();
+    cfg.source_file = Some(file!());
+    let mut runner = TestRunner::new(cfg);
+    // Half the cases damage bytes (the JSON parser's share), half damage values (the fields'
+    // checks' share: byte damage leaves hardly any body valid JSON).
+    let outcome = runner.run(
+        &(
+            0..seeds.len(),
+            any::<bool>(),
+            damages(256, 6),
+            json_damages(4),
+        ),
+        |(which, as_bytes, damage, json_damage)| {
+            let (route, seed) = &seeds[which];
+            let mut body = if as_bytes {
+                apply(&serde_json::to_vec(seed).unwrap(), &damage)
+            } else {
+                serde_json::to_vec(&apply_json(seed, &json_damage)).unwrap()
+            };
+            if let Ok(Value::Object(mut m)) = serde_json::from_slice::<Value>(&body) {
+                for key in ["max_tokens", "max_completion_tokens"] {
+                    let many = m.get(key).and_then(Value::as_u64).is_some_and(|n| n > 4);
+                    if many || (key == "max_tokens" && !m.contains_key(key)) {
+                        m.insert(key.into(), json!(2));
+                    }
+                }
+                body = serde_json::to_vec(&Value::Object(m)).unwrap();
+            }
+            let mut resp = http()
+                .post(&format!("http://127.0.0.1:{port}{route}"))
+                .header("Authorization", &format!("Bearer {KEY}"))
+                .header("Content-Type", "application/json")
+                .send(&body[..])
+                .map_err(|e| TestCaseError::fail(format!("no answer: {e}")))?;
+            let status = resp.status().as_u16();
+            let text = resp.body_mut().read_to_string().unwrap_or_default();
+            let sent = String::from_utf8_lossy(&body);
+            prop_assert!(status < 500, "{status} for {sent}: {text}");
+            if status != 200 {
+                let error: Value = serde_json::from_str(&text)
+                    .map_err(|_| TestCaseError::fail(format!("{status}, not JSON: {text}")))?;
+                prop_assert!(
+                    error["error"]["message"]
+                        .as_str()
+                        .is_some_and(|m| !m.is_empty()),
+                    "{status} for {sent}: {text}"
+                );
+            }
+            Ok(())
+        },
+    );
+    if let Err(e) = outcome {
+        panic!("{e}");
+    }
+    let (status, v) = json_of(port, "/v1/chat/completions", &chat_body("Hello", 3));
+    assert_eq!(status, 200, "{v}");
+    let m = metrics(port);
+    let in_flight = m
+        .lines()
+        .find(|l| l.starts_with("clusteragent_sequences_in_flight"))
+        .unwrap_or_else(|| panic!("no sequences gauge in {m}"));
+    assert!(in_flight.ends_with(" 0"), "{in_flight}");
+}
