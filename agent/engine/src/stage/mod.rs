@@ -111,6 +111,8 @@ pub struct Stage {
     caches: Mutex<HashMap<SeqId, SequenceCache>>,
     /// Caches taken out of `caches` by a forward pass in progress; they still count as held.
     busy: AtomicUsize,
+    /// The threads its passes run on ([`pass_pool`]).
+    pool: rayon::ThreadPool,
     weight_bytes: u64,
     files: Vec<PathBuf>,
 }
@@ -302,13 +304,15 @@ impl Stage {
     /// Position 0 starts the sequence (replacing any cache it had); later chunks must start where
     /// the cache ends. A failed call drops the sequence's cache: its state is no longer known.
     pub fn forward(&self, seq: SeqId, position: usize, input: StageInput) -> Result<StageOutput> {
-        // A pass runs on a thread of rayon's pool, its caller asleep until it ends, the pool's
-        // other threads kept awake for its products (`on_pool_awake`). Run from outside the
-        // pool, its serial work (attention, norms, quantizing inputs) took a thread of its own
-        // beside the pool's: on 2 cores, 3 busy threads made two-thread decode of a GGUF stage
-        // half as fast as one thread's.
-        if rayon::current_thread_index().is_none() {
-            return on_pool_awake(|| self.forward(seq, position, input));
+        // A pass runs on a thread of the stage's pool, its caller asleep until it ends, the
+        // pool's other threads kept awake for its products (`on_pool_awake`). Run from outside
+        // the pool, its serial work (attention, norms, quantizing inputs) took a thread of its
+        // own beside the pool's: on 2 cores, 3 busy threads made two-thread decode of a GGUF
+        // stage half as fast as one thread's.
+        if self.pool.current_thread_index().is_none() {
+            return self
+                .pool
+                .install(|| on_pool_awake(|| self.forward(seq, position, input)));
         }
         let mut cache = self.take_cache(seq, position)?;
         match self.run(&mut cache, position, input) {
@@ -334,9 +338,11 @@ impl Stage {
         &self,
         items: Vec<(SeqId, usize, StageInput)>,
     ) -> Vec<Result<StageOutput>> {
-        // On rayon's pool, as `forward` runs.
-        if rayon::current_thread_index().is_none() {
-            return on_pool_awake(|| self.forward_batch(items));
+        // On the stage's pool, as `forward` runs.
+        if self.pool.current_thread_index().is_none() {
+            return self
+                .pool
+                .install(|| on_pool_awake(|| self.forward_batch(items)));
         }
         if items.len() == 1 {
             return items
@@ -554,6 +560,18 @@ impl Stage {
             message,
         }
     }
+}
+
+/// The threads a stage's passes run on, as many as rayon's global pool has
+/// (`RAYON_NUM_THREADS`, else one per CPU). Each stage has its own: the threads that
+/// [`on_pool_awake`] keeps waiting take whatever work their pool has, and in a pool shared
+/// with another stage of the same process they could take that stage's whole pass, and hold
+/// this pass's end until the other's.
+fn pass_pool() -> Result<rayon::ThreadPool> {
+    rayon::ThreadPoolBuilder::new()
+        .thread_name(|i| format!("stage-pass-{i}"))
+        .build()
+        .map_err(|e| candle_core::Error::Msg(format!("starting a stage's threads: {e}")).into())
 }
 
 /// Runs `pass` on a thread of rayon's pool while the pool's other threads stay awake for it.
