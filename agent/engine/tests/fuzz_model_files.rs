@@ -29,16 +29,9 @@ struct Seed {
     others: Vec<(String, Vec<u8>)>,
 }
 
-/// Q4_K packs 256 values per block along each row.
+/// Wide enough for Q4_K.
 fn model() -> TinyModel {
-    TinyModel {
-        hidden: 256,
-        intermediate: 512,
-        heads: 4,
-        kv_heads: 2,
-        head_dim: 64,
-        ..TinyModel::llama()
-    }
+    TinyModel::llama().for_k_quants()
 }
 
 /// The GGUF file alone: its tokenizer and template are in its metadata.

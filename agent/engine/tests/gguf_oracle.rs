@@ -93,19 +93,12 @@ impl Oracle {
 
 /// Q4_K packs 256 values per block along each row, so every matrix's inner width is 256 or 512.
 fn model(arch: Arch) -> TinyModel {
-    let base = match arch {
+    match arch {
         Arch::Llama => TinyModel::llama(),
         Arch::Qwen2 => TinyModel::qwen2(),
         _ => TinyModel::qwen3(),
-    };
-    TinyModel {
-        hidden: 256,
-        intermediate: 512,
-        heads: 4,
-        kv_heads: 2,
-        head_dim: 64,
-        ..base
     }
+    .for_k_quants()
 }
 
 fn check(arch: Arch, dtype: GgmlDType) {
