@@ -82,7 +82,9 @@ mod x86 {
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) fn block(x: &[f32], rows: usize, w: &[u16], width: usize, dst: &mut [f32]) {
         // Blocks of weight rows that stay in L2 while every group of input rows (which stay in
-        // L1) passes over them, as the portable path takes them.
+        // L1) passes over them, as the portable path takes them. The loop is written out again
+        // rather than shared: a shared one would take the product as a closure, and a closure
+        // is compiled without this function's features.
         let group = (INPUT_BYTES / (width * 4)).clamp(1, ROW_GROUP);
         let sub = (WEIGHT_BYTES / (width * 2)).max(1);
         for (w, dst) in w.chunks(sub * width).zip(dst.chunks_mut(sub * rows)) {
