@@ -133,9 +133,35 @@ pub enum EngineError {
     /// Invalid request parameters (sampling values, empty prompts).
     #[error("{0}")]
     InvalidRequest(String),
-    /// An error inside candle while computing.
+    /// An error inside candle while computing (its backtrace left out: see [`plain`]).
     #[error("compute: {0}")]
-    Candle(#[from] candle_core::Error),
+    Candle(candle_core::Error),
+}
+
+impl From<candle_core::Error> for EngineError {
+    fn from(e: candle_core::Error) -> Self {
+        Self::Candle(plain(e))
+    }
+}
+
+/// `e` without the backtraces candle attaches to its errors where `RUST_BACKTRACE` is set.
+/// Its message is shown to users and sent to clients (an API error body): a backtrace there
+/// is dozens of lines of source paths around one sentence, and tells a client about the
+/// server's build.
+pub fn plain(e: candle_core::Error) -> candle_core::Error {
+    use candle_core::Error;
+    match e {
+        Error::WithBacktrace { inner, .. } => plain(*inner),
+        Error::Context { inner, context } => Error::Context {
+            inner: Box::new(plain(*inner)),
+            context,
+        },
+        Error::WithPath { inner, path } => Error::WithPath {
+            inner: Box::new(plain(*inner)),
+            path,
+        },
+        other => other,
+    }
 }
 
 impl EngineError {
@@ -156,5 +182,25 @@ impl EngineError {
             field: field.into(),
             message: message.into(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn candles_backtraces_stay_out_of_messages() {
+        let traced = |inner: candle_core::Error| candle_core::Error::WithBacktrace {
+            inner: Box::new(inner),
+            backtrace: Box::new(std::backtrace::Backtrace::force_capture()),
+        };
+        let e = traced(candle_core::Error::Msg("shape mismatch".into()).with_path("m.gguf"));
+        assert!(
+            e.to_string().contains("candles_backtraces"),
+            "a backtrace to remove"
+        );
+        let shown = EngineError::from(traced(e.context("loading"))).to_string();
+        assert_eq!(shown, "compute: loading\npath: \"m.gguf\" shape mismatch");
     }
 }

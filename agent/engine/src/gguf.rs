@@ -190,7 +190,10 @@ impl GgufFile {
             // candle names an unknown block type by number only: say which tensor and type.
             match unreadable_tensor(path) {
                 Some(which) => bad(path, which),
-                None => bad(path, format!("not a readable GGUF file: {e}")),
+                None => bad(
+                    path,
+                    format!("not a readable GGUF file: {}", crate::error::plain(e)),
+                ),
             }
         })?;
         // Every tensor must lie within the file, and its shape must fill whole blocks: checked
@@ -301,9 +304,12 @@ impl GgufFile {
             .file
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        self.content
-            .tensor(&mut *file, name, device)
-            .map_err(|e| bad(&self.path, format!("tensor {name}: {e}")))
+        self.content.tensor(&mut *file, name, device).map_err(|e| {
+            bad(
+                &self.path,
+                format!("tensor {name}: {}", crate::error::plain(e)),
+            )
+        })
     }
 
     fn arch(&self) -> Result<String> {

@@ -218,8 +218,9 @@ impl Frame {
 
     /// Puts a tensor's raw little-endian bytes in the payload.
     pub fn with_tensor(mut self, t: &Tensor) -> Result<Self, FrameError> {
-        let err =
-            |e: cluster_engine::candle_core::Error| FrameError::Malformed(format!("tensor: {e}"));
+        let err = |e: cluster_engine::candle_core::Error| {
+            FrameError::Malformed(format!("tensor: {}", cluster_engine::error::plain(e)))
+        };
         let flat = t
             .flatten_all()
             .map_err(err)?
@@ -275,8 +276,9 @@ impl Frame {
             .candle()
             .ok_or_else(|| FrameError::Malformed("frame carries no tensor".into()))?;
         let shape: Vec<usize> = self.shape.iter().map(|d| *d as usize).collect();
-        Tensor::from_raw_buffer(&self.payload, dtype, &shape, &Device::Cpu)
-            .map_err(|e| FrameError::Malformed(format!("tensor: {e}")))
+        Tensor::from_raw_buffer(&self.payload, dtype, &shape, &Device::Cpu).map_err(|e| {
+            FrameError::Malformed(format!("tensor: {}", cluster_engine::error::plain(e)))
+        })
     }
 
     /// The metadata as text.
