@@ -269,6 +269,76 @@ mod tests {
         tokio::join!(c, s)
     }
 
+    /// Runs one side of a handshake (the listener's, or the connector's) against `peer`'s
+    /// bytes, then the end of the stream, writing into nothing; `None` if it has not ended
+    /// within five seconds.
+    fn against(listener: bool, peer: Vec<u8>) -> Option<Result<(), HandshakeError>> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let id = ident("secret", 2);
+        rt.block_on(async {
+            let mut reader = FrameReader::new(&peer[..]);
+            let mut sink = tokio::io::sink();
+            let bound = std::time::Duration::from_secs(5);
+            if listener {
+                tokio::time::timeout(bound, accept(&mut reader, &mut sink, &id, 1))
+                    .await
+                    .ok()
+            } else {
+                tokio::time::timeout(bound, connect(&mut reader, &mut sink, &id, 1))
+                    .await
+                    .ok()
+            }
+        })
+    }
+
+    /// What a peer that does not know the token can send at each turn, encoded.
+    fn frames(kinds: &[(FrameKind, Value)]) -> Vec<u8> {
+        kinds
+            .iter()
+            .flat_map(|(kind, meta)| {
+                Frame::new(*kind, "qwen", 2, 0)
+                    .with_meta(meta.to_string())
+                    .encode()
+                    .to_vec()
+            })
+            .collect()
+    }
+
+    proptest::proptest! {
+        #![proptest_config(cluster_fixtures::damage::config())]
+
+        /// Fuzzing as a test: a listener fed a connector's frames, damaged, and a connector fed
+        /// a listener's, neither knowing the token, must each end (within five seconds, the
+        /// stream ending after them) with an error, never a panic and never a link.
+        #[test]
+        fn damaged_handshakes_end_refused(
+            listener in proptest::prelude::any::<bool>(),
+            damage in cluster_fixtures::damage::damages(96, 6),
+        ) {
+            let mac = "ab".repeat(32);
+            let peer = if listener {
+                frames(&[
+                    (FrameKind::Hello, json!({"from": 1, "nonce": "00ff"})),
+                    (FrameKind::Proof, json!({"mac": mac})),
+                ])
+            } else {
+                frames(&[
+                    (FrameKind::Challenge, json!({"nonce": "ff00"})),
+                    (FrameKind::Accept, json!({"mac": mac})),
+                ])
+            };
+            let outcome = against(listener, cluster_fixtures::damage::apply(&peer, &damage));
+            proptest::prop_assert!(
+                matches!(outcome, Some(Err(_))),
+                "{} ended {outcome:?} after {damage:?}",
+                if listener { "listener" } else { "connector" }
+            );
+        }
+    }
+
     #[tokio::test]
     async fn the_same_token_connects() {
         let (c, s) = pair(ident("secret", 2), ident("secret", 2), 1).await;
