@@ -798,7 +798,7 @@ fn a_prompt_of_megabytes_is_refused_without_tokenizing_it_whole() {
 /// Fuzzing as a test: valid request bodies of each kind (chat with stops, streamed chat with
 /// content parts and sampling, text completions from text and from token ids, tools),
 /// damaged as bytes or as JSON values (`cluster_fixtures::damage`), sent to a running
-/// endpoint. Every answer must come
+/// endpoint. Every answer must come whole
 /// (the client's 60 s bound), be a success or a client error with OpenAI's error body, never
 /// a server error; afterwards the endpoint still answers a valid request and holds no
 /// sequence. Bodies that stay JSON objects get at most a few tokens to generate, so that the
@@ -868,10 +868,25 @@ fn damaged_requests_get_an_answer_and_the_endpoint_lives_on() {
                 .send(&body[..])
                 .map_err(|e| TestCaseError::fail(format!("no answer: {e}")))?;
             let status = resp.status().as_u16();
-            let text = resp.body_mut().read_to_string().unwrap_or_default();
+            let text = resp
+                .body_mut()
+                .read_to_string()
+                .map_err(|e| TestCaseError::fail(format!("{status}, the answer not read: {e}")))?;
             let sent = String::from_utf8_lossy(&body);
             prop_assert!(status < 500, "{status} for {sent}: {text}");
-            if status != 200 {
+            if status == 200 {
+                // A whole answer: a stream to its end, or one JSON object.
+                let streamed = serde_json::from_slice::<Value>(&body)
+                    .is_ok_and(|v| v["stream"] == json!(true));
+                prop_assert!(
+                    if streamed {
+                        text.ends_with("data: [DONE]\n\n")
+                    } else {
+                        serde_json::from_str::<Value>(&text).is_ok()
+                    },
+                    "200 for {sent}: {text}"
+                );
+            } else {
                 let error: Value = serde_json::from_str(&text)
                     .map_err(|_| TestCaseError::fail(format!("{status}, not JSON: {text}")))?;
                 prop_assert!(
