@@ -798,9 +798,9 @@ fn a_prompt_of_megabytes_is_refused_without_tokenizing_it_whole() {
 /// Fuzzing as a test: valid request bodies of each kind (chat with stops, streamed chat with
 /// content parts and sampling, text completions from text and from token ids, tools),
 /// damaged as bytes or as JSON values (`cluster_fixtures::damage`), sent to a running
-/// endpoint. Every answer must come whole
-/// (the client's 60 s bound), be a success or a client error with OpenAI's error body, never
-/// a server error; afterwards the endpoint still answers a valid request and holds no
+/// endpoint. Every answer must come whole within the client's 60 s bound, be a success (a
+/// stream to its end, or one object) or a client error with OpenAI's error body, never a
+/// server error; afterwards the endpoint still answers a valid request and holds no
 /// sequence. Bodies that stay JSON objects get at most a few tokens to generate, so that the
 /// cases test the parser, not the model. Failures shrink and are kept in
 /// `openai.regressions` beside this file.
