@@ -182,11 +182,9 @@ fn llamacpp_vocab() -> Option<std::path::PathBuf> {
                 Ok(o) => String::from_utf8_lossy(&o.stderr).into_owned(),
                 Err(e) => e.to_string(),
             };
-            assert!(
-                std::env::var_os("CI").is_none(),
+            cluster_fixtures::skip(&format!(
                 "llama.cpp's tokenizer test files could not be fetched: {why}"
-            );
-            eprintln!("SKIPPED: llama.cpp's tokenizer test files could not be fetched: {why}");
+            ));
             None
         }
     }
