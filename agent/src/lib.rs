@@ -18,13 +18,13 @@
 //! - [`web`]: what the HTTP servers share: bearer credentials, bodies, signals.
 
 pub mod cli;
-pub mod commands;
-pub mod daemon;
-pub mod endpoint;
-pub mod fetch;
-pub mod hugepages;
-pub mod inventory;
-pub mod memory;
+pub(crate) mod commands;
+pub(crate) mod daemon;
+pub(crate) mod endpoint;
+pub(crate) mod fetch;
+pub(crate) mod hugepages;
+pub(crate) mod inventory;
+pub(crate) mod memory;
 pub mod ring;
-pub mod store;
-pub mod web;
+pub(crate) mod store;
+pub(crate) mod web;

@@ -17,16 +17,16 @@
 //! - [`node`]: a stage process: listener, connector with backoff, probes, failure handling.
 //! - [`http`]: stage 0's HTTP API for callers (`POST /generate`, `GET /health`).
 
-pub mod compute;
+pub(crate) mod compute;
 pub mod frame;
 pub mod handshake;
-pub mod head;
-pub mod health;
-pub mod http;
-pub mod inbound;
-pub mod link;
-pub mod links;
-pub mod node;
-pub mod watch;
+pub(crate) mod head;
+pub(crate) mod health;
+pub(crate) mod http;
+pub(crate) mod inbound;
+pub(crate) mod link;
+pub(crate) mod links;
+pub(crate) mod node;
+pub(crate) mod watch;
 
 pub use node::{Inbound, LoadProgress, NodeOptions, RingMux, RingNode};
