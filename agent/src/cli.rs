@@ -46,7 +46,7 @@ pub enum Command {
 
 /// Runs the command line and returns the process's exit code.
 pub fn main() -> ExitCode {
-    crate::hugepages::restart_tuned();
+    crate::hugepages::init();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

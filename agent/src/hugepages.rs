@@ -1,209 +1,265 @@
-//! The startup restart on Linux: model weights in transparent huge pages, and a thread count set.
+//! Model weights in transparent huge pages, and a thread count set, without restarting.
 //!
 //! A decode step reads every weight of a stage once, so on a CPU it is bound by memory: with
 //! 4 KiB pages it also walks a page table entry per 4 KiB, which on this project's VM made one
 //! step of the 230 MB benchmark model 40% slower than with 2 MiB pages (84-88 against 124-128
 //! tokens/s, `generate` back to back). Linux distributions mostly ship transparent huge pages in
-//! `madvise` mode, where only memory a program asks for gets them, and Rust's allocator (glibc's
-//! malloc) asks only when the `glibc.malloc.hugetlb=1` tunable is set, which glibc reads once,
-//! when the process starts. So the process starts itself again with it, before anything else
-//! runs: same pid, arguments and environment plus the tunable.
+//! `madvise` mode, where only memory a program marks with `madvise(MADV_HUGEPAGE)` gets them.
 //!
-//! `glibc.malloc.arena_max=1` goes with it: weights are loaded on a worker thread, and a
-//! thread's own malloc arena grows in pieces that did not get huge pages (10 MB of 106 MB
-//! measured), while the main arena did. One arena costs a lock per allocation, uncontended on
-//! the compute path.
+//! Weights are read into ordinary heap buffers (candle's tensors own `Vec`s), so the marking
+//! happens in the allocator: [`HugePageAlloc`] is this crate's global allocator, the system's
+//! malloc underneath, and after malloc returns it advises what malloc newly took from the
+//! kernel, before anything but malloc's own bookkeeping is written there:
 //!
-//! glibc 2.35-2.36 (Debian 12's) takes the tunable only on some starts: it compares the kernel's
-//! mode string without terminating it, so a stray byte on the stack decides (half the starts of
-//! a stage here). After a restart the process checks that a fresh allocation of a few MiB was
-//! marked for huge pages and starts again if not, up to [`MAX_TRIES`] times; children inherit
-//! the tunable and check for themselves.
+//! - the heap's growth: when the program break has moved past what was advised, the new part.
+//!   Malloc keeps every allocation below [`MMAP_FROM`] there (a model of sub-megabyte tensors,
+//!   a 135M-parameter quantized file, sits between malloc's other chunks);
+//! - an allocation outside the heap (one that malloc maps on its own), which starts on a 2 MiB
+//!   boundary when it is at least that large, so that all its whole huge pages can be used.
 //!
-//! Set `CLUSTERAGENT_HUGE_PAGES=off` to keep the process as it started; a `GLIBC_TUNABLES` that
-//! already names `glibc.malloc.hugetlb` is left alone unless this chain of restarts set it.
+//! Malloc is told to keep one arena (`M_ARENA_MAX`), so that weights loaded on a worker thread
+//! land in that heap too rather than in a thread arena, whose growth is not visible from here;
+//! one arena costs a lock per allocation, uncontended on the compute path.
 //!
-//! The same start sets `RAYON_NUM_THREADS` (Linux, when unset) to the CPUs the process may use,
-//! which is rayon's own default: without it candle works out its default thread count on every
-//! CPU matrix product by reading `/proc/cpuinfo`, tens of microseconds each, 10% of a decode
-//! step of the benchmark model (`generate` at 105-115 against 122-125 tokens/s). A process
-//! that needs no huge-page start still starts once more for it.
+//! That is what glibc's own `glibc.malloc.hugetlb=1` and `arena_max=1` tunables do, which glibc
+//! reads only when a process starts: the agent used to start itself again with them (up to ten
+//! times, as glibc 2.35-2.36 took the tunable on only some starts).
+//!
+//! `CLUSTERAGENT_HUGE_PAGES=off` turns the advice off. Where the kernel's mode is not `madvise`
+//! nothing is advised: `always` gives large mappings huge pages already, `never` none.
+//!
+//! [`set_thread_count`] sets `RAYON_NUM_THREADS` (when unset) to the CPUs the process may use,
+//! rayon's own default: without it candle works out its default thread count on every CPU
+//! matrix product by reading `/proc/cpuinfo`, tens of microseconds each, 10% of a decode step
+//! of the benchmark model (`generate` at 105-115 against 122-125 tokens/s).
+//!
+//! This module is one of the two in the workspace allowed `unsafe` (see
+//! `cluster_engine::matvec::f16c`'s test of it): a global allocator is an `unsafe` trait, the
+//! advice and the environment are set through functions Rust cannot check.
+#![allow(unsafe_code)]
 
-/// What is added to `GLIBC_TUNABLES`.
-pub const TUNABLES: &str = "glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1";
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-/// Whether transparent huge pages are available on request: the kernel's mode, as
-/// `/sys/kernel/mm/transparent_hugepage/enabled` shows it ("always [madvise] never").
-pub fn madvise_mode(enabled: &str) -> bool {
-    enabled.contains("[madvise]")
-}
+/// Allocations outside the heap of at least this many bytes are advised (glibc's default mmap
+/// threshold; smaller ones share pages with other allocations).
+const ADVISED_FROM: usize = 128 << 10;
 
-/// How many times the process starts itself again before it gives up on huge pages.
-pub const MAX_TRIES: u32 = 10;
+/// The least the heap grows by (malloc's top pad) while advising: each growth is a region of
+/// its own (the kernel does not merge it with the advised heap before it, whose pages were
+/// touched first), and a region holds huge pages only on the 2 MiB-aligned stretches inside
+/// it, at least 15 of 16 in 32 MiB. glibc's own tunable ends each growth on a 2 MiB
+/// boundary instead, which is not available from outside.
+const HEAP_STEP: usize = 32 << 20;
 
-/// What to do at startup, from the environment and the kernel's mode.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Decision {
-    /// Nothing: huge pages are in use, unavailable, or not wanted.
-    Keep,
-    /// Start again with this `GLIBC_TUNABLES` value, as try number `try_number`.
-    Restart {
-        /// The tunables value.
-        tunables: String,
-        /// Which try the new start is.
-        try_number: u32,
-    },
-    /// Tried [`MAX_TRIES`] times; go on with small pages.
-    GiveUp,
-}
+/// Allocations below this size come from the heap, whose growth is advised: a mapping of its
+/// own gets its first page written by malloc before it can be advised, and the kernel then
+/// keeps it apart from its advised neighbours, so one of less than 2 MiB never holds a huge
+/// page. glibc's largest automatic threshold (it starts at 128 KiB and rises to the size of
+/// the largest mapping freed, up to this); freed heap above twice this much goes back to the
+/// kernel, as glibc's automatic setting would do.
+const MMAP_FROM: usize = 32 << 20;
 
-/// Decides whether to start again. `try_number` is how many starts of this process came before
-/// (from [`TRY_VAR`], `None` when absent: the tunable, if any, is the user's); `malloc_madvises` says whether this process's malloc asks for
-/// huge pages, which glibc 2.35-2.36 does only on some starts: it compares the kernel's mode
-/// string without terminating it, so whatever byte follows on the stack decides.
-pub fn decide(
-    current: Option<&str>,
-    opt_out: Option<&str>,
-    thp_enabled: &str,
-    try_number: Option<u32>,
-    malloc_madvises: impl FnOnce() -> bool,
-) -> Decision {
-    if opt_out.is_some_and(|v| matches!(v.trim(), "off" | "0" | "false" | "no")) {
-        return Decision::Keep;
-    }
-    if !madvise_mode(thp_enabled) {
-        // "always" gives every large mapping huge pages already; "never" gives none.
-        return Decision::Keep;
-    }
-    match current.map(str::trim) {
-        Some(c) if c.contains("glibc.malloc.hugetlb") => match try_number {
-            // Set by the user, not by a restart: theirs to decide.
-            None => Decision::Keep,
-            Some(_) if malloc_madvises() => Decision::Keep,
-            Some(n) if n >= MAX_TRIES => Decision::GiveUp,
-            Some(n) => Decision::Restart {
-                tunables: c.to_string(),
-                try_number: n + 1,
-            },
-        },
-        Some(c) if !c.is_empty() => Decision::Restart {
-            tunables: format!("{c}:{TUNABLES}"),
-            try_number: 1,
-        },
-        _ => Decision::Restart {
-            tunables: TUNABLES.to_string(),
-            try_number: 1,
-        },
-    }
-}
+/// Whether [`HugePageAlloc`] advises; set once by [`init`].
+static ADVISE: AtomicBool = AtomicBool::new(false);
 
-/// Whether a fresh allocation of a few MiB was marked for huge pages (`hg` in its mapping's
-/// flags): glibc took the tunable in this process. Where the mappings cannot be read (a
-/// sandbox without `/proc`), it answers yes: starting again would not tell more.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn malloc_madvises() -> bool {
-    // Above malloc's mmap threshold: its own mapping, madvised when the tunable is active.
-    let probe: Vec<u8> = Vec::with_capacity(4 << 20);
-    let addr = probe.as_ptr() as usize;
-    let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") else {
-        return true;
-    };
-    let mut inside = false;
-    for line in smaps.lines() {
-        if let Some((range, _)) = line.split_once(' ')
-            && let Some((start, end)) = range.split_once('-')
-            && let (Ok(start), Ok(end)) = (
-                usize::from_str_radix(start, 16),
-                usize::from_str_radix(end, 16),
-            )
-        {
-            inside = (start..end).contains(&addr);
-        } else if inside && let Some(flags) = line.strip_prefix("VmFlags:") {
-            return flags.split_whitespace().any(|f| f == "hg");
-        }
-    }
-    // No mapping holds the probe or shows its flags: nothing to learn from another start.
-    true
-}
+/// The system allocator, with large allocations advised to use transparent huge pages once
+/// [`init`] found that the kernel wants the advice and the user did not turn it off.
+pub struct HugePageAlloc;
 
-/// Starts this process again with huge pages for its allocations and a thread count set, when
-/// either applies (see the module docs). Returns when neither does or a new start failed (then
-/// with a warning on stderr: the process runs on as it is). Call first thing in `main`, before
-/// any thread exists.
-pub fn restart_tuned() {
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::unix::process::CommandExt;
-
-        let threads = thread_count_to_set(std::env::var_os("RAYON_NUM_THREADS").as_deref(), || {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
-        });
-        let huge_pages = huge_pages_restart();
-        if huge_pages.is_none() && threads.is_none() {
-            return;
-        }
-        let Ok(exe) = std::env::current_exe() else {
-            return;
-        };
-        let mut args = std::env::args_os();
-        let argv0 = args.next().unwrap_or_else(|| exe.clone().into_os_string());
-        let mut cmd = std::process::Command::new(&exe);
-        cmd.arg0(argv0).args(args);
-        if let Some((tunables, try_number)) = huge_pages {
-            cmd.env("GLIBC_TUNABLES", tunables)
-                .env(TRY_VAR, format!("{}:{try_number}", std::process::id()));
-        }
-        if let Some(n) = threads {
-            cmd.env("RAYON_NUM_THREADS", n.to_string());
-        }
-        let err = cmd.exec();
-        eprintln!(
-            "clusteragent: warning: could not restart {} with huge pages for weights and a thread \
-             count set ({err}); running on as started",
-            exe.display()
-        );
-    }
-}
-
-/// The `GLIBC_TUNABLES` value and try number to start again with, if any (see [`decide`]).
 #[cfg(target_os = "linux")]
-fn huge_pages_restart() -> Option<(String, u32)> {
-    #[cfg(target_env = "gnu")]
+#[global_allocator]
+static GLOBAL: HugePageAlloc = HugePageAlloc;
+
+/// The program break up to which the main heap was advised (0: not yet known).
+static ADVISED_BREAK: AtomicUsize = AtomicUsize::new(0);
+
+/// The program break when advice began: the heap above it is advised as it grows.
+static HEAP_START: AtomicUsize = AtomicUsize::new(0);
+
+const PAGE: usize = 4096;
+
+/// Marks the whole pages of `[start, end)` for huge pages; a failure leaves them on small
+/// pages, which is only slower.
+#[cfg(target_os = "linux")]
+fn advise_range(start: usize, end: usize) {
+    let (start, end) = (start.next_multiple_of(PAGE), end / PAGE * PAGE);
+    if end > start {
+        // SAFETY: the callers pass memory malloc owns (an allocation it just returned, or the
+        // heap below the program break); MADV_HUGEPAGE changes how the kernel backs those
+        // pages, never their contents.
+        unsafe {
+            libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
+        }
+    }
+}
+
+/// Advises what malloc newly took from the kernel for the allocation `[ptr, ptr + size)`: the
+/// allocation itself when it is large, and the heap's growth (see the module docs).
+fn advise(ptr: *mut u8, size: usize) {
+    #[cfg(target_os = "linux")]
+    if !ptr.is_null() && ADVISE.load(Ordering::Relaxed) {
+        // SAFETY: `sbrk(0)` only reads the current break (glibc keeps it; no system call).
+        #[cfg(target_env = "gnu")]
+        let brk = unsafe { libc::sbrk(0) } as usize;
+        #[cfg(not(target_env = "gnu"))]
+        let brk = 0;
+        // A chunk inside the heap is advised with it: advising it alone would split the heap's
+        // region around it.
+        let in_heap = (HEAP_START.load(Ordering::Relaxed)..brk).contains(&(ptr as usize));
+        if size >= ADVISED_FROM && !in_heap {
+            advise_range(ptr as usize, ptr as usize + size);
+        }
+        #[cfg(target_env = "gnu")]
+        {
+            let advised = ADVISED_BREAK.load(Ordering::Relaxed);
+            if brk != advised
+                && ADVISED_BREAK
+                    .compare_exchange(advised, brk, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+                && brk > advised
+            {
+                // Whole pages of the growth; a shrink only lowers the mark, so that the next
+                // growth is advised again.
+                advise_range(advised / PAGE * PAGE, brk);
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (ptr, size);
+}
+
+// SAFETY: every block comes from `System` with `widened(layout)` and goes back to it with the
+// same layout (`widened` depends on the layout alone); advising memory changes nothing the
+// caller can observe.
+unsafe impl GlobalAlloc for HugePageAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: `widened` keeps the caller's (valid) size and raises only the alignment.
+        let ptr = unsafe { System.alloc(widened(layout)) };
+        advise(ptr, layout.size());
+        ptr
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        let wide = widened(layout);
+        if wide == layout {
+            // SAFETY: as in `alloc`.
+            let ptr = unsafe { System.alloc_zeroed(layout) };
+            advise(ptr, layout.size());
+            return ptr;
+        }
+        // The system allocator zeroes an over-aligned block by writing it, which would back it
+        // with small pages before the advice: advise first, then zero.
+        // SAFETY: as in `alloc`; the zeroing stays within the block just allocated.
+        unsafe {
+            let ptr = System.alloc(wide);
+            advise(ptr, layout.size());
+            if !ptr.is_null() {
+                std::ptr::write_bytes(ptr, 0, layout.size());
+            }
+            ptr
+        }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from `System` with `widened(layout)`, which depends on the layout
+        // alone, so it is the layout it was allocated with.
+        unsafe { System.dealloc(ptr, widened(layout)) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: the caller guarantees that `new_size`, rounded up to the alignment, does not
+        // overflow `isize`.
+        let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
+        if widened(layout) == layout && widened(new_layout) == new_layout {
+            // SAFETY: `ptr` was allocated with `layout` (not widened); the caller's contract.
+            let new = unsafe { System.realloc(ptr, layout, new_size) };
+            if new_size > layout.size() {
+                advise(new, new_size);
+            }
+            return new;
+        }
+        // To or from a 2 MiB-aligned block: the system allocator would move it by copying into
+        // a block not yet advised, so the move is done here, advice first.
+        // SAFETY: both blocks are live and distinct, the copy within both; `ptr` goes back
+        // with the layout it was allocated with.
+        unsafe {
+            let new = self.alloc(new_layout);
+            if !new.is_null() {
+                std::ptr::copy_nonoverlapping(ptr, new, layout.size().min(new_size));
+                self.dealloc(ptr, layout);
+            }
+            new
+        }
+    }
+}
+
+/// A huge page's size on x86-64 and arm64 Linux.
+const HUGE: usize = 2 << 20;
+
+/// The layout malloc is asked for: allocations of [`HUGE`] bytes or more start on a huge page
+/// boundary, so that all their whole huge pages can be backed as such (a mapping of 2 MiB and a
+/// bit at an arbitrary address holds none). Depends on the layout alone, as `dealloc` needs.
+fn widened(layout: Layout) -> Layout {
+    if cfg!(target_os = "linux") && layout.size() >= HUGE && layout.align() < HUGE {
+        Layout::from_size_align(layout.size(), HUGE).unwrap_or(layout)
+    } else {
+        layout
+    }
+}
+
+/// Reads the kernel's mode and the user's opt-out and turns the advice on or off; then sets the
+/// thread count. Call first thing in `main`, before any thread exists.
+pub fn init() {
+    #[cfg(target_os = "linux")]
     {
         let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
             .unwrap_or_default();
-        let current = std::env::var("GLIBC_TUNABLES").ok();
         let opt_out = std::env::var("CLUSTERAGENT_HUGE_PAGES").ok();
-        let try_number = std::env::var(TRY_VAR)
-            .ok()
-            .map(|v| tries_so_far(&v, std::process::id()));
-        match decide(
-            current.as_deref(),
-            opt_out.as_deref(),
-            &thp,
-            try_number,
-            malloc_madvises,
-        ) {
-            Decision::Keep => None,
-            Decision::GiveUp => {
-                eprintln!(
-                    "clusteragent: warning: glibc did not take glibc.malloc.hugetlb in {MAX_TRIES} \
-                     starts; weights are on small pages"
-                );
-                None
+        if wanted(opt_out.as_deref(), &thp) {
+            #[cfg(target_env = "gnu")]
+            {
+                // SAFETY: mallopt only changes malloc's settings; called while the process has
+                // one thread. The break read as in `advise`.
+                unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
+                // SAFETY: as above.
+                unsafe {
+                    libc::mallopt(libc::M_TOP_PAD, HEAP_STEP as libc::c_int);
+                    libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_FROM as libc::c_int);
+                    libc::mallopt(libc::M_TRIM_THRESHOLD, 2 * MMAP_FROM as libc::c_int);
+                }
+                let brk = unsafe { libc::sbrk(0) } as usize;
+                // The heap so far is small (no model yet): advised from here up.
+                ADVISED_BREAK.store(brk, Ordering::Relaxed);
+                HEAP_START.store(brk, Ordering::Relaxed);
             }
-            Decision::Restart {
-                tunables,
-                try_number,
-            } => Some((tunables, try_number)),
+            ADVISE.store(true, Ordering::Relaxed);
         }
     }
-    #[cfg(not(target_env = "gnu"))]
-    None
+    set_thread_count();
 }
 
-/// The `RAYON_NUM_THREADS` to start again with: `available()` when the variable is unset or
-/// empty; `None` when the user set it.
+/// Whether to advise, from `CLUSTERAGENT_HUGE_PAGES` and the kernel's mode as
+/// `/sys/kernel/mm/transparent_hugepage/enabled` shows it ("always [madvise] never").
+pub fn wanted(opt_out: Option<&str>, thp_enabled: &str) -> bool {
+    let off = opt_out.is_some_and(|v| matches!(v.trim(), "off" | "0" | "false" | "no"));
+    !off && thp_enabled.contains("[madvise]")
+}
+
+/// Sets `RAYON_NUM_THREADS` to the CPUs this process may use when the user left it unset (see
+/// the module docs), so that candle reads it instead of `/proc/cpuinfo` on every product.
+fn set_thread_count() {
+    if let Some(n) = thread_count_to_set(std::env::var_os("RAYON_NUM_THREADS").as_deref(), || {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    }) {
+        // SAFETY: called from `init`, first thing in `main`, while the process has one thread:
+        // nothing reads the environment concurrently.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
+    }
+}
+
+/// The `RAYON_NUM_THREADS` to set: `available()` when the variable is unset or empty; `None`
+/// when the user set it.
 pub fn thread_count_to_set(
     current: Option<&std::ffi::OsStr>,
     available: impl FnOnce() -> usize,
@@ -214,84 +270,20 @@ pub fn thread_count_to_set(
     }
 }
 
-/// Counts the starts of one chain (see [`decide`]), as `PID:N`: a start keeps its pid, so a
-/// child process that inherited the variable begins its own count.
-pub const TRY_VAR: &str = "CLUSTERAGENT_HUGE_PAGES_TRY";
-
-/// Tries so far for the process `pid`, from the value of [`TRY_VAR`]: 0 when the value was
-/// inherited from a parent (or unreadable), which set the tunable for this process too.
-pub fn tries_so_far(value: &str, pid: u32) -> u32 {
-    match value.split_once(':') {
-        Some((p, n)) if p.parse() == Ok(pid) => n.parse().unwrap_or(0),
-        _ => 0,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const MADVISE: &str = "always [madvise] never\n";
-
     #[test]
-    fn a_start_adds_the_tunables_retries_until_malloc_takes_them_and_respects_the_user() {
-        let restart = |tunables: &str, try_number| Decision::Restart {
-            tunables: tunables.into(),
-            try_number,
-        };
-        let never = || -> bool { panic!("not asked") };
-        assert_eq!(
-            decide(None, None, MADVISE, None, never),
-            restart(TUNABLES, 1)
-        );
-        assert_eq!(
-            decide(Some("glibc.malloc.check=3"), None, MADVISE, None, never),
-            restart(&format!("glibc.malloc.check=3:{TUNABLES}"), 1)
-        );
-        // After a restart: kept when malloc took the tunable, else tried again, up to a limit.
-        assert_eq!(
-            decide(Some(TUNABLES), None, MADVISE, Some(1), || true),
-            Decision::Keep
-        );
-        assert_eq!(
-            decide(Some(TUNABLES), None, MADVISE, Some(1), || false),
-            restart(TUNABLES, 2)
-        );
-        assert_eq!(
-            decide(Some(TUNABLES), None, MADVISE, Some(MAX_TRIES), || false),
-            Decision::GiveUp
-        );
-        // The user's own hugetlb setting, either way, and the opt-out are left alone.
-        assert_eq!(
-            decide(Some("glibc.malloc.hugetlb=0"), None, MADVISE, None, never),
-            Decision::Keep
-        );
-        assert_eq!(
-            decide(None, Some("off"), MADVISE, None, never),
-            Decision::Keep
-        );
-        assert_eq!(
-            decide(None, Some("on"), MADVISE, None, never),
-            restart(TUNABLES, 1)
-        );
-        // The count belongs to one process: a child inherits the tunable and counts afresh.
-        assert_eq!(tries_so_far("41:3", 41), 3);
-        assert_eq!(tries_so_far("41:3", 42), 0);
-        assert_eq!(tries_so_far("garbage", 42), 0);
-        assert_eq!(
-            decide(Some(TUNABLES), None, MADVISE, Some(0), || false),
-            restart(TUNABLES, 1)
-        );
-        // Other kernel modes, or no sysfs file at all: nothing to do.
-        assert_eq!(
-            decide(None, None, "[always] madvise never", None, never),
-            Decision::Keep
-        );
-        assert_eq!(
-            decide(None, None, "always madvise [never]", None, never),
-            Decision::Keep
-        );
-        assert_eq!(decide(None, None, "", None, never), Decision::Keep);
+    fn advice_follows_the_kernels_mode_and_the_users_opt_out() {
+        const MADVISE: &str = "always [madvise] never\n";
+        assert!(wanted(None, MADVISE));
+        assert!(wanted(Some("on"), MADVISE));
+        assert!(!wanted(Some("off"), MADVISE));
+        assert!(!wanted(Some(" 0 "), MADVISE));
+        assert!(!wanted(None, "[always] madvise never"));
+        assert!(!wanted(None, "always madvise [never]"));
+        assert!(!wanted(None, ""));
     }
 
     #[test]
@@ -302,5 +294,53 @@ mod tests {
         assert_eq!(thread_count_to_set(None, || 0), Some(1));
         assert_eq!(thread_count_to_set(Some(OsStr::new("1")), || 6), None);
         assert_eq!(thread_count_to_set(Some(OsStr::new("0")), || 6), None);
+    }
+
+    /// The allocator keeps contents across growth and shrinking, zeroes what it must, and
+    /// marks a large allocation for huge pages where the kernel takes the advice.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn large_allocations_are_marked_and_keep_their_contents() {
+        let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+            .unwrap_or_default();
+        ADVISE.store(wanted(None, &thp), Ordering::Relaxed);
+        let mut v: Vec<u8> = Vec::with_capacity(16);
+        for i in 0..(3usize << 20) {
+            v.push((i % 251) as u8);
+        }
+        assert!(v.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8));
+        v.truncate(1000);
+        v.shrink_to_fit();
+        assert!(v.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8));
+        let zeros = vec![0u32; 1 << 20];
+        assert!(zeros.iter().all(|&z| z == 0));
+        if thp.contains("[madvise]") {
+            let flags = vm_flags(zeros.as_ptr() as usize).expect("the allocation's mapping");
+            assert!(
+                flags.split_whitespace().any(|f| f == "hg"),
+                "a 4 MiB allocation not marked for huge pages: {flags}"
+            );
+        }
+    }
+
+    /// The `VmFlags` of the mapping holding `addr`, from `/proc/self/smaps`.
+    #[cfg(target_os = "linux")]
+    fn vm_flags(addr: usize) -> Option<String> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+        let mut inside = false;
+        for line in smaps.lines() {
+            if let Some((range, _)) = line.split_once(' ')
+                && let Some((start, end)) = range.split_once('-')
+                && let (Ok(start), Ok(end)) = (
+                    usize::from_str_radix(start, 16),
+                    usize::from_str_radix(end, 16),
+                )
+            {
+                inside = (start..end).contains(&addr);
+            } else if inside && let Some(flags) = line.strip_prefix("VmFlags:") {
+                return Some(flags.to_string());
+            }
+        }
+        None
     }
 }

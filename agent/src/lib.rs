@@ -9,7 +9,8 @@
 //! - [`ring`]: the pipeline ring: frames, handshake, compute thread, the head's generation
 //!   loop, and `clusteragent stage`, which runs one stage of a ring.
 //! - [`memory`]: this process's resident memory, for reports.
-//! - [`hugepages`]: on Linux, the process restarts itself so that weights get huge pages.
+//! - [`hugepages`]: the global allocator, which asks Linux for huge pages for large buffers
+//!   (weights), and the thread count set at startup.
 //! - [`daemon`]: the daemon: REST control plane, peers, reconcile loop.
 //! - [`endpoint`]: an Endpoint's server: OpenAI routes, metrics, the ring's API.
 //! - [`fetch`]: model files fetched from a hub or a URL, each node only its stage's bytes.

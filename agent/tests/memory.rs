@@ -228,7 +228,7 @@ fn smaps_bytes(pid: u32, field: &str) -> u64 {
 /// A stage process, started as a user starts one, holds its weights in huge pages when the
 /// kernel offers them on request (`madvise`, as most distributions ship): a decode step reads
 /// every weight, and with 4 KiB pages it was 40% slower on this project's VM. The stage loads
-/// its weights on a worker thread, the case that needed `glibc.malloc.arena_max=1`; with
+/// its weights on a worker thread (whose allocations must land in the advised heap too); with
 /// `CLUSTERAGENT_HUGE_PAGES=off` the same process gets none, which shows what gave them.
 #[cfg(target_os = "linux")]
 #[test]
@@ -303,7 +303,7 @@ fn a_stage_holds_its_weights_in_huge_pages_when_the_kernel_offers_them() {
         );
         assert!(
             off < weights / 10,
-            "{off} bytes in huge pages with the restart turned off"
+            "{off} bytes in huge pages with the advice turned off"
         );
     } else if mode.contains("[always]") {
         assert!(
