@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use cluster_api::cluster::ErrorBody;
-use serde_json::Value;
+use serde::de::DeserializeOwned;
 
 /// Why a call failed.
 #[derive(Debug)]
@@ -68,11 +68,12 @@ impl Client {
         &self.base
     }
 
-    fn finish(
+    /// The answer as `T`: every agent reply has its type in `cluster_api::cluster`.
+    fn finish<T: DeserializeOwned>(
         &self,
         what: &str,
         result: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
-    ) -> Result<Value, CallError> {
+    ) -> Result<T, CallError> {
         let mut response = result.map_err(|e| {
             CallError::Transport(format!(
                 "cannot reach the agent at {} ({what}): {e}; is it running? (set --server or CLUSTERCTL_SERVER)",
@@ -90,8 +91,13 @@ impl Client {
             let body = serde_json::from_str::<ErrorBody>(&text).ok();
             return Err(CallError::Refused { status, body, text });
         }
-        serde_json::from_str(&text)
-            .map_err(|e| CallError::Transport(format!("{what}: the answer is not JSON: {e}")))
+        serde_json::from_str(&text).map_err(|e| {
+            CallError::Transport(format!(
+                "{what}: the answer is not what this clusterctl ({}) reads: {e} (is the agent \
+                 another version?)",
+                env!("CARGO_PKG_VERSION")
+            ))
+        })
     }
 
     fn auth<B>(&self, req: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
@@ -102,14 +108,14 @@ impl Client {
     }
 
     /// `GET path`.
-    pub fn get(&self, path: &str) -> Result<Value, CallError> {
+    pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, CallError> {
         let url = format!("{}{path}", self.base);
         let r = self.auth(self.http.get(&url)).call();
         self.finish(&format!("GET {path}"), r)
     }
 
     /// `POST path` with a text body.
-    pub fn post_text(&self, path: &str, body: &str) -> Result<Value, CallError> {
+    pub fn post_text<T: DeserializeOwned>(&self, path: &str, body: &str) -> Result<T, CallError> {
         let url = format!("{}{path}", self.base);
         let r = self
             .auth(self.http.post(&url))
@@ -119,7 +125,7 @@ impl Client {
     }
 
     /// `DELETE path`.
-    pub fn delete(&self, path: &str) -> Result<Value, CallError> {
+    pub fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T, CallError> {
         let url = format!("{}{path}", self.base);
         let r = self.auth(self.http.delete(&url)).call();
         self.finish(&format!("DELETE {path}"), r)

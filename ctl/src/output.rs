@@ -37,18 +37,16 @@ pub fn bytes(n: u64) -> String {
 }
 
 /// A node's GPUs from its inventory, `name (memory)`, or `none`.
-pub fn gpus(v: Option<&Value>) -> String {
-    let list: Vec<String> = v
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
+pub fn gpus(list: Option<&[cluster_api::cluster::Gpu]>) -> String {
+    let list: Vec<String> = list
+        .unwrap_or_default()
+        .iter()
         .map(|g| {
             let mem = g
-                .get("memoryBytes")
-                .and_then(Value::as_u64)
+                .memory_bytes
                 .map(|b| format!(" ({})", bytes(b)))
                 .unwrap_or_default();
-            format!("{}{mem}", text(g, "/name"))
+            format!("{}{mem}", g.name)
         })
         .collect();
     if list.is_empty() {
@@ -100,11 +98,6 @@ pub fn age(created: Option<&str>) -> String {
 /// A string field, or `""`.
 pub fn text<'a>(v: &'a Value, pointer: &str) -> &'a str {
     v.pointer(pointer).and_then(Value::as_str).unwrap_or("")
-}
-
-/// A number field, or 0.
-pub fn num(v: &Value, pointer: &str) -> f64 {
-    v.pointer(pointer).and_then(Value::as_f64).unwrap_or(0.0)
 }
 
 /// YAML text of a value.

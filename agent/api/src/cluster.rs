@@ -515,6 +515,128 @@ pub struct PipelineStatus {
     pub stages: Vec<PipelineStageStatus>,
 }
 
+/// An Endpoint's status.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointStatus {
+    /// Ready while listening and its pipeline is Ready.
+    pub phase: Phase,
+    /// Why not Ready.
+    #[serde(default)]
+    pub message: Option<String>,
+    /// The node it listens on, once its pipeline is placed.
+    #[serde(default)]
+    pub node: Option<String>,
+    /// `http://host:port`, once that node reported it listening.
+    #[serde(default)]
+    pub url: Option<String>,
+}
+
+/// One weights file of a model that some node holds whole, as its digests were published.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelFileStatus {
+    /// The file's name within the source.
+    pub file: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// sha256 of the whole file (hex).
+    pub sha256: String,
+    /// Whether the source's own digest agrees.
+    pub verified: bool,
+    /// The node that sealed it.
+    pub sealed_by: String,
+    /// How many tensors have a digest of their own.
+    pub tensors: usize,
+}
+
+/// A Model's status.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelStatus {
+    /// The pipelines that run it.
+    pub pipelines: Vec<String>,
+    /// Its files held whole somewhere: what peers fetching stages check bytes against.
+    pub files: Vec<ModelFileStatus>,
+    /// For a hub model, the commit its revision named at the last apply.
+    #[serde(default)]
+    pub commit: Option<String>,
+}
+
+/// What the cluster reports about an object, by kind (the `status` of REST replies).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Status {
+    /// A `Node`'s (boxed: it carries the node's whole report).
+    Node(Box<NodeStatus>),
+    /// A `Model`'s.
+    Model(ModelStatus),
+    /// A `Pipeline`'s.
+    Pipeline(PipelineStatus),
+    /// An `Endpoint`'s.
+    Endpoint(EndpointStatus),
+}
+
+impl Status {
+    /// Reads the status of an object of `kind`; the error names the field at fault.
+    pub fn parse(kind: Kind, value: serde_json::Value) -> Result<Self, (String, String)> {
+        fn typed<T: serde::de::DeserializeOwned>(
+            v: serde_json::Value,
+        ) -> Result<T, (String, String)> {
+            serde_path_to_error::deserialize(v)
+                .map_err(|e| (e.path().to_string(), e.inner().to_string()))
+        }
+        Ok(match kind {
+            Kind::Node => Status::Node(Box::new(typed(value)?)),
+            Kind::Model => Status::Model(typed(value)?),
+            Kind::Pipeline => Status::Pipeline(typed(value)?),
+            Kind::Endpoint => Status::Endpoint(typed(value)?),
+        })
+    }
+
+    /// The phase, for kinds that have one.
+    pub fn phase(&self) -> Option<Phase> {
+        match self {
+            Status::Node(s) => Some(s.phase),
+            Status::Pipeline(s) => Some(s.phase),
+            Status::Endpoint(s) => Some(s.phase),
+            Status::Model(_) => None,
+        }
+    }
+
+    /// What is happening or wrong, for kinds that say.
+    pub fn message(&self) -> Option<&str> {
+        match self {
+            Status::Node(s) => s.message.as_deref(),
+            Status::Pipeline(s) => s.message.as_deref(),
+            Status::Endpoint(s) => s.message.as_deref(),
+            Status::Model(_) => None,
+        }
+    }
+}
+
+/// What an apply did to one object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ApplyAction {
+    /// It did not exist.
+    Created,
+    /// Its spec changed.
+    Configured,
+    /// Nothing changed.
+    Unchanged,
+}
+
+impl std::fmt::Display for ApplyAction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ApplyAction::Created => "created",
+            ApplyAction::Configured => "configured",
+            ApplyAction::Unchanged => "unchanged",
+        })
+    }
+}
+
 /// What an apply did to one object.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -523,8 +645,8 @@ pub struct ApplyOutcome {
     pub kind: Kind,
     /// Name.
     pub name: String,
-    /// `created`, `configured` or `unchanged`.
-    pub action: String,
+    /// What was done.
+    pub action: ApplyAction,
     /// Generation after the apply.
     pub generation: u64,
     /// What changed, for `--dry-run` and messages.
@@ -570,9 +692,135 @@ pub struct Event {
     pub message: String,
 }
 
+/// `GET /healthz`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Health {
+    /// `ok`.
+    pub status: String,
+    /// The answering node.
+    pub node: String,
+    /// Its `clusteragent` version.
+    pub version: String,
+}
+
+/// `GET /api/v1/{kind}`: the live objects of one kind, with their statuses.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ObjectList {
+    /// The kind listed.
+    pub kind: Kind,
+    /// The objects.
+    pub items: Vec<Object>,
+}
+
+/// `GET /api/v1/events`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventList {
+    /// Newest last.
+    pub items: Vec<Event>,
+}
+
+/// `POST /api/v1/apply`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ApplyReply {
+    /// Whether nothing was stored.
+    pub dry_run: bool,
+    /// One per object, in the order sent.
+    pub items: Vec<ApplyOutcome>,
+}
+
+/// What a delete did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeleteAction {
+    /// The object is gone (a tombstone keeps its version).
+    Deleted,
+}
+
+/// `DELETE /api/v1/{kind}/{name}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeleteReply {
+    /// Kind.
+    pub kind: Kind,
+    /// Name.
+    pub name: String,
+    /// What was done.
+    pub action: DeleteAction,
+    /// Whether nothing was stored.
+    pub dry_run: bool,
+    /// The tombstone's version.
+    pub resource_version: u64,
+}
+
+/// One object in [`Summary`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SummaryItem {
+    /// Its name.
+    pub name: String,
+    /// Its phase.
+    pub phase: Phase,
+    /// Why not Ready.
+    #[serde(default)]
+    pub message: Option<String>,
+    /// A pipeline's share of weights loaded, 0-100.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<f64>,
+}
+
+/// `GET /api/v1/status`: every node and pipeline in a line each.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    /// The answering node.
+    pub node: String,
+    /// Nodes.
+    pub nodes: Vec<SummaryItem>,
+    /// Pipelines.
+    pub pipelines: Vec<SummaryItem>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A reply's object comes back with its kind's status type; one whose status does not
+    /// match is refused naming the field, while a manifest's status is ignored as documented.
+    #[test]
+    fn replies_read_statuses_by_kind_and_manifests_ignore_them() {
+        let endpoint = serde_json::json!({
+            "apiVersion": "v1", "kind": "Endpoint", "metadata": {"name": "api"},
+            "spec": {"pipeline": "p", "port": 8080},
+            "status": {"phase": "Ready", "message": null, "node": "a", "url": "http://a:8080"},
+        });
+        let list: ObjectList = serde_json::from_value(serde_json::json!({
+            "kind": "Endpoint", "items": [endpoint.clone()],
+        }))
+        .unwrap();
+        let status = list.items[0].endpoint_status().unwrap();
+        assert_eq!(status.phase, Phase::Ready);
+        assert_eq!(status.url.as_deref(), Some("http://a:8080"));
+        assert!(list.items[0].pipeline_status().is_none());
+        // What the agent writes is what clusterctl reads.
+        let again: ObjectList =
+            serde_json::from_str(&serde_json::to_string(&list).unwrap()).unwrap();
+        assert_eq!(again, list);
+
+        let mut wrong = endpoint.clone();
+        wrong["status"]["phase"] = serde_json::json!("Sleeping");
+        let e = Object::from_json(&wrong).unwrap_err();
+        assert_eq!(e.path.as_deref(), Some("status.phase"), "{e}");
+
+        let yaml: serde_yaml::Value = serde_yaml::to_value(&wrong).unwrap();
+        let applied = Object::from_value(yaml).unwrap();
+        assert_eq!(applied.status, None);
+
+        let apply: ApplyReply = serde_json::from_str(
+            r#"{"dryRun":true,"items":[{"kind":"Model","name":"m","action":"configured","generation":2,"changes":["spec.dtype"]}]}"#,
+        )
+        .unwrap();
+        assert_eq!(apply.items[0].action, ApplyAction::Configured);
+        assert_eq!(apply.items[0].action.to_string(), "configured");
+    }
 
     #[test]
     fn working_memory_grows_with_the_chunk_and_counts_widening_only_for_half_weights() {

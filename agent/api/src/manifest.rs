@@ -415,7 +415,7 @@ pub struct Object {
     pub spec: Spec,
     /// What the cluster reports; ignored in an apply.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub status: Option<serde_json::Value>,
+    pub status: Option<crate::cluster::Status>,
 }
 
 impl<'de> Deserialize<'de> for Object {
@@ -423,6 +423,15 @@ impl<'de> Deserialize<'de> for Object {
         let v = serde_json::Value::deserialize(d)?;
         Object::from_json(&v).map_err(serde::de::Error::custom)
     }
+}
+
+/// What [`Object::read`] does with a `status`.
+#[derive(Clone, Copy)]
+enum Statuses {
+    /// Drops it: a manifest's status is ignored (`get -o yaml` output can be applied back).
+    Ignore,
+    /// Reads it as the kind's status type, refusing one that does not match (a reply).
+    Read,
 }
 
 /// A document as written, with the spec of one kind: unknown fields are refused.
@@ -574,9 +583,49 @@ impl Object {
         }
     }
 
+    /// A Node's status, when this is a Node and the reply carried one.
+    pub fn node_status(&self) -> Option<&crate::cluster::NodeStatus> {
+        match &self.status {
+            Some(crate::cluster::Status::Node(s)) => Some(&**s),
+            _ => None,
+        }
+    }
+
+    /// A Model's status, likewise.
+    pub fn model_status(&self) -> Option<&crate::cluster::ModelStatus> {
+        match &self.status {
+            Some(crate::cluster::Status::Model(s)) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// A Pipeline's status, likewise.
+    pub fn pipeline_status(&self) -> Option<&crate::cluster::PipelineStatus> {
+        match &self.status {
+            Some(crate::cluster::Status::Pipeline(s)) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// An Endpoint's status, likewise.
+    pub fn endpoint_status(&self) -> Option<&crate::cluster::EndpointStatus> {
+        match &self.status {
+            Some(crate::cluster::Status::Endpoint(s)) => Some(s),
+            _ => None,
+        }
+    }
+
     /// Builds an object from any self-describing value (parsed YAML or JSON), refusing unknown
     /// kinds and fields; the error names the field path.
     pub fn from_value<'de, D>(value: D) -> Result<Self, ManifestError>
+    where
+        D: Deserializer<'de> + Clone,
+        D::Error: fmt::Display,
+    {
+        Self::read(value, Statuses::Ignore)
+    }
+
+    fn read<'de, D>(value: D, statuses: Statuses) -> Result<Self, ManifestError>
     where
         D: Deserializer<'de> + Clone,
         D::Error: fmt::Display,
@@ -633,28 +682,41 @@ impl Object {
             serde_path_to_error::deserialize(value)
                 .map_err(|e| (e.path().to_string(), e.inner().to_string()))
         }
-        fn build<S>(kind: Kind, d: Doc<S>, wrap: fn(S) -> Spec) -> Object {
-            Object {
+        fn build<S>(
+            kind: Kind,
+            statuses: Statuses,
+            d: Doc<S>,
+            wrap: fn(S) -> Spec,
+        ) -> Result<Object, (String, String)> {
+            let status = match (statuses, d.status) {
+                (Statuses::Read, Some(v)) if !v.is_null() => Some(
+                    crate::cluster::Status::parse(kind, v)
+                        .map_err(|(path, why)| (format!("status.{path}"), why))?,
+                ),
+                _ => None,
+            };
+            Ok(Object {
                 api_version: d.api_version,
                 kind,
                 metadata: d.metadata,
                 spec: wrap(d.spec),
-                status: d.status,
-            }
+                status,
+            })
         }
         let object = match kind {
-            Kind::Node => typed(value).map(|d| build(kind, d, Spec::Node)),
-            Kind::Model => typed(value).map(|d| build(kind, d, Spec::Model)),
-            Kind::Pipeline => typed(value).map(|d| build(kind, d, Spec::Pipeline)),
-            Kind::Endpoint => typed(value).map(|d| build(kind, d, Spec::Endpoint)),
+            Kind::Node => typed(value).and_then(|d| build(kind, statuses, d, Spec::Node)),
+            Kind::Model => typed(value).and_then(|d| build(kind, statuses, d, Spec::Model)),
+            Kind::Pipeline => typed(value).and_then(|d| build(kind, statuses, d, Spec::Pipeline)),
+            Kind::Endpoint => typed(value).and_then(|d| build(kind, statuses, d, Spec::Endpoint)),
         }
         .map_err(|(path, message)| fail(path, message))?;
         Ok(object)
     }
 
-    /// Builds an object from JSON (a stored record, a REST body).
+    /// Builds an object from JSON (a stored record, a REST body), its status read as its
+    /// kind's status type.
     pub fn from_json(value: &serde_json::Value) -> Result<Self, ManifestError> {
-        Self::from_value(value)
+        Self::read(value, Statuses::Read)
     }
 
     /// Checks what the object says about itself: version, name, addresses, the shape of a

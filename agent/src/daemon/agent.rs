@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use cluster_api::cluster::{
-    EndpointReport, Event, Inventory, NodeReport, NodeStatus, Phase, PipelineStageStatus,
-    PipelineStatus, Record, RingReport, RingState,
+    EndpointReport, EndpointStatus, Event, Inventory, ModelFileStatus, ModelStatus, NodeReport,
+    NodeStatus, Phase, PipelineStageStatus, PipelineStatus, Record, RingReport, RingState, Status,
 };
 use cluster_api::manifest::{Kind, Object};
 use tokio::sync::{Notify, watch};
@@ -440,11 +440,9 @@ impl Agent {
     }
 
     /// An endpoint's status: its listener (from its node's report) and its pipeline.
-    pub fn endpoint_status(&self, record: &Record) -> serde_json::Value {
+    pub fn endpoint_status(&self, record: &Record) -> Option<EndpointStatus> {
         let name = record.object.name();
-        let Some(spec) = record.object.as_endpoint() else {
-            return serde_json::Value::Null;
-        };
+        let spec = record.object.as_endpoint()?;
         let node = self.endpoint_node(&record.object);
         let report: Option<EndpointReport> = node
             .as_deref()
@@ -484,25 +482,23 @@ impl Agent {
             ),
             (Some(_), Some(_)) => (Phase::Ready, None),
         };
-        serde_json::json!({
-            "phase": phase,
-            "message": message,
-            "node": node,
-            "url": report.map(|r| r.url),
+        Some(EndpointStatus {
+            phase,
+            message,
+            node,
+            url: report.map(|r| r.url),
         })
     }
 
     /// The object with its status filled in.
     pub fn with_status(&self, record: &Record) -> Object {
         let mut object = record.object.clone();
-        object.status = Some(match object.kind {
-            Kind::Node => serde_json::to_value(self.node_status(object.name())).unwrap_or_default(),
-            Kind::Pipeline => {
-                serde_json::to_value(self.pipeline_status(record)).unwrap_or_default()
-            }
-            Kind::Endpoint => self.endpoint_status(record),
+        object.status = match object.kind {
+            Kind::Node => Some(Status::Node(Box::new(self.node_status(object.name())))),
+            Kind::Pipeline => Some(Status::Pipeline(self.pipeline_status(record))),
+            Kind::Endpoint => self.endpoint_status(record).map(Status::Endpoint),
             Kind::Model => {
-                let users: Vec<String> = self
+                let pipelines: Vec<String> = self
                     .store
                     .live(Kind::Pipeline)
                     .unwrap_or_default()
@@ -516,26 +512,28 @@ impl Agent {
                     .collect();
                 // The files held whole somewhere in the cluster, as their digests were
                 // published: what peers fetching stages check bytes against.
-                let files: Vec<serde_json::Value> = self
+                let files = self
                     .store
                     .all_file_digests()
                     .unwrap_or_default()
                     .into_iter()
                     .filter(|d| d.model == object.name())
-                    .map(|d| {
-                        serde_json::json!({
-                            "file": d.file,
-                            "size": d.size,
-                            "sha256": d.sha256,
-                            "verified": d.verified,
-                            "sealedBy": d.sealed_by,
-                            "tensors": d.tensors.len(),
-                        })
+                    .map(|d| ModelFileStatus {
+                        tensors: d.tensors.len(),
+                        file: d.file,
+                        size: d.size,
+                        sha256: d.sha256,
+                        verified: d.verified,
+                        sealed_by: d.sealed_by,
                     })
                     .collect();
-                serde_json::json!({"pipelines": users, "files": files, "commit": record.revision})
+                Some(Status::Model(ModelStatus {
+                    pipelines,
+                    files,
+                    commit: record.revision.clone(),
+                }))
             }
-        });
+        };
         object
     }
 

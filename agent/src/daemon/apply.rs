@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 use std::sync::PoisonError;
 
 use cluster_api::LayerRange;
-use cluster_api::cluster::{ApplyOutcome, ByteProfile, PlacedStage, Record, ResolvedPlacement};
+use cluster_api::cluster::{
+    ApplyAction, ApplyOutcome, ByteProfile, PlacedStage, Record, ResolvedPlacement,
+};
 use cluster_api::manifest::{
     Kind, ManifestError, Object, Placement, Spec, check_references, parse_manifests, referrers,
     split_error,
@@ -226,7 +228,7 @@ pub fn apply(agent: &Agent, text: &str, dry_run: bool) -> Result<Vec<ApplyOutcom
             .flatten();
         let mut changes = Vec::new();
         let action = match live {
-            None => "created",
+            None => ApplyAction::Created,
             Some(r) => {
                 if r.object.spec != o.spec {
                     changes.push(spec_diff(&r.object.spec, &o.spec));
@@ -267,16 +269,16 @@ pub fn apply(agent: &Agent, text: &str, dry_run: bool) -> Result<Vec<ApplyOutcom
                     ));
                 }
                 if changes.is_empty() {
-                    "unchanged"
+                    ApplyAction::Unchanged
                 } else {
-                    "configured"
+                    ApplyAction::Configured
                 }
             }
         };
         let mut object = o.clone();
         object.status = None;
         let generation = match (action, live) {
-            ("unchanged", Some(r)) => r.object.metadata.generation,
+            (ApplyAction::Unchanged, Some(r)) => r.object.metadata.generation,
             (_, Some(r)) => r.object.metadata.generation + 1,
             // A re-created object continues past its tombstone's generation, so that stages
             // of the old one never accept the new one's ring.
@@ -288,11 +290,11 @@ pub fn apply(agent: &Agent, text: &str, dry_run: bool) -> Result<Vec<ApplyOutcom
         outcomes.push(ApplyOutcome {
             kind: o.kind,
             name: o.name().to_string(),
-            action: action.into(),
+            action,
             generation,
             changes,
         });
-        if action == "unchanged" {
+        if action == ApplyAction::Unchanged {
             continue;
         }
         clock += 1;
@@ -316,10 +318,11 @@ pub fn apply(agent: &Agent, text: &str, dry_run: bool) -> Result<Vec<ApplyOutcom
         return Ok(outcomes);
     }
     agent.store.write(&records)?;
-    for (r, o) in records
-        .iter()
-        .zip(outcomes.iter().filter(|o| o.action != "unchanged"))
-    {
+    for (r, o) in records.iter().zip(
+        outcomes
+            .iter()
+            .filter(|o| o.action != ApplyAction::Unchanged),
+    ) {
         let mut message = format!("{} (generation {})", o.action, o.generation);
         if let Some(p) = &r.placement {
             message.push_str(&format!(": {}", p.reason));

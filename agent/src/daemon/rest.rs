@@ -19,9 +19,11 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use cluster_api::cluster::{ErrorBody, ErrorDetail};
-use cluster_api::manifest::{Kind, ManifestError, ModelSpec};
-use serde_json::json;
+use cluster_api::cluster::{
+    ApplyReply, DeleteAction, DeleteReply, ErrorBody, ErrorDetail, EventList, Health, ObjectList,
+    Summary, SummaryItem,
+};
+use cluster_api::manifest::{Kind, ManifestError, ModelSpec, Object, Spec};
 use tokio::net::TcpListener;
 use warp::http::{HeaderMap, Method, StatusCode};
 use warp::reply::Response;
@@ -179,13 +181,17 @@ fn kind_of(name: &str) -> Result<Kind, ApiError> {
 fn healthz(agent: Arc<Agent>) -> Answer {
     Ok(reply_json(
         StatusCode::OK,
-        &json!({"status": "ok", "node": agent.name(), "version": env!("CARGO_PKG_VERSION")}),
+        &Health {
+            status: "ok".into(),
+            node: agent.name().to_string(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        },
     ))
 }
 
 fn events(agent: Arc<Agent>, q: Query) -> Answer {
     let events = agent.events(q.object.as_deref(), q.limit.unwrap_or(100));
-    Ok(reply_json(StatusCode::OK, &json!({"items": events})))
+    Ok(reply_json(StatusCode::OK, &EventList { items: events }))
 }
 
 async fn apply(agent: Arc<Agent>, q: Query, body: Bytes) -> Answer {
@@ -204,21 +210,24 @@ async fn apply(agent: Arc<Agent>, q: Query, body: Bytes) -> Answer {
         .map_err(|e| ApiError::internal(format!("apply failed: {e}")))??;
     Ok(reply_json(
         StatusCode::OK,
-        &json!({"dryRun": dry, "items": outcomes}),
+        &ApplyReply {
+            dry_run: dry,
+            items: outcomes,
+        },
     ))
 }
 
-/// An object as a reader sees it: a reader without the cluster token (under `--open-reads`)
-/// does not see an Endpoint's API keys, only how many there are.
-fn shown(agent: &Agent, record: &cluster_api::cluster::Record, token: bool) -> serde_json::Value {
-    let mut v = serde_json::to_value(agent.with_status(record)).unwrap_or_default();
-    if !token
-        && let Some(keys) = v.pointer_mut("/spec/apiKeys")
-        && let Some(n) = keys.as_array().map(Vec::len)
-    {
-        *keys = json!(format!("({n} keys, shown with the cluster token)"));
+/// What a reader without the cluster token (under `--open-reads`) sees in place of each of an
+/// Endpoint's API keys, which would open its completions to all.
+pub const HIDDEN_KEY: &str = "(hidden: shown with the cluster token)";
+
+/// An object as a reader sees it (see [`HIDDEN_KEY`]).
+fn shown(agent: &Agent, record: &cluster_api::cluster::Record, token: bool) -> Object {
+    let mut object = agent.with_status(record);
+    if !token && let Spec::Endpoint(e) = &mut object.spec {
+        e.api_keys.iter_mut().for_each(|k| *k = HIDDEN_KEY.into());
     }
-    v
+    object
 }
 
 fn list(agent: Arc<Agent>, kind: String, token: bool) -> Answer {
@@ -227,11 +236,8 @@ fn list(agent: Arc<Agent>, kind: String, token: bool) -> Answer {
         .store
         .live(kind)
         .map_err(|e| ApiError::internal(format!("{e:#}")))?;
-    let items: Vec<_> = records.iter().map(|r| shown(&agent, r, token)).collect();
-    Ok(reply_json(
-        StatusCode::OK,
-        &json!({"kind": kind, "items": items}),
-    ))
+    let items = records.iter().map(|r| shown(&agent, r, token)).collect();
+    Ok(reply_json(StatusCode::OK, &ObjectList { kind, items }))
 }
 
 fn get_one(agent: Arc<Agent>, kind: String, name: String, token: bool) -> Answer {
@@ -255,7 +261,13 @@ fn delete(agent: Arc<Agent>, kind: String, name: String, q: Query) -> Answer {
     let version = apply::delete(&agent, kind, &name, dry)?;
     Ok(reply_json(
         StatusCode::OK,
-        &json!({"kind": kind, "name": name, "action": "deleted", "dryRun": dry, "resourceVersion": version}),
+        &DeleteReply {
+            kind,
+            name,
+            action: DeleteAction::Deleted,
+            dry_run: dry,
+            resource_version: version,
+        },
     ))
 }
 
@@ -625,7 +637,12 @@ fn status(agent: &Agent) -> Response {
         .iter()
         .map(|r| {
             let s = agent.node_status(r.object.name());
-            json!({"name": r.object.name(), "phase": s.phase, "message": s.message})
+            SummaryItem {
+                name: r.object.name().to_string(),
+                phase: s.phase,
+                message: s.message,
+                progress: None,
+            }
         })
         .collect();
     let pipelines: Vec<_> = agent
@@ -635,12 +652,21 @@ fn status(agent: &Agent) -> Response {
         .iter()
         .map(|r| {
             let s = agent.pipeline_status(r);
-            json!({"name": r.object.name(), "phase": s.phase, "message": s.message, "progress": s.progress})
+            SummaryItem {
+                name: r.object.name().to_string(),
+                phase: s.phase,
+                message: s.message,
+                progress: Some(s.progress),
+            }
         })
         .collect();
     reply_json(
         StatusCode::OK,
-        &json!({"node": agent.name(), "nodes": nodes, "pipelines": pipelines}),
+        &Summary {
+            node: agent.name().to_string(),
+            nodes,
+            pipelines,
+        },
     )
 }
 

@@ -161,7 +161,7 @@ fn reads_need_the_token_unless_the_agent_opens_them() {
         assert!(open.status.success(), "{}", shown(&open));
         let text = String::from_utf8_lossy(&open.stdout);
         assert!(
-            !text.contains("s3cret-key") && text.contains("1 keys"),
+            !text.contains("s3cret-key") && text.contains("hidden: shown with the cluster token"),
             "{args:?} without the token: {text}"
         );
         let with = c.ctl_on(0, args);

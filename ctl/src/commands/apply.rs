@@ -6,13 +6,12 @@ use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use clap::Args;
-use cluster_api::manifest::Kind;
-use serde_json::Value;
+use cluster_api::cluster::{ApplyReply, Phase, PipelineStatus};
+use cluster_api::manifest::{Kind, Object};
 
 use super::{Outcome, refused, slug};
-use crate::output::{num, text};
 use crate::{Env, manifests};
 
 /// Flags of `apply`.
@@ -49,28 +48,16 @@ pub fn run(env: &Env, args: ApplyArgs) -> Outcome {
     } else {
         "/api/v1/apply"
     };
-    let answer = client
+    let answer: ApplyReply = client
         .post_text(path, &body)
         .map_err(|e| refused(e, &label_of))?;
-    let items = answer
-        .get("items")
-        .and_then(Value::as_array)
-        .context("the agent's answer lists no items")?;
-    for item in items {
-        let kind = text(item, "/kind");
-        let name = text(item, "/name");
-        let action = text(item, "/action");
-        let mut line = format!("{} {action}", slug(kind, name));
+    for item in &answer.items {
+        let mut line = format!("{} {}", slug(item.kind.as_str(), &item.name), item.action);
         if args.dry_run {
             line.push_str(" (dry run)");
         }
-        let changes: Vec<&str> = item
-            .get("changes")
-            .and_then(Value::as_array)
-            .map(|c| c.iter().filter_map(Value::as_str).collect())
-            .unwrap_or_default();
-        if !changes.is_empty() {
-            line.push_str(&format!(": {}", changes.join("; ")));
+        if !item.changes.is_empty() {
+            line.push_str(&format!(": {}", item.changes.join("; ")));
         }
         println!("{line}");
     }
@@ -91,38 +78,29 @@ fn bar(percent: f64, width: usize) -> String {
     format!("[{}{}]", "#".repeat(filled), "-".repeat(width - filled))
 }
 
-fn render(name: &str, p: &Value) -> Vec<String> {
-    let status = p.get("status").cloned().unwrap_or(Value::Null);
+fn render(name: &str, status: Option<&PipelineStatus>) -> Vec<String> {
+    let Some(status) = status else {
+        return vec![format!("pipeline/{name}: no status yet")];
+    };
+    let said = |m: &Option<String>| m.as_ref().map(|m| format!(" - {m}")).unwrap_or_default();
     let mut lines = vec![format!(
         "pipeline/{name}: {} {:.0}%{}",
-        text(&status, "/phase"),
-        num(&status, "/progress"),
-        status
-            .get("message")
-            .and_then(Value::as_str)
-            .map(|m| format!(" - {m}"))
-            .unwrap_or_default()
+        status.phase,
+        status.progress,
+        said(&status.message)
     )];
-    for s in status
-        .get("stages")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
+    for s in &status.stages {
         // The stage's own message says what the bar counts while it is not plain loading
         // (bytes fetched from the hub or a peer) or why it failed.
         lines.push(format!(
             "  stage {} {:<10} layers {:<7} {} {:>3.0}% {}{}",
-            num(s, "/index"),
-            text(s, "/node"),
-            text(s, "/layers"),
-            bar(num(s, "/progress"), 24),
-            num(s, "/progress"),
-            text(s, "/phase"),
-            s.get("message")
-                .and_then(Value::as_str)
-                .map(|m| format!(" - {m}"))
-                .unwrap_or_default()
+            s.index,
+            s.node,
+            s.layers.to_string(),
+            bar(s.progress, 24),
+            s.progress,
+            s.phase,
+            said(&s.message)
         ));
     }
     lines
@@ -146,12 +124,13 @@ pub fn wait_ready(
         let mut lines = Vec::new();
         let mut ready = true;
         for name in pipelines {
-            match client.get(&format!("/api/v1/pipelines/{name}")) {
+            match client.get::<Object>(&format!("/api/v1/pipelines/{name}")) {
                 Ok(p) => {
-                    if text(&p, "/status/phase") != "Ready" {
+                    let status = p.pipeline_status();
+                    if status.is_none_or(|s| s.phase != Phase::Ready) {
                         ready = false;
                     }
-                    lines.extend(render(name, &p));
+                    lines.extend(render(name, status));
                 }
                 Err(e) => {
                     ready = false;

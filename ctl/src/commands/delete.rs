@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 
 use clap::Args;
+use cluster_api::cluster::DeleteReply;
 use cluster_api::manifest::Kind;
 
 use super::{Outcome, slug};
@@ -53,11 +54,11 @@ pub fn run(env: &Env, args: DeleteArgs) -> Outcome {
         if args.dry_run {
             path.push_str("?dryRun=true");
         }
-        match client.delete(&path) {
-            Ok(_) => println!(
+        match client.delete::<DeleteReply>(&path) {
+            Ok(r) => println!(
                 "{} deleted{}",
-                slug(kind.as_str(), &name),
-                if args.dry_run { " (dry run)" } else { "" }
+                slug(r.kind.as_str(), &r.name),
+                if r.dry_run { " (dry run)" } else { "" }
             ),
             Err(CallError::Refused { status: 404, .. }) if args.ignore_not_found => {}
             Err(e) => failed.push(format!("{}: {e}", slug(kind.as_str(), &name))),

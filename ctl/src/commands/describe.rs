@@ -2,13 +2,12 @@
 //! recent events.
 
 use clap::Args;
-use cluster_api::cluster::{PassStats, PipelineStatus};
-use cluster_api::manifest::Kind;
-use serde_json::Value;
+use cluster_api::cluster::{EventList, PassStats};
+use cluster_api::manifest::{Kind, Object};
 
 use super::Outcome;
 use crate::client::encode;
-use crate::output::{bytes, num, table, text};
+use crate::output::{bytes, table};
 use crate::{Env, Usage};
 
 /// Flags of `describe`.
@@ -55,41 +54,49 @@ fn passes(p: &PassStats) -> String {
 pub fn run(env: &Env, args: DescribeArgs) -> Outcome {
     let kind = Kind::parse(&args.kind).map_err(Usage)?;
     let client = env.client()?;
-    let o = client.get(&format!("/api/v1/{}/{}", kind.plural(), args.name))?;
+    let o: Object = client.get(&format!("/api/v1/{}/{}", kind.plural(), args.name))?;
+    let meta = &o.metadata;
     let mut out = String::new();
-    out.push_str(&format!("Name:        {}\n", text(&o, "/metadata/name")));
+    out.push_str(&format!("Name:        {}\n", meta.name));
     out.push_str(&format!("Kind:        {kind}\n"));
-    out.push_str(&format!("UID:         {}\n", text(&o, "/metadata/uid")));
+    out.push_str(&format!(
+        "UID:         {}\n",
+        meta.uid.as_deref().unwrap_or("")
+    ));
     out.push_str(&format!(
         "Generation:  {}   Resource version: {}   Written by: {}\n",
-        num(&o, "/metadata/generation"),
-        num(&o, "/metadata/resourceVersion"),
-        text(&o, "/metadata/updatedBy")
+        meta.generation,
+        meta.resource_version,
+        meta.updated_by.as_deref().unwrap_or("")
     ));
     out.push_str(&format!(
         "Created:     {}\n",
-        text(&o, "/metadata/creationTimestamp")
+        meta.creation_timestamp.as_deref().unwrap_or("")
     ));
     out.push_str("Spec:\n");
-    for line in crate::output::yaml(o.get("spec").unwrap_or(&Value::Null)).lines() {
+    for line in crate::output::yaml(&serde_json::to_value(&o.spec)?).lines() {
         out.push_str(&format!("  {line}\n"));
     }
-    let status = o.get("status").cloned().unwrap_or(Value::Null);
     out.push_str("Status:\n");
-    out.push_str(&format!("  Phase:     {}\n", text(&status, "/phase")));
-    if let Some(m) = status.get("message").and_then(Value::as_str) {
+    let phase = o.status.as_ref().and_then(|s| s.phase());
+    out.push_str(&format!(
+        "  Phase:     {}\n",
+        phase.map(|p| p.to_string()).unwrap_or_default()
+    ));
+    if let Some(m) = o.status.as_ref().and_then(|s| s.message()) {
         out.push_str(&format!("  Message:   {m}\n"));
     }
     match kind {
         Kind::Pipeline => {
-            out.push_str(&format!("  Progress:  {:.0}%\n", num(&status, "/progress")));
-            if let Some(p) = status.get("placement").and_then(Value::as_str) {
+            let status = o.pipeline_status();
+            out.push_str(&format!(
+                "  Progress:  {:.0}%\n",
+                status.map_or(0.0, |s| s.progress)
+            ));
+            if let Some(p) = status.and_then(|s| s.placement.as_deref()) {
                 out.push_str(&format!("  Placement: {p}\n"));
             }
-            // Read as the agent's own type: a field renamed on one side fails to compile.
-            let stages = serde_json::from_value::<PipelineStatus>(status.clone())
-                .map(|s| s.stages)
-                .unwrap_or_default();
+            let stages = status.map(|s| &s.stages[..]).unwrap_or_default();
             let rows: Vec<Vec<String>> = stages
                 .iter()
                 .map(|s| {
@@ -120,83 +127,73 @@ pub fn run(env: &Env, args: DescribeArgs) -> Outcome {
             }
         }
         Kind::Node => {
-            if let Some(report) = status.get("report").filter(|r| !r.is_null()) {
-                let inv = report.get("inventory").cloned().unwrap_or(Value::Null);
+            if let Some(report) = o.node_status().and_then(|s| s.report.as_ref()) {
+                let inv = &report.inventory;
                 out.push_str(&format!(
                     "  Host:      {} ({})\n  CPU:       {} ({} cores, {} threads)\n  Memory:    {} available of {}\n  Stages:    {} held\n",
-                    text(&inv, "/hostname"),
-                    text(&inv, "/os"),
-                    text(&inv, "/cpuModel"),
-                    num(&inv, "/cpuCores"),
-                    num(&inv, "/cpuThreads"),
-                    bytes(num(&inv, "/memoryAvailableBytes") as u64),
-                    bytes(num(&inv, "/memoryTotalBytes") as u64),
-                    bytes(num(report, "/stageMemoryBytes") as u64),
+                    inv.hostname,
+                    inv.os,
+                    inv.cpu_model,
+                    inv.cpu_cores,
+                    inv.cpu_threads,
+                    bytes(inv.memory_available_bytes),
+                    bytes(inv.memory_total_bytes),
+                    bytes(report.stage_memory_bytes),
                 ));
-                if let Some(huge) = report.get("hugePageBytes").and_then(Value::as_u64) {
+                if let Some(huge) = report.huge_page_bytes {
                     // Shown where the agent's OS tells: weights on small pages decode slower.
                     out.push_str(&format!(
                         "  Paging:    {} of the agent's memory in huge pages\n",
                         bytes(huge)
                     ));
                 }
-                for s in report
-                    .get("stages")
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                {
+                for s in &report.stages {
                     out.push_str(&format!(
                         "    pipeline {} stage {} layers {}: {} {}\n",
-                        text(s, "/pipeline"),
-                        num(s, "/index"),
-                        text(s, "/layers"),
-                        text(s, "/phase"),
-                        bytes(num(s, "/memoryBytes") as u64)
+                        s.pipeline,
+                        s.index,
+                        s.layers,
+                        s.phase,
+                        bytes(s.memory_bytes)
                     ));
                 }
             }
         }
         Kind::Endpoint => {
+            let status = o.endpoint_status();
             out.push_str(&format!(
                 "  Node:      {}\n  URL:       {}\n",
-                text(&status, "/node"),
-                text(&status, "/url")
+                status.and_then(|s| s.node.as_deref()).unwrap_or(""),
+                status.and_then(|s| s.url.as_deref()).unwrap_or("")
             ));
         }
         Kind::Model => {
-            if let Some(commit) = status.get("commit").and_then(Value::as_str) {
+            let status = o.model_status();
+            if let Some(commit) = status.and_then(|s| s.commit.as_deref()) {
                 out.push_str(&format!(
                     "  Commit:    {commit} (what the revision named at the last apply; every node fetches it)\n"
                 ));
             }
-            let files = status
-                .get("files")
-                .and_then(Value::as_array)
-                .cloned()
-                .unwrap_or_default();
+            let files = status.map(|s| &s.files[..]).unwrap_or_default();
             if !files.is_empty() {
                 let rows: Vec<Vec<String>> = files
                     .iter()
                     .map(|f| {
                         vec![
-                            text(f, "/file").to_string(),
-                            bytes(num(f, "/size") as u64),
-                            num(f, "/tensors").to_string(),
-                            text(f, "/sha256").to_string(),
-                            if f.get("verified").and_then(Value::as_bool) == Some(true) {
+                            f.file.clone(),
+                            bytes(f.size),
+                            f.tensors.to_string(),
+                            f.sha256.clone(),
+                            if f.verified {
                                 "yes".into()
                             } else {
                                 "no digest given".into()
                             },
-                            text(f, "/sealedBy").to_string(),
+                            f.sealed_by.clone(),
                         ]
                     })
                     .collect();
-                out.push_str(
-                    "Files held whole (digests peers check against):
-",
-                );
+                out.push_str("Files held whole (digests peers check against):\n");
                 for line in table(
                     &[
                         "FILE",
@@ -210,10 +207,7 @@ pub fn run(env: &Env, args: DescribeArgs) -> Outcome {
                 )
                 .lines()
                 {
-                    out.push_str(&format!(
-                        "  {line}
-"
-                    ));
+                    out.push_str(&format!("  {line}\n"));
                 }
             }
         }
@@ -224,24 +218,15 @@ pub fn run(env: &Env, args: DescribeArgs) -> Outcome {
             "/api/v1/events?limit=20&object={}",
             encode(&object)
         ))
-        .ok()
-        .and_then(|v| v.get("items").and_then(Value::as_array).cloned())
+        .map(|l: EventList| l.items)
         .unwrap_or_default();
     out.push_str("Events:\n");
     if events.is_empty() {
         out.push_str("  <none>\n");
     } else {
         let rows: Vec<Vec<String>> = events
-            .iter()
-            .map(|e| {
-                vec![
-                    text(e, "/time").to_string(),
-                    text(e, "/type").to_string(),
-                    text(e, "/reason").to_string(),
-                    text(e, "/node").to_string(),
-                    text(e, "/message").to_string(),
-                ]
-            })
+            .into_iter()
+            .map(|e| vec![e.time, e.kind, e.reason, e.node, e.message])
             .collect();
         for line in table(&["TIME", "TYPE", "REASON", "NODE", "MESSAGE"], &rows).lines() {
             out.push_str(&format!("  {line}\n"));

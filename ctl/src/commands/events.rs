@@ -1,12 +1,12 @@
 //! `clusterctl events [--object "Pipeline qwen"]`: what the agent did and saw, oldest first.
 
 use clap::Args;
-use serde_json::Value;
+use cluster_api::cluster::EventList;
 
 use super::Outcome;
 use crate::Env;
 use crate::client::encode;
-use crate::output::{table, text};
+use crate::output::table;
 
 /// Flags of `events`.
 #[derive(Debug, Args)]
@@ -32,21 +32,10 @@ pub fn run(env: &Env, args: EventsArgs) -> Outcome {
         };
         path.push_str(&format!("&object={}", encode(&object)));
     }
-    let items = env
-        .client()?
-        .get(&path)?
-        .get("items")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
+    let items = env.client()?.get::<EventList>(&path)?.items;
     let rows: Vec<Vec<String>> = items
-        .iter()
-        .map(|e| {
-            ["/time", "/type", "/reason", "/object", "/message"]
-                .iter()
-                .map(|p| text(e, p).to_string())
-                .collect()
-        })
+        .into_iter()
+        .map(|e| vec![e.time, e.kind, e.reason, e.object, e.message])
         .collect();
     print!(
         "{}",

@@ -1,11 +1,12 @@
 //! `clusterctl get KIND [NAME] [-o wide|yaml|json]`: kubectl-like tables.
 
 use clap::Args;
-use cluster_api::manifest::Kind;
-use serde_json::{Value, json};
+use cluster_api::cluster::{ObjectList, Phase};
+use cluster_api::manifest::{Kind, Object};
+use serde_json::json;
 
 use super::Outcome;
-use crate::output::{age, bytes, num, table, text};
+use crate::output::{age, bytes, table};
 use crate::{Env, Usage};
 
 /// Flags of `get`.
@@ -28,17 +29,16 @@ pub fn run(env: &Env, args: GetArgs) -> Outcome {
         return Err(Usage(format!("-o {format}: use wide, yaml or json")).into());
     }
     let client = env.client()?;
-    let items: Vec<Value> = match &args.name {
+    let items: Vec<Object> = match &args.name {
         Some(name) => vec![client.get(&format!("/api/v1/{}/{name}", kind.plural()))?],
-        None => client
-            .get(&format!("/api/v1/{}", kind.plural()))?
-            .get("items")
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default(),
+        None => {
+            client
+                .get::<ObjectList>(&format!("/api/v1/{}", kind.plural()))?
+                .items
+        }
     };
     let whole = if args.name.is_some() {
-        items.first().cloned().unwrap_or(Value::Null)
+        serde_json::to_value(&items[0])?
     } else {
         json!({"apiVersion": "v1", "kind": "List", "items": items})
     };
@@ -57,11 +57,16 @@ pub fn run(env: &Env, args: GetArgs) -> Outcome {
 }
 
 /// The table for `items` of `kind`.
-pub fn render(kind: Kind, items: &[Value], wide: bool) -> String {
-    let created = |o: &Value| {
-        age(o
-            .pointer("/metadata/creationTimestamp")
-            .and_then(Value::as_str))
+pub fn render(kind: Kind, items: &[Object], wide: bool) -> String {
+    let created = |o: &Object| age(o.metadata.creation_timestamp.as_deref());
+    let dash = || "-".to_string();
+    let phase = |p: Option<Phase>| p.map(|p| p.to_string()).unwrap_or_default();
+    let message = |o: &Object| {
+        o.status
+            .as_ref()
+            .and_then(|s| s.message())
+            .unwrap_or("")
+            .to_string()
     };
     match kind {
         Kind::Node => {
@@ -78,81 +83,50 @@ pub fn render(kind: Kind, items: &[Value], wide: bool) -> String {
             if wide {
                 headers.extend(["OS", "GPUS", "MESSAGE"]);
             }
-            let rows =
-                items
-                    .iter()
-                    .map(|o| {
-                        let r = "/status/report";
-                        let has_report = o.pointer(r).is_some_and(|v| !v.is_null());
-                        let mut row = vec![
-                            text(o, "/metadata/name").to_string(),
-                            text(o, "/spec/address").to_string(),
-                            text(o, "/status/phase").to_string(),
-                            if has_report {
-                                format!("{}", num(o, &format!("{r}/inventory/cpuThreads")))
-                            } else {
-                                "-".into()
-                            },
-                            if has_report {
-                                format!(
-                                    "{}/{}",
-                                    bytes(num(o, &format!("{r}/inventory/memoryAvailableBytes"))
-                                        as u64),
-                                    bytes(num(o, &format!("{r}/inventory/memoryTotalBytes")) as u64)
-                                )
-                            } else {
-                                "-".into()
-                            },
-                            o.pointer(&format!("{r}/stages"))
-                                .and_then(Value::as_array)
-                                .map(|s| s.len().to_string())
-                                .unwrap_or_else(|| "-".into()),
-                            if has_report {
-                                bytes(num(o, &format!("{r}/stageMemoryBytes")) as u64)
-                            } else {
-                                "-".into()
-                            },
-                            created(o),
-                        ];
-                        if wide {
-                            row.push(text(o, &format!("{r}/inventory/os")).to_string());
-                            row.push(crate::output::gpus(
-                                o.pointer(&format!("{r}/inventory/gpus")),
-                            ));
-                            row.push(text(o, "/status/message").to_string());
-                        }
-                        row
-                    })
-                    .collect::<Vec<_>>();
+            let rows = items
+                .iter()
+                .map(|o| {
+                    let status = o.node_status();
+                    let report = status.and_then(|s| s.report.as_ref());
+                    let inv = report.map(|r| &r.inventory);
+                    let mut row = vec![
+                        o.name().to_string(),
+                        o.as_node().map(|n| n.address.clone()).unwrap_or_default(),
+                        phase(status.map(|s| s.phase)),
+                        inv.map_or_else(dash, |i| i.cpu_threads.to_string()),
+                        inv.map_or_else(dash, |i| {
+                            format!(
+                                "{}/{}",
+                                bytes(i.memory_available_bytes),
+                                bytes(i.memory_total_bytes)
+                            )
+                        }),
+                        report.map_or_else(dash, |r| r.stages.len().to_string()),
+                        report.map_or_else(dash, |r| bytes(r.stage_memory_bytes)),
+                        created(o),
+                    ];
+                    if wide {
+                        row.push(inv.map(|i| i.os.clone()).unwrap_or_default());
+                        row.push(crate::output::gpus(inv.map(|i| &i.gpus[..])));
+                        row.push(message(o));
+                    }
+                    row
+                })
+                .collect::<Vec<_>>();
             table(&headers, &rows)
         }
         Kind::Model => {
             let rows = items
                 .iter()
                 .map(|o| {
+                    let spec = o.as_model();
                     vec![
-                        text(o, "/metadata/name").to_string(),
-                        o.pointer("/spec/source")
-                            .and_then(|s| {
-                                serde_json::from_value::<cluster_api::manifest::ModelSource>(
-                                    s.clone(),
-                                )
-                                .ok()
-                            })
-                            .map(|s| s.describe())
-                            .unwrap_or_default(),
-                        o.pointer("/spec/dtype")
-                            .and_then(Value::as_str)
-                            .unwrap_or("checkpoint")
-                            .to_string(),
-                        o.pointer("/status/pipelines")
-                            .and_then(Value::as_array)
-                            .map(|p| {
-                                p.iter()
-                                    .filter_map(Value::as_str)
-                                    .collect::<Vec<_>>()
-                                    .join(",")
-                            })
+                        o.name().to_string(),
+                        spec.map(|s| s.source.describe()).unwrap_or_default(),
+                        spec.and_then(|s| s.dtype)
+                            .map_or_else(|| "checkpoint".to_string(), |d| d.to_string()),
+                        o.model_status()
+                            .map(|s| s.pipelines.join(","))
                             .unwrap_or_default(),
                         created(o),
                     ]
@@ -168,32 +142,26 @@ pub fn render(kind: Kind, items: &[Value], wide: bool) -> String {
             let rows = items
                 .iter()
                 .map(|o| {
-                    let stages: Vec<&Value> = o
-                        .pointer("/status/stages")
-                        .and_then(Value::as_array)
-                        .map(|s| s.iter().collect())
-                        .unwrap_or_default();
-                    let ready = stages
-                        .iter()
-                        .filter(|s| text(s, "/phase") == "Ready")
-                        .count();
+                    let status = o.pipeline_status();
+                    let stages = status.map(|s| &s.stages[..]).unwrap_or_default();
+                    let ready = stages.iter().filter(|s| s.phase == Phase::Ready).count();
                     let mut row = vec![
-                        text(o, "/metadata/name").to_string(),
-                        text(o, "/spec/model").to_string(),
+                        o.name().to_string(),
+                        o.as_pipeline().map(|p| p.model.clone()).unwrap_or_default(),
                         format!("{ready}/{}", stages.len()),
-                        text(o, "/status/phase").to_string(),
-                        format!("{:.0}%", num(o, "/status/progress")),
+                        phase(status.map(|s| s.phase)),
+                        format!("{:.0}%", status.map_or(0.0, |s| s.progress)),
                         created(o),
                     ];
                     if wide {
                         row.push(
                             stages
                                 .iter()
-                                .map(|s| format!("{}:{}", text(s, "/node"), text(s, "/layers")))
+                                .map(|s| format!("{}:{}", s.node, s.layers))
                                 .collect::<Vec<_>>()
                                 .join(","),
                         );
-                        row.push(text(o, "/status/message").to_string());
+                        row.push(message(o));
                     }
                     row
                 })
@@ -204,13 +172,15 @@ pub fn render(kind: Kind, items: &[Value], wide: bool) -> String {
             let rows = items
                 .iter()
                 .map(|o| {
+                    let status = o.endpoint_status();
+                    let spec = o.as_endpoint();
                     vec![
-                        text(o, "/metadata/name").to_string(),
-                        text(o, "/spec/pipeline").to_string(),
-                        text(o, "/status/node").to_string(),
-                        format!("{}", num(o, "/spec/port")),
-                        text(o, "/status/phase").to_string(),
-                        text(o, "/status/url").to_string(),
+                        o.name().to_string(),
+                        spec.map(|e| e.pipeline.clone()).unwrap_or_default(),
+                        status.and_then(|s| s.node.clone()).unwrap_or_default(),
+                        spec.map(|e| e.port.to_string()).unwrap_or_default(),
+                        phase(status.map(|s| s.phase)),
+                        status.and_then(|s| s.url.clone()).unwrap_or_default(),
                         created(o),
                     ]
                 })

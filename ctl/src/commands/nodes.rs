@@ -1,44 +1,36 @@
 //! `clusterctl nodes`: the inventory of every node as a table.
 
-use serde_json::Value;
+use cluster_api::cluster::ObjectList;
 
 use super::Outcome;
 use crate::Env;
-use crate::output::{bytes, num, table, text};
+use crate::output::{bytes, table};
 
 /// Runs `nodes`.
 pub fn run(env: &Env) -> Outcome {
     let client = env.client()?;
-    let items = client
-        .get("/api/v1/nodes")?
-        .get("items")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
+    let items = client.get::<ObjectList>("/api/v1/nodes")?.items;
     if items.is_empty() {
         eprintln!("No nodes: apply Node manifests first.");
         return Ok(());
     }
-    let r = "/status/report/inventory";
     let rows: Vec<Vec<String>> = items
         .iter()
         .map(|o| {
-            let known = o.pointer(r).is_some();
-            let or_dash = |s: String| if known { s } else { "-".into() };
+            let status = o.node_status();
+            let report = status.and_then(|s| s.report.as_ref());
+            let or_dash = |s: Option<String>| s.unwrap_or_else(|| "-".into());
+            let inv = report.map(|r| &r.inventory);
             vec![
-                text(o, "/metadata/name").to_string(),
-                text(o, "/status/phase").to_string(),
-                or_dash(text(o, &format!("{r}/cpuModel")).to_string()),
-                or_dash(format!(
-                    "{}/{}",
-                    num(o, &format!("{r}/cpuCores")),
-                    num(o, &format!("{r}/cpuThreads"))
-                )),
-                or_dash(bytes(num(o, &format!("{r}/memoryTotalBytes")) as u64)),
-                or_dash(bytes(num(o, &format!("{r}/memoryAvailableBytes")) as u64)),
-                or_dash(crate::output::gpus(o.pointer(&format!("{r}/gpus")))),
-                or_dash(bytes(num(o, "/status/report/stageMemoryBytes") as u64)),
-                or_dash(text(o, &format!("{r}/os")).to_string()),
+                o.name().to_string(),
+                status.map(|s| s.phase.to_string()).unwrap_or_default(),
+                or_dash(inv.map(|i| i.cpu_model.clone())),
+                or_dash(inv.map(|i| format!("{}/{}", i.cpu_cores, i.cpu_threads))),
+                or_dash(inv.map(|i| bytes(i.memory_total_bytes))),
+                or_dash(inv.map(|i| bytes(i.memory_available_bytes))),
+                or_dash(inv.map(|i| crate::output::gpus(Some(&i.gpus)))),
+                or_dash(report.map(|r| bytes(r.stage_memory_bytes))),
+                or_dash(inv.map(|i| i.os.clone())),
             ]
         })
         .collect();
