@@ -113,7 +113,8 @@ fn advise(ptr: *mut u8, size: usize) {
         #[cfg(target_env = "gnu")]
         {
             let advised = ADVISED_BREAK.load(Ordering::Relaxed);
-            if brk != advised
+            if advised != 0
+                && brk != advised
                 && ADVISED_BREAK
                     .compare_exchange(advised, brk, Ordering::Relaxed, Ordering::Relaxed)
                     .is_ok()
@@ -217,26 +218,30 @@ pub fn init() {
             .unwrap_or_default();
         let opt_out = std::env::var("CLUSTERAGENT_HUGE_PAGES").ok();
         if wanted(opt_out.as_deref(), &thp) {
-            #[cfg(target_env = "gnu")]
-            {
-                // SAFETY: mallopt only changes malloc's settings; called while the process has
-                // one thread. The break read as in `advise`.
-                unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
-                // SAFETY: as above.
-                unsafe {
-                    libc::mallopt(libc::M_TOP_PAD, HEAP_STEP as libc::c_int);
-                    libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_FROM as libc::c_int);
-                    libc::mallopt(libc::M_TRIM_THRESHOLD, 2 * MMAP_FROM as libc::c_int);
-                }
-                let brk = unsafe { libc::sbrk(0) } as usize;
-                // The heap so far is small (no model yet): advised from here up.
-                ADVISED_BREAK.store(brk, Ordering::Relaxed);
-                HEAP_START.store(brk, Ordering::Relaxed);
-            }
-            ADVISE.store(true, Ordering::Relaxed);
+            start_advising();
         }
     }
     set_thread_count();
+}
+
+/// Sets malloc up as the module docs say and turns the advice on.
+#[cfg(target_os = "linux")]
+fn start_advising() {
+    #[cfg(target_env = "gnu")]
+    {
+        // SAFETY: mallopt only changes malloc's settings, and `sbrk(0)` only reads the break.
+        let brk = unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 1);
+            libc::mallopt(libc::M_TOP_PAD, HEAP_STEP as libc::c_int);
+            libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_FROM as libc::c_int);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, 2 * MMAP_FROM as libc::c_int);
+            libc::sbrk(0) as usize
+        };
+        // The heap so far is small (no model yet): advised from here up.
+        HEAP_START.store(brk, Ordering::Relaxed);
+        ADVISED_BREAK.store(brk, Ordering::Relaxed);
+    }
+    ADVISE.store(true, Ordering::Relaxed);
 }
 
 /// Whether to advise, from `CLUSTERAGENT_HUGE_PAGES` and the kernel's mode as
@@ -303,7 +308,9 @@ mod tests {
     fn large_allocations_are_marked_and_keep_their_contents() {
         let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
             .unwrap_or_default();
-        ADVISE.store(wanted(None, &thp), Ordering::Relaxed);
+        if wanted(None, &thp) {
+            start_advising();
+        }
         let mut v: Vec<u8> = Vec::with_capacity(16);
         for i in 0..(3usize << 20) {
             v.push((i % 251) as u8);
@@ -312,13 +319,15 @@ mod tests {
         v.truncate(1000);
         v.shrink_to_fit();
         assert!(v.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8));
-        let zeros = vec![0u32; 1 << 20];
+        // Past the mmap threshold: a mapping of its own, whatever the heap holds.
+        let zeros = vec![0u32; MMAP_FROM / 2];
         assert!(zeros.iter().all(|&z| z == 0));
+        assert_eq!(zeros.as_ptr() as usize % HUGE, 0);
         if thp.contains("[madvise]") {
             let flags = vm_flags(zeros.as_ptr() as usize).expect("the allocation's mapping");
             assert!(
                 flags.split_whitespace().any(|f| f == "hg"),
-                "a 4 MiB allocation not marked for huge pages: {flags}"
+                "a 64 MiB allocation not marked for huge pages: {flags}"
             );
         }
     }
