@@ -580,12 +580,7 @@ pub enum Status {
 impl Status {
     /// Reads the status of an object of `kind`; the error names the field at fault.
     pub fn parse(kind: Kind, value: serde_json::Value) -> Result<Self, (String, String)> {
-        fn typed<T: serde::de::DeserializeOwned>(
-            v: serde_json::Value,
-        ) -> Result<T, (String, String)> {
-            serde_path_to_error::deserialize(v)
-                .map_err(|e| (e.path().to_string(), e.inner().to_string()))
-        }
+        use crate::deserialize_at as typed;
         Ok(match kind {
             Kind::Node => Status::Node(Box::new(typed(value)?)),
             Kind::Model => Status::Model(typed(value)?),

@@ -27,6 +27,18 @@ pub use generation::{FinishReason, SamplingParams};
 pub use layers::{LayerRange, LayerRangeError, LayerSplit};
 pub use ring::{RingConfig, RingStage};
 
+/// Deserializes `value` as `T`; the error is the path of the field at fault (`spec.port`) and
+/// what is wrong there.
+pub(crate) fn deserialize_at<'de, D, T>(value: D) -> Result<T, (String, String)>
+where
+    D: serde::Deserializer<'de>,
+    D::Error: std::fmt::Display,
+    T: serde::Deserialize<'de>,
+{
+    serde_path_to_error::deserialize(value)
+        .map_err(|e| (e.path().to_string(), e.inner().to_string()))
+}
+
 /// `1.5 GiB`, `312 MiB`, `4.0 KiB`, `12 B`: sizes as people read them.
 pub fn human_bytes(bytes: u64) -> String {
     let units = ["B", "KiB", "MiB", "GiB", "TiB"];

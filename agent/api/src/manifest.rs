@@ -679,8 +679,7 @@ impl Object {
             D::Error: fmt::Display,
             S: DeserializeOwned,
         {
-            serde_path_to_error::deserialize(value)
-                .map_err(|e| (e.path().to_string(), e.inner().to_string()))
+            crate::deserialize_at(value)
         }
         fn build<S>(
             kind: Kind,
