@@ -77,13 +77,16 @@ static ADVISED_BREAK: AtomicUsize = AtomicUsize::new(0);
 /// The program break when advice began: the heap above it is advised as it grows.
 static HEAP_START: AtomicUsize = AtomicUsize::new(0);
 
-const PAGE: usize = 4096;
+/// The system's page size (4 KiB on x86-64; 16 or 64 KiB on some arm64 kernels), read by
+/// [`start_advising`]: madvise takes only ranges that start on a page.
+static PAGE: AtomicUsize = AtomicUsize::new(4096);
 
 /// Marks the whole pages of `[start, end)` for huge pages; a failure leaves them on small
 /// pages, which is only slower.
 #[cfg(target_os = "linux")]
 fn advise_range(start: usize, end: usize) {
-    let (start, end) = (start.next_multiple_of(PAGE), end / PAGE * PAGE);
+    let page = PAGE.load(Ordering::Relaxed);
+    let (start, end) = (start.next_multiple_of(page), end / page * page);
     if end > start {
         // SAFETY: the callers pass memory malloc owns (an allocation it just returned, or the
         // heap below the program break); MADV_HUGEPAGE changes how the kernel backs those
@@ -106,8 +109,9 @@ fn advise(ptr: *mut u8, size: usize) {
         let brk = 0;
         // A chunk inside the heap is advised with it: advising it alone would split the heap's
         // region around it.
-        let in_heap = (HEAP_START.load(Ordering::Relaxed)..brk).contains(&(ptr as usize));
-        if size >= ADVISED_FROM && !in_heap {
+        if size >= ADVISED_FROM
+            && !(HEAP_START.load(Ordering::Relaxed)..brk).contains(&(ptr as usize))
+        {
             advise_range(ptr as usize, ptr as usize + size);
         }
         #[cfg(target_env = "gnu")]
@@ -122,7 +126,8 @@ fn advise(ptr: *mut u8, size: usize) {
             {
                 // Whole pages of the growth; a shrink only lowers the mark, so that the next
                 // growth is advised again.
-                advise_range(advised / PAGE * PAGE, brk);
+                let page = PAGE.load(Ordering::Relaxed);
+                advise_range(advised / page * page, brk);
             }
         }
     }
@@ -195,7 +200,8 @@ unsafe impl GlobalAlloc for HugePageAlloc {
     }
 }
 
-/// A huge page's size on x86-64 and arm64 Linux.
+/// A huge page's size on x86-64, and on arm64 with 4 KiB pages (32 MiB with 16 KiB pages, where
+/// aligning to this helps less).
 const HUGE: usize = 2 << 20;
 
 /// The layout malloc is asked for: allocations of [`HUGE`] bytes or more start on a huge page
@@ -227,6 +233,12 @@ pub fn init() {
 /// Sets malloc up as the module docs say and turns the advice on.
 #[cfg(target_os = "linux")]
 fn start_advising() {
+    // SAFETY: sysconf only reads a system setting.
+    if let Ok(page) = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
+        && page.is_power_of_two()
+    {
+        PAGE.store(page, Ordering::Relaxed);
+    }
     #[cfg(target_env = "gnu")]
     {
         // SAFETY: mallopt only changes malloc's settings, and `sbrk(0)` only reads the break.
