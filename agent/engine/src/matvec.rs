@@ -40,6 +40,17 @@ const INPUT_BYTES: usize = 16 << 10;
 /// number of groups, and in order, which is how memory is fastest to read.
 const WEIGHT_BYTES: usize = 256 << 10;
 
+/// Input rows of `width` taken together against each weight row: as many as fit
+/// [`INPUT_BYTES`], at most [`ROW_GROUP`].
+fn input_group(width: usize) -> usize {
+    (INPUT_BYTES / (width * std::mem::size_of::<f32>())).clamp(1, ROW_GROUP)
+}
+
+/// Weight rows of `width` values of `value_bytes` each in one block of about [`WEIGHT_BYTES`].
+fn weight_block(width: usize, value_bytes: usize) -> usize {
+    (WEIGHT_BYTES / (width * value_bytes)).max(1)
+}
+
 /// The least weights per parallel task, in floats (128 KiB): handing a task to rayon's pool and
 /// waiting for it costs microseconds, reading this much from memory about ten. A small matrix
 /// (a toy model's) is one task, done on the caller's thread.
@@ -331,8 +342,7 @@ impl<W: WeightElem> WithSimd for Block<'_, W> {
             width,
             dst,
         } = self;
-        let row_bytes = width * std::mem::size_of::<f32>();
-        let sub = (WEIGHT_BYTES / row_bytes).max(1);
+        let sub = weight_block(width, std::mem::size_of::<f32>());
         // The buffer is taken out of the thread's slot rather than used inside `with`: a
         // closure does not inherit the vector instructions `with_simd` is compiled for, and the
         // product inlined into one would call each of them as a function.
@@ -448,8 +458,7 @@ impl<W: PairWiden> WithSimd for PairBlock<'_, W> {
             ..
         } = self;
         let width = 2 * half;
-        let group = (INPUT_BYTES / (width * 4)).clamp(1, ROW_GROUP);
-        let sub = (WEIGHT_BYTES / (width * 2)).max(1);
+        let (group, sub) = (input_group(width), weight_block(width, 2));
         for (words, dst) in words.chunks(sub * half).zip(dst.chunks_mut(sub * rows)) {
             let mut start = 0;
             while start < rows {
@@ -511,8 +520,7 @@ fn dot_pairs<S: Simd, W: PairWiden, const G: usize>(
 /// A block of f32 weight rows (in cache) against every input row, in groups that stay in L1.
 #[inline(always)]
 fn sub_block<S: Simd>(simd: S, x: &[f32], rows: usize, w: &[f32], width: usize, dst: &mut [f32]) {
-    let row_bytes = width * std::mem::size_of::<f32>();
-    let group = (INPUT_BYTES / row_bytes).clamp(1, ROW_GROUP);
+    let group = input_group(width);
     let mut start = 0;
     while start < rows {
         let n = (rows - start).min(group);

@@ -51,7 +51,7 @@ pub(super) fn block(x: &[f32], rows: usize, w: &[u16], width: usize, dst: &mut [
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::super::{INPUT_BYTES, ROW_GROUP, WEIGHT_BYTES};
+    use super::super::{ROW_GROUP, input_group, weight_block};
 
     /// Eight f16 values (the bits in `h`, exactly eight) as f32.
     #[inline]
@@ -85,8 +85,7 @@ mod x86 {
         // L1) passes over them, as the portable path takes them. The loop is written out again
         // rather than shared: a shared one would take the product as a closure, and a closure
         // is compiled without this function's features.
-        let group = (INPUT_BYTES / (width * 4)).clamp(1, ROW_GROUP);
-        let sub = (WEIGHT_BYTES / (width * 2)).max(1);
+        let (group, sub) = (input_group(width), weight_block(width, 2));
         for (w, dst) in w.chunks(sub * width).zip(dst.chunks_mut(sub * rows)) {
             let mut start = 0;
             while start < rows {
