@@ -11,49 +11,8 @@ use cluster_api::WeightDType;
 use serde_json::{Map, Value};
 
 use crate::error::{EngineError, Result};
-
-/// The model families the engine implements; they share one decoder-layer shape.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Family {
-    /// `LlamaForCausalLM`: Llama 2, 3, 3.1, 3.2.
-    Llama,
-    /// `MistralForCausalLM`: Llama's layer with an optional sliding window.
-    Mistral,
-    /// `Qwen2ForCausalLM`: q/k/v biases.
-    Qwen2,
-    /// `Qwen3ForCausalLM`: per-head RMSNorm on q and k, an explicit `head_dim`.
-    Qwen3,
-}
-
-/// The architectures named in `config.json` that map to a [`Family`].
-pub const SUPPORTED_ARCHITECTURES: [&str; 4] = [
-    "LlamaForCausalLM",
-    "MistralForCausalLM",
-    "Qwen2ForCausalLM",
-    "Qwen3ForCausalLM",
-];
-
-impl Family {
-    fn from_architecture(name: &str) -> Option<Self> {
-        match name {
-            "LlamaForCausalLM" => Some(Self::Llama),
-            "MistralForCausalLM" => Some(Self::Mistral),
-            "Qwen2ForCausalLM" => Some(Self::Qwen2),
-            "Qwen3ForCausalLM" => Some(Self::Qwen3),
-            _ => None,
-        }
-    }
-
-    /// The architecture name as Hugging Face writes it.
-    pub fn architecture(&self) -> &'static str {
-        match self {
-            Self::Llama => "LlamaForCausalLM",
-            Self::Mistral => "MistralForCausalLM",
-            Self::Qwen2 => "Qwen2ForCausalLM",
-            Self::Qwen3 => "Qwen3ForCausalLM",
-        }
-    }
-}
+pub use crate::family::Family;
+use crate::family::{Bias, Numerics, Window};
 
 /// How rotary position frequencies are scaled for long contexts.
 #[derive(Debug, Clone, PartialEq)]
@@ -125,6 +84,8 @@ pub struct ModelConfig {
     pub eos_token_ids: Vec<u32>,
     /// Rotary pairs are adjacent elements (GGUF Llama) rather than the two halves of a head.
     pub rope_interleaved: bool,
+    /// The last-bit choices of the family's reference for this format.
+    pub numerics: Numerics,
 }
 
 /// Field access on one JSON object that names the file and field in every error.
@@ -386,19 +347,44 @@ impl ModelConfig {
                 f.err(key, e)
             })?),
         };
+        let spec = family.spec();
         let attention_bias = f.bool_opt("attention_bias")?.unwrap_or(false);
-        let (qkv_bias, o_bias, qk_norm) = match family {
-            // Qwen2 always has q/k/v biases and never an o_proj bias; the flag is not written.
-            Family::Qwen2 => (true, false, false),
-            Family::Qwen3 => (attention_bias, attention_bias, true),
-            Family::Llama | Family::Mistral => (attention_bias, attention_bias, false),
+        let bias = |rule: Bias| match rule {
+            Bias::Always => Ok(true),
+            Bias::AttentionBias => Ok(attention_bias),
+            Bias::Never if attention_bias => Err(f.err(
+                "attention_bias",
+                format!("true is not supported for {}", spec.hf_architecture),
+            )),
+            Bias::Never => Ok(false),
         };
-        let sliding_window = match family {
-            Family::Mistral => match f.usize_opt("sliding_window")? {
+        let (qkv_bias, o_bias) = (bias(spec.qkv_bias)?, bias(spec.o_bias)?);
+        let mlp_bias = f.bool_opt("mlp_bias")?.unwrap_or(false);
+        if mlp_bias
+            && !spec
+                .layer
+                .iter()
+                .any(|r| r.part == crate::family::Part::GateBias)
+        {
+            return Err(f.err(
+                "mlp_bias",
+                format!("true is not supported for {}", spec.hf_architecture),
+            ));
+        }
+        if let Some(factor) = f.f64_opt("partial_rotary_factor")?
+            && factor != 1.0
+        {
+            return Err(f.err(
+                "partial_rotary_factor",
+                format!("{factor} is not supported; rotary embeddings over part of a head are not implemented"),
+            ));
+        }
+        let sliding_window = match spec.window {
+            Window::EveryLayer => match f.usize_opt("sliding_window")? {
                 Some(0) => return Err(f.err("sliding_window", "must be at least 1 token, got 0")),
                 w => w,
             },
-            Family::Qwen2 | Family::Qwen3 => {
+            Window::QwenSwitch => {
                 if f.bool_opt("use_sliding_window")?.unwrap_or(false) {
                     return Err(f.err(
                         "use_sliding_window",
@@ -407,7 +393,7 @@ impl ModelConfig {
                 }
                 None
             }
-            Family::Llama => None,
+            Window::None => None,
         };
         let cfg = Self {
             family,
@@ -425,13 +411,14 @@ impl ModelConfig {
             tie_word_embeddings: f.bool_opt("tie_word_embeddings")?.unwrap_or(false),
             qkv_bias,
             o_bias,
-            mlp_bias: f.bool_opt("mlp_bias")?.unwrap_or(false),
-            qk_norm,
+            mlp_bias,
+            qk_norm: spec.qk_norm,
             sliding_window,
             dtype,
             bos_token_id: f.usize_opt("bos_token_id")?.map(|n| n as u32),
             eos_token_ids: f.token_ids("eos_token_id")?,
             rope_interleaved: false,
+            numerics: spec.hf_numerics,
         };
         Ok(cfg)
     }
@@ -445,7 +432,7 @@ impl ModelConfig {
                     "architectures",
                     format!(
                         "missing; expected one of {}",
-                        SUPPORTED_ARCHITECTURES.join(", ")
+                        crate::family::hf_architectures().join(", ")
                     ),
                 ));
             }
@@ -454,10 +441,10 @@ impl ModelConfig {
             .first()
             .and_then(Value::as_str)
             .ok_or_else(|| f.err("architectures", "expected a non-empty list of names"))?;
-        Family::from_architecture(name).ok_or_else(|| EngineError::UnsupportedArchitecture {
+        Family::from_hf_architecture(name).ok_or_else(|| EngineError::UnsupportedArchitecture {
             path: f.path.to_path_buf(),
             name: name.to_string(),
-            supported: SUPPORTED_ARCHITECTURES.to_vec(),
+            supported: crate::family::hf_architectures(),
         })
     }
 
@@ -589,6 +576,57 @@ mod tests {
         assert_eq!(a.rope_theta, 500000.0);
         assert!(matches!(a.rope_scaling, RopeScaling::Llama3 { factor, .. } if factor == 8.0));
         assert_eq!(a.eos_token_ids, vec![128001, 128008, 128009]);
+    }
+
+    const PHI3_MINI_4K: &str = r#"{
+      "architectures": ["Phi3ForCausalLM"], "attention_bias": false, "attention_dropout": 0.0,
+      "bos_token_id": 1, "embd_pdrop": 0.0, "eos_token_id": 32000, "hidden_act": "silu",
+      "hidden_size": 3072, "initializer_range": 0.02, "intermediate_size": 8192,
+      "max_position_embeddings": 4096, "model_type": "phi3", "num_attention_heads": 32,
+      "num_hidden_layers": 32, "num_key_value_heads": 32, "original_max_position_embeddings": 4096,
+      "pad_token_id": 32000, "resid_pdrop": 0.0, "rms_norm_eps": 1e-05, "rope_scaling": null,
+      "rope_theta": 10000.0, "sliding_window": 2047, "tie_word_embeddings": false,
+      "torch_dtype": "bfloat16", "transformers_version": "4.40.2", "use_cache": true,
+      "vocab_size": 32064 }"#;
+
+    #[test]
+    fn reads_phi3_as_published_and_refuses_its_long_context_variant_by_name() {
+        let c = parse(PHI3_MINI_4K).unwrap();
+        assert_eq!(c.family, Family::Phi3);
+        assert_eq!((c.head_dim, c.q_width(), c.kv_width()), (96, 3072, 3072));
+        assert_eq!(c.sliding_window, Some(2047));
+        assert!(!c.tie_word_embeddings && !c.qkv_bias && !c.o_bias && !c.qk_norm);
+        assert_eq!(c.numerics, Family::Phi3.spec().hf_numerics);
+        // Phi-3.5-mini's 128k context scales rope by `longrope`, which is not implemented.
+        let mut long: Value = serde_json::from_str(PHI3_MINI_4K).unwrap();
+        long["rope_scaling"] = serde_json::json!({
+            "type": "longrope", "long_factor": [1.0, 1.1], "short_factor": [1.0, 1.0]});
+        let err = ModelConfig::from_json(Path::new("m/config.json"), long.as_object().unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("rope_scaling") && err.contains("\"longrope\""),
+            "{err}"
+        );
+        // Phi-4-mini rotates three quarters of each head.
+        let mut partial: Value = serde_json::from_str(PHI3_MINI_4K).unwrap();
+        partial["partial_rotary_factor"] = serde_json::json!(0.75);
+        let err = ModelConfig::from_json(Path::new("m/config.json"), partial.as_object().unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`partial_rotary_factor`") && err.contains("0.75"),
+            "{err}"
+        );
+        let mut biased: Value = serde_json::from_str(PHI3_MINI_4K).unwrap();
+        biased["attention_bias"] = serde_json::json!(true);
+        let err = ModelConfig::from_json(Path::new("m/config.json"), biased.as_object().unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`attention_bias`") && err.contains("Phi3ForCausalLM"),
+            "{err}"
+        );
     }
 
     #[test]

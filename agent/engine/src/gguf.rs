@@ -12,9 +12,7 @@ use candle_core::quantized::gguf_file::{Content, Value};
 
 use crate::config::{Family, ModelConfig, RopeScaling};
 use crate::error::{EngineError, Result};
-
-/// The GGUF architectures a stage can run.
-pub const SUPPORTED_GGUF_ARCHITECTURES: [&str; 3] = ["llama", "qwen2", "qwen3"];
+use crate::family::Bias;
 
 /// An opened GGUF file: its metadata and where each tensor lies, no weights yet.
 pub struct GgufFile {
@@ -312,20 +310,20 @@ impl GgufFile {
         })
     }
 
-    fn arch(&self) -> Result<String> {
+    fn arch(&self) -> Result<(String, Family)> {
         let arch = self
             .metadata("general.architecture")
             .and_then(|v| v.to_string().ok())
             .cloned()
             .ok_or_else(|| EngineError::config(&self.path, "general.architecture", "missing"))?;
-        if !SUPPORTED_GGUF_ARCHITECTURES.contains(&arch.as_str()) {
-            return Err(EngineError::UnsupportedArchitecture {
+        match Family::from_gguf_architecture(&arch) {
+            Some(family) => Ok((arch, family)),
+            None => Err(EngineError::UnsupportedArchitecture {
                 path: self.path.clone(),
                 name: arch,
-                supported: SUPPORTED_GGUF_ARCHITECTURES.to_vec(),
-            });
+                supported: crate::family::gguf_architectures(),
+            }),
         }
-        Ok(arch)
     }
 
     fn u32_key(&self, key: &str) -> Result<Option<usize>> {
@@ -362,13 +360,9 @@ impl GgufFile {
 
     /// The model's configuration, from the `{arch}.*` metadata keys.
     pub fn config(&self) -> Result<ModelConfig> {
-        let arch = self.arch()?;
+        let (arch, family) = self.arch()?;
+        let spec = family.spec();
         let k = |s: &str| format!("{arch}.{s}");
-        let family = match arch.as_str() {
-            "llama" => Family::Llama,
-            "qwen2" => Family::Qwen2,
-            _ => Family::Qwen3,
-        };
         let hidden_size = self.required(&k("embedding_length"))?;
         let num_attention_heads = self.required(&k("attention.head_count"))?;
         let num_key_value_heads = self
@@ -391,6 +385,36 @@ impl GgufFile {
                 "per-frequency rope factors (llama3 rope scaling in GGUF) are not supported yet",
             ));
         }
+        if let Some(name) = ["rope_factors_long.weight", "rope_factors_short.weight"]
+            .into_iter()
+            .find(|n| self.has_tensor(n))
+        {
+            return Err(EngineError::config(
+                &self.path,
+                name,
+                "long-context rope factors (Phi-3's longrope scaling) are not supported yet",
+            ));
+        }
+        if let Some(dims) = self.u32_key(&k("rope.dimension_count"))?
+            && dims != head_dim
+        {
+            return Err(EngineError::config(
+                &self.path,
+                k("rope.dimension_count"),
+                format!(
+                    "{dims} is not supported: rotary embeddings over part of a head ({head_dim}) are not implemented"
+                ),
+            ));
+        }
+        let sliding_window = match spec.window {
+            crate::family::Window::EveryLayer => {
+                match self.u32_key(&k("attention.sliding_window"))? {
+                    Some(0) => None,
+                    w => w,
+                }
+            }
+            _ => None,
+        };
         let rope_scaling = match self
             .metadata(&k("rope.scaling.type"))
             .and_then(|v| v.to_string().ok())
@@ -425,19 +449,18 @@ impl GgufFile {
             rope_scaling,
             max_position_embeddings: self.u32_key(&k("context_length"))?.unwrap_or(4096),
             tie_word_embeddings: !self.has_tensor("output.weight"),
-            qkv_bias: self.has_tensor("blk.0.attn_q.bias"),
-            o_bias: self.has_tensor("blk.0.attn_output.bias"),
+            qkv_bias: spec.qkv_bias != Bias::Never && self.has_tensor("blk.0.attn_q.bias"),
+            o_bias: spec.o_bias != Bias::Never && self.has_tensor("blk.0.attn_output.bias"),
             mlp_bias: false,
-            qk_norm: self.has_tensor("blk.0.attn_q_norm.weight"),
-            sliding_window: None,
+            qk_norm: spec.qk_norm,
+            sliding_window,
             dtype: None,
             bos_token_id: self
                 .u32_key("tokenizer.ggml.bos_token_id")?
                 .map(|n| n as u32),
             eos_token_ids: eos,
-            // llama.cpp's converter permutes Llama's q and k rows so that rotary pairs are
-            // adjacent; Qwen files keep Hugging Face's halves.
-            rope_interleaved: family == Family::Llama,
+            rope_interleaved: spec.gguf_rope_interleaved,
+            numerics: spec.gguf_numerics,
         })
     }
 

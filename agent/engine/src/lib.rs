@@ -1,4 +1,4 @@
-//! The model engine: layer-range stages of Llama, Mistral, Qwen2 and Qwen3 models on candle.
+//! The model engine: layer-range stages of Llama, Mistral, Qwen2, Qwen3 and Phi-3 models on candle.
 //!
 //! A [`Stage`] holds layers `a..=b` of a model (plus the embedding on the first stage and the
 //! final norm and LM head on the last), reads only its own tensors from the checkpoint, and keeps
@@ -7,6 +7,7 @@
 //!
 //! # Layout
 //!
+//! - [`family`]: the model families' table: names, tensors, the numerics of their references.
 //! - [`config`]: `config.json` as transformers 4 and 5 write it.
 //! - [`weights`]: reading chosen tensors from single-file or sharded safetensors.
 //! - [`gguf`]: GGUF files: metadata as a config, quantized tensors read one by one.
@@ -26,6 +27,7 @@ pub mod chat;
 pub mod config;
 pub mod device;
 pub mod error;
+pub mod family;
 pub mod folder;
 pub mod generate;
 pub mod gguf;

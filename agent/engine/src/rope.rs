@@ -21,13 +21,12 @@ impl RotaryTable {
     /// The frequencies for `cfg`'s head width, base and scaling.
     pub fn new(cfg: &ModelConfig) -> Self {
         let dim = cfg.head_dim;
-        // Llama's references compute the frequencies in f32, Qwen's and Mistral's take the power in
-        // f64 and divide in f32: the
-        // last bit matters once quantized matmuls round their inputs (see `Stage`'s attention).
+        // As the family's reference for this format computes them: the last bit matters once
+        // quantized matmuls round their inputs (see `crate::family::Numerics`).
         let base: Vec<f64> = (0..dim)
             .step_by(2)
             .map(|i| {
-                if cfg.family == crate::config::Family::Llama {
+                if cfg.numerics.rope_power_in_f32 {
                     f64::from(1f32 / (cfg.rope_theta as f32).powf(i as f32 / dim as f32))
                 } else {
                     f64::from(1f32 / cfg.rope_theta.powf(i as f64 / dim as f64) as f32)

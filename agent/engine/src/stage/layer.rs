@@ -134,7 +134,7 @@ impl Attention {
         {
             return Ok(y);
         }
-        if cfg.family == crate::config::Family::Qwen3 && q.device().is_cpu() && !dense {
+        if cfg.numerics.quantized_flash_attention && q.device().is_cpu() && !dense {
             return Self::attend_cpu_flash(q, &k.contiguous()?, &v.contiguous()?, cfg);
         }
         let groups = cfg.num_attention_heads / cfg.num_key_value_heads;
@@ -147,11 +147,11 @@ impl Attention {
             k.to_dtype(DType::F32)?,
             v.to_dtype(DType::F32)?,
         );
-        // Llama's reference implementations divide by √d and the others multiply by 1/√d; the
-        // results differ in the last bit, which quantized matmuls (that round their inputs to
-        // 8 bits) can turn into visible differences, so each family follows its reference.
+        // Some references divide by √d and others multiply by 1/√d; the results differ in the
+        // last bit, which quantized matmuls (that round their inputs to 8 bits) can turn into
+        // visible differences, so each family follows its reference.
         let raw = q.matmul(&k.t()?)?;
-        let mut scores = if cfg.family == crate::config::Family::Llama {
+        let mut scores = if cfg.numerics.divide_scores {
             (raw / (cfg.head_dim as f64).sqrt())?
         } else {
             (raw * (1.0 / (cfg.head_dim as f64).sqrt()))?
@@ -179,7 +179,7 @@ impl Attention {
         let (_, kv_heads, len, _) = k.dims4()?;
         let q = q.contiguous()?;
         let sqrt = (d as f64).sqrt();
-        let scale = if cfg.family == crate::config::Family::Llama {
+        let scale = if cfg.numerics.divide_scores {
             ScoreScale::Divide(sqrt as f32)
         } else {
             ScoreScale::Multiply((1.0 / sqrt) as f32)
@@ -208,8 +208,9 @@ impl Attention {
         Ok(Some(Tensor::from_vec(out, (1, heads, 1, d), q.device())?))
     }
 
-    /// Quantized Qwen3 stages on the CPU: candle's fused flash-attention kernel, causal from the
-    /// chunk's offset, grouped-query heads handled inside. Their references (candle-transformers'
+    /// Quantized stages on the CPU of a family whose reference attends so (Qwen3, see
+    /// [`Numerics`](crate::family::Numerics)): candle's fused flash-attention kernel, causal from
+    /// the chunk's offset, grouped-query heads handled inside. Their references (candle-transformers'
     /// Qwen3, whole and quantized) use it on the CPU, and its online softmax rounds differently
     /// from the plain path: with quantized matmuls, which round their inputs to 8 bits, that
     /// rounding must match. Dense stages only need agreement within 1e-5 and take the faster

@@ -11,114 +11,34 @@ use cluster_api::LayerRange;
 
 use super::layer::{Attention, DecoderLayer, Mlp};
 use super::linear::{PackedBlocks, Proj};
-use super::{Head, Stage, StageSpec, TokenEmbedding, layer_prefix};
+use super::{Head, Stage, StageSpec, TokenEmbedding};
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
+use crate::family::{self, Format, LayerNames, Part};
 use crate::gguf::GgufFile;
 use crate::rope::RotaryTable;
 use crate::weights::{LoadedTensors, WeightFiles, Weights};
 
 impl Stage {
-    /// Names and shapes of the tensors a stage with this spec reads.
+    /// Names and shapes of the tensors a stage with this spec reads from a safetensors
+    /// checkpoint (see [`family::stage_tensors`]).
     pub fn tensor_list(
         cfg: &ModelConfig,
         range: LayerRange,
         first: bool,
         last: bool,
     ) -> Vec<(String, Vec<usize>)> {
-        let h = cfg.hidden_size;
-        let mut list: Vec<(String, Vec<usize>)> = Vec::new();
-        let embed = (
-            "model.embed_tokens.weight".to_string(),
-            vec![cfg.vocab_size, h],
-        );
-        if first || (last && cfg.tie_word_embeddings) {
-            list.push(embed);
-        }
-        for i in range.iter() {
-            let p = layer_prefix(i);
-            let mut add = |name: &str, shape: Vec<usize>| list.push((format!("{p}.{name}"), shape));
-            add("input_layernorm.weight", vec![h]);
-            add("post_attention_layernorm.weight", vec![h]);
-            add("self_attn.q_proj.weight", vec![cfg.q_width(), h]);
-            add("self_attn.k_proj.weight", vec![cfg.kv_width(), h]);
-            add("self_attn.v_proj.weight", vec![cfg.kv_width(), h]);
-            add("self_attn.o_proj.weight", vec![h, cfg.q_width()]);
-            if cfg.qkv_bias {
-                add("self_attn.q_proj.bias", vec![cfg.q_width()]);
-                add("self_attn.k_proj.bias", vec![cfg.kv_width()]);
-                add("self_attn.v_proj.bias", vec![cfg.kv_width()]);
-            }
-            if cfg.o_bias {
-                add("self_attn.o_proj.bias", vec![h]);
-            }
-            if cfg.qk_norm {
-                add("self_attn.q_norm.weight", vec![cfg.head_dim]);
-                add("self_attn.k_norm.weight", vec![cfg.head_dim]);
-            }
-            let m = cfg.intermediate_size;
-            add("mlp.gate_proj.weight", vec![m, h]);
-            add("mlp.up_proj.weight", vec![m, h]);
-            add("mlp.down_proj.weight", vec![h, m]);
-            if cfg.mlp_bias {
-                add("mlp.gate_proj.bias", vec![m]);
-                add("mlp.up_proj.bias", vec![m]);
-                add("mlp.down_proj.bias", vec![h]);
-            }
-        }
-        if last {
-            list.push(("model.norm.weight".to_string(), vec![h]));
-            if !cfg.tie_word_embeddings {
-                list.push(("lm_head.weight".to_string(), vec![cfg.vocab_size, h]));
-            }
-        }
-        list
+        family::stage_tensors(cfg, Format::Safetensors, range.iter(), first, last)
     }
 
-    /// Names and shapes of the tensors a GGUF stage with this spec reads: the same tensors as
-    /// [`Stage::tensor_list`], under llama.cpp's names.
+    /// The same tensors as [`Stage::tensor_list`], under llama.cpp's names.
     pub fn gguf_tensor_list(
         cfg: &ModelConfig,
         range: LayerRange,
         first: bool,
         last: bool,
     ) -> Vec<(String, Vec<usize>)> {
-        // The same tensors as a safetensors stage, under llama.cpp's names.
-        let (h, m) = (cfg.hidden_size, cfg.intermediate_size);
-        let mut wanted: Vec<(String, Vec<usize>)> = Vec::new();
-        let tied_head = last && cfg.tie_word_embeddings;
-        if first || tied_head {
-            wanted.push(("token_embd.weight".into(), vec![cfg.vocab_size, h]));
-        }
-        for i in range.iter() {
-            let p = format!("blk.{i}");
-            let mut add = |n: &str, shape: Vec<usize>| wanted.push((format!("{p}.{n}"), shape));
-            add("attn_norm.weight", vec![h]);
-            add("ffn_norm.weight", vec![h]);
-            add("attn_q.weight", vec![cfg.q_width(), h]);
-            add("attn_k.weight", vec![cfg.kv_width(), h]);
-            add("attn_v.weight", vec![cfg.kv_width(), h]);
-            add("attn_output.weight", vec![h, cfg.q_width()]);
-            if cfg.qkv_bias {
-                add("attn_q.bias", vec![cfg.q_width()]);
-                add("attn_k.bias", vec![cfg.kv_width()]);
-                add("attn_v.bias", vec![cfg.kv_width()]);
-            }
-            if cfg.qk_norm {
-                add("attn_q_norm.weight", vec![cfg.head_dim]);
-                add("attn_k_norm.weight", vec![cfg.head_dim]);
-            }
-            add("ffn_gate.weight", vec![m, h]);
-            add("ffn_up.weight", vec![m, h]);
-            add("ffn_down.weight", vec![h, m]);
-        }
-        if last {
-            wanted.push(("output_norm.weight".into(), vec![h]));
-            if !cfg.tie_word_embeddings {
-                wanted.push(("output.weight".into(), vec![cfg.vocab_size, h]));
-            }
-        }
-        wanted
+        family::stage_tensors(cfg, Format::Gguf, range.iter(), first, last)
     }
 
     /// Loads the stage's tensors, and only those. `progress` gets (bytes read, bytes to read).
@@ -140,22 +60,28 @@ impl Stage {
         let mut t = files.load(&list, spec.dtype, &spec.device, progress)?;
         let act = super::activation_dtype(spec.dtype, &spec.device);
         let eps = cfg.rms_norm_eps;
+        let format = Format::Safetensors;
         let embed_weight = if spec.first || (spec.last && cfg.tie_word_embeddings) {
-            Some(t.take("model.embed_tokens.weight")?)
+            Some(t.take(format.embed())?)
         } else {
             None
         };
         let mut layers = Vec::with_capacity(spec.range.len());
         for i in spec.range.iter() {
-            layers.push(load_layer(&mut t, &cfg, &layer_prefix(i), act)?);
+            let mut source = SafetensorsLayer { t: &mut t, act };
+            layers.push(build_layer(
+                &mut source,
+                &cfg,
+                &LayerNames::new(&cfg, format, i),
+            )?);
         }
         let head = if spec.last {
             let lm_weight = match (&embed_weight, cfg.tie_word_embeddings) {
                 (Some(w), true) => w.clone(),
-                _ => t.take("lm_head.weight")?,
+                _ => t.take(format.lm_head())?,
             };
             Some(Head {
-                norm: RmsNorm::new(small(&mut t, "model.norm.weight", act)?, eps),
+                norm: RmsNorm::new(small(&mut t, format.final_norm(), act)?, eps),
                 lm_head: Proj::Dense(Linear::new(lm_weight, None)),
             })
         } else {
@@ -227,7 +153,7 @@ impl Stage {
         // needs, and a tied head multiplies through the very same table.
         let tied_head = spec.last && cfg.tie_word_embeddings;
         let table = if spec.first || tied_head {
-            Some(r.matrix("token_embd.weight")?)
+            Some(r.matrix(Format::Gguf.embed())?)
         } else {
             None
         };
@@ -252,41 +178,18 @@ impl Stage {
         };
         let mut layers = Vec::with_capacity(spec.range.len());
         for i in spec.range.iter() {
-            let p = format!("blk.{i}");
-            let qk_norm = if cfg.qk_norm {
-                Some((
-                    RmsNorm::new(r.dense(&format!("{p}.attn_q_norm.weight"))?, eps),
-                    RmsNorm::new(r.dense(&format!("{p}.attn_k_norm.weight"))?, eps),
-                ))
-            } else {
-                None
-            };
-            layers.push(DecoderLayer {
-                input_layernorm: RmsNorm::new(r.dense(&format!("{p}.attn_norm.weight"))?, eps),
-                attn: Attention {
-                    q_proj: r.proj(&format!("{p}.attn_q"), cfg.qkv_bias)?,
-                    k_proj: r.proj(&format!("{p}.attn_k"), cfg.qkv_bias)?,
-                    v_proj: r.proj(&format!("{p}.attn_v"), cfg.qkv_bias)?,
-                    o_proj: r.proj(&format!("{p}.attn_output"), cfg.o_bias)?,
-                    qk_norm,
-                },
-                post_attention_layernorm: RmsNorm::new(
-                    r.dense(&format!("{p}.ffn_norm.weight"))?,
-                    eps,
-                ),
-                mlp: Mlp {
-                    gate_proj: r.proj(&format!("{p}.ffn_gate"), false)?,
-                    up_proj: r.proj(&format!("{p}.ffn_up"), false)?,
-                    down_proj: r.proj(&format!("{p}.ffn_down"), false)?,
-                },
-            });
+            layers.push(build_layer(
+                &mut r,
+                &cfg,
+                &LayerNames::new(&cfg, Format::Gguf, i),
+            )?);
         }
         let head = if spec.last {
-            let norm = RmsNorm::new(r.dense("output_norm.weight")?, eps);
+            let norm = RmsNorm::new(r.dense(Format::Gguf.final_norm())?, eps);
             let lm_head = match (table, packed_table) {
                 (Some(_), Some(packed)) => Proj::Packed(packed, None),
                 (Some(t), None) if tied_head => t.into_proj(None),
-                _ => r.proj("output", false)?,
+                _ => r.proj(Format::Gguf.lm_head(), None)?,
             };
             Some(Head { norm, lm_head })
         } else {
@@ -325,7 +228,11 @@ struct GgufReader<'a> {
 
 impl GgufReader<'_> {
     fn read(&mut self, name: &str) -> Result<candle_core::quantized::QTensor> {
-        let t = self.file.qtensor(name, self.device)?;
+        self.read_on(name, self.device)
+    }
+
+    fn read_on(&mut self, name: &str, device: &Device) -> Result<candle_core::quantized::QTensor> {
+        let t = self.file.qtensor(name, device)?;
         self.done += self.file.tensor_bytes(name);
         (self.progress)(self.done, self.total);
         Ok(t)
@@ -342,8 +249,13 @@ impl GgufReader<'_> {
     /// ones on the CPU as half-precision tensors, which the kernels widen as they multiply
     /// (elsewhere, and F32 ones, as f32, which candle's products take).
     fn matrix(&mut self, name: &str) -> Result<GgufMatrix> {
-        use candle_core::quantized::GgmlDType;
         let q = self.read(name)?;
+        self.hold(q)
+    }
+
+    /// `q` as the stage holds it (see [`Self::matrix`]), its bytes counted.
+    fn hold(&mut self, q: candle_core::quantized::QTensor) -> Result<GgufMatrix> {
+        use candle_core::quantized::GgmlDType;
         let half = match q.dtype() {
             GgmlDType::F16 => Some(DType::F16),
             GgmlDType::BF16 => Some(DType::BF16),
@@ -361,15 +273,16 @@ impl GgufReader<'_> {
         Ok(m)
     }
 
-    /// `{prefix}.weight` kept quantized, with `{prefix}.bias` in f32 when `bias`. A matrix in a
-    /// block format the CPU kernels repack is repacked for them and held only so.
-    fn proj(&mut self, prefix: &str, bias: bool) -> Result<Proj> {
-        let w = self.matrix(&format!("{prefix}.weight"))?;
-        let b = if bias {
-            Some(self.dense(&format!("{prefix}.bias"))?)
-        } else {
-            None
-        };
+    /// Matrix `weight` kept quantized, with the named bias in f32. A matrix in a block format
+    /// the CPU kernels repack is repacked for them and held only so.
+    fn proj(&mut self, weight: &str, bias: Option<&str>) -> Result<Proj> {
+        let w = self.matrix(weight)?;
+        let b = bias.map(|name| self.dense(name)).transpose()?;
+        self.projection(w, b)
+    }
+
+    /// A held matrix and its bias as the projection the stage multiplies.
+    fn projection(&mut self, w: GgufMatrix, b: Option<Tensor>) -> Result<Proj> {
         if let GgufMatrix::Blocks(QMatMul::QTensor(q)) = &w
             && let Some(packed) = self.pack(q)?
         {
@@ -424,49 +337,159 @@ fn small(t: &mut LoadedTensors, name: &str, act: DType) -> Result<Tensor> {
     Ok(t.take(name)?.to_dtype(act)?)
 }
 
-fn load_linear(t: &mut LoadedTensors, prefix: &str, bias: bool, act: DType) -> Result<Proj> {
-    let w = t.take(&format!("{prefix}.weight"))?;
-    let b = if bias {
-        Some(small(t, &format!("{prefix}.bias"), act)?)
-    } else {
-        None
-    };
-    Ok(Proj::Dense(Linear::new(w, b)))
+/// Where a decoder layer's tensors come from: a safetensors checkpoint or a GGUF file.
+trait LayerSource {
+    /// A vector (a norm's weights) as the stage computes with it.
+    fn vector(&mut self, name: &str) -> Result<Tensor>;
+
+    /// The projection whose weight is `weight`, with the named bias.
+    fn proj(&mut self, weight: &str, bias: Option<&str>) -> Result<Proj>;
+
+    /// The projections stored as one matrix `weight`, consecutive blocks of `rows` rows each
+    /// (Phi-3's q/k/v and gate/up), without biases.
+    fn split(&mut self, weight: &str, rows: &[usize]) -> Result<Vec<Proj>>;
 }
 
-fn load_layer(
-    t: &mut LoadedTensors,
-    cfg: &ModelConfig,
-    p: &str,
+/// The stage's tensors of a safetensors checkpoint, already read.
+struct SafetensorsLayer<'a> {
+    t: &'a mut LoadedTensors,
     act: DType,
+}
+
+impl LayerSource for SafetensorsLayer<'_> {
+    fn vector(&mut self, name: &str) -> Result<Tensor> {
+        small(self.t, name, self.act)
+    }
+
+    fn proj(&mut self, weight: &str, bias: Option<&str>) -> Result<Proj> {
+        let w = self.t.take(weight)?;
+        let b = bias.map(|name| self.vector(name)).transpose()?;
+        Ok(Proj::Dense(Linear::new(w, b)))
+    }
+
+    fn split(&mut self, weight: &str, rows: &[usize]) -> Result<Vec<Proj>> {
+        let w = self.t.take(weight)?;
+        let mut start = 0;
+        let mut out = Vec::with_capacity(rows.len());
+        for &n in rows {
+            // A block of rows of a row-major matrix is itself contiguous: no copy.
+            out.push(Proj::Dense(Linear::new(w.narrow(0, start, n)?, None)));
+            start += n;
+        }
+        Ok(out)
+    }
+}
+
+impl LayerSource for GgufReader<'_> {
+    fn vector(&mut self, name: &str) -> Result<Tensor> {
+        self.dense(name)
+    }
+
+    fn proj(&mut self, weight: &str, bias: Option<&str>) -> Result<Proj> {
+        GgufReader::proj(self, weight, bias)
+    }
+
+    fn split(&mut self, weight: &str, rows: &[usize]) -> Result<Vec<Proj>> {
+        use candle_core::quantized::ggml_file::qtensor_from_ggml;
+        let q = self.read_on(weight, &Device::Cpu)?;
+        let (total, width) = q.shape().dims2()?;
+        if rows.iter().sum::<usize>() != total {
+            return Err(EngineError::TensorShape {
+                path: self.file.path().to_path_buf(),
+                name: weight.to_string(),
+                expected: vec![rows.iter().sum(), width],
+                actual: vec![total, width],
+            });
+        }
+        // Each row is a whole number of blocks, so a block of rows is a slice of the bytes.
+        let dtype = q.dtype();
+        let row_bytes = width / dtype.block_size() * dtype.type_size();
+        let data = q.data()?;
+        let mut start = 0;
+        let mut out = Vec::with_capacity(rows.len());
+        for &n in rows {
+            let bytes = &data[start * row_bytes..(start + n) * row_bytes];
+            let part = qtensor_from_ggml(dtype, bytes, vec![n, width], self.device)?;
+            let m = self.hold(part)?;
+            out.push(self.projection(m, None)?);
+            start += n;
+        }
+        Ok(out)
+    }
+}
+
+/// One decoder layer from `source`, its tensors named by `names` (the family's table).
+fn build_layer(
+    source: &mut dyn LayerSource,
+    cfg: &ModelConfig,
+    names: &LayerNames,
 ) -> Result<DecoderLayer> {
     let eps = cfg.rms_norm_eps;
-    let a = format!("{p}.self_attn");
-    let qk_norm = if cfg.qk_norm {
-        Some((
-            RmsNorm::new(small(t, &format!("{a}.q_norm.weight"), act)?, eps),
-            RmsNorm::new(small(t, &format!("{a}.k_norm.weight"), act)?, eps),
-        ))
-    } else {
-        None
+    let need = |part: Part| {
+        names.get(part).ok_or_else(|| EngineError::MissingTensor {
+            name: format!("{part:?}"),
+            place: format!("the {:?} family's table", cfg.family).into(),
+        })
     };
+    // A bias or norm the family has and this model uses.
+    let optional = |part: Part| names.get(part).filter(|_| part.present(cfg));
+    let norm = |source: &mut dyn LayerSource, part: Part| -> Result<RmsNorm> {
+        Ok(RmsNorm::new(source.vector(&need(part)?)?, eps))
+    };
+    let input_layernorm = norm(source, Part::AttnNorm)?;
+    let post_attention_layernorm = norm(source, Part::MlpNorm)?;
+    let qk_norm = match (optional(Part::QNorm), optional(Part::KNorm)) {
+        (Some(q), Some(k)) => Some((
+            RmsNorm::new(source.vector(&q)?, eps),
+            RmsNorm::new(source.vector(&k)?, eps),
+        )),
+        _ => None,
+    };
+    let (q_proj, k_proj, v_proj) = if names.has(Part::Qkv) {
+        let rows = [cfg.q_width(), cfg.kv_width(), cfg.kv_width()];
+        let [q, k, v] = parts(source.split(&need(Part::Qkv)?, &rows)?)?;
+        (q, k, v)
+    } else {
+        (
+            source.proj(&need(Part::Q)?, optional(Part::QBias).as_deref())?,
+            source.proj(&need(Part::K)?, optional(Part::KBias).as_deref())?,
+            source.proj(&need(Part::V)?, optional(Part::VBias).as_deref())?,
+        )
+    };
+    let o_proj = source.proj(&need(Part::O)?, optional(Part::OBias).as_deref())?;
+    let (gate_proj, up_proj) = if names.has(Part::GateUp) {
+        let m = cfg.intermediate_size;
+        let [gate, up] = parts(source.split(&need(Part::GateUp)?, &[m, m])?)?;
+        (gate, up)
+    } else {
+        (
+            source.proj(&need(Part::Gate)?, optional(Part::GateBias).as_deref())?,
+            source.proj(&need(Part::Up)?, optional(Part::UpBias).as_deref())?,
+        )
+    };
+    let down_proj = source.proj(&need(Part::Down)?, optional(Part::DownBias).as_deref())?;
     Ok(DecoderLayer {
-        input_layernorm: RmsNorm::new(small(t, &format!("{p}.input_layernorm.weight"), act)?, eps),
-        post_attention_layernorm: RmsNorm::new(
-            small(t, &format!("{p}.post_attention_layernorm.weight"), act)?,
-            eps,
-        ),
+        input_layernorm,
         attn: Attention {
-            q_proj: load_linear(t, &format!("{a}.q_proj"), cfg.qkv_bias, act)?,
-            k_proj: load_linear(t, &format!("{a}.k_proj"), cfg.qkv_bias, act)?,
-            v_proj: load_linear(t, &format!("{a}.v_proj"), cfg.qkv_bias, act)?,
-            o_proj: load_linear(t, &format!("{a}.o_proj"), cfg.o_bias, act)?,
+            q_proj,
+            k_proj,
+            v_proj,
+            o_proj,
             qk_norm,
         },
+        post_attention_layernorm,
         mlp: Mlp {
-            gate_proj: load_linear(t, &format!("{p}.mlp.gate_proj"), cfg.mlp_bias, act)?,
-            up_proj: load_linear(t, &format!("{p}.mlp.up_proj"), cfg.mlp_bias, act)?,
-            down_proj: load_linear(t, &format!("{p}.mlp.down_proj"), cfg.mlp_bias, act)?,
+            gate_proj,
+            up_proj,
+            down_proj,
         },
+    })
+}
+
+/// The `N` projections of a split matrix ([`LayerSource::split`] gives one per block of rows).
+fn parts<const N: usize>(split: Vec<Proj>) -> Result<[Proj; N]> {
+    let count = split.len();
+    split.try_into().map_err(|_| {
+        EngineError::InvalidRequest(format!("a fused matrix split into {count} parts, not {N}"))
     })
 }

@@ -147,10 +147,6 @@ pub(crate) fn activation_dtype(dtype: DType, device: &Device) -> DType {
     }
 }
 
-fn layer_prefix(i: usize) -> String {
-    format!("model.layers.{i}")
-}
-
 impl Stage {
     /// The layers this stage holds.
     pub fn range(&self) -> LayerRange {
