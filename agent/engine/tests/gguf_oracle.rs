@@ -1,5 +1,5 @@
 //! GGUF stages, split every way, against candle-transformers' quantized whole-model forward
-//! (`quantized_llama`, `quantized_qwen2`, `quantized_qwen3`) on the same file, in every block
+//! (`quantized_llama`, `quantized_qwen2`, `quantized_qwen3`, `quantized_phi3`) on the same file, in every block
 //! type candle reads; and files quantized by llama.cpp's own quantizer, which the fixtures'
 //! writer reproduces byte for byte, decoding llama.cpp's greedy tokens.
 
@@ -13,7 +13,9 @@ use std::path::Path;
 use candle_core::quantized::GgmlDType;
 use candle_core::quantized::gguf_file::Content;
 use candle_core::{Device, Tensor};
-use candle_transformers::models::{quantized_llama, quantized_qwen2, quantized_qwen3};
+use candle_transformers::models::{
+    quantized_llama, quantized_phi3, quantized_qwen2, quantized_qwen3,
+};
 use cluster_engine::ModelFolder;
 use cluster_engine::weights::Weights;
 use cluster_fixtures::{Arch, TinyModel};
@@ -56,6 +58,7 @@ enum Oracle {
     Llama(Box<quantized_llama::ModelWeights>),
     Qwen2(Box<quantized_qwen2::ModelWeights>),
     Qwen3(Box<quantized_qwen3::ModelWeights>),
+    Phi3(Box<quantized_phi3::ModelWeights>),
 }
 
 impl Oracle {
@@ -73,6 +76,9 @@ impl Oracle {
             Arch::Qwen3 => Oracle::Qwen3(Box::new(
                 quantized_qwen3::ModelWeights::from_gguf(ct, &mut file, &dev).unwrap(),
             )),
+            Arch::Phi3 => Oracle::Phi3(Box::new(
+                quantized_phi3::ModelWeights::from_gguf(false, ct, &mut file, &dev).unwrap(),
+            )),
             Arch::Mistral => unreachable!("no GGUF fixture for Mistral"),
         }
     }
@@ -86,6 +92,7 @@ impl Oracle {
             Oracle::Llama(m) => m.forward(&input, position).unwrap(),
             Oracle::Qwen2(m) => m.forward(&input, position).unwrap(),
             Oracle::Qwen3(m) => m.forward(&input, position).unwrap(),
+            Oracle::Phi3(m) => m.forward(&input, position).unwrap(),
         };
         logits.flatten_all().unwrap().to_vec1().unwrap()
     }
@@ -93,12 +100,7 @@ impl Oracle {
 
 /// Q4_K packs 256 values per block along each row, so every matrix's inner width is 256 or 512.
 fn model(arch: Arch) -> TinyModel {
-    match arch {
-        Arch::Llama => TinyModel::llama(),
-        Arch::Qwen2 => TinyModel::qwen2(),
-        _ => TinyModel::qwen3(),
-    }
-    .for_k_quants()
+    TinyModel::of(arch).for_k_quants()
 }
 
 fn check(arch: Arch, dtype: GgmlDType) {
@@ -212,6 +214,19 @@ fn qwen3_gguf_q4_k_matches_quantized_qwen3() {
 }
 
 #[test]
+fn phi3_gguf_q8_0_matches_quantized_phi3() {
+    check(Arch::Phi3, GgmlDType::Q8_0);
+}
+
+#[test]
+fn phi3_gguf_q4_k_and_q4_1_match_quantized_phi3() {
+    // Q4_1 sums in candle's order, so its stages stay within 1e-4 of the oracle.
+    for dtype in [GgmlDType::Q4K, GgmlDType::Q4_1] {
+        check(Arch::Phi3, dtype);
+    }
+}
+
+#[test]
 fn other_block_formats_match_too() {
     for dtype in [
         GgmlDType::Q4_0,
@@ -279,7 +294,7 @@ fn an_unsupported_gguf_architecture_is_named_with_the_supported_ones() {
     std::fs::write(dir.path().join("tokenizer.json"), "{}").unwrap();
     let err = ModelFolder::open(&path).err().unwrap().to_string();
     assert!(
-        err.contains("\"gemma2\" is not supported") && err.contains("llama, qwen2, qwen3"),
+        err.contains("\"gemma2\" is not supported") && err.contains("llama, qwen2, qwen3, phi3"),
         "{err}"
     );
 }

@@ -256,6 +256,7 @@ fn an_unknown_architecture_is_named_and_ours_are_listed() {
         "MistralForCausalLM",
         "Qwen2ForCausalLM",
         "Qwen3ForCausalLM",
+        "Phi3ForCausalLM",
     ] {
         assert!(err.contains(arch), "{err}");
     }

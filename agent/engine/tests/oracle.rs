@@ -1,6 +1,6 @@
 //! Stages, split every way, against candle-transformers' whole-model forward on the same weights.
 //!
-//! For each family a 4-layer model is split into 1, 2, 3 and 4 stages in every possible way; two
+//! For each family (Llama, Mistral, Qwen2, Qwen3, Phi-3) a 4-layer model is split into 1, 2, 3 and 4 stages in every possible way; two
 //! sequences are prefilled (one in chunks) and decoded for 16 steps, interleaved. At every step the
 //! last stage's logits must equal the oracle's within 1e-5 and the greedy tokens must agree. Half
 //! of the splits decode the two sequences as one batch at every stage.
@@ -17,7 +17,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::{llama, mistral, qwen2, qwen3};
+use candle_transformers::models::{llama, mistral, phi3, qwen2, qwen3};
 use cluster_engine::ModelFolder;
 use cluster_fixtures::TinyModel;
 use common::{all_splits, argmax, check_every_split_in};
@@ -31,6 +31,7 @@ enum Oracle {
     Mistral(Box<mistral::Model>),
     Qwen2(Box<qwen2::ModelForCausalLM>),
     Qwen3(Box<qwen3::ModelForCausalLM>),
+    Phi3(Box<phi3::Model>),
 }
 
 impl Oracle {
@@ -62,6 +63,10 @@ impl Oracle {
                 let cfg: qwen3::Config = serde_json::from_str(&config).unwrap();
                 Oracle::Qwen3(Box::new(qwen3::ModelForCausalLM::new(&cfg, vb).unwrap()))
             }
+            Phi3 => {
+                let cfg: phi3::Config = serde_json::from_str(&config).unwrap();
+                Oracle::Phi3(Box::new(phi3::Model::new(&cfg, vb).unwrap()))
+            }
         }
     }
 
@@ -76,6 +81,7 @@ impl Oracle {
             Oracle::Mistral(m) => m.forward(&input, position).unwrap(),
             Oracle::Qwen2(m) => m.forward(&input, position).unwrap(),
             Oracle::Qwen3(m) => m.forward(&input, position).unwrap(),
+            Oracle::Phi3(m) => m.forward(&input, position).unwrap(),
         };
         logits.flatten_all().unwrap().to_vec1().unwrap()
     }
@@ -156,6 +162,11 @@ fn qwen2_stages_match_the_whole_model() {
 #[test]
 fn qwen3_stages_match_the_whole_model() {
     check_family(TinyModel::qwen3());
+}
+
+#[test]
+fn phi3_stages_match_the_whole_model() {
+    check_family(TinyModel::phi3());
 }
 
 #[test]

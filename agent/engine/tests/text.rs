@@ -320,3 +320,57 @@ fn a_qwen3_shaped_model_with_the_real_tokenizer_chats_end_to_end() {
             .all(|&t| (t as usize) < pipeline.folder.tokenizer.vocab_size())
     );
 }
+
+#[test]
+fn a_phi3_shaped_model_with_the_published_phi_3_5_template_chats_end_to_end() {
+    let Some(data) = shared_data() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    TinyModel::phi3().write(dir.path()).unwrap();
+    // Phi-3.5-mini-instruct's own template in place of the fixture's.
+    let config_path = dir.path().join("tokenizer_config.json");
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["chat_template"] = json!(
+        std::fs::read_to_string(data.join("chat-templates/microsoft-Phi-3.5-mini-instruct.jinja"))
+            .unwrap()
+    );
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let pipeline = LocalPipeline::load(
+        dir.path(),
+        &LoadOptions {
+            split: Some("0-1,2-3".into()),
+            device: DeviceKind::Cpu,
+            dtype: Some(WeightDType::F32),
+        },
+    )
+    .unwrap();
+    let ids = pipeline
+        .encode_chat(&json!([
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hello"},
+        ]))
+        .unwrap();
+    let tokenizer = &pipeline.folder.tokenizer;
+    assert_eq!(
+        tokenizer.decode(&ids, false).unwrap(),
+        "<|system|>\nBe brief.<|end|>\n<|user|>\nHello<|end|>\n<|assistant|>\n"
+    );
+    // The role markers are single tokens, as in the published tokenizer.
+    let end = match tokenizer.encode("<|end|>", false).unwrap()[..] {
+        [id] => id,
+        ref other => panic!("<|end|> is {other:?}"),
+    };
+    assert_eq!(ids.iter().filter(|&&t| t == end).count(), 2, "{ids:?}");
+    assert!(pipeline.folder.eos_token_ids.contains(&end));
+    let mut streamed = String::new();
+    let options = GenerateOptions {
+        max_tokens: 12,
+        ignore_eos: true,
+        ..GenerateOptions::default()
+    };
+    let g = pipeline
+        .generate(1, &ids, &options, &mut |p| streamed.push_str(p))
+        .unwrap();
+    assert_eq!(g.token_ids.len(), 12);
+    assert_eq!(streamed, g.text);
+}

@@ -3,20 +3,13 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use clap::{Args, ValueEnum};
+use clap::Args;
+use clap::builder::{PossibleValuesParser, TypedValueParser};
 use cluster_fixtures::{Arch, TinyModel};
 
-/// Architectures `make-model` can write.
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum ArchArg {
-    /// LlamaForCausalLM with Llama 3.1 rope scaling.
-    Llama,
-    /// MistralForCausalLM.
-    Mistral,
-    /// Qwen2ForCausalLM.
-    Qwen2,
-    /// Qwen3ForCausalLM.
-    Qwen3,
+/// The architectures the fixtures write, listed in `--help` and in the error for another.
+fn arch_parser() -> impl TypedValueParser<Value = Arch> {
+    PossibleValuesParser::new(Arch::ALL.map(|a| a.names().1)).try_map(|s| s.parse::<Arch>())
 }
 
 /// Flags of `clusteragent make-model`.
@@ -25,9 +18,9 @@ pub struct MakeModelArgs {
     /// Folder to write (created; must be empty or absent).
     #[arg(long)]
     pub out: PathBuf,
-    /// Architecture.
-    #[arg(long, value_enum, default_value = "qwen3")]
-    pub arch: ArchArg,
+    /// Architecture (its `model_type`).
+    #[arg(long, default_value = "qwen3", value_parser = arch_parser())]
+    pub arch: Arch,
     /// Decoder layers.
     #[arg(long, default_value_t = 4)]
     pub layers: usize,
@@ -98,12 +91,7 @@ pub fn run(args: MakeModelArgs) -> Result<()> {
             args.heads
         );
     }
-    let base = match args.arch {
-        ArchArg::Llama => TinyModel::llama(),
-        ArchArg::Mistral => TinyModel::mistral(),
-        ArchArg::Qwen2 => TinyModel::qwen2(),
-        ArchArg::Qwen3 => TinyModel::qwen3(),
-    };
+    let base = TinyModel::of(args.arch);
     let model = TinyModel {
         hidden: args.hidden,
         intermediate: args.intermediate,
