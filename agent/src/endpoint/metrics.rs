@@ -9,6 +9,21 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+/// A label value as the text exposition format writes it: backslash, double quote and line
+/// feed escaped, so no name a user chose can end a label or a line early.
+fn label(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// Upper bounds of the latency buckets, in seconds.
 const BUCKETS: [f64; 14] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -122,7 +137,11 @@ impl Metrics {
     /// The Prometheus text exposition.
     pub fn render(&self, endpoint: &str, pipeline: &str, g: &PipelineGauges) -> String {
         let mut out = String::new();
-        let l = format!("endpoint=\"{endpoint}\",pipeline=\"{pipeline}\"");
+        let l = format!(
+            "endpoint=\"{}\",pipeline=\"{}\"",
+            label(endpoint),
+            label(pipeline)
+        );
         let _ = writeln!(
             out,
             "# HELP clusteragent_requests_total Requests by route and HTTP status.\n# TYPE clusteragent_requests_total counter"
@@ -135,7 +154,8 @@ impl Metrics {
         {
             let _ = writeln!(
                 out,
-                "clusteragent_requests_total{{{l},route=\"{route}\",status=\"{status}\"}} {n}"
+                "clusteragent_requests_total{{{l},route=\"{}\",status=\"{status}\"}} {n}",
+                label(route)
             );
         }
         let counters = [
@@ -265,7 +285,7 @@ impl Metrics {
                     out,
                     "{name}{{{l},stage=\"{}\",node=\"{}\"}} {}",
                     st.index,
-                    st.node,
+                    label(&st.node),
                     value(st)
                 );
             }
@@ -330,5 +350,21 @@ mod tests {
         assert!(text.contains("clusteragent_stage_memory_bytes{endpoint=\"api\",pipeline=\"p\",stage=\"0\",node=\"a\"} 1024"));
         assert!(text.contains("clusteragent_stage_last_pass_seconds{endpoint=\"api\",pipeline=\"p\",stage=\"0\",node=\"a\"} 0.25"));
         assert!(text.contains("clusteragent_ring_serving{endpoint=\"api\",pipeline=\"p\"} 1"));
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        let text = Metrics::default().render("a\"b", "c\\d\ne", &PipelineGauges::default());
+        assert!(
+            text.contains(
+                "clusteragent_prompt_tokens_total{endpoint=\"a\\\"b\",pipeline=\"c\\\\d\\ne\"} 0"
+            ),
+            "{text}"
+        );
+        // Every sample is one line: no value broke one.
+        assert!(
+            text.lines()
+                .all(|l| l.starts_with('#') || l.starts_with("clusteragent_"))
+        );
     }
 }
