@@ -32,35 +32,10 @@ pub fn read(limit: Option<u64>) -> Inventory {
     inv
 }
 
-/// `2026-11-30T10:02:01Z` for a time given as seconds since the Unix epoch.
-pub fn rfc3339(unix_seconds: u64) -> String {
-    let days = unix_seconds / 86_400;
-    let secs = unix_seconds % 86_400;
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        secs / 3600,
-        secs % 3600 / 60,
-        secs % 60
-    )
-}
-
-/// The current time, RFC 3339.
+/// The current time, RFC 3339 in whole seconds (`2026-11-30T10:02:01Z`), as `clusterctl`
+/// reads it back.
 pub fn now() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    rfc3339(secs)
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
 }
 
 #[cfg(test)]
@@ -68,10 +43,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn dates_are_civil() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
-        assert_eq!(rfc3339(1_796_032_921), "2026-11-30T10:02:01Z");
+    fn times_are_rfc3339_in_whole_seconds_and_read_back() {
+        let text = now();
+        assert_eq!(
+            (text.len(), &text[10..11], &text[19..]),
+            (20, "T", "Z"),
+            "{text}"
+        );
+        let read = humantime::parse_rfc3339(&text).unwrap_or_else(|e| panic!("{text}: {e}"));
+        let apart = std::time::SystemTime::now()
+            .duration_since(read)
+            .unwrap_or_default();
+        assert!(apart < std::time::Duration::from_secs(5), "{text}");
     }
 
     #[test]

@@ -1,10 +1,106 @@
-//! What the agent's HTTP servers (the control plane and the endpoints) share: the bearer
-//! credential of a request, a comparison that does not leak where two secrets differ, the
-//! request body filter, and waiting for SIGTERM or SIGINT.
+//! What the agent's HTTP servers (the control plane, the endpoints and their forwarders, a
+//! stage's API) share: the one [`serve`] that runs them (header timeout, graceful shutdown), the
+//! request body filter and its limits, the bearer credential of a request, a comparison that
+//! does not leak where two secrets differ, and waiting for SIGTERM or SIGINT.
+
+use std::future::Future;
+use std::time::Duration;
 
 use bytes::Bytes;
-use warp::Filter;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
 use warp::http::HeaderMap;
+use warp::{Filter, Reply};
+
+/// Largest body of an OpenAI request (an endpoint's, forwarded or not) and of a stage's API:
+/// a prompt of a whole context in JSON fits many times over.
+pub const REQUEST_BODY_LIMIT: u64 = 16 << 20;
+
+/// Largest body of a control-plane call (an apply of many manifests, a sync of the store).
+pub const CONTROL_BODY_LIMIT: u64 = 64 << 20;
+
+/// How long a client may take to send a request's headers, and how long a kept-alive
+/// connection may sit idle before the next request: the connection is closed after it, so a
+/// client that opens connections and sends nothing holds no task for long. Longer than the
+/// idle age of the agents' own connection pools (ureq keeps one 15 s).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long requests in flight may run on after a server is told to stop.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// Serves `routes` on `listener` until `shutdown` resolves, then stops accepting and lets the
+/// requests in flight finish for at most [`SHUTDOWN_GRACE`]. Every server of the agent runs
+/// through here, so the header timeout ([`HEADER_READ_TIMEOUT`]) holds for all of them.
+pub async fn serve<F>(
+    routes: F,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) where
+    F: Filter + Clone + Send + Sync + 'static,
+    F::Extract: Reply,
+{
+    serve_with(routes, listener, shutdown, HEADER_READ_TIMEOUT).await;
+}
+
+async fn serve_with<F>(
+    routes: F,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    header_timeout: Duration,
+) where
+    F: Filter + Clone + Send + Sync + 'static,
+    F::Extract: Reply,
+{
+    let service = warp::service(routes);
+    let graceful = GracefulShutdown::new();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = &mut shutdown => break,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors, most likely: give connections time to close rather
+                // than spin.
+                tracing::warn!("accepting a connection: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let connection = builder
+            .serve_connection_with_upgrades(
+                TokioIo::new(stream),
+                TowerToHyperService::new(service.clone()),
+            )
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!("HTTP connection: {e}");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "requests still running {} s after shutdown; leaving them",
+            SHUTDOWN_GRACE.as_secs()
+        );
+    }
+}
 
 /// The credential of `Authorization: Bearer ...`, if the request has one.
 pub fn bearer(headers: &HeaderMap) -> Option<&str> {
@@ -19,10 +115,11 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
         .map(str::trim)
 }
 
-/// Compares without stopping at the first differing byte, so timing does not reveal a secret.
+/// Compares without stopping at the first differing byte, so timing does not reveal a secret
+/// (only its length).
 pub fn same(a: &str, b: &str) -> bool {
-    let (a, b) = (a.as_bytes(), b.as_bytes());
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    use subtle::ConstantTimeEq;
+    a.as_bytes().ct_eq(b.as_bytes()).into()
 }
 
 /// Why a request's body was refused before it was read.
@@ -102,6 +199,63 @@ pub async fn wait_for_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_client_that_never_finishes_its_headers_is_cut_off_and_others_are_served() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let routes = warp::path!("healthz").map(|| "ok");
+        let server = tokio::spawn(serve_with(
+            routes,
+            listener,
+            async {
+                let _ = stopped.await;
+            },
+            Duration::from_millis(300),
+        ));
+        let mut slow = tokio::net::TcpStream::connect(addr)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        // A whole request on another connection meanwhile is answered.
+        let mut quick = tokio::net::TcpStream::connect(addr)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        quick
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut answer = String::new();
+        quick
+            .read_to_string(&mut answer)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            answer.starts_with("HTTP/1.1 200") && answer.ends_with("ok"),
+            "{answer}"
+        );
+        // The slow one is closed once the timeout passes, without an answer.
+        let started = std::time::Instant::now();
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut rest)).await;
+        assert!(read.is_ok(), "the half-sent request was never cut off");
+        assert!(
+            !String::from_utf8_lossy(&rest).contains("200 OK"),
+            "{rest:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(2));
+        let _ = stop.send(());
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .unwrap_or_else(|_| panic!("the server did not stop"))
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
 
     #[test]
     fn bearer_credentials_are_read_and_compared() {

@@ -56,25 +56,11 @@ pub fn gpus(list: Option<&[cluster_api::cluster::Gpu]>) -> String {
     }
 }
 
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
 /// Seconds since the epoch of `2026-11-30T10:02:01Z`.
 pub fn parse_time(text: &str) -> Option<i64> {
-    let t = text.strip_suffix('Z')?;
-    let (date, time) = t.split_once('T')?;
-    let mut d = date.split('-').map(|p| p.parse::<i64>().ok());
-    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
-    let mut c = time.split(':').map(|p| p.parse::<i64>().ok());
-    let (h, min, s) = (c.next()??, c.next()??, c.next()??);
-    Some(days_from_civil(y, m, day) * 86_400 + h * 3600 + min * 60 + s)
+    let time = humantime::parse_rfc3339(text).ok()?;
+    let secs = time.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs();
+    i64::try_from(secs).ok()
 }
 
 /// `5s`, `3m`, `2h`, `4d` since an RFC 3339 time.
@@ -132,6 +118,7 @@ mod tests {
     fn times_parse() {
         assert_eq!(parse_time("1970-01-02T00:00:01Z"), Some(86_401));
         assert_eq!(parse_time("2026-11-30T10:02:01Z"), Some(1_796_032_921));
+        assert_eq!(parse_time("2026-11-30 10:02"), None);
         assert_eq!(bytes(1536), "1.5 KiB");
     }
 }

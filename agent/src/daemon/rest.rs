@@ -455,7 +455,6 @@ async fn model_bytes(
 
 /// Every route of the control plane, in one place (the table at the top of this file).
 fn routes(agent: Arc<Agent>) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
-    const BODY_LIMIT: u64 = 64 << 20;
     let a = agent.clone();
     let with_agent = warp::any().map(move || a.clone());
     let read = auth(agent.clone(), Access::Read);
@@ -490,7 +489,7 @@ fn routes(agent: Arc<Agent>) -> impl Filter<Extract = (Response,), Error = Infal
         .and(write.clone())
         .and(with_agent.clone())
         .and(query)
-        .and(crate::web::body(BODY_LIMIT))
+        .and(crate::web::body(crate::web::CONTROL_BODY_LIMIT))
         .then(apply);
     let list = warp::path!("api" / "v1" / String)
         .and(warp::get())
@@ -514,13 +513,13 @@ fn routes(agent: Arc<Agent>) -> impl Filter<Extract = (Response,), Error = Infal
         .and(warp::post())
         .and(write.clone())
         .and(with_agent.clone())
-        .and(crate::web::body(BODY_LIMIT))
+        .and(crate::web::body(crate::web::CONTROL_BODY_LIMIT))
         .then(inspect_model);
     let sync = warp::path!("internal" / "v1" / "sync")
         .and(warp::post())
         .and(write)
         .and(with_agent.clone())
-        .and(crate::web::body(BODY_LIMIT))
+        .and(crate::web::body(crate::web::CONTROL_BODY_LIMIT))
         .then(sync);
     let digests = warp::path!("internal" / "v1" / "models" / String / "digests" / ..)
         .and(warp::path::tail())
@@ -540,7 +539,7 @@ fn routes(agent: Arc<Agent>) -> impl Filter<Extract = (Response,), Error = Infal
         .and(with_agent.clone())
         .and(warp::method())
         .and(warp::header::headers_cloned())
-        .and(crate::web::body(16 << 20))
+        .and(crate::web::body(crate::web::REQUEST_BODY_LIMIT))
         .and_then(|name, tail, agent, method, headers, body| {
             forwarded(agent, name, tail, method, headers, body)
         });
@@ -676,9 +675,5 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
-    warp::serve(routes(agent))
-        .incoming(listener)
-        .graceful(shutdown)
-        .run()
-        .await;
+    crate::web::serve(routes(agent), listener, shutdown).await;
 }

@@ -188,13 +188,9 @@ pub async fn serve(
         .and(warp::method())
         .and(warp::path::full())
         .and(warp::header::headers_cloned())
-        .and(crate::web::body(16 << 20))
+        .and(crate::web::body(crate::web::REQUEST_BODY_LIMIT))
         .and_then(handle)
         .recover(refused_body)
         .unify();
-    warp::serve(routes)
-        .incoming(listener)
-        .graceful(shutdown)
-        .run()
-        .await;
+    crate::web::serve(routes, listener, shutdown).await;
 }

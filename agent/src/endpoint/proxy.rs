@@ -4,13 +4,14 @@
 //! away closes the forwarded connection, which cancels its sequence on the head as usual.
 
 use std::convert::Infallible;
-use std::io::Read;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
 use warp::http::{HeaderMap, Method, StatusCode};
 use warp::reply::Response;
 use warp::{Filter, Reply};
@@ -40,84 +41,51 @@ const PASSED: [&str; 4] = [
     "cache-control",
 ];
 
-type Head = Result<(u16, Vec<(String, String)>), String>;
+/// How long connecting to the head may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-fn forward_blocking(
+/// How long the head may take to answer a request's headers (a long prompt is prefilled
+/// before the first byte of a non-streamed answer).
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Sends the request to the head on a connection of its own and returns the answer's status,
+/// the headers passed back, and its body as it arrives. Dropping the body closes the
+/// connection, which cancels the sequence on the head.
+async fn send(
     target: &Target,
     method: &Method,
     path: &str,
     headers: &HeaderMap,
     body: Bytes,
-    head_tx: oneshot::Sender<Head>,
-    chunks: mpsc::Sender<Result<Bytes, std::io::Error>>,
-) {
-    let http: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_connect(Some(Duration::from_secs(5)))
-        .timeout_recv_response(Some(Duration::from_secs(60)))
-        .http_status_as_error(false)
-        .build()
-        .into();
-    let url = format!(
-        "http://{}/internal/v1/endpoints/{}{path}",
-        target.head, target.endpoint
-    );
-    let mut req = ureq::http::Request::builder()
+) -> Result<hyper::Response<hyper::body::Incoming>, String> {
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&target.head))
+        .await
+        .map_err(|_| format!("connecting took over {} s", CONNECT_TIMEOUT.as_secs()))?
+        .map_err(|e| format!("connecting: {e}"))?;
+    let _ = stream.set_nodelay(true);
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!("forwarded connection: {e}");
+        }
+    });
+    let mut req = hyper::Request::builder()
         .method(method.as_str())
-        .uri(&url)
+        .uri(format!("/internal/v1/endpoints/{}{path}", target.endpoint))
+        .header("host", &target.head)
         .header(TOKEN_HEADER, &target.token);
     for name in PASSED {
-        if let Some(v) = headers.get(name).and_then(|v| v.to_str().ok()) {
+        if let Some(v) = headers.get(name) {
             req = req.header(name, v);
         }
     }
-    let req = match req.body(body.to_vec()) {
-        Ok(r) => r,
-        Err(e) => {
-            let _ = head_tx.send(Err(e.to_string()));
-            return;
-        }
-    };
-    let resp = match http.run(req) {
-        Ok(r) => r,
-        Err(e) => {
-            let _ = head_tx.send(Err(e.to_string()));
-            return;
-        }
-    };
-    let status = resp.status().as_u16();
-    let passed: Vec<(String, String)> = PASSED
-        .iter()
-        .filter_map(|n| {
-            resp.headers()
-                .get(*n)
-                .and_then(|v| v.to_str().ok())
-                .map(|v| (n.to_string(), v.to_string()))
-        })
-        .collect();
-    if head_tx.send(Ok((status, passed))).is_err() {
-        return;
-    }
-    let mut reader = resp.into_body().into_reader();
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        match reader.read(&mut buf) {
-            Ok(0) => return,
-            Ok(n) => {
-                // The client went away: returning drops the connection to the head, which
-                // cancels the sequence there.
-                if chunks
-                    .blocking_send(Ok(Bytes::copy_from_slice(&buf[..n])))
-                    .is_err()
-                {
-                    return;
-                }
-            }
-            Err(e) => {
-                let _ = chunks.blocking_send(Err(e));
-                return;
-            }
-        }
-    }
+    let req = req.body(Full::new(body)).map_err(|e| e.to_string())?;
+    tokio::time::timeout(ANSWER_TIMEOUT, sender.send_request(req))
+        .await
+        .map_err(|_| format!("no answer within {} s", ANSWER_TIMEOUT.as_secs()))?
+        .map_err(|e| e.to_string())
 }
 
 async fn forward(
@@ -127,16 +95,9 @@ async fn forward(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, Infallible> {
-    let (head_tx, head_rx) = oneshot::channel();
-    let (tx, mut rx) = mpsc::channel(16);
-    let path = path.as_str().to_string();
-    let t = target.clone();
-    tokio::task::spawn_blocking(move || {
-        forward_blocking(&t, &method, &path, &headers, body, head_tx, tx)
-    });
-    let (status, passed) = match head_rx.await {
-        Ok(Ok(h)) => h,
-        Ok(Err(why)) => {
+    let answer = match send(&target, &method, path.as_str(), &headers, body).await {
+        Ok(a) => a,
+        Err(why) => {
             return Ok(openai::error(
                 503,
                 format!(
@@ -148,16 +109,38 @@ async fn forward(
                 None,
             ));
         }
-        Err(_) => {
-            return Ok(openai::error(
-                503,
-                "the forwarded request ended without an answer",
-                "service_unavailable",
-                None,
-                None,
-            ));
-        }
     };
+    let status = answer.status().as_u16();
+    let passed: Vec<(String, String)> = PASSED
+        .iter()
+        .filter_map(|n| {
+            answer
+                .headers()
+                .get(*n)
+                .and_then(|v| v.to_str().ok())
+                .map(|v| (n.to_string(), v.to_string()))
+        })
+        .collect();
+    // The body's chunks go to the client as they come; a task of its own owns the head's
+    // connection, so a client that goes away (the receiver dropped) ends it.
+    let (tx, mut rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(16);
+    let mut incoming = answer.into_body();
+    tokio::spawn(async move {
+        while let Some(frame) = incoming.frame().await {
+            let chunk = match frame {
+                Ok(frame) => match frame.into_data() {
+                    Ok(data) => Ok(data),
+                    // Trailers: nothing to pass on.
+                    Err(_) => continue,
+                },
+                Err(e) => Err(std::io::Error::other(e)),
+            };
+            let failed = chunk.is_err();
+            if tx.send(chunk).await.is_err() || failed {
+                return;
+            }
+        }
+    });
     let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
     let mut response = warp::reply::stream(stream).into_response();
     *response.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
@@ -184,13 +167,9 @@ pub async fn serve(
         .and(warp::method())
         .and(warp::path::full())
         .and(warp::header::headers_cloned())
-        .and(crate::web::body(16 << 20))
+        .and(crate::web::body(crate::web::REQUEST_BODY_LIMIT))
         .and_then(forward)
         .recover(super::refused_body)
         .unify();
-    warp::serve(routes)
-        .incoming(listener)
-        .graceful(shutdown)
-        .run()
-        .await;
+    crate::web::serve(routes, listener, shutdown).await;
 }

@@ -192,7 +192,9 @@ pub async fn serve(
     let generate_route = warp::post()
         .and(warp::path!("generate"))
         .and(with_shared.clone())
-        .and(warp::body::content_length_limit(16 << 20))
+        .and(warp::body::content_length_limit(
+            crate::web::REQUEST_BODY_LIMIT,
+        ))
         .and(warp::body::bytes())
         .and_then(generate);
     let health_route = warp::get()
@@ -200,11 +202,7 @@ pub async fn serve(
         .and(with_shared)
         .map(health);
     let routes = generate_route.or(health_route);
-    warp::serve(routes)
-        .incoming(listener)
-        .graceful(shutdown)
-        .run()
-        .await;
+    crate::web::serve(routes, listener, shutdown).await;
 }
 
 /// Binds the API's address, naming it when that fails.
