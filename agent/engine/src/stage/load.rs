@@ -103,7 +103,7 @@ impl Stage {
             head,
             caches: Mutex::new(HashMap::new()),
             busy: AtomicUsize::new(0),
-            pool: super::pass_pool()?,
+            pool: super::pool::pass_pool()?,
             weight_bytes: t.bytes,
             files: t.files,
         })
@@ -208,7 +208,7 @@ impl Stage {
             head,
             caches: Mutex::new(HashMap::new()),
             busy: AtomicUsize::new(0),
-            pool: super::pass_pool()?,
+            pool: super::pool::pass_pool()?,
             weight_bytes: held,
             files: vec![file.path().to_path_buf()],
         })
