@@ -122,15 +122,20 @@ fn piece_end(text: &str, most: usize) -> usize {
 /// Turns a stream of token ids into a stream of text pieces.
 ///
 /// Decoding token by token breaks multi-byte characters (byte-level BPE splits them across
-/// tokens) and loses the spaces some decoders add between tokens. We decode a short window of
-/// recent tokens and emit only the text that the window adds beyond what was already emitted,
-/// holding it back while it ends in an incomplete character (shown by the replacement char).
+/// tokens) and loses the spaces some decoders add between tokens. Each step is the
+/// `tokenizers` crate's own streaming step (what its `DecodeStream` runs): a short window of
+/// recent tokens is decoded, and only the text it adds beyond what was already emitted comes
+/// out, held back while it ends in an incomplete character (the replacement character). The
+/// state lives here rather than in a `DecodeStream`, which borrows the tokenizer for the
+/// stream's whole life; [`IncrementalDecoder::finish`] adds what `DecodeStream` has no step
+/// for: the text still held back when a sequence ends.
 pub struct IncrementalDecoder {
+    /// The window decoded together.
     ids: Vec<u32>,
-    /// Start of the window decoded for context.
-    prefix_offset: usize,
-    /// End of what has been emitted.
-    read_offset: usize,
+    /// The window's text already emitted.
+    prefix: String,
+    /// Where, in `ids`, the tokens of `prefix` end.
+    prefix_index: usize,
     skip_special: bool,
 }
 
@@ -139,49 +144,41 @@ impl IncrementalDecoder {
     pub fn new(skip_special: bool) -> Self {
         Self {
             ids: Vec::new(),
-            prefix_offset: 0,
-            read_offset: 0,
+            prefix: String::new(),
+            prefix_index: 0,
             skip_special,
         }
     }
 
     /// Adds a token; returns the text it completes, if any.
     pub fn push(&mut self, tokenizer: &TextTokenizer, id: u32) -> Result<Option<String>> {
-        self.ids.push(id);
-        let prefix = tokenizer.decode(
-            &self.ids[self.prefix_offset..self.read_offset],
+        tokenizers::tokenizer::step_decode_stream(
+            &*tokenizer.inner,
+            vec![id],
             self.skip_special,
-        )?;
-        let full = tokenizer.decode(&self.ids[self.prefix_offset..], self.skip_special)?;
-        if full.len() > prefix.len()
-            && !full.ends_with('\u{FFFD}')
-            && full.is_char_boundary(prefix.len())
-        {
-            let piece = full[prefix.len()..].to_string();
-            self.prefix_offset = self.read_offset;
-            self.read_offset = self.ids.len();
-            Ok(Some(piece))
-        } else {
-            Ok(None)
-        }
+            &mut self.ids,
+            &mut self.prefix,
+            &mut self.prefix_index,
+        )
+        .map_err(|e| EngineError::Tokenizer {
+            context: format!("decoding token {id}"),
+            message: e.to_string(),
+        })
     }
 
     /// Text still held back at the end of the sequence (an incomplete character, shown as the
     /// replacement character, rather than silently dropped).
     pub fn finish(&mut self, tokenizer: &TextTokenizer) -> Result<Option<String>> {
-        if self.read_offset == self.ids.len() {
+        if self.ids.is_empty() {
             return Ok(None);
         }
-        let prefix = tokenizer.decode(
-            &self.ids[self.prefix_offset..self.read_offset],
-            self.skip_special,
-        )?;
-        let full = tokenizer.decode(&self.ids[self.prefix_offset..], self.skip_special)?;
-        self.read_offset = self.ids.len();
-        if full.len() > prefix.len() && full.is_char_boundary(prefix.len()) {
-            Ok(Some(full[prefix.len()..].to_string()))
-        } else {
-            Ok(None)
-        }
+        let full = tokenizer.decode(&self.ids, self.skip_special)?;
+        self.ids.clear();
+        let prefix = std::mem::take(&mut self.prefix);
+        self.prefix_index = 0;
+        Ok(match full.strip_prefix(prefix.as_str()) {
+            Some(rest) if !rest.is_empty() => Some(rest.to_string()),
+            _ => None,
+        })
     }
 }

@@ -12,7 +12,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use cluster_engine::ModelFolder;
 use cluster_engine::gguf::GgufFile;
-use cluster_engine::tokenizer::TextTokenizer;
+use cluster_engine::tokenizer::{IncrementalDecoder, TextTokenizer};
 use cluster_fixtures::shared_data;
 use cluster_fixtures::{TinyModel, tokenizer_metadata};
 
@@ -249,6 +249,22 @@ fn gguf_tokenizers_encode_llama_cpps_test_strings_to_its_ids() {
             } else if failures.len() < 40 {
                 failures.push(format!(
                     "{name}: {text:?}\n  ours      {got:?}\n  llama.cpp {want:?}"
+                ));
+            }
+            // Streamed token by token, the ids give the text they give decoded whole.
+            let whole = tokenizer.decode(want, false).unwrap();
+            let mut decoder = IncrementalDecoder::new(false);
+            let mut streamed = String::new();
+            for &id in want {
+                match decoder.push(&tokenizer, id) {
+                    Ok(piece) => streamed.extend(piece),
+                    Err(e) => panic!("{name}: {text:?}: {e}"),
+                }
+            }
+            streamed.extend(decoder.finish(&tokenizer).unwrap());
+            if streamed != whole && failures.len() < 40 {
+                failures.push(format!(
+                    "{name}: {text:?} streams as {streamed:?}, decodes whole as {whole:?}"
                 ));
             }
         }

@@ -60,6 +60,23 @@ fn qwen_tokenizer_encodes_as_qwen_and_streams_whole_characters() {
         "the text should contain characters split across tokens"
     );
     assert_eq!(stream(&tokenizer, &ids), MIXED_TEXT);
+    // A sequence that ends inside a character shows the rest as the replacement character
+    // rather than dropping it: the text cut after the first token that ends mid-character.
+    let cut = (1..ids.len())
+        .map(|k| &ids[..k])
+        .find(|c| tokenizer.decode(c, false).unwrap().ends_with('\u{FFFD}'))
+        .unwrap();
+    let whole = tokenizer.decode(cut, false).unwrap();
+    let mut decoder = IncrementalDecoder::new(false);
+    let mut streamed = String::new();
+    for &id in cut {
+        streamed.extend(decoder.push(&tokenizer, id).unwrap());
+    }
+    assert!(!streamed.contains('\u{FFFD}'), "{streamed:?}");
+    let rest = decoder.finish(&tokenizer).unwrap().unwrap();
+    assert!(rest.ends_with('\u{FFFD}'), "{rest:?}");
+    assert_eq!(streamed + &rest, whole);
+    assert_eq!(decoder.finish(&tokenizer).unwrap(), None);
 }
 
 /// A prompt far past the context is refused after counting a few pieces of it, and text within

@@ -25,11 +25,15 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde::Deserialize;
 
-/// Flags of the daemon (`clusteragent` with no subcommand).
-#[derive(Debug, Default, Args)]
+/// The daemon's settings as given: flags of `clusteragent` with no subcommand (each also an
+/// environment variable), and the same settings, by the flags' names, in the config file.
+/// [`Settings::resolve`] takes each from the first of flags, environment, file that has it.
+#[derive(Debug, Default, Args, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct DaemonArgs {
     /// Config file (YAML; keys are these flags' names: name, listen, data-dir, ...).
     #[arg(long, env = "CLUSTERAGENT_CONFIG")]
+    #[serde(skip)]
     pub config: Option<PathBuf>,
     /// This node's name: the `Node` object it answers for [default: the host name].
     #[arg(long, env = "CLUSTERAGENT_NAME")]
@@ -70,24 +74,6 @@ pub struct DaemonArgs {
     /// Milliseconds a stage's compute thread polls for work before sleeping [default: 20].
     #[arg(long, env = "CLUSTERAGENT_COMPUTE_SPIN_MS")]
     pub compute_spin_ms: Option<u64>,
-}
-
-/// The config file: the same settings, by the flags' names.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-struct FileSettings {
-    name: Option<String>,
-    listen: Option<String>,
-    data_dir: Option<PathBuf>,
-    ring_listen: Option<String>,
-    token_file: Option<PathBuf>,
-    open_reads: Option<bool>,
-    max_memory: Option<String>,
-    model_cache_max: Option<String>,
-    heartbeat_ms: Option<u64>,
-    node_timeout_ms: Option<u64>,
-    grace_period: Option<f64>,
-    compute_spin_ms: Option<u64>,
 }
 
 /// Resolved settings.
@@ -217,14 +203,14 @@ fn load_token(file: Option<&Path>, data_dir: &Path) -> Result<(String, PathBuf)>
 impl Settings {
     /// Flags and environment over the config file over defaults.
     pub fn resolve(args: DaemonArgs) -> Result<Self> {
-        let file: FileSettings = match &args.config {
+        let file: DaemonArgs = match &args.config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .with_context(|| format!("reading the config file {}", path.display()))?;
                 serde_yaml::from_str(&text)
                     .with_context(|| format!("config file {}", path.display()))?
             }
-            None => FileSettings::default(),
+            None => DaemonArgs::default(),
         };
         let name = args.name.or(file.name).unwrap_or_else(default_name);
         cluster_api::manifest::check_name(&name).map_err(|why| anyhow::anyhow!("--name: {why}"))?;
