@@ -132,14 +132,12 @@ impl Packed<'_> {
                                 s.avx._mm256_set1_epi8(1 << (2 * c)),
                                 s.avx._mm256_set1_epi8((1u8 << (2 * c + 1)) as i8),
                             );
-                            lo[m] = s.avx2._mm256_or_si256(
-                                lo[m],
-                                sixteen_where(s, bits, bit_lo, sixteen),
-                            );
-                            hi[m] = s.avx2._mm256_or_si256(
-                                hi[m],
-                                sixteen_where(s, bits, bit_hi, sixteen),
-                            );
+                            lo[m] = s
+                                .avx2
+                                ._mm256_or_si256(lo[m], sixteen_where(s, bits, bit_lo, sixteen));
+                            hi[m] = s
+                                .avx2
+                                ._mm256_or_si256(hi[m], sixteen_where(s, bits, bit_hi, sixteen));
                         }
                     }
                     let sc_lo = s
@@ -234,8 +232,8 @@ impl Packed<'_> {
         // From a pair of sub-blocks' scales (16 bits each in lane `r`, see `pairs` below),
         // the first's or the second's in both halves of every lane.
         let first = s.avx._mm256_setr_epi8(
-            0, 1, 0, 1, 4, 5, 4, 5, 8, 9, 8, 9, 12, 13, 12, 13, 0, 1, 0, 1, 4, 5, 4, 5, 8, 9,
-            8, 9, 12, 13, 12, 13,
+            0, 1, 0, 1, 4, 5, 4, 5, 8, 9, 8, 9, 12, 13, 12, 13, 0, 1, 0, 1, 4, 5, 4, 5, 8, 9, 8, 9,
+            12, 13, 12, 13,
         );
         let second = s.avx2._mm256_add_epi8(first, s.avx._mm256_set1_epi8(2));
         for (group, dst) in self
@@ -277,23 +275,18 @@ impl Packed<'_> {
                             let n = 4 * t + k;
                             if BITS == 6 {
                                 let at = Q6_RUNS + 96 * (8 * h + n);
-                                let (a, c, hh) =
-                                    (load(b, at), load(b, at + 32), load(b, at + 64));
+                                let (a, c, hh) = (load(b, at), load(b, at + 32), load(b, at + 64));
                                 let a_high = s.avx2._mm256_srli_epi16::<4>(a);
                                 let c_high = s.avx2._mm256_srli_epi16::<4>(c);
                                 v[0] = s.avx2._mm256_or_si256(
                                     s.avx2._mm256_and_si256(a, low),
-                                    s.avx2._mm256_and_si256(
-                                        s.avx2._mm256_slli_epi16::<4>(hh),
-                                        top,
-                                    ),
+                                    s.avx2
+                                        ._mm256_and_si256(s.avx2._mm256_slli_epi16::<4>(hh), top),
                                 );
                                 v[1] = s.avx2._mm256_or_si256(
                                     s.avx2._mm256_and_si256(c, low),
-                                    s.avx2._mm256_and_si256(
-                                        s.avx2._mm256_slli_epi16::<2>(hh),
-                                        top,
-                                    ),
+                                    s.avx2
+                                        ._mm256_and_si256(s.avx2._mm256_slli_epi16::<2>(hh), top),
                                 );
                                 v[2] = s.avx2._mm256_or_si256(
                                     s.avx2._mm256_and_si256(a_high, low),
@@ -301,10 +294,8 @@ impl Packed<'_> {
                                 );
                                 v[3] = s.avx2._mm256_or_si256(
                                     s.avx2._mm256_and_si256(c_high, low),
-                                    s.avx2._mm256_and_si256(
-                                        s.avx2._mm256_srli_epi16::<2>(hh),
-                                        top,
-                                    ),
+                                    s.avx2
+                                        ._mm256_and_si256(s.avx2._mm256_srli_epi16::<2>(hh), top),
                                 );
                             } else {
                                 let runs = if BITS == 2 { Q2_RUNS } else { Q3_RUNS };
@@ -356,10 +347,7 @@ impl Packed<'_> {
                                         ),
                                         s.avx2._mm256_maddubs_epi16(
                                             v[k + 1][q],
-                                            s.avx._mm256_set1_epi32(four(
-                                                &x.qs,
-                                                base + 4 * k + 4,
-                                            )),
+                                            s.avx._mm256_set1_epi32(four(&x.qs, base + 4 * k + 4)),
                                         ),
                                     );
                                 }
@@ -371,10 +359,8 @@ impl Packed<'_> {
                                         s.avx2._mm256_madd_epi16(p[1], *sc),
                                     )
                                 } else {
-                                    s.avx2._mm256_madd_epi16(
-                                        s.avx2._mm256_add_epi16(p[0], p[1]),
-                                        *sc,
-                                    )
+                                    s.avx2
+                                        ._mm256_madd_epi16(s.avx2._mm256_add_epi16(p[0], p[1]), *sc)
                                 };
                                 sums = s.avx2._mm256_add_epi32(sums, products);
                             }

@@ -1,0 +1,386 @@
+//! A stage's connections: accepting its predecessor's link (on its own listener or through the
+//! agent's shared ring port), connecting to its successor with backoff, the TCP settings that
+//! notice a vanished host, and stage 0's probes around the ring.
+
+use super::*;
+
+/// Longest wait for a TCP connect or a handshake to finish.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Reconnection backoff bounds.
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// How often stage 0 sends a probe around the ring (to time its hops) and checks its sequences.
+const PROBE_INTERVAL: Duration = Duration::from_millis(200);
+/// A ring link whose peer's host stops answering at the TCP level (it lost power, its cable was
+/// pulled) is closed after about this long: keepalive probes start after 5 s of quiet, 1 s
+/// apart, and unacknowledged data waits at most 20 s. A stopped process's kernel still answers,
+/// so a SIGSTOP'ed stage stays connected (and is reported stalled by its heartbeats).
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(5);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+const KEEPALIVE_PROBES: u32 = 5;
+#[cfg(any(target_os = "linux", target_os = "android"))]
+const USER_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Keepalive and a bound on unacknowledged data, so that a vanished host ends its links.
+fn tune_link_socket(stream: &std::net::TcpStream) {
+    let sock = socket2::SockRef::from(stream);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL);
+    #[cfg(any(
+        target_os = "linux",
+        target_os = "macos",
+        target_os = "android",
+        target_os = "ios"
+    ))]
+    let keepalive = keepalive.with_retries(KEEPALIVE_PROBES);
+    #[cfg(not(any(
+        target_os = "linux",
+        target_os = "macos",
+        target_os = "android",
+        target_os = "ios"
+    )))]
+    let _ = KEEPALIVE_PROBES;
+    if let Err(e) = sock.set_tcp_keepalive(&keepalive) {
+        tracing::warn!(error = %e, "cannot set TCP keepalive on a ring link");
+    }
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    if let Err(e) = sock.set_tcp_user_timeout(Some(USER_TIMEOUT)) {
+        tracing::warn!(error = %e, "cannot set TCP_USER_TIMEOUT on a ring link");
+    }
+}
+
+pub(super) async fn accept_loop(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = stop.changed() => return,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                backoff = BACKOFF_MIN;
+                let _ = stream.set_nodelay(true);
+                let (read, write) = stream.into_split();
+                tokio::spawn(serve_inbound(
+                    shared.clone(),
+                    FrameReader::new(read),
+                    write,
+                    peer,
+                    None,
+                ));
+            }
+            Err(e) => {
+                // Running out of descriptors is transient: wait and keep accepting.
+                tracing::error!(error = %e, "accepting a ring connection failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+}
+
+/// One connection from the predecessor: handshake (its hello already read when the agent's
+/// shared ring port picked this stage by it), then hand it to the compute thread, which reads
+/// its frames from then on and notices when it ends.
+async fn serve_inbound(
+    shared: Arc<Shared>,
+    mut reader: FrameReader<tokio::net::tcp::OwnedReadHalf>,
+    mut write: tokio::net::tcp::OwnedWriteHalf,
+    peer: SocketAddr,
+    hello: Option<Frame>,
+) {
+    let n = shared.config.stages.len();
+    let predecessor = (shared.index + n - 1) % n;
+    let shook = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+        let hello = match hello {
+            Some(h) => h,
+            None => handshake::read_hello(&mut reader).await?,
+        };
+        handshake::accept_hello(
+            &mut reader,
+            &mut write,
+            &shared.identity,
+            predecessor,
+            hello,
+        )
+        .await
+    })
+    .await;
+    match shook {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(%peer, error = %e, "refused a ring connection");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(%peer, "refused a ring connection: no handshake within {} s", HANDSHAKE_TIMEOUT.as_secs());
+            return;
+        }
+    }
+    // From here the compute thread reads the connection itself, and the link thread writes
+    // heartbeats back on it.
+    let (read, buffered) = reader.into_parts();
+    let conn = read
+        .reunite(write)
+        .map_err(|e| e.to_string())
+        .and_then(|stream| stream.into_std().map_err(|e| e.to_string()))
+        .and_then(|stream| {
+            tune_link_socket(&stream);
+            let back = stream.try_clone().map_err(|e| e.to_string())?;
+            let conn =
+                InboundConn::new(stream, buffered, shared.config.describe_stage(predecessor))
+                    .map_err(|e| e.to_string())?;
+            Ok((conn, back))
+        });
+    match conn {
+        Ok((conn, back)) => {
+            tracing::info!(%peer, from = predecessor, "predecessor connected");
+            shared.link_thread.send(LinkCmd::Inbound { stream: back });
+            if shared
+                .jobs
+                .send(Job::Inbound(Box::new(conn)))
+                .await
+                .is_err()
+            {
+                tracing::warn!(%peer, "the stage stopped before it could take the connection");
+            }
+        }
+        Err(e) => tracing::warn!(%peer, error = %e, "cannot take over a ring connection"),
+    }
+}
+
+/// Keeps the link to the successor up: connect, handshake, write frames, reconnect with
+/// backoff when it drops. The link thread reads what comes back on it (heartbeats) and closes
+/// the writer when the connection ends.
+pub(super) async fn connect_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let successor = shared.config.successor(shared.index);
+    let address = shared.config.stages[successor].address.clone();
+    let who = shared.config.describe_stage(successor);
+    let mut backoff = BACKOFF_MIN;
+    let mut logged_down = false;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        match open_link(&shared, &address).await {
+            Ok(link) => {
+                backoff = BACKOFF_MIN;
+                logged_down = false;
+                tracing::info!(stage = shared.index, "connected to {who}");
+                let reason = run_link(&shared, link, &mut stop).await;
+                shared.set_outbound(None);
+                shared.link_thread.send(LinkCmd::Connecting {
+                    why: format!("it went away ({reason})"),
+                });
+                let message = format!("{who} went away: {reason}");
+                tracing::warn!(stage = shared.index, "{message}");
+                match &shared.head {
+                    Some(head) => head.fail_all(&shared, message, true),
+                    None => {
+                        let _ = shared.jobs.send(Job::DropAll).await;
+                    }
+                }
+            }
+            Err(e) => {
+                shared.link_thread.send(LinkCmd::Connecting {
+                    why: format!("{e:#}"),
+                });
+                if !logged_down {
+                    tracing::info!(
+                        stage = shared.index,
+                        "cannot reach {who} yet: {e:#}; retrying"
+                    );
+                    logged_down = true;
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stop.changed() => return,
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// A link to the successor whose handshake is done: its writing half, and the same socket
+/// with the bytes read past the handshake, for the link thread.
+struct OpenLink {
+    writer: tokio::net::tcp::OwnedWriteHalf,
+    stream: std::net::TcpStream,
+    buffered: bytes::BytesMut,
+}
+
+async fn open_link(shared: &Shared, address: &str) -> Result<OpenLink> {
+    let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(address))
+        .await
+        .context("connect timed out")??;
+    stream.set_nodelay(true)?;
+    let (read, mut write) = stream.into_split();
+    let mut reader = FrameReader::new(read);
+    tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        handshake::connect(&mut reader, &mut write, &shared.identity, shared.index),
+    )
+    .await
+    .context("handshake timed out")??;
+    let (read, buffered) = reader.into_parts();
+    let stream = read.reunite(write)?.into_std()?;
+    tune_link_socket(&stream);
+    let back = stream.try_clone()?;
+    let (_, writer) = TcpStream::from_std(stream)?.into_split();
+    Ok(OpenLink {
+        writer,
+        stream: back,
+        buffered,
+    })
+}
+
+/// Writes frames to the successor until the link breaks; returns why it ended.
+async fn run_link(shared: &Shared, open: OpenLink, stop: &mut watch::Receiver<bool>) -> String {
+    let link = Arc::new(LinkWriter::new(open.writer));
+    shared.set_outbound(Some(link.clone()));
+    shared.link_thread.send(LinkCmd::Outbound {
+        link: link.clone(),
+        stream: open.stream,
+        buffered: open.buffered,
+        id: rand::random::<u64>() | 1,
+    });
+    tokio::select! {
+        why = link.flush_forever() => why,
+        _ = stop.changed() => "this stage is stopping".into(),
+    }
+}
+
+/// Stage 0: sends a probe around the ring, which times its hops (the ring's state comes from
+/// heartbeats, not from probes), and sweeps sequences whose caller left or that wait in vain.
+pub(super) async fn probe_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let Some(head) = shared.head.clone() else {
+        return;
+    };
+    let mut tick = tokio::time::interval(PROBE_INTERVAL);
+    let mut probe_seq = 0u64;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        probe_seq += 1;
+        if shared.config.stages.len() > 1 {
+            head.probe_sent(probe_seq);
+            shared.forward(&Frame::new(
+                FrameKind::Probe,
+                &shared.config.pipeline,
+                shared.config.generation,
+                probe_seq,
+            ));
+        }
+        head.sweep(&shared);
+    }
+}
+
+/// The agent's ring port: one listener for every pipeline stage the agent runs, each connection
+/// handed to the stage its hello names.
+pub struct RingMux {
+    addr: SocketAddr,
+    stages: Mutex<std::collections::HashMap<String, Arc<Shared>>>,
+}
+
+impl RingMux {
+    /// Binds `addr` and starts accepting for as long as the runtime runs.
+    pub async fn bind(addr: &str) -> Result<Arc<Self>> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the ring port on {addr}"))?;
+        let mux = Arc::new(Self {
+            addr: listener.local_addr()?,
+            stages: Mutex::new(std::collections::HashMap::new()),
+        });
+        tokio::spawn(mux.clone().accept_loop(listener));
+        Ok(mux)
+    }
+
+    /// Where it listens.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub(super) fn register(&self, shared: Arc<Shared>) {
+        self.stages
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(shared.config.pipeline.clone(), shared);
+    }
+
+    pub(super) fn unregister(&self, shared: &Arc<Shared>) {
+        let mut stages = self.stages.lock().unwrap_or_else(PoisonError::into_inner);
+        if stages
+            .get(&shared.config.pipeline)
+            .is_some_and(|s| Arc::ptr_eq(s, shared))
+        {
+            stages.remove(&shared.config.pipeline);
+        }
+    }
+
+    async fn accept_loop(self: Arc<Self>, listener: TcpListener) {
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            match listener.accept().await {
+                Ok((stream, peer)) => {
+                    backoff = BACKOFF_MIN;
+                    tokio::spawn(self.clone().dispatch(stream, peer));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "accepting a ring connection failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+    }
+
+    async fn dispatch(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+        let _ = stream.set_nodelay(true);
+        let (read, mut write) = stream.into_split();
+        let mut reader = FrameReader::new(read);
+        let hello =
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake::read_hello(&mut reader)).await
+            {
+                Ok(Ok(h)) => h,
+                Ok(Err(e)) => {
+                    tracing::warn!(%peer, error = %e, "refused a ring connection");
+                    return;
+                }
+                Err(_) => {
+                    tracing::warn!(%peer, "refused a ring connection: no hello in time");
+                    return;
+                }
+            };
+        let shared = self
+            .stages
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&hello.pipeline)
+            .cloned();
+        match shared {
+            Some(shared) => serve_inbound(shared, reader, write, peer, Some(hello)).await,
+            None => {
+                let reason = format!(
+                    "pipeline {:?} has no stage on this node (yet)",
+                    hello.pipeline
+                );
+                tracing::warn!(%peer, "refused a ring connection: {reason}");
+                let id = RingIdentity {
+                    pipeline: hello.pipeline.clone(),
+                    generation: hello.generation,
+                    token: String::new(),
+                };
+                handshake::refuse(&mut write, &id, &reason).await;
+            }
+        }
+    }
+}
