@@ -1,0 +1,238 @@
+//! Placement: resolving a pipeline's stages onto nodes, by hand (checked against the memory
+//! each node offers) or automatically (layers split by the memory the nodes report).
+
+use super::*;
+
+/// Memory a node offers a stage of `pipeline` (see `Inventory::placeable_bytes`), or `None`
+/// when the node has not reported.
+fn offered(agent: &Agent, node: &str, pipeline: &str) -> Option<u64> {
+    let report = agent.fresh_report(node)?;
+    let held = |same: bool| -> u64 {
+        report
+            .stages
+            .iter()
+            .filter(|s| (s.pipeline == pipeline) == same)
+            .map(|s| s.memory_bytes)
+            .sum()
+    };
+    Some(report.inventory.placeable_bytes(held(true), held(false)))
+}
+
+/// Resolves a pipeline's placement against its model and the nodes' memory.
+pub(super) fn place(
+    agent: &Agent,
+    p: &Object,
+    facts: &ModelFacts,
+) -> Result<ResolvedPlacement, Vec<ManifestError>> {
+    let spec = p.as_pipeline().ok_or_else(Vec::new)?;
+    let profile = &facts.profile;
+    let layers = profile.layers();
+    // A stage needs room for its weights and for what it holds beside them while it computes.
+    let working = profile.working_bytes(spec.prefill_chunk.unwrap_or(128));
+    let bytes =
+        |range: LayerRange, first: bool, last: bool| profile.stage_bytes(range, first, last);
+    match (&spec.stages, spec.placement) {
+        (Some(stages), _) => {
+            let ranges: Vec<LayerRange> = stages.iter().map(|s| s.layers).collect();
+            if let Err(e) = cluster_api::LayerSplit::new(ranges, layers) {
+                return Err(vec![split_error(p, &e)]);
+            }
+            let n = stages.len();
+            let mut placed = Vec::new();
+            let mut errors = Vec::new();
+            let mut unchecked = Vec::new();
+            for (i, s) in stages.iter().enumerate() {
+                let need = bytes(s.layers, i == 0, i + 1 == n);
+                match offered(agent, &s.node, p.name()) {
+                    Some(have) if need + working > have => errors.push(ManifestError::field(
+                        p,
+                        &format!("spec.stages[{i}]"),
+                        format!(
+                            "layers {} need {} of weights and {} to compute in but node {} offers {} (available memory{})",
+                            s.layers,
+                            gib(need),
+                            gib(working),
+                            s.node,
+                            gib(have),
+                            if agent.fresh_report(&s.node).and_then(|r| r.inventory.memory_limit_bytes).is_some() {
+                                ", capped by its --max-memory"
+                            } else {
+                                ""
+                            }
+                        ),
+                    )),
+                    Some(_) => {}
+                    None => unchecked.push(s.node.clone()),
+                }
+                placed.push(PlacedStage {
+                    node: s.node.clone(),
+                    layers: s.layers,
+                    weight_bytes: need,
+                });
+            }
+            if !errors.is_empty() {
+                return Err(errors);
+            }
+            let mut reason = format!("as listed: {n} stage(s) over {layers} layers");
+            if !unchecked.is_empty() {
+                reason.push_str(&format!(
+                    "; memory not checked on {} (not heard from yet)",
+                    unchecked.join(", ")
+                ));
+            }
+            Ok(ResolvedPlacement {
+                stages: placed,
+                layers,
+                reason,
+            })
+        }
+        (None, Some(Placement::Auto)) => auto_place(agent, p, layers, &bytes, working),
+        (None, None) => Err(vec![ManifestError::field(p, "spec.stages", "missing")]),
+    }
+}
+
+/// `placement: auto`: one node when the whole model fits on the one with the most room;
+/// otherwise as few nodes as hold it, the most roomy first, layers in proportion to each
+/// node's room.
+fn auto_place(
+    agent: &Agent,
+    p: &Object,
+    layers: usize,
+    bytes: &dyn Fn(LayerRange, bool, bool) -> u64,
+    working: u64,
+) -> Result<ResolvedPlacement, Vec<ManifestError>> {
+    let spec = p.as_pipeline().ok_or_else(Vec::new)?;
+    let candidates: Vec<String> = if spec.nodes.is_empty() {
+        agent
+            .store
+            .live(Kind::Node)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|r| r.object.metadata.name)
+            .collect()
+    } else {
+        spec.nodes.clone()
+    };
+    let mut room: Vec<(String, u64)> = candidates
+        .iter()
+        .filter_map(|n| offered(agent, n, p.name()).map(|b| (n.clone(), b)))
+        .collect();
+    if room.is_empty() {
+        return Err(vec![ManifestError::field(
+            p,
+            "spec.placement",
+            format!(
+                "no node to place on: none of [{}] has reported its memory (are their agents running?)",
+                candidates.join(", ")
+            ),
+        )]);
+    }
+    room.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    // Each node's room for weights, once a stage's working memory is set aside.
+    for (_, have) in room.iter_mut() {
+        *have = have.saturating_sub(working);
+    }
+    let whole = LayerRange {
+        first: 0,
+        last: layers - 1,
+    };
+    let total = bytes(whole, true, true);
+    if total <= room[0].1 {
+        let (node, have) = &room[0];
+        return Ok(ResolvedPlacement {
+            stages: vec![PlacedStage {
+                node: node.clone(),
+                layers: whole,
+                weight_bytes: total,
+            }],
+            layers,
+            reason: format!(
+                "auto: the whole model ({}, and {} to compute in) fits on {node} ({} free), so it stays on one node",
+                gib(total),
+                gib(working),
+                gib(*have + working)
+            ),
+        });
+    }
+    // Fewest nodes whose room adds up to the model.
+    let mut k = 0;
+    let mut sum = 0u64;
+    while k < room.len() && sum < total {
+        sum += room[k].1;
+        k += 1;
+    }
+    let chosen = &room[..k];
+    if sum < total || k > layers {
+        return Err(vec![ManifestError::field(
+            p,
+            "spec.placement",
+            format!(
+                "the model needs {} but the nodes offer {} in all once each keeps {} to compute in ({})",
+                gib(total),
+                gib(sum),
+                gib(working),
+                room.iter()
+                    .map(|(n, b)| format!("{n}: {}", gib(*b)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )]);
+    }
+    // Layers in proportion to room, each node at least one.
+    let mut counts: Vec<usize> = chosen
+        .iter()
+        .map(|(_, b)| {
+            ((layers as f64) * (*b as f64) / (sum as f64))
+                .floor()
+                .max(1.0) as usize
+        })
+        .collect();
+    while counts.iter().sum::<usize>() > layers {
+        if let Some(i) = (0..counts.len())
+            .filter(|&i| counts[i] > 1)
+            .max_by_key(|&i| counts[i])
+        {
+            counts[i] -= 1;
+        }
+    }
+    let mut i = 0;
+    while counts.iter().sum::<usize>() < layers {
+        counts[i % k] += 1;
+        i += 1;
+    }
+    let mut stages = Vec::new();
+    let mut first = 0;
+    for (j, ((node, have), count)) in chosen.iter().zip(&counts).enumerate() {
+        let range = LayerRange {
+            first,
+            last: first + count - 1,
+        };
+        let need = bytes(range, j == 0, j + 1 == k);
+        if need > *have {
+            return Err(vec![ManifestError::field(
+                p,
+                "spec.placement",
+                format!(
+                    "no split fits: layers {range} need {} but {node} offers {} once it keeps {} to compute in",
+                    gib(need),
+                    gib(*have),
+                    gib(working)
+                ),
+            )]);
+        }
+        stages.push(PlacedStage {
+            node: node.clone(),
+            layers: range,
+            weight_bytes: need,
+        });
+        first += count;
+    }
+    Ok(ResolvedPlacement {
+        reason: format!(
+            "auto: the model ({}) does not fit on one node; split over {k} nodes in proportion to their free memory",
+            gib(total)
+        ),
+        stages,
+        layers,
+    })
+}
