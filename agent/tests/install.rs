@@ -79,6 +79,9 @@ fn the_plist_is_a_property_list_with_the_expected_keys() {
     );
     assert_eq!(v["EnvironmentVariables"]["RUST_LOG"], "info");
     assert_eq!(v["WorkingDirectory"], "/Users/me/clusteragent");
+    for limits in ["SoftResourceLimits", "HardResourceLimits"] {
+        assert_eq!(v[limits]["NumberOfFiles"], 65536, "{limits}");
+    }
     let program: Vec<&str> = v["ProgramArguments"]
         .as_array()
         .unwrap()

@@ -241,6 +241,11 @@ pub fn plist(args: &InstallArgs) -> Result<String> {
         ),
     );
     key(&mut out, "ProcessType", "<string>Interactive</string>");
+    // launchd's default of 256 open files is used up by a few hundred clients (each connection
+    // a descriptor, as in the systemd unit's LimitNOFILE).
+    let files = "<dict>\n    <key>NumberOfFiles</key>\n    <integer>65536</integer>\n  </dict>";
+    key(&mut out, "SoftResourceLimits", files);
+    key(&mut out, "HardResourceLimits", files);
     out.push_str("</dict>\n</plist>\n");
     Ok(out)
 }

@@ -23,6 +23,12 @@ pub const PROTOCOL_VERSION: u16 = 2;
 /// Largest body accepted: a 256-token prefill chunk of an 8192-wide f32 model is 8 MiB, so
 /// 64 MiB leaves room while refusing absurd lengths before allocating for them.
 pub const MAX_BODY_BYTES: u32 = 64 << 20;
+
+/// Largest body of a handshake frame (hello, challenge, proof, accept, refusal): names, nonces
+/// and a MAC. Before a peer has proved it holds the cluster token, a stage makes room for no
+/// more than this (it made room for [`MAX_BODY_BYTES`]: eight unauthenticated connections
+/// took an agent from 55 to 579 MB).
+pub const MAX_HANDSHAKE_BODY_BYTES: u32 = 64 << 10;
 const PREAMBLE: usize = 12;
 
 /// Flag: this prefill chunk is the prompt's last, so the last stage samples after it.
@@ -167,9 +173,15 @@ pub enum FrameError {
     /// The peer speaks another version of the protocol.
     #[error("protocol version {0} is not supported (this agent speaks {PROTOCOL_VERSION})")]
     Version(u16),
-    /// The body would exceed [`MAX_BODY_BYTES`].
-    #[error("frame body of {0} bytes exceeds the cap of {MAX_BODY_BYTES} bytes")]
-    TooLarge(u32),
+    /// The body would exceed the cap: [`MAX_BODY_BYTES`], or [`MAX_HANDSHAKE_BODY_BYTES`] before
+    /// the peer has proved it holds the token.
+    #[error("frame body of {len} bytes exceeds the cap of {cap} bytes{}", if *.cap < MAX_BODY_BYTES { " for a handshake frame" } else { "" })]
+    TooLarge {
+        /// What the frame's header announced.
+        len: u32,
+        /// The cap it was read under.
+        cap: u32,
+    },
     /// The stream ended in the middle of a frame.
     #[error("connection closed in the middle of a frame ({0} bytes buffered)")]
     Truncated(usize),
@@ -323,6 +335,12 @@ impl Frame {
 
     /// Parses one frame from the front of `buf`, if a whole one is there.
     pub fn parse(buf: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
+        Self::parse_within(buf, MAX_BODY_BYTES)
+    }
+
+    /// [`Frame::parse`] for a frame whose body may hold at most `cap` bytes: a longer one is
+    /// refused from its header, before any room is made for its body.
+    pub fn parse_within(buf: &mut BytesMut, cap: u32) -> Result<Option<Frame>, FrameError> {
         if buf.len() < 4 {
             return Ok(None);
         }
@@ -337,8 +355,8 @@ impl Frame {
             return Err(FrameError::Version(version));
         }
         let body_len = u32::from_le_bytes([buf[8], buf[9], buf[10], buf[11]]);
-        if body_len > MAX_BODY_BYTES {
-            return Err(FrameError::TooLarge(body_len));
+        if body_len > cap {
+            return Err(FrameError::TooLarge { len: body_len, cap });
         }
         if buf.len() < PREAMBLE + body_len as usize {
             buf.reserve(PREAMBLE + body_len as usize - buf.len());
@@ -425,8 +443,13 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 
     /// The next frame; `Ok(None)` when the peer closed cleanly between frames.
     pub async fn read_frame(&mut self) -> Result<Option<Frame>, FrameError> {
+        self.read_frame_within(MAX_BODY_BYTES).await
+    }
+
+    /// [`FrameReader::read_frame`] for a frame whose body may hold at most `cap` bytes.
+    pub async fn read_frame_within(&mut self, cap: u32) -> Result<Option<Frame>, FrameError> {
         loop {
-            if let Some(frame) = Frame::parse(&mut self.buf)? {
+            if let Some(frame) = Frame::parse_within(&mut self.buf, cap)? {
                 return Ok(Some(frame));
             }
             if self.stream.read_buf(&mut self.buf).await? == 0 {
@@ -570,8 +593,18 @@ mod tests {
         v[8..12].copy_from_slice(&(MAX_BODY_BYTES + 1).to_le_bytes());
         assert!(matches!(
             Frame::parse(&mut BytesMut::from(&v[..])),
-            Err(FrameError::TooLarge(_))
+            Err(FrameError::TooLarge { .. })
         ));
+        // Within the cap of frames in general, over that of a handshake's.
+        let mut v = bytes.to_vec();
+        v[8..12].copy_from_slice(&MAX_BODY_BYTES.to_le_bytes());
+        let err = Frame::parse_within(&mut BytesMut::from(&v[..12]), MAX_HANDSHAKE_BODY_BYTES)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("exceeds the cap of 65536 bytes for a handshake frame"),
+            "{err}"
+        );
         // A shape that promises more bytes than the payload holds.
         let mut f = Frame::new(FrameKind::Decode, "p", 0, 1).with_tokens(&[1, 2]);
         f.shape = vec![3];

@@ -103,9 +103,12 @@ async fn expect<R: AsyncRead + Unpin>(
     reader: &mut FrameReader<R>,
     kind: FrameKind,
 ) -> Result<Frame, HandshakeError> {
-    let frame = reader.read_frame().await?.ok_or_else(|| {
-        HandshakeError::Protocol(format!("connection closed while waiting for {kind:?}"))
-    })?;
+    let frame = reader
+        .read_frame_within(super::frame::MAX_HANDSHAKE_BODY_BYTES)
+        .await?
+        .ok_or_else(|| {
+            HandshakeError::Protocol(format!("connection closed while waiting for {kind:?}"))
+        })?;
     if frame.kind == FrameKind::Refuse {
         return Err(HandshakeError::Refused(frame.meta_text()));
     }

@@ -170,6 +170,20 @@ fn connections_that_are_not_the_predecessor_are_refused_while_the_ring_serves() 
     s.write_all(&huge).unwrap();
     assert_closed(s, "length over the cap");
 
+    // A hello announcing a body within the cap of frames but over a handshake's: refused from
+    // its header, at once, rather than after waiting for (and making room for) 64 MiB.
+    let mut big = hello[..12].to_vec();
+    big[8..12].copy_from_slice(&MAX_BODY_BYTES.to_le_bytes());
+    let mut s = TcpStream::connect(&target).unwrap();
+    s.write_all(&big).unwrap();
+    let started = std::time::Instant::now();
+    assert_closed(s, "a handshake frame over its cap");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "closed only after {:?}",
+        started.elapsed()
+    );
+
     // A frame cut short, then the connection closed.
     let mut s = TcpStream::connect(&target).unwrap();
     s.write_all(&hello[..hello.len() - 3]).unwrap();
@@ -198,6 +212,7 @@ fn connections_that_are_not_the_predecessor_are_refused_while_the_ring_serves() 
         "protocol version 99",
         "bad magic",
         "exceeds the cap",
+        "bytes for a handshake frame",
         "closed in the middle of a frame",
     ] {
         assert!(

@@ -288,7 +288,13 @@ pub(super) async fn probe_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bo
 pub struct RingMux {
     addr: SocketAddr,
     stages: Mutex<std::collections::HashMap<String, Arc<Shared>>>,
+    /// Connections not yet past their hello: a connection beyond these is closed at once, so
+    /// peers that never say who they are cannot hold an unbounded number of tasks and buffers.
+    greeting: Arc<tokio::sync::Semaphore>,
 }
+
+/// Connections to the ring port at most at once between their accept and their hello.
+const MAX_GREETING: usize = 64;
 
 impl RingMux {
     /// Binds `addr` and starts accepting for as long as the runtime runs.
@@ -299,6 +305,7 @@ impl RingMux {
         let mux = Arc::new(Self {
             addr: listener.local_addr()?,
             stages: Mutex::new(std::collections::HashMap::new()),
+            greeting: Arc::new(tokio::sync::Semaphore::new(MAX_GREETING)),
         });
         tokio::spawn(mux.clone().accept_loop(listener));
         Ok(mux)
@@ -332,7 +339,15 @@ impl RingMux {
             match listener.accept().await {
                 Ok((stream, peer)) => {
                     backoff = BACKOFF_MIN;
-                    tokio::spawn(self.clone().dispatch(stream, peer));
+                    match self.greeting.clone().try_acquire_owned() {
+                        Ok(permit) => {
+                            tokio::spawn(self.clone().dispatch(stream, peer, permit));
+                        }
+                        Err(_) => tracing::debug!(
+                            %peer,
+                            "closed a ring connection: {MAX_GREETING} others are still to say hello"
+                        ),
+                    }
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "accepting a ring connection failed");
@@ -343,7 +358,12 @@ impl RingMux {
         }
     }
 
-    async fn dispatch(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+    async fn dispatch(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        greeting: tokio::sync::OwnedSemaphorePermit,
+    ) {
         let _ = stream.set_nodelay(true);
         let (read, mut write) = stream.into_split();
         let mut reader = FrameReader::new(read);
@@ -360,6 +380,7 @@ impl RingMux {
                     return;
                 }
             };
+        drop(greeting);
         let shared = self
             .stages
             .lock()
@@ -382,5 +403,49 @@ impl RingMux {
                 handshake::refuse(&mut write, &id, &reason).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn connections_past_those_still_to_say_hello_are_closed_at_once() {
+        use tokio::io::AsyncReadExt;
+        let mux = RingMux::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let addr = mux.local_addr();
+        let mut silent = Vec::new();
+        for _ in 0..MAX_GREETING {
+            silent.push(
+                TcpStream::connect(addr)
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}")),
+            );
+        }
+        // Let the mux take them all.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut one_more = TcpStream::connect(addr)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut buf = [0u8; 16];
+        let read = tokio::time::timeout(Duration::from_secs(2), one_more.read(&mut buf)).await;
+        assert!(
+            matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+            "the connection past the cap was not closed: {read:?}"
+        );
+        // One of them goes away: a new connection is waited for again (until its hello).
+        drop(silent.pop());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut next = TcpStream::connect(addr)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let read = tokio::time::timeout(Duration::from_millis(500), next.read(&mut buf)).await;
+        assert!(
+            read.is_err(),
+            "a connection within the cap was closed: {read:?}"
+        );
     }
 }
