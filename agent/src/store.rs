@@ -3,16 +3,70 @@
 //! peer that was away), and a `meta` tree holding the logical clock. Every write is one
 //! transaction over the trees it touches and is flushed before it is acknowledged, so nothing
 //! acknowledged is lost when the process is killed.
+//!
+//! Files can still be damaged or cut short (a disk, a copy, a restore), and sled then opens
+//! the longest intact prefix of its log: an older state, without a word. So the store keeps a
+//! witness beside it, outside sled ([`WITNESS_FILE`]): how many records it held after each
+//! acknowledged write and a fingerprint of their names and versions. An agent whose store does
+//! not match its witness refuses to start, naming both, rather than serve (and spread to its
+//! peers) a past it does not know is past.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use cluster_api::cluster::{FileDigests, Record};
 use cluster_api::manifest::{Kind, Object};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use sled::Transactional;
 
 const CLOCK_KEY: &[u8] = b"clock";
+
+/// The witness's file, in the data directory beside the store's folder.
+pub const WITNESS_FILE: &str = "store.witness";
+
+/// The records a store holds, in brief: their count, and the XOR of a hash of each one's kind,
+/// name, version and deletion, which a write updates from the records it replaces.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Summary {
+    records: u64,
+    fingerprint: u64,
+}
+
+impl Summary {
+    fn of(record: &Record) -> u64 {
+        let o = &record.object;
+        let text = format!(
+            "{}\n{}\n{}\n{}",
+            o.kind, o.metadata.name, o.metadata.resource_version, record.deleted
+        );
+        let digest = Sha256::digest(text.as_bytes());
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&digest[..8]);
+        u64::from_le_bytes(b)
+    }
+
+    /// This summary with `new` written over `old` (absent: a record added).
+    fn with(mut self, old: Option<&Record>, new: &Record) -> Self {
+        match old {
+            Some(o) => self.fingerprint ^= Self::of(o),
+            None => self.records += 1,
+        }
+        self.fingerprint ^= Self::of(new);
+        self
+    }
+}
+
+/// The witness file: the summary after the last acknowledged write, and while a write is under
+/// way the one it will leave (a kill between the two leaves the store at either).
+#[derive(Debug, Serialize, Deserialize)]
+struct Witness {
+    committed: Summary,
+    #[serde(default)]
+    pending: Option<Summary>,
+}
 
 /// The store.
 pub struct Store {
@@ -21,6 +75,10 @@ pub struct Store {
     meta: sled::Tree,
     /// Published digests of fetched models' files ([`FileDigests`]), by model and file.
     digests: sled::Tree,
+    /// [`WITNESS_FILE`]'s path.
+    witness: PathBuf,
+    /// The summary of what the store holds; held through a write, which writes one at a time.
+    summary: Mutex<Summary>,
 }
 
 fn tree_name(kind: Kind) -> &'static str {
@@ -57,12 +115,90 @@ impl Store {
         }
         let meta = db.open_tree("meta")?;
         let digests = db.open_tree("digests")?;
-        Ok(Self {
+        let mut store = Self {
             db,
             trees,
             meta,
             digests,
-        })
+            witness: dir.join(WITNESS_FILE),
+            summary: Mutex::new(Summary::default()),
+        };
+        let held = store
+            .all_records()?
+            .iter()
+            .fold(Summary::default(), |s, r| s.with(None, r));
+        store.check_witness(&path, held)?;
+        *store
+            .summary
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner) = held;
+        store.write_witness(&Witness {
+            committed: held,
+            pending: None,
+        })?;
+        Ok(store)
+    }
+
+    /// Refuses a store that does not hold what its witness says the last acknowledged write
+    /// left (or the write under way when the agent stopped).
+    fn check_witness(&self, store: &Path, held: Summary) -> Result<()> {
+        let text = match std::fs::read_to_string(&self.witness) {
+            Ok(t) => t,
+            // A new data directory, or one an older agent kept: nothing to compare with yet.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => {
+                return Err(e).with_context(|| format!("reading {}", self.witness.display()));
+            }
+        };
+        let w: Witness = serde_json::from_str(&text).with_context(|| {
+            format!(
+                "{} is not a store witness; remove it to start without the check",
+                self.witness.display()
+            )
+        })?;
+        if held == w.committed || Some(held) == w.pending {
+            return Ok(());
+        }
+        let what = if held.records != w.committed.records {
+            format!(
+                "it holds {} records, and the last write this agent acknowledged left {}",
+                held.records, w.committed.records
+            )
+        } else {
+            format!(
+                "it holds {} records, but not the versions the last write this agent acknowledged left",
+                held.records
+            )
+        };
+        bail!(
+            "the store at {} does not hold what it held when this agent last wrote to it: {what} \
+             (recorded in {}). Its files were damaged or cut short, and starting from them would \
+             serve, and spread to the peers, an older state. Restore the data directory from a \
+             backup; or, where other agents hold the cluster's state, move {} and {} aside and \
+             start again: the agent then takes the state from its peers.",
+            store.display(),
+            self.witness.display(),
+            store.display(),
+            self.witness.display()
+        )
+    }
+
+    /// Replaces the witness file whole (written beside it, synced, renamed over it).
+    fn write_witness(&self, w: &Witness) -> Result<()> {
+        use std::io::Write;
+        let tmp = self.witness.with_extension("witness.tmp");
+        let mut f =
+            std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+        f.write_all(&serde_json::to_vec(w)?)?;
+        f.sync_all()
+            .with_context(|| format!("syncing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &self.witness)
+            .with_context(|| format!("replacing {}", self.witness.display()))?;
+        if let Some(dir) = self.witness.parent() {
+            // The rename itself must reach the disk before the write it vouches for.
+            std::fs::File::open(dir).and_then(|d| d.sync_all()).ok();
+        }
+        Ok(())
     }
 
     fn tree(&self, kind: Kind) -> &sled::Tree {
@@ -125,11 +261,28 @@ impl Store {
     }
 
     /// Writes `records` in one transaction, raising the clock to their highest version, and
-    /// flushes to disk before returning.
+    /// flushes to disk before returning; the witness says what the write will leave before it
+    /// and what it left after.
     pub fn write(&self, records: &[Record]) -> Result<()> {
         if records.is_empty() {
             return Ok(());
         }
+        let mut summary = self.summary.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut next = *summary;
+        let mut written: HashMap<(Kind, &str), &Record> = HashMap::new();
+        for r in records {
+            let (kind, name) = (r.object.kind, r.object.metadata.name.as_str());
+            let old = match written.get(&(kind, name)) {
+                Some(earlier) => Some((*earlier).clone()),
+                None => self.get(kind, name)?,
+            };
+            next = next.with(old.as_ref(), r);
+            written.insert((kind, name), r);
+        }
+        self.write_witness(&Witness {
+            committed: *summary,
+            pending: Some(next),
+        })?;
         let mut encoded = Vec::with_capacity(records.len());
         for r in records {
             encoded.push((
@@ -161,6 +314,11 @@ impl Store {
             })
             .map_err(|e| anyhow::anyhow!("writing to the store: {e:?}"))?;
         self.db.flush().context("flushing the store to disk")?;
+        self.write_witness(&Witness {
+            committed: next,
+            pending: None,
+        })?;
+        *summary = next;
         Ok(())
     }
 
@@ -342,5 +500,119 @@ mod tests {
             assert_eq!(store.file_digests("m", "c.safetensors").unwrap(), None);
             assert_eq!(store.all_file_digests().unwrap().len(), 2);
         }
+    }
+
+    fn nodes(n: usize, version: u64) -> Vec<Record> {
+        (0..n)
+            .map(|i| {
+                record(
+                    &format!(
+                        "apiVersion: v1\nkind: Node\nmetadata: {{name: n{i}}}\nspec: {{address: 127.0.0.1:{}}}\n",
+                        7000 + i
+                    ),
+                    version + i as u64,
+                )
+            })
+            .collect()
+    }
+
+    /// The finding: a store whose files lost their last writes opened with 9 of 10 objects and
+    /// said nothing. Here a record goes missing behind the store's back (as a log cut short
+    /// loses it), and the agent refuses to open it, naming the store and the witness.
+    #[test]
+    fn a_store_that_lost_acknowledged_writes_is_refused_naming_its_files() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        {
+            let store = Store::open(dir.path()).expect("opens");
+            store.write(&nodes(10, 1)).expect("writes");
+        }
+        {
+            let db = sled::open(dir.path().join("store")).expect("sled opens");
+            let nodes = db.open_tree("nodes").expect("tree");
+            nodes.remove("n9").expect("removes");
+            db.flush().expect("flushes");
+        }
+        let err = format!("{:#}", Store::open(dir.path()).err().expect("refused"));
+        assert!(
+            err.contains("it holds 9 records, and the last write this agent acknowledged left 10")
+                && err.contains(&dir.path().join("store").display().to_string())
+                && err.contains(WITNESS_FILE),
+            "{err}"
+        );
+        // The same count with an older version of one record is refused too.
+        {
+            let db = sled::open(dir.path().join("store")).expect("sled opens");
+            let older = &nodes(10, 0)[9];
+            db.open_tree("nodes")
+                .expect("tree")
+                .insert("n9", serde_json::to_vec(older).expect("encodes"))
+                .expect("inserts");
+            db.flush().expect("flushes");
+        }
+        let err = format!("{:#}", Store::open(dir.path()).err().expect("refused"));
+        assert!(err.contains("not the versions"), "{err}");
+        // Moved aside, as the message says, the agent starts afresh.
+        std::fs::rename(dir.path().join("store"), dir.path().join("store.old")).expect("moves");
+        std::fs::rename(
+            dir.path().join(WITNESS_FILE),
+            dir.path().join("witness.old"),
+        )
+        .expect("moves");
+        let store = Store::open(dir.path()).expect("opens empty");
+        assert!(store.all_records().expect("lists").is_empty());
+    }
+
+    /// A kill between the witness and the store's own write leaves the store at the state
+    /// before the write or the one after: both open, and so do stores kept by an older agent
+    /// (no witness yet) and rewrites of records already there.
+    #[test]
+    fn a_write_cut_short_at_any_point_and_a_store_without_witness_still_open() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let witness = dir.path().join(WITNESS_FILE);
+        let (before, after);
+        {
+            let store = Store::open(dir.path()).expect("opens");
+            store.write(&nodes(3, 1)).expect("writes");
+            before = std::fs::read_to_string(&witness).expect("witness");
+            // A record rewritten at a newer version, and one written twice in one write.
+            let mut again = nodes(4, 10);
+            again.push(nodes(4, 20).remove(3));
+            store.write(&again).expect("writes");
+            after = std::fs::read_to_string(&witness).expect("witness");
+        }
+        let parse = |t: &str| serde_json::from_str::<Witness>(t).expect("a witness");
+        let (before, after) = (parse(&before).committed, parse(&after).committed);
+        assert_eq!((before.records, after.records), (3, 4));
+        // Killed after the store's write, before the witness caught up.
+        let cut = Witness {
+            committed: before,
+            pending: Some(after),
+        };
+        std::fs::write(&witness, serde_json::to_vec(&cut).expect("encodes")).expect("writes");
+        Store::open(dir.path()).expect("opens after the store's write");
+        // Killed before the store's write: the witness announced a state never reached.
+        let cut = Witness {
+            committed: after,
+            pending: Some(Summary {
+                records: 99,
+                fingerprint: 1,
+            }),
+        };
+        std::fs::write(&witness, serde_json::to_vec(&cut).expect("encodes")).expect("writes");
+        let store = Store::open(dir.path()).expect("opens before the store's write");
+        assert_eq!(
+            store
+                .get(Kind::Node, "n3")
+                .expect("reads")
+                .expect("present")
+                .object
+                .metadata
+                .resource_version,
+            23
+        );
+        drop(store);
+        std::fs::remove_file(&witness).expect("removes");
+        Store::open(dir.path()).expect("opens without a witness");
+        assert!(witness.is_file(), "the witness is written again");
     }
 }
