@@ -304,15 +304,7 @@ fn a_qwen3_shaped_model_with_the_real_tokenizer_chats_end_to_end() {
         folder.config.vocab_size
     );
     assert!(folder.eos_token_ids.contains(&151_645));
-    let pipeline = LocalPipeline::load(
-        dir.path(),
-        &LoadOptions {
-            split: Some("0-0,1-1".into()),
-            device: DeviceKind::Cpu,
-            dtype: Some(WeightDType::F32),
-        },
-    )
-    .unwrap();
+    let pipeline = two_stages(dir.path(), "0-0,1-1");
     let ids = pipeline
         .encode_chat(&json!([{"role": "user", "content": "Hello"}]))
         .unwrap();
@@ -320,6 +312,30 @@ fn a_qwen3_shaped_model_with_the_real_tokenizer_chats_end_to_end() {
         pipeline.folder.tokenizer.decode(&ids, false).unwrap(),
         "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n"
     );
+    let generated = twelve_tokens_stream_as_their_text(&pipeline, &ids);
+    assert!(
+        generated
+            .iter()
+            .all(|&t| (t as usize) < pipeline.folder.tokenizer.vocab_size())
+    );
+}
+
+/// The model in `dir` in f32 on the CPU, split as `split` in this process.
+fn two_stages(dir: &Path, split: &str) -> LocalPipeline {
+    LocalPipeline::load(
+        dir,
+        &LoadOptions {
+            split: Some(split.into()),
+            device: DeviceKind::Cpu,
+            dtype: Some(WeightDType::F32),
+        },
+    )
+    .unwrap()
+}
+
+/// Generates twelve tokens after `ids` (whatever they are) and checks that the pieces
+/// streamed add up to the generation's text; returns the tokens.
+fn twelve_tokens_stream_as_their_text(pipeline: &LocalPipeline, ids: &[u32]) -> Vec<u32> {
     let mut streamed = String::new();
     let options = GenerateOptions {
         max_tokens: 12,
@@ -327,15 +343,11 @@ fn a_qwen3_shaped_model_with_the_real_tokenizer_chats_end_to_end() {
         ..GenerateOptions::default()
     };
     let g = pipeline
-        .generate(1, &ids, &options, &mut |p| streamed.push_str(p))
+        .generate(1, ids, &options, &mut |p| streamed.push_str(p))
         .unwrap();
     assert_eq!(g.token_ids.len(), 12);
     assert_eq!(streamed, g.text);
-    assert!(
-        g.token_ids
-            .iter()
-            .all(|&t| (t as usize) < pipeline.folder.tokenizer.vocab_size())
-    );
+    g.token_ids
 }
 
 #[test]
@@ -352,15 +364,7 @@ fn a_phi3_shaped_model_with_the_published_phi_3_5_template_chats_end_to_end() {
             .unwrap()
     );
     std::fs::write(&config_path, config.to_string()).unwrap();
-    let pipeline = LocalPipeline::load(
-        dir.path(),
-        &LoadOptions {
-            split: Some("0-1,2-3".into()),
-            device: DeviceKind::Cpu,
-            dtype: Some(WeightDType::F32),
-        },
-    )
-    .unwrap();
+    let pipeline = two_stages(dir.path(), "0-1,2-3");
     let ids = pipeline
         .encode_chat(&json!([
             {"role": "system", "content": "Be brief."},
@@ -379,15 +383,5 @@ fn a_phi3_shaped_model_with_the_published_phi_3_5_template_chats_end_to_end() {
     };
     assert_eq!(ids.iter().filter(|&&t| t == end).count(), 2, "{ids:?}");
     assert!(pipeline.folder.eos_token_ids.contains(&end));
-    let mut streamed = String::new();
-    let options = GenerateOptions {
-        max_tokens: 12,
-        ignore_eos: true,
-        ..GenerateOptions::default()
-    };
-    let g = pipeline
-        .generate(1, &ids, &options, &mut |p| streamed.push_str(p))
-        .unwrap();
-    assert_eq!(g.token_ids.len(), 12);
-    assert_eq!(streamed, g.text);
+    twelve_tokens_stream_as_their_text(&pipeline, &ids);
 }
