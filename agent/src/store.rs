@@ -103,11 +103,15 @@ impl Store {
             .path(&path)
             .mode(sled::Mode::LowSpace)
             .open()
-            .with_context(|| {
-                format!(
-                    "opening the store at {} (is another agent using this data directory?)",
-                    path.display()
-                )
+            .map_err(|e| {
+                // sled says a held lock only in its message.
+                let held = matches!(&e, sled::Error::Io(io) if io.to_string().contains("could not acquire lock"));
+                let why = if held {
+                    "another agent is using this data directory; give each agent its own --data-dir"
+                } else {
+                    "its files are damaged or unreadable; restore the data directory from a backup, or move it aside and start again to take the cluster's state from the peers"
+                };
+                anyhow::anyhow!("opening the store at {}: {why} ({e})", path.display())
             })?;
         let mut trees = HashMap::new();
         for kind in Kind::ALL {
@@ -614,5 +618,29 @@ mod tests {
         std::fs::remove_file(&witness).expect("removes");
         Store::open(dir.path()).expect("opens without a witness");
         assert!(witness.is_file(), "the witness is written again");
+    }
+
+    /// Two agents on one data directory: the second is told so; a damaged store is told
+    /// otherwise (it was told "is another agent using this data directory?" too).
+    #[test]
+    fn a_store_in_use_and_a_damaged_one_say_which_they_are() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let first = Store::open(dir.path()).expect("opens");
+        let err = format!("{:#}", Store::open(dir.path()).err().expect("refused"));
+        assert!(
+            err.contains("another agent is using this data directory"),
+            "{err}"
+        );
+        drop(first);
+        std::fs::write(
+            dir.path().join("store").join("conf"),
+            b"\xff\xfe not a config",
+        )
+        .expect("damages");
+        let err = format!("{:#}", Store::open(dir.path()).err().expect("refused"));
+        assert!(
+            err.contains("damaged or unreadable") && !err.contains("another agent"),
+            "{err}"
+        );
     }
 }
