@@ -302,11 +302,25 @@ impl ModelFolder {
         {
             return Self::open_gguf(dir);
         }
-        if !dir.is_dir() {
-            return Err(EngineError::MissingFile {
-                path: dir.to_path_buf(),
-                what: "model folder".into(),
-            });
+        // Absent, unreadable (a loop of links, no permission) and not a folder are three
+        // answers, not one "not found".
+        match std::fs::metadata(dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(EngineError::MissingFile {
+                    path: dir.to_path_buf(),
+                    what: "model folder".into(),
+                });
+            }
+            Err(e) => return Err(EngineError::io(dir, e)),
+            Ok(m) if !m.is_dir() => {
+                return Err(EngineError::io(
+                    dir,
+                    std::io::Error::other(
+                        "not a folder: give a model folder (config.json, tokenizer.json, *.safetensors) or a .gguf file",
+                    ),
+                ));
+            }
+            Ok(_) => {}
         }
         let config_path = dir.join("config.json");
         let config = ModelConfig::from_file(&config_path)?;

@@ -197,6 +197,36 @@ fn a_missing_config_names_the_file() {
     );
 }
 
+/// A model path that is a file, a loop of links or absent gets three different answers (the
+/// first two were "not found").
+#[test]
+fn a_model_path_that_is_a_file_or_a_loop_of_links_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("passwd");
+    std::fs::write(&file, "root:x:0:0\n").unwrap();
+    let err = ModelFolder::open(&file).err().unwrap().to_string();
+    assert!(
+        err.contains("passwd") && err.contains("not a folder"),
+        "{err}"
+    );
+    #[cfg(unix)]
+    {
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        std::os::unix::fs::symlink(&b, &a).unwrap();
+        std::os::unix::fs::symlink(&a, &b).unwrap();
+        let err = ModelFolder::open(&a).err().unwrap().to_string();
+        assert!(
+            err.contains("symbolic links") && !err.contains("not found"),
+            "{err}"
+        );
+    }
+    let err = ModelFolder::open(&dir.path().join("absent"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("not found (model folder)"), "{err}");
+}
+
 #[test]
 fn missing_weights_are_named() {
     let dir = write(&TinyModel::qwen2());
