@@ -8,6 +8,7 @@
 mod common;
 
 mod cluster;
+mod crash;
 mod daemon;
 mod harness;
 mod hub;
