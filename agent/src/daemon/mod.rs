@@ -296,7 +296,7 @@ async fn serve(settings: Settings) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding the control plane on {listen}"))?;
-    let mux = crate::ring::RingMux::bind(&settings.ring_listen).await?;
+    let mux = crate::ring::RingMux::bind(&settings.ring_listen, &settings.token).await?;
     let agent = agent::Agent::open(settings, mux)?;
     eprintln!(
         "clusteragent {}: node {} serving the control plane on http://{}, ring on {}, data in {}, token from {}",

@@ -4,12 +4,16 @@
 //!
 //! ```text
 //! connector                                   listener
-//!   Hello {from, nonce_c}  ─────────────────▶  checks pipeline, generation, from
-//!                          ◀─────────────────  Challenge {nonce_s}   (or Refuse {reason})
-//!   Proof {mac_c}          ─────────────────▶  checks mac_c
+//!   Hello {from, nonce_c}  ─────────────────▶
+//!                          ◀─────────────────  Challenge {nonce_s}
+//!   Proof {mac_c}          ─────────────────▶  checks mac_c against what the hello claims,
+//!                                              then pipeline, generation, from
 //!                          ◀─────────────────  Accept {mac_s}        (or Refuse {reason})
 //!   checks mac_s
 //! ```
+//!
+//! A peer without the token is refused before it learns whether the pipeline runs here or its
+//! generation.
 
 use hmac::{Hmac, Mac};
 use rand::RngCore;
@@ -181,6 +185,11 @@ pub async fn read_hello<R: AsyncRead + Unpin>(
 }
 
 /// The listening side after [`read_hello`].
+///
+/// The connector proves the token before it learns anything of this stage: its proof is checked
+/// against the pipeline, generation and stage its own hello names, and only then are those
+/// compared with this stage's, so a peer without the token learns neither whether the pipeline
+/// runs here nor its generation.
 pub async fn accept_hello<R, W>(
     reader: &mut FrameReader<R>,
     writer: &mut W,
@@ -192,7 +201,7 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let m = meta(&hello);
+    let proven = prove(reader, writer, &id.token, &hello).await?;
     let refusal = if hello.pipeline != id.pipeline {
         Some(format!(
             "pipeline {:?} is not served here (this is {:?})",
@@ -203,10 +212,10 @@ where
             "pipeline {} generation {} does not match this stage's generation {}",
             id.pipeline, hello.generation, id.generation
         ))
-    } else if m.get("from").and_then(Value::as_u64) != Some(expected_from as u64) {
+    } else if proven.from != expected_from {
         Some(format!(
             "only stage {expected_from} may connect here, not {}",
-            m.get("from").unwrap_or(&Value::Null)
+            proven.from
         ))
     } else {
         None
@@ -215,28 +224,102 @@ where
         refuse(writer, id, &reason).await;
         return Err(HandshakeError::Refused(reason));
     }
-    let nonce_c = field(&m, "nonce", FrameKind::Hello)?.to_string();
-    let nonce_s = nonce();
-    let challenge = Frame::new(FrameKind::Challenge, &id.pipeline, id.generation, 0)
-        .with_meta(json!({"nonce": nonce_s}).to_string());
-    write_frame(writer, &challenge).await?;
-    let proof = expect(reader, FrameKind::Proof).await?;
-    let theirs = unhex(field(&meta(&proof), "mac", FrameKind::Proof)?).unwrap_or_default();
-    if mac(id, "connector", expected_from, &nonce_c, &nonce_s)
-        .verify_slice(&theirs)
-        .is_err()
-    {
-        let reason = "the connecting stage could not prove it knows the cluster token".to_string();
-        refuse(writer, id, &reason).await;
-        return Err(HandshakeError::Refused(reason));
-    }
-    let ours = mac(id, "listener", expected_from, &nonce_c, &nonce_s)
-        .finalize()
-        .into_bytes();
+    let ours = mac(
+        id,
+        "listener",
+        expected_from,
+        &proven.nonce_c,
+        &proven.nonce_s,
+    )
+    .finalize()
+    .into_bytes();
     let accept = Frame::new(FrameKind::Accept, &id.pipeline, id.generation, 0)
         .with_meta(json!({"mac": hex(&ours)}).to_string());
     write_frame(writer, &accept).await?;
     Ok(())
+}
+
+/// A connector that proved the token for what its hello claims.
+struct Proven {
+    from: usize,
+    nonce_c: String,
+    nonce_s: String,
+}
+
+/// Challenges the connector of `hello` and checks its proof against what the hello claims
+/// (its pipeline, generation and stage) under `token`. A connector that cannot prove it is
+/// refused with nothing about this node but that.
+async fn prove<R, W>(
+    reader: &mut FrameReader<R>,
+    writer: &mut W,
+    token: &str,
+    hello: &Frame,
+) -> Result<Proven, HandshakeError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let claimed = RingIdentity {
+        pipeline: hello.pipeline.clone(),
+        generation: hello.generation,
+        token: token.to_string(),
+    };
+    let m = meta(hello);
+    let nonce_c = field(&m, "nonce", FrameKind::Hello)?.to_string();
+    let from = m
+        .get("from")
+        .and_then(Value::as_u64)
+        .and_then(|f| usize::try_from(f).ok())
+        .ok_or_else(|| HandshakeError::Protocol("Hello frame lacks `from`".into()))?;
+    let nonce_s = nonce();
+    let challenge = Frame::new(
+        FrameKind::Challenge,
+        &claimed.pipeline,
+        claimed.generation,
+        0,
+    )
+    .with_meta(json!({"nonce": nonce_s}).to_string());
+    write_frame(writer, &challenge).await?;
+    let proof = expect(reader, FrameKind::Proof).await?;
+    let theirs = unhex(field(&meta(&proof), "mac", FrameKind::Proof)?).unwrap_or_default();
+    if mac(&claimed, "connector", from, &nonce_c, &nonce_s)
+        .verify_slice(&theirs)
+        .is_err()
+    {
+        let reason = "the connecting stage could not prove it knows the cluster token".to_string();
+        refuse(writer, &claimed, &reason).await;
+        return Err(HandshakeError::Refused(reason));
+    }
+    Ok(Proven {
+        from,
+        nonce_c,
+        nonce_s,
+    })
+}
+
+/// Refuses the connector of `hello` (read by [`read_hello`]) for `reason`, told only once it has
+/// proved it holds `token`: the agent's ring port answers so for a pipeline it runs no stage of.
+pub async fn refuse_after_proof<R, W>(
+    reader: &mut FrameReader<R>,
+    writer: &mut W,
+    token: &str,
+    hello: &Frame,
+    reason: &str,
+) -> HandshakeError
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    if let Err(e) = prove(reader, writer, token, hello).await {
+        return e;
+    }
+    let claimed = RingIdentity {
+        pipeline: hello.pipeline.clone(),
+        generation: hello.generation,
+        token: String::new(),
+    };
+    refuse(writer, &claimed, reason).await;
+    HandshakeError::Refused(reason.to_string())
 }
 
 /// Tells the connector why it is refused (best effort: it may be gone already).
@@ -365,5 +448,33 @@ mod tests {
                 .to_string()
                 .contains("only stage 1 may connect")
         );
+    }
+
+    #[tokio::test]
+    async fn a_peer_without_the_token_learns_nothing_of_the_stage() {
+        // A wrong token and a wrong generation: told only that the proof failed.
+        let (c, _) = pair(ident("guess", 7), ident("secret", 2), 1).await;
+        let err = c.unwrap_err().to_string();
+        assert!(
+            err.contains("could not prove") && !err.contains("generation") && !err.contains('2'),
+            "{err}"
+        );
+        // The ring port's answer for a pipeline it runs no stage of, after a proof or without.
+        for (token, told) in [("secret", true), ("guess", false)] {
+            let (a, b) = tokio::io::duplex(4096);
+            let (ar, mut aw) = tokio::io::split(a);
+            let (br, mut bw) = tokio::io::split(b);
+            let client = ident(token, 3);
+            let c = async move { connect(&mut FrameReader::new(ar), &mut aw, &client, 0).await };
+            let s = async move {
+                let mut reader = FrameReader::new(br);
+                let hello = read_hello(&mut reader).await.unwrap();
+                refuse_after_proof(&mut reader, &mut bw, "secret", &hello, "no stage here").await
+            };
+            let (c, s) = tokio::join!(c, s);
+            let err = c.unwrap_err().to_string();
+            assert_eq!(err.contains("no stage here"), told, "{token}: {err}");
+            assert!(matches!(s, HandshakeError::Refused(_)), "{s:?}");
+        }
     }
 }

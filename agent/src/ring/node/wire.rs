@@ -288,6 +288,9 @@ pub(super) async fn probe_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bo
 pub struct RingMux {
     addr: SocketAddr,
     stages: Mutex<std::collections::HashMap<String, Arc<Shared>>>,
+    /// The cluster token, which a peer must prove before it is told a pipeline runs no stage
+    /// here.
+    token: String,
     /// Connections not yet past their hello: a connection beyond these is closed at once, so
     /// peers that never say who they are cannot hold an unbounded number of tasks and buffers.
     greeting: Arc<tokio::sync::Semaphore>,
@@ -297,14 +300,15 @@ pub struct RingMux {
 const MAX_GREETING: usize = 64;
 
 impl RingMux {
-    /// Binds `addr` and starts accepting for as long as the runtime runs.
-    pub async fn bind(addr: &str) -> Result<Arc<Self>> {
+    /// Binds `addr` and starts accepting for as long as the runtime runs; peers prove `token`.
+    pub async fn bind(addr: &str, token: &str) -> Result<Arc<Self>> {
         let listener = TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding the ring port on {addr}"))?;
         let mux = Arc::new(Self {
             addr: listener.local_addr()?,
             stages: Mutex::new(std::collections::HashMap::new()),
+            token: token.to_string(),
             greeting: Arc::new(tokio::sync::Semaphore::new(MAX_GREETING)),
         });
         tokio::spawn(mux.clone().accept_loop(listener));
@@ -394,13 +398,22 @@ impl RingMux {
                     "pipeline {:?} has no stage on this node (yet)",
                     hello.pipeline
                 );
-                tracing::warn!(%peer, "refused a ring connection: {reason}");
-                let id = RingIdentity {
-                    pipeline: hello.pipeline.clone(),
-                    generation: hello.generation,
-                    token: String::new(),
-                };
-                handshake::refuse(&mut write, &id, &reason).await;
+                // Said only to a peer that proves the token: others learn nothing of what runs here.
+                let refused = tokio::time::timeout(
+                    HANDSHAKE_TIMEOUT,
+                    handshake::refuse_after_proof(
+                        &mut reader,
+                        &mut write,
+                        &self.token,
+                        &hello,
+                        &reason,
+                    ),
+                )
+                .await;
+                match refused {
+                    Ok(e) => tracing::warn!(%peer, error = %e, "refused a ring connection"),
+                    Err(_) => tracing::warn!(%peer, "refused a ring connection: no proof in time"),
+                }
             }
         }
     }
@@ -413,7 +426,7 @@ mod tests {
     #[tokio::test]
     async fn connections_past_those_still_to_say_hello_are_closed_at_once() {
         use tokio::io::AsyncReadExt;
-        let mux = RingMux::bind("127.0.0.1:0")
+        let mux = RingMux::bind("127.0.0.1:0", "a token")
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         let addr = mux.local_addr();
