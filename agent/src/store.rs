@@ -317,13 +317,14 @@ impl Store {
                 Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
             })
             .map_err(|e| anyhow::anyhow!("writing to the store: {e:?}"))?;
+        // The store holds `next` now (later writes build on it), whether or not the flush and
+        // the witness manage to say so: a witness left at `pending: next` matches either state.
+        *summary = next;
         self.db.flush().context("flushing the store to disk")?;
         self.write_witness(&Witness {
             committed: next,
             pending: None,
-        })?;
-        *summary = next;
-        Ok(())
+        })
     }
 
     /// The published digests of `file` of model `model`, if any.
