@@ -91,6 +91,9 @@ pub struct Settings {
     pub token: String,
     /// Where the token came from, for the startup line.
     pub token_source: PathBuf,
+    /// The token was made at this start and is written to `token_source` once the agent holds
+    /// its data directory (an agent refused because another holds it leaves no file behind).
+    pub new_token: bool,
     /// Reads without the token.
     pub open_reads: bool,
     /// Cap on stage memory.
@@ -165,8 +168,10 @@ fn default_name() -> String {
     if name.is_empty() { "node".into() } else { name }
 }
 
-/// Reads the token from `file`, or creates `DATA_DIR/cluster-token` with a random one.
-fn load_token(file: Option<&Path>, data_dir: &Path) -> Result<(String, PathBuf)> {
+/// Reads the token from `file`, or from `DATA_DIR/cluster-token`, or makes a random one for that
+/// file; the third answer is `true` when the token is new and still to be written
+/// ([`Settings::keep_new_token`], once the agent holds its data directory).
+fn load_token(file: Option<&Path>, data_dir: &Path) -> Result<(String, PathBuf, bool)> {
     if let Some(f) = file {
         let token = std::fs::read_to_string(f)
             .with_context(|| format!("reading the cluster token from {}", f.display()))?
@@ -175,32 +180,40 @@ fn load_token(file: Option<&Path>, data_dir: &Path) -> Result<(String, PathBuf)>
         if token.is_empty() {
             bail!("the cluster token file {} is empty", f.display());
         }
-        return Ok((token, f.to_path_buf()));
+        return Ok((token, f.to_path_buf(), false));
     }
     let path = data_dir.join("cluster-token");
     if path.exists() {
         return load_token(Some(&path), data_dir);
     }
-    std::fs::create_dir_all(data_dir)
-        .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
     let mut bytes = [0u8; 24];
     rand::RngCore::fill_bytes(&mut rand::rng(), &mut bytes);
     let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    std::fs::write(&path, format!("{token}\n"))
-        .with_context(|| format!("writing a new cluster token to {}", path.display()))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
-    }
-    eprintln!(
-        "clusteragent: created a cluster token in {}; give the same file to every agent (--token-file) and to clusterctl (--token)",
-        path.display()
-    );
-    Ok((token, path))
+    Ok((token, path, true))
 }
 
 impl Settings {
+    /// Writes a token made at this start to `DATA_DIR/cluster-token` (0600) and says so; called
+    /// once the store, and so the data directory, is this agent's.
+    pub fn keep_new_token(&self) -> Result<()> {
+        if !self.new_token {
+            return Ok(());
+        }
+        let path = &self.token_source;
+        std::fs::write(path, format!("{}\n", self.token))
+            .with_context(|| format!("writing a new cluster token to {}", path.display()))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+        }
+        eprintln!(
+            "clusteragent: created a cluster token in {}; give the same file to every agent (--token-file) and to clusterctl (--token)",
+            path.display()
+        );
+        Ok(())
+    }
+
     /// Flags and environment over the config file over defaults.
     pub fn resolve(args: DaemonArgs) -> Result<Self> {
         let file: DaemonArgs = match &args.config {
@@ -230,7 +243,7 @@ impl Settings {
             .data_dir
             .or(file.data_dir)
             .unwrap_or_else(default_data_dir);
-        let (token, token_source) =
+        let (token, token_source, new_token) =
             load_token(args.token_file.or(file.token_file).as_deref(), &data_dir)?;
         let max_memory = args
             .max_memory
@@ -263,6 +276,7 @@ impl Settings {
             ring_listen,
             token,
             token_source,
+            new_token,
             open_reads: args.open_reads.or(file.open_reads).unwrap_or(false),
             max_memory,
             model_cache_max,
@@ -298,6 +312,7 @@ async fn serve(settings: Settings) -> Result<()> {
         .with_context(|| format!("binding the control plane on {listen}"))?;
     let mux = crate::ring::RingMux::bind(&settings.ring_listen, &settings.token).await?;
     let agent = agent::Agent::open(settings, mux)?;
+    agent.settings.keep_new_token()?;
     eprintln!(
         "clusteragent {}: node {} serving the control plane on http://{}, ring on {}, data in {}, token from {}",
         env!("CARGO_PKG_VERSION"),

@@ -125,6 +125,35 @@ fn settings_come_from_flags_then_environment_then_the_config_file() {
     assert!(err.contains("unknown field `lisen`"), "{err}");
 }
 
+/// A second agent on a data directory another agent holds is refused naming the cause, and
+/// leaves nothing behind (it used to write a token file into the other agent's directory).
+#[test]
+fn a_second_agent_on_a_held_data_directory_is_refused_and_writes_nothing() {
+    let c = Cluster::start(1, &[]);
+    let data = &c.agents[0].data_dir;
+    assert!(
+        !data.join("cluster-token").exists(),
+        "the harness gives its own token file"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_clusteragent"))
+        .args(["--name", "second"])
+        .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--ring-listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--data-dir", data.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("another agent is using this data directory"),
+        "{err}"
+    );
+    assert!(
+        !data.join("cluster-token").exists(),
+        "the refused agent wrote a token into the other's data directory"
+    );
+}
+
 #[test]
 fn reads_need_the_token_unless_the_agent_opens_them() {
     let c = Cluster::start(2, &[&["--open-reads"], &[]]);
