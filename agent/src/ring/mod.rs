@@ -23,6 +23,7 @@ pub mod handshake;
 pub(crate) mod head;
 pub(crate) mod health;
 pub(crate) mod http;
+pub(crate) mod hush;
 pub(crate) mod inbound;
 pub(crate) mod link;
 pub(crate) mod links;

@@ -220,4 +220,15 @@ fn connections_that_are_not_the_predecessor_are_refused_while_the_ring_serves() 
             "stage 1's log does not mention {needle:?}:\n{log}"
         );
     }
+    // A flood of one kind is logged once per 10 s, not once per connection.
+    for _ in 0..50 {
+        let mut s = TcpStream::connect(&target).unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        assert_closed(s, "bad magic, again");
+    }
+    let lines = ring.log(1).matches("bad magic").count();
+    assert!(
+        (1..=3).contains(&lines),
+        "{lines} log lines for 51 connections of bad magic"
+    );
 }

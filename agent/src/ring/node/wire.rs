@@ -3,6 +3,7 @@
 //! notice a vanished host, and stage 0's probes around the ring.
 
 use super::*;
+use crate::ring::hush::Hush;
 
 /// Longest wait for a TCP connect or a handshake to finish.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -20,6 +21,42 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
 const KEEPALIVE_PROBES: u32 = 5;
 #[cfg(any(target_os = "linux", target_os = "android"))]
 const USER_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Refused ring connections, logged at most once per kind every 10 s (see [`Hush`]): anyone who
+/// can reach a ring port can cause them.
+static REFUSALS: std::sync::LazyLock<Hush> =
+    std::sync::LazyLock::new(|| Hush::new(Duration::from_secs(10)));
+
+/// The kind of a handshake's failure, for [`REFUSALS`].
+fn refusal_kind(e: &handshake::HandshakeError) -> &'static str {
+    use crate::ring::frame::FrameError;
+    use handshake::HandshakeError;
+    match e {
+        HandshakeError::Refused(_) => "refused",
+        HandshakeError::Protocol(_) => "protocol",
+        HandshakeError::Io(_) => "io",
+        HandshakeError::Frame(f) => match f {
+            FrameError::BadMagic(_) => "magic",
+            FrameError::Version(_) => "version",
+            FrameError::TooLarge { .. } => "too large",
+            FrameError::Truncated(_) => "truncated",
+            FrameError::Malformed(_) => "malformed",
+            FrameError::Io(_) => "io",
+        },
+    }
+}
+
+/// Logs a refused ring connection, unless one of its kind was logged in the last 10 s.
+fn log_refusal(peer: SocketAddr, kind: &'static str, why: &dyn std::fmt::Display) {
+    match REFUSALS.allow(kind) {
+        Some(0) => tracing::warn!(%peer, "refused a ring connection: {why}"),
+        Some(held) => tracing::warn!(
+            %peer,
+            "refused a ring connection: {why} ({held} more of this kind in the last 10 s not logged)"
+        ),
+        None => tracing::debug!(%peer, "refused a ring connection: {why}"),
+    }
+}
 
 /// Keepalive and a bound on unacknowledged data, so that a vanished host ends its links.
 fn tune_link_socket(stream: &std::net::TcpStream) {
@@ -114,11 +151,12 @@ async fn serve_inbound(
     match shook {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
-            tracing::warn!(%peer, error = %e, "refused a ring connection");
+            log_refusal(peer, refusal_kind(&e), &e);
             return;
         }
         Err(_) => {
-            tracing::warn!(%peer, "refused a ring connection: no handshake within {} s", HANDSHAKE_TIMEOUT.as_secs());
+            let why = format!("no handshake within {} s", HANDSHAKE_TIMEOUT.as_secs());
+            log_refusal(peer, "timeout", &why);
             return;
         }
     }
@@ -376,11 +414,11 @@ impl RingMux {
             {
                 Ok(Ok(h)) => h,
                 Ok(Err(e)) => {
-                    tracing::warn!(%peer, error = %e, "refused a ring connection");
+                    log_refusal(peer, refusal_kind(&e), &e);
                     return;
                 }
                 Err(_) => {
-                    tracing::warn!(%peer, "refused a ring connection: no hello in time");
+                    log_refusal(peer, "timeout", &"no hello in time");
                     return;
                 }
             };
@@ -411,8 +449,8 @@ impl RingMux {
                 )
                 .await;
                 match refused {
-                    Ok(e) => tracing::warn!(%peer, error = %e, "refused a ring connection"),
-                    Err(_) => tracing::warn!(%peer, "refused a ring connection: no proof in time"),
+                    Ok(e) => log_refusal(peer, refusal_kind(&e), &e),
+                    Err(_) => log_refusal(peer, "timeout", &"no proof in time"),
                 }
             }
         }
