@@ -101,10 +101,17 @@ pub(super) enum Kind {
     Text,
 }
 
+/// Most stop sequences a request may give (OpenAI takes 4): each is matched against every
+/// token's text, so their number is work per token.
+const MAX_STOPS: usize = 16;
+
+/// Longest stop sequence, in bytes.
+const MAX_STOP_BYTES: usize = 1024;
+
 fn stops(v: &Option<Value>) -> Result<Vec<String>, ApiError> {
-    match v {
-        None | Some(Value::Null) => Ok(Vec::new()),
-        Some(Value::String(s)) => Ok(vec![s.clone()]),
+    let list = match v {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(s)) => vec![s.clone()],
         Some(Value::Array(items)) => items
             .iter()
             .map(|i| {
@@ -112,12 +119,33 @@ fn stops(v: &Option<Value>) -> Result<Vec<String>, ApiError> {
                     bad("`stop` must be a string or a list of strings", Some("stop"))
                 })
             })
-            .collect(),
-        Some(_) => Err(bad(
-            "`stop` must be a string or a list of strings",
+            .collect::<Result<_, _>>()?,
+        Some(_) => {
+            return Err(bad(
+                "`stop` must be a string or a list of strings",
+                Some("stop"),
+            ));
+        }
+    };
+    if list.len() > MAX_STOPS {
+        return Err(bad(
+            format!(
+                "`stop` has {} sequences; at most {MAX_STOPS} are taken",
+                list.len()
+            ),
             Some("stop"),
-        )),
+        ));
     }
+    if let Some(long) = list.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+        return Err(bad(
+            format!(
+                "a `stop` sequence of {} bytes; at most {MAX_STOP_BYTES} are taken",
+                long.len()
+            ),
+            Some("stop"),
+        ));
+    }
+    Ok(list)
 }
 
 /// Everything checked and prepared before admission.
@@ -352,4 +380,35 @@ pub(super) fn prepare(
             .and_then(|o| o.include_usage)
             .unwrap_or(false),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_lists_are_read_and_bounded() {
+        assert_eq!(stops(&None).unwrap_or_default(), Vec::<String>::new());
+        assert_eq!(
+            stops(&Some(serde_json::json!(["\n\n", "END"]))).unwrap_or_default(),
+            ["\n\n", "END"]
+        );
+        let many: Vec<String> = (0..=MAX_STOPS).map(|i| i.to_string()).collect();
+        let e = stops(&Some(serde_json::json!(many)))
+            .err()
+            .map(|e| format!("{e:?}"));
+        assert!(
+            e.as_deref().is_some_and(|e| e.contains("17 sequences")),
+            "{e:?}"
+        );
+        let long = "x".repeat(MAX_STOP_BYTES + 1);
+        let e = stops(&Some(serde_json::json!([long])))
+            .err()
+            .map(|e| format!("{e:?}"));
+        assert!(
+            e.as_deref().is_some_and(|e| e.contains("1025 bytes")),
+            "{e:?}"
+        );
+        assert!(stops(&Some(serde_json::json!(7))).is_err());
+    }
 }
