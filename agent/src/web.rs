@@ -31,6 +31,66 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long requests in flight may run on after a server is told to stop.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
+/// Connections one source address may hold open at once on one server; a further one is closed
+/// as it is accepted. Far above what a client, a benchmark's 128 streams or the agents' own
+/// pools open, far below the 65,536 files the service files allow, so one host cannot take
+/// every descriptor.
+pub const CONNECTIONS_PER_SOURCE: usize = 1024;
+
+/// What one server lets a client do.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    header_timeout: Duration,
+    per_source: usize,
+}
+
+/// Open connections by source address.
+#[derive(Default)]
+struct Sources {
+    open: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+}
+
+/// One connection counted against its source until dropped.
+struct Counted {
+    sources: std::sync::Arc<Sources>,
+    ip: std::net::IpAddr,
+}
+
+impl Sources {
+    /// Counts a connection from `ip`, unless it already holds `cap`.
+    fn enter(self: &std::sync::Arc<Self>, ip: std::net::IpAddr, cap: usize) -> Option<Counted> {
+        let mut open = self
+            .open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = open.entry(ip).or_default();
+        if *n >= cap {
+            return None;
+        }
+        *n += 1;
+        Some(Counted {
+            sources: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        let mut open = self
+            .sources
+            .open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
 /// Serves `routes` on `listener` until `shutdown` resolves, then stops accepting and lets the
 /// requests in flight finish for at most [`SHUTDOWN_GRACE`]. Every server of the agent runs
 /// through here, so the header timeout ([`HEADER_READ_TIMEOUT`]) holds for all of them.
@@ -42,14 +102,18 @@ pub async fn serve<F>(
     F: Filter + Clone + Send + Sync + 'static,
     F::Extract: Reply,
 {
-    serve_with(routes, listener, shutdown, HEADER_READ_TIMEOUT).await;
+    let limits = Limits {
+        header_timeout: HEADER_READ_TIMEOUT,
+        per_source: CONNECTIONS_PER_SOURCE,
+    };
+    serve_with(routes, listener, shutdown, limits).await;
 }
 
 async fn serve_with<F>(
     routes: F,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
-    header_timeout: Duration,
+    limits: Limits,
 ) where
     F: Filter + Clone + Send + Sync + 'static,
     F::Extract: Reply,
@@ -60,15 +124,26 @@ async fn serve_with<F>(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout);
+        .header_read_timeout(limits.header_timeout);
+    let sources = std::sync::Arc::new(Sources::default());
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             () = &mut shutdown => break,
         };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
+        let (stream, counted) = match accepted {
+            Ok((stream, peer)) => match sources.enter(peer.ip(), limits.per_source) {
+                Some(counted) => (stream, counted),
+                None => {
+                    tracing::debug!(
+                        %peer,
+                        "closed a connection: its address holds {} already",
+                        limits.per_source
+                    );
+                    continue;
+                }
+            },
             Err(e) => {
                 // Out of file descriptors, most likely: give connections time to close rather
                 // than spin.
@@ -88,6 +163,7 @@ async fn serve_with<F>(
             if let Err(e) = connection.await {
                 tracing::debug!("HTTP connection: {e}");
             }
+            drop(counted);
         });
     }
     drop(listener);
@@ -215,7 +291,10 @@ mod tests {
             async {
                 let _ = stopped.await;
             },
-            Duration::from_millis(300),
+            Limits {
+                header_timeout: Duration::from_millis(300),
+                per_source: 8,
+            },
         ));
         let mut slow = tokio::net::TcpStream::connect(addr)
             .await
@@ -277,5 +356,55 @@ mod tests {
         );
         assert_eq!(bearer(&h), None);
         assert!(same("s3cret", "s3cret") && !same("s3cret", "s3creT") && !same("s3", "s3cret"));
+    }
+
+    #[tokio::test]
+    async fn connections_past_a_sources_cap_are_closed_and_its_room_comes_back() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let routes = warp::path!("healthz").map(|| "ok");
+        tokio::spawn(serve_with(
+            routes,
+            listener,
+            async {
+                let _ = stopped.await;
+            },
+            Limits {
+                header_timeout: Duration::from_secs(30),
+                per_source: 3,
+            },
+        ));
+        let connect = || async {
+            tokio::net::TcpStream::connect(addr)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"))
+        };
+        let mut held = vec![connect().await, connect().await, connect().await];
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut fourth = connect().await;
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(Duration::from_secs(2), fourth.read(&mut buf)).await;
+        assert!(
+            matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+            "not closed: {read:?}"
+        );
+        // One of the three goes; a new connection is served.
+        drop(held.pop());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut next = connect().await;
+        next.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut answer = String::new();
+        tokio::time::timeout(Duration::from_secs(5), next.read_to_string(&mut answer))
+            .await
+            .unwrap_or_else(|_| panic!("no answer"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        let _ = stop.send(());
     }
 }
