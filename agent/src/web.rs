@@ -144,6 +144,16 @@ async fn serve_with<F>(
                     continue;
                 }
             },
+            // A client that went away before its connection was accepted: nothing to wait for.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                tracing::debug!("accepting a connection: {e}");
+                continue;
+            }
             Err(e) => {
                 // Out of file descriptors, most likely: give connections time to close rather
                 // than spin.

@@ -126,7 +126,14 @@ async fn forward(
     let (tx, mut rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(16);
     let mut incoming = answer.into_body();
     tokio::spawn(async move {
-        while let Some(frame) = incoming.frame().await {
+        loop {
+            // A client that goes away is noticed at once, not at the head's next chunk (during
+            // a long prefill that is seconds away).
+            let frame = tokio::select! {
+                frame = incoming.frame() => frame,
+                () = tx.closed() => return,
+            };
+            let Some(frame) = frame else { return };
             let chunk = match frame {
                 Ok(frame) => match frame.into_data() {
                     Ok(data) => Ok(data),
