@@ -286,9 +286,15 @@ pub async fn wait_for_signal() {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn a_client_that_never_finishes_its_headers_is_cut_off_and_others_are_served() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    /// A server of `GET /healthz` under `limits` on a free port: its address, the sender that
+    /// stops it, and its task.
+    async fn healthz_server(
+        limits: Limits,
+    ) -> (
+        std::net::SocketAddr,
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    ) {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .unwrap_or_else(|e| panic!("{e}"));
@@ -301,11 +307,19 @@ mod tests {
             async {
                 let _ = stopped.await;
             },
-            Limits {
-                header_timeout: Duration::from_millis(300),
-                per_source: 8,
-            },
+            limits,
         ));
+        (addr, stop, server)
+    }
+
+    #[tokio::test]
+    async fn a_client_that_never_finishes_its_headers_is_cut_off_and_others_are_served() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (addr, stop, server) = healthz_server(Limits {
+            header_timeout: Duration::from_millis(300),
+            per_source: 8,
+        })
+        .await;
         let mut slow = tokio::net::TcpStream::connect(addr)
             .await
             .unwrap_or_else(|e| panic!("{e}"));
@@ -371,23 +385,11 @@ mod tests {
     #[tokio::test]
     async fn connections_past_a_sources_cap_are_closed_and_its_room_comes_back() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let routes = warp::path!("healthz").map(|| "ok");
-        tokio::spawn(serve_with(
-            routes,
-            listener,
-            async {
-                let _ = stopped.await;
-            },
-            Limits {
-                header_timeout: Duration::from_secs(30),
-                per_source: 3,
-            },
-        ));
+        let (addr, stop, _server) = healthz_server(Limits {
+            header_timeout: Duration::from_secs(30),
+            per_source: 3,
+        })
+        .await;
         let connect = || async {
             tokio::net::TcpStream::connect(addr)
                 .await
