@@ -193,6 +193,20 @@ pub enum FrameError {
     Io(#[from] std::io::Error),
 }
 
+impl FrameError {
+    /// A short name of the error's kind (for counting refusals by kind).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::BadMagic(_) => "magic",
+            Self::Version(_) => "version",
+            Self::TooLarge { .. } => "too large",
+            Self::Truncated(_) => "truncated",
+            Self::Malformed(_) => "malformed",
+            Self::Io(_) => "io",
+        }
+    }
+}
+
 impl Frame {
     /// A frame of `kind` with no tensor.
     pub fn new(kind: FrameKind, pipeline: &str, generation: u64, seq: u64) -> Self {

@@ -53,6 +53,18 @@ pub enum HandshakeError {
     Io(#[from] std::io::Error),
 }
 
+impl HandshakeError {
+    /// A short name of the error's kind (for counting refusals by kind).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Refused(_) => "refused",
+            Self::Protocol(_) => "protocol",
+            Self::Frame(f) => f.kind(),
+            Self::Io(_) => "io",
+        }
+    }
+}
+
 fn nonce() -> String {
     let mut b = [0u8; 16];
     rand::rng().fill_bytes(&mut b);
@@ -241,6 +253,8 @@ where
 
 /// A connector that proved the token for what its hello claims.
 struct Proven {
+    /// What its hello claims, with the token it proved.
+    claimed: RingIdentity,
     from: usize,
     nonce_c: String,
     nonce_s: String,
@@ -291,6 +305,7 @@ where
         return Err(HandshakeError::Refused(reason));
     }
     Ok(Proven {
+        claimed,
         from,
         nonce_c,
         nonce_s,
@@ -310,16 +325,13 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    if let Err(e) = prove(reader, writer, token, hello).await {
-        return e;
+    match prove(reader, writer, token, hello).await {
+        Ok(proven) => {
+            refuse(writer, &proven.claimed, reason).await;
+            HandshakeError::Refused(reason.to_string())
+        }
+        Err(e) => e,
     }
-    let claimed = RingIdentity {
-        pipeline: hello.pipeline.clone(),
-        generation: hello.generation,
-        token: String::new(),
-    };
-    refuse(writer, &claimed, reason).await;
-    HandshakeError::Refused(reason.to_string())
 }
 
 /// Tells the connector why it is refused (best effort: it may be gone already).

@@ -27,25 +27,6 @@ const USER_TIMEOUT: Duration = Duration::from_secs(20);
 static REFUSALS: std::sync::LazyLock<Hush> =
     std::sync::LazyLock::new(|| Hush::new(Duration::from_secs(10)));
 
-/// The kind of a handshake's failure, for [`REFUSALS`].
-fn refusal_kind(e: &handshake::HandshakeError) -> &'static str {
-    use crate::ring::frame::FrameError;
-    use handshake::HandshakeError;
-    match e {
-        HandshakeError::Refused(_) => "refused",
-        HandshakeError::Protocol(_) => "protocol",
-        HandshakeError::Io(_) => "io",
-        HandshakeError::Frame(f) => match f {
-            FrameError::BadMagic(_) => "magic",
-            FrameError::Version(_) => "version",
-            FrameError::TooLarge { .. } => "too large",
-            FrameError::Truncated(_) => "truncated",
-            FrameError::Malformed(_) => "malformed",
-            FrameError::Io(_) => "io",
-        },
-    }
-}
-
 /// Logs a refused ring connection, unless one of its kind was logged in the last 10 s.
 fn log_refusal(peer: SocketAddr, kind: &'static str, why: &dyn std::fmt::Display) {
     match REFUSALS.allow(kind) {
@@ -151,7 +132,7 @@ async fn serve_inbound(
     match shook {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
-            log_refusal(peer, refusal_kind(&e), &e);
+            log_refusal(peer, e.kind(), &e);
             return;
         }
         Err(_) => {
@@ -414,7 +395,7 @@ impl RingMux {
             {
                 Ok(Ok(h)) => h,
                 Ok(Err(e)) => {
-                    log_refusal(peer, refusal_kind(&e), &e);
+                    log_refusal(peer, e.kind(), &e);
                     return;
                 }
                 Err(_) => {
@@ -449,7 +430,7 @@ impl RingMux {
                 )
                 .await;
                 match refused {
-                    Ok(e) => log_refusal(peer, refusal_kind(&e), &e),
+                    Ok(e) => log_refusal(peer, e.kind(), &e),
                     Err(_) => log_refusal(peer, "timeout", &"no proof in time"),
                 }
             }
