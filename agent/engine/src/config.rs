@@ -360,12 +360,7 @@ impl ModelConfig {
         };
         let (qkv_bias, o_bias) = (bias(spec.qkv_bias)?, bias(spec.o_bias)?);
         let mlp_bias = f.bool_opt("mlp_bias")?.unwrap_or(false);
-        if mlp_bias
-            && !spec
-                .layer
-                .iter()
-                .any(|r| r.part == crate::family::Part::GateBias)
-        {
+        if mlp_bias && spec.rule(crate::family::Part::GateBias).is_none() {
             return Err(f.err(
                 "mlp_bias",
                 format!("true is not supported for {}", spec.hf_architecture),

@@ -70,6 +70,13 @@ pub struct FamilySpec {
     pub gguf_rope_interleaved: bool,
 }
 
+impl FamilySpec {
+    /// The layer's rule for `part`, if the family stores that tensor.
+    pub fn rule(&self, part: Part) -> Option<&'static TensorRule> {
+        self.layer.iter().find(|r| r.part == part)
+    }
+}
+
 /// Where a projection's bias comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Bias {
@@ -375,7 +382,7 @@ pub fn stage_tensors(
 pub(crate) struct LayerNames {
     prefix: String,
     format: Format,
-    rules: &'static [TensorRule],
+    spec: &'static FamilySpec,
 }
 
 impl LayerNames {
@@ -383,21 +390,20 @@ impl LayerNames {
         Self {
             prefix: format.layer_prefix(layer),
             format,
-            rules: cfg.family.spec().layer,
+            spec: cfg.family.spec(),
         }
     }
 
     /// The full name of `part` in this layer, if the family has it.
     pub(crate) fn get(&self, part: Part) -> Option<String> {
-        self.rules
-            .iter()
-            .find(|r| r.part == part)
+        self.spec
+            .rule(part)
             .map(|r| format!("{}.{}", self.prefix, self.format.name(r)))
     }
 
     /// Whether the family stores `part` as one tensor.
     pub(crate) fn has(&self, part: Part) -> bool {
-        self.rules.iter().any(|r| r.part == part)
+        self.spec.rule(part).is_some()
     }
 }
 
