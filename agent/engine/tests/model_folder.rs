@@ -6,6 +6,10 @@
 
 use std::path::Path;
 
+mod common;
+
+use common::load_pipeline as load;
+
 use candle_core::{DType, Device};
 use cluster_api::{DeviceKind, FinishReason, LayerRange, WeightDType};
 use cluster_engine::{
@@ -18,17 +22,6 @@ fn write(model: &TinyModel) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     model.write(dir.path()).unwrap();
     dir
-}
-
-fn load(dir: &Path, split: Option<&str>) -> Result<LocalPipeline, EngineError> {
-    LocalPipeline::load(
-        dir,
-        &LoadOptions {
-            split: split.map(str::to_string),
-            device: DeviceKind::Cpu,
-            dtype: Some(WeightDType::F32),
-        },
-    )
 }
 
 fn greedy(p: &LocalPipeline, prompt: &str, max_tokens: usize) -> cluster_engine::Generation {

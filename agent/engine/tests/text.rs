@@ -10,13 +10,13 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use cluster_api::{DeviceKind, WeightDType};
 use cluster_engine::chat::ChatTemplate;
 use cluster_engine::folder::TokenizerConfig;
 use cluster_engine::tokenizer::{IncrementalDecoder, TextTokenizer};
-use cluster_engine::{GenerateOptions, LoadOptions, LocalPipeline, ModelFolder};
+use cluster_engine::{GenerateOptions, LocalPipeline, ModelFolder};
 use cluster_fixtures::TinyModel;
 use cluster_fixtures::shared_data;
+use common::load_pipeline;
 use serde_json::{Value, json};
 
 const MIXED_TEXT: &str = "Crème brûlée in 東京 costs ¥1200 😀🚀 — naïve façade, Straße. Ω≈π.";
@@ -304,7 +304,7 @@ fn a_qwen3_shaped_model_with_the_real_tokenizer_chats_end_to_end() {
         folder.config.vocab_size
     );
     assert!(folder.eos_token_ids.contains(&151_645));
-    let pipeline = two_stages(dir.path(), "0-0,1-1");
+    let pipeline = load_pipeline(dir.path(), Some("0-0,1-1")).unwrap();
     let ids = pipeline
         .encode_chat(&json!([{"role": "user", "content": "Hello"}]))
         .unwrap();
@@ -318,19 +318,6 @@ fn a_qwen3_shaped_model_with_the_real_tokenizer_chats_end_to_end() {
             .iter()
             .all(|&t| (t as usize) < pipeline.folder.tokenizer.vocab_size())
     );
-}
-
-/// The model in `dir` in f32 on the CPU, split as `split` in this process.
-fn two_stages(dir: &Path, split: &str) -> LocalPipeline {
-    LocalPipeline::load(
-        dir,
-        &LoadOptions {
-            split: Some(split.into()),
-            device: DeviceKind::Cpu,
-            dtype: Some(WeightDType::F32),
-        },
-    )
-    .unwrap()
 }
 
 /// Generates twelve tokens after `ids` (whatever they are) and checks that the pieces
@@ -364,7 +351,7 @@ fn a_phi3_shaped_model_with_the_published_phi_3_5_template_chats_end_to_end() {
             .unwrap()
     );
     std::fs::write(&config_path, config.to_string()).unwrap();
-    let pipeline = two_stages(dir.path(), "0-1,2-3");
+    let pipeline = load_pipeline(dir.path(), Some("0-1,2-3")).unwrap();
     let ids = pipeline
         .encode_chat(&json!([
             {"role": "system", "content": "Be brief."},

@@ -196,3 +196,18 @@ pub fn assert_close(ours: &[f32], oracle: &[f32], tolerance: f32, what: &str) {
         assert_eq!(argmax(ours), best, "{what}: greedy tokens differ");
     }
 }
+
+/// The model in `dir` in f32 on the CPU, in one process, split as `split` (whole without).
+pub fn load_pipeline(
+    dir: &std::path::Path,
+    split: Option<&str>,
+) -> cluster_engine::Result<cluster_engine::LocalPipeline> {
+    cluster_engine::LocalPipeline::load(
+        dir,
+        &cluster_engine::LoadOptions {
+            split: split.map(str::to_string),
+            device: cluster_api::DeviceKind::Cpu,
+            dtype: Some(cluster_api::WeightDType::F32),
+        },
+    )
+}
