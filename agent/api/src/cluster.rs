@@ -93,12 +93,38 @@ impl FileDigests {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ResolvedPlacement {
-    /// The stages in ring order.
+    /// The stages in ring order (of the first replica, when there are several).
     pub stages: Vec<PlacedStage>,
+    /// The stages of each further replica (replica 1 on), each in ring order, on nodes apart
+    /// from every other replica's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replicas: Vec<Vec<PlacedStage>>,
     /// The model's layer count.
     pub layers: usize,
     /// How the split was chosen, for `describe`.
     pub reason: String,
+}
+
+impl ResolvedPlacement {
+    /// Each replica's ring of stages, replica 0 first.
+    pub fn rings(&self) -> Vec<&[PlacedStage]> {
+        std::iter::once(self.stages.as_slice())
+            .chain(self.replicas.iter().map(Vec::as_slice))
+            .collect()
+    }
+
+    /// The replica `node` runs a stage of, and that stage's index in its ring.
+    pub fn find(&self, node: &str) -> Option<(usize, usize)> {
+        self.rings()
+            .iter()
+            .enumerate()
+            .find_map(|(r, ring)| Some((r, ring.iter().position(|s| s.node == node)?)))
+    }
+
+    /// Every stage of every replica.
+    pub fn all_stages(&self) -> impl Iterator<Item = &PlacedStage> {
+        self.stages.iter().chain(self.replicas.iter().flatten())
+    }
 }
 
 /// One resolved stage.
@@ -466,7 +492,10 @@ pub struct NodeStatus {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PipelineStageStatus {
-    /// Stage index.
+    /// The replica it belongs to (0 when the pipeline has one).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub replica: usize,
+    /// Stage index within its replica's ring.
     pub index: usize,
     /// Its node.
     pub node: String,
@@ -511,8 +540,26 @@ pub struct PipelineStatus {
     /// How the split was chosen.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub placement: Option<String>,
-    /// Per stage.
+    /// Per stage, replica by replica.
     pub stages: Vec<PipelineStageStatus>,
+    /// Per replica, when there are several.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replicas: Vec<ReplicaStatus>,
+}
+
+/// One replica of a pipeline: its own ring over its own nodes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaStatus {
+    /// Its index.
+    pub index: usize,
+    /// Its stages' phase combined, as a single ring's would be.
+    pub phase: Phase,
+    /// What is happening or wrong, naming the stage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// The node of its stage 0, where its requests go.
+    pub head: String,
 }
 
 /// An Endpoint's status.

@@ -328,6 +328,9 @@ pub enum Placement {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct StagePlacement {
+    /// The replica it belongs to when the pipeline has several (`0` to `replicas - 1`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<usize>,
     /// The node that runs it.
     pub node: String,
     /// Inclusive layer range: `"0-13"`.
@@ -349,6 +352,10 @@ pub struct PipelineSpec {
     /// `auto` to let the cluster split the model.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub placement: Option<Placement>,
+    /// Independent rings of the same model on nodes apart, behind the same endpoints
+    /// (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<usize>,
     /// With `placement: auto`, the nodes to choose from (default: every node).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nodes: Vec<String>,
@@ -807,22 +814,66 @@ fn check_pipeline(object: &Object, s: &PipelineSpec, errors: &mut Vec<ManifestEr
                     "is empty: a pipeline needs at least one stage",
                 ));
             } else {
-                // The model's layer count is checked later; here: in order, no gap, no overlap.
-                let ranges: Vec<LayerRange> = stages.iter().map(|st| st.layers).collect();
-                let end = ranges.iter().map(|r| r.last + 1).max().unwrap_or(0);
-                if let Err(e) = LayerSplit::new(ranges, end) {
-                    errors.push(split_error(object, &e));
-                }
-                let mut seen = BTreeSet::new();
+                let replicas = s.replicas.unwrap_or(1).max(1);
+                // Which replica runs each node: one contiguous range per node, replicas apart.
+                let mut owner: BTreeMap<&str, usize> = BTreeMap::new();
                 for (i, st) in stages.iter().enumerate() {
-                    if !seen.insert(st.node.as_str()) {
+                    let r = st.replica.unwrap_or(0);
+                    if r >= replicas {
                         errors.push(ManifestError::field(
+                            object,
+                            &format!("spec.stages[{i}].replica"),
+                            format!(
+                                "is {r} but the pipeline has {replicas} replica(s) (spec.replicas), numbered from 0"
+                            ),
+                        ));
+                        continue;
+                    }
+                    match owner.insert(st.node.as_str(), r) {
+                        Some(other) if other == r => errors.push(ManifestError::field(
                             object,
                             &format!("spec.stages[{i}].node"),
                             format!(
-                                "node {:?} already runs another stage of this pipeline: give each node one contiguous range",
+                                "node {:?} already runs another stage of this {}: give each node one contiguous range",
+                                st.node,
+                                if replicas > 1 { "replica" } else { "pipeline" }
+                            ),
+                        )),
+                        Some(other) => errors.push(ManifestError::field(
+                            object,
+                            &format!("spec.stages[{i}].node"),
+                            format!(
+                                "node {} already runs a stage of replica {other}: replicas run on nodes apart, so that losing one node leaves the others serving",
                                 st.node
                             ),
+                        )),
+                        None => {}
+                    }
+                }
+                for r in 0..replicas {
+                    let ring: Vec<usize> = (0..stages.len())
+                        .filter(|&i| stages[i].replica.unwrap_or(0) == r)
+                        .collect();
+                    if ring.is_empty() {
+                        errors.push(ManifestError::field(
+                            object,
+                            "spec.stages",
+                            format!(
+                                "replica {r} has no stages: give each of the {replicas} replicas its stages, with `replica: {r}` on its entries"
+                            ),
+                        ));
+                        continue;
+                    }
+                    // The model's layer count is checked later; here: in order, no gap, no
+                    // overlap.
+                    let ranges: Vec<LayerRange> = ring.iter().map(|&i| stages[i].layers).collect();
+                    let end = ranges.iter().map(|r| r.last + 1).max().unwrap_or(0);
+                    if let Err(e) = LayerSplit::new(ranges, end) {
+                        errors.push(ring_split_error(
+                            object,
+                            &e,
+                            &ring,
+                            (replicas > 1).then_some(r),
                         ));
                     }
                 }
@@ -836,6 +887,13 @@ fn check_pipeline(object: &Object, s: &PipelineSpec, errors: &mut Vec<ManifestEr
             }
         }
         (None, Some(Placement::Auto)) => {}
+    }
+    if s.replicas == Some(0) {
+        errors.push(ManifestError::field(
+            object,
+            "spec.replicas",
+            "must be at least 1, got 0",
+        ));
     }
     if s.max_sequences == Some(0) {
         errors.push(ManifestError::field(
@@ -853,15 +911,25 @@ fn check_pipeline(object: &Object, s: &PipelineSpec, errors: &mut Vec<ManifestEr
     }
 }
 
-/// Turns a split error into one that names the stage's field.
-pub fn split_error(object: &Object, e: &crate::LayerRangeError) -> ManifestError {
+/// A split error of one replica's ring, whose stage `k` is `spec.stages[ring[k]]`, as one that
+/// names the stage's field; the message names the replica when the pipeline has several.
+pub fn ring_split_error(
+    object: &Object,
+    e: &crate::LayerRangeError,
+    ring: &[usize],
+    replica: Option<usize>,
+) -> ManifestError {
     let path = match e {
         crate::LayerRangeError::NotContiguous { index, .. } => {
-            format!("spec.stages[{index}].layers")
+            format!("spec.stages[{}].layers", ring.get(*index).unwrap_or(index))
         }
         _ => "spec.stages".to_string(),
     };
-    ManifestError::field(object, &path, e.to_string())
+    let message = match replica {
+        Some(r) => format!("replica {r}: {e}"),
+        None => e.to_string(),
+    };
+    ManifestError::field(object, &path, message)
 }
 
 /// Names are DNS labels, as in Kubernetes: they appear in URLs, file names and log lines.
@@ -1207,11 +1275,11 @@ spec: {pipeline: qwen, node: mini1, port: 8000, servedModelName: qwen3-1.7b}
 
     #[test]
     fn unknown_fields_are_named_with_their_path() {
-        let text = GOOD.replace("device: metal", "device: metal\n  replicas: 2");
+        let text = GOOD.replace("device: metal", "device: metal\n  replica: 2");
         let e = one_error(&text);
         assert_eq!(e.document, Some(4));
         assert_eq!(e.object.as_deref(), Some("Pipeline qwen"));
-        assert!(e.message.contains("unknown field `replicas`"), "{e}");
+        assert!(e.message.contains("unknown field `replica`"), "{e}");
         let text = GOOD.replace("layers: \"14-27\"", "layers: \"14-27\", gpu: 1");
         let e = one_error(&text);
         assert_eq!(e.path.as_deref(), Some("spec.stages[1].gpu"), "{e}");

@@ -43,6 +43,25 @@ impl Sampler {
         })
     }
 
+    /// Makes the random draws of `n` samples without keeping them: a sequence resumed after
+    /// `n` tokens elsewhere goes on with the draws it would have had. Greedy sampling draws
+    /// nothing; every other kind draws once per token, whatever the logits (the test below
+    /// holds it to that).
+    pub fn skip(&mut self, n: usize) -> Result<()> {
+        if n == 0 || self.params.temperature <= 0.0 {
+            return Ok(());
+        }
+        let flat = Tensor::zeros(
+            self.vocab_limit.max(1),
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+        )?;
+        for _ in 0..n {
+            self.processor.sample(&flat)?;
+        }
+        Ok(())
+    }
+
     /// Picks a token from the last position's logits, shape `(vocab,)`.
     pub fn sample(&mut self, logits: &Tensor) -> Result<u32> {
         let vocab = logits.dim(0)?;
@@ -109,6 +128,58 @@ mod tests {
         };
         assert_eq!(draw(7), draw(7));
         assert_ne!(draw(7), draw(8));
+    }
+
+    #[test]
+    fn a_sampler_that_skips_the_draws_of_earlier_tokens_goes_on_as_the_first_did() {
+        let cases = [
+            (None, None),
+            (Some(3), None),
+            (None, Some(0.9)),
+            (Some(4), Some(0.8)),
+        ];
+        for (top_k, top_p) in cases {
+            let params = SamplingParams {
+                temperature: 0.8,
+                top_k,
+                top_p,
+                seed: 42,
+                repetition_penalty: 1.3,
+                ..SamplingParams::default()
+            };
+            // Logits that move with the step, so that the draws are not all alike.
+            let at = |i: usize| {
+                let v: Vec<f32> = (0..8)
+                    .map(|j| ((i * 7 + j * 3) % 11) as f32 * 0.2)
+                    .collect();
+                logits(&v)
+            };
+            let mut whole = Sampler::new(&params, 8, &[1, 2]).unwrap();
+            let tokens: Vec<u32> = (0..40).map(|i| whole.sample(&at(i)).unwrap()).collect();
+            // The sequence resumed after `cut` tokens: they join its context, as the endpoint
+            // sends them with the prompt.
+            let resumed_after = |cut: usize, skip: bool| {
+                let mut context = vec![1, 2];
+                context.extend(&tokens[..cut]);
+                let start = context.len().saturating_sub(params.repetition_window);
+                let mut s = Sampler::new(&params, 8, &context[start..]).unwrap();
+                if skip {
+                    s.skip(cut).unwrap();
+                }
+                (cut..40)
+                    .map(|i| s.sample(&at(i)).unwrap())
+                    .collect::<Vec<_>>()
+            };
+            for cut in [1, 17, 39] {
+                assert_eq!(
+                    resumed_after(cut, true),
+                    tokens[cut..],
+                    "top_k {top_k:?} top_p {top_p:?} cut {cut}"
+                );
+            }
+            // Without the skip the draws differ: the test can tell.
+            assert_ne!(resumed_after(17, false), tokens[17..], "top_k {top_k:?}");
+        }
     }
 
     #[test]

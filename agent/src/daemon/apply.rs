@@ -11,8 +11,8 @@ use cluster_api::cluster::{
     ApplyAction, ApplyOutcome, ByteProfile, PlacedStage, Record, ResolvedPlacement,
 };
 use cluster_api::manifest::{
-    Kind, ManifestError, Object, Placement, Spec, check_references, parse_manifests, referrers,
-    split_error,
+    Kind, ManifestError, Object, Placement, Spec, StagePlacement, check_references,
+    parse_manifests, referrers, ring_split_error,
 };
 
 use super::agent::Agent;
@@ -259,9 +259,13 @@ pub fn apply(agent: &Agent, text: &str, dry_run: bool) -> Result<Vec<ApplyOutcom
                 }
                 let stages = |p: &Option<ResolvedPlacement>| {
                     p.as_ref().map(|p| {
-                        p.stages
+                        p.rings()
                             .iter()
-                            .map(|s| (s.node.clone(), s.layers))
+                            .map(|ring| {
+                                ring.iter()
+                                    .map(|s| (s.node.clone(), s.layers))
+                                    .collect::<Vec<_>>()
+                            })
                             .collect::<Vec<_>>()
                     })
                 };
@@ -357,11 +361,16 @@ fn describe_placement(p: Option<&ResolvedPlacement>) -> String {
     match p {
         None => "none".into(),
         Some(p) => p
-            .stages
+            .rings()
             .iter()
-            .map(|s| format!("{}:{}", s.node, s.layers))
+            .map(|ring| {
+                ring.iter()
+                    .map(|s| format!("{}:{}", s.node, s.layers))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
             .collect::<Vec<_>>()
-            .join(","),
+            .join(" | "),
     }
 }
 

@@ -307,13 +307,19 @@ impl Runtime {
     }
 }
 
-/// The ring configuration of a pipeline record, from the store's model and nodes.
-pub fn ring_config(agent: &Agent, record: &Record) -> Result<RingConfig, String> {
+/// The ring configuration of one replica of a pipeline record, from the store's model and
+/// nodes. Replicas share the pipeline's name: they run on nodes apart and each stage links only
+/// to its own ring's neighbours, so a name is never ambiguous on a node.
+pub fn ring_config(agent: &Agent, record: &Record, replica: usize) -> Result<RingConfig, String> {
     let spec = record.object.as_pipeline().ok_or("not a pipeline")?.clone();
     let placement = record
         .placement
         .as_ref()
         .ok_or("the pipeline has no placement")?;
+    let rings = placement.rings();
+    let ring = rings
+        .get(replica)
+        .ok_or_else(|| format!("the pipeline has no replica {replica}"))?;
     let model = agent
         .store
         .get(Kind::Model, &spec.model)
@@ -323,7 +329,7 @@ pub fn ring_config(agent: &Agent, record: &Record) -> Result<RingConfig, String>
     let source = model.model_source().ok_or("not a model")?;
     let model = model.object.as_model().ok_or("not a model")?.clone();
     let mut stages = Vec::new();
-    for st in &placement.stages {
+    for st in ring.iter() {
         let node = agent
             .store
             .get(Kind::Node, &st.node)
@@ -354,14 +360,25 @@ pub fn ring_config(agent: &Agent, record: &Record) -> Result<RingConfig, String>
     })
 }
 
-/// The control-plane address of the node running `pipeline`'s stage 0, when it is not this one.
+/// The control-plane address of the node an endpoint of `pipeline` forwards to, when it is
+/// not this one: the first replica's stage 0 whose node is heard from (the first replica's
+/// when none is), since that node's endpoint spreads the requests over every replica.
 fn head_address(agent: &Agent, pipeline: &str) -> Option<String> {
     let record = agent.store.get(Kind::Pipeline, pipeline).ok()??;
-    let node = record.placement?.stages.first()?.node.clone();
-    if node == agent.name() {
+    let placement = record.placement?;
+    let heads: Vec<String> = placement
+        .rings()
+        .iter()
+        .filter_map(|ring| ring.first().map(|s| s.node.clone()))
+        .collect();
+    if heads.iter().any(|h| h == agent.name()) {
         return None;
     }
-    let node = agent.store.get(Kind::Node, &node).ok()??;
+    let node = heads
+        .iter()
+        .find(|h| agent.fresh_report(h).is_some())
+        .or(heads.first())?;
+    let node = agent.store.get(Kind::Node, node).ok()??;
     Some(node.object.as_node()?.address.clone())
 }
 
@@ -433,10 +450,10 @@ fn desired(agent: &Agent) -> (HashMap<String, StageWant>, HashMap<String, Endpoi
         let Some(placement) = &record.placement else {
             continue;
         };
-        let Some(index) = placement.stages.iter().position(|s| s.node == me) else {
+        let Some((replica, index)) = placement.find(me) else {
             continue;
         };
-        match ring_config(agent, &record) {
+        match ring_config(agent, &record, replica) {
             Ok(config) => {
                 stages.insert(
                     record.object.metadata.name.clone(),

@@ -85,6 +85,12 @@ pub struct Metrics {
     pub ttft: Histogram,
     /// Time between tokens of a sequence.
     pub itl: Histogram,
+    /// Time from a sequence losing its replica to its next token from another.
+    pub failover_gap: Histogram,
+    /// Sequences moved to another replica.
+    failovers: AtomicU64,
+    /// Sequences started or resumed at each replica.
+    routed: Mutex<BTreeMap<usize, u64>>,
 }
 
 /// One stage's figures, from its node's report.
@@ -124,6 +130,21 @@ pub struct PipelineGauges {
 }
 
 impl Metrics {
+    /// Counts a sequence started or resumed at `replica`.
+    pub fn routed(&self, replica: usize) {
+        *self
+            .routed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(replica)
+            .or_insert(0) += 1;
+    }
+
+    /// Counts a sequence moved to another replica.
+    pub fn failed_over(&self) {
+        self.failovers.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Counts a finished request.
     pub fn request(&self, route: &str, status: u16) {
         *self
@@ -170,6 +191,11 @@ impl Metrics {
                 self.generated_tokens.load(Ordering::Relaxed),
             ),
             (
+                "clusteragent_failovers_total",
+                "Sequences that lost their replica and went on at another.",
+                self.failovers.load(Ordering::Relaxed),
+            ),
+            (
                 "clusteragent_requests_cancelled_total",
                 "Streams whose client went away before the end; their sequences were cancelled around the ring.",
                 self.cancelled.load(Ordering::Relaxed),
@@ -193,6 +219,25 @@ impl Metrics {
             &l,
             "Time between two tokens of a sequence.",
         );
+        self.failover_gap.write(
+            &mut out,
+            "clusteragent_failover_gap_seconds",
+            &l,
+            "Time from a sequence losing its replica to its next token from another.",
+        );
+        let name = "clusteragent_replica_sequences_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Sequences started or resumed at each replica.\n# TYPE {name} counter"
+        );
+        for (replica, n) in self
+            .routed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+        {
+            let _ = writeln!(out, "{name}{{{l},replica=\"{replica}\"}} {n}");
+        }
         let gauges = [
             (
                 "clusteragent_sequences_in_flight",

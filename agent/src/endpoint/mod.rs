@@ -7,10 +7,13 @@
 //! - [`stop`]: stop sequences matched across token boundaries.
 //! - [`metrics`]: counters, histograms and the text exposition.
 //! - [`proxy`]: an endpoint on another node than stage 0's, forwarding to it.
+//! - [`replicas`]: requests spread over the pipeline's replicas, and sequences moved to
+//!   another replica when theirs fails.
 
 pub mod metrics;
 pub mod openai;
 pub mod proxy;
+pub mod replicas;
 pub mod stop;
 
 use std::convert::Infallible;
@@ -37,8 +40,11 @@ pub struct EndpointState {
     pub served_model: String,
     /// Bearer keys clients must present; empty means open.
     pub api_keys: Vec<String>,
-    /// Stage 0 of the pipeline, looked up per request.
+    /// Stage 0 of the pipeline here, looked up per request: its tokenizer and chat template
+    /// prepare every request, whichever replica serves it.
     pub source: Source,
+    /// The pipeline's replicas, which serve the requests.
+    pub router: Arc<replicas::Router>,
     /// Counters.
     pub metrics: metrics::Metrics,
     /// When the endpoint started (Unix seconds), for `/v1/models`.
@@ -136,14 +142,14 @@ pub async fn respond(
                 state.metrics.request("/v1/chat/completions", 401);
                 e.into_response()
             }
-            Ok(()) => openai::complete(state.clone(), true, body).await,
+            Ok(()) => openai::complete(state.clone(), true, &headers, body).await,
         },
         (&Method::POST, "/v1/completions") => match state.authorized(&headers) {
             Err(e) => {
                 state.metrics.request("/v1/completions", 401);
                 e.into_response()
             }
-            Ok(()) => openai::complete(state.clone(), false, body).await,
+            Ok(()) => openai::complete(state.clone(), false, &headers, body).await,
         },
         (&Method::POST, "/generate") => match state.authorized(&headers) {
             Err(e) => e.into_response(),

@@ -16,6 +16,7 @@ use warp::reply::Response;
 use warp::{Reply, reply};
 
 use super::EndpointState;
+use super::replicas::Generation;
 use super::stop::StopMatcher;
 use crate::ring::head::{Event, Request};
 
@@ -142,7 +143,12 @@ impl Clock {
 }
 
 /// `POST /v1/chat/completions` (`chat`) or `POST /v1/completions`.
-pub async fn complete(state: std::sync::Arc<EndpointState>, chat: bool, body: Bytes) -> Response {
+pub async fn complete(
+    state: std::sync::Arc<EndpointState>,
+    chat: bool,
+    headers: &warp::http::HeaderMap,
+    body: Bytes,
+) -> Response {
     let kind = if chat { Kind::Chat } else { Kind::Text };
     let route = if chat {
         "/v1/chat/completions"
@@ -174,8 +180,9 @@ pub async fn complete(state: std::sync::Arc<EndpointState>, chat: bool, body: By
         }
     };
     let prompt_tokens = prepared.request.prompt_ids.len();
-    let events = match head.submit(&shared, prepared.request) {
-        Ok(rx) => rx,
+    drop(shared);
+    let events = match Generation::start(state.clone(), prepared.request, headers).await {
+        Ok(g) => g,
         Err(refusal) => {
             state.metrics.request(route, refusal.status);
             return match refusal.status {
@@ -324,14 +331,14 @@ fn step(ctx: &mut Ctx, event: Option<Event>, generated: &mut usize) -> Step {
     }
 }
 
-async fn whole(mut ctx: Ctx, mut events: mpsc::UnboundedReceiver<Event>) -> Response {
+async fn whole(mut ctx: Ctx, mut events: Generation) -> Response {
     let mut text = String::new();
     let mut generated = 0usize;
     let (finish, completion) = loop {
         if ctx.matcher.stopped() {
             break ("stop", generated);
         }
-        let event = events.recv().await;
+        let event = events.next().await;
         let done = matches!(event, Some(Event::Done { .. }));
         let (finish_reason, completion_tokens) = match &event {
             Some(Event::Done {
@@ -381,11 +388,7 @@ async fn whole(mut ctx: Ctx, mut events: mpsc::UnboundedReceiver<Event>) -> Resp
     .into_response()
 }
 
-fn stream(
-    mut ctx: Ctx,
-    mut events: mpsc::UnboundedReceiver<Event>,
-    include_usage: bool,
-) -> Response {
+fn stream(mut ctx: Ctx, mut events: Generation, include_usage: bool) -> Response {
     let (tx, mut rx) = mpsc::channel::<Bytes>(64);
     tokio::spawn(async move {
         let gone = |ctx: &Ctx| {
@@ -417,7 +420,7 @@ fn stream(
                 return;
             }
             let event = tokio::select! {
-                e = events.recv() => e,
+                e = events.next() => e,
                 _ = tx.closed() => {
                     gone(&ctx);
                     return;

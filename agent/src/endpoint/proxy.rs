@@ -51,7 +51,7 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 /// Sends the request to the head on a connection of its own and returns the answer's status,
 /// the headers passed back, and its body as it arrives. Dropping the body closes the
 /// connection, which cancels the sequence on the head.
-async fn send(
+pub(super) async fn send(
     target: &Target,
     method: &Method,
     path: &str,

@@ -19,7 +19,7 @@ use bytes::Bytes;
 use cluster_api::{FinishReason, SamplingParams};
 use cluster_engine::tokenizer::{IncrementalDecoder, TextTokenizer};
 use cluster_engine::{ModelFolder, SeqId};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use super::compute::{Job, SequenceStart};
@@ -44,10 +44,15 @@ pub struct Request {
     pub sampling: SamplingParams,
     /// Keep going past EOS tokens.
     pub ignore_eos: bool,
+    /// How many of the prompt's last ids an earlier run of this sequence generated (it failed
+    /// over from another replica): the text decoder goes on after them as if it had decoded
+    /// them, and the sampler makes as many draws before its first, so that the sequence goes
+    /// on with the tokens it would have had.
+    pub resumed: usize,
 }
 
 /// What a caller receives, in order: tokens, then one `Done` or one `Error`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "event")]
 pub enum Event {
     /// A generated token and the text it completes (possibly empty).
@@ -243,6 +248,23 @@ impl Head {
         if req.max_tokens == 0 {
             return Err(refuse(400, "max_tokens must be at least 1".into()));
         }
+        if req.resumed >= req.prompt_ids.len() {
+            return Err(refuse(
+                400,
+                format!(
+                    "resumed is {} but the prompt has only {} tokens: a resumed sequence's prompt is the original prompt and the tokens generated so far",
+                    req.resumed,
+                    req.prompt_ids.len()
+                ),
+            ));
+        }
+        // The text of a resumed sequence follows what its client already has: a character
+        // cut between two tokens, or a SentencePiece word's leading space, comes out as it
+        // would have without the failover.
+        let mut decoder = IncrementalDecoder::new(true);
+        for &id in &req.prompt_ids[req.prompt_ids.len() - req.resumed..] {
+            let _ = decoder.push(&self.folder.tokenizer, id);
+        }
         let pipeline = &shared.config.pipeline;
         let verdict = if internal {
             self.judged(shared)
@@ -284,7 +306,7 @@ impl Head {
                 seq,
                 SeqState {
                     events: tx,
-                    decoder: IncrementalDecoder::new(true),
+                    decoder,
                     prompt_len: req.prompt_ids.len(),
                     prefilled: 0,
                     generated: 0,
@@ -305,6 +327,7 @@ impl Head {
             sampling: req.sampling.clone(),
             vocab_limit: self.folder.tokenizer.vocab_size(),
             context: req.prompt_ids[context_start..].to_vec(),
+            draws: req.resumed,
         };
         let start = Bytes::from(serde_json::to_vec(&start).unwrap_or_default());
         // One job for the whole prompt: stage 0's compute thread runs it chunk by chunk, so a

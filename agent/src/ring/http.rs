@@ -35,6 +35,10 @@ pub struct GenerateBody {
     /// Sampling parameters (greedy when absent).
     #[serde(default)]
     pub sampling: SamplingParams,
+    /// How many of `prompt_ids`' last ids a run of this sequence elsewhere already generated
+    /// (an endpoint failing a stream over to this replica): see `head::Request::resumed`.
+    #[serde(default)]
+    pub resumed: usize,
 }
 
 fn default_max_tokens() -> usize {
@@ -113,6 +117,12 @@ pub async fn generate(
     let Some(head) = shared.head.clone() else {
         return Ok(error_reply(404, "this stage is not stage 0".into()));
     };
+    if body.resumed > 0 && body.prompt_ids.is_none() {
+        return Ok(error_reply(
+            400,
+            "`resumed` needs `prompt_ids`: the original prompt's ids and the tokens generated so far".into(),
+        ));
+    }
     let ids = match prompt_ids(&shared, &body) {
         Ok(ids) => ids,
         Err(m) => return Ok(error_reply(400, m)),
@@ -122,6 +132,7 @@ pub async fn generate(
         max_tokens: body.max_tokens,
         sampling: body.sampling,
         ignore_eos: body.ignore_eos,
+        resumed: body.resumed,
     };
     let mut events = match head.submit(&shared, request) {
         Ok(rx) => rx,

@@ -193,6 +193,7 @@ impl Head {
             max_tokens: 1,
             sampling: SamplingParams::default(),
             ignore_eos: true,
+            resumed: 0,
         };
         match self.admit(shared, request, true) {
             Ok((seq, events)) => {

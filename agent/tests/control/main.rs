@@ -18,5 +18,6 @@ mod openai;
 mod placement;
 mod real;
 mod reference;
+mod replicas;
 mod seed;
 mod slow;

@@ -92,8 +92,13 @@ fn render(name: &str, status: Option<&PipelineStatus>) -> Vec<String> {
     for s in &status.stages {
         // The stage's own message says what the bar counts while it is not plain loading
         // (bytes fetched from the hub or a peer) or why it failed.
+        let replica = if status.replicas.is_empty() {
+            String::new()
+        } else {
+            format!("replica {} ", s.replica)
+        };
         lines.push(format!(
-            "  stage {} {:<10} layers {:<7} {} {:>3.0}% {}{}",
+            "  {replica}stage {} {:<10} layers {:<7} {} {:>3.0}% {}{}",
             s.index,
             s.node,
             s.layers.to_string(),

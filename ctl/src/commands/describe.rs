@@ -96,12 +96,32 @@ pub fn run(env: &Env, args: DescribeArgs) -> Outcome {
             if let Some(p) = status.and_then(|s| s.placement.as_deref()) {
                 out.push_str(&format!("  Placement: {p}\n"));
             }
+            let replicas = status.map(|s| &s.replicas[..]).unwrap_or_default();
+            if !replicas.is_empty() {
+                out.push_str("Replicas:\n");
+                for r in replicas {
+                    out.push_str(&format!(
+                        "  {}  head {}  {}{}\n",
+                        r.index,
+                        r.head,
+                        r.phase,
+                        r.message
+                            .as_ref()
+                            .map(|m| format!(": {m}"))
+                            .unwrap_or_default()
+                    ));
+                }
+            }
             let stages = status.map(|s| &s.stages[..]).unwrap_or_default();
             let rows: Vec<Vec<String>> = stages
                 .iter()
                 .map(|s| {
                     vec![
-                        s.index.to_string(),
+                        if replicas.is_empty() {
+                            s.index.to_string()
+                        } else {
+                            format!("{}/{}", s.replica, s.index)
+                        },
                         s.node.clone(),
                         s.layers.to_string(),
                         s.phase.to_string(),

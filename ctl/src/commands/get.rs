@@ -154,12 +154,20 @@ pub fn render(kind: Kind, items: &[Object], wide: bool) -> String {
                         created(o),
                     ];
                     if wide {
+                        // Replicas' rings apart: `a:0-5,b:6-11 | c:0-5,d:6-11`.
+                        let mut rings: Vec<Vec<String>> = Vec::new();
+                        for s in stages {
+                            if rings.len() <= s.replica {
+                                rings.resize(s.replica + 1, Vec::new());
+                            }
+                            rings[s.replica].push(format!("{}:{}", s.node, s.layers));
+                        }
                         row.push(
-                            stages
+                            rings
                                 .iter()
-                                .map(|s| format!("{}:{}", s.node, s.layers))
+                                .map(|r| r.join(","))
                                 .collect::<Vec<_>>()
-                                .join(","),
+                                .join(" | "),
                         );
                         row.push(message(o));
                     }

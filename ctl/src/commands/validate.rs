@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::bail;
 use clap::Args;
 use cluster_api::LayerSplit;
-use cluster_api::manifest::{Kind, check_references, split_error};
+use cluster_api::manifest::{Kind, check_references, ring_split_error};
 
 use super::Outcome;
 use crate::manifests;
@@ -108,9 +108,20 @@ pub fn run(args: ValidateArgs) -> Outcome {
         };
         match layer_count(path) {
             Ok(Some(n)) => {
-                let ranges = stages.iter().map(|s| s.layers).collect();
-                if let Err(e) = LayerSplit::new(ranges, n) {
-                    problems.push(format!("{file}: {}", split_error(o, &e)));
+                // Each replica's ring covers the layers on its own.
+                let replicas = p.replicas.unwrap_or(1).max(1);
+                for r in 0..replicas {
+                    let ring: Vec<usize> = (0..stages.len())
+                        .filter(|&i| stages[i].replica.unwrap_or(0) == r)
+                        .collect();
+                    let ranges = ring.iter().map(|&i| stages[i].layers).collect();
+                    if let Err(e) = LayerSplit::new(ranges, n) {
+                        let replica = (replicas > 1).then_some(r);
+                        problems.push(format!(
+                            "{file}: {}",
+                            ring_split_error(o, &e, &ring, replica)
+                        ));
+                    }
                 }
             }
             Ok(None) => notes.push(format!(

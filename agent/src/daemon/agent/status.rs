@@ -44,7 +44,9 @@ impl Agent {
         }
     }
 
-    /// A pipeline's status from its stages' reports.
+    /// A pipeline's status from its stages' reports: each replica's ring combined as one ring's
+    /// stages are; the pipeline Ready while every replica is, Degraded while some serve and
+    /// some do not (naming them), else as its first replica.
     pub fn pipeline_status(&self, record: &Record) -> PipelineStatus {
         let name = record.object.name();
         let generation = record.object.metadata.generation;
@@ -55,13 +57,89 @@ impl Agent {
                 progress: 0.0,
                 placement: None,
                 stages: Vec::new(),
+                replicas: Vec::new(),
             };
         };
+        let rings = placement.rings();
+        let mut stages = Vec::new();
+        let mut replicas = Vec::new();
+        let (mut loaded, mut total) = (0u64, 0u64);
+        for (r, ring) in rings.iter().enumerate() {
+            let one = self.ring_status(name, generation, r, rings.len(), ring);
+            loaded += one.loaded;
+            total += one.total;
+            stages.extend(one.stages);
+            replicas.push(cluster_api::cluster::ReplicaStatus {
+                index: r,
+                phase: one.phase,
+                message: one.message,
+                head: ring.first().map(|s| s.node.clone()).unwrap_or_default(),
+            });
+        }
+        let progress = if total > 0 {
+            100.0 * loaded as f64 / total as f64
+        } else {
+            0.0
+        };
+        let serving = replicas.iter().filter(|r| r.phase == Phase::Ready).count();
+        let (phase, message) = if replicas.len() == 1 || serving == replicas.len() {
+            (replicas[0].phase, replicas[0].message.clone())
+        } else if serving > 0 {
+            let down: Vec<String> = replicas
+                .iter()
+                .filter(|r| r.phase != Phase::Ready)
+                .map(|r| {
+                    format!(
+                        "replica {} is {}{}",
+                        r.index,
+                        r.phase,
+                        r.message
+                            .as_ref()
+                            .map(|m| format!(" ({m})"))
+                            .unwrap_or_default()
+                    )
+                })
+                .collect();
+            (
+                Phase::Degraded,
+                Some(format!(
+                    "{serving} of {} replicas serving; {}",
+                    replicas.len(),
+                    down.join("; ")
+                )),
+            )
+        } else {
+            (replicas[0].phase, replicas[0].message.clone())
+        };
+        PipelineStatus {
+            phase,
+            message,
+            progress,
+            placement: Some(placement.reason.clone()),
+            stages,
+            replicas: if replicas.len() > 1 {
+                replicas
+            } else {
+                Vec::new()
+            },
+        }
+    }
+
+    /// One replica's ring: its stages' statuses and their phase combined.
+    fn ring_status(
+        &self,
+        name: &str,
+        generation: u64,
+        replica: usize,
+        replicas: usize,
+        placed: &[cluster_api::cluster::PlacedStage],
+    ) -> RingStatus {
         let mut stages = Vec::new();
         let (mut loaded, mut total) = (0u64, 0u64);
         let mut ring: Option<RingReport> = None;
-        for (i, st) in placement.stages.iter().enumerate() {
+        for (i, st) in placed.iter().enumerate() {
             let mut status = PipelineStageStatus {
+                replica,
                 index: i,
                 node: st.node.clone(),
                 layers: st.layers,
@@ -123,7 +201,13 @@ impl Agent {
         } else {
             0.0
         };
-        let describe = |s: &PipelineStageStatus| format!("stage {} on {}", s.index, s.node);
+        let describe = |s: &PipelineStageStatus| {
+            if replicas > 1 {
+                format!("replica {replica} stage {} on {}", s.index, s.node)
+            } else {
+                format!("stage {} on {}", s.index, s.node)
+            }
+        };
         let (phase, message) = if let Some(s) = stages.iter().find(|s| s.phase == Phase::Failed) {
             (
                 Phase::Failed,
@@ -174,12 +258,12 @@ impl Agent {
                 Some("waiting for the nodes to start their stages".into()),
             )
         };
-        PipelineStatus {
+        RingStatus {
             phase,
             message,
-            progress,
-            placement: Some(placement.reason.clone()),
             stages,
+            loaded,
+            total,
         }
     }
 
@@ -295,4 +379,13 @@ impl Agent {
         };
         object
     }
+}
+
+/// One replica's ring as [`Agent::ring_status`] combines it.
+struct RingStatus {
+    phase: Phase,
+    message: Option<String>,
+    stages: Vec<PipelineStageStatus>,
+    loaded: u64,
+    total: u64,
 }

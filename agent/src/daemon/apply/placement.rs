@@ -31,63 +31,153 @@ pub(super) fn place(
     let working = profile.working_bytes(spec.prefill_chunk.unwrap_or(128));
     let bytes =
         |range: LayerRange, first: bool, last: bool| profile.stage_bytes(range, first, last);
+    let replicas = spec.replicas.unwrap_or(1);
+    if replicas == 0 {
+        return Err(vec![ManifestError::field(
+            p,
+            "spec.replicas",
+            "must be at least 1, got 0",
+        )]);
+    }
     match (&spec.stages, spec.placement) {
         (Some(stages), _) => {
-            let ranges: Vec<LayerRange> = stages.iter().map(|s| s.layers).collect();
-            if let Err(e) = cluster_api::LayerSplit::new(ranges, layers) {
-                return Err(vec![split_error(p, &e)]);
-            }
-            let n = stages.len();
-            let mut placed = Vec::new();
-            let mut errors = Vec::new();
-            let mut unchecked = Vec::new();
+            // The manifest's check made sure every replica has stages and its nodes are
+            // its own.
+            let mut rings: Vec<Vec<(usize, &StagePlacement)>> = vec![Vec::new(); replicas];
             for (i, s) in stages.iter().enumerate() {
-                let need = bytes(s.layers, i == 0, i + 1 == n);
-                match offered(agent, &s.node, p.name()) {
-                    Some(have) if need + working > have => errors.push(ManifestError::field(
-                        p,
-                        &format!("spec.stages[{i}]"),
-                        format!(
-                            "layers {} need {} of weights and {} to compute in but node {} offers {} (available memory{})",
-                            s.layers,
-                            gib(need),
-                            gib(working),
-                            s.node,
-                            gib(have),
-                            if agent.fresh_report(&s.node).and_then(|r| r.inventory.memory_limit_bytes).is_some() {
-                                ", capped by its --max-memory"
-                            } else {
-                                ""
-                            }
-                        ),
-                    )),
-                    Some(_) => {}
-                    None => unchecked.push(s.node.clone()),
+                if let Some(ring) = rings.get_mut(s.replica.unwrap_or(0)) {
+                    ring.push((i, s));
                 }
-                placed.push(PlacedStage {
-                    node: s.node.clone(),
-                    layers: s.layers,
-                    weight_bytes: need,
-                });
             }
-            if !errors.is_empty() {
-                return Err(errors);
+            let mut placed = Vec::new();
+            let mut unchecked = Vec::new();
+            for (r, ring) in rings.iter().enumerate() {
+                let replica = (replicas > 1).then_some(r);
+                placed.push(place_listed(
+                    agent,
+                    p,
+                    ring,
+                    replica,
+                    layers,
+                    &bytes,
+                    working,
+                    &mut unchecked,
+                )?);
             }
-            let mut reason = format!("as listed: {n} stage(s) over {layers} layers");
+            let n = rings[0].len();
+            let mut reason = if replicas == 1 {
+                format!("as listed: {n} stage(s) over {layers} layers")
+            } else {
+                format!(
+                    "as listed: {replicas} replicas of {} stage(s) over {layers} layers",
+                    rings
+                        .iter()
+                        .map(|r| r.len().to_string())
+                        .collect::<Vec<_>>()
+                        .join("/")
+                )
+            };
             if !unchecked.is_empty() {
                 reason.push_str(&format!(
                     "; memory not checked on {} (not heard from yet)",
                     unchecked.join(", ")
                 ));
             }
+            let mut placed = placed.into_iter();
             Ok(ResolvedPlacement {
-                stages: placed,
+                stages: placed.next().unwrap_or_default(),
+                replicas: placed.collect(),
                 layers,
                 reason,
             })
         }
-        (None, Some(Placement::Auto)) => auto_place(agent, p, layers, &bytes, working),
+        (None, Some(Placement::Auto)) => {
+            let mut taken: Vec<String> = Vec::new();
+            let mut rings = Vec::new();
+            let mut reasons = Vec::new();
+            for r in 0..replicas {
+                let (stages, reason) = auto_place(agent, p, layers, &bytes, working, &taken)
+                    .map_err(|mut errors| {
+                        if replicas > 1 {
+                            for e in &mut errors {
+                                e.message = format!("replica {r}: {}", e.message);
+                            }
+                        }
+                        errors
+                    })?;
+                taken.extend(stages.iter().map(|s| s.node.clone()));
+                rings.push(stages);
+                reasons.push(if replicas > 1 {
+                    format!("replica {r}: {reason}")
+                } else {
+                    reason
+                });
+            }
+            let mut rings = rings.into_iter();
+            Ok(ResolvedPlacement {
+                stages: rings.next().unwrap_or_default(),
+                replicas: rings.collect(),
+                layers,
+                reason: reasons.join("; "),
+            })
+        }
         (None, None) => Err(vec![ManifestError::field(p, "spec.stages", "missing")]),
+    }
+}
+
+/// One replica's stages as listed (`(index in spec.stages, stage)`), checked against the layer
+/// count and the memory each node offers; nodes not heard from are added to `unchecked`.
+fn place_listed(
+    agent: &Agent,
+    p: &Object,
+    ring: &[(usize, &StagePlacement)],
+    replica: Option<usize>,
+    layers: usize,
+    bytes: &dyn Fn(LayerRange, bool, bool) -> u64,
+    working: u64,
+    unchecked: &mut Vec<String>,
+) -> Result<Vec<PlacedStage>, Vec<ManifestError>> {
+    let ranges: Vec<LayerRange> = ring.iter().map(|(_, s)| s.layers).collect();
+    if let Err(e) = cluster_api::LayerSplit::new(ranges, layers) {
+        let indices: Vec<usize> = ring.iter().map(|(i, _)| *i).collect();
+        return Err(vec![ring_split_error(p, &e, &indices, replica)]);
+    }
+    let n = ring.len();
+    let mut placed = Vec::new();
+    let mut errors = Vec::new();
+    for (j, (i, s)) in ring.iter().enumerate() {
+        let need = bytes(s.layers, j == 0, j + 1 == n);
+        match offered(agent, &s.node, p.name()) {
+            Some(have) if need + working > have => errors.push(ManifestError::field(
+                p,
+                &format!("spec.stages[{i}]"),
+                format!(
+                    "layers {} need {} of weights and {} to compute in but node {} offers {} (available memory{})",
+                    s.layers,
+                    gib(need),
+                    gib(working),
+                    s.node,
+                    gib(have),
+                    if agent.fresh_report(&s.node).and_then(|r| r.inventory.memory_limit_bytes).is_some() {
+                        ", capped by its --max-memory"
+                    } else {
+                        ""
+                    }
+                ),
+            )),
+            Some(_) => {}
+            None => unchecked.push(s.node.clone()),
+        }
+        placed.push(PlacedStage {
+            node: s.node.clone(),
+            layers: s.layers,
+            weight_bytes: need,
+        });
+    }
+    if errors.is_empty() {
+        Ok(placed)
+    } else {
+        Err(errors)
     }
 }
 
@@ -100,9 +190,10 @@ fn auto_place(
     layers: usize,
     bytes: &dyn Fn(LayerRange, bool, bool) -> u64,
     working: u64,
-) -> Result<ResolvedPlacement, Vec<ManifestError>> {
+    taken: &[String],
+) -> Result<(Vec<PlacedStage>, String), Vec<ManifestError>> {
     let spec = p.as_pipeline().ok_or_else(Vec::new)?;
-    let candidates: Vec<String> = if spec.nodes.is_empty() {
+    let mut candidates: Vec<String> = if spec.nodes.is_empty() {
         agent
             .store
             .live(Kind::Node)
@@ -113,6 +204,8 @@ fn auto_place(
     } else {
         spec.nodes.clone()
     };
+    // Another replica's nodes are not this one's to take.
+    candidates.retain(|n| !taken.contains(n));
     let mut room: Vec<(String, u64)> = candidates
         .iter()
         .filter_map(|n| offered(agent, n, p.name()).map(|b| (n.clone(), b)))
@@ -139,20 +232,19 @@ fn auto_place(
     let total = bytes(whole, true, true);
     if total <= room[0].1 {
         let (node, have) = &room[0];
-        return Ok(ResolvedPlacement {
-            stages: vec![PlacedStage {
+        return Ok((
+            vec![PlacedStage {
                 node: node.clone(),
                 layers: whole,
                 weight_bytes: total,
             }],
-            layers,
-            reason: format!(
+            format!(
                 "auto: the whole model ({}, and {} to compute in) fits on {node} ({} free), so it stays on one node",
                 gib(total),
                 gib(working),
                 gib(*have + working)
             ),
-        });
+        ));
     }
     // Fewest nodes whose room adds up to the model.
     let mut k = 0;
@@ -227,12 +319,11 @@ fn auto_place(
         });
         first += count;
     }
-    Ok(ResolvedPlacement {
-        reason: format!(
+    Ok((
+        stages,
+        format!(
             "auto: the model ({}) does not fit on one node; split over {k} nodes in proportion to their free memory",
             gib(total)
         ),
-        stages,
-        layers,
-    })
+    ))
 }

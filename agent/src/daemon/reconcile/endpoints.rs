@@ -118,6 +118,18 @@ pub fn endpoint_state(
             None => format!("pipeline {pipeline} does not exist"),
         })
     });
+    let routes_agent = Arc::downgrade(agent);
+    let routes_pipeline = want_pipeline.clone();
+    let routes: crate::endpoint::replicas::Routes =
+        Arc::new(move || match routes_agent.upgrade() {
+            Some(agent) => replica_routes(&agent, &routes_pipeline),
+            None => Vec::new(),
+        });
+    let router = Arc::new(crate::endpoint::replicas::Router::new(
+        routes,
+        name,
+        &agent.settings.token,
+    ));
     let stats_agent = Arc::downgrade(agent);
     let stats_pipeline = want_pipeline.clone();
     let stage_stats: crate::endpoint::StageStats = Arc::new(move || {
@@ -148,6 +160,7 @@ pub fn endpoint_state(
         served_model: served_model.to_string(),
         api_keys: api_keys.to_vec(),
         source,
+        router,
         metrics: crate::endpoint::metrics::Metrics::default(),
         created: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -155,4 +168,66 @@ pub fn endpoint_state(
             .unwrap_or(0),
         stage_stats,
     })
+}
+
+/// The replicas of `pipeline` as an endpoint here sees them: the one whose stage 0 runs here
+/// in-process, the others at their head's agent, each ready by its status as this agent knows
+/// it (a replica that then refuses is passed over at once).
+fn replica_routes(agent: &Arc<Agent>, pipeline: &str) -> Vec<crate::endpoint::replicas::Route> {
+    use crate::endpoint::replicas::{Head, Route};
+    let Ok(Some(record)) = agent.store.get(Kind::Pipeline, pipeline) else {
+        return Vec::new();
+    };
+    let Some(placement) = record.placement.as_ref().filter(|_| !record.deleted) else {
+        return Vec::new();
+    };
+    let rings = placement.rings();
+    let local = |shared: Option<Arc<crate::ring::node::Shared>>| match shared {
+        Some(s) => (Ok(Head::Local(s)), true),
+        None => (
+            Err(format!("its stage 0 on {} is not loaded", agent.name())),
+            false,
+        ),
+    };
+    if rings.len() == 1 {
+        // One ring: its head is here (the endpoint listens on stage 0's node, or answers for
+        // the node that forwards to it), and it says itself whether it serves.
+        let (head, ready) = local(agent.runtime.head_of(pipeline));
+        return vec![Route {
+            replica: 0,
+            head,
+            ready,
+        }];
+    }
+    let status = agent.pipeline_status(&record);
+    rings
+        .iter()
+        .enumerate()
+        .map(|(replica, ring)| {
+            let node = ring.first().map(|s| s.node.clone()).unwrap_or_default();
+            let (head, ready) = if node == agent.name() {
+                local(agent.runtime.head_of(pipeline))
+            } else {
+                let address = agent
+                    .store
+                    .get(Kind::Node, &node)
+                    .ok()
+                    .flatten()
+                    .and_then(|r| Some(r.object.as_node()?.address.clone()));
+                let ready = status
+                    .replicas
+                    .get(replica)
+                    .is_some_and(|r| r.phase == cluster_api::cluster::Phase::Ready);
+                match address {
+                    Some(a) => (Ok(Head::Remote(a)), ready),
+                    None => (Err(format!("node {node} does not exist")), false),
+                }
+            };
+            Route {
+                replica,
+                head,
+                ready,
+            }
+        })
+        .collect()
 }

@@ -371,6 +371,7 @@ pub(super) fn prepare(
             max_tokens,
             sampling,
             ignore_eos: req.ignore_eos.unwrap_or(false),
+            resumed: 0,
         },
         stops,
         stream: req.stream.unwrap_or(false),

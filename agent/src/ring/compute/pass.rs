@@ -41,7 +41,10 @@ pub(super) fn single(
         let sampler = serde_json::from_slice::<SequenceStart>(&step.meta)
             .map_err(|e| e.to_string())
             .and_then(|s| {
-                Sampler::new(&s.sampling, s.vocab_limit, &s.context).map_err(|e| e.to_string())
+                let mut sampler = Sampler::new(&s.sampling, s.vocab_limit, &s.context)
+                    .map_err(|e| e.to_string())?;
+                sampler.skip(s.draws).map_err(|e| e.to_string())?;
+                Ok(sampler)
             });
         match sampler {
             Ok(sampler) => {

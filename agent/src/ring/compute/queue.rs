@@ -66,6 +66,10 @@ pub struct SequenceStart {
     pub vocab_limit: usize,
     /// The prompt's tail, for the repetition penalty.
     pub context: Vec<u32>,
+    /// Draws the sampler makes before its first token: those of a resumed sequence's tokens
+    /// generated before it failed over.
+    #[serde(default)]
+    pub draws: usize,
 }
 
 /// While other sequences decode, a prefill chunk at stage 0 takes about this many of their

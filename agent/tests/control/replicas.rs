@@ -1,0 +1,358 @@
+//! Replicas behind one endpoint: two rings of the same model on four agents; requests spread
+//! over both; a stage killed in the middle of eight streams, greedy and seeded, and every
+//! stream ends with exactly the text and token count of an undisturbed run; the killed agent
+//! comes back and its replica takes requests again.
+
+use std::io::{BufRead, BufReader};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::harness::*;
+
+const STREAMS: usize = 8;
+const TOKENS: usize = 200;
+
+fn replicas_yaml(c: &Cluster, model: &std::path::Path, port: u16) -> String {
+    format!(
+        "{}apiVersion: v1\nkind: Model\nmetadata: {{name: tiny}}\nspec: {{source: {{path: \"{}\"}}}}\n---\napiVersion: v1\nkind: Pipeline\nmetadata: {{name: tiny-pipe}}\nspec:\n  model: tiny\n  device: cpu\n  replicas: 2\n  stages:\n    - {{replica: 0, node: node-0, layers: \"0-1\"}}\n    - {{replica: 0, node: node-1, layers: \"2-3\"}}\n    - {{replica: 1, node: node-2, layers: \"0-1\"}}\n    - {{replica: 1, node: node-3, layers: \"2-3\"}}\n---\napiVersion: v1\nkind: Endpoint\nmetadata: {{name: tiny-api}}\nspec: {{pipeline: tiny-pipe, port: {port}}}\n",
+        c.nodes_yaml(),
+        model.display(),
+    )
+}
+
+/// What a client keeps of a streamed text completion.
+#[derive(Debug, Clone, PartialEq)]
+struct Answer {
+    text: String,
+    completion_tokens: u64,
+    finish: String,
+}
+
+fn body(i: usize, sampled: bool) -> Value {
+    let mut b = json!({
+        "model": "tiny-pipe",
+        "prompt": format!("Stream {i} says hello to the replicas"),
+        "max_tokens": TOKENS,
+        "ignore_eos": true,
+        "stream": true,
+        "stream_options": {"include_usage": true},
+    });
+    if sampled {
+        b["temperature"] = json!(0.8);
+        b["seed"] = json!(1000 + i);
+    } else {
+        b["temperature"] = json!(0);
+    }
+    b
+}
+
+/// Streams one completion, counting its text chunks in `progress`; an error event ends it.
+fn stream(port: u16, body: &Value, progress: &AtomicUsize) -> Result<Answer, String> {
+    let resp = http_client(Duration::from_secs(120))
+        .post(&format!("http://127.0.0.1:{port}/v1/completions"))
+        .send_json(body)
+        .map_err(|e| e.to_string())?;
+    let mut text = String::new();
+    let (mut completion_tokens, mut finish) = (0, String::new());
+    for line in BufReader::new(resp.into_body().into_reader()).lines() {
+        let line = line.map_err(|e| e.to_string())?;
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            return Ok(Answer {
+                text,
+                completion_tokens,
+                finish,
+            });
+        }
+        let v: Value = serde_json::from_str(data).map_err(|e| format!("{e}: {data}"))?;
+        if v.get("error").is_some() {
+            return Err(format!("error event after {} chars: {v}", text.len()));
+        }
+        if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
+            completion_tokens = n;
+        }
+        if let Some(c) = v["choices"].get(0) {
+            text.push_str(c["text"].as_str().unwrap_or(""));
+            if let Some(f) = c["finish_reason"].as_str() {
+                finish = f.to_string();
+            }
+            progress.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    Err(format!(
+        "the stream ended without [DONE] after {} chars",
+        text.len()
+    ))
+}
+
+/// Runs the eight streams at once; `during` runs once every stream has sent `after` chunks.
+fn eight(
+    port: u16,
+    sampled: bool,
+    after: usize,
+    during: impl FnOnce(),
+) -> Vec<Result<Answer, String>> {
+    let progress: Vec<Arc<AtomicUsize>> = (0..STREAMS)
+        .map(|_| Arc::new(AtomicUsize::new(0)))
+        .collect();
+    let handles: Vec<_> = (0..STREAMS)
+        .map(|i| {
+            let p = progress[i].clone();
+            std::thread::spawn(move || stream(port, &body(i, sampled), &p))
+        })
+        .collect();
+    let start = Instant::now();
+    while progress.iter().any(|p| p.load(Ordering::Relaxed) < after)
+        && start.elapsed() < Duration::from_secs(60)
+    {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let least = progress
+        .iter()
+        .map(|p| p.load(Ordering::Relaxed))
+        .min()
+        .unwrap_or(0);
+    assert!(
+        after == 0 || (least >= after && least < TOKENS),
+        "every stream should be under way: the least has {least} chunks"
+    );
+    during();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+fn counter(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn metrics(port: u16) -> String {
+    http_client(Duration::from_secs(10))
+        .get(&format!("http://127.0.0.1:{port}/metrics"))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap()
+}
+
+fn routed(port: u16) -> [f64; 2] {
+    let m = metrics(port);
+    [
+        counter(
+            &m,
+            "clusteragent_replica_sequences_total{endpoint=\"tiny-api\",pipeline=\"tiny-pipe\",replica=\"0\"}",
+        ),
+        counter(
+            &m,
+            "clusteragent_replica_sequences_total{endpoint=\"tiny-api\",pipeline=\"tiny-pipe\",replica=\"1\"}",
+        ),
+    ]
+}
+
+#[test]
+fn streams_survive_a_killed_stage_by_going_on_at_the_other_replica() {
+    let mut c = Cluster::start(4, &[]);
+    let model = c.dir.path().join("model");
+    // Big enough that 200 tokens take a while on two shared cores.
+    crate::common::make_model(
+        &model,
+        &["--layers", "4", "--hidden", "384", "--intermediate", "1024"],
+    );
+    let port = free_port();
+    let out = c.apply_wait("replicas.yaml", &replicas_yaml(&c, &model, port));
+    assert!(out.contains("pipeline/tiny-pipe ready"), "{out}");
+    let described =
+        String::from_utf8_lossy(&c.ctl(&["describe", "pipeline", "tiny-pipe"]).stdout).into_owned();
+    for needle in ["Replicas:", "head node-0", "head node-2", "1/1"] {
+        assert!(described.contains(needle), "{needle} missing:\n{described}");
+    }
+
+    // Undisturbed: the reference answers, spread over both replicas.
+    for sampled in [false, true] {
+        let before = routed(port);
+        let reference: Vec<Answer> = eight(port, sampled, 0, || {})
+            .into_iter()
+            .map(|r| r.unwrap())
+            .collect();
+        let after = routed(port);
+        let split = [after[0] - before[0], after[1] - before[1]];
+        assert!(
+            (split[0] - split[1]).abs() <= 2.0,
+            "8 streams split {split:?} between the replicas"
+        );
+        for a in &reference {
+            assert_eq!(a.completion_tokens, TOKENS as u64, "{a:?}");
+            assert_eq!(a.finish, "length");
+        }
+        // Killed mid-stream: replica 0's last stage (greedy), then replica 1's (seeded).
+        let victim = if sampled { 3 } else { 1 };
+        let failovers = counter(&metrics(port), "clusteragent_failovers_total");
+        let answers = eight(port, sampled, 20, || c.kill(victim));
+        for (i, (got, want)) in answers.iter().zip(&reference).enumerate() {
+            let got = got
+                .as_ref()
+                .unwrap_or_else(|e| panic!("stream {i} (sampled {sampled}): {e}\n{}", c.logs()));
+            assert_eq!(got, want, "stream {i} (sampled {sampled})");
+        }
+        let m = metrics(port);
+        let moved = counter(&m, "clusteragent_failovers_total") - failovers;
+        assert!(
+            (2.0..=STREAMS as f64).contains(&moved),
+            "streams on the killed replica should have moved: {moved}\n{m}"
+        );
+        let gaps = counter(
+            &m,
+            "clusteragent_failover_gap_seconds_sum{endpoint=\"tiny-api\",pipeline=\"tiny-pipe\"}",
+        );
+        let gap_count = counter(
+            &m,
+            "clusteragent_failover_gap_seconds_count{endpoint=\"tiny-api\",pipeline=\"tiny-pipe\"}",
+        );
+        println!(
+            "{} streams (sampled {sampled}): {moved} failed over, mean gap {:.0} ms from the failure to the next token",
+            STREAMS,
+            1e3 * gaps / gap_count.max(1.0)
+        );
+
+        // The pipeline says which replica is down, and serves on the other meanwhile.
+        c.wait_for("the pipeline is Degraded", Duration::from_secs(15), || {
+            c.phase(0, "tiny-pipe") == "Degraded"
+        });
+        let status = c.get(0, "/api/v1/pipelines/tiny-pipe")["status"].clone();
+        let down = if sampled { "replica 1" } else { "replica 0" };
+        assert!(
+            status["message"].as_str().unwrap_or("").contains(down),
+            "{status}"
+        );
+        let one = stream(port, &body(0, sampled), &AtomicUsize::new(0)).unwrap();
+        assert_eq!(one, reference[0]);
+
+        // Back by itself: Ready, and its replica takes requests again.
+        c.spawn(victim);
+        c.wait_for(
+            "the pipeline is Ready again",
+            Duration::from_secs(60),
+            || c.phase(0, "tiny-pipe") == "Ready",
+        );
+        let before = routed(port);
+        let again = eight(port, sampled, 0, || {});
+        let after = routed(port);
+        let back = if sampled { 1 } else { 0 };
+        assert!(
+            after[back] - before[back] >= 2.0,
+            "replica {back} takes requests again: {before:?} -> {after:?}"
+        );
+        for (got, want) in again.iter().zip(&reference) {
+            assert_eq!(got.as_ref().unwrap(), want);
+        }
+    }
+}
+
+#[test]
+fn replicas_are_refused_by_field_when_they_share_nodes_or_leave_one_empty() {
+    let c = Cluster::start(2, &[]);
+    let model = c.dir.path().join("model");
+    make_model(&model);
+    // Auto placement needs every node's report.
+    let nodes = c.write("nodes.yaml", &c.nodes_yaml());
+    let out = c.ctl(&["apply", "-f", nodes.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", shown(&out));
+    c.wait_for(
+        "agent 0 hears from every node",
+        Duration::from_secs(10),
+        || {
+            c.get(0, "/api/v1/nodes")["items"]
+                .as_array()
+                .is_some_and(|a| a.len() == 2 && a.iter().all(|n| n["status"]["phase"] == "Ready"))
+        },
+    );
+    let head = format!(
+        "{}apiVersion: v1\nkind: Model\nmetadata: {{name: tiny}}\nspec: {{source: {{path: \"{}\"}}}}\n---\napiVersion: v1\nkind: Pipeline\nmetadata: {{name: tiny-pipe}}\nspec:\n  model: tiny\n  device: cpu\n",
+        c.nodes_yaml(),
+        model.display(),
+    );
+    let cases = [
+        (
+            "  replicas: 2\n  stages:\n    - {replica: 0, node: node-0, layers: \"0-3\"}\n    - {replica: 1, node: node-0, layers: \"0-3\"}\n",
+            vec![
+                "spec.stages[1].node",
+                "node node-0 already runs a stage of replica 0",
+            ],
+        ),
+        (
+            "  replicas: 2\n  stages:\n    - {replica: 0, node: node-0, layers: \"0-3\"}\n",
+            vec!["spec.stages", "replica 1 has no stages"],
+        ),
+        (
+            "  stages:\n    - {replica: 1, node: node-0, layers: \"0-3\"}\n",
+            vec![
+                "spec.stages[0].replica",
+                "is 1 but the pipeline has 1 replica",
+            ],
+        ),
+        (
+            "  replicas: 2\n  stages:\n    - {replica: 0, node: node-0, layers: \"0-3\"}\n    - {replica: 1, node: node-1, layers: \"0-2\"}\n",
+            vec!["layer"],
+        ),
+        (
+            "  replicas: 0\n  placement: auto\n",
+            vec!["spec.replicas", "at least 1"],
+        ),
+        (
+            "  replicas: 3\n  placement: auto\n",
+            vec!["spec.placement", "replica 2"],
+        ),
+    ];
+    for (spec, needles) in cases {
+        let file = c.write("bad.yaml", &format!("{head}{spec}"));
+        let out = c.ctl(&["apply", "-f", file.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{spec}\n{}", shown(&out));
+        for n in needles {
+            assert!(err.contains(n), "{n:?} missing for\n{spec}\n{err}");
+        }
+    }
+    assert_eq!(
+        c.get(0, "/api/v1/pipelines")["items"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+
+    // Auto placement puts each replica on nodes of its own.
+    let file = c.write(
+        "auto.yaml",
+        &format!("{head}  replicas: 2\n  placement: auto\n"),
+    );
+    let out = c.ctl(&["apply", "-f", file.to_str().unwrap(), "--wait"]);
+    assert!(out.status.success(), "{}", shown(&out));
+    let record = c.get(0, "/api/v1/pipelines/tiny-pipe");
+    let stages = record["status"]["stages"].as_array().unwrap();
+    let nodes: Vec<(u64, &str)> = stages
+        .iter()
+        .map(|s| {
+            (
+                s["replica"].as_u64().unwrap_or(0),
+                s["node"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(nodes.len(), 2, "{record}");
+    assert_ne!(nodes[0].1, nodes[1].1, "{record}");
+    assert_eq!((nodes[0].0, nodes[1].0), (0, 1), "{record}");
+    assert_eq!(record["status"]["phase"], "Ready", "{record}");
+    let placement = record["status"]["placement"].as_str().unwrap();
+    assert!(
+        placement.contains("replica 0: auto") && placement.contains("replica 1: auto"),
+        "{placement}"
+    );
+}
