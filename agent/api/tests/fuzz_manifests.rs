@@ -10,11 +10,12 @@ use cluster_api::manifest::{check_references, parse_manifests};
 use cluster_fixtures::damage::{apply, config, damages};
 use proptest::prelude::*;
 
-const SEEDS: [&str; 4] = [
+const SEEDS: [&str; 5] = [
     include_str!("../../../manifests/demo.yaml"),
     include_str!("../../../manifests/auto-placement.yaml"),
     include_str!("../../../manifests/smollm2.yaml"),
     include_str!("../../../manifests/two-mac-minis.yaml"),
+    include_str!("../../../manifests/replicas.yaml"),
 ];
 
 #[test]
@@ -29,7 +30,7 @@ proptest! {
     #![proptest_config(config())]
 
     #[test]
-    fn damaged_manifests_parse_or_are_refused(which in 0usize..4, damage in damages(2048, 8)) {
+    fn damaged_manifests_parse_or_are_refused(which in 0usize..SEEDS.len(), damage in damages(2048, 8)) {
         let seed = SEEDS[which];
         let damaged = apply(seed.as_bytes(), &damage);
         let text = String::from_utf8_lossy(&damaged);

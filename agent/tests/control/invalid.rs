@@ -64,7 +64,7 @@ fn invalid_manifests_are_refused_and_nothing_is_stored() {
     let cases: Vec<(&str, String, &str)> = vec![
         ("bad YAML", "apiVersion: v1\nkind: Node\nmetadata: {name: a\nspec: {}\n".into(), "line 4"),
         ("unknown kind", "apiVersion: v1\nkind: Deployment\nmetadata: {name: a}\nspec: {}\n".into(), "unknown kind \"Deployment\""),
-        ("unknown field", two("0-1", "2-3").replace("device: cpu", "device: cpu\n  replicas: 2"), "unknown field `replicas`"),
+        ("unknown field", two("0-1", "2-3").replace("device: cpu", "device: cpu\n  replica: 2"), "unknown field `replica`"),
         ("overlapping layers", two("0-2", "2-3"), "spec.stages[1].layers: stage 1 has layers 2-3 but should start at layer 3"),
         ("a gap", two("0-1", "3-3"), "should start at layer 2"),
         ("past the last layer", two("0-1", "2-5"), "runs past the model's 4 layers"),

@@ -53,16 +53,10 @@ pub(super) fn place(
             let mut unchecked = Vec::new();
             for (r, ring) in rings.iter().enumerate() {
                 let replica = (replicas > 1).then_some(r);
-                placed.push(place_listed(
-                    agent,
-                    p,
-                    ring,
-                    replica,
-                    layers,
-                    &bytes,
-                    working,
-                    &mut unchecked,
-                )?);
+                let (stages, not_heard) =
+                    place_listed(agent, p, ring, replica, layers, &bytes, working)?;
+                placed.push(stages);
+                unchecked.extend(not_heard);
             }
             let n = rings[0].len();
             let mut reason = if replicas == 1 {
@@ -126,7 +120,8 @@ pub(super) fn place(
 }
 
 /// One replica's stages as listed (`(index in spec.stages, stage)`), checked against the layer
-/// count and the memory each node offers; nodes not heard from are added to `unchecked`.
+/// count and the memory each node offers; with the nodes whose memory was not checked (not
+/// heard from yet).
 fn place_listed(
     agent: &Agent,
     p: &Object,
@@ -135,8 +130,8 @@ fn place_listed(
     layers: usize,
     bytes: &dyn Fn(LayerRange, bool, bool) -> u64,
     working: u64,
-    unchecked: &mut Vec<String>,
-) -> Result<Vec<PlacedStage>, Vec<ManifestError>> {
+) -> Result<(Vec<PlacedStage>, Vec<String>), Vec<ManifestError>> {
+    let mut unchecked = Vec::new();
     let ranges: Vec<LayerRange> = ring.iter().map(|(_, s)| s.layers).collect();
     if let Err(e) = cluster_api::LayerSplit::new(ranges, layers) {
         let indices: Vec<usize> = ring.iter().map(|(i, _)| *i).collect();
@@ -175,7 +170,7 @@ fn place_listed(
         });
     }
     if errors.is_empty() {
-        Ok(placed)
+        Ok((placed, unchecked))
     } else {
         Err(errors)
     }
