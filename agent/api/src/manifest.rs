@@ -356,6 +356,9 @@ pub struct PipelineSpec {
     /// (default 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replicas: Option<usize>,
+    /// What the cluster does when a node of the pipeline goes away.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failover: Option<FailoverSpec>,
     /// With `placement: auto`, the nodes to choose from (default: every node).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nodes: Vec<String>,
@@ -373,6 +376,35 @@ pub struct PipelineSpec {
         with = "crate::duration::option"
     )]
     pub first_token_timeout: Option<std::time::Duration>,
+}
+
+/// What the cluster does when a node of a pipeline goes away.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FailoverSpec {
+    /// Under `placement: auto`, how long a node may stay unheard from before its stages are
+    /// placed on other nodes (`60s` when absent).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "crate::duration::option"
+    )]
+    pub replace_after: Option<std::time::Duration>,
+}
+
+impl FailoverSpec {
+    /// How long a pipeline's node may stay away before its stages are re-placed by default.
+    pub const DEFAULT_REPLACE_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
+}
+
+impl PipelineSpec {
+    /// How long a node may stay away before its stages are re-placed (under `placement: auto`).
+    pub fn replace_after(&self) -> std::time::Duration {
+        self.failover
+            .as_ref()
+            .and_then(|f| f.replace_after)
+            .unwrap_or(FailoverSpec::DEFAULT_REPLACE_AFTER)
+    }
 }
 
 /// Where a pipeline's inference API listens.
@@ -893,6 +925,18 @@ fn check_pipeline(object: &Object, s: &PipelineSpec, errors: &mut Vec<ManifestEr
             object,
             "spec.replicas",
             "must be at least 1, got 0",
+        ));
+    }
+    if let Some(after) = s.failover.as_ref().and_then(|f| f.replace_after)
+        && after < std::time::Duration::from_secs(1)
+    {
+        errors.push(ManifestError::field(
+            object,
+            "spec.failover.replaceAfter",
+            format!(
+                "is {} but must be at least 1s: a node that misses a heartbeat or two is not gone",
+                crate::duration::format(after)
+            ),
         ));
     }
     if s.max_sequences == Some(0) {

@@ -234,6 +234,21 @@ impl Agent {
         }
     }
 
+    /// How long `node` has not been heard from, when it is not fresh: since its last report,
+    /// or since this agent started when it never reported to it. `None` while it is fresh.
+    pub fn silent_for(&self, node: &str) -> Option<Duration> {
+        if self.fresh_report(node).is_some() {
+            return None;
+        }
+        let peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
+        Some(
+            peers
+                .get(node)
+                .and_then(|p| p.last_seen)
+                .map_or_else(|| self.started.elapsed(), |t| t.elapsed()),
+        )
+    }
+
     /// Whether a peer has not answered yet, this agent having started within the NotReady
     /// bound (after that, silence counts as NotReady).
     pub fn never_heard(&self, node: &str) -> bool {

@@ -34,6 +34,18 @@ pub enum Refused {
     Internal(String),
 }
 
+/// A refusal in a line, for events.
+pub fn refusal_text(refused: &Refused) -> String {
+    match refused {
+        Refused::Invalid(errors) => errors
+            .iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join("; "),
+        Refused::Conflict(m) | Refused::NotFound(m) | Refused::Internal(m) => m.clone(),
+    }
+}
+
 impl From<anyhow::Error> for Refused {
     fn from(e: anyhow::Error) -> Self {
         Self::Internal(format!("{e:#}"))
@@ -172,7 +184,17 @@ pub fn apply(agent: &Agent, text: &str, dry_run: bool) -> Result<Vec<ApplyOutcom
                 }
                 None => continue,
             };
-            match place(agent, p, facts) {
+            // An unchanged spec keeps its placement where its nodes still answer: applying
+            // the same manifest again (or the cluster re-placing a lost node's stages) moves
+            // nothing that runs.
+            let stored = agent
+                .store
+                .get(Kind::Pipeline, p.name())
+                .ok()
+                .flatten()
+                .filter(|r| !r.deleted && r.object.spec == p.spec);
+            let previous = stored.as_ref().and_then(|r| r.placement.as_ref());
+            match place(agent, p, facts, previous) {
                 Ok(placement) => {
                     placements.insert(p.name().to_string(), placement);
                 }

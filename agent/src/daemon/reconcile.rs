@@ -17,6 +17,7 @@ use super::agent::Agent;
 use crate::ring::{Inbound, LoadProgress, NodeOptions, RingMux, RingNode, http};
 
 mod endpoints;
+mod replace;
 mod stages;
 
 pub use self::endpoints::endpoint_state;
@@ -81,6 +82,8 @@ pub struct Runtime {
     /// the Endpoint they were built from.
     forwarded: Mutex<HashMap<String, (u64, Arc<crate::endpoint::EndpointState>)>>,
     epochs: std::sync::atomic::AtomicU64,
+    /// When each pipeline may next be re-placed for a lost node.
+    replacing: Mutex<HashMap<String, Instant>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -102,6 +105,7 @@ impl Runtime {
             endpoints: Mutex::new(HashMap::new()),
             forwarded: Mutex::new(HashMap::new()),
             epochs: std::sync::atomic::AtomicU64::new(0),
+            replacing: Mutex::new(HashMap::new()),
         }
     }
 
@@ -508,6 +512,7 @@ pub async fn reconcile_loop(agent: Arc<Agent>, mut stop: watch::Receiver<bool>) 
     loop {
         if !agent.is_shutting_down() {
             reconcile_once(&agent);
+            replace::replace_lost(&agent);
         }
         tokio::select! {
             _ = tokio::time::sleep(TICK) => {}

@@ -356,3 +356,95 @@ fn replicas_are_refused_by_field_when_they_share_nodes_or_leave_one_empty() {
         "{placement}"
     );
 }
+
+fn nodes_of(c: &Cluster, i: usize, pipeline: &str) -> Vec<String> {
+    c.get(i, &format!("/api/v1/pipelines/{pipeline}"))["status"]["stages"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|s| s["node"].as_str().unwrap_or("").to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_lost_nodes_stages_are_placed_again_under_auto_placement_and_not_moved_back() {
+    // The 4-layer model (~680 KiB) fits no single node's 500 KB: auto splits it over two.
+    let room = tiny_room(500_000);
+    let mut c = Cluster::start(
+        3,
+        &[
+            &["--max-memory", &room],
+            &["--max-memory", &room],
+            &["--max-memory", &room],
+        ],
+    );
+    let model = c.dir.path().join("model");
+    make_model(&model);
+    let want = one_process(&model, "Hello world", 10);
+    let nodes = c.write("nodes.yaml", &c.nodes_yaml());
+    let out = c.ctl(&["apply", "-f", nodes.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", shown(&out));
+    c.wait_for(
+        "agent 0 hears from every node",
+        Duration::from_secs(10),
+        || {
+            c.get(0, "/api/v1/nodes")["items"]
+                .as_array()
+                .is_some_and(|a| a.len() == 3 && a.iter().all(|n| n["status"]["phase"] == "Ready"))
+        },
+    );
+    let port = free_port();
+    let text = format!(
+        "apiVersion: v1\nkind: Model\nmetadata: {{name: tiny}}\nspec: {{source: {{path: \"{}\"}}}}\n---\napiVersion: v1\nkind: Pipeline\nmetadata: {{name: tiny-pipe}}\nspec:\n  model: tiny\n  device: cpu\n  placement: auto\n  failover: {{replaceAfter: 3s}}\n---\napiVersion: v1\nkind: Endpoint\nmetadata: {{name: tiny-api}}\nspec: {{pipeline: tiny-pipe, port: {port}}}\n",
+        model.display()
+    );
+    c.apply_wait("auto.yaml", &text);
+    assert_eq!(nodes_of(&c, 0, "tiny-pipe"), ["node-0", "node-1"]);
+    assert_eq!(generate(port, "Hello world", 10).unwrap(), want);
+    // The same manifest again moves nothing.
+    let file = c.dir.path().join("auto.yaml");
+    let again = c.ctl(&["apply", "-f", file.to_str().unwrap()]);
+    let again = String::from_utf8_lossy(&again.stdout).into_owned();
+    assert!(again.contains("pipeline/tiny-pipe unchanged"), "{again}");
+
+    c.kill(1);
+    let killed = Instant::now();
+    c.wait_for(
+        "the pipeline is placed again without node-1 and Ready",
+        Duration::from_secs(40),
+        || {
+            nodes_of(&c, 0, "tiny-pipe") == ["node-0", "node-2"]
+                && c.phase(0, "tiny-pipe") == "Ready"
+        },
+    );
+    println!(
+        "node-1 killed; the pipeline was Ready on node-0 and node-2 {:.1} s later (replaceAfter 3 s, node timeout 1.5 s)",
+        killed.elapsed().as_secs_f64()
+    );
+    assert!(
+        killed.elapsed() >= Duration::from_secs(3),
+        "not before replaceAfter"
+    );
+    c.wait_for("generation works again", Duration::from_secs(15), || {
+        generate(port, "Hello world", 10).is_ok()
+    });
+    assert_eq!(generate(port, "Hello world", 10).unwrap(), want);
+    let events = String::from_utf8_lossy(&c.ctl(&["events"]).stdout).into_owned();
+    assert!(
+        events.contains("Replaced")
+            && events.contains("node node-1 has not been heard from")
+            && events.contains("replaceAfter 3s"),
+        "{events}"
+    );
+
+    // Back, node-1 is not given its stage again behind the pipeline's back.
+    c.spawn(1);
+    c.wait_for("node-1 is Ready again", Duration::from_secs(15), || {
+        c.get(0, "/api/v1/nodes/node-1")["status"]["phase"] == "Ready"
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(nodes_of(&c, 0, "tiny-pipe"), ["node-0", "node-2"]);
+    assert_eq!(c.phase(0, "tiny-pipe"), "Ready");
+}

@@ -23,6 +23,7 @@ pub(super) fn place(
     agent: &Agent,
     p: &Object,
     facts: &ModelFacts,
+    previous: Option<&ResolvedPlacement>,
 ) -> Result<ResolvedPlacement, Vec<ManifestError>> {
     let spec = p.as_pipeline().ok_or_else(Vec::new)?;
     let profile = &facts.profile;
@@ -86,10 +87,31 @@ pub(super) fn place(
             })
         }
         (None, Some(Placement::Auto)) => {
-            let mut taken: Vec<String> = Vec::new();
+            // Rings placed before whose every node still reports stay as they are (and keep
+            // their reason); the others are placed anew over the nodes left.
+            let kept: Vec<Option<(Vec<PlacedStage>, String)>> = (0..replicas)
+                .map(|r| {
+                    let before = previous?;
+                    let ring = before.rings().get(r)?.to_vec();
+                    let alive = ring
+                        .iter()
+                        .all(|s| offered(agent, &s.node, p.name()).is_some());
+                    alive.then(|| (ring, before.reason.clone()))
+                })
+                .collect();
+            let mut taken: Vec<String> = kept
+                .iter()
+                .flatten()
+                .flat_map(|(ring, _)| ring.iter().map(|s| s.node.clone()))
+                .collect();
             let mut rings = Vec::new();
             let mut reasons = Vec::new();
-            for r in 0..replicas {
+            let mut replaced = Vec::new();
+            for (r, keep) in kept.into_iter().enumerate() {
+                if let Some((ring, _)) = keep {
+                    rings.push(ring);
+                    continue;
+                }
                 let (stages, reason) = auto_place(agent, p, layers, &bytes, working, &taken)
                     .map_err(|mut errors| {
                         if replicas > 1 {
@@ -101,18 +123,28 @@ pub(super) fn place(
                     })?;
                 taken.extend(stages.iter().map(|s| s.node.clone()));
                 rings.push(stages);
+                replaced.push(r);
                 reasons.push(if replicas > 1 {
                     format!("replica {r}: {reason}")
                 } else {
                     reason
                 });
             }
+            let reason = match previous {
+                // Nothing moved: the reason it was placed so stays true.
+                Some(before) if replaced.is_empty() => before.reason.clone(),
+                Some(_) if replicas > 1 => format!(
+                    "{}; the other replicas kept their nodes",
+                    reasons.join("; ")
+                ),
+                _ => reasons.join("; "),
+            };
             let mut rings = rings.into_iter();
             Ok(ResolvedPlacement {
                 stages: rings.next().unwrap_or_default(),
                 replicas: rings.collect(),
                 layers,
-                reason: reasons.join("; "),
+                reason,
             })
         }
         (None, None) => Err(vec![ManifestError::field(p, "spec.stages", "missing")]),

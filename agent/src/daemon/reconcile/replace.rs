@@ -1,0 +1,117 @@
+//! Re-placement: a pipeline under `placement: auto` whose node has not been heard from for
+//! `spec.failover.replaceAfter` is applied again, as it is stored, by the first node that
+//! answers (one node acts, so the cluster re-places once). The apply keeps every ring whose
+//! nodes still report and places the others over the nodes left; the lost node is used again
+//! only by a later placement. A pipeline with listed stages is never moved: it waits,
+//! Degraded, naming the node it waits for.
+
+use super::*;
+
+/// Between two attempts for one pipeline, at least this long (an apply reads model headers).
+const RETRY: Duration = Duration::from_secs(5);
+
+/// Applies again every pipeline of this cluster's that lost a node long enough ago, when this
+/// node is the one to do it.
+pub(super) fn replace_lost(agent: &Arc<Agent>) {
+    let me = agent.name().to_string();
+    let first_alive = agent
+        .store
+        .live(Kind::Node)
+        .unwrap_or_default()
+        .iter()
+        .map(|r| r.object.name().to_string())
+        .filter(|n| agent.fresh_report(n).is_some())
+        .chain(std::iter::once(me.clone()))
+        .min();
+    if first_alive.as_deref() != Some(me.as_str()) {
+        return;
+    }
+    for record in agent.store.live(Kind::Pipeline).unwrap_or_default() {
+        let Some(spec) = record.object.as_pipeline() else {
+            continue;
+        };
+        let Some(placement) = &record.placement else {
+            continue;
+        };
+        if spec.placement != Some(cluster_api::manifest::Placement::Auto) {
+            continue;
+        }
+        let after = spec.replace_after();
+        let mut lost: Vec<(String, Duration)> = placement
+            .all_stages()
+            .filter_map(|s| Some((s.node.clone(), agent.silent_for(&s.node)?)))
+            .filter(|(_, silent)| *silent >= after)
+            .collect();
+        lost.dedup_by(|a, b| a.0 == b.0);
+        if lost.is_empty() {
+            continue;
+        }
+        let name = record.object.name().to_string();
+        {
+            let mut next = lock(&agent.runtime.replacing);
+            if next.get(&name).is_some_and(|t| Instant::now() < *t) {
+                continue;
+            }
+            next.insert(name.clone(), Instant::now() + RETRY);
+        }
+        let why = lost
+            .iter()
+            .map(|(node, silent)| {
+                format!(
+                    "node {node} has not been heard from for {:.0} s",
+                    silent.as_secs_f64()
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let object = record.object.clone();
+        let agent = agent.clone();
+        let after_text = cluster_api::duration::format(after);
+        tokio::task::spawn_blocking(move || {
+            let text = match serde_json::to_string(&object) {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::warn!(pipeline = %name, "cannot write the pipeline to re-place it: {e}");
+                    return;
+                }
+            };
+            let subject = format!("Pipeline {name}");
+            match crate::daemon::apply::apply(&agent, &text, false) {
+                Ok(outcomes) => {
+                    let changes: Vec<String> = outcomes
+                        .iter()
+                        .filter(|o| o.kind == Kind::Pipeline && o.name == name)
+                        .flat_map(|o| o.changes.clone())
+                        .collect();
+                    if changes.is_empty() {
+                        agent.event(
+                            &subject,
+                            true,
+                            "NotReplaced",
+                            format!("{why} (failover.replaceAfter {after_text}), but no other placement fits: waiting for it"),
+                        );
+                    } else {
+                        agent.event(
+                            &subject,
+                            false,
+                            "Replaced",
+                            format!(
+                                "{why} (failover.replaceAfter {after_text}): {}",
+                                changes.join("; ")
+                            ),
+                        );
+                    }
+                }
+                Err(refused) => agent.event(
+                    &subject,
+                    true,
+                    "NotReplaced",
+                    format!(
+                        "{why} (failover.replaceAfter {after_text}), but placing it again was refused: {}",
+                        crate::daemon::apply::refusal_text(&refused)
+                    ),
+                ),
+            }
+        });
+    }
+}
