@@ -61,6 +61,10 @@ enum Verb {
     Delete(commands::delete::DeleteArgs),
     /// Show the nodes' inventory: CPU, memory, GPU, stage memory.
     Nodes,
+    /// Cordon a node and wait until automatically placed stages serve from other nodes.
+    Drain(commands::drain::DrainArgs),
+    /// Let placement use a drained node again.
+    Uncordon(commands::drain::UncordonArgs),
     /// Chat with an endpoint through its OpenAI-compatible API (interactive, or -p once).
     Chat(commands::chat::ChatArgs),
     /// Measure an endpoint's throughput and latency at 1, 4, 16 and 32 concurrent streams.
@@ -145,6 +149,8 @@ fn main() -> ExitCode {
         Verb::Describe(a) => commands::describe::run(&env, a),
         Verb::Delete(a) => commands::delete::run(&env, a),
         Verb::Nodes => commands::nodes::run(&env),
+        Verb::Drain(a) => commands::drain::drain(&env, a),
+        Verb::Uncordon(a) => commands::drain::uncordon(&env, a),
         Verb::Events(a) => commands::events::run(&env, a),
         Verb::Chat(a) => commands::chat::run(&env, a),
         Verb::Bench(a) => commands::bench::run(&env, a),

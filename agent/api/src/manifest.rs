@@ -118,6 +118,10 @@ pub struct NodeSpec {
     /// control plane's port + 1 (the agent's own default for `--ring-listen`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ring_address: Option<String>,
+    /// Drained (`clusterctl drain`): automatic placement puts nothing here and moves what it
+    /// had placed here; listed stages stay.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unschedulable: bool,
 }
 
 impl NodeSpec {

@@ -20,6 +20,7 @@ use super::agent::Agent;
 mod placement;
 
 use self::placement::place;
+pub(crate) use self::placement::schedulable;
 
 /// Why an apply or delete was refused.
 #[derive(Debug)]

@@ -369,7 +369,7 @@ fn nodes_of(c: &Cluster, i: usize, pipeline: &str) -> Vec<String> {
 }
 
 #[test]
-fn a_lost_nodes_stages_are_placed_again_under_auto_placement_and_not_moved_back() {
+fn a_lost_or_drained_nodes_stages_are_placed_again_under_auto_placement() {
     // The 4-layer model (~680 KiB) fits no single node's 500 KB: auto splits it over two.
     let room = tiny_room(500_000);
     let mut c = Cluster::start(
@@ -447,4 +447,37 @@ fn a_lost_nodes_stages_are_placed_again_under_auto_placement_and_not_moved_back(
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(nodes_of(&c, 0, "tiny-pipe"), ["node-0", "node-2"]);
     assert_eq!(c.phase(0, "tiny-pipe"), "Ready");
+
+    // Drained, node-2 gives its stage up at once (no replaceAfter), to node-1.
+    let out = c.ctl(&["drain", "node-2", "--timeout", "60"]);
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{}", shown(&out));
+    assert!(
+        said.contains("node/node-2 cordoned")
+            && said.contains("pipeline/tiny-pipe serves from node-0:0-1,node-1:2-3")
+            && said.contains("node/node-2 drained"),
+        "{said}"
+    );
+    assert_eq!(nodes_of(&c, 0, "tiny-pipe"), ["node-0", "node-1"]);
+    assert_eq!(generate(port, "Hello world", 10).unwrap(), want);
+    let table = String::from_utf8_lossy(&c.ctl(&["get", "nodes"]).stdout).into_owned();
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("node-2") && l.contains("Ready,SchedulingDisabled")),
+        "{table}"
+    );
+    let events = String::from_utf8_lossy(&c.ctl(&["events"]).stdout).into_owned();
+    assert!(events.contains("node node-2 is drained"), "{events}");
+    // Uncordoned, it may be used again by a later placement; nothing moves now.
+    let out = c.ctl(&["uncordon", "node-2"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("node/node-2 uncordoned"),
+        "{}",
+        shown(&out)
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(nodes_of(&c, 0, "tiny-pipe"), ["node-0", "node-1"]);
+    let table = String::from_utf8_lossy(&c.ctl(&["get", "nodes"]).stdout).into_owned();
+    assert!(!table.contains("SchedulingDisabled"), "{table}");
 }

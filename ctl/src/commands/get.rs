@@ -92,7 +92,16 @@ pub fn render(kind: Kind, items: &[Object], wide: bool) -> String {
                     let mut row = vec![
                         o.name().to_string(),
                         o.as_node().map(|n| n.address.clone()).unwrap_or_default(),
-                        phase(status.map(|s| s.phase)),
+                        // As kubectl shows a cordoned node.
+                        format!(
+                            "{}{}",
+                            phase(status.map(|s| s.phase)),
+                            if o.as_node().is_some_and(|n| n.unschedulable) {
+                                ",SchedulingDisabled"
+                            } else {
+                                ""
+                            }
+                        ),
                         inv.map_or_else(dash, |i| i.cpu_threads.to_string()),
                         inv.map_or_else(dash, |i| {
                             format!(

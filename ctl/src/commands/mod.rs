@@ -6,6 +6,7 @@ pub mod chat;
 pub mod config;
 pub mod delete;
 pub mod describe;
+pub mod drain;
 pub mod events;
 pub mod get;
 pub mod nodes;

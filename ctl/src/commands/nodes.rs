@@ -23,7 +23,15 @@ pub fn run(env: &Env) -> Outcome {
             let inv = report.map(|r| &r.inventory);
             vec![
                 o.name().to_string(),
-                status.map(|s| s.phase.to_string()).unwrap_or_default(),
+                format!(
+                    "{}{}",
+                    status.map(|s| s.phase.to_string()).unwrap_or_default(),
+                    if o.as_node().is_some_and(|n| n.unschedulable) {
+                        ",SchedulingDisabled"
+                    } else {
+                        ""
+                    }
+                ),
                 or_dash(inv.map(|i| i.cpu_model.clone())),
                 or_dash(inv.map(|i| format!("{}/{}", i.cpu_cores, i.cpu_threads))),
                 or_dash(inv.map(|i| bytes(i.memory_total_bytes))),

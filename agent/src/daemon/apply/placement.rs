@@ -18,6 +18,18 @@ fn offered(agent: &Agent, node: &str, pipeline: &str) -> Option<u64> {
     Some(report.inventory.placeable_bytes(held(true), held(false)))
 }
 
+/// Whether automatic placement may use `node`: not drained (`spec.unschedulable`).
+pub(crate) fn schedulable(agent: &Agent, node: &str) -> bool {
+    agent
+        .store
+        .get(Kind::Node, node)
+        .ok()
+        .flatten()
+        .filter(|r| !r.deleted)
+        .and_then(|r| r.object.as_node().map(|n| !n.unschedulable))
+        .unwrap_or(true)
+}
+
 /// Resolves a pipeline's placement against its model and the nodes' memory.
 pub(super) fn place(
     agent: &Agent,
@@ -93,9 +105,9 @@ pub(super) fn place(
                 .map(|r| {
                     let before = previous?;
                     let ring = before.rings().get(r)?.to_vec();
-                    let alive = ring
-                        .iter()
-                        .all(|s| offered(agent, &s.node, p.name()).is_some());
+                    let alive = ring.iter().all(|s| {
+                        offered(agent, &s.node, p.name()).is_some() && schedulable(agent, &s.node)
+                    });
                     alive.then(|| (ring, before.reason.clone()))
                 })
                 .collect();
@@ -231,8 +243,8 @@ fn auto_place(
     } else {
         spec.nodes.clone()
     };
-    // Another replica's nodes are not this one's to take.
-    candidates.retain(|n| !taken.contains(n));
+    // Another replica's nodes are not this one's to take, nor drained ones anyone's.
+    candidates.retain(|n| !taken.contains(n) && schedulable(agent, n));
     let mut room: Vec<(String, u64)> = candidates
         .iter()
         .filter_map(|n| offered(agent, n, p.name()).map(|b| (n.clone(), b)))

@@ -1,5 +1,5 @@
 //! Re-placement: a pipeline under `placement: auto` whose node has not been heard from for
-//! `spec.failover.replaceAfter` is applied again, as it is stored, by the first node that
+//! `spec.failover.replaceAfter`, or was drained, is applied again, as it is stored, by the first node that
 //! answers (one node acts, so the cluster re-places once). The apply keeps every ring whose
 //! nodes still report and places the others over the nodes left; the lost node is used again
 //! only by a later placement. A pipeline with listed stages is never moved: it waits,
@@ -9,6 +9,10 @@ use super::*;
 
 /// Between two attempts for one pipeline, at least this long (an apply reads model headers).
 const RETRY: Duration = Duration::from_secs(5);
+
+/// After an attempt that could not move anything, this long: it says so in an event each
+/// time, and the cluster's room changes slowly.
+const RETRY_UNPLACED: Duration = Duration::from_secs(30);
 
 /// Applies again every pipeline of this cluster's that lost a node long enough ago, when this
 /// node is the one to do it.
@@ -37,10 +41,23 @@ pub(super) fn replace_lost(agent: &Arc<Agent>) {
             continue;
         }
         let after = spec.replace_after();
-        let mut lost: Vec<(String, Duration)> = placement
+        let mut lost: Vec<(String, String)> = placement
             .all_stages()
-            .filter_map(|s| Some((s.node.clone(), agent.silent_for(&s.node)?)))
-            .filter(|(_, silent)| *silent >= after)
+            .filter_map(|s| {
+                if !crate::daemon::apply::schedulable(agent, &s.node) {
+                    return Some((s.node.clone(), format!("node {} is drained", s.node)));
+                }
+                let silent = agent.silent_for(&s.node).filter(|d| *d >= after)?;
+                Some((
+                    s.node.clone(),
+                    format!(
+                        "node {} has not been heard from for {:.0} s (failover.replaceAfter {})",
+                        s.node,
+                        silent.as_secs_f64(),
+                        cluster_api::duration::format(after)
+                    ),
+                ))
+            })
             .collect();
         lost.dedup_by(|a, b| a.0 == b.0);
         if lost.is_empty() {
@@ -55,18 +72,12 @@ pub(super) fn replace_lost(agent: &Arc<Agent>) {
             next.insert(name.clone(), Instant::now() + RETRY);
         }
         let why = lost
-            .iter()
-            .map(|(node, silent)| {
-                format!(
-                    "node {node} has not been heard from for {:.0} s",
-                    silent.as_secs_f64()
-                )
-            })
+            .into_iter()
+            .map(|(_, why)| why)
             .collect::<Vec<_>>()
             .join(", ");
         let object = record.object.clone();
         let agent = agent.clone();
-        let after_text = cluster_api::duration::format(after);
         tokio::task::spawn_blocking(move || {
             let text = match serde_json::to_string(&object) {
                 Ok(t) => t,
@@ -76,6 +87,10 @@ pub(super) fn replace_lost(agent: &Arc<Agent>) {
                 }
             };
             let subject = format!("Pipeline {name}");
+            let later = || {
+                lock(&agent.runtime.replacing)
+                    .insert(name.clone(), Instant::now() + RETRY_UNPLACED);
+            };
             match crate::daemon::apply::apply(&agent, &text, false) {
                 Ok(outcomes) => {
                     let changes: Vec<String> = outcomes
@@ -84,33 +99,34 @@ pub(super) fn replace_lost(agent: &Arc<Agent>) {
                         .flat_map(|o| o.changes.clone())
                         .collect();
                     if changes.is_empty() {
+                        later();
                         agent.event(
                             &subject,
                             true,
                             "NotReplaced",
-                            format!("{why} (failover.replaceAfter {after_text}), but no other placement fits: waiting for it"),
+                            format!("{why}, but no other placement fits: waiting for it"),
                         );
                     } else {
                         agent.event(
                             &subject,
                             false,
                             "Replaced",
-                            format!(
-                                "{why} (failover.replaceAfter {after_text}): {}",
-                                changes.join("; ")
-                            ),
+                            format!("{why}: {}", changes.join("; ")),
                         );
                     }
                 }
-                Err(refused) => agent.event(
-                    &subject,
-                    true,
-                    "NotReplaced",
-                    format!(
-                        "{why} (failover.replaceAfter {after_text}), but placing it again was refused: {}",
-                        crate::daemon::apply::refusal_text(&refused)
-                    ),
-                ),
+                Err(refused) => {
+                    later();
+                    agent.event(
+                        &subject,
+                        true,
+                        "NotReplaced",
+                        format!(
+                            "{why}, but placing it again was refused: {}",
+                            crate::daemon::apply::refusal_text(&refused)
+                        ),
+                    );
+                }
             }
         });
     }
