@@ -1,7 +1,8 @@
 //! Replicas behind one endpoint: two rings of the same model on four agents; requests spread
-//! over both; a stage killed in the middle of eight streams, greedy and seeded, and every
-//! stream ends with exactly the text and token count of an undisturbed run; the killed agent
-//! comes back and its replica takes requests again.
+//! over both; a stage killed or stopped in the middle of eight streams, greedy and seeded, and
+//! every stream ends with exactly the text and token count of an undisturbed run, through
+//! OpenAI's Python SDK too; the stopped agent comes back and its replica takes requests again.
+//! Re-placement of a lost or drained node's stages under `placement: auto`.
 
 use std::io::{BufRead, BufReader};
 use std::sync::Arc;
@@ -176,6 +177,7 @@ fn streams_survive_a_killed_stage_by_going_on_at_the_other_replica() {
     }
 
     // Undisturbed: the reference answers, spread over both replicas.
+    let mut references = Vec::new();
     for sampled in [false, true] {
         let before = routed(port);
         let reference: Vec<Answer> = eight(port, sampled, 0, || {})
@@ -192,42 +194,67 @@ fn streams_survive_a_killed_stage_by_going_on_at_the_other_replica() {
             assert_eq!(a.completion_tokens, TOKENS as u64, "{a:?}");
             assert_eq!(a.finish, "length");
         }
-        // Killed mid-stream: replica 0's last stage (greedy), then replica 1's (seeded).
-        let victim = if sampled { 3 } else { 1 };
-        let failovers = counter(&metrics(port), "clusteragent_failovers_total");
-        let answers = eight(port, sampled, 20, || c.kill(victim));
-        for (i, (got, want)) in answers.iter().zip(&reference).enumerate() {
-            let got = got
-                .as_ref()
-                .unwrap_or_else(|e| panic!("stream {i} (sampled {sampled}): {e}\n{}", c.logs()));
-            assert_eq!(got, want, "stream {i} (sampled {sampled})");
+        references.push(reference);
+    }
+    // Stopped mid-stream: replica 0's last stage killed (greedy streams), replica 1's killed
+    // (seeded ones), and replica 0's stopped with SIGTERM (greedy ones).
+    for (sampled, victim, how) in [
+        (false, 1, "SIGKILL"),
+        (true, 3, "SIGKILL"),
+        (false, 1, "SIGTERM"),
+    ] {
+        let reference = &references[usize::from(sampled)];
+        let gap = |m: &str, part: &str| {
+            counter(
+                m,
+                &format!(
+                    "clusteragent_failover_gap_seconds_{part}{{endpoint=\"tiny-api\",pipeline=\"tiny-pipe\"}}"
+                ),
+            )
+        };
+        let m = metrics(port);
+        let (failovers, gaps, gap_count) = (
+            counter(&m, "clusteragent_failovers_total"),
+            gap(&m, "sum"),
+            gap(&m, "count"),
+        );
+        let answers = eight(port, sampled, 20, || {
+            if how == "SIGKILL" {
+                c.kill(victim);
+            } else {
+                c.terminate(victim, Duration::from_secs(30));
+            }
+        });
+        for (i, (got, want)) in answers.iter().zip(reference).enumerate() {
+            let got = got.as_ref().unwrap_or_else(|e| {
+                panic!("stream {i} (sampled {sampled}, {how}): {e}\n{}", c.logs())
+            });
+            assert_eq!(got, want, "stream {i} (sampled {sampled}, {how})");
         }
         let m = metrics(port);
         let moved = counter(&m, "clusteragent_failovers_total") - failovers;
-        assert!(
-            (2.0..=STREAMS as f64).contains(&moved),
-            "streams on the killed replica should have moved: {moved}\n{m}"
-        );
-        let gaps = counter(
-            &m,
-            "clusteragent_failover_gap_seconds_sum{endpoint=\"tiny-api\",pipeline=\"tiny-pipe\"}",
-        );
-        let gap_count = counter(
-            &m,
-            "clusteragent_failover_gap_seconds_count{endpoint=\"tiny-api\",pipeline=\"tiny-pipe\"}",
-        );
+        let (gaps, gap_count) = (gap(&m, "sum") - gaps, gap(&m, "count") - gap_count);
         println!(
-            "{} streams (sampled {sampled}): {moved} failed over, mean gap {:.0} ms from the failure to the next token",
-            STREAMS,
+            "{STREAMS} streams (sampled {sampled}, {how} of node-{victim}): {moved} failed over, mean gap {:.0} ms from the failure to the next token",
             1e3 * gaps / gap_count.max(1.0)
         );
+        if how == "SIGKILL" {
+            assert!(
+                (2.0..=STREAMS as f64).contains(&moved),
+                "streams on the killed replica should have moved: {moved}\n{m}"
+            );
+        }
 
         // The pipeline says which replica is down, and serves on the other meanwhile.
         c.wait_for("the pipeline is Degraded", Duration::from_secs(15), || {
             c.phase(0, "tiny-pipe") == "Degraded"
         });
         let status = c.get(0, "/api/v1/pipelines/tiny-pipe")["status"].clone();
-        let down = if sampled { "replica 1" } else { "replica 0" };
+        let down = if victim == 3 {
+            "replica 1"
+        } else {
+            "replica 0"
+        };
         assert!(
             status["message"].as_str().unwrap_or("").contains(down),
             "{status}"
@@ -245,15 +272,57 @@ fn streams_survive_a_killed_stage_by_going_on_at_the_other_replica() {
         let before = routed(port);
         let again = eight(port, sampled, 0, || {});
         let after = routed(port);
-        let back = if sampled { 1 } else { 0 };
+        let back = if victim == 3 { 1 } else { 0 };
         assert!(
             after[back] - before[back] >= 2.0,
             "replica {back} takes requests again: {before:?} -> {after:?}"
         );
-        for (got, want) in again.iter().zip(&reference) {
+        for (got, want) in again.iter().zip(reference) {
             assert_eq!(got.as_ref().unwrap(), want);
         }
     }
+
+    // OpenAI's Python SDK streaming through a failover sees one stream.
+    if !crate::common::python_has("openai") {
+        return;
+    }
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/tools/openai_stream.py");
+    let first = &body(0, false);
+    let mut child = std::process::Command::new("python3")
+        .arg(script)
+        .args([
+            &format!("http://127.0.0.1:{port}"),
+            "tiny-pipe",
+            first["prompt"].as_str().unwrap(),
+            &TOKENS.to_string(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut text = String::new();
+    let mut chunks = 0;
+    let mut last = Value::Null;
+    for line in lines.by_ref() {
+        let v: Value = serde_json::from_str(&line.unwrap()).unwrap();
+        if let Some(t) = v["text"].as_str() {
+            text.push_str(t);
+            chunks += 1;
+            // The single stream went to replica 0 (both idle, the lower index first).
+            if chunks == 20 {
+                c.kill(1);
+            }
+        } else {
+            last = v;
+        }
+    }
+    assert!(child.wait().unwrap().success());
+    assert!(chunks > 20, "the stream had {chunks} chunks");
+    assert_eq!(last["error"], Value::Null, "the SDK raised: {last}");
+    assert_eq!(text, references[0][0].text);
+    assert_eq!(last["usage"], TOKENS as u64, "{last}");
+    assert_eq!(last["finish"], "length", "{last}");
 }
 
 #[test]
