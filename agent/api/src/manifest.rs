@@ -357,9 +357,10 @@ pub struct PipelineSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub placement: Option<Placement>,
     /// Independent rings of the same model on nodes apart, behind the same endpoints
-    /// (default 1).
+    /// (default 1): a count, or `auto` (with `placement: auto`) for as many as the nodes'
+    /// memory holds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub replicas: Option<usize>,
+    pub replicas: Option<Replicas>,
     /// What the cluster does when a node of the pipeline goes away.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failover: Option<FailoverSpec>,
@@ -382,6 +383,55 @@ pub struct PipelineSpec {
     pub first_token_timeout: Option<std::time::Duration>,
 }
 
+/// How many replicas a pipeline runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replicas {
+    /// This many.
+    Count(usize),
+    /// As many as the nodes' memory holds, each on nodes of its own (`placement: auto`).
+    Auto,
+}
+
+impl Serialize for Replicas {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Count(n) => s.serialize_u64(*n as u64),
+            Self::Auto => s.serialize_str("auto"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Replicas {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Replicas;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a number of replicas or `auto`")
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Replicas, E> {
+                usize::try_from(n)
+                    .map(Replicas::Count)
+                    .map_err(|_| E::custom(format!("{n} replicas is past any cluster")))
+            }
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Replicas, E> {
+                Err(E::custom(format!(
+                    "expected a number of replicas or `auto`, got {n}"
+                )))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Replicas, E> {
+                match v {
+                    "auto" => Ok(Replicas::Auto),
+                    _ => Err(E::custom(format!(
+                        "expected a number of replicas or `auto`, got {v:?}"
+                    ))),
+                }
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
 /// What the cluster does when a node of a pipeline goes away.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -402,6 +452,15 @@ impl FailoverSpec {
 }
 
 impl PipelineSpec {
+    /// The replicas asked for: a count (1 when absent), or `None` for `auto`.
+    pub fn replica_count(&self) -> Option<usize> {
+        match self.replicas {
+            None => Some(1),
+            Some(Replicas::Count(n)) => Some(n),
+            Some(Replicas::Auto) => None,
+        }
+    }
+
     /// How long a node may stay away before its stages are re-placed (under `placement: auto`).
     pub fn replace_after(&self) -> std::time::Duration {
         self.failover
@@ -850,7 +909,14 @@ fn check_pipeline(object: &Object, s: &PipelineSpec, errors: &mut Vec<ManifestEr
                     "is empty: a pipeline needs at least one stage",
                 ));
             } else {
-                let replicas = s.replicas.unwrap_or(1).max(1);
+                if s.replicas == Some(Replicas::Auto) {
+                    errors.push(ManifestError::field(
+                        object,
+                        "spec.replicas",
+                        "`auto` needs `placement: auto`: with listed stages, give the number of replicas they make",
+                    ));
+                }
+                let replicas = s.replica_count().unwrap_or(1).max(1);
                 // Which replica runs each node: one contiguous range per node, replicas apart.
                 let mut owner: BTreeMap<&str, usize> = BTreeMap::new();
                 for (i, st) in stages.iter().enumerate() {
@@ -924,7 +990,7 @@ fn check_pipeline(object: &Object, s: &PipelineSpec, errors: &mut Vec<ManifestEr
         }
         (None, Some(Placement::Auto)) => {}
     }
-    if s.replicas == Some(0) {
+    if s.replicas == Some(Replicas::Count(0)) {
         errors.push(ManifestError::field(
             object,
             "spec.replicas",

@@ -68,7 +68,7 @@ const FULL: &str = r#"
 apiVersion: v1
 kind: Node
 metadata: {name: a, labels: {room: office}, uid: u, generation: 1, resourceVersion: 2, creationTimestamp: "2026-01-01T00:00:00Z", updatedBy: a}
-spec: {address: "10.0.0.1:7070", ringAddress: "10.0.0.1:7071"}
+spec: {address: "10.0.0.1:7070", ringAddress: "10.0.0.1:7071", unschedulable: true}
 ---
 apiVersion: v1
 kind: Model
@@ -88,12 +88,12 @@ spec: {source: {url: "https://example.com/m.gguf"}}
 apiVersion: v1
 kind: Pipeline
 metadata: {name: p}
-spec: {model: m, device: metal, stages: [{node: a, layers: "0-13"}], maxSequences: 8, prefillChunk: 64, firstTokenTimeout: 30s}
+spec: {model: m, device: metal, replicas: 1, stages: [{replica: 0, node: a, layers: "0-13"}], maxSequences: 8, prefillChunk: 64, firstTokenTimeout: 30s}
 ---
 apiVersion: v1
 kind: Pipeline
 metadata: {name: q}
-spec: {model: m, placement: auto, nodes: [a]}
+spec: {model: m, placement: auto, replicas: auto, nodes: [a], failover: {replaceAfter: 2m}}
 ---
 apiVersion: v1
 kind: Endpoint

@@ -379,6 +379,18 @@ fn replicas_are_refused_by_field_when_they_share_nodes_or_leave_one_empty() {
             "  replicas: 3\n  placement: auto\n",
             vec!["spec.placement", "replica 2"],
         ),
+        (
+            "  replicas: auto\n  stages:\n    - {node: node-0, layers: \"0-3\"}\n",
+            vec!["spec.replicas", "`auto` needs `placement: auto`"],
+        ),
+        (
+            "  replicas: many\n  placement: auto\n",
+            vec![
+                "spec.replicas",
+                "a number of replicas or `auto`",
+                "\"many\"",
+            ],
+        ),
     ];
     for (spec, needles) in cases {
         let file = c.write("bad.yaml", &format!("{head}{spec}"));
@@ -423,6 +435,30 @@ fn replicas_are_refused_by_field_when_they_share_nodes_or_leave_one_empty() {
     assert!(
         placement.contains("replica 0: auto") && placement.contains("replica 1: auto"),
         "{placement}"
+    );
+
+    // `replicas: auto`: as many as fit, here the whole model on each node.
+    let file = c.write(
+        "as-many.yaml",
+        &format!("{head}  replicas: auto\n  placement: auto\n")
+            .replace("name: tiny-pipe", "name: as-many"),
+    );
+    let out = c.ctl(&["apply", "-f", file.to_str().unwrap(), "--wait"]);
+    assert!(out.status.success(), "{}", shown(&out));
+    let record = c.get(0, "/api/v1/pipelines/as-many");
+    let replicas = record["status"]["replicas"].as_array().unwrap();
+    assert_eq!(replicas.len(), 2, "{record}");
+    let placement = record["status"]["placement"].as_str().unwrap();
+    assert!(
+        placement.starts_with("replicas: auto: 2 replica(s), as many as the nodes' memory holds")
+            && placement.contains("stays on one node"),
+        "{placement}"
+    );
+    let described =
+        String::from_utf8_lossy(&c.ctl(&["describe", "pipeline", "as-many"]).stdout).into_owned();
+    assert!(
+        described.contains("replicas: auto: 2 replica(s)"),
+        "{described}"
     );
 }
 

@@ -109,7 +109,7 @@ pub fn run(args: ValidateArgs) -> Outcome {
         match layer_count(path) {
             Ok(Some(n)) => {
                 // Each replica's ring covers the layers on its own.
-                let replicas = p.replicas.unwrap_or(1).max(1);
+                let replicas = p.replica_count().unwrap_or(1).max(1);
                 for r in 0..replicas {
                     let ring: Vec<usize> = (0..stages.len())
                         .filter(|&i| stages[i].replica.unwrap_or(0) == r)

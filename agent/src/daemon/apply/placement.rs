@@ -44,8 +44,9 @@ pub(super) fn place(
     let working = profile.working_bytes(spec.prefill_chunk.unwrap_or(128));
     let bytes =
         |range: LayerRange, first: bool, last: bool| profile.stage_bytes(range, first, last);
-    let replicas = spec.replicas.unwrap_or(1);
-    if replicas == 0 {
+    // `None`: as many as fit (`replicas: auto`).
+    let wanted = spec.replica_count();
+    if wanted == Some(0) {
         return Err(vec![ManifestError::field(
             p,
             "spec.replicas",
@@ -54,6 +55,7 @@ pub(super) fn place(
     }
     match (&spec.stages, spec.placement) {
         (Some(stages), _) => {
+            let replicas = wanted.unwrap_or(1);
             // The manifest's check made sure every replica has stages and its nodes are
             // its own.
             let mut rings: Vec<Vec<(usize, &StagePlacement)>> = vec![Vec::new(); replicas];
@@ -99,68 +101,126 @@ pub(super) fn place(
             })
         }
         (None, Some(Placement::Auto)) => {
-            // Rings placed before whose every node still reports stay as they are (and keep
-            // their reason); the others are placed anew over the nodes left.
-            let kept: Vec<Option<(Vec<PlacedStage>, String)>> = (0..replicas)
-                .map(|r| {
-                    let before = previous?;
-                    let ring = before.rings().get(r)?.to_vec();
-                    let alive = ring.iter().all(|s| {
-                        offered(agent, &s.node, p.name()).is_some() && schedulable(agent, &s.node)
-                    });
-                    alive.then(|| (ring, before.reason.clone()))
-                })
-                .collect();
-            let mut taken: Vec<String> = kept
-                .iter()
-                .flatten()
-                .flat_map(|(ring, _)| ring.iter().map(|s| s.node.clone()))
-                .collect();
-            let mut rings = Vec::new();
-            let mut reasons = Vec::new();
-            let mut replaced = Vec::new();
-            for (r, keep) in kept.into_iter().enumerate() {
-                if let Some((ring, _)) = keep {
-                    rings.push(ring);
-                    continue;
-                }
-                let (stages, reason) = auto_place(agent, p, layers, &bytes, working, &taken)
-                    .map_err(|mut errors| {
-                        if replicas > 1 {
-                            for e in &mut errors {
-                                e.message = format!("replica {r}: {}", e.message);
-                            }
-                        }
-                        errors
-                    })?;
+            auto_replicas(agent, p, wanted, previous, layers, &bytes, working)
+        }
+        (None, None) => Err(vec![ManifestError::field(p, "spec.stages", "missing")]),
+    }
+}
+
+/// `placement: auto` for `wanted` replicas (`None`: as many as the nodes' memory holds, at
+/// least one). Rings placed before whose every node still reports and is not drained stay as
+/// they are; the others are placed anew over the nodes left.
+fn auto_replicas(
+    agent: &Agent,
+    p: &Object,
+    wanted: Option<usize>,
+    previous: Option<&ResolvedPlacement>,
+    layers: usize,
+    bytes: &dyn Fn(LayerRange, bool, bool) -> u64,
+    working: u64,
+) -> Result<ResolvedPlacement, Vec<ManifestError>> {
+    let alive = |ring: &[PlacedStage]| {
+        ring.iter()
+            .all(|s| offered(agent, &s.node, p.name()).is_some() && schedulable(agent, &s.node))
+    };
+    let before: Vec<Vec<PlacedStage>> = previous
+        .map(|b| b.rings().iter().map(|r| r.to_vec()).collect())
+        .unwrap_or_default();
+    // With a count, the first `count` rings placed before are the candidates to keep; with
+    // `auto`, all of them.
+    let keep_at_most = wanted.unwrap_or(before.len());
+    let mut kept: Vec<Option<Vec<PlacedStage>>> = before
+        .into_iter()
+        .take(keep_at_most)
+        .map(|ring| alive(&ring).then_some(ring))
+        .collect();
+    if let Some(n) = wanted {
+        kept.resize(n, None);
+    }
+    let mut taken: Vec<String> = kept
+        .iter()
+        .flatten()
+        .flat_map(|ring| ring.iter().map(|s| s.node.clone()))
+        .collect();
+    let several = wanted != Some(1);
+    let mut rings: Vec<Vec<PlacedStage>> = Vec::new();
+    let mut reasons = Vec::new();
+    let mut placed_anew = 0;
+    let mut stopped: Option<String> = None;
+    let mut r = 0;
+    loop {
+        let slot = kept.get_mut(r).and_then(Option::take);
+        let to_place = match (slot, wanted) {
+            (Some(ring), _) => {
+                rings.push(ring);
+                r += 1;
+                continue;
+            }
+            (None, Some(n)) => r < n,
+            // `auto`: a lost ring's place and then new ones, while they fit.
+            (None, None) => true,
+        };
+        if !to_place {
+            break;
+        }
+        let index = rings.len();
+        match auto_place(agent, p, layers, bytes, working, &taken) {
+            Ok((stages, reason)) => {
                 taken.extend(stages.iter().map(|s| s.node.clone()));
                 rings.push(stages);
-                replaced.push(r);
-                reasons.push(if replicas > 1 {
-                    format!("replica {r}: {reason}")
+                placed_anew += 1;
+                reasons.push(if several {
+                    format!("replica {index}: {reason}")
                 } else {
                     reason
                 });
             }
-            let reason = match previous {
-                // Nothing moved: the reason it was placed so stays true.
-                Some(before) if replaced.is_empty() => before.reason.clone(),
-                Some(_) if replicas > 1 => format!(
-                    "{}; the other replicas kept their nodes",
-                    reasons.join("; ")
-                ),
-                _ => reasons.join("; "),
-            };
-            let mut rings = rings.into_iter();
-            Ok(ResolvedPlacement {
-                stages: rings.next().unwrap_or_default(),
-                replicas: rings.collect(),
-                layers,
-                reason,
-            })
+            // `auto`: a lost ring that no longer fits leaves its place to the others.
+            Err(_) if wanted.is_none() && r < kept.len() => {
+                r += 1;
+                continue;
+            }
+            Err(errors) if wanted.is_none() && !rings.is_empty() => {
+                stopped = errors.first().map(|e| e.message.clone());
+                break;
+            }
+            Err(mut errors) => {
+                if several {
+                    for e in &mut errors {
+                        e.message = format!("replica {index}: {}", e.message);
+                    }
+                }
+                return Err(errors);
+            }
         }
-        (None, None) => Err(vec![ManifestError::field(p, "spec.stages", "missing")]),
+        r += 1;
     }
+    let unchanged = previous.filter(|b| placed_anew == 0 && b.rings().len() == rings.len());
+    let mut reason = match previous {
+        // Nothing moved: the reason it was placed so stays true.
+        Some(before) if unchanged.is_some() => before.reason.clone(),
+        Some(_) if several && placed_anew < rings.len() => format!(
+            "{}; the other replicas kept their nodes",
+            reasons.join("; ")
+        ),
+        _ => reasons.join("; "),
+    };
+    if wanted.is_none() && unchanged.is_none() {
+        reason = format!(
+            "replicas: auto: {} replica(s), as many as the nodes' memory holds{}; {reason}",
+            rings.len(),
+            stopped
+                .map(|m| format!(" (another: {m})"))
+                .unwrap_or_default()
+        );
+    }
+    let mut rings = rings.into_iter();
+    Ok(ResolvedPlacement {
+        stages: rings.next().unwrap_or_default(),
+        replicas: rings.collect(),
+        layers,
+        reason,
+    })
 }
 
 /// One replica's stages as listed (`(index in spec.stages, stage)`), checked against the layer
