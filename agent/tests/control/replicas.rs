@@ -586,3 +586,55 @@ fn a_lost_or_drained_nodes_stages_are_placed_again_under_auto_placement() {
     let table = String::from_utf8_lossy(&c.ctl(&["get", "nodes"]).stdout).into_owned();
     assert!(!table.contains("SchedulingDisabled"), "{table}");
 }
+
+/// Balance follows the queues: with replica 1's passes made to take 40 ms (the slow-machine
+/// hook), clients that send their next request as soon as one ends find replica 0 with fewer
+/// of their sequences, and most requests go there.
+#[test]
+fn a_slower_replica_gets_fewer_of_the_requests_of_a_closed_loop() {
+    let env: [&[(&str, &str)]; 2] = [&[], &[("CLUSTERAGENT_TEST_PASS_MS", "40")]];
+    let c = Cluster::start_with_env(2, &[], &env);
+    let model = c.dir.path().join("model");
+    make_model(&model);
+    let want = one_process(&model, "Hello world", 16);
+    let port = free_port();
+    let text = format!(
+        "{}apiVersion: v1\nkind: Model\nmetadata: {{name: tiny}}\nspec: {{source: {{path: \"{}\"}}}}\n---\napiVersion: v1\nkind: Pipeline\nmetadata: {{name: tiny-pipe}}\nspec:\n  model: tiny\n  device: cpu\n  replicas: 2\n  stages:\n    - {{replica: 0, node: node-0, layers: \"0-3\"}}\n    - {{replica: 1, node: node-1, layers: \"0-3\"}}\n---\napiVersion: v1\nkind: Endpoint\nmetadata: {{name: tiny-api}}\nspec: {{pipeline: tiny-pipe, port: {port}}}\n",
+        c.nodes_yaml(),
+        model.display(),
+    );
+    c.apply_wait("slow.yaml", &text);
+    let before = routed(port);
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            std::thread::spawn(move || {
+                (0..4)
+                    .map(|_| {
+                        let body = json!({"model": "tiny-pipe", "prompt": "Hello world", "max_tokens": 16, "temperature": 0});
+                        let mut r = http_client(Duration::from_secs(60))
+                            .post(&format!("http://127.0.0.1:{port}/v1/completions"))
+                            .send_json(&body)
+                            .unwrap();
+                        let v: Value = r.body_mut().read_json().unwrap();
+                        v["usage"]["completion_tokens"].as_u64().unwrap()
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    for c in clients {
+        for n in c.join().unwrap() {
+            assert!(n > 0 && n <= 16);
+        }
+    }
+    let after = routed(port);
+    let split = [after[0] - before[0], after[1] - before[1]];
+    println!("32 requests of 8 closed-loop clients: {split:?} to the fast and the slow replica");
+    assert_eq!(split[0] + split[1], 32.0, "{split:?}");
+    assert!(
+        split[0] >= 2.0 * split[1],
+        "the slow replica should get fewer: {split:?}"
+    );
+    // Both give the same tokens.
+    assert_eq!(generate(port, "Hello world", 16).unwrap(), want);
+}
