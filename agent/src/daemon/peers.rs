@@ -3,6 +3,7 @@
 //! the higher version of each record. The same exchange propagates applies, lets an agent that
 //! was away catch up, and is the heartbeat that decides Ready and NotReady.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -129,20 +130,28 @@ pub async fn heartbeat_loop(agent: Arc<Agent>, mut stop: watch::Receiver<bool>) 
         .http_status_as_error(false)
         .build()
         .into();
+    // Each peer's exchange runs on its own: one that does not answer (a partition drops its
+    // packets, so each try waits out the timeout) must not hold up the heartbeats to the
+    // others, who would otherwise take this node for gone. A peer whose last exchange is
+    // still under way is skipped this round.
+    let mut running: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
     loop {
-        let peers = agent.peer_addresses();
-        let mut tasks = Vec::new();
-        for (name, address) in peers {
+        running.retain(|_, task| !task.is_finished());
+        for (name, address) in agent.peer_addresses() {
+            if running.contains_key(&name) {
+                continue;
+            }
             let agent = agent.clone();
             let http = http.clone();
-            tasks.push(tokio::task::spawn_blocking(move || {
-                if let Err(e) = exchange(&agent, &http, &name, &address) {
-                    agent.peer_failed(&name, format!("{e:#}"));
-                }
-            }));
-        }
-        for t in tasks {
-            let _ = t.await;
+            let peer = name.clone();
+            running.insert(
+                name,
+                tokio::task::spawn_blocking(move || {
+                    if let Err(e) = exchange(&agent, &http, &peer, &address) {
+                        agent.peer_failed(&peer, format!("{e:#}"));
+                    }
+                }),
+            );
         }
         agent.check_readiness();
         tokio::select! {
