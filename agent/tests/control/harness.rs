@@ -135,7 +135,19 @@ pub struct Agent {
     /// Its working directory, where relative model paths resolve: one per agent, so a test can
     /// give a model to one node only.
     pub cwd: PathBuf,
+    /// The network namespace it runs in (`ip netns exec`), for partition tests.
+    pub netns: Option<String>,
     child: Option<Child>,
+}
+
+/// Where an agent listens, and the network namespace it runs in.
+pub struct Host {
+    /// Its control plane's `host:port`.
+    pub listen: String,
+    /// Its ring's `host:port`.
+    pub ring: String,
+    /// Its network namespace, when not this process's.
+    pub netns: Option<String>,
 }
 
 /// Agents sharing a token, in one temporary folder.
@@ -153,6 +165,19 @@ impl Cluster {
 
     /// [`Cluster::start`] with `env[i]`: more environment variables for agent `i`.
     pub fn start_with_env(n: usize, extra: &[&[&str]], env: &[&[(&str, &str)]]) -> Cluster {
+        let hosts: Vec<Host> = (0..n)
+            .map(|_| Host {
+                listen: format!("127.0.0.1:{}", free_port()),
+                ring: format!("127.0.0.1:{}", free_port()),
+                netns: None,
+            })
+            .collect();
+        Self::start_on(&hosts, extra, env)
+    }
+
+    /// Starts an agent on each of `hosts`; `extra` and `env` as for
+    /// [`Cluster::start_with_env`].
+    pub fn start_on(hosts: &[Host], extra: &[&[&str]], env: &[&[(&str, &str)]]) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let token_file = dir.path().join("token");
         std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
@@ -161,11 +186,11 @@ impl Cluster {
             token_file,
             dir,
         };
-        for i in 0..n {
+        for (i, host) in hosts.iter().enumerate() {
             let name = format!("node-{i}");
             let agent = Agent {
-                listen: format!("127.0.0.1:{}", free_port()),
-                ring: format!("127.0.0.1:{}", free_port()),
+                listen: host.listen.clone(),
+                ring: host.ring.clone(),
                 data_dir: cluster.dir.path().join(&name),
                 log: cluster.dir.path().join(format!("{name}.log")),
                 extra: extra
@@ -181,6 +206,7 @@ impl Cluster {
                     })
                     .unwrap_or_default(),
                 cwd: cluster.dir.path().join(format!("{name}-cwd")),
+                netns: host.netns.clone(),
                 name,
                 child: None,
             };
@@ -200,7 +226,16 @@ impl Cluster {
             .append(true)
             .open(&a.log)
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_clusteragent"))
+        let mut command = match &a.netns {
+            // `ip netns exec` runs the agent itself (exec), so the child is the agent.
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_clusteragent")]);
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_clusteragent")),
+        };
+        let child = command
             .args([
                 "--name",
                 &a.name,

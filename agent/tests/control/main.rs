@@ -15,6 +15,7 @@ mod hub;
 mod invalid;
 mod load;
 mod openai;
+mod partition;
 mod placement;
 mod real;
 mod reference;
