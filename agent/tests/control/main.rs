@@ -22,3 +22,4 @@ mod reference;
 mod replicas;
 mod seed;
 mod slow;
+mod soak;
