@@ -45,17 +45,14 @@ impl Sampler {
 
     /// Makes the random draws of `n` samples without keeping them: a sequence resumed after
     /// `n` tokens elsewhere goes on with the draws it would have had. Greedy sampling draws
-    /// nothing; every other kind draws once per token, whatever the logits (the test below
-    /// holds it to that).
+    /// nothing; every other kind draws once per token whatever the logits and their number
+    /// (the test below holds it to that), so one logit stands in for the vocabulary: a
+    /// sequence resumed after thousands of tokens must not hold the last stage for seconds.
     pub fn skip(&mut self, n: usize) -> Result<()> {
         if n == 0 || self.params.temperature <= 0.0 {
             return Ok(());
         }
-        let flat = Tensor::zeros(
-            self.vocab_limit.max(1),
-            candle_core::DType::F32,
-            &candle_core::Device::Cpu,
-        )?;
+        let flat = Tensor::zeros(1, candle_core::DType::F32, &candle_core::Device::Cpu)?;
         for _ in 0..n {
             self.processor.sample(&flat)?;
         }
