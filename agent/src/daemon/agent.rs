@@ -99,6 +99,7 @@ impl Agent {
     pub fn begin_shutdown(&self) {
         self.shutting_down.store(true, Ordering::SeqCst);
         self.runtime.stop_endpoints();
+        self.runtime.stop_taking_sequences();
     }
 
     /// Records an event (also logged).

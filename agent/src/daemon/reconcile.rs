@@ -161,10 +161,27 @@ impl Runtime {
         lock(&self.stages)
             .values()
             .filter_map(|s| match &s.state {
-                StageState::Ready(n) => n.shared.head.as_ref().map(|h| h.in_flight()),
+                // Stage 0 counts its callers' sequences; a later stage the sequences holding
+                // a cache on it, which the head releases as they end.
+                StageState::Ready(n) => Some(match &n.shared.head {
+                    Some(h) => h.in_flight(),
+                    None => n.shared.stage.sequences(),
+                }),
                 _ => None,
             })
             .sum()
+    }
+
+    /// Tells the stages here that the agent is stopping: those after stage 0 take no new
+    /// sequence from now on.
+    pub fn stop_taking_sequences(&self) {
+        for slot in lock(&self.stages).values() {
+            if let StageState::Ready(n) = &slot.state {
+                n.shared
+                    .stopping
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
     }
 
     /// Reports of the stages here.

@@ -122,6 +122,10 @@ pub struct Shared {
     link_thread: LinkHandle,
     /// Frames the compute thread has read but not served yet (its queue counts apart).
     pub backlog: AtomicUsize,
+    /// Set when the agent is stopping: a stage after stage 0 takes no new sequence, so that
+    /// those in flight can finish within the grace period (stage 0's endpoint stops taking
+    /// requests on its own).
+    pub stopping: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -408,6 +412,7 @@ impl RingNode {
             links: LinkState::default(),
             link_thread,
             backlog: AtomicUsize::new(0),
+            stopping: std::sync::atomic::AtomicBool::new(false),
         });
         let compute_shared = shared.clone();
         let compute_stage = shared.stage.clone();

@@ -1,5 +1,5 @@
 //! The daemon's own behaviour: settings from flags, environment and a config file; SIGTERM
-//! drains the streams in flight before exiting.
+//! drains the streams in flight before exiting, at stage 0 and at a later stage.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -59,6 +59,71 @@ fn sigterm_lets_streams_finish_refuses_new_ones_and_exits_cleanly() {
     );
     // Gone: a new request finds nobody listening.
     assert!(generate(port, "Hello", 3).is_err());
+}
+
+/// A later stage stopped with SIGTERM (launchd and systemd stop agents so for updates and
+/// reboots) serves its sequences in flight to their end before it exits, and takes no new one
+/// meanwhile.
+#[test]
+fn sigterm_of_a_later_stage_lets_its_streams_finish() {
+    let mut c = Cluster::start(2, &[&[], &["--grace-period", "60"]]);
+    let model = c.dir.path().join("model");
+    make_model(&model);
+    let port = free_port();
+    let text = format!(
+        "{}{}",
+        c.nodes_yaml(),
+        pipeline_yaml(&model, &[("node-0", "0-1"), ("node-1", "2-3")], port)
+    );
+    c.apply_wait("two.yaml", &text);
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(90)))
+        .build()
+        .into();
+    let streams: Vec<_> = (0..2)
+        .map(|_| {
+            let resp = agent
+                .post(&format!("http://127.0.0.1:{port}/generate"))
+                .send_json(json!({"prompt": "Hello", "max_tokens": 600, "ignore_eos": true}))
+                .unwrap();
+            let mut lines = BufReader::new(resp.into_body().into_reader()).lines();
+            let first: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+            assert_eq!(first["event"], "token");
+            std::thread::spawn(move || {
+                lines
+                    .map_while(Result::ok)
+                    .map(|l| serde_json::from_str::<Value>(&l).unwrap())
+                    .last()
+                    .unwrap_or(Value::Null)
+            })
+        })
+        .collect();
+    c.signal(1, "TERM");
+    // While it drains, a new sequence is turned away at once, saying why.
+    std::thread::sleep(Duration::from_millis(300));
+    let refused = generate(port, "Hello", 3).unwrap_err();
+    assert!(refused.contains("takes no new sequence"), "{refused}");
+    let code = c.wait_exit(1, Duration::from_secs(70));
+    for s in streams {
+        let last = s.join().unwrap();
+        assert_eq!(
+            last["event"], "done",
+            "the stream in flight finished: {last}"
+        );
+        assert_eq!(last["completion_tokens"], 600);
+    }
+    assert_eq!(code, Some(0), "{}", c.log(1));
+    let log = c.log(1);
+    assert!(
+        log.contains("waiting up to")
+            && log.contains("stopped")
+            && !log.contains("grace period over"),
+        "{log}"
+    );
+    // Gone: a new request is answered at once, not held.
+    let start = Instant::now();
+    assert!(generate(port, "Hello", 3).is_err());
+    assert!(start.elapsed() < Duration::from_secs(10));
 }
 
 fn healthz_name(listen: &str) -> Option<String> {

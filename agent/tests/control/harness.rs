@@ -294,10 +294,13 @@ impl Cluster {
 
     /// SIGTERM to agent `i`; waits (at most `limit`) for it to exit and returns its exit code.
     pub fn terminate(&mut self, i: usize, limit: Duration) -> Option<i32> {
+        self.signal(i, "TERM");
+        self.wait_exit(i, limit)
+    }
+
+    /// Waits (at most `limit`) for agent `i` to exit and returns its exit code.
+    pub fn wait_exit(&mut self, i: usize, limit: Duration) -> Option<i32> {
         let mut child = self.agents[i].child.take()?;
-        let pid = child.id().to_string();
-        let sent = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        assert!(sent.success());
         let start = Instant::now();
         while start.elapsed() < limit {
             if let Some(status) = child.try_wait().unwrap() {
@@ -307,7 +310,7 @@ impl Cluster {
         }
         let _ = child.kill();
         panic!(
-            "agent {} still running {limit:?} after SIGTERM",
+            "agent {} still running after {limit:?}",
             self.agents[i].name
         );
     }

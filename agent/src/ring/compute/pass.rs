@@ -37,6 +37,16 @@ pub(super) fn single(
     input: StageInput,
     pace: Option<Duration>,
 ) {
+    if step.position == 0
+        && shared.head.is_none()
+        && shared.stopping.load(std::sync::atomic::Ordering::Relaxed)
+    {
+        shared.fail_sequence(
+            step.seq,
+            "its agent is stopping and takes no new sequence (those in flight finish first)",
+        );
+        return;
+    }
     if step.position == 0 && stage.is_last() {
         let sampler = serde_json::from_slice::<SequenceStart>(&step.meta)
             .map_err(|e| e.to_string())
