@@ -9,6 +9,25 @@ use serde_json::{Value, json};
 
 use crate::harness::*;
 
+/// Starts a `/generate` stream of `max_tokens` and reads its first token; the thread returns
+/// the stream's last event.
+fn stream_in_flight(port: u16, max_tokens: usize) -> std::thread::JoinHandle<Value> {
+    let resp = http_client(Duration::from_secs(90))
+        .post(&format!("http://127.0.0.1:{port}/generate"))
+        .send_json(json!({"prompt": "Hello", "max_tokens": max_tokens, "ignore_eos": true}))
+        .unwrap();
+    let mut lines = BufReader::new(resp.into_body().into_reader()).lines();
+    let first: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(first["event"], "token");
+    std::thread::spawn(move || {
+        lines
+            .map_while(Result::ok)
+            .map(|l| serde_json::from_str::<Value>(&l).unwrap())
+            .last()
+            .unwrap_or(Value::Null)
+    })
+}
+
 #[test]
 fn sigterm_lets_streams_finish_refuses_new_ones_and_exits_cleanly() {
     // A grace period longer than the stream needs even on a loaded machine: the test is that
@@ -23,28 +42,10 @@ fn sigterm_lets_streams_finish_refuses_new_ones_and_exits_cleanly() {
         pipeline_yaml(&model, &[("node-0", "0-3")], port)
     );
     c.apply_wait("one.yaml", &text);
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(Duration::from_secs(60)))
-        .build()
-        .into();
-    let resp = agent
-        .post(&format!("http://127.0.0.1:{port}/generate"))
-        .send_json(json!({"prompt": "Hello", "max_tokens": 1000, "ignore_eos": true}))
-        .unwrap();
-    let mut lines = BufReader::new(resp.into_body().into_reader()).lines();
-    let first: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
-    assert_eq!(first["event"], "token");
     let started = Instant::now();
-    let waiter = std::thread::spawn(move || {
-        let rest: Vec<Value> = lines
-            .map_while(Result::ok)
-            .map(|l| serde_json::from_str(&l).unwrap())
-            .collect();
-        rest
-    });
+    let waiter = stream_in_flight(port, 1000);
     let code = c.terminate(0, Duration::from_secs(70));
-    let rest = waiter.join().unwrap();
-    let last = rest.last().cloned().unwrap_or(Value::Null);
+    let last = waiter.join().unwrap();
     assert_eq!(
         last["event"], "done",
         "the stream in flight finished: {last}"
@@ -76,28 +77,7 @@ fn sigterm_of_a_later_stage_lets_its_streams_finish() {
         pipeline_yaml(&model, &[("node-0", "0-1"), ("node-1", "2-3")], port)
     );
     c.apply_wait("two.yaml", &text);
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(Duration::from_secs(90)))
-        .build()
-        .into();
-    let streams: Vec<_> = (0..2)
-        .map(|_| {
-            let resp = agent
-                .post(&format!("http://127.0.0.1:{port}/generate"))
-                .send_json(json!({"prompt": "Hello", "max_tokens": 600, "ignore_eos": true}))
-                .unwrap();
-            let mut lines = BufReader::new(resp.into_body().into_reader()).lines();
-            let first: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
-            assert_eq!(first["event"], "token");
-            std::thread::spawn(move || {
-                lines
-                    .map_while(Result::ok)
-                    .map(|l| serde_json::from_str::<Value>(&l).unwrap())
-                    .last()
-                    .unwrap_or(Value::Null)
-            })
-        })
-        .collect();
+    let streams: Vec<_> = (0..2).map(|_| stream_in_flight(port, 600)).collect();
     c.signal(1, "TERM");
     // While it drains, a new sequence is turned away at once, saying why.
     std::thread::sleep(Duration::from_millis(300));

@@ -436,6 +436,26 @@ impl Cluster {
             .collect()
     }
 
+    /// Applies every agent's Node through agent 0 and waits until agent 0 has heard from them
+    /// all (placement needs their reports).
+    pub fn apply_nodes(&self) {
+        let nodes = self.write("nodes.yaml", &self.nodes_yaml());
+        let out = self.ctl(&["apply", "-f", nodes.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", shown(&out));
+        let n = self.agents.len();
+        self.wait_for(
+            "agent 0 hears from every node",
+            Duration::from_secs(15),
+            || {
+                self.get(0, "/api/v1/nodes")["items"]
+                    .as_array()
+                    .is_some_and(|a| {
+                        a.len() == n && a.iter().all(|x| x["status"]["phase"] == "Ready")
+                    })
+            },
+        );
+    }
+
     /// The Node documents of every agent.
     pub fn nodes_yaml(&self) -> String {
         self.agents
@@ -482,9 +502,19 @@ pub fn generate_within(
     max_tokens: usize,
     limit: Duration,
 ) -> Result<Vec<u32>, String> {
+    generate_at(&format!("127.0.0.1:{port}"), prompt, max_tokens, limit)
+}
+
+/// [`generate_within`] through the endpoint at `address` (`host:port`).
+pub fn generate_at(
+    address: &str,
+    prompt: &str,
+    max_tokens: usize,
+    limit: Duration,
+) -> Result<Vec<u32>, String> {
     let agent = http_client(limit);
     let resp = agent
-        .post(&format!("http://127.0.0.1:{port}/generate"))
+        .post(&format!("http://{address}/generate"))
         .send_json(json!({"prompt": prompt, "max_tokens": max_tokens}))
         .map_err(|e| e.to_string())?;
     let status = resp.status().as_u16();
@@ -501,6 +531,17 @@ pub fn generate_within(
         .filter(|e| e["event"] == "token")
         .map(|e| e["id"].as_u64().unwrap() as u32)
         .collect())
+}
+
+/// An endpoint's Prometheus exposition.
+pub fn metrics(port: u16) -> String {
+    http_client(Duration::from_secs(30))
+        .get(&format!("http://127.0.0.1:{port}/metrics"))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap()
 }
 
 /// An HTTP client that hands back error statuses instead of failing on them.

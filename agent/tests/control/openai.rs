@@ -61,17 +61,6 @@ fn post(port: u16, route: &str, key: Option<&str>, body: &Value) -> (u16, String
     (status, ctype, text)
 }
 
-/// The endpoint's Prometheus exposition.
-fn metrics(port: u16) -> String {
-    http()
-        .get(&format!("http://127.0.0.1:{port}/metrics"))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap()
-}
-
 fn json_of(port: u16, route: &str, body: &Value) -> (u16, Value) {
     let (status, _, text) = post(port, route, Some(KEY), body);
     (status, serde_json::from_str(&text).unwrap())

@@ -201,10 +201,8 @@ fn applies_on_both_sides_of_a_partition_converge_once_it_heals() {
     // The agents share this machine's files: each side can open the model it applies.
     let model = c.dir.path().join("model");
     make_model(&model);
-    let nodes = c.write("nodes.yaml", &c.nodes_yaml());
-    let out = c.ctl(&["apply", "-f", nodes.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", shown(&out));
-    for i in 0..3 {
+    c.apply_nodes();
+    for i in 1..3 {
         c.wait_for(
             "every agent hears from every node",
             Duration::from_secs(15),
@@ -356,26 +354,8 @@ fn a_stream_through_a_cut_link_ends_within_the_bound_and_the_ring_comes_back() {
     );
     c.apply_wait("cut.yaml", &text);
     let endpoint = format!("{}:{port}", net.address(0));
-    let generate_at = |limit: Duration| -> Result<Vec<u32>, String> {
-        let resp = http_client(limit)
-            .post(&format!("http://{endpoint}/generate"))
-            .send_json(json!({"prompt": "Hello world", "max_tokens": 10}))
-            .map_err(|e| e.to_string())?;
-        let status = resp.status().as_u16();
-        let lines: Vec<Value> = BufReader::new(resp.into_body().into_reader())
-            .lines()
-            .map_while(Result::ok)
-            .filter_map(|l| serde_json::from_str(&l).ok())
-            .collect();
-        if status != 200 || lines.last().is_none_or(|l| l["event"] != "done") {
-            return Err(format!("HTTP {status}: {lines:?}"));
-        }
-        Ok(lines
-            .iter()
-            .filter(|e| e["event"] == "token")
-            .map(|e| e["id"].as_u64().unwrap() as u32)
-            .collect())
-    };
+    let generate_at =
+        |limit: Duration| crate::harness::generate_at(&endpoint, "Hello world", 10, limit);
     assert_eq!(generate_at(Duration::from_secs(30)).unwrap(), want);
 
     // The link between the stages goes silent mid-stream: no reset, packets just vanish.

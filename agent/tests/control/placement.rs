@@ -52,18 +52,7 @@ fn auto_placement_splits_by_free_memory_or_keeps_one_node() {
         endpoint_doc("whole-api", "whole", pb),
     );
     // Placement needs every node's report: wait until agent 0 has heard from them all.
-    let nodes = c.write("nodes.yaml", &c.nodes_yaml());
-    let out = c.ctl(&["apply", "-f", nodes.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", shown(&out));
-    c.wait_for(
-        "agent 0 hears from every node",
-        Duration::from_secs(10),
-        || {
-            c.get(0, "/api/v1/nodes")["items"]
-                .as_array()
-                .is_some_and(|a| a.iter().all(|n| n["status"]["phase"] == "Ready"))
-        },
-    );
+    c.apply_nodes();
     c.apply_wait("auto.yaml", &text);
     assert_eq!(
         stages_of(&c, "split"),

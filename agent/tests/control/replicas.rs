@@ -134,16 +134,6 @@ fn counter(metrics: &str, name: &str) -> f64 {
         .sum()
 }
 
-fn metrics(port: u16) -> String {
-    http_client(Duration::from_secs(10))
-        .get(&format!("http://127.0.0.1:{port}/metrics"))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap()
-}
-
 fn routed(port: u16) -> [f64; 2] {
     let m = metrics(port);
     [
@@ -334,18 +324,7 @@ fn replicas_are_refused_by_field_when_they_share_nodes_or_leave_one_empty() {
     let model = c.dir.path().join("model");
     make_model(&model);
     // Auto placement needs every node's report.
-    let nodes = c.write("nodes.yaml", &c.nodes_yaml());
-    let out = c.ctl(&["apply", "-f", nodes.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", shown(&out));
-    c.wait_for(
-        "agent 0 hears from every node",
-        Duration::from_secs(10),
-        || {
-            c.get(0, "/api/v1/nodes")["items"]
-                .as_array()
-                .is_some_and(|a| a.len() == 2 && a.iter().all(|n| n["status"]["phase"] == "Ready"))
-        },
-    );
+    c.apply_nodes();
     let head = format!(
         "{}apiVersion: v1\nkind: Model\nmetadata: {{name: tiny}}\nspec: {{source: {{path: \"{}\"}}}}\n---\napiVersion: v1\nkind: Pipeline\nmetadata: {{name: tiny-pipe}}\nspec:\n  model: tiny\n  device: cpu\n",
         c.nodes_yaml(),
@@ -491,18 +470,7 @@ fn a_lost_or_drained_nodes_stages_are_placed_again_under_auto_placement() {
     let model = c.dir.path().join("model");
     make_model(&model);
     let want = one_process(&model, "Hello world", 10);
-    let nodes = c.write("nodes.yaml", &c.nodes_yaml());
-    let out = c.ctl(&["apply", "-f", nodes.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", shown(&out));
-    c.wait_for(
-        "agent 0 hears from every node",
-        Duration::from_secs(10),
-        || {
-            c.get(0, "/api/v1/nodes")["items"]
-                .as_array()
-                .is_some_and(|a| a.len() == 3 && a.iter().all(|n| n["status"]["phase"] == "Ready"))
-        },
-    );
+    c.apply_nodes();
     let port = free_port();
     let text = format!(
         "apiVersion: v1\nkind: Model\nmetadata: {{name: tiny}}\nspec: {{source: {{path: \"{}\"}}}}\n---\napiVersion: v1\nkind: Pipeline\nmetadata: {{name: tiny-pipe}}\nspec:\n  model: tiny\n  device: cpu\n  placement: auto\n  failover: {{replaceAfter: 3s}}\n---\napiVersion: v1\nkind: Endpoint\nmetadata: {{name: tiny-api}}\nspec: {{pipeline: tiny-pipe, port: {port}}}\n",
