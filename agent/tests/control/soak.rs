@@ -171,6 +171,8 @@ fn streams_disconnects_and_restarts_leave_nothing_behind() {
     // Warm-up: the first quarter; then resident memory and files are measured.
     std::thread::sleep(seconds / 4);
     let warm = usage(head);
+    // Resident memory before each restart: a leak climbs, a one-time step stays level.
+    let mut series = vec![warm.0];
     // Restarts in turn of the agents that do not hold the endpoint, each back before the
     // next, so that one replica always serves.
     let mut restarts = 0;
@@ -178,6 +180,7 @@ fn streams_disconnects_and_restarts_leave_nothing_behind() {
     let mut victim = 1;
     while Instant::now() + Duration::from_secs(2) < end {
         if Instant::now() >= next {
+            series.push(usage(head).0);
             c.terminate(victim, Duration::from_secs(30));
             c.spawn(victim);
             restarts += 1;
@@ -205,6 +208,15 @@ fn streams_disconnects_and_restarts_leave_nothing_behind() {
             .is_some_and(|s| s.iter().all(|st| st["sequences"] == 0))
     });
     let after = usage(head);
+    series.push(after.0);
+    println!(
+        "endpoint agent resident MB after the warm-up, before each restart and at the end: {}",
+        series
+            .iter()
+            .map(|b| format!("{:.1}", *b as f64 / 1e6))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     let errors = tally.errors.lock().unwrap().clone();
     let growth = after.0 as f64 / warm.0 as f64 - 1.0;
     println!(
