@@ -5,6 +5,8 @@
 #   one       the whole model on agent a (core 0)
 #   replicas  the whole model on a and again on b; the streams split evenly between the two
 #             endpoints
+#   routed    the same two copies as one pipeline with `replicas: 2` behind one endpoint, which
+#             spreads the streams itself (what the router costs against an even split)
 #   ring      a 2-stage pipeline, the first half of the layers on a, the second on b
 # `clusterctl bench` drives each endpoint at 1, 2, 4, 8, 16 and 32 concurrent streams, and the
 # ratios the throughput issue asks for are printed last.
@@ -12,7 +14,7 @@
 # Environment: LEVELS (default 1,2,4,8,16,32), TOKENS per request (96), PROMPT tokens per request
 # (16: decode dominates; raise it to see prefill's share), REQUESTS per stream and level (2),
 # LAYERS (12), HIDDEN (768), MODEL (a model folder to use instead of the random-weight
-# Llama-shaped one written here), AGENT (another clusteragent binary, e.g. an earlier build's), ONLY (a space-separated subset of "one replicas ring"), KEEP=1
+# Llama-shaped one written here), AGENT (another clusteragent binary, e.g. an earlier build's), ONLY (a space-separated subset of "one replicas routed ring"), KEEP=1
 # to leave the agents running.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +22,7 @@ cd "$(dirname "$0")/.."
 LEVELS=${LEVELS:-1,2,4,8,16,32}
 TOKENS=${TOKENS:-96}
 PROMPT=${PROMPT:-16}
-ONLY=${ONLY:-one replicas ring}
+ONLY=${ONLY:-one replicas routed ring}
 REQUESTS=${REQUESTS:-2}
 LAYERS=${LAYERS:-12}
 HIDDEN=${HIDDEN:-768}
@@ -69,7 +71,7 @@ pids+=($!)
 export CLUSTERCTL_SERVER=http://127.0.0.1:$a_api CLUSTERCTL_TOKEN_FILE=$dir/token
 for _ in $(seq 200); do "$ctl" get nodes >/dev/null 2>&1 && break; sleep 0.1; done
 
-one_port=$(port); rep_port=$(port); ring_port=$(port)
+one_port=$(port); rep_port=$(port); ring_port=$(port); routed_port=$(port)
 cat >"$dir/bench.yaml" <<YAML
 apiVersion: v1
 kind: Node
@@ -106,6 +108,21 @@ spec:
   stages: [{node: a, layers: "0-$((half - 1))"}, {node: b, layers: "$half-$((layers - 1))"}]
 ---
 apiVersion: v1
+kind: Pipeline
+metadata: {name: routed}
+spec:
+  model: bench
+  device: cpu
+  maxSequences: 64
+  replicas: 2
+  stages: [{replica: 0, node: a, layers: "0-$((layers - 1))"}, {replica: 1, node: b, layers: "0-$((layers - 1))"}]
+---
+apiVersion: v1
+kind: Endpoint
+metadata: {name: routed-api}
+spec: {pipeline: routed, port: $routed_port}
+---
+apiVersion: v1
 kind: Endpoint
 metadata: {name: whole-a-api}
 spec: {pipeline: whole-a, port: $one_port}
@@ -140,6 +157,7 @@ PY
 }
 run one whole-a-api
 run replicas whole-a-api whole-b-api
+run routed routed-api
 run ring ring-api
 
 # A long prompt admitted while 8 streams decode: how much it delays their tokens (the p99 gap
@@ -184,7 +202,7 @@ python3 - "$dir" <<'PY'
 import json, sys, os
 d = sys.argv[1]
 res = {}
-for k in ("one", "replicas", "ring"):
+for k in ("one", "replicas", "routed", "ring"):
     path = os.path.join(d, k + ".json")
     if os.path.exists(path):
         res[k] = {l["streams"]: l["outputTokensPerSecond"] for l in json.load(open(path))["levels"]}
@@ -193,11 +211,11 @@ cell = lambda k, s: f"{res[k][s]:8.1f}" if k in res else f"{'-':>8}"
 ratio = lambda a, b, s: f"{res[a][s] / res[b][s]:.2f}" if a in res and b in res else "-"
 print()
 print("output tokens/s summed over all streams (one agent per core, one compute thread each)")
-print(f"  {'streams':>7}  {'one':>8}  {'replicas':>8}  {'ring':>8}  {'ring/replicas':>13}  {'one/one before':>14}")
+print(f"  {'streams':>7}  {'one':>8}  {'replicas':>8}  {'routed':>8}  {'ring':>8}  {'ring/replicas':>13}  {'routed/replicas':>15}  {'one/one before':>14}")
 prev = None
 for s in levels:
     step = f"{res['one'][s] / res['one'][prev]:.2f}" if prev and "one" in res else "-"
-    print(f"  {s:7d}  {cell('one', s)}  {cell('replicas', s)}  {cell('ring', s)}  {ratio('ring', 'replicas', s):>13}  {step:>14}")
+    print(f"  {s:7d}  {cell('one', s)}  {cell('replicas', s)}  {cell('routed', s)}  {cell('ring', s)}  {ratio('ring', 'replicas', s):>13}  {ratio('routed', 'replicas', s):>15}  {step:>14}")
     prev = s
 if "one" in res and "ring" in res and 1 in res["one"]:
     print(f"ring / one at 1 stream: {res['ring'][1] / res['one'][1]:.3f} (goal >= 0.98)")
