@@ -137,20 +137,26 @@ pub async fn respond(
             Err(e) => e.into_response(),
             Ok(()) => openai::models(&state),
         },
-        (&Method::POST, "/v1/chat/completions") => match state.authorized(&headers) {
-            Err(e) => {
-                state.metrics.request("/v1/chat/completions", 401);
-                e.into_response()
+        (&Method::POST, route @ ("/v1/chat/completions" | "/v1/completions")) => {
+            match state.authorized(&headers) {
+                Err(e) => {
+                    state.metrics.request(route, 401);
+                    e.into_response()
+                }
+                Ok(()) => match elsewhere(&state, &headers) {
+                    Some(target) => {
+                        let answer =
+                            proxy::forward_to(&target, &method, route, &headers, body).await;
+                        state.metrics.request(route, answer.status().as_u16());
+                        answer
+                    }
+                    None => {
+                        let chat = route == "/v1/chat/completions";
+                        openai::complete(state.clone(), chat, &headers, body).await
+                    }
+                },
             }
-            Ok(()) => openai::complete(state.clone(), true, &headers, body).await,
-        },
-        (&Method::POST, "/v1/completions") => match state.authorized(&headers) {
-            Err(e) => {
-                state.metrics.request("/v1/completions", 401);
-                e.into_response()
-            }
-            Ok(()) => openai::complete(state.clone(), false, &headers, body).await,
-        },
+        }
         (&Method::POST, "/generate") => match state.authorized(&headers) {
             Err(e) => e.into_response(),
             Ok(()) => match http::generate(state.source.clone(), body).await {
@@ -166,6 +172,16 @@ pub async fn respond(
             None,
         ),
     }
+}
+
+/// Another replica's agent to answer a completion when this node's own stage 0 is not there
+/// to prepare it. A request another agent forwarded here (it carries the cluster token's
+/// header) is never sent on again, so two agents never pass one back and forth.
+fn elsewhere(state: &EndpointState, headers: &HeaderMap) -> Option<proxy::Target> {
+    if state.source.get().is_ok() || headers.contains_key(proxy::TOKEN_HEADER) {
+        return None;
+    }
+    state.router.elsewhere()
 }
 
 /// A request refused before its handler ran, answered with OpenAI's error body.

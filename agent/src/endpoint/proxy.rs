@@ -95,10 +95,21 @@ async fn forward(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, Infallible> {
-    let answer = match send(&target, &method, path.as_str(), &headers, body).await {
+    Ok(forward_to(&target, &method, path.as_str(), &headers, body).await)
+}
+
+/// Sends the request to `target`'s agent and streams its answer back.
+pub(super) async fn forward_to(
+    target: &Target,
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Response {
+    let answer = match send(target, method, path, headers, body).await {
         Ok(a) => a,
         Err(why) => {
-            return Ok(openai::error(
+            return openai::error(
                 503,
                 format!(
                     "endpoint {} forwards to the node of stage 0 at {}, which did not answer: {why}",
@@ -107,7 +118,7 @@ async fn forward(
                 "service_unavailable",
                 None,
                 None,
-            ));
+            );
         }
     };
     let status = answer.status().as_u16();
@@ -159,7 +170,7 @@ async fn forward(
             response.headers_mut().insert(n, v);
         }
     }
-    Ok(response)
+    response
 }
 
 /// Serves the forwarding endpoint on `listener` until `shutdown`.

@@ -71,6 +71,29 @@ impl Router {
         (self.routes)()
     }
 
+    /// Where to send a whole request when this node cannot prepare it (its own stage 0 is not
+    /// loaded: the agent restarted, or its ring was placed anew): the least busy serving
+    /// replica on another node, whose agent answers it as this endpoint.
+    pub fn elsewhere(&self) -> Option<proxy::Target> {
+        let (candidates, _) = self.candidates(&[]);
+        let ready: Vec<usize> = self
+            .routes()
+            .iter()
+            .filter(|r| r.ready)
+            .map(|r| r.replica)
+            .collect();
+        candidates
+            .into_iter()
+            .find_map(|(replica, head)| match head {
+                Head::Remote(address) if ready.contains(&replica) => Some(proxy::Target {
+                    endpoint: self.endpoint.clone(),
+                    head: address,
+                    token: self.token.clone(),
+                }),
+                _ => None,
+            })
+    }
+
     fn busy(&self) -> std::sync::MutexGuard<'_, BTreeMap<usize, usize>> {
         self.busy.lock().unwrap_or_else(PoisonError::into_inner)
     }

@@ -609,3 +609,78 @@ fn a_slower_replica_gets_fewer_of_the_requests_of_a_closed_loop() {
     // Both give the same tokens.
     assert_eq!(generate(port, "Hello world", 16).unwrap(), want);
 }
+
+/// The endpoint's node restarts and its own stage takes seconds to load (a big model from
+/// disk, here the load-delay hook): meanwhile the endpoint sends its requests whole to the
+/// other replica's agent, and the answers are the same.
+#[test]
+fn an_endpoint_whose_own_stage_is_loading_answers_from_another_replica() {
+    let mut c = Cluster::start(2, &[]);
+    let model = c.dir.path().join("model");
+    make_model(&model);
+    let port = free_port();
+    let text = format!(
+        "{}apiVersion: v1\nkind: Model\nmetadata: {{name: tiny}}\nspec: {{source: {{path: \"{}\"}}}}\n---\napiVersion: v1\nkind: Pipeline\nmetadata: {{name: tiny-pipe}}\nspec:\n  model: tiny\n  device: cpu\n  replicas: 2\n  stages:\n    - {{replica: 0, node: node-0, layers: \"0-3\"}}\n    - {{replica: 1, node: node-1, layers: \"0-3\"}}\n---\napiVersion: v1\nkind: Endpoint\nmetadata: {{name: tiny-api}}\nspec: {{pipeline: tiny-pipe, port: {port}}}\n",
+        c.nodes_yaml(),
+        model.display(),
+    );
+    c.apply_wait("two.yaml", &text);
+    let body =
+        json!({"model": "tiny-pipe", "prompt": "Hello world", "max_tokens": 12, "temperature": 0});
+    let complete = || {
+        let mut r = http_client(Duration::from_secs(30))
+            .post(&format!("http://127.0.0.1:{port}/v1/completions"))
+            .send_json(&body)
+            .map_err(|e| e.to_string())?;
+        let status = r.status().as_u16();
+        let v: Value = r.body_mut().read_json().map_err(|e| e.to_string())?;
+        if status == 200 {
+            Ok(v["choices"][0]["text"].as_str().unwrap_or("").to_string())
+        } else {
+            Err(format!("HTTP {status}: {v}"))
+        }
+    };
+    let want = complete().unwrap();
+
+    c.agents[0]
+        .env
+        .push(("CLUSTERAGENT_TEST_LOAD_MS".into(), "8000".into()));
+    c.kill(0);
+    c.spawn(0);
+    let restarted = Instant::now();
+    let mut answered = None;
+    while restarted.elapsed() < Duration::from_secs(6) {
+        match complete() {
+            Ok(text) => {
+                answered = Some(text);
+                break;
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+    let loading = c.get(0, "/api/v1/pipelines/tiny-pipe")["status"]["stages"][0]["phase"].clone();
+    let answered = answered.unwrap_or_else(|| panic!("no answer while node-0 loads\n{}", c.logs()));
+    println!(
+        "answered {:.1} s after node-0 restarted, its own stage {loading}",
+        restarted.elapsed().as_secs_f64()
+    );
+    assert_eq!(answered, want);
+    assert_ne!(loading, "Ready", "node-0's stage was still loading");
+    // Streamed, too.
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let resp = http_client(Duration::from_secs(30))
+        .post(&format!("http://127.0.0.1:{port}/v1/completions"))
+        .send_json(&streamed)
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let text: String = BufReader::new(resp.into_body().into_reader())
+        .lines()
+        .map_while(Result::ok)
+        .filter_map(|l| {
+            let v: Value = serde_json::from_str(l.strip_prefix("data: ")?).ok()?;
+            Some(v["choices"][0]["text"].as_str()?.to_string())
+        })
+        .collect();
+    assert_eq!(text, want);
+}

@@ -14,6 +14,14 @@ pub(super) async fn load_stage(
         evict_models(&agent, max).await;
     }
     let started = Instant::now();
+    // A test hook standing in for a big model's load (seconds from disk): the stage starts
+    // loading this many milliseconds late. Unset: no delay.
+    if let Some(ms) = std::env::var("CLUSTERAGENT_TEST_LOAD_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
     let result = match crate::ring::node::PassFloor::from_env() {
         Ok(pass_floor) => {
             let options = NodeOptions {
