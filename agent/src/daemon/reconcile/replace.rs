@@ -1,9 +1,9 @@
 //! Re-placement: a pipeline under `placement: auto` whose node has not been heard from for
-//! `spec.failover.replaceAfter`, or was drained, is applied again, as it is stored, by the first node that
-//! answers (one node acts, so the cluster re-places once). The apply keeps every ring whose
-//! nodes still report and places the others over the nodes left; the lost node is used again
-//! only by a later placement. A pipeline with listed stages is never moved: it waits,
-//! Degraded, naming the node it waits for.
+//! `spec.failover.replaceAfter`, or was drained, is applied again as it is stored, by the
+//! first node that answers (one node acts, so the cluster re-places once). The apply keeps
+//! every ring whose nodes still report and places the others over the nodes left; the lost
+//! node is used again only by a later placement. A pipeline with listed stages is never moved:
+//! it waits, Degraded, naming the node it waits for.
 
 use super::*;
 
