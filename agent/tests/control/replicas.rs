@@ -558,12 +558,12 @@ fn a_lost_or_drained_nodes_stages_are_placed_again_under_auto_placement() {
     assert!(!table.contains("SchedulingDisabled"), "{table}");
 }
 
-/// Balance follows the queues: with replica 1's passes made to take 40 ms (the slow-machine
+/// Balance follows the queues: with replica 1's passes made to take 80 ms (the slow-machine
 /// hook), clients that send their next request as soon as one ends find replica 0 with fewer
 /// of their sequences, and most requests go there.
 #[test]
 fn a_slower_replica_gets_fewer_of_the_requests_of_a_closed_loop() {
-    let env: [&[(&str, &str)]; 2] = [&[], &[("CLUSTERAGENT_TEST_PASS_MS", "40")]];
+    let env: [&[(&str, &str)]; 2] = [&[], &[("CLUSTERAGENT_TEST_PASS_MS", "80")]];
     let c = Cluster::start_with_env(2, &[], &env);
     let model = c.dir.path().join("model");
     make_model(&model);
