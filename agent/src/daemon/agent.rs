@@ -237,17 +237,21 @@ impl Agent {
 
     /// How long `node` has not been heard from, when it is not fresh: since its last report,
     /// or since this agent started when it never reported to it. `None` while it is fresh.
+    /// (Fresh as [`Agent::fresh_report`] says, without copying the report: the re-placement
+    /// loop asks it of every node twice a second.)
     pub fn silent_for(&self, node: &str) -> Option<Duration> {
-        if self.fresh_report(node).is_some() {
+        if node == self.settings.name {
             return None;
         }
         let peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
-        Some(
-            peers
-                .get(node)
-                .and_then(|p| p.last_seen)
-                .map_or_else(|| self.started.elapsed(), |t| t.elapsed()),
-        )
+        let peer = peers.get(node);
+        let since = peer.and_then(|p| p.last_seen).map(|t| t.elapsed());
+        let fresh = peer.is_some_and(|p| p.report.is_some())
+            && since.is_some_and(|d| d < self.settings.node_timeout);
+        if fresh {
+            return None;
+        }
+        Some(since.unwrap_or_else(|| self.started.elapsed()))
     }
 
     /// Whether a peer has not answered yet, this agent having started within the NotReady

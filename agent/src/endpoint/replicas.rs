@@ -76,16 +76,10 @@ impl Router {
     /// replica on another node, whose agent answers it as this endpoint.
     pub fn elsewhere(&self) -> Option<proxy::Target> {
         let (candidates, _) = self.candidates(&[]);
-        let ready: Vec<usize> = self
-            .routes()
-            .iter()
-            .filter(|r| r.ready)
-            .map(|r| r.replica)
-            .collect();
         candidates
             .into_iter()
-            .find_map(|(replica, head)| match head {
-                Head::Remote(address) if ready.contains(&replica) => Some(proxy::Target {
+            .find_map(|(_, head, ready)| match head {
+                Head::Remote(address) if ready => Some(proxy::Target {
                     endpoint: self.endpoint.clone(),
                     head: address,
                     token: self.token.clone(),
@@ -99,8 +93,8 @@ impl Router {
     }
 
     /// The replicas worth trying, least busy first (ready ones before the rest, lower index on
-    /// a tie), leaving out `exclude`.
-    fn candidates(&self, exclude: &[usize]) -> (Vec<(usize, Head)>, Vec<String>) {
+    /// a tie), each with whether it is ready, leaving out `exclude`.
+    fn candidates(&self, exclude: &[usize]) -> (Vec<(usize, Head, bool)>, Vec<String>) {
         let busy = self.busy().clone();
         let mut heads = Vec::new();
         let mut why = Vec::new();
@@ -119,7 +113,11 @@ impl Router {
             }
         }
         heads.sort_by_key(|(unready, busy, replica, _)| (*unready, *busy, *replica));
-        (heads.into_iter().map(|(_, _, r, h)| (r, h)).collect(), why)
+        let heads = heads
+            .into_iter()
+            .map(|(unready, _, r, h)| (r, h, !unready))
+            .collect();
+        (heads, why)
     }
 
     /// Admits `request` at the least busy replica that takes it, skipping `exclude`; returns
@@ -133,7 +131,7 @@ impl Router {
     ) -> Result<(usize, Feed), Refusal> {
         let (candidates, mut why) = self.candidates(exclude);
         let mut refusal: Option<Refusal> = None;
-        for (replica, head) in candidates {
+        for (replica, head, _) in candidates {
             // Counted before it is asked, so that requests arriving while a remote replica
             // answers spread over the others; given back if it refuses.
             let place = Place::take(self, replica);

@@ -17,6 +17,21 @@ const RETRY_UNPLACED: Duration = Duration::from_secs(30);
 /// Applies again every pipeline of this cluster's that lost a node long enough ago, when this
 /// node is the one to do it.
 pub(super) fn replace_lost(agent: &Arc<Agent>) {
+    let automatic: Vec<Record> = agent
+        .store
+        .live(Kind::Pipeline)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|r| {
+            r.placement.is_some()
+                && r.object
+                    .as_pipeline()
+                    .is_some_and(|p| p.placement == Some(cluster_api::manifest::Placement::Auto))
+        })
+        .collect();
+    if automatic.is_empty() {
+        return;
+    }
     let me = agent.name().to_string();
     let first_alive = agent
         .store
@@ -24,22 +39,16 @@ pub(super) fn replace_lost(agent: &Arc<Agent>) {
         .unwrap_or_default()
         .iter()
         .map(|r| r.object.name().to_string())
-        .filter(|n| agent.fresh_report(n).is_some())
+        .filter(|n| agent.silent_for(n).is_none())
         .chain(std::iter::once(me.clone()))
         .min();
     if first_alive.as_deref() != Some(me.as_str()) {
         return;
     }
-    for record in agent.store.live(Kind::Pipeline).unwrap_or_default() {
-        let Some(spec) = record.object.as_pipeline() else {
+    for record in automatic {
+        let (Some(spec), Some(placement)) = (record.object.as_pipeline(), &record.placement) else {
             continue;
         };
-        let Some(placement) = &record.placement else {
-            continue;
-        };
-        if spec.placement != Some(cluster_api::manifest::Placement::Auto) {
-            continue;
-        }
         let after = spec.replace_after();
         let mut lost: Vec<(String, String)> = placement
             .all_stages()
