@@ -533,6 +533,38 @@ pub fn generate_at(
         .collect())
 }
 
+/// The sum of the values on the lines of a Prometheus exposition that start with `name`
+/// (a metric's name, with as many of its labels as narrow it).
+pub fn counter(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Two replicas of two stages over four agents.
+pub const TWO_BY_TWO: [(usize, &str, &str); 4] = [
+    (0, "node-0", "0-1"),
+    (0, "node-1", "2-3"),
+    (1, "node-2", "0-1"),
+    (1, "node-3", "2-3"),
+];
+
+/// Model `tiny` at `model`, pipeline `tiny-pipe` of as many replicas as `stages` (replica,
+/// node, layers) name, and endpoint `tiny-api` on `port`.
+pub fn replicas_yaml(model: &Path, stages: &[(usize, &str, &str)], port: u16) -> String {
+    let replicas = stages.iter().map(|s| s.0 + 1).max().unwrap_or(1);
+    let stages: String = stages
+        .iter()
+        .map(|(r, n, l)| format!("    - {{replica: {r}, node: {n}, layers: \"{l}\"}}\n"))
+        .collect();
+    format!(
+        "apiVersion: v1\nkind: Model\nmetadata: {{name: tiny}}\nspec: {{source: {{path: \"{}\"}}}}\n---\napiVersion: v1\nkind: Pipeline\nmetadata: {{name: tiny-pipe}}\nspec:\n  model: tiny\n  device: cpu\n  replicas: {replicas}\n  stages:\n{stages}---\napiVersion: v1\nkind: Endpoint\nmetadata: {{name: tiny-api}}\nspec: {{pipeline: tiny-pipe, port: {port}}}\n",
+        model.display()
+    )
+}
+
 /// An endpoint's Prometheus exposition.
 pub fn metrics(port: u16) -> String {
     http_client(Duration::from_secs(30))

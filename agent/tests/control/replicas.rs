@@ -16,13 +16,8 @@ use crate::harness::*;
 const STREAMS: usize = 8;
 const TOKENS: usize = 200;
 
-fn replicas_yaml(c: &Cluster, model: &std::path::Path, port: u16) -> String {
-    format!(
-        "{}apiVersion: v1\nkind: Model\nmetadata: {{name: tiny}}\nspec: {{source: {{path: \"{}\"}}}}\n---\napiVersion: v1\nkind: Pipeline\nmetadata: {{name: tiny-pipe}}\nspec:\n  model: tiny\n  device: cpu\n  replicas: 2\n  stages:\n    - {{replica: 0, node: node-0, layers: \"0-1\"}}\n    - {{replica: 0, node: node-1, layers: \"2-3\"}}\n    - {{replica: 1, node: node-2, layers: \"0-1\"}}\n    - {{replica: 1, node: node-3, layers: \"2-3\"}}\n---\napiVersion: v1\nkind: Endpoint\nmetadata: {{name: tiny-api}}\nspec: {{pipeline: tiny-pipe, port: {port}}}\n",
-        c.nodes_yaml(),
-        model.display(),
-    )
-}
+/// Two replicas of the whole model on two agents.
+const TWO_WHOLE: [(usize, &str, &str); 2] = [(0, "node-0", "0-3"), (1, "node-1", "0-3")];
 
 /// What a client keeps of a streamed text completion.
 #[derive(Debug, Clone, PartialEq)]
@@ -126,14 +121,6 @@ fn eight(
     handles.into_iter().map(|h| h.join().unwrap()).collect()
 }
 
-fn counter(metrics: &str, name: &str) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 fn routed(port: u16) -> [f64; 2] {
     let m = metrics(port);
     [
@@ -158,7 +145,14 @@ fn streams_survive_a_killed_stage_by_going_on_at_the_other_replica() {
         &["--layers", "4", "--hidden", "384", "--intermediate", "1024"],
     );
     let port = free_port();
-    let out = c.apply_wait("replicas.yaml", &replicas_yaml(&c, &model, port));
+    let out = c.apply_wait(
+        "replicas.yaml",
+        &format!(
+            "{}{}",
+            c.nodes_yaml(),
+            replicas_yaml(&model, &TWO_BY_TWO, port)
+        ),
+    );
     assert!(out.contains("pipeline/tiny-pipe ready"), "{out}");
     let described =
         String::from_utf8_lossy(&c.ctl(&["describe", "pipeline", "tiny-pipe"]).stdout).into_owned();
@@ -570,9 +564,9 @@ fn a_slower_replica_gets_fewer_of_the_requests_of_a_closed_loop() {
     let want = one_process(&model, "Hello world", 16);
     let port = free_port();
     let text = format!(
-        "{}apiVersion: v1\nkind: Model\nmetadata: {{name: tiny}}\nspec: {{source: {{path: \"{}\"}}}}\n---\napiVersion: v1\nkind: Pipeline\nmetadata: {{name: tiny-pipe}}\nspec:\n  model: tiny\n  device: cpu\n  replicas: 2\n  stages:\n    - {{replica: 0, node: node-0, layers: \"0-3\"}}\n    - {{replica: 1, node: node-1, layers: \"0-3\"}}\n---\napiVersion: v1\nkind: Endpoint\nmetadata: {{name: tiny-api}}\nspec: {{pipeline: tiny-pipe, port: {port}}}\n",
+        "{}{}",
         c.nodes_yaml(),
-        model.display(),
+        replicas_yaml(&model, &TWO_WHOLE, port)
     );
     c.apply_wait("slow.yaml", &text);
     let before = routed(port);
@@ -620,9 +614,9 @@ fn an_endpoint_whose_own_stage_is_loading_answers_from_another_replica() {
     make_model(&model);
     let port = free_port();
     let text = format!(
-        "{}apiVersion: v1\nkind: Model\nmetadata: {{name: tiny}}\nspec: {{source: {{path: \"{}\"}}}}\n---\napiVersion: v1\nkind: Pipeline\nmetadata: {{name: tiny-pipe}}\nspec:\n  model: tiny\n  device: cpu\n  replicas: 2\n  stages:\n    - {{replica: 0, node: node-0, layers: \"0-3\"}}\n    - {{replica: 1, node: node-1, layers: \"0-3\"}}\n---\napiVersion: v1\nkind: Endpoint\nmetadata: {{name: tiny-api}}\nspec: {{pipeline: tiny-pipe, port: {port}}}\n",
+        "{}{}",
         c.nodes_yaml(),
-        model.display(),
+        replicas_yaml(&model, &TWO_WHOLE, port)
     );
     c.apply_wait("two.yaml", &text);
     let body =

@@ -120,17 +120,11 @@ fn one_request(port: u16, rng: &mut rand::rngs::StdRng, tally: &Tally) {
 }
 
 fn in_flight(port: u16) -> f64 {
-    let text = http_client(Duration::from_secs(10))
-        .get(&format!("http://127.0.0.1:{port}/metrics"))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap();
-    text.lines()
-        .find(|l| l.starts_with("clusteragent_sequences_in_flight{"))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(f64::NAN)
+    let m = metrics(port);
+    if !m.contains("clusteragent_sequences_in_flight{") {
+        return f64::NAN;
+    }
+    counter(&m, "clusteragent_sequences_in_flight{")
 }
 
 #[cfg(target_os = "linux")]
@@ -147,9 +141,9 @@ fn streams_disconnects_and_restarts_leave_nothing_behind() {
     make_model(&model);
     let port = free_port();
     let text = format!(
-        "{}apiVersion: v1\nkind: Model\nmetadata: {{name: tiny}}\nspec: {{source: {{path: \"{}\"}}}}\n---\napiVersion: v1\nkind: Pipeline\nmetadata: {{name: tiny-pipe}}\nspec:\n  model: tiny\n  device: cpu\n  replicas: 2\n  stages:\n    - {{replica: 0, node: node-0, layers: \"0-1\"}}\n    - {{replica: 0, node: node-1, layers: \"2-3\"}}\n    - {{replica: 1, node: node-2, layers: \"0-1\"}}\n    - {{replica: 1, node: node-3, layers: \"2-3\"}}\n---\napiVersion: v1\nkind: Endpoint\nmetadata: {{name: tiny-api}}\nspec: {{pipeline: tiny-pipe, port: {port}}}\n",
+        "{}{}",
         c.nodes_yaml(),
-        model.display(),
+        replicas_yaml(&model, &TWO_BY_TWO, port)
     );
     c.apply_wait("soak.yaml", &text);
     let head = c.pid(0);
