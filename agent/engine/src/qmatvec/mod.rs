@@ -43,6 +43,8 @@ use rayon::prelude::*;
 
 mod k;
 pub mod packed;
+#[cfg(target_arch = "x86_64")]
+mod quantize;
 
 /// Values per block, in every format here.
 const BLOCK: usize = 32;
@@ -201,11 +203,36 @@ fn quantize_rows(format: Format, x: &[f32], width: usize) -> Vec<InputBlock> {
         sum: 0,
     };
     let mut input = vec![blank; x.len() / BLOCK];
+    debug_assert!(width % BLOCK == 0 && x.len() % width == 0);
+    #[cfg(target_arch = "x86_64")]
+    if let Some(simd) = pulp::x86::V3::try_new() {
+        quantize::rows32(simd, x, format.with_sums(), &mut input);
+        return input;
+    }
     for (x, q) in x
         .chunks_exact(width)
         .zip(input.chunks_exact_mut(width / BLOCK))
     {
         quantize_row(x, format.with_sums(), q);
+    }
+    input
+}
+
+/// The rows of `x` (each `width` values, whole superblocks) quantized for a product with
+/// weights in a superblock format, a row's superblocks after another's.
+fn quantize_rows_super(x: &[f32], width: usize) -> Vec<k::InputSuper> {
+    let mut input = vec![k::InputSuper::ZERO; x.len() / k::SUPER];
+    debug_assert!(width % k::SUPER == 0 && x.len() % width == 0);
+    #[cfg(target_arch = "x86_64")]
+    if let Some(simd) = pulp::x86::V3::try_new() {
+        quantize::rows_super(simd, x, &mut input);
+        return input;
+    }
+    for (x, q) in x
+        .chunks_exact(width)
+        .zip(input.chunks_exact_mut(width / k::SUPER))
+    {
+        k::quantize_row(x, q);
     }
     input
 }
@@ -240,10 +267,7 @@ pub fn rows_times_blocks(
         return;
     }
     if matches!(format, Format::Q4K | Format::Q5K | Format::Q6K) {
-        let mut input = vec![k::InputSuper::ZERO; rows * blocks];
-        for (x, q) in x.chunks_exact(width).zip(input.chunks_exact_mut(blocks)) {
-            k::quantize_row(x, q);
-        }
+        let input = quantize_rows_super(x, width);
         spread(w, row_bytes, rows, out, |w, dst| {
             products(format, w, row_bytes, &input, blocks, dst)
         });

@@ -225,7 +225,7 @@ pub fn rows_times_packed(
         return;
     }
     if superblock(format) {
-        let input = superblocks::quantize_rows(x, width);
+        let input = super::quantize_rows_super(x, width);
         super::spread(packed, row_bytes, rows, out, |w, dst| {
             superblocks::products(format, w, &input, blocks, dst)
         });

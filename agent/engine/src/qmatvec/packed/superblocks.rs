@@ -33,7 +33,7 @@
 //! in another order, one float lane per row, so results are bounded against them, not equal.
 
 use super::super::k::{
-    InputSuper, Q4K_QS, Q4K_SCALES, Q5K_QH, Q5K_QS, Q6K_D, Q6K_QH, Q6K_SCALES, SUPER, q4k_scales,
+    InputSuper, Q4K_QS, Q4K_SCALES, Q5K_QH, Q5K_QS, Q6K_D, Q6K_QH, Q6K_SCALES, q4k_scales,
 };
 use super::super::{Format, MAX_ROWS};
 use super::GROUP;
@@ -321,18 +321,6 @@ pub(super) fn products(
 #[cfg(not(target_arch = "x86_64"))]
 pub(super) fn products(_: Format, _: &[u8], _: &[InputSuper], _: usize, _: &mut [f32]) {
     unreachable!("qmatvec::packs is false off x86-64")
-}
-
-/// The input rows quantized to superblocks, a row's after another's.
-pub(super) fn quantize_rows(x: &[f32], width: usize) -> Vec<InputSuper> {
-    let mut input = vec![InputSuper::ZERO; x.len() / SUPER];
-    for (x, q) in x
-        .chunks_exact(width)
-        .zip(input.chunks_exact_mut(width / SUPER))
-    {
-        super::super::k::quantize_row(x, q);
-    }
-    input
 }
 
 #[cfg(target_arch = "x86_64")]
