@@ -281,7 +281,11 @@ fn product<W: WeightElem>(
     let per_task = outputs
         .div_ceil(2 * threads)
         .max(MIN_TASK_FLOATS.div_ceil(width));
-    let pairs = if width % 2 == 0 { W::as_pairs(w) } else { None };
+    let pairs = if width.is_multiple_of(2) {
+        W::as_pairs(w)
+    } else {
+        None
+    };
     if let Some(pairs) = pairs {
         let pair_task = PairTask {
             x,

@@ -101,13 +101,13 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let mut write_error = None;
     let stream = !args.json;
     let generation = pipeline.generate(1, &prompt_ids, &options, &mut |piece| {
-        if stream && write_error.is_none() {
-            if let Err(e) = stdout
+        if stream
+            && write_error.is_none()
+            && let Err(e) = stdout
                 .write_all(piece.as_bytes())
                 .and_then(|_| stdout.flush())
-            {
-                write_error = Some(e);
-            }
+        {
+            write_error = Some(e);
         }
     })?;
     if let Some(e) = write_error {

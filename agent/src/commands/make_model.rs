@@ -83,7 +83,10 @@ pub fn run(args: MakeModelArgs) -> Result<()> {
     {
         bail!("{} is not empty; choose a new folder", args.out.display());
     }
-    if args.layers == 0 || args.heads == 0 || args.kv_heads == 0 || args.heads % args.kv_heads != 0
+    if args.layers == 0
+        || args.heads == 0
+        || args.kv_heads == 0
+        || !args.heads.is_multiple_of(args.kv_heads)
     {
         bail!(
             "--layers, --heads and --kv-heads must be positive and --kv-heads ({}) must divide --heads ({})",
@@ -109,7 +112,7 @@ pub fn run(args: MakeModelArgs) -> Result<()> {
         vocab_rows: args.vocab_size,
         ..base
     };
-    if model.arch != Arch::Qwen3 && args.hidden % args.heads != 0 {
+    if model.arch != Arch::Qwen3 && !args.hidden.is_multiple_of(args.heads) {
         bail!(
             "--hidden ({}) must be a multiple of --heads ({})",
             args.hidden,

@@ -53,7 +53,10 @@ pub fn decode_attention(
     out: &mut [f32],
 ) {
     let HeadBlocks { k, v, stride, len } = cache;
-    assert!(kv_heads > 0 && heads % kv_heads == 0, "heads not in groups");
+    assert!(
+        kv_heads > 0 && heads.is_multiple_of(kv_heads),
+        "heads not in groups"
+    );
     assert_eq!(q.len(), heads * head_dim, "q is not heads × head_dim");
     assert!(stride >= len * head_dim, "head blocks overlap");
     let span = (kv_heads - 1) * stride + len * head_dim;

@@ -61,7 +61,7 @@ fn keep_awake(done: &std::sync::atomic::AtomicBool, home: Option<usize>) {
                 // Now and then the core goes to whatever else is runnable (another stage's
                 // process on the same machine); otherwise a pause, which keeps the wake-up
                 // to the next product under a microsecond.
-                if idle % 64 == 0 {
+                if idle.is_multiple_of(64) {
                     std::thread::yield_now();
                 } else {
                     std::hint::spin_loop();

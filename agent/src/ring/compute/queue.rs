@@ -164,7 +164,7 @@ pub(super) fn chunk_end(next: usize, len: usize, chunk: usize, prefill_chunk: us
     if chunk >= prefill_chunk || len < 2 {
         return end;
     }
-    let last_alone = (len - 1) % prefill_chunk.max(1) == 0;
+    let last_alone = (len - 1).is_multiple_of(prefill_chunk.max(1));
     // Ending one short of that last token would leave a chunk of one before it.
     if last_alone && next < len - 1 && end + 2 >= len {
         len - 1
