@@ -37,7 +37,7 @@ pub(super) fn available() -> bool {
 /// When [`available`] is false, or the slices do not have those shapes.
 pub(super) fn block(x: &[f32], rows: usize, w: &[u16], width: usize, dst: &mut [f32]) {
     assert!(available(), "F16C kernel called on a CPU without it");
-    assert!(width > 0 && x.len() == rows * width && w.len() % width == 0);
+    assert!(width > 0 && x.len() == rows * width && w.len().is_multiple_of(width));
     assert_eq!(dst.len(), w.len() / width * rows);
     #[cfg(target_arch = "x86_64")]
     // SAFETY: `available` checked just above that the CPU has AVX2, FMA and F16C, the features
@@ -163,7 +163,7 @@ mod tests {
     }
 
     #[test]
-    fn only_this_module_and_the_allocator_are_allowed_unsafe() {
+    fn only_the_kernel_entries_and_the_allocator_are_allowed_unsafe() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
         let mut files = Vec::new();
         sources(&root, &mut files);
@@ -179,6 +179,8 @@ mod tests {
         let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
         let mut expected: Vec<PathBuf> = [
             manifest.join("src/matvec/f16c.rs"),
+            // The AVX-512 VNNI products of packed block formats.
+            manifest.join("src/qmatvec/packed/vnni.rs"),
             // The global allocator that advises huge pages, and the thread count it sets.
             manifest.join("../src/hugepages.rs"),
         ]

@@ -141,7 +141,7 @@ impl Format {
 pub fn supports(format: Format, outputs: usize, width: usize) -> bool {
     let _ = outputs;
     width > 0
-        && width % format.block_values() == 0
+        && width.is_multiple_of(format.block_values())
         && !matches!(format, Format::Q2K | Format::Q3K)
         && simd()
 }
@@ -203,7 +203,7 @@ fn quantize_rows(format: Format, x: &[f32], width: usize) -> Vec<InputBlock> {
         sum: 0,
     };
     let mut input = vec![blank; x.len() / BLOCK];
-    debug_assert!(width % BLOCK == 0 && x.len() % width == 0);
+    debug_assert!(width.is_multiple_of(BLOCK) && x.len().is_multiple_of(width));
     #[cfg(target_arch = "x86_64")]
     if let Some(simd) = pulp::x86::V3::try_new() {
         quantize::rows32(simd, x, format.with_sums(), &mut input);
@@ -222,7 +222,7 @@ fn quantize_rows(format: Format, x: &[f32], width: usize) -> Vec<InputBlock> {
 /// weights in a superblock format, a row's superblocks after another's.
 fn quantize_rows_super(x: &[f32], width: usize) -> Vec<k::InputSuper> {
     let mut input = vec![k::InputSuper::ZERO; x.len() / k::SUPER];
-    debug_assert!(width % k::SUPER == 0 && x.len() % width == 0);
+    debug_assert!(width.is_multiple_of(k::SUPER) && x.len().is_multiple_of(width));
     #[cfg(target_arch = "x86_64")]
     if let Some(simd) = pulp::x86::V3::try_new() {
         quantize::rows_super(simd, x, &mut input);
@@ -258,7 +258,7 @@ pub fn rows_times_blocks(
     let blocks = width / format.block_values();
     let row_bytes = blocks * format.block_bytes();
     assert!(
-        width % format.block_values() == 0 && w.len() % row_bytes == 0,
+        width.is_multiple_of(format.block_values()) && w.len().is_multiple_of(row_bytes),
         "w is not outputs × width blocks"
     );
     let outputs = w.len() / row_bytes;
@@ -294,11 +294,12 @@ fn spread(
     // each task's writes are contiguous; one transpose at the end gives row-major.
     let mut by_output = vec![0f32; outputs * rows];
     let threads = rayon::current_num_threads();
-    // Whole groups of eight weight rows per task, so that only the last task has rows alone.
+    // Whole pairs of groups of eight weight rows per task (the VNNI kernel takes two groups
+    // at once), so that only the last task has groups or rows alone.
     let per_task = outputs
         .div_ceil(2 * threads)
         .max(MIN_TASK_BYTES.div_ceil(row_bytes))
-        .next_multiple_of(8);
+        .next_multiple_of(16);
     if threads == 1 || outputs <= per_task {
         task(w, &mut by_output);
     } else {

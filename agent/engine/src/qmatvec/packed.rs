@@ -33,6 +33,7 @@
 use super::{BLOCK, Format, InputBlock, MAX_ROWS};
 
 mod superblocks;
+mod vnni;
 
 /// Weight rows interleaved in a group: one 32-bit lane each.
 pub const GROUP: usize = 8;
@@ -78,9 +79,9 @@ fn row_bytes(format: Format, width: usize) -> usize {
 pub fn packs(format: Format, outputs: usize, width: usize) -> bool {
     (block_bytes(format).is_some() || superblock(format))
         && outputs > 0
-        && outputs % GROUP == 0
+        && outputs.is_multiple_of(GROUP)
         && width > 0
-        && width % format.block_values() == 0
+        && width.is_multiple_of(format.block_values())
         && super::simd()
 }
 
@@ -88,7 +89,7 @@ pub fn packs(format: Format, outputs: usize, width: usize) -> bool {
 /// `None` where [`packs`] says no.
 pub fn pack(format: Format, w: &[u8], width: usize) -> Option<Vec<u8>> {
     let stored = stored_row_bytes(format, width);
-    if stored == 0 || w.len() % stored != 0 || !packs(format, w.len() / stored, width) {
+    if stored == 0 || !w.len().is_multiple_of(stored) || !packs(format, w.len() / stored, width) {
         return None;
     }
     let bytes = format.block_bytes();
@@ -216,7 +217,8 @@ pub fn rows_times_packed(
     let blocks = width / format.block_values();
     let row_bytes = row_bytes(format, width);
     assert!(
-        width % format.block_values() == 0 && packed.len() % (GROUP * row_bytes) == 0,
+        width.is_multiple_of(format.block_values())
+            && packed.len().is_multiple_of(GROUP * row_bytes),
         "packed is not whole groups of rows"
     );
     let outputs = packed.len() / row_bytes;
@@ -237,9 +239,31 @@ pub fn rows_times_packed(
     });
 }
 
-/// Every packed group of `w` (in `format`) times every input row, into `dst` output-major.
+/// Every packed group of `w` (in `format`) times every input row, into `dst` output-major:
+/// pairs of groups through the VNNI kernel where the CPU has it, the rest through AVX2.
 #[cfg(target_arch = "x86_64")]
 fn products(format: Format, w: &[u8], input: &[InputBlock], blocks: usize, dst: &mut [f32]) {
+    if vnni::available() {
+        let rows = input.len() / blocks;
+        let groups = dst.len() / (GROUP * rows);
+        let group_bytes = w.len() / groups;
+        let pairs = groups / 2;
+        let (w_pairs, w_rest) = w.split_at(pairs * 2 * group_bytes);
+        let (d_pairs, d_rest) = dst.split_at_mut(pairs * 2 * GROUP * rows);
+        if pairs > 0 {
+            vnni::products(format, w_pairs, input, blocks, d_pairs);
+        }
+        if !w_rest.is_empty() {
+            products_avx2(format, w_rest, input, blocks, d_rest);
+        }
+        return;
+    }
+    products_avx2(format, w, input, blocks, dst);
+}
+
+/// [`products`] through AVX2 only.
+#[cfg(target_arch = "x86_64")]
+fn products_avx2(format: Format, w: &[u8], input: &[InputBlock], blocks: usize, dst: &mut [f32]) {
     let Some(simd) = pulp::x86::V3::try_new() else {
         unreachable!("qmatvec::packs checked AVX2 and FMA")
     };

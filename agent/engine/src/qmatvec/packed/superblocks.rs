@@ -39,14 +39,14 @@ use super::super::{Format, MAX_ROWS};
 use super::GROUP;
 
 /// Offsets within a packed Q4_K or Q5_K superblock of eight rows.
-const D: usize = 0;
-const DMIN: usize = 16;
-const SCALES: usize = 32;
-const MINS: usize = 96;
-const FIFTH: usize = 160;
+pub(super) const D: usize = 0;
+pub(super) const DMIN: usize = 16;
+pub(super) const SCALES: usize = 32;
+pub(super) const MINS: usize = 96;
+pub(super) const FIFTH: usize = 160;
 /// Where Q4_K's nibbles start; Q5_K's start 256 bytes of fifth bits later.
-const Q4K_RUNS: usize = 160;
-const Q5K_RUNS: usize = FIFTH + 256;
+pub(super) const Q4K_RUNS: usize = 160;
+pub(super) const Q5K_RUNS: usize = FIFTH + 256;
 /// Offsets within a packed Q6_K superblock of eight rows (Q3_K's scales too).
 const Q6_SCALES: usize = 16;
 const Q6_RUNS: usize = 144;
@@ -284,6 +284,33 @@ pub(super) fn stored_superblock(format: Format, b: &[u8], r: usize, out: &mut Ve
 /// every input row of `input` (rows of `supers` superblocks), into `dst` output-major.
 #[cfg(target_arch = "x86_64")]
 pub(super) fn products(
+    format: Format,
+    w: &[u8],
+    input: &[InputSuper],
+    supers: usize,
+    dst: &mut [f32],
+) {
+    if matches!(format, Format::Q4K | Format::Q5K) && super::vnni::available() {
+        // Pairs of groups through the VNNI kernel, a last group alone through AVX2.
+        let rows = input.len() / supers;
+        let groups = dst.len() / (GROUP * rows);
+        let pairs = groups / 2;
+        let (w_pairs, w_rest) = w.split_at(pairs * 2 * group_bytes(format) * supers);
+        let (d_pairs, d_rest) = dst.split_at_mut(pairs * 2 * GROUP * rows);
+        if pairs > 0 {
+            super::vnni::products_q4k(format, w_pairs, input, supers, d_pairs);
+        }
+        if w_rest.is_empty() {
+            return;
+        }
+        return products_avx2(format, w_rest, input, supers, d_rest);
+    }
+    products_avx2(format, w, input, supers, dst);
+}
+
+/// [`products`] through AVX2 only.
+#[cfg(target_arch = "x86_64")]
+pub(super) fn products_avx2(
     format: Format,
     w: &[u8],
     input: &[InputSuper],
