@@ -48,14 +48,14 @@ pub(super) const FIFTH: usize = 160;
 pub(super) const Q4K_RUNS: usize = 160;
 pub(super) const Q5K_RUNS: usize = FIFTH + 256;
 /// Offsets within a packed Q6_K superblock of eight rows (Q3_K's scales too).
-const Q6_SCALES: usize = 16;
-const Q6_RUNS: usize = 144;
+pub(super) const Q6_SCALES: usize = 16;
+pub(super) const Q6_RUNS: usize = 144;
 /// Offsets within a packed Q2_K superblock of eight rows (its scales at `DMIN`).
-const Q2_SCALES: usize = 32;
-const Q2_RUNS: usize = 160;
+pub(super) const Q2_SCALES: usize = 32;
+pub(super) const Q2_RUNS: usize = 160;
 /// Offsets within a packed Q3_K superblock of eight rows.
-const Q3_BITS: usize = 144;
-const Q3_RUNS: usize = 400;
+pub(super) const Q3_BITS: usize = 144;
+pub(super) const Q3_RUNS: usize = 400;
 /// Byte offsets within a Q2_K superblock as stored: 16 bytes of scales, 64 of values, then
 /// the f16 scale and offset scale.
 const Q2K_QS: usize = 16;
@@ -290,7 +290,7 @@ pub(super) fn products(
     supers: usize,
     dst: &mut [f32],
 ) {
-    if matches!(format, Format::Q4K | Format::Q5K) && super::vnni::available() {
+    if super::vnni::available() {
         // Pairs of groups through the VNNI kernel, a last group alone through AVX2.
         let rows = input.len() / supers;
         let groups = dst.len() / (GROUP * rows);
@@ -298,7 +298,7 @@ pub(super) fn products(
         let (w_pairs, w_rest) = w.split_at(pairs * 2 * group_bytes(format) * supers);
         let (d_pairs, d_rest) = dst.split_at_mut(pairs * 2 * GROUP * rows);
         if pairs > 0 {
-            super::vnni::products_q4k(format, w_pairs, input, supers, d_pairs);
+            super::vnni::products_super(format, w_pairs, input, supers, d_pairs);
         }
         if w_rest.is_empty() {
             return;

@@ -102,18 +102,18 @@ pub(in super::super) fn products(
     }
 }
 
-/// Every packed group of `w` (in Q4_K or Q5_K, `supers` superblocks a row) times every input
-/// row, into `dst` output-major, as the AVX2 superblock kernel does. `w` holds an even number
-/// of groups.
+/// Every packed group of `w` (in a superblock format, `supers` superblocks a row) times every
+/// input row, into `dst` output-major, as the AVX2 superblock kernels do. `w` holds an even
+/// number of groups.
 ///
-/// Each sub-block's 32 products go into one 32-bit lane per row with `vpdpbusd` and are then
-/// multiplied by the sub-block's scale as integers (the AVX2 kernel sums pairs in 16 bits and
-/// scales them with a 16-bit multiply-add); the superblock's integer sums are the same, and so
+/// Each sub-block's products go into one 32-bit lane per row with `vpdpbusd` and are then
+/// multiplied by the sub-block's scale as integers (the AVX2 kernels sum pairs in 16 bits and
+/// scale them with a 16-bit multiply-add); the superblock's integer sums are the same, and so
 /// are the float steps after them.
 ///
 /// # Panics
 /// When [`detected`] is false, or the slices disagree with the shapes.
-pub(in super::super) fn products_q4k(
+pub(in super::super) fn products_super(
     format: Format,
     w: &[u8],
     input: &[InputSuper],
@@ -121,11 +121,6 @@ pub(in super::super) fn products_q4k(
     dst: &mut [f32],
 ) {
     assert!(detected(), "the VNNI kernel was called on a CPU without it");
-    let five = match format {
-        Format::Q4K => false,
-        Format::Q5K => true,
-        _ => panic!("{format:?} is not Q4_K or Q5_K"),
-    };
     let pair = 2 * super::superblocks::group_bytes(format) * supers;
     let rows = input.len() / supers;
     assert!(supers > 0 && input.len() == rows * supers && rows <= super::MAX_ROWS);
@@ -134,16 +129,23 @@ pub(in super::super) fn products_q4k(
     // SAFETY: as in `products`.
     unsafe {
         macro_rules! rows {
-            ($five:expr) => {
+            ($kernel:ident, $kind:expr) => {
                 match rows {
-                    1 => x86::q4k::<$five, 1>(w, input, supers, dst),
-                    2 => x86::q4k::<$five, 2>(w, input, supers, dst),
-                    4 => x86::q4k::<$five, 4>(w, input, supers, dst),
-                    _ => x86::q4k::<$five, 0>(w, input, supers, dst),
+                    1 => x86::$kernel::<$kind, 1>(w, input, supers, dst),
+                    2 => x86::$kernel::<$kind, 2>(w, input, supers, dst),
+                    4 => x86::$kernel::<$kind, 4>(w, input, supers, dst),
+                    _ => x86::$kernel::<$kind, 0>(w, input, supers, dst),
                 }
             };
         }
-        if five { rows!(true) } else { rows!(false) }
+        match format {
+            Format::Q4K => rows!(q4k, false),
+            Format::Q5K => rows!(q4k, true),
+            Format::Q6K => rows!(sixteens, 6),
+            Format::Q2K => rows!(sixteens, 2),
+            Format::Q3K => rows!(sixteens, 3),
+            _ => panic!("{format:?} is not a superblock format"),
+        }
     }
 }
 
@@ -154,7 +156,10 @@ mod x86 {
     use super::super::super::k::InputSuper;
     use super::super::super::{InputBlock, MAX_ROWS};
     use super::super::GROUP;
-    use super::super::superblocks::{D, DMIN, FIFTH, MINS, Q4K_RUNS, Q5K_RUNS, SCALES};
+    use super::super::superblocks::{
+        D, DMIN, FIFTH, MINS, Q2_RUNS, Q2_SCALES, Q3_BITS, Q3_RUNS, Q4K_RUNS, Q5K_RUNS, Q6_RUNS,
+        Q6_SCALES, SCALES,
+    };
 
     /// `N` bytes from `at`.
     #[inline]
@@ -333,19 +338,18 @@ mod x86 {
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma,f16c")]
     fn lanes8(a: &[u8], b: &[u8], at: usize) -> __m512i {
-        let mut both = [0u8; 16];
-        both[..8].copy_from_slice(&a[at..at + 8]);
-        both[8..].copy_from_slice(&b[at..at + 8]);
-        _mm512_cvtepu8_epi32(bytemuck::cast::<[u8; 16], __m128i>(both))
+        // Through general registers: sixteen bytes written as two halves and read back as one
+        // would wait for the stores to retire.
+        let low = i64::from_le_bytes(bytes::<8>(a, at));
+        let high = i64::from_le_bytes(bytes::<8>(b, at));
+        _mm512_cvtepu8_epi32(_mm_set_epi64x(high, low))
     }
 
     /// Sixteen bytes at `at` of each group as 16-bit values: group `a`'s in lanes 0-7.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma,f16c")]
     fn words16(a: &[u8], b: &[u8], at: usize) -> __m512i {
-        let low: __m128i = bytemuck::cast(bytes::<16>(a, at));
-        let high: __m128i = bytemuck::cast(bytes::<16>(b, at));
-        _mm512_cvtepu8_epi16(_mm256_set_m128i(high, low))
+        _mm512_cvtepu8_epi16(sixteen_each(a, b, at))
     }
 
     /// Where [`super::products_q4k`] says: Q5_K where `FIVE`, else Q4_K; `ROWS` input rows,
@@ -442,6 +446,175 @@ mod x86 {
         }
     }
 
+    /// Sixteen bytes from `at` of each group, those of group `a` in the low half.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma,f16c")]
+    fn sixteen_each(a: &[u8], b: &[u8], at: usize) -> __m256i {
+        let low: __m128i = bytemuck::cast(bytes::<16>(a, at));
+        let high: __m128i = bytemuck::cast(bytes::<16>(b, at));
+        _mm256_set_m128i(high, low)
+    }
+
+    /// The formats of sixteen sub-blocks of 16 values, scales by pairs: Q6_K (`BITS` 6),
+    /// Q2_K (2) and Q3_K (3); `ROWS` as in [`q4k`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma,f16c")]
+    pub(super) fn sixteens<const BITS: u8, const ROWS: usize>(
+        w: &[u8],
+        input: &[InputSuper],
+        supers: usize,
+        dst: &mut [f32],
+    ) {
+        let rows = if ROWS > 0 { ROWS } else { input.len() / supers };
+        let bytes = match BITS {
+            6 => Q6_RUNS + 1536,
+            2 => Q2_RUNS + 512,
+            _ => Q3_RUNS + 512,
+        };
+        let low = _mm512_set1_epi8(0x0f);
+        let top = _mm512_set1_epi8(0x30);
+        let three = _mm512_set1_epi8(3);
+        let four_v = _mm512_set1_epi8(4);
+        let group_bytes = supers * bytes;
+        for (two, dst) in w
+            .chunks_exact(2 * group_bytes)
+            .zip(dst.chunks_exact_mut(2 * GROUP * rows))
+        {
+            let (ga, gb) = two.split_at(group_bytes);
+            let mut acc = [_mm512_setzero_ps(); MAX_ROWS];
+            for (i, (a, b)) in ga
+                .chunks_exact(bytes)
+                .zip(gb.chunks_exact(bytes))
+                .enumerate()
+            {
+                prefetch(a, bytes);
+                prefetch(b, bytes);
+                // Lane `r` of pairs[u]: the scales of sub-blocks 2u and 2u + 1 of row `r` in
+                // 16 bits (signed for Q6_K and Q3_K); for Q2_K, mins[u] their offsets.
+                let mut pairs = [_mm512_setzero_si512(); 8];
+                let mut mins = [_mm512_setzero_si512(); 8];
+                for (u, (p, m)) in pairs.iter_mut().zip(&mut mins).enumerate() {
+                    if BITS == 2 {
+                        let raw = sixteen_each(a, b, Q2_SCALES + 16 * u);
+                        let nibble = _mm256_set1_epi8(0x0f);
+                        *p = _mm512_cvtepu8_epi16(_mm256_and_si256(raw, nibble));
+                        *m = _mm512_cvtepu8_epi16(_mm256_and_si256(
+                            _mm256_srli_epi16::<4>(raw),
+                            nibble,
+                        ));
+                    } else {
+                        *p = _mm512_cvtepi8_epi16(sixteen_each(a, b, Q6_SCALES + 16 * u));
+                    }
+                }
+                let mut isum = [_mm512_setzero_si512(); MAX_ROWS];
+                for h in 0..2 {
+                    for t in 0..2 {
+                        // v[k][q]: positions 16t + 4k.. of quarter (or step) q of half h,
+                        // every row, as unsigned values.
+                        let mut v = [[_mm512_setzero_si512(); 4]; 4];
+                        for (k, v) in v.iter_mut().enumerate() {
+                            let n = 4 * t + k;
+                            if BITS == 6 {
+                                let at = Q6_RUNS + 96 * (8 * h + n);
+                                let (x, c, hh) =
+                                    (pair(a, b, at), pair(a, b, at + 32), pair(a, b, at + 64));
+                                let x_high = _mm512_srli_epi16::<4>(x);
+                                let c_high = _mm512_srli_epi16::<4>(c);
+                                v[0] = _mm512_or_si512(
+                                    _mm512_and_si512(x, low),
+                                    _mm512_and_si512(_mm512_slli_epi16::<4>(hh), top),
+                                );
+                                v[1] = _mm512_or_si512(
+                                    _mm512_and_si512(c, low),
+                                    _mm512_and_si512(_mm512_slli_epi16::<2>(hh), top),
+                                );
+                                v[2] = _mm512_or_si512(
+                                    _mm512_and_si512(x_high, low),
+                                    _mm512_and_si512(hh, top),
+                                );
+                                v[3] = _mm512_or_si512(
+                                    _mm512_and_si512(c_high, low),
+                                    _mm512_and_si512(_mm512_srli_epi16::<2>(hh), top),
+                                );
+                            } else {
+                                let runs = if BITS == 2 { Q2_RUNS } else { Q3_RUNS };
+                                let q = pair(a, b, runs + 32 * (8 * h + n));
+                                v[0] = _mm512_and_si512(q, three);
+                                v[1] = _mm512_and_si512(_mm512_srli_epi16::<2>(q), three);
+                                v[2] = _mm512_and_si512(_mm512_srli_epi16::<4>(q), three);
+                                v[3] = _mm512_and_si512(_mm512_srli_epi16::<6>(q), three);
+                                if BITS == 3 {
+                                    // Step 4h + q's third bit, as 4.
+                                    let bits = pair(a, b, Q3_BITS + 32 * n);
+                                    for (q, v) in v.iter_mut().enumerate() {
+                                        let bit = _mm512_set1_epi8((1u8 << (4 * h + q)) as i8);
+                                        *v = _mm512_mask_add_epi8(
+                                            *v,
+                                            _mm512_test_epi8_mask(bits, bit),
+                                            *v,
+                                            four_v,
+                                        );
+                                    }
+                                }
+                            }
+                        }
+                        // Quarter q's sub-block here is 8h + 2q + t: of pair 4h + q, the
+                        // first (t = 0) or second of its two 16-bit scales, as 32 bits.
+                        let mut scales = [_mm512_setzero_si512(); 4];
+                        for (q, sc) in scales.iter_mut().enumerate() {
+                            let p = pairs[4 * h + q];
+                            *sc = if t == 0 {
+                                _mm512_srai_epi32::<16>(_mm512_slli_epi32::<16>(p))
+                            } else {
+                                _mm512_srai_epi32::<16>(p)
+                            };
+                        }
+                        for (r, isum) in isum.iter_mut().enumerate().take(rows) {
+                            let x = &input[r * supers + i];
+                            for (q, sc) in scales.iter().enumerate() {
+                                let base = 128 * h + 32 * q + 16 * t;
+                                let mut sums = _mm512_setzero_si512();
+                                for (k, v) in v.iter().enumerate() {
+                                    sums =
+                                        _mm512_dpbusd_epi32(sums, v[q], four(&x.qs, base + 4 * k));
+                                }
+                                *isum = _mm512_add_epi32(*isum, _mm512_mullo_epi32(sums, *sc));
+                            }
+                        }
+                    }
+                }
+                // Each sub-block's scale (or for Q2_K its offset) times the input's sum of
+                // its 16 values, two sub-blocks per 16-bit multiply-add: the values' centre
+                // (32 for Q6_K, 4 for Q3_K), or Q2_K's offsets.
+                let d = halves(a, b, 0);
+                let dmin = halves(a, b, DMIN);
+                for r in 0..rows {
+                    let x = &input[r * supers + i];
+                    let by = if BITS == 2 { &mins } else { &pairs };
+                    let mut centre = _mm512_setzero_si512();
+                    for (u, p) in by.iter().enumerate() {
+                        centre = _mm512_dpwssd_epi32(centre, *p, pair16(&x.sums, 2 * u));
+                    }
+                    let xd = _mm512_set1_ps(x.d);
+                    let sums = match BITS {
+                        6 => _mm512_sub_epi32(isum[r], _mm512_slli_epi32::<5>(centre)),
+                        3 => _mm512_sub_epi32(isum[r], _mm512_slli_epi32::<2>(centre)),
+                        _ => isum[r],
+                    };
+                    acc[r] =
+                        _mm512_fmadd_ps(_mm512_mul_ps(d, xd), _mm512_cvtepi32_ps(sums), acc[r]);
+                    if BITS == 2 {
+                        acc[r] = _mm512_fnmadd_ps(
+                            _mm512_mul_ps(dmin, xd),
+                            _mm512_cvtepi32_ps(centre),
+                            acc[r],
+                        );
+                    }
+                }
+            }
+            write(&acc, rows, dst);
+        }
+    }
+
     /// Each row's sixteen float lanes written out, output-major.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma,f16c")]
@@ -486,6 +659,9 @@ mod tests {
             GgmlDType::Q8_0,
             GgmlDType::Q4K,
             GgmlDType::Q5K,
+            GgmlDType::Q6K,
+            GgmlDType::Q2K,
+            GgmlDType::Q3K,
         ] {
             let format = Format::of(dtype).unwrap();
             let outputs = 6 * GROUP;
@@ -497,7 +673,7 @@ mod tests {
                 .unwrap()
                 .into_owned();
             let packed = pack(format, &bytes, width).unwrap();
-            let super_format = matches!(format, Format::Q4K | Format::Q5K);
+            let super_format = format.block_values() == 256;
             let blocks = width / format.block_values();
             for rows in [1, 2, 3, 4, 5, 16] {
                 let x = values(rows * width, 40 + rows as u32);
@@ -505,7 +681,7 @@ mod tests {
                 let mut theirs = ours.clone();
                 if super_format {
                     let input = quantize_rows_super(&x, width);
-                    products_q4k(format, &packed, &input, blocks, &mut ours);
+                    products_super(format, &packed, &input, blocks, &mut ours);
                     superblocks::products_avx2(format, &packed, &input, blocks, &mut theirs);
                 } else {
                     let input = quantize_rows(format, &x, width);
