@@ -35,7 +35,9 @@
 //! result does not depend on the rows travelling with it.
 //!
 //! Only x86-64 with AVX2 and FMA takes this path (chosen at run time); elsewhere [`supports`]
-//! says no and the caller keeps candle's kernels.
+//! says no and the caller keeps candle's kernels. Where the CPU also has AVX-512 VNNI, the
+//! packed matrices go through kernels of their own with the same results (`packed/vnni.rs`).
+//! The products' inputs are quantized in AVX2 registers (`quantize.rs`), to the same bits.
 
 use candle_core::quantized::GgmlDType;
 use half::f16;

@@ -1,7 +1,8 @@
-//! The packed products on CPUs with AVX-512 and its VNNI dot product (Intel since Ice Lake and
-//! Sapphire Rapids, AMD since Zen 4): two groups of eight weight rows side by side in the
-//! sixteen 32-bit lanes of one register, and `vpdpbusd`, which multiplies four unsigned weight
-//! bytes by four signed input bytes and adds the four products into a lane in one instruction.
+//! The packed products on CPUs with AVX-512 and its VNNI dot product (Intel server CPUs since
+//! Cascade Lake, client ones of the Ice Lake and Tiger Lake years, AMD since Zen 4): two
+//! groups of eight weight rows side by side in the sixteen 32-bit lanes of one register, and
+//! `vpdpbusd`, which multiplies four unsigned weight bytes by four signed input bytes and adds
+//! the four products into a lane in one instruction.
 //!
 //! The AVX2 kernels take three instructions for the same four products in eight lanes (a byte
 //! multiply-add into 16 bits, a 16-bit add, and every few runs a widening to 32 bits), and a
