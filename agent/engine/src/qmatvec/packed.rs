@@ -51,6 +51,39 @@ fn block_bytes(format: Format) -> Option<(usize, usize)> {
     }
 }
 
+/// Bytes of one packed block of eight rows, and of the f16s at its start, for the kernels'
+/// parameters: Q8_0 where `q8`, else nibbles with an offset per block where `offset` and a
+/// fifth bit per value where `fifth` ([`block_bytes`] times [`GROUP`]).
+#[cfg(target_arch = "x86_64")]
+const fn group_layout(q8: bool, offset: bool, fifth: bool) -> (usize, usize) {
+    match (q8, offset, fifth) {
+        (true, _, _) => (GROUP * 34, GROUP * 2),
+        (false, true, false) => (GROUP * 20, GROUP * 4),
+        (false, false, false) => (GROUP * 18, GROUP * 2),
+        (false, false, true) => (GROUP * 22, GROUP * 2),
+        (false, true, true) => (GROUP * 24, GROUP * 4),
+    }
+}
+
+/// Packed weight groups and the slice of results they are written to.
+#[cfg(target_arch = "x86_64")]
+type Groups<'a, 'b> = (&'a [u8], &'b mut [f32]);
+
+/// `w`'s groups (`groups` of them) and their results in `dst` (`rows` per output), split into
+/// whole pairs of groups, for the VNNI kernels, and the last group when their count is odd.
+#[cfg(target_arch = "x86_64")]
+fn split_pairs<'a, 'b>(
+    w: &'a [u8],
+    dst: &'b mut [f32],
+    groups: usize,
+    rows: usize,
+) -> (Groups<'a, 'b>, Groups<'a, 'b>) {
+    let pairs = groups / 2;
+    let (w_pairs, w_rest) = w.split_at(pairs * 2 * (w.len() / groups));
+    let (d_pairs, d_rest) = dst.split_at_mut(pairs * 2 * GROUP * rows);
+    ((w_pairs, d_pairs), (w_rest, d_rest))
+}
+
 /// Whether blocks of `format` carry a fifth bit per value.
 fn fifth(format: Format) -> bool {
     matches!(format, Format::Q5_0 | Format::Q5_1)
@@ -246,11 +279,8 @@ fn products(format: Format, w: &[u8], input: &[InputBlock], blocks: usize, dst: 
     if vnni::available() {
         let rows = input.len() / blocks;
         let groups = dst.len() / (GROUP * rows);
-        let group_bytes = w.len() / groups;
-        let pairs = groups / 2;
-        let (w_pairs, w_rest) = w.split_at(pairs * 2 * group_bytes);
-        let (d_pairs, d_rest) = dst.split_at_mut(pairs * 2 * GROUP * rows);
-        if pairs > 0 {
+        let ((w_pairs, d_pairs), (w_rest, d_rest)) = split_pairs(w, dst, groups, rows);
+        if !w_pairs.is_empty() {
             vnni::products(format, w_pairs, input, blocks, d_pairs);
         }
         if !w_rest.is_empty() {
@@ -356,13 +386,7 @@ mod avx2 {
             let avx = Avx2 { simd: self.simd };
             let s = self.simd;
             let rows = self.input.len() / self.blocks;
-            let (group_block, head) = match (Q8, OFFSET, FIFTH) {
-                (true, _, _) => (GROUP * 34, GROUP * 2),
-                (false, true, false) => (GROUP * 20, GROUP * 4),
-                (false, false, false) => (GROUP * 18, GROUP * 2),
-                (false, false, true) => (GROUP * 22, GROUP * 2),
-                (false, true, true) => (GROUP * 24, GROUP * 4),
-            };
+            let (group_block, head) = super::group_layout(Q8, OFFSET, FIFTH);
             // Q5's fifth bits sit between the f16s and the nibbles; Q4_0 and Q5_0 store their
             // values above zero by this much.
             let runs_at = if FIFTH { head + 32 } else { head };

@@ -294,10 +294,8 @@ pub(super) fn products(
         // Pairs of groups through the VNNI kernel, a last group alone through AVX2.
         let rows = input.len() / supers;
         let groups = dst.len() / (GROUP * rows);
-        let pairs = groups / 2;
-        let (w_pairs, w_rest) = w.split_at(pairs * 2 * group_bytes(format) * supers);
-        let (d_pairs, d_rest) = dst.split_at_mut(pairs * 2 * GROUP * rows);
-        if pairs > 0 {
+        let ((w_pairs, d_pairs), (w_rest, d_rest)) = super::split_pairs(w, dst, groups, rows);
+        if !w_pairs.is_empty() {
             super::vnni::products_super(format, w_pairs, input, supers, d_pairs);
         }
         if w_rest.is_empty() {

@@ -16,6 +16,10 @@
 //! lane are the AVX2 kernel's, one lane a row, so a row's result has the same bits on either
 //! path, in any batch.
 //!
+//! The three kernels share their loops over pairs of groups and blocks written out in each,
+//! as the AVX2 kernels do: a loop shared through a closure would compile the closure's body
+//! without this module's target features.
+//!
 //! pulp, through which the crate reaches SIMD safely, has no VNNI instructions, so this module
 //! is allowed `unsafe` for one call: entering the kernel, compiled for these features, after
 //! checking that the CPU has them. Inside, the intrinsics are safe functions (within functions
@@ -222,13 +226,7 @@ mod x86 {
         dst: &mut [f32],
     ) {
         let rows = if ROWS > 0 { ROWS } else { input.len() / blocks };
-        let (group_block, head) = match (Q8, OFFSET, FIFTH) {
-            (true, _, _) => (GROUP * 34, GROUP * 2),
-            (false, true, false) => (GROUP * 20, GROUP * 4),
-            (false, false, false) => (GROUP * 18, GROUP * 2),
-            (false, false, true) => (GROUP * 22, GROUP * 2),
-            (false, true, true) => (GROUP * 24, GROUP * 4),
-        };
+        let (group_block, head) = super::super::group_layout(Q8, OFFSET, FIFTH);
         let runs_at = if FIFTH { head + 32 } else { head };
         let bias: i32 = match (Q8, OFFSET, FIFTH) {
             (true, _, _) => 128,
