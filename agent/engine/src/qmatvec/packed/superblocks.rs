@@ -281,7 +281,8 @@ pub(super) fn stored_superblock(format: Format, b: &[u8], r: usize, out: &mut Ve
 }
 
 /// Every packed group of eight rows of `w` (in `format`, `supers` superblocks a row) times
-/// every input row of `input` (rows of `supers` superblocks), into `dst` output-major.
+/// every input row of `input` (rows of `supers` superblocks), into `dst` output-major: pairs
+/// of groups through the VNNI kernels where the CPU has them, the rest through AVX2.
 #[cfg(target_arch = "x86_64")]
 pub(super) fn products(
     format: Format,
@@ -298,10 +299,10 @@ pub(super) fn products(
         if !w_pairs.is_empty() {
             super::vnni::products_super(format, w_pairs, input, supers, d_pairs);
         }
-        if w_rest.is_empty() {
-            return;
+        if !w_rest.is_empty() {
+            products_avx2(format, w_rest, input, supers, d_rest);
         }
-        return products_avx2(format, w_rest, input, supers, d_rest);
+        return;
     }
     products_avx2(format, w, input, supers, dst);
 }

@@ -16,9 +16,9 @@
 //! lane are the AVX2 kernel's, one lane a row, so a row's result has the same bits on either
 //! path, in any batch.
 //!
-//! The three kernels share their loops over pairs of groups and blocks written out in each,
-//! as the AVX2 kernels do: a loop shared through a closure would compile the closure's body
-//! without this module's target features.
+//! The three kernels each write out their loops over pairs of groups and blocks, as the AVX2
+//! kernels do: one loop shared through a closure would compile the closure's body without
+//! this module's target features.
 //!
 //! pulp, through which the crate reaches SIMD safely, has no VNNI instructions, so this module
 //! is allowed `unsafe` for one call: entering the kernel, compiled for these features, after
