@@ -105,16 +105,11 @@ fn three_agents_apply_serve_reapply_resplit_and_delete() {
 #[test]
 fn a_killed_agent_comes_back_to_ready_without_a_new_apply() {
     let mut c = Cluster::start(2, &[]);
-    let model = c.dir.path().join("model");
-    make_model(&model);
+    let model = c.tiny_model();
     let want = one_process(&model, PROMPTS[1], 10);
-    let port = free_port();
-    let text = format!(
-        "{}{}",
-        c.nodes_yaml(),
+    let port = c.serve("cluster.yaml", |port| {
         pipeline_yaml(&model, &[("node-0", "0-2"), ("node-1", "3-3")], port)
-    );
-    c.apply_wait("cluster.yaml", &text);
+    });
     assert_eq!(generate(port, PROMPTS[1], 10).unwrap(), want);
 
     c.kill(1);

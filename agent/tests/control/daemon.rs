@@ -33,15 +33,10 @@ fn sigterm_lets_streams_finish_refuses_new_ones_and_exits_cleanly() {
     // A grace period longer than the stream needs even on a loaded machine: the test is that
     // the stream finishes, not how fast.
     let mut c = Cluster::start(1, &[&["--grace-period", "60"]]);
-    let model = c.dir.path().join("model");
-    make_model(&model);
-    let port = free_port();
-    let text = format!(
-        "{}{}",
-        c.nodes_yaml(),
+    let model = c.tiny_model();
+    let port = c.serve("one.yaml", |port| {
         pipeline_yaml(&model, &[("node-0", "0-3")], port)
-    );
-    c.apply_wait("one.yaml", &text);
+    });
     let started = Instant::now();
     let waiter = stream_in_flight(port, 1000);
     let code = c.terminate(0, Duration::from_secs(70));
@@ -68,15 +63,10 @@ fn sigterm_lets_streams_finish_refuses_new_ones_and_exits_cleanly() {
 #[test]
 fn sigterm_of_a_later_stage_lets_its_streams_finish() {
     let mut c = Cluster::start(2, &[&[], &["--grace-period", "60"]]);
-    let model = c.dir.path().join("model");
-    make_model(&model);
-    let port = free_port();
-    let text = format!(
-        "{}{}",
-        c.nodes_yaml(),
+    let model = c.tiny_model();
+    let port = c.serve("two.yaml", |port| {
         pipeline_yaml(&model, &[("node-0", "0-1"), ("node-1", "2-3")], port)
-    );
-    c.apply_wait("two.yaml", &text);
+    });
     let streams: Vec<_> = (0..2).map(|_| stream_in_flight(port, 600)).collect();
     c.signal(1, "TERM");
     // While it drains, a new sequence is turned away at once, saying why.

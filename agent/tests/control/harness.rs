@@ -456,6 +456,22 @@ impl Cluster {
         );
     }
 
+    /// The tiny model of [`make_model`], written into the cluster's folder: its path.
+    pub fn tiny_model(&self) -> PathBuf {
+        let model = self.dir.path().join("model");
+        make_model(&model);
+        model
+    }
+
+    /// Applies every agent's Node and `spec(port)` (what serves a model on `port`, a free port
+    /// chosen here) from the file `name` through agent 0, waits until it serves, and returns
+    /// the port.
+    pub fn serve(&self, name: &str, spec: impl FnOnce(u16) -> String) -> u16 {
+        let port = free_port();
+        self.apply_wait(name, &format!("{}{}", self.nodes_yaml(), spec(port)));
+        port
+    }
+
     /// The Node documents of every agent.
     pub fn nodes_yaml(&self) -> String {
         self.agents

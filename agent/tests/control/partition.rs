@@ -343,16 +343,11 @@ fn stream_cut(address: &str, cut: impl FnOnce()) -> (usize, Option<Duration>, bo
 fn a_stream_through_a_cut_link_ends_within_the_bound_and_the_ring_comes_back() {
     let Some(net) = Net::new(2) else { return };
     let c = Cluster::start_on(&net.hosts(), &[], &[]);
-    let model = c.dir.path().join("model");
-    make_model(&model);
+    let model = c.tiny_model();
     let want = one_process(&model, "Hello world", 10);
-    let port = free_port();
-    let text = format!(
-        "{}{}",
-        c.nodes_yaml(),
+    let port = c.serve("cut.yaml", |port| {
         pipeline_yaml(&model, &[("node-0", "0-1"), ("node-1", "2-3")], port)
-    );
-    c.apply_wait("cut.yaml", &text);
+    });
     let endpoint = format!("{}:{port}", net.address(0));
     let generate_at =
         |limit: Duration| crate::harness::generate_at(&endpoint, "Hello world", 10, limit);

@@ -48,15 +48,10 @@ fn every_documented_route_is_served() {
     let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/reference.md"))
         .unwrap();
     let c = Cluster::start(1, &[]);
-    let model = c.dir.path().join("model");
-    make_model(&model);
-    let port = free_port();
-    let text = format!(
-        "{}{}",
-        c.nodes_yaml(),
+    let model = c.tiny_model();
+    let port = c.serve("one.yaml", |port| {
         pipeline_yaml(&model, &[("node-0", "0-3")], port)
-    );
-    c.apply_wait("one.yaml", &text);
+    });
     let base = format!("http://{}", c.agents[0].listen);
     let agent_routes = routes(&doc, "Agent (control plane");
     assert!(agent_routes.len() >= 10, "{agent_routes:?}");

@@ -559,16 +559,9 @@ fn a_lost_or_drained_nodes_stages_are_placed_again_under_auto_placement() {
 fn a_slower_replica_gets_fewer_of_the_requests_of_a_closed_loop() {
     let env: [&[(&str, &str)]; 2] = [&[], &[("CLUSTERAGENT_TEST_PASS_MS", "80")]];
     let c = Cluster::start_with_env(2, &[], &env);
-    let model = c.dir.path().join("model");
-    make_model(&model);
+    let model = c.tiny_model();
     let want = one_process(&model, "Hello world", 16);
-    let port = free_port();
-    let text = format!(
-        "{}{}",
-        c.nodes_yaml(),
-        replicas_yaml(&model, &TWO_WHOLE, port)
-    );
-    c.apply_wait("slow.yaml", &text);
+    let port = c.serve("slow.yaml", |port| replicas_yaml(&model, &TWO_WHOLE, port));
     let before = routed(port);
     let clients: Vec<_> = (0..8)
         .map(|_| {
@@ -610,15 +603,8 @@ fn a_slower_replica_gets_fewer_of_the_requests_of_a_closed_loop() {
 #[test]
 fn an_endpoint_whose_own_stage_is_loading_answers_from_another_replica() {
     let mut c = Cluster::start(2, &[]);
-    let model = c.dir.path().join("model");
-    make_model(&model);
-    let port = free_port();
-    let text = format!(
-        "{}{}",
-        c.nodes_yaml(),
-        replicas_yaml(&model, &TWO_WHOLE, port)
-    );
-    c.apply_wait("two.yaml", &text);
+    let model = c.tiny_model();
+    let port = c.serve("two.yaml", |port| replicas_yaml(&model, &TWO_WHOLE, port));
     let body =
         json!({"model": "tiny-pipe", "prompt": "Hello world", "max_tokens": 12, "temperature": 0});
     let complete = || {

@@ -137,15 +137,8 @@ fn streams_disconnects_and_restarts_leave_nothing_behind() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.15);
     let mut c = Cluster::start(4, &[]);
-    let model = c.dir.path().join("model");
-    make_model(&model);
-    let port = free_port();
-    let text = format!(
-        "{}{}",
-        c.nodes_yaml(),
-        replicas_yaml(&model, &TWO_BY_TWO, port)
-    );
-    c.apply_wait("soak.yaml", &text);
+    let model = c.tiny_model();
+    let port = c.serve("soak.yaml", |port| replicas_yaml(&model, &TWO_BY_TWO, port));
     let head = c.pid(0);
 
     let tally = Arc::new(Tally::default());
