@@ -17,8 +17,22 @@ fn runs_here(format: Format, outputs: usize, width: usize) -> bool {
     false
 }
 
+/// Every block type a stage holds packed.
+pub(super) const PACKED: [GgmlDType; 10] = [
+    GgmlDType::Q4_0,
+    GgmlDType::Q4_1,
+    GgmlDType::Q5_0,
+    GgmlDType::Q5_1,
+    GgmlDType::Q8_0,
+    GgmlDType::Q4K,
+    GgmlDType::Q5K,
+    GgmlDType::Q6K,
+    GgmlDType::Q2K,
+    GgmlDType::Q3K,
+];
+
 /// `weights` (`outputs` rows) quantized by candle to `dtype`: the bytes a GGUF file holds.
-fn quantized(weights: &[f32], outputs: usize, dtype: GgmlDType) -> QTensor {
+pub(super) fn quantized(weights: &[f32], outputs: usize, dtype: GgmlDType) -> QTensor {
     let width = weights.len() / outputs;
     let w = Tensor::from_slice(weights, (outputs, width), &Device::Cpu).unwrap();
     QTensor::quantize(&w, dtype).unwrap()
@@ -222,18 +236,7 @@ fn candle_reference<T: GgmlType>(w: &[f32], x: &[f32]) -> f32 {
 /// Every row of a packed matrix comes back as the file stored it, in every format packed.
 #[test]
 fn every_packed_row_comes_back_as_stored() {
-    for dtype in [
-        GgmlDType::Q4_0,
-        GgmlDType::Q4_1,
-        GgmlDType::Q5_0,
-        GgmlDType::Q5_1,
-        GgmlDType::Q8_0,
-        GgmlDType::Q4K,
-        GgmlDType::Q5K,
-        GgmlDType::Q6K,
-        GgmlDType::Q2K,
-        GgmlDType::Q3K,
-    ] {
+    for dtype in PACKED {
         let format = Format::of(dtype).unwrap();
         let (outputs, width) = (24, 512);
         if !runs_here(format, outputs, width) {

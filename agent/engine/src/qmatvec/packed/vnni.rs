@@ -630,11 +630,9 @@ mod x86 {
 
 #[cfg(test)]
 mod tests {
-    use candle_core::quantized::{GgmlDType, QTensor};
-    use candle_core::{Device, Tensor};
-
     use super::super::super::tests::values;
     use super::super::super::{quantize_rows, quantize_rows_super};
+    use super::super::tests::{PACKED, quantized};
     use super::super::{GROUP, pack, superblocks};
     use super::*;
 
@@ -650,24 +648,11 @@ mod tests {
             return;
         }
         let width = 512;
-        for dtype in [
-            GgmlDType::Q4_0,
-            GgmlDType::Q4_1,
-            GgmlDType::Q5_0,
-            GgmlDType::Q5_1,
-            GgmlDType::Q8_0,
-            GgmlDType::Q4K,
-            GgmlDType::Q5K,
-            GgmlDType::Q6K,
-            GgmlDType::Q2K,
-            GgmlDType::Q3K,
-        ] {
+        for dtype in PACKED {
             let format = Format::of(dtype).unwrap();
             let outputs = 6 * GROUP;
             let weights = values(outputs * width, 11);
-            let w = Tensor::from_slice(&weights, (outputs, width), &Device::Cpu).unwrap();
-            let bytes = QTensor::quantize(&w, dtype)
-                .unwrap()
+            let bytes = quantized(&weights, outputs, dtype)
                 .data()
                 .unwrap()
                 .into_owned();
