@@ -60,7 +60,8 @@ pub fn run(
         spin,
         pace,
         inbound: None,
-        resume: None,
+        prompts: VecDeque::new(),
+        prefilled_since_decode: 0,
         decode_turn: false,
         prompt_token_time: Duration::ZERO,
         inbox: VecDeque::new(),
@@ -80,14 +81,18 @@ struct Worker {
     pace: Option<PassFloor>,
     /// The current connection from the predecessor.
     inbound: Option<InboundConn>,
-    /// The rest of a prompt whose chunks run one after another, with a decode pass of the
-    /// other sequences between two chunks (see [`Worker::take_resume`]).
-    resume: Option<Job>,
-    /// Whether a decode pass may go before the prompt's next chunk.
+    /// Prompts waiting for their next chunk (stage 0 only), in turn: a prompt whose chunk ran
+    /// goes to the back, so a short prompt that comes while a long one is under way waits for
+    /// one of its chunks, not for all of them (see [`Worker::pick`]).
+    prompts: VecDeque<Job>,
+    /// Prompt tokens run since the last decode pass.
+    prefilled_since_decode: usize,
+    /// Whether the decode steps waiting go before the next prompt chunk.
     decode_turn: bool,
     /// Moving average of a prompt token's share of a prefill chunk's time at this stage.
     prompt_token_time: Duration,
-    /// Jobs made from inbound frames, in the order the frames came.
+    /// Jobs other than prompts: made from inbound frames, in the order the frames came, then
+    /// taken from the queue.
     inbox: VecDeque<Job>,
     /// Reused buffer for frames just read.
     frames: Vec<Frame>,
@@ -114,13 +119,8 @@ impl Worker {
                 let floor = self.floor();
                 decode_batch(&self.shared, &self.stage, &mut self.samplers, batch, floor);
                 self.note_pass(started.elapsed());
+                self.prefilled_since_decode = 0;
                 self.flush_events();
-                continue;
-            }
-            if matches!(job, Job::Prompt { .. }) && self.resume.is_some() {
-                // Taken on the way (behind a decode batch): it waits for the prompt under way,
-                // whose rest `resume` holds.
-                self.inbox.push_back(job);
                 continue;
             }
             self.publish_backlog(held.is_some());
@@ -151,14 +151,16 @@ impl Worker {
 
     /// Tells the link thread how many frames wait here beyond the queue (for heartbeats).
     fn publish_backlog(&self, holding: bool) {
-        let n = self.inbox.len() + usize::from(self.resume.is_some()) + usize::from(holding);
+        let n = self.inbox.len() + self.prompts.len() + usize::from(holding);
         self.shared
             .backlog
             .store(n, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The decode steps to run with `first` as one pass: those ready now, and on stage 0 those
-    /// worth a short wait (see [`Worker::batch_goal`]). A job that cannot join goes to `held`.
+    /// worth a short wait (see [`Worker::batch_goal`]). A job that cannot join goes to `held`;
+    /// prompts met on the way wait in `prompts` and do not end the batch (a prompt that cut a
+    /// batch short would leave the other sequences a pass of their own each).
     fn gather(&mut self, first: Job, held: &mut Option<Job>) -> Vec<Job> {
         let (want, cap) = self.batch_goal();
         let want_limit = self.gather_limit();
@@ -295,9 +297,12 @@ impl Worker {
                 self.single(step, chunk);
                 self.note_chunk(end - next, started.elapsed());
                 head.prefilled(seq, end);
+                self.prefilled_since_decode += end - next;
+                // A prompt cut short has used a chunk's budget; several short ones share one.
+                self.decode_turn =
+                    end < tokens.len() || self.prefilled_since_decode >= self.prompt_chunk();
                 if end < tokens.len() {
-                    self.decode_turn = true;
-                    self.resume = Some(Job::Prompt {
+                    self.prompts.push_back(Job::Prompt {
                         seq,
                         tokens,
                         next: end,
@@ -354,34 +359,49 @@ impl Worker {
         true
     }
 
-    /// The rest of a prompt, or, after each of its chunks, what else waits: a long prompt must
-    /// not stop the other sequences for the seconds its prefill takes. Once per chunk a decode
-    /// step that waits goes first (the first of a batch), and so do the quick jobs queued before
-    /// it (releases, a new connection); other prompts wait for this one, as they always have.
-    fn take_resume(&mut self) -> Option<Job> {
-        self.resume.as_ref()?;
-        if std::mem::take(&mut self.decode_turn) {
-            // Tokens sampled by the last stage come in on the predecessor's connection; routed,
-            // they queue the next decode steps.
-            self.read_inbound();
-            let waiting = self
-                .inbox
-                .iter()
-                .position(|j| !matches!(j, Job::Prompt { .. }));
-            if let Some(j) = waiting.and_then(|k| self.inbox.remove(k)) {
-                self.decode_turn = decode_seq(&j).is_none();
-                return Some(j);
+    /// What runs next, of the jobs already taken: the decode steps and quick jobs (releases, a
+    /// new connection) in the order they came, and the prompts' chunks in turn. A long prompt
+    /// must not stop the other sequences for the seconds its prefill takes, so after a chunk's
+    /// worth of prompt tokens the decode steps that wait go first (as one batch); the quick jobs
+    /// never wait for a chunk to be their turn, but a chunk does not wait for them either.
+    fn pick(&mut self) -> Option<Job> {
+        if self.prompts.is_empty() {
+            return self.inbox.pop_front();
+        }
+        if self.decode_turn {
+            if !self.inbox.iter().any(|j| decode_seq(j).is_some()) {
+                // Tokens sampled by the last stage come in on the predecessor's connection;
+                // routed, they queue the next decode steps.
+                self.read_inbound();
+                self.drain_queue();
             }
-            while let Ok(j) = self.jobs.try_recv() {
-                if matches!(j, Job::Prompt { .. }) {
-                    self.inbox.push_back(j);
-                    continue;
-                }
+            if let Some(j) = self.inbox.pop_front() {
                 self.decode_turn = decode_seq(&j).is_none();
                 return Some(j);
             }
         }
-        self.resume.take()
+        // No decode step waits (they are elsewhere in the ring): the chunk goes now.
+        self.decode_turn = false;
+        self.prompts.pop_front()
+    }
+
+    /// Moves the jobs queued now to `inbox` and `prompts`; false when the queue has closed.
+    fn drain_queue(&mut self) -> bool {
+        loop {
+            match self.jobs.try_recv() {
+                Ok(j) => self.take(j),
+                Err(mpsc::error::TryRecvError::Empty) => return true,
+                Err(mpsc::error::TryRecvError::Disconnected) => return false,
+            }
+        }
+    }
+
+    /// Files a job taken from the queue: a prompt waits its turn among the prompts.
+    fn take(&mut self, job: Job) {
+        match job {
+            Job::Prompt { .. } => self.prompts.push_back(job),
+            j => self.inbox.push_back(j),
+        }
     }
 
     /// Prompt tokens in stage 0's next prefill chunk: the pipeline's `prefillChunk`, or, while
@@ -417,13 +437,17 @@ impl Worker {
     }
 
     /// A job available now, without waiting, that may join a decode batch: from the inbound
-    /// frames first, then the queue, then whatever the socket has (never the rest of a prompt).
+    /// frames first, then the queue, then whatever the socket has (never a prompt: those go to
+    /// `prompts`).
     fn ready_job(&mut self) -> Option<Job> {
         if let Some(j) = self.inbox.pop_front() {
             return Some(j);
         }
-        if let Ok(j) = self.jobs.try_recv() {
-            return Some(j);
+        while let Ok(j) = self.jobs.try_recv() {
+            self.take(j);
+            if let Some(j) = self.inbox.pop_front() {
+                return Some(j);
+            }
         }
         self.read_inbound();
         self.inbox.pop_front()
@@ -437,16 +461,12 @@ impl Worker {
         // 200 ms) sleeps again at once, or an idle stage would spin a tenth of its time.
         let mut spinning = true;
         loop {
-            if let Some(j) = self.take_resume() {
+            let open = self.drain_queue();
+            if let Some(j) = self.pick() {
                 return Some(j);
             }
-            if let Some(j) = self.inbox.pop_front() {
-                return Some(j);
-            }
-            match self.jobs.try_recv() {
-                Ok(job) => return Some(job),
-                Err(mpsc::error::TryRecvError::Disconnected) => return None,
-                Err(mpsc::error::TryRecvError::Empty) => {}
+            if !open {
+                return None;
             }
             if self.read_inbound() {
                 continue;

@@ -256,7 +256,7 @@ fn a_gguf_written_by_llama_cpps_own_writer_runs_through_the_ring() {
 /// time. Every sequence, the long one included, still gets the one-process tokens (a prompt's
 /// logits do not depend on where its chunks end).
 #[test]
-fn a_long_prompt_admitted_while_others_decode_lets_them_go_on() {
+fn a_long_prompt_admitted_while_others_decode_lets_them_and_a_later_prompt_go_on() {
     use std::time::Instant;
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("model");
@@ -273,6 +273,8 @@ fn a_long_prompt_admitted_while_others_decode_lets_them_go_on() {
         .map(|p| crate::harness::one_process_with(&model, p, 1500, true))
         .collect();
     let expected_long = one_process(&model, &long_prompt, 6);
+    let late_prompt = PROMPTS[3];
+    let expected_late = one_process(&model, late_prompt, 4);
     std::thread::scope(|s| {
         let (tx, rx) = std::sync::mpsc::channel();
         let streams: Vec<_> = short
@@ -306,6 +308,23 @@ fn a_long_prompt_admitted_while_others_decode_lets_them_go_on() {
         let sent = Instant::now();
         let (status, lines) = ring.stream(&json!({"prompt": long_prompt, "max_tokens": 6}));
         assert_eq!(status, 200);
+        // A short prompt that comes while the long one is prefilled takes turns with its
+        // chunks: it does not wait for the whole prefill.
+        let late = s.spawn(|| {
+            let (status, lines) = ring.stream(&json!({"prompt": late_prompt, "max_tokens": 4}));
+            assert_eq!(status, 200);
+            let sent = Instant::now();
+            let mut ids = Vec::new();
+            let mut first = None;
+            for event in lines {
+                if event["event"] != "token" {
+                    break;
+                }
+                first.get_or_insert_with(Instant::now);
+                ids.push(event["id"].as_u64().unwrap() as u32);
+            }
+            (sent, first.expect("the late prompt's first token"), ids)
+        });
         let mut long_ids = Vec::new();
         let mut first_token = None;
         let mut prompt_tokens = 0;
@@ -324,6 +343,22 @@ fn a_long_prompt_admitted_while_others_decode_lets_them_go_on() {
         }
         let first_token = first_token.expect("the long prompt's first token");
         assert_eq!(long_ids, expected_long, "the long prompt's tokens");
+        let (late_sent, late_first, late_ids) = late.join().unwrap();
+        assert_eq!(late_ids, expected_late, "the late prompt's tokens");
+        assert!(
+            late_sent < first_token,
+            "the long prompt's prefill ended before the late prompt was admitted: this test needs a longer prompt"
+        );
+        eprintln!(
+            "late prompt: first token after {:?}; the long prompt's after {:?} more",
+            late_first - late_sent,
+            first_token.saturating_duration_since(late_first)
+        );
+        assert!(
+            late_first < first_token,
+            "a short prompt admitted during a {prompt_tokens}-token prefill got its first token {:?} after the long prompt's: it waited for the whole prefill",
+            late_first - first_token
+        );
         for (i, h) in streams.into_iter().enumerate() {
             let (ids, times) = h.join().unwrap();
             assert_eq!(ids, expected_short[i], "stream {i}");
