@@ -72,12 +72,17 @@ pub struct SequenceStart {
     pub draws: usize,
 }
 
-/// While other sequences decode, a prefill chunk at stage 0 takes about this many of their
-/// decode passes' time: their next token waits for one chunk and one pass.
-pub(super) const CHUNK_BUDGET_PASSES: f64 = 2.0;
+/// While other sequences decode, the prompt chunks between two of their decode passes take
+/// about this many of those passes' time: their next token waits for one pass and the chunks.
+/// The gap between their tokens is then twice their pass without a prompt; measured with 8
+/// streams beside a 2,000-token prompt (`scripts/bench-serving.sh`), a budget of two passes put
+/// their 99th percentile at 9 times the gap without it, one pass at 3.3 times.
+pub(super) const CHUNK_BUDGET_PASSES: f64 = 1.0;
 
-/// The fewest prompt tokens in a chunk: fewer would cost more in passes than they save.
-pub(super) const MIN_CHUNK: usize = 16;
+/// The fewest prompt tokens in a chunk: a chunk reads every weight of the stage however few its
+/// rows (an 8-token chunk of the 12-layer hidden-768 f32 model cost more than a decode pass of 8
+/// sequences), so fewer would give the prompt next to nothing for the pass it costs.
+pub(super) const MIN_CHUNK: usize = 8;
 
 /// Most decode steps run as one batched forward pass: enough to keep a stage busy with many
 /// sequences, few enough that one pass stays short.
