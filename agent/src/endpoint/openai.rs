@@ -22,7 +22,7 @@ use crate::ring::head::{Event, Request};
 
 mod request;
 
-use self::request::{Kind, prepare};
+use self::request::{Kind, StreamUsage, prepare};
 
 /// A stream that has sent nothing for this long gets an SSE comment (`: keep-alive`), which
 /// clients ignore: a long prompt's prefill, or a slow stage's pass, can take many seconds before
@@ -221,7 +221,7 @@ pub async fn complete(
         clock,
     };
     if prepared.stream {
-        stream(ctx, events, prepared.include_usage)
+        stream(ctx, events, prepared.usage)
     } else {
         whole(ctx, events).await
     }
@@ -255,7 +255,14 @@ impl Ctx {
     }
 
     /// One streamed chunk with `text` (or, for chat, the role) and maybe the finish reason.
-    fn chunk(&self, text: Option<&str>, finish: Option<&str>, usage_field: bool) -> Value {
+    /// A stream's chunk; `generated` tokens so far, for the usage of `continuous_usage_stats`.
+    fn chunk(
+        &self,
+        text: Option<&str>,
+        finish: Option<&str>,
+        usage: StreamUsage,
+        generated: usize,
+    ) -> Value {
         let choice = match self.kind {
             Kind::Chat => {
                 let delta = match text {
@@ -276,7 +283,9 @@ impl Ctx {
             "model": self.state.served_model,
             "choices": [choice],
         });
-        if usage_field {
+        if usage.every_chunk {
+            v["usage"] = self.usage(generated);
+        } else if usage.last {
             v["usage"] = Value::Null;
         }
         v
@@ -388,7 +397,7 @@ async fn whole(mut ctx: Ctx, mut events: Generation) -> Response {
     .into_response()
 }
 
-fn stream(mut ctx: Ctx, mut events: Generation, include_usage: bool) -> Response {
+fn stream(mut ctx: Ctx, mut events: Generation, usage: StreamUsage) -> Response {
     let (tx, mut rx) = mpsc::channel::<Bytes>(64);
     tokio::spawn(async move {
         let gone = |ctx: &Ctx| {
@@ -399,7 +408,7 @@ fn stream(mut ctx: Ctx, mut events: Generation, include_usage: bool) -> Response
         };
         if ctx.kind == Kind::Chat
             && tx
-                .send(sse(&ctx.chunk(None, None, include_usage)))
+                .send(sse(&ctx.chunk(None, None, usage, 0)))
                 .await
                 .is_err()
         {
@@ -411,9 +420,9 @@ fn stream(mut ctx: Ctx, mut events: Generation, include_usage: bool) -> Response
             tokio::time::interval_at(tokio::time::Instant::now() + KEEP_ALIVE, KEEP_ALIVE);
         loop {
             if ctx.matcher.stopped() {
-                let last = ctx.chunk(None, Some("stop"), include_usage);
+                let last = ctx.chunk(None, Some("stop"), usage, generated);
                 let _ = tx.send(sse(&last)).await;
-                if include_usage {
+                if usage.last {
                     let _ = tx.send(usage_chunk(&ctx, generated)).await;
                 }
                 let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
@@ -445,20 +454,22 @@ fn stream(mut ctx: Ctx, mut events: Generation, include_usage: bool) -> Response
             let sent = match step(&mut ctx, event, &mut generated) {
                 Step::Text(t) => {
                     let mut ok = true;
-                    if !t.is_empty() {
+                    // A token's chunk with no text tells a client that counts tokens that
+                    // one came; an end's chunk of no text has nothing to tell.
+                    if !t.is_empty() || (usage.every_chunk && done.is_none()) {
                         ok = tx
-                            .send(sse(&ctx.chunk(Some(&t), None, include_usage)))
+                            .send(sse(&ctx.chunk(Some(&t), None, usage, generated)))
                             .await
                             .is_ok();
                     }
                     if let Some((finish, n)) = done {
-                        finish_stream(&ctx, &tx, finish, n, include_usage).await;
+                        finish_stream(&ctx, &tx, finish, n, usage).await;
                         return;
                     }
                     ok
                 }
                 Step::Finished(finish, n) => {
-                    finish_stream(&ctx, &tx, finish, n, include_usage).await;
+                    finish_stream(&ctx, &tx, finish, n, usage).await;
                     return;
                 }
                 Step::Failed(message) => {
@@ -498,12 +509,12 @@ async fn finish_stream(
     tx: &mpsc::Sender<Bytes>,
     finish: &str,
     completion: usize,
-    include_usage: bool,
+    usage: StreamUsage,
 ) {
     let _ = tx
-        .send(sse(&ctx.chunk(None, Some(finish), include_usage)))
+        .send(sse(&ctx.chunk(None, Some(finish), usage, completion)))
         .await;
-    if include_usage {
+    if usage.last {
         let _ = tx.send(usage_chunk(ctx, completion)).await;
     }
     let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;

@@ -174,6 +174,31 @@ fn chat_and_completions_give_the_engines_tokens_streamed_or_not() {
         events.iter().all(|e| e.get("usage").is_none()),
         "no usage unless asked"
     );
+    // vLLM's `continuous_usage_stats`: a chunk for every token, its usage counting them, so
+    // that a client times each token even where a character's bytes span several.
+    sbody["stream_options"] = json!({"include_usage": true, "continuous_usage_stats": true});
+    let (_, _, raw) = post(port, "/v1/completions", Some(KEY), &sbody);
+    let events = sse_events(&raw);
+    let n_text = want_text["token_ids"].as_array().unwrap().len();
+    let tokens: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["choices"][0]["finish_reason"].is_null() && e["choices"][0].is_object())
+        .collect();
+    let counts: Vec<u64> = tokens
+        .iter()
+        .map(|e| e["usage"]["completion_tokens"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        counts,
+        (1..=n_text as u64).collect::<Vec<_>>(),
+        "{events:?}"
+    );
+    let text: String = events
+        .iter()
+        .filter_map(|e| e["choices"][0]["text"].as_str())
+        .collect();
+    assert_eq!(text, want_text["text"].as_str().unwrap());
+    assert_eq!(events.last().unwrap()["usage"]["completion_tokens"], n_text);
 
     // A stop sequence made of the end of one token and the start of the next.
     let k = deltas

@@ -259,7 +259,7 @@ fn request_body(model: &str, args: &BenchArgs, n: usize) -> Value {
         "max_tokens": args.tokens,
         "temperature": 0,
         "stream": true,
-        "stream_options": {"include_usage": true},
+        "stream_options": {"include_usage": true, "continuous_usage_stats": true},
         "ignore_eos": !args.stop_at_eos,
     })
 }
@@ -279,6 +279,10 @@ fn one_request(
     let mut sample = Sample::default();
     let mut last: Option<Instant> = None;
     let mut usage = None;
+    // Tokens counted by the usage of each chunk (`continuous_usage_stats`), where the server
+    // reports it: a token whose text is held back (a character cut between two tokens) still
+    // comes as its own chunk then, so that gaps are between tokens, not between pieces of text.
+    let mut counted: u64 = 0;
     let mut line = String::new();
     loop {
         line.clear();
@@ -300,21 +304,39 @@ fn one_request(
         if let Some(m) = v.pointer("/error/message").and_then(Value::as_str) {
             bail!("{} failed the generation: {m}", target.label);
         }
+        let running = v
+            .get("usage")
+            .filter(|u| !u.is_null())
+            .and_then(|u| u["completion_tokens"].as_u64());
         if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
             usage = Some(u.clone());
         }
-        let has_text = v
-            .pointer("/choices/0/text")
-            .and_then(Value::as_str)
-            .is_some_and(|t| !t.is_empty());
-        if has_text {
+        let is_token = v.pointer("/choices/0").is_some();
+        let came = match running {
+            Some(n) if is_token => {
+                let new = n.saturating_sub(counted);
+                counted = counted.max(n);
+                new
+            }
+            // A server without running usage: a chunk of text stands for a token.
+            _ => u64::from(
+                v.pointer("/choices/0/text")
+                    .and_then(Value::as_str)
+                    .is_some_and(|t| !t.is_empty()),
+            ),
+        };
+        if came > 0 {
             match last {
                 None => sample.ttft = (now - sent).as_secs_f64(),
-                Some(prev) => sample.gaps.push((now - prev).as_secs_f64()),
+                // Several tokens in one chunk: the wait is shared between them.
+                Some(prev) => {
+                    let gap = (now - prev).as_secs_f64() / came as f64;
+                    sample.gaps.extend(std::iter::repeat_n(gap, came as usize));
+                }
             }
             last = Some(now);
             if let Some(p) = progress {
-                p.tokens.fetch_add(1, Ordering::Relaxed);
+                p.tokens.fetch_add(came, Ordering::Relaxed);
             }
         }
     }

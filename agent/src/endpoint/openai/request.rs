@@ -35,6 +35,21 @@ fn within_context(
 struct StreamOptions {
     #[serde(default)]
     include_usage: Option<bool>,
+    /// vLLM's extension: usage in every chunk, so that a client can count tokens as they come
+    /// (what `clusterctl bench` times its gaps by).
+    #[serde(default)]
+    continuous_usage_stats: Option<bool>,
+}
+
+/// Where a stream reports usage.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct StreamUsage {
+    /// A last chunk with the usage (`include_usage`); the others carry `"usage": null`.
+    pub(super) last: bool,
+    /// The usage so far in every chunk, and a chunk for every token even where its text is
+    /// held back (a character cut between tokens, a possible stop sequence), its text then
+    /// empty (`continuous_usage_stats`).
+    pub(super) every_chunk: bool,
 }
 
 /// A message whose `content` is a list of parts (as many OpenAI clients send it) with its text
@@ -153,7 +168,7 @@ pub(super) struct Prepared {
     pub(super) request: Request,
     pub(super) stops: Vec<String>,
     pub(super) stream: bool,
-    pub(super) include_usage: bool,
+    pub(super) usage: StreamUsage,
 }
 
 pub(super) fn prepare(
@@ -375,11 +390,18 @@ pub(super) fn prepare(
         },
         stops,
         stream: req.stream.unwrap_or(false),
-        include_usage: req
-            .stream_options
-            .as_ref()
-            .and_then(|o| o.include_usage)
-            .unwrap_or(false),
+        usage: StreamUsage {
+            last: req
+                .stream_options
+                .as_ref()
+                .and_then(|o| o.include_usage)
+                .unwrap_or(false),
+            every_chunk: req
+                .stream_options
+                .as_ref()
+                .and_then(|o| o.continuous_usage_stats)
+                .unwrap_or(false),
+        },
     })
 }
 
