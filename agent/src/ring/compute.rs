@@ -62,7 +62,7 @@ pub fn run(
         inbound: None,
         prompts: VecDeque::new(),
         prefilled_since_decode: 0,
-        decode_turn: false,
+        decode_turns: 0,
         prompt_token_time: Duration::ZERO,
         inbox: VecDeque::new(),
         frames: Vec::new(),
@@ -87,8 +87,9 @@ struct Worker {
     prompts: VecDeque<Job>,
     /// Prompt tokens run since the last decode pass.
     prefilled_since_decode: usize,
-    /// Whether the decode steps waiting go before the next prompt chunk.
-    decode_turn: bool,
+    /// Decode passes that go before the next prompt chunk when their steps wait: one for each
+    /// group of sequences in the ring (see [`Worker::groups`]).
+    decode_turns: usize,
     /// Moving average of a prompt token's share of a prefill chunk's time at this stage.
     prompt_token_time: Duration,
     /// Jobs other than prompts: made from inbound frames, in the order the frames came, then
@@ -299,8 +300,9 @@ impl Worker {
                 head.prefilled(seq, end);
                 self.prefilled_since_decode += end - next;
                 // A prompt cut short has used a chunk's budget; several short ones share one.
-                self.decode_turn =
-                    end < tokens.len() || self.prefilled_since_decode >= self.prompt_chunk();
+                if end < tokens.len() || self.prefilled_since_decode >= self.prompt_chunk() {
+                    self.decode_turns = self.groups();
+                }
                 if end < tokens.len() {
                     self.prompts.push_back(Job::Prompt {
                         seq,
@@ -362,13 +364,14 @@ impl Worker {
     /// What runs next, of the jobs already taken: the decode steps and quick jobs (releases, a
     /// new connection) in the order they came, and the prompts' chunks in turn. A long prompt
     /// must not stop the other sequences for the seconds its prefill takes, so after a chunk's
-    /// worth of prompt tokens the decode steps that wait go first (as one batch); the quick jobs
-    /// never wait for a chunk to be their turn, but a chunk does not wait for them either.
+    /// worth of prompt tokens each group's decode step that waits goes first (as one batch); the
+    /// quick jobs never wait for a chunk to be their turn, but a chunk does not wait for them
+    /// either, nor for a group still on its way round the ring.
     fn pick(&mut self) -> Option<Job> {
         if self.prompts.is_empty() {
             return self.inbox.pop_front();
         }
-        if self.decode_turn {
+        if self.decode_turns > 0 {
             if !self.inbox.iter().any(|j| decode_seq(j).is_some()) {
                 // Tokens sampled by the last stage come in on the predecessor's connection;
                 // routed, they queue the next decode steps.
@@ -376,13 +379,27 @@ impl Worker {
                 self.drain_queue();
             }
             if let Some(j) = self.inbox.pop_front() {
-                self.decode_turn = decode_seq(&j).is_none();
+                if decode_seq(&j).is_some() {
+                    self.decode_turns -= 1;
+                }
                 return Some(j);
             }
         }
         // No decode step waits (they are elsewhere in the ring): the chunk goes now.
-        self.decode_turn = false;
+        self.decode_turns = 0;
         self.prompts.pop_front()
+    }
+
+    /// The groups the decoding sequences form at stage 0: one per stage while there are enough
+    /// of them (see [`Worker::batch_goal`]), each coming round once in a ring's turn.
+    fn groups(&self) -> usize {
+        match &self.shared.head {
+            Some(head) => {
+                let stages = self.shared.config.stages.len().max(1);
+                stages.min(head.decoding()).max(1)
+            }
+            None => 1,
+        }
     }
 
     /// Moves the jobs queued now to `inbox` and `prompts`; false when the queue has closed.
@@ -405,9 +422,9 @@ impl Worker {
     }
 
     /// Prompt tokens in stage 0's next prefill chunk: the pipeline's `prefillChunk`, or, while
-    /// other sequences decode, as many as take about [`CHUNK_BUDGET_PASSES`] of their decode
-    /// passes, so that each chunk delays their next token by that much at most (and never fewer
-    /// than [`MIN_CHUNK`]). Only where the stage's rows come out the same in any chunk
+    /// other sequences decode, as many as take about [`CHUNK_BUDGET_PASSES`] of a turn of their
+    /// groups' decode passes, so that each chunk delays their next token by that much at most
+    /// (and never fewer than [`MIN_CHUNK`]). Only where the stage's rows come out the same in any chunk
     /// ([`Stage::chunks_are_row_exact`]), so that a prompt's logits do not depend on the load
     /// it was admitted under; elsewhere chunks keep their size and only the interleaving helps.
     fn prompt_chunk(&self) -> usize {
@@ -420,7 +437,10 @@ impl Worker {
         {
             return most;
         }
-        let budget = self.pass_time.mul_f64(CHUNK_BUDGET_PASSES).as_secs_f64();
+        let budget = self
+            .pass_time
+            .mul_f64(CHUNK_BUDGET_PASSES * self.groups() as f64);
+        let budget = budget.as_secs_f64();
         let fits = (budget / self.prompt_token_time.as_secs_f64()) as usize;
         fits.clamp(MIN_CHUNK.min(most), most)
     }
