@@ -72,17 +72,20 @@ pub struct SequenceStart {
     pub draws: usize,
 }
 
-/// While other sequences decode, the prompt chunks between two of their decode passes take
-/// about this many of those passes' time: their next token waits for one pass and the chunks.
-/// The gap between their tokens is then twice their pass without a prompt; measured with 8
-/// streams beside a 2,000-token prompt (`scripts/bench-serving.sh`), a budget of two passes put
-/// their 99th percentile at 9 times the gap without it, one pass at 3.3 times.
+/// While other sequences decode, the prompt chunks between two turns of their decode passes
+/// take about this many of those passes' time: their next token waits for one pass and the
+/// chunks, so the gap between their tokens is about twice the one without a prompt (with 8
+/// streams beside a 2,000-token prompt, `scripts/bench-serving.sh`, their p99 gap came to
+/// 3.4-3.9 times their quiet median; two passes gave three times the quiet median at p50).
 pub(super) const CHUNK_BUDGET_PASSES: f64 = 1.0;
 
-/// The fewest prompt tokens in a chunk: a chunk reads every weight of the stage however few its
-/// rows (an 8-token chunk of the 12-layer hidden-768 f32 model cost more than a decode pass of 8
-/// sequences), so fewer would give the prompt next to nothing for the pass it costs.
-pub(super) const MIN_CHUNK: usize = 8;
+/// The fewest prompt tokens in a chunk under load. A chunk reads every weight of the stage
+/// however few its rows: on the 12-layer hidden-768 f32 model an 8-token chunk took 57-88 ms
+/// (7-11 ms a token, against 2.4 in chunks of 128) where a decode pass of 8 sequences took 50.
+/// With 8 at least, the streams beside a 2,000-token prompt saw a p99 gap of 3.4x their quiet
+/// median and the prompt its first token after 37 s; with 16, 3.9x and 21 s (19 s when it
+/// stopped the others instead).
+pub(super) const MIN_CHUNK: usize = 16;
 
 /// Most decode steps run as one batched forward pass: enough to keep a stage busy with many
 /// sequences, few enough that one pass stays short.
