@@ -63,6 +63,7 @@ pub fn run(
         prompts: VecDeque::new(),
         prefill_since_decode: Duration::ZERO,
         decode_turns: 0,
+        turn_since: Instant::now(),
         prompt_token_time: Duration::ZERO,
         inbox: VecDeque::new(),
         frames: Vec::new(),
@@ -90,6 +91,8 @@ struct Worker {
     /// Decode passes that go before the next prompt chunk when their steps wait: one for each
     /// group of sequences in the ring (see [`Worker::groups`]).
     decode_turns: usize,
+    /// When the decode turns began.
+    turn_since: Instant,
     /// Moving average of a prompt token's share of a prefill chunk's time at this stage.
     prompt_token_time: Duration,
     /// Jobs other than prompts: made from inbound frames, in the order the frames came, then
@@ -307,6 +310,7 @@ impl Worker {
                 // in that budget.
                 if end < tokens.len() || self.prefill_since_decode >= self.chunk_budget() {
                     self.decode_turns = self.groups();
+                    self.turn_since = Instant::now();
                 }
                 if end < tokens.len() {
                     self.prompts.push_back(Job::Prompt {
@@ -389,10 +393,30 @@ impl Worker {
                 }
                 return Some(j);
             }
+            if self.turn_wait_left().is_some() {
+                return None;
+            }
         }
-        // No decode step waits (they are elsewhere in the ring): the chunk goes now.
+        // No decode step waits, nor is one on its way: the chunk goes now.
         self.decode_turns = 0;
         self.prompts.pop_front()
+    }
+
+    /// How much longer stage 0 waits for the groups still on their way round the ring to take
+    /// their decode turns; `None` when it does not. A chunk run while they come back would
+    /// keep them waiting on their return, and the later stages would then run two chunks back
+    /// to back: the gaps that made the 99th percentile of a ring's streams beside a long
+    /// prompt. The wait is a round of the ring at most (a pass of this stage's per stage).
+    fn turn_wait_left(&self) -> Option<Duration> {
+        let head = self.shared.head.as_ref()?;
+        if self.decode_turns == 0 || head.decoding() == 0 {
+            return None;
+        }
+        let stages = self.shared.config.stages.len().max(1) as u32;
+        let round = (self.pass_time * stages).min(Duration::from_millis(100));
+        round
+            .checked_sub(self.turn_since.elapsed())
+            .filter(|d| !d.is_zero())
     }
 
     /// The groups the decoding sequences form at stage 0: one per stage while there are enough
@@ -502,11 +526,14 @@ impl Worker {
             }
             if !spinning || since.elapsed() >= self.spin {
                 self.flush_events();
+                let limit = self
+                    .turn_wait_left()
+                    .map_or(SLEEP_LIMIT, |d| d.min(SLEEP_LIMIT));
                 let jobs = &self.jobs;
                 // The socket needs no look here: its poller reports bytes that came after the
                 // last read.
                 self.sleeper
-                    .sleep(&self.shared.jobs.wake, SLEEP_LIMIT, || jobs.is_empty());
+                    .sleep(&self.shared.jobs.wake, limit, || jobs.is_empty());
                 spinning = false;
                 continue;
             }
