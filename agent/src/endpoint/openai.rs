@@ -254,8 +254,8 @@ impl Ctx {
         }
     }
 
-    /// One streamed chunk with `text` (or, for chat, the role) and maybe the finish reason.
-    /// A stream's chunk; `generated` tokens so far, for the usage of `continuous_usage_stats`.
+    /// One streamed chunk with `text` (or, for chat, the role) and maybe the finish reason;
+    /// `generated` tokens so far, for the usage that `continuous_usage_stats` puts in each.
     fn chunk(
         &self,
         text: Option<&str>,

@@ -373,9 +373,9 @@ impl Worker {
     /// What runs next, of the jobs already taken: the decode steps and quick jobs (releases, a
     /// new connection) in the order they came, and the prompts' chunks in turn. A long prompt
     /// must not stop the other sequences for the seconds its prefill takes, so after a chunk's
-    /// worth of prompt tokens each group's decode step that waits goes first (as one batch); the
-    /// quick jobs never wait for a chunk to be their turn, but a chunk does not wait for them
-    /// either, nor for a group still on its way round the ring.
+    /// worth of prompt tokens each group's decode steps go first (as one batch), those on their
+    /// way round the ring waited for a little (see [`Worker::turn_wait_left`]); the quick jobs
+    /// never wait for a chunk to be their turn, but a chunk does not wait for them either.
     fn pick(&mut self) -> Option<Job> {
         if self.prompts.is_empty() {
             return self.inbox.pop_front();
@@ -460,9 +460,10 @@ impl Worker {
     /// Prompt tokens in stage 0's next prefill chunk: the pipeline's `prefillChunk`, or, while
     /// other sequences decode, as many as take about [`CHUNK_BUDGET_PASSES`] of a turn of their
     /// groups' decode passes, so that each chunk delays their next token by that much at most
-    /// (and never fewer than [`MIN_CHUNK`]). Only where the stage's rows come out the same in any chunk
-    /// ([`Stage::chunks_are_row_exact`]), so that a prompt's logits do not depend on the load
-    /// it was admitted under; elsewhere chunks keep their size and only the interleaving helps.
+    /// (and never fewer than [`MIN_CHUNK`]). Only where the stage's rows come out the same in
+    /// any chunk ([`Stage::chunks_are_row_exact`]), so that a prompt's logits do not depend on
+    /// the load it was admitted under; elsewhere chunks keep their size and only the
+    /// interleaving helps.
     fn prompt_chunk(&self) -> usize {
         let most = self.shared.config.prefill_chunk.max(1);
         let decoding = self.shared.head.as_ref().map_or(0, |h| h.decoding());
