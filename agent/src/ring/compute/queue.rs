@@ -76,7 +76,7 @@ pub struct SequenceStart {
 /// take about this many of those passes' time: their next token waits for one pass and the
 /// chunks, so the gap between their tokens is about twice the one without a prompt (with 8
 /// streams beside a 2,000-token prompt, `scripts/bench-serving.sh`, their p99 gap came to
-/// 3.4-3.9 times their quiet median; two passes gave three times the quiet median at p50).
+/// about 4 times their quiet median with the floor below; two passes gave 3 times at p50).
 pub(super) const CHUNK_BUDGET_PASSES: f64 = 1.0;
 
 /// The fewest prompt tokens in a chunk under load. A chunk reads every weight of the stage
