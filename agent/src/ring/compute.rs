@@ -63,7 +63,7 @@ pub fn run(
         prompts: VecDeque::new(),
         prefill_since_decode: Duration::ZERO,
         decode_turns: 0,
-        turn_since: Instant::now(),
+        turn_until: Instant::now(),
         prompt_token_time: Duration::ZERO,
         inbox: VecDeque::new(),
         frames: Vec::new(),
@@ -91,8 +91,9 @@ struct Worker {
     /// Decode passes that go before the next prompt chunk when their steps wait: one for each
     /// group of sequences in the ring (see [`Worker::groups`]).
     decode_turns: usize,
-    /// When the decode turns began.
-    turn_since: Instant,
+    /// Until when stage 0 waits for the groups on their way round the ring to take their
+    /// decode turns (see [`Worker::turn_wait_left`]).
+    turn_until: Instant,
     /// Moving average of a prompt token's share of a prefill chunk's time at this stage.
     prompt_token_time: Duration,
     /// Jobs other than prompts: made from inbound frames, in the order the frames came, then
@@ -207,7 +208,7 @@ impl Worker {
     fn batch_goal(&self) -> (usize, usize) {
         match &self.shared.head {
             Some(head) => {
-                let stages = self.shared.config.stages.len().max(1);
+                let stages = self.stages();
                 let decoding = head.decoding().max(1);
                 (
                     (decoding / stages).clamp(1, MAX_BATCH),
@@ -309,8 +310,7 @@ impl Worker {
                 // to back (each bringing a sequence into the next decode batch) while they fit
                 // in that budget.
                 if end < tokens.len() || self.prefill_since_decode >= self.chunk_budget() {
-                    self.decode_turns = self.groups();
-                    self.turn_since = Instant::now();
+                    self.begin_turns();
                 }
                 if end < tokens.len() {
                     self.prompts.push_back(Job::Prompt {
@@ -402,31 +402,45 @@ impl Worker {
         self.prompts.pop_front()
     }
 
-    /// How much longer stage 0 waits for the groups still on their way round the ring to take
-    /// their decode turns; `None` when it does not. A chunk run while they come back would
-    /// keep them waiting on their return, and the later stages would then run two chunks back
-    /// to back: the gaps that made the 99th percentile of a ring's streams beside a long
-    /// prompt. The wait is a round of the ring at most (a pass of this stage's per stage).
+    /// After a prompt chunk: a decode turn for each group, and the time until which stage 0
+    /// waits for the groups still on their way round the ring. A chunk run while they come
+    /// back would keep them waiting on their return, and the later stages would then run two
+    /// chunks back to back: the gaps that made the 99th percentile of a ring's streams beside a
+    /// long prompt. The wait is a round of the ring at most (a pass of this stage's per stage),
+    /// none when nothing decodes; it is fixed here, so that the looks for work while it lasts
+    /// do not count the sequences again.
+    fn begin_turns(&mut self) {
+        let decoding = self.shared.head.as_ref().map_or(0, |h| h.decoding());
+        self.decode_turns = self.stages().min(decoding).max(1);
+        let round = if decoding == 0 {
+            Duration::ZERO
+        } else {
+            (self.pass_time * self.stages() as u32).min(Duration::from_millis(100))
+        };
+        self.turn_until = Instant::now() + round;
+    }
+
+    /// How much longer stage 0 waits for the groups to take their decode turns; `None` when it
+    /// does not (see [`Worker::begin_turns`]).
     fn turn_wait_left(&self) -> Option<Duration> {
-        let head = self.shared.head.as_ref()?;
-        if self.decode_turns == 0 || head.decoding() == 0 {
+        if self.decode_turns == 0 {
             return None;
         }
-        let stages = self.shared.config.stages.len().max(1) as u32;
-        let round = (self.pass_time * stages).min(Duration::from_millis(100));
-        round
-            .checked_sub(self.turn_since.elapsed())
+        self.turn_until
+            .checked_duration_since(Instant::now())
             .filter(|d| !d.is_zero())
+    }
+
+    /// The ring's stages.
+    fn stages(&self) -> usize {
+        self.shared.config.stages.len().max(1)
     }
 
     /// The groups the decoding sequences form at stage 0: one per stage while there are enough
     /// of them (see [`Worker::batch_goal`]), each coming round once in a ring's turn.
     fn groups(&self) -> usize {
         match &self.shared.head {
-            Some(head) => {
-                let stages = self.shared.config.stages.len().max(1);
-                stages.min(head.decoding()).max(1)
-            }
+            Some(head) => self.stages().min(head.decoding()).max(1),
             None => 1,
         }
     }
